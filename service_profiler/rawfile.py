@@ -1,0 +1,355 @@
+"""Tolerant reader for raw profiler files (format v1, see docs/DESIGN.md "Raw file format").
+
+`read_run(paths)` accepts run directories, directories of runs (searched recursively for
+`*.sprof.jsonl`), single files, or several hosts' copies of a run, and returns one `RunData` whose
+timestamps are all epoch ns: each process's monotonic timestamps are shifted by its own header
+anchor (`wall_offset_ns = clock.wall_ns - clock.mono_ns`), so processes from different hosts line up.
+
+Nothing here raises on bad data. A torn or corrupt line is skipped and listed in
+`RunData.problems` as `file:line: what was wrong`; a file without a header is reported and skipped;
+a second copy of the same process file (same host, pid and clock anchor) is reported and skipped.
+
+Speed matters (a long run holds millions of records): each line goes through `json.loads` once, and the
+per-record work is a channel lookup plus a NamedTuple construction; the lists are sorted once at the
+end. A `rec` line that does not fit the fast path is re-read record by record so one bad record costs
+only itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from operator import itemgetter
+from pathlib import Path
+from typing import Any, NamedTuple
+
+RAW_SUFFIX = ".sprof.jsonl"
+FORMAT_VERSION = 1
+
+_SPAN, _EVENT, _COUNTER = 0, 1, 2
+_KIND_CODES = {"span": _SPAN, "event": _EVENT, "counter": _COUNTER}
+
+
+class SpanRecord(NamedTuple):
+    proc: int
+    domain: str
+    name: str
+    start_ns: int
+    end_ns: int
+    tid: int
+    attrs: dict[str, Any] | None
+
+
+class EventRecord(NamedTuple):
+    proc: int
+    domain: str
+    name: str
+    ts_ns: int
+    tid: int
+    attrs: dict[str, Any] | None
+
+
+class CounterRecord(NamedTuple):
+    proc: int
+    domain: str
+    name: str
+    ts_ns: int
+    values: dict[str, float]
+
+
+@dataclass
+class ProcessInfo:
+    """One raw file, i.e. one engine/API process."""
+
+    index: int
+    key: str
+    hostname: str
+    pid: int
+    ppid: int
+    role: str
+    argv: list[str]
+    engine: dict[str, Any] | None
+    profiler_version: str
+    wall_offset_ns: int
+    meta: dict[str, object] = field(default_factory=dict)
+    patch: dict[str, Any] | None = None
+    dropped: int = 0
+    warnings: list[str] = field(default_factory=list)
+    path: str = ""
+    format: int = FORMAT_VERSION
+    channels: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class RunData:
+    processes: list[ProcessInfo] = field(default_factory=list)
+    spans: list[SpanRecord] = field(default_factory=list)
+    events: list[EventRecord] = field(default_factory=list)
+    counters: list[CounterRecord] = field(default_factory=list)
+    states: list[tuple[int, int, bool, str]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def num_records(self) -> int:
+        return len(self.spans) + len(self.events) + len(self.counters)
+
+
+def discover_files(paths: Iterable[Path | str], problems: list[str]) -> list[Path]:
+    """Expand run dirs / dirs of runs / files into raw files, each once, in a stable order."""
+    found: list[Path] = []
+    seen: set[str] = set()
+    for raw in paths:
+        path = Path(raw)
+        if path.is_file():
+            candidates = [path]
+        elif path.is_dir():
+            candidates = sorted(p for p in path.rglob(f"*{RAW_SUFFIX}") if p.is_file())
+            if not candidates:
+                problems.append(f"{path}: no raw files (*{RAW_SUFFIX}) found under this directory")
+        else:
+            problems.append(f"{path}: no such file or directory")
+            continue
+        for cand in candidates:
+            real = os.path.realpath(cand)
+            if real not in seen:
+                seen.add(real)
+                found.append(cand)
+    return found
+
+
+def _read_header(path: Path) -> dict[str, Any] | None:
+    with path.open("rb") as fh:
+        first = fh.readline()
+    try:
+        obj = json.loads(first)
+    except ValueError:
+        return None
+    if isinstance(obj, dict) and obj.get("t") == "header":
+        return obj
+    return None
+
+
+def _dedupe_copies(files: list[Path], problems: list[str]) -> list[tuple[Path, dict[str, Any]]]:
+    """Keep one copy per process: the same file collected from several hosts counts once (the largest)."""
+    best: dict[tuple[Any, ...], tuple[Path, dict[str, Any], int]] = {}
+    order: list[tuple[Any, ...]] = []
+    for path in files:
+        try:
+            header = _read_header(path)
+            size = path.stat().st_size
+        except OSError as exc:
+            problems.append(f"{path}: unreadable ({exc.strerror or exc}); file skipped")
+            continue
+        if header is None:
+            problems.append(
+                f"{path}:1: no valid header line (expected a JSON object with \"t\": \"header\"); file skipped"
+            )
+            continue
+        clock = header.get("clock") or {}
+        key = (header.get("hostname"), header.get("pid"), clock.get("wall_ns"), clock.get("mono_ns"))
+        if key in best:
+            kept, _, kept_size = best[key]
+            if size > kept_size:
+                problems.append(f"{kept}: duplicate copy of {path} (smaller); skipped")
+                best[key] = (path, header, size)
+            else:
+                problems.append(f"{path}: duplicate copy of {kept}; skipped")
+            continue
+        best[key] = (path, header, size)
+        order.append(key)
+    return [(best[k][0], best[k][1]) for k in order]
+
+
+class _FileReader:
+    """Reads one raw file into the shared output lists."""
+
+    def __init__(self, run: RunData, proc: ProcessInfo, header: dict[str, Any]) -> None:
+        self.run = run
+        self.proc = proc
+        self.offset = proc.wall_offset_ns
+        # channel id -> (kind code, domain, name)
+        self.chans: dict[int, tuple[int, str, str]] = {}
+        self.unknown_chan: dict[str, int] = {}
+        self.bad_records = 0
+
+    def read(self, path: Path) -> None:
+        run, proc = self.run, self.proc
+        problems = run.problems
+        loads = json.loads
+        with path.open("rb") as fh:
+            lines = iter(fh)
+            next(lines, None)  # header, already parsed
+            lineno = 1
+            for line in lines:
+                lineno += 1
+                try:
+                    obj = loads(line)
+                    kind = obj["t"]
+                except (ValueError, TypeError, KeyError):
+                    if not line.strip():
+                        continue
+                    if not line.endswith(b"\n"):
+                        problems.append(f"{path}:{lineno}: torn last line ({len(line)} bytes, cut mid-record)"
+                                        "; skipped")
+                    else:
+                        problems.append(f"{path}:{lineno}: corrupt line (not a JSON object with \"t\"); skipped")
+                    continue
+                if kind == "rec":
+                    r = obj.get("r")
+                    if isinstance(r, list):
+                        try:
+                            self._records_fast(r)
+                        except (KeyError, TypeError, IndexError, ValueError):
+                            self._records_slow(r, path, lineno)
+                    else:
+                        problems.append(f"{path}:{lineno}: rec line without a list 'r'; skipped")
+                elif kind == "chan":
+                    self._channel(obj, path, lineno)
+                else:
+                    self._control(kind, obj, path, lineno)
+        for chan_id, count in self.unknown_chan.items():
+            problems.append(f"{path}: {count} records of undeclared channel {chan_id}; skipped")
+        if self.bad_records:
+            problems.append(f"{path}: {self.bad_records} malformed records; skipped")
+
+    def _channel(self, obj: dict[str, Any], path: Path, lineno: int) -> None:
+        code = _KIND_CODES.get(obj.get("kind", ""))
+        if code is None or "id" not in obj:
+            self.run.problems.append(f"{path}:{lineno}: channel line without a valid id/kind; skipped")
+            return
+        self.chans[obj["id"]] = (code, str(obj.get("domain", "")), str(obj.get("name", "")))
+        self.proc.channels.append(obj)
+
+    def _control(self, kind: str, obj: dict[str, Any], path: Path, lineno: int) -> None:
+        proc = self.proc
+        if kind == "meta":
+            proc.meta[str(obj.get("key"))] = obj.get("value")
+        elif kind == "patch":
+            proc.patch = {k: obj.get(k, []) for k in ("applied", "skipped", "failed")}
+        elif kind == "state":
+            ts = obj.get("ts")
+            ts_wall = ts + self.offset if isinstance(ts, int) else 0
+            self.run.states.append((proc.index, ts_wall, bool(obj.get("enabled")), str(obj.get("reason", ""))))
+        elif kind == "dropped":
+            count = obj.get("count")
+            if isinstance(count, int):
+                proc.dropped += count
+        elif kind == "warn":
+            count = obj.get("count", 1)
+            proc.warnings.append(f"{obj.get('msg', '')} (x{count})" if count != 1 else str(obj.get("msg", "")))
+        elif kind == "header":
+            self.run.problems.append(f"{path}:{lineno}: second header line ignored")
+        else:
+            self.run.problems.append(f"{path}:{lineno}: unknown line type {kind!r}; skipped")
+
+    def _records_fast(self, records: list[Any]) -> None:
+        # All-or-nothing for the line: on any exception the caller re-reads it record by record,
+        # so undo what this attempt appended first.
+        spans, events, counters = self.run.spans, self.run.events, self.run.counters
+        n_s, n_e, n_c = len(spans), len(events), len(counters)
+        chans, off, pi = self.chans, self.offset, self.proc.index
+        span_new, event_new, counter_new = SpanRecord, EventRecord, CounterRecord
+        try:
+            for rec in records:
+                code, domain, name = chans[rec[0]]
+                if code == _SPAN:
+                    spans.append(span_new(pi, domain, name, rec[1] + off, rec[2] + off, rec[3], rec[4]))
+                elif code == _EVENT:
+                    events.append(event_new(pi, domain, name, rec[1] + off, rec[2], rec[3]))
+                else:
+                    counters.append(counter_new(pi, domain, name, rec[1] + off, rec[2]))
+        except BaseException:
+            del spans[n_s:], events[n_e:], counters[n_c:]
+            raise
+
+    def _records_slow(self, records: list[Any], path: Path, lineno: int) -> None:
+        chans, off, pi = self.chans, self.offset, self.proc.index
+        for rec in records:
+            if not isinstance(rec, list) or not rec:
+                self.bad_records += 1
+                continue
+            chan_id = rec[0]
+            chan = chans.get(chan_id) if isinstance(chan_id, int) else None
+            if chan is None:
+                label = repr(chan_id)
+                self.unknown_chan[label] = self.unknown_chan.get(label, 0) + 1
+                continue
+            code, domain, name = chan
+            if not _valid(code, rec):
+                self.bad_records += 1
+                continue
+            if code == _SPAN:
+                self.run.spans.append(SpanRecord(pi, domain, name, rec[1] + off, rec[2] + off, rec[3], rec[4]))
+            elif code == _EVENT:
+                self.run.events.append(EventRecord(pi, domain, name, rec[1] + off, rec[2], rec[3]))
+            else:
+                self.run.counters.append(CounterRecord(pi, domain, name, rec[1] + off, rec[2]))
+
+
+def _valid(code: int, rec: list[Any]) -> bool:
+    def is_ts(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if code == _SPAN:
+        return (len(rec) == 5 and is_ts(rec[1]) and is_ts(rec[2]) and isinstance(rec[3], int)
+                and (rec[4] is None or isinstance(rec[4], dict)))
+    if code == _EVENT:
+        return len(rec) == 4 and is_ts(rec[1]) and isinstance(rec[2], int) and (
+            rec[3] is None or isinstance(rec[3], dict))
+    return len(rec) == 3 and is_ts(rec[1]) and isinstance(rec[2], dict)
+
+
+def _process_from_header(index: int, path: Path, header: dict[str, Any]) -> ProcessInfo:
+    clock = header.get("clock") or {}
+    wall, mono = clock.get("wall_ns"), clock.get("mono_ns")
+    offset = wall - mono if isinstance(wall, int) and isinstance(mono, int) else 0
+    hostname = str(header.get("hostname", "?"))
+    pid = int(header.get("pid") or 0)
+    argv = header.get("argv")
+    engine = header.get("engine")
+    return ProcessInfo(
+        index=index,
+        key=f"{hostname}:{pid}",
+        hostname=hostname,
+        pid=pid,
+        ppid=int(header.get("ppid") or 0),
+        role=str(header.get("role") or ""),
+        argv=[str(a) for a in argv] if isinstance(argv, list) else [],
+        engine=engine if isinstance(engine, dict) else None,
+        profiler_version=str(header.get("profiler_version", "")),
+        wall_offset_ns=offset,
+        path=str(path),
+        format=int(header.get("format") or 0),
+    )
+
+
+def read_run(paths: Sequence[Path | str] | Path | str) -> RunData:
+    """Read every raw file under `paths` into one clock-aligned, time-sorted `RunData`."""
+    if isinstance(paths, str | Path):
+        paths = [paths]
+    run = RunData()
+    files = discover_files(paths, run.problems)
+    for path, header in _dedupe_copies(files, run.problems):
+        proc = _process_from_header(len(run.processes), path, header)
+        if proc.format != FORMAT_VERSION:
+            run.problems.append(f"{path}:1: format {header.get('format')!r} is not {FORMAT_VERSION}; "
+                                "read as version 1")
+        clock = header.get("clock") or {}
+        if not isinstance(clock.get("wall_ns"), int) or not isinstance(clock.get("mono_ns"), int):
+            run.problems.append(f"{path}:1: header has no clock anchor; timestamps left unaligned")
+        run.processes.append(proc)
+        try:
+            _FileReader(run, proc, header).read(path)
+        except OSError as exc:
+            run.problems.append(f"{path}: read failed ({exc.strerror or exc}); kept what was read")
+        # role / dp_rank given as meta override the header (the last value wins, as documented)
+        role = proc.meta.get("role")
+        if isinstance(role, str) and role:
+            proc.role = role
+    run.spans.sort(key=itemgetter(3))
+    run.events.sort(key=itemgetter(3))
+    run.counters.sort(key=itemgetter(3))
+    run.states.sort(key=itemgetter(1))
+    return run

@@ -1,0 +1,139 @@
+"""The public recording API for handlers: spans, instant events, counters and process metadata.
+
+```python
+from service_profiler import record
+t0 = record.now_ns()
+...
+record.span("BatchSchedule", "batchFrameworkProcessing", t0, record.now_ns(), {"batch_id": 7})
+record.event("Request", "enqueue", {"rid": "r1"})
+record.counter("KVCache", "kvcache", {"usage": 0.42})
+record.meta("role", "EngineCore")
+```
+
+Every call is a cheap no-op while collection is off or its domain is filtered out, and none ever
+raises. Timestamps are `now_ns()` (the monotonic clock every raw file is anchored to). Tests (and
+tools) can see what would be recorded with `capture()`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any, Protocol
+
+now_ns = time.perf_counter_ns
+_get_ident = threading.get_ident
+
+
+class RecordSink(Protocol):
+    """Where records go: the runtime's recorder in an engine process, a list under `capture()`."""
+
+    def domain_enabled(self, domain: str) -> bool: ...
+
+    def span(self, domain: str, name: str, start_ns: int, end_ns: int, tid: int, attrs: Any) -> None: ...
+
+    def event(self, domain: str, name: str, ts_ns: int, tid: int, attrs: Any) -> None: ...
+
+    def counter(self, domain: str, name: str, ts_ns: int, values: Mapping[str, float]) -> None: ...
+
+    def meta(self, key: str, value: object) -> None: ...
+
+
+_sink: RecordSink | None = None
+
+
+def set_sink(sink: RecordSink | None) -> RecordSink | None:
+    """Install the sink (the runtime does this on activation); returns the previous one."""
+    global _sink
+    previous, _sink = _sink, sink
+    return previous
+
+
+def enabled(domain: str) -> bool:
+    """True when collection is on and `domain` is kept: skip building attributes otherwise."""
+    sink = _sink
+    return sink is not None and sink.domain_enabled(domain)
+
+
+def span(domain: str, name: str, start_ns: int, end_ns: int, attrs: Mapping[str, Any] | None = None) -> None:
+    sink = _sink
+    if sink is None or not sink.domain_enabled(domain):
+        return
+    try:
+        sink.span(domain, name, start_ns, end_ns, _get_ident(), attrs)
+    except Exception:
+        pass  # the host comes first
+
+
+def event(domain: str, name: str, attrs: Mapping[str, Any] | None = None, ts_ns: int | None = None) -> None:
+    sink = _sink
+    if sink is None or not sink.domain_enabled(domain):
+        return
+    try:
+        sink.event(domain, name, now_ns() if ts_ns is None else ts_ns, _get_ident(), attrs)
+    except Exception:
+        pass
+
+
+def counter(domain: str, name: str, values: Mapping[str, float], ts_ns: int | None = None) -> None:
+    sink = _sink
+    if sink is None or not sink.domain_enabled(domain):
+        return
+    try:
+        sink.counter(domain, name, now_ns() if ts_ns is None else ts_ns, values)
+    except Exception:
+        pass
+
+
+def meta(key: str, value: object) -> None:
+    """Process metadata (`role`, `dp_rank`, `device`, ...); written even while collection is off."""
+    sink = _sink
+    if sink is None:
+        return
+    try:
+        sink.meta(key, value)
+    except Exception:
+        pass
+
+
+class CapturedRecords(list):  # type: ignore[type-arg]
+    """What `capture()` collected: `(kind, domain, name, payload)` tuples, in order."""
+
+    def of(self, domain: str, name: str) -> list[dict[str, Any]]:
+        """Payloads recorded under one domain/name."""
+        return [payload for _, d, n, payload in self if d == domain and n == name]
+
+
+class _ListSink:
+    def __init__(self, into: CapturedRecords, domains: frozenset[str] | None) -> None:
+        self._into = into
+        self._domains = domains
+
+    def domain_enabled(self, domain: str) -> bool:
+        return self._domains is None or domain in self._domains
+
+    def span(self, domain: str, name: str, start_ns: int, end_ns: int, tid: int, attrs: Any) -> None:
+        payload = {"start_ns": start_ns, "end_ns": end_ns, "tid": tid, "attrs": dict(attrs or {})}
+        self._into.append(("span", domain, name, payload))
+
+    def event(self, domain: str, name: str, ts_ns: int, tid: int, attrs: Any) -> None:
+        self._into.append(("event", domain, name, {"ts_ns": ts_ns, "tid": tid, "attrs": dict(attrs or {})}))
+
+    def counter(self, domain: str, name: str, ts_ns: int, values: Mapping[str, float]) -> None:
+        self._into.append(("counter", domain, name, {"ts_ns": ts_ns, "values": dict(values)}))
+
+    def meta(self, key: str, value: object) -> None:
+        self._into.append(("meta", "", key, {"value": value}))
+
+
+@contextmanager
+def capture(domains: frozenset[str] | None = None) -> Iterator[CapturedRecords]:
+    """Collect records in memory instead of the runtime's files (for tests and tools)."""
+    captured = CapturedRecords()
+    previous = set_sink(_ListSink(captured, domains))
+    try:
+        yield captured
+    finally:
+        set_sink(previous)

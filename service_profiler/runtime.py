@@ -1,0 +1,398 @@
+"""The profiler inside one engine process: settings, symbols, probes, recorder, `enable` watcher.
+
+`Runtime.start()` reads the JSON config and the symbols YAML, opens the recorder, installs the
+post-import hook (patching modules already imported at once) and starts a control thread that
+re-reads the config when it changes, so flipping `enable` 0→1→0 starts and stops collection in every
+process within about a second, and that enforces `timelimit`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+import os
+import threading
+import time
+import types
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import __version__, envvars, patching, probes, record
+from .expressions import CompiledExpression, ExpressionError, compile_expression
+from .recorder import COUNTER, EVENT, SPAN, Recorder, install_sigterm_flush
+from .settings import ProfilerSettings, load_settings, unsupported_on_backend
+from .symbols import SymbolSpec, installed_version, load_symbols, resolve_symbols_path, version_gate
+
+log = logging.getLogger("service_profiler")
+_POLL_INTERVAL_S = 0.25
+
+
+@dataclass
+class PatchState:
+    spec: SymbolSpec
+    target: patching.ResolvedTarget | None = None
+    installed: Any = None
+    probe: probes.Probe | None = None
+
+
+@dataclass
+class PatchReport:
+    applied: list[str] = field(default_factory=list)
+    pending: list[str] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    failed: list[dict[str, str]] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (f"{len(self.applied)} patched, {len(self.pending)} awaiting import, "
+                f"{len(self.skipped)} skipped, {len(self.failed)} failed")
+
+
+def detect_backend() -> str:
+    """"npu", "cpu" or "cuda", from what is installed (never imports torch or initialises a device)."""
+    import importlib.metadata
+    import importlib.util
+
+    if importlib.util.find_spec("torch_npu") is not None:
+        return "npu"
+    try:
+        torch_version = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        return "cpu"
+    return "cpu" if "+cpu" in torch_version else "cuda"
+
+
+def new_run_dir(prof_dir: str) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime())
+    return Path(prof_dir) / f"{stamp}-{os.getpid()}"
+
+
+class Runtime:
+    """One per process. Implements `record.RecordSink` for handlers."""
+
+    def __init__(self, config_path: str, env: Mapping[str, str]) -> None:
+        self.config_path = Path(config_path)
+        self.env = env
+        self.settings = ProfilerSettings()
+        self.enabled = False
+        self.domains: frozenset[str] | None = None
+        self.recorder: Recorder | None = None
+        self.hook = patching.PostImportHook(self._on_module_imported)
+        self.states: dict[str, PatchState] = {}
+        self.report = PatchReport()
+        self._by_module: dict[str, list[PatchState]] = {}
+        self._our_wrappers: set[int] = set()
+        self._config_stamp: tuple[int, int] | None = None
+        self._deadline: float | None = None
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._problems_seen: set[str] = set()
+        self._samplers: Any = None
+
+    # -- start-up ---------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        result = load_settings(self.config_path)
+        self.settings = result.settings
+        self._config_stamp = self._stamp()
+        run_dir = self.env.get(envvars.SERVICE_PROF_RUN_DIR) or str(new_run_dir(self.settings.prof_dir))
+        # Children (EngineCore, workers) inherit this, so one service writes one run directory.
+        os.environ[envvars.SERVICE_PROF_RUN_DIR] = run_dir
+        self.is_root = envvars.SERVICE_PROF_RUN_DIR not in self.env
+        self.recorder = Recorder(
+            Path(run_dir),
+            flush_interval_s=self.settings.flush_interval_s,
+            max_buffered=self.settings.max_buffered_records,
+            profiler_version=__version__,
+        )
+        for problem in result.problems:
+            self.problem(problem)
+        for problem in unsupported_on_backend(self.settings, detect_backend()):
+            self.problem(problem)
+        self._load_symbols()
+        self.hook.install()
+        self._patch_already_imported()
+        record.set_sink(self)
+        self.recorder.start()
+        install_sigterm_flush(self.recorder.flush)
+        self._apply(self.settings, "startup")
+        self._start_control_thread()
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._after_fork_in_child)
+        log.info("service-profiler: pid %d: %s; run dir %s", os.getpid(), self.report.summary(), run_dir)
+
+    def _load_symbols(self) -> None:
+        resolved = resolve_symbols_path(self.env)
+        for problem in resolved.problems:
+            self.problem(problem)
+        if resolved.path is None:
+            return
+        loaded = load_symbols(resolved.path)
+        for problem in loaded.problems:
+            self.problem(problem)
+        engine: dict[str, str] | None = None
+        for spec in loaded.specs:
+            if spec.symbol in self.states:
+                self.problem(f"{spec.source}: {spec.symbol} is listed twice; the first entry is used")
+                continue
+            top = spec.module.split(".")[0]
+            found = installed_version(top)
+            if found is not None and engine is None:
+                engine = {"name": found[0], "version": found[1]}
+            reason = version_gate(spec, found[1] if found else None)
+            state = PatchState(spec)
+            self.states[spec.symbol] = state
+            if reason is not None:
+                self.report.skipped.append({"symbol": spec.symbol, "reason": reason})
+                continue
+            self._by_module.setdefault(spec.module, []).append(state)
+            self.report.pending.append(spec.symbol)
+            self.hook.watch(spec.module)
+        assert self.recorder is not None
+        self.recorder.engine = engine
+
+    def _patch_already_imported(self) -> None:
+        import sys
+
+        for module_name in list(self._by_module):
+            module = sys.modules.get(module_name)
+            if module is not None:
+                self._on_module_imported(module)
+
+    # -- patching ---------------------------------------------------------------------------------
+
+    def _on_module_imported(self, module: types.ModuleType) -> None:
+        with self._lock:
+            for state in self._by_module.get(module.__name__, []):
+                if state.installed is None:
+                    self._patch(state, module)
+            self._write_patch_report()
+
+    def _patch(self, state: PatchState, module: types.ModuleType) -> None:
+        spec = state.spec
+        if spec.symbol in self.report.pending:
+            self.report.pending.remove(spec.symbol)
+        try:
+            target = patching.resolve(module, spec.qualname)
+            if id(target.function) in self._our_wrappers:
+                self.report.skipped.append({"symbol": spec.symbol, "reason": "inherits a function that is "
+                                            "already patched through its base class; recorded there"})
+                return
+            probe = self._make_probe(spec, target)
+            wrapper = self._make_wrapper(spec, target, probe)
+            state.installed = patching.install(target, wrapper)
+        except Exception as exc:
+            self.report.failed.append({"symbol": spec.symbol, "reason": str(exc) or repr(exc)})
+            self.problem(f"{spec.source}: cannot patch {spec.symbol}: {exc}")
+            return
+        state.target, state.probe = target, probe
+        self._our_wrappers.add(id(wrapper))
+        probe.active = self._probe_active(probe)
+        self.report.applied.append(spec.symbol)
+
+    def _make_probe(self, spec: SymbolSpec, target: patching.ResolvedTarget) -> probes.Probe:
+        assert self.recorder is not None
+        try:
+            signature: inspect.Signature | None = inspect.signature(target.function)
+        except (TypeError, ValueError):
+            signature = None
+        compiled: list[tuple[str, CompiledExpression]] = []
+        for attribute in spec.attributes:
+            try:
+                compiled.append((attribute.name, compile_expression(attribute.expr, signature)))
+            except ExpressionError as exc:
+                self.problem(f"{spec.source}: attribute {attribute.name!r} of {spec.symbol} disabled: {exc}")
+        return probes.Probe(
+            symbol=spec.symbol,
+            domain=spec.domain,
+            name=spec.name,
+            chan=self.recorder.channel(SPAN, spec.domain, spec.name, spec.symbol),
+            buffer=self.recorder.buffer,
+            max_buffered=self.recorder.max_buffered,
+            recorder_drop=self.recorder.count_dropped,
+            on_problem=self.problem,
+            attributes=tuple(compiled),
+            caller_filter=spec.caller_filter,
+        )
+
+    def _make_wrapper(
+        self, spec: SymbolSpec, target: patching.ResolvedTarget, probe: probes.Probe
+    ) -> Callable[..., Any]:
+        fn = target.function
+        handler = self._load_handler(spec) if spec.handler != "timer" else None
+        if handler is not None:
+            if inspect.iscoroutinefunction(fn) and inspect.iscoroutinefunction(handler):
+                return probes.make_async_handler_wrapper(fn, probe, handler, target.is_method)
+            return probes.make_handler_wrapper(fn, probe, handler, target.is_method)
+        if inspect.isasyncgenfunction(fn):
+            return probes.make_async_generator_timer(fn, probe)
+        if inspect.iscoroutinefunction(fn):
+            return probes.make_async_timer(fn, probe)
+        if inspect.isgeneratorfunction(fn):
+            return probes.make_generator_timer(fn, probe)
+        return probes.make_timer(fn, probe)
+
+    def _load_handler(self, spec: SymbolSpec) -> Callable[..., Any] | None:
+        module_name, _, func_name = spec.handler.partition(":")
+        try:
+            handler = getattr(importlib.import_module(module_name), func_name)
+            if not callable(handler):
+                raise TypeError(f"{spec.handler} is not callable")
+            return handler  # type: ignore[no-any-return]
+        except Exception as exc:
+            # Documented behaviour: a handler that cannot be imported falls back to the timer.
+            self.problem(f"{spec.source}: handler {spec.handler} for {spec.symbol} cannot be loaded "
+                         f"({exc!r}); using the timer instead")
+            return None
+
+    def unpatch_all(self) -> int:
+        """Restore every original; returns how many were restored. Idempotent."""
+        restored = 0
+        with self._lock:
+            for state in self.states.values():
+                if state.target is not None and state.installed is not None:
+                    if patching.uninstall(state.target, state.installed):
+                        restored += 1
+                    state.installed = None
+        return restored
+
+    def _write_patch_report(self) -> None:
+        if self.recorder is not None:
+            report = self.report
+            self.recorder.control({"t": "patch", "applied": report.applied, "pending": report.pending,
+                                   "skipped": report.skipped, "failed": report.failed})
+
+    # -- enable / domains / timelimit ---------------------------------------------------------------
+
+    def _probe_active(self, probe: probes.Probe) -> bool:
+        return self.enabled and (self.domains is None or probe.domain in self.domains)
+
+    def _apply(self, settings: ProfilerSettings, reason: str) -> None:
+        with self._lock:
+            was_enabled = self.enabled
+            self.settings = settings
+            self.domains = settings.domain
+            self.enabled = settings.enable
+            if self.enabled and (not was_enabled or reason == "startup"):
+                self._deadline = time.monotonic() + settings.timelimit if settings.timelimit > 0 else None
+            elif not self.enabled:
+                self._deadline = None
+            for state in self.states.values():
+                if state.probe is not None:
+                    state.probe.active = self._probe_active(state.probe)
+            if self.enabled != was_enabled or reason == "startup":
+                self._note_state(reason)
+            self._update_samplers()
+
+    def set_enabled(self, enabled: bool, reason: str) -> None:
+        with self._lock:
+            if enabled == self.enabled:
+                return
+            self.enabled = enabled
+            for state in self.states.values():
+                if state.probe is not None:
+                    state.probe.active = self._probe_active(state.probe)
+            self._note_state(reason)
+            self._update_samplers()
+
+    def _note_state(self, reason: str) -> None:
+        if self.recorder is not None:
+            self.recorder.control({"t": "state", "enabled": self.enabled, "ts": time.perf_counter_ns(),
+                                   "reason": reason})
+        log.debug("service-profiler: pid %d: collection %s (%s)", os.getpid(),
+                  "on" if self.enabled else "off", reason)
+
+    def _update_samplers(self) -> None:
+        from .sampling import Samplers
+
+        if self._samplers is None:
+            self._samplers = Samplers(self.problem)
+        self._samplers.update(self.settings if self.enabled else None, host=self.is_root)
+
+    def _stamp(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.config_path)
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size)
+
+    def poll(self) -> None:
+        """One control-thread tick: reload a changed config, enforce the time limit."""
+        stamp = self._stamp()
+        if stamp != self._config_stamp:
+            self._config_stamp = stamp
+            result = load_settings(self.config_path)
+            for problem in result.problems:
+                self.problem(problem)
+            self._apply(result.settings, "config")
+        if self._deadline is not None and time.monotonic() >= self._deadline:
+            self._deadline = None
+            self.set_enabled(False, "timelimit")
+
+    def _control_loop(self) -> None:
+        while not self._stop.wait(_POLL_INTERVAL_S):
+            try:
+                self.poll()
+            except Exception as exc:
+                self.problem(f"config watcher: {exc!r}")
+
+    def _start_control_thread(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._control_loop, name="service-profiler-control", daemon=True)
+        self._thread.start()
+
+    def _after_fork_in_child(self) -> None:
+        self._lock = threading.RLock()
+        self._samplers = None
+        self._start_control_thread()
+        self._update_samplers()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._samplers is not None:
+            self._samplers.update(None, host=False)
+        if self.recorder is not None:
+            self.recorder.flush()
+
+    # -- problems ---------------------------------------------------------------------------------
+
+    def problem(self, message: str) -> None:
+        """Report a problem once per process: the log and the raw file (`warn` line)."""
+        if message in self._problems_seen:
+            return
+        self._problems_seen.add(message)
+        log.warning("service-profiler: %s", message)
+        if self.recorder is not None:
+            self.recorder.control({"t": "warn", "msg": message, "count": 1})
+
+    # -- record.RecordSink ------------------------------------------------------------------------
+
+    def domain_enabled(self, domain: str) -> bool:
+        return self.enabled and (self.domains is None or domain in self.domains)
+
+    def _append(self, item: tuple[Any, ...]) -> None:
+        recorder = self.recorder
+        assert recorder is not None
+        if len(recorder.buffer) < recorder.max_buffered:
+            recorder.buffer.append(item)
+        else:
+            recorder.count_dropped()
+
+    def span(self, domain: str, name: str, start_ns: int, end_ns: int, tid: int, attrs: Any) -> None:
+        assert self.recorder is not None
+        self._append((self.recorder.channel(SPAN, domain, name), start_ns, end_ns, tid, attrs))
+
+    def event(self, domain: str, name: str, ts_ns: int, tid: int, attrs: Any) -> None:
+        assert self.recorder is not None
+        self._append((self.recorder.channel(EVENT, domain, name), ts_ns, tid, attrs))
+
+    def counter(self, domain: str, name: str, ts_ns: int, values: Mapping[str, float]) -> None:
+        assert self.recorder is not None
+        self._append((self.recorder.channel(COUNTER, domain, name), ts_ns, dict(values)))
+
+    def meta(self, key: str, value: object) -> None:
+        if self.recorder is not None:
+            self.recorder.control({"t": "meta", "key": key, "value": value})

@@ -1,0 +1,31 @@
+"""Build glue that pyproject.toml cannot express: install `service_profiler.pth` into site-packages.
+
+The .pth line runs at every interpreter start-up and costs one dictionary lookup when
+SERVICE_PROF_CONFIG_PATH is unset (see service_profiler/bootstrap.py).
+"""
+
+from __future__ import annotations
+
+import os
+
+from setuptools import setup
+from setuptools.command.build_py import build_py
+
+PTH_NAME = "service_profiler.pth"
+PTH_LINE = (
+    "import os; 'SERVICE_PROF_CONFIG_PATH' in os.environ and "
+    "__import__('service_profiler.bootstrap').bootstrap.activate_from_startup()\n"
+)
+
+
+class BuildPyWithPth(build_py):
+    def run(self) -> None:
+        super().run()
+        with open(os.path.join(self.build_lib, PTH_NAME), "w", encoding="utf-8") as handle:
+            handle.write(PTH_LINE)
+
+    def get_outputs(self, include_bytecode: bool = True) -> list[str]:  # type: ignore[override]
+        return [*super().get_outputs(include_bytecode), os.path.join(self.build_lib, PTH_NAME)]
+
+
+setup(cmdclass={"build_py": BuildPyWithPth})
