@@ -2,13 +2,18 @@
 
 The .pth line runs at every interpreter start-up and costs one dictionary lookup when
 SERVICE_PROF_CONFIG_PATH is unset (see service_profiler/bootstrap.py).
+
+It also declares the optional C extension `service_profiler._speedups` (ProbeSwitch, see
+service_profiler/speedups.py). `optional=True`: without a working compiler the build only warns and
+the package falls back to pure Python. For a development checkout, build it in place with
+`python setup.py build_ext --inplace`.
 """
 
 from __future__ import annotations
 
 import os
 
-from setuptools import setup
+from setuptools import Extension, setup
 from setuptools.command.build_py import build_py
 
 PTH_NAME = "service_profiler.pth"
@@ -28,4 +33,11 @@ class BuildPyWithPth(build_py):
         return [*super().get_outputs(include_bytecode), os.path.join(self.build_lib, PTH_NAME)]
 
 
-setup(cmdclass={"build_py": BuildPyWithPth})
+SPEEDUPS = Extension(
+    "service_profiler._speedups",
+    ["service_profiler/_speedups.c"],
+    optional=True,  # no compiler: install anyway, speedups.HAVE_SPEEDUPS is False
+)
+
+
+setup(cmdclass={"build_py": BuildPyWithPth}, ext_modules=[SPEEDUPS])

@@ -90,6 +90,13 @@ class CompiledExpression:
     uses_return: bool
     _evaluator: _Eval = field(repr=False, compare=False)
 
+    @property
+    def evaluator(self) -> _Eval:
+        """The raw compiled closure `(args, kwargs, result) -> value`. It raises whatever the evaluation
+        raised: for hot paths that catch `Exception` themselves and build `ExpressionEvalError` only on
+        failure (saving a call layer per attribute)."""
+        return self._evaluator
+
     def evaluate(self, args: tuple[Any, ...], kwargs: dict[str, Any], result: object = MISSING) -> object:
         try:
             return self._evaluator(args, kwargs, result)

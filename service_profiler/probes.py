@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .expressions import CompiledExpression, ExpressionEvalError
+from .expressions import CompiledExpression, ExpressionEvalError, MISSING
 
 _clock = time.perf_counter_ns
 _get_ident = threading.get_ident
@@ -35,6 +35,7 @@ class Probe:
         "caller_filter",
         "chan",
         "domain",
+        "_evaluators",
         "errors",
         "max_buffered",
         "name",
@@ -65,6 +66,7 @@ class Probe:
         self.recorder_drop = recorder_drop
         self.on_problem = on_problem
         self.attributes = attributes
+        self._evaluators = tuple((name, expression.evaluator) for name, expression in attributes)
         self.caller_filter = caller_filter
         self.active = False
         self.errors: dict[str, int] = {}
@@ -75,13 +77,15 @@ class Probe:
         if count == 1:  # one report per expression / handler, then only counted
             self.on_problem(f"{self.symbol}: {what}: {detail}")
 
-    def evaluate(self, args: tuple[Any, ...], kwargs: dict[str, Any], result: Any) -> dict[str, Any]:
+    def evaluate(self, args: tuple[Any, ...], kwargs: dict[str, Any], result: Any = MISSING) -> dict[str, Any]:
+        """Attribute values for one call; a failing expression is left out, counted and reported once."""
         values: dict[str, Any] = {}
-        for attr_name, expression in self.attributes:
+        for attr_name, evaluator in self._evaluators:
             try:
-                values[attr_name] = expression.evaluate(args, kwargs, result)
-            except ExpressionEvalError as exc:
-                self.note_error(f"attribute {attr_name!r}", str(exc))
+                values[attr_name] = evaluator(args, kwargs, result)
+            except Exception as exc:
+                source = next(e.source for n, e in self.attributes if n == attr_name)
+                self.note_error(f"attribute {attr_name!r}", str(ExpressionEvalError(source, exc)))
         return values
 
     def called_from_filter(self) -> bool:

@@ -87,6 +87,9 @@ class Recorder:
         self._path: Path | None = None
         self._role = ""
         self._declared_upto = 0
+        # A process that never declares a channel nor reports anything writes no file at all (vLLM's
+        # helper processes — resource trackers, compile workers — would otherwise leave empty files).
+        self._has_content = False
         self._init_process_state()
 
     # -- hot path helpers -------------------------------------------------------------------------
@@ -112,13 +115,18 @@ class Recorder:
                     decl["symbol"] = symbol
                 self._channel_lines.append(_encode(decl))
                 self._channels[key] = chan
+                self._has_content = True
         return chan
 
-    def control(self, line: dict[str, object]) -> None:
-        """Queue a non-record line (meta, patch, state, warn) for the next flush."""
+    def control(self, line: dict[str, object], substantive: bool = True) -> None:
+        """Queue a non-record line (meta, patch, state, warn) for the next flush.
+
+        `substantive=False` lines (collection on/off) do not by themselves create the process's file.
+        """
         encoded = _encode(line)
         with self._lock:
             self._pending_lines.append(encoded)
+            self._has_content = self._has_content or substantive
 
     # -- writer -----------------------------------------------------------------------------------
 
@@ -156,6 +164,8 @@ class Recorder:
 
     def _flush(self) -> None:
         with self._lock:
+            if self._file is None and not self._has_content:
+                return
             count = len(self.buffer)
             batch = self.buffer[:count]
             # Appends racing with this slice land after index `count` and survive the delete.

@@ -260,7 +260,8 @@ class Runtime:
         return restored
 
     def _write_patch_report(self) -> None:
-        if self.recorder is not None:
+        # A process where nothing was patched (and nothing failed) has nothing to report.
+        if self.recorder is not None and (self.report.applied or self.report.failed):
             report = self.report
             self.recorder.control({"t": "patch", "applied": report.applied, "pending": report.pending,
                                    "skipped": report.skipped, "failed": report.failed})
@@ -301,7 +302,7 @@ class Runtime:
     def _note_state(self, reason: str) -> None:
         if self.recorder is not None:
             self.recorder.control({"t": "state", "enabled": self.enabled, "ts": time.perf_counter_ns(),
-                                   "reason": reason})
+                                   "reason": reason}, substantive=False)
         log.debug("service-profiler: pid %d: collection %s (%s)", os.getpid(),
                   "on" if self.enabled else "off", reason)
 

@@ -144,7 +144,7 @@ def _enable(value: object) -> object:
     # The documented values are 0/1; JSON booleans and the strings people type into sed are accepted too.
     if isinstance(value, bool):
         return value
-    if isinstance(value, int) and value in (0, 1):
+    if isinstance(value, int | float) and value in (0, 1):
         return bool(value)
     if isinstance(value, str) and value.strip().lower() in ("0", "1", "true", "false"):
         return value.strip().lower() in ("1", "true")
@@ -327,7 +327,7 @@ def load_settings(path: str | Path) -> SettingsResult:
         try:
             text = path.read_text(encoding="utf-8-sig")  # -sig: tolerate a BOM left by Windows editors
             break
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # NotADirectory: a parent is a file
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 created = _write_if_absent(path, shipped_default_text())

@@ -126,8 +126,8 @@ def _string(key: str, node: yaml.Node, *, version: bool = False) -> str | None:
         if node.tag == "tag:yaml.org,2002:str" or (version and node.tag in (
                 "tag:yaml.org,2002:int", "tag:yaml.org,2002:float")):
             return str(node.value).strip()
-    shown = node.value if isinstance(node, yaml.ScalarNode) else _kind(node)
-    raise _EntryError(f'"{key}" must be a string, not {shown!r}', _line(node))
+    shown = repr(node.value) if isinstance(node, yaml.ScalarNode) else _kind(node)
+    raise _EntryError(f'"{key}" must be a string, not {shown}', _line(node))
 
 
 def _attributes(node: yaml.Node) -> tuple[AttributeSpec, ...]:

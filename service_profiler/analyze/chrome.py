@@ -26,10 +26,11 @@ Layout, read by Perfetto and chrome://tracing alike:
 
 from __future__ import annotations
 
+import gc
 import json
-import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -47,6 +48,8 @@ FOLDED_EVENTS = frozenset({("KVCache", "allocate")})
 _ROLE_SORT = (("api", 0), ("engine", 2), ("worker", 3))
 _REQUESTS_SORT, _OTHER_SORT = 1, 4
 _CHUNK = 20_000
+_EMPTY: dict[str, Any] = {}
+_NONE: tuple[Any, ...] = ()
 
 
 def write_chrome_trace(run: RunData, tables: object | None, out_path: Path) -> None:
@@ -55,16 +58,32 @@ def write_chrome_trace(run: RunData, tables: object | None, out_path: Path) -> N
     `tables` is accepted for symmetry with the other exporters and not read: the trace shows what
     was recorded, derived from `run` alone, so it stays usable when table building fails.
     """
-    trace = build_chrome_trace(run)
+    with _no_cyclic_gc():
+        _write(build_chrome_trace(run), Path(out_path))
+
+
+@contextmanager
+def _no_cyclic_gc() -> Iterator[None]:
+    """The export allocates one dict per trace event and no cycles; with the collector on, each
+    allocation threshold walks every record object of the run, which doubled the export time."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _write(trace: dict[str, Any], out_path: Path) -> None:
     events = trace.pop("traceEvents")
-    # One dumps per chunk: as fast as one dumps of the whole list, without holding the whole text.
-    with Path(out_path).open("w", encoding="utf-8") as out:
-        out.write('{"traceEvents":[\n')
+    # One dumps per chunk of events: a dumps call per event costs 2-3x more, and one dumps of the
+    # whole list holds the whole text in memory at once.
+    with out_path.open("w", encoding="utf-8") as out:
+        out.write('{"traceEvents":[')
         for i in range(0, len(events), _CHUNK):
-            if i:
-                out.write(",\n")
-            out.write(",\n".join(map(_dumps, events[i : i + _CHUNK])))
-        out.write("\n],")
+            out.write(("," if i else "") + json.dumps(events[i : i + _CHUNK], separators=(",", ":"))[1:-1])
+        out.write("],")
         out.write(json.dumps(trace, separators=(",", ":"))[1:])
 
 
@@ -74,8 +93,9 @@ def build_chrome_trace(run: RunData) -> dict[str, Any]:
     builder = _TraceBuilder(run, origin)
     builder.add_spans()
     builder.add_counters()
+    lifecycles = builder.add_batches()
     builder.add_instants()
-    builder.add_requests()
+    builder.add_requests(lifecycles)
     return {
         "traceEvents": builder.metadata_events() + builder.events,
         "displayTimeUnit": "ms",
@@ -88,14 +108,11 @@ def build_chrome_trace(run: RunData) -> dict[str, Any]:
             "dropped_records": sum(p.dropped for p in run.processes),
             "reader_problems": len(run.problems),
             "overlap_lanes": builder.overlap_lanes,
+            "malformed_batches": builder.bad_batches,
             "folded_events": builder.folded,
             "omitted_instants": builder.omitted,
         },
     }
-
-
-def _dumps(event: TraceEvent) -> str:
-    return json.dumps(event, separators=(",", ":"))
 
 
 def _origin_ns(run: RunData) -> int:
@@ -108,29 +125,57 @@ def _origin_ns(run: RunData) -> int:
 
 def _compact(attrs: dict[str, Any] | None) -> dict[str, Any]:
     """Scalar attributes as they are, containers as `n_<key>` lengths: a batch's request list would
-    otherwise be most of the file."""
+    otherwise be most of the file. Exact type tests: this runs once per span and event."""
     out: dict[str, Any] = {}
-    for key, value in (attrs or {}).items():
-        if isinstance(value, float):
-            out[key] = round(value, 6) if math.isfinite(value) else str(value)
-        elif value is None or isinstance(value, (int, str, bool)):
+    for key, value in (attrs or _EMPTY).items():
+        kind = type(value)
+        if kind is int or kind is str or kind is bool or value is None:
             out[key] = value
-        elif isinstance(value, (list, tuple, dict)):
-            out[f"n_{key}"] = len(value)
+        elif kind is float:
+            out[key] = round(value, 6) if value - value == 0 else str(value)  # nan/inf are not JSON
+        elif kind is list or kind is dict or kind is tuple:
+            out["n_" + key] = len(value)
+    return out
+
+
+def _numbers(values: dict[str, Any]) -> dict[str, Any]:
+    """The finite numeric series of a counter; anything else would make the C event invalid."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        kind = type(value)
+        if kind is int:
+            out[key] = value
+        elif kind is float and value - value == 0:
+            out[key] = round(value, 6)
     return out
 
 
 class _Lifecycle:
-    """What the events and batches say about one request."""
+    """What the batches and events say about one request."""
 
     def __init__(self) -> None:
         self.args: dict[str, Any] = {}
         self.arrival: int | None = None
         self.done: int | None = None
         self.finished_state: int | None = None
-        self.runs: list[tuple[int, int, int]] = []  # (batch start, model end, phase)
-        self.preempts: list[int] = []
+        self.marks: list[tuple[int, str]] = []  # (ts, state entered), in time order per source
+        self.phase = -1  # of the last batch that ran it: 0 prefill, 1 decode, -1 none or preempted
+        self.last_done = 0  # when the model run of that batch ended
+        self.batches = 0
         self.first_batch: tuple[int, int, int, int] | None = None  # pid, tid, start, end
+
+    def changed(self, start: int, phase: int) -> None:
+        """A batch starting at `start` runs it in a new phase (or resumes its prefill)."""
+        if phase == 0:
+            self.marks.append((start, "prefill"))
+        else:
+            # The first token exists when the last prefill batch's model run ends.
+            self.marks.append((min(self.last_done, start) if self.phase == 0 else start, "decode"))
+        self.phase = phase
+
+    def preempted(self, ts: int) -> None:
+        self.marks.append((ts, "preempted"))
+        self.phase = -1
 
 
 class _Placed(NamedTuple):
@@ -147,6 +192,7 @@ class _TraceBuilder:
         self.thread_names: list[tuple[int, int, str, int]] = []  # pid, tid, name, sort
         self.placed: dict[int, _Placed] = {}  # id(span) -> where it was drawn
         self.overlap_lanes = 0
+        self.bad_batches = 0
         self.folded: dict[str, int] = {}
         self.omitted: dict[str, int] = {}
         self.requests_pid = len(run.processes) + 1
@@ -194,39 +240,68 @@ class _TraceBuilder:
         by_thread: dict[tuple[int, int], list[SpanRecord]] = defaultdict(list)
         for span in self.run.spans:
             by_thread[(span.proc, span.tid)].append(span)
+        origin, append = self.origin, self.events.append
         for (proc, raw_tid), spans in by_thread.items():
             spans.sort(key=lambda s: (s.start_ns, -s.end_ns))
             ends: list[list[int]] = []  # per lane, the ends of the slices still open
+            tids: dict[int, int] = {}
+            pid = proc + 1
             for span in spans:
-                end = max(span.end_ns, span.start_ns)
-                tid = self._tid(proc, raw_tid, _place(ends, span.start_ns, end))
-                self.placed[id(span)] = _Placed(proc + 1, tid)
-                self.events.append({"ph": "X", "name": span.name, "cat": span.domain, "pid": proc + 1,
-                                    "tid": tid, "ts": self._us(span.start_ns),
-                                    "dur": (end - span.start_ns) / 1000, "args": _compact(span.attrs)})
+                start = span.start_ns
+                end = span.end_ns if span.end_ns > start else start
+                lane = _place(ends, start, end)
+                tid = tids.get(lane) or tids.setdefault(lane, self._tid(proc, raw_tid, lane))
+                if span.name == SCHEDULE_SPAN:
+                    self.placed[id(span)] = _Placed(pid, tid)
+                append({"ph": "X", "name": span.name, "cat": span.domain, "pid": pid, "tid": tid,
+                        "ts": (start - origin) / 1000, "dur": (end - start) / 1000,
+                        "args": _compact(span.attrs)})
             self.overlap_lanes += max(len(ends) - 1, 0)
 
     def _counter(self, proc: int, name: str, cat: str, ts_ns: int, values: dict[str, Any]) -> None:
-        args = {k: round(v, 6) if isinstance(v, float) else v for k, v in values.items()
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        args = _numbers(values)
         if args:
             self.events.append({"ph": "C", "name": name, "cat": cat, "pid": proc + 1,
-                                "ts": self._us(ts_ns), "args": args})
+                                "ts": (ts_ns - self.origin) / 1000, "args": args})
 
     def add_counters(self) -> None:
-        recorded = {(c.proc, c.name) for c in self.run.counters}
         for c in self.run.counters:
             self._counter(c.proc, c.name, c.domain, c.ts_ns, c.values)
+
+    def add_batches(self) -> dict[Any, _Lifecycle]:
+        """One pass over the scheduler steps: the `tokens` counter, `kvcache`/`queues` where the process
+        recorded none, and each request's batch membership."""
+        recorded = {(c.proc, c.name) for c in self.run.counters}
+        # Keyed by the rid as recorded: str() per batch entry would cost more than the rest of the loop.
+        life: dict[Any, _Lifecycle] = defaultdict(_Lifecycle)
+        model_end = {(s.proc, (s.attrs or {}).get("batch_id")): s.end_ns
+                     for s in self.run.spans if s.name == MODEL_SPAN and s.attrs}
         for span in self.run.spans:
-            if span.name != SCHEDULE_SPAN or not span.attrs:
-                continue
             a = span.attrs
-            reqs = a.get("reqs") or []
-            prefill = sum(r[2] for r in reqs if len(r) > 2 and r[1] == 0)
-            decode = sum(r[2] for r in reqs if len(r) > 2 and r[1] != 0)
-            total = a.get("total_tokens", prefill + decode)
+            if span.name != SCHEDULE_SPAN or not a:
+                continue
+            done = max(model_end.get((span.proc, a.get("batch_id")), span.end_ns), span.start_ns)
+            tokens = [0, 0]
+            try:
+                for entry in a.get("reqs") or _NONE:
+                    phase = 1 if entry[1] else 0
+                    tokens[phase] += entry[2]
+                    lc = life[entry[0]]
+                    if not lc.batches:
+                        placed = self.placed.get(id(span))
+                        lc.first_batch = (*placed, span.start_ns, span.end_ns) if placed else None
+                    if phase != lc.phase or (not phase and len(entry) > 5 and entry[5]):
+                        lc.changed(span.start_ns, phase)
+                    lc.last_done = done
+                    lc.batches += 1
+                for rid in a.get("preempted") or _NONE:
+                    life[rid].preempted(span.end_ns)
+            except (TypeError, IndexError):  # a malformed step costs itself, not the export
+                self.bad_batches += 1
+                continue
             self._counter(span.proc, "tokens", span.domain, span.start_ns,
-                          {"total": total, "prefill": prefill, "decode": decode})
+                          {"total": a.get("total_tokens", sum(tokens)), "prefill": tokens[0],
+                           "decode": tokens[1]})
             if (span.proc, "kvcache") not in recorded and "kv_total_blocks" in a:
                 self._counter(span.proc, "kvcache", "KVCache", span.start_ns,
                               {"total_blocks": a.get("kv_total_blocks"),
@@ -234,6 +309,7 @@ class _TraceBuilder:
             if (span.proc, "queues") not in recorded and "running" in a:
                 self._counter(span.proc, "queues", span.domain, span.start_ns,
                               {"running": a.get("running"), "waiting": a.get("waiting")})
+        return life
 
     def add_instants(self) -> None:
         counts: dict[str, int] = defaultdict(int)
@@ -255,27 +331,12 @@ class _TraceBuilder:
                                 "cat": "profiler", "pid": proc + 1, "tid": self._tid(proc, pinfo.pid),
                                 "ts": self._us(ts_ns), "args": {"reason": reason}})
 
-    def _lifecycles(self) -> dict[str, _Lifecycle]:
-        life: dict[str, _Lifecycle] = defaultdict(_Lifecycle)
-        model_end = {(s.proc, (s.attrs or {}).get("batch_id")): s.end_ns
-                     for s in self.run.spans if s.name == MODEL_SPAN and s.attrs}
-        for span in self.run.spans:
-            if span.name != SCHEDULE_SPAN or not span.attrs:
-                continue
-            done = model_end.get((span.proc, span.attrs.get("batch_id")), span.end_ns)
-            for entry in span.attrs.get("reqs") or []:
-                lc = life[str(entry[0])]
-                phase = int(entry[1]) if len(entry) > 1 else 0
-                lc.runs.append((span.start_ns, max(done, span.start_ns), phase))
-                if lc.first_batch is None and id(span) in self.placed:
-                    lc.first_batch = (*self.placed[id(span)], span.start_ns, span.end_ns)
-            for rid in span.attrs.get("preempted") or []:
-                life[str(rid)].preempts.append(span.end_ns)
+    def add_requests(self, life: dict[Any, _Lifecycle]) -> None:
         for e in self.run.events:
             a = e.attrs or {}
-            if e.domain != "Request" or "rid" not in a:
+            if e.domain != "Request" or not isinstance(a.get("rid"), (str, int)):
                 continue
-            lc = life[str(a["rid"])]
+            lc = life[a["rid"]]
             if e.name == "httpReq":
                 lc.arrival = e.ts_ns
                 lc.args.update(api_rid=a.get("api_rid"), prompt_tokens=a.get("prompt_tokens"))
@@ -283,17 +344,13 @@ class _TraceBuilder:
                 lc.arrival = e.ts_ns if lc.arrival is None else lc.arrival
                 lc.args.setdefault("prompt_tokens", a.get("prompt_tokens"))
             elif e.name == "state" and str(a.get("to", "")).upper() == "PREEMPTED":
-                lc.preempts.append(e.ts_ns)
+                lc.marks.append((e.ts_ns, "preempted"))
             elif e.name == "state" and str(a.get("to", "")).upper().startswith("FINISHED"):
                 lc.finished_state = e.ts_ns
             elif e.name == "httpRes":
                 lc.done = e.ts_ns
                 lc.args.update(output_tokens=a.get("output_tokens"), finish_reason=a.get("finish_reason"))
-        return life
-
-    def add_requests(self) -> None:
-        life = self._lifecycles()
-        order = sorted(life.items(), key=lambda kv: (_first_seen(kv[1]), kv[0]))
+        order = sorted(life.items(), key=lambda kv: (_first_seen(kv[1]), str(kv[0])))
         for n, (rid, lc) in enumerate(order):
             phases = _phases(lc)
             if not phases:
@@ -303,7 +360,7 @@ class _TraceBuilder:
             self.thread_names.append((self.requests_pid, tid, f"req {rid}", n))
             start, end = phases[0][1], phases[-1][2]
             args = {"rid": rid, **{k: v for k, v in lc.args.items() if v is not None},
-                    "preemptions": sum(1 for p in phases if p[0] == "preempted"), "batches": len(lc.runs)}
+                    "preemptions": sum(1 for p in phases if p[0] == "preempted"), "batches": lc.batches}
             self._slice("request", tid, start, end, args)
             for name, p_start, p_end in phases:
                 self._slice(name, tid, p_start, p_end, None)
@@ -346,30 +403,17 @@ def _place(ends: list[list[int]], start: int, end: int) -> int:
 def _first_seen(lc: _Lifecycle) -> int:
     if lc.arrival is not None:
         return lc.arrival
-    return min((r[0] for r in lc.runs), default=0)
+    return lc.marks[0][0] if lc.marks else 0
 
 
 def _phases(lc: _Lifecycle) -> list[tuple[str, int, int]]:
     """Adjacent (state, start, end) slices covering a request's life, in time order."""
-    marks: list[tuple[int, str]] = []
-    prev_phase, prev_done = -1, 0
-    for start, done, phase in sorted(lc.runs):
-        if phase == 0:
-            marks.append((start, "prefill"))
-        elif prev_phase == 0:
-            # The first token exists when the last prefill batch's model run ends.
-            marks.append((min(prev_done, start), "decode"))
-        else:
-            marks.append((start, "decode"))
-        prev_phase, prev_done = phase, done
-    marks.extend((t, "preempted") for t in lc.preempts)
-    marks.sort(key=lambda m: m[0])
+    marks = sorted(lc.marks, key=lambda m: m[0])  # stable: batch order kept at equal times
     if lc.arrival is not None:
         marks.insert(0, (lc.arrival, "queued"))
     if not marks:
         return []
-    end_candidates = [lc.done, lc.finished_state, max((d for _, d, _ in lc.runs), default=None)]
-    end = next((t for t in end_candidates if t is not None), marks[-1][0])
+    end = next((t for t in (lc.done, lc.finished_state, lc.last_done or None) if t is not None), marks[-1][0])
     states: list[tuple[str, int]] = []
     for ts, state in marks:
         # Clock skew between hosts must not make a slice start before the previous one.

@@ -220,6 +220,8 @@ class _Engine:
     rng: random.Random
     free_blocks: int = 0
     batches: list[TrueBatch] = field(default_factory=list)
+    _allocated: int = 0      # blocks allocated / freed during the current step
+    _freed: int = 0
 
     def alloc(self, req: _Req, new_tokens: int, ts: int) -> bool:
         need = -(-(req.computed + new_tokens) // self.cfg.block_size) - req.blocks
@@ -287,7 +289,7 @@ class _Engine:
                 if req.state != "RUNNING":
                     break
                 entries.append([req.truth.rid, 0 if req.computed < eff else 1, num_new, req.computed,
-                                req.prompt, 1 if req.resumed and req.computed < eff else 0])
+                                req.prompt, 0])
                 scheduled.append((req, num_new))
                 budget -= num_new
                 idx += 1
@@ -312,6 +314,9 @@ class _Engine:
                 entries.append([req.truth.rid, 0, num_new, req.computed, req.prompt, 1 if req.resumed else 0])
                 scheduled.append((req, num_new))
                 budget -= num_new
+            if not entries and not running and waiting:
+                raise ValueError(f"num_gpu_blocks={cfg.num_gpu_blocks} cannot hold request "
+                                 f"{waiting[0].truth.rid}; raise it")
             total_tokens = sum(n for _, n in scheduled)
             sched_end = sched_start + 150 * US + 2 * US * len(entries) + 7 * US * len(preempted)
             used = cfg.num_gpu_blocks - self.free_blocks
@@ -421,7 +426,6 @@ def generate_run(out_dir: Path | str, config: SyntheticConfig | None = None) -> 
         eng.run(reqs)
     engine_info = {"name": "vllm", "version": "0.32.0"}
     files = [api.write(run_dir, cfg.flush_every, engine_info)]
-    api.meta.clear()
     files += [e.w.write(run_dir, cfg.flush_every, engine_info) for e in engines]
     # patch report on the engine: what `inspect` shows
     with files[1].open("a", encoding="utf-8") as fh:

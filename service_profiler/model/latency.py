@@ -265,7 +265,7 @@ def fit_latency_model(
         bounds=(np.full(len(PARAM_NAMES), _LOWER_BOUND), np.full(len(PARAM_NAMES), np.inf)),
         loss=loss,
         f_scale=f_scale if loss == "huber" else 1.0,
-        x_scale="jac",
+        x_scale=1.0,  # B and S are median-scaled already; "jac" took 3x the iterations on 70k steps
         method="trf",
         max_nfev=2000,
     )
@@ -394,6 +394,7 @@ def _axis_grid(lo: float, hi: float, n: int = 80) -> tuple[Float, bool]:
 
 def _plot_contour(model: LatencyModel, b: Float, s: Float, path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import LogNorm
     from matplotlib.figure import Figure
 
     gb, log_b = _axis_grid(float(b.min()), float(b.max()))
@@ -403,19 +404,25 @@ def _plot_contour(model: LatencyModel, b: Float, s: Float, path: Path) -> None:
     fig = Figure(figsize=(8, 6))
     FigureCanvasAgg(fig)
     ax = fig.subplots()
-    filled = ax.contourf(bb, ssg, tt, levels=20, cmap="viridis")
-    lines = ax.contour(bb, ssg, tt, levels=10, colors="white", linewidths=0.6)
+    # T blows up towards B, S → 0, so levels span only what the observed steps reach (the corner
+    # beyond is one "extend" colour) and are log-spaced when that range covers a decade or more.
+    lo = float(tt.min())
+    hi = max(float(np.max(model.predict(b, s))), lo * 1.05)
+    log_t = hi > 10 * lo
+    levels = np.geomspace(lo, hi, 21) if log_t else np.linspace(lo, hi, 21)
+    norm = LogNorm(lo, hi) if log_t else None
+    filled = ax.contourf(bb, ssg, tt, levels=levels, norm=norm, cmap="viridis", extend="max")
+    lines = ax.contour(bb, ssg, tt, levels=levels[::2], colors="white", linewidths=0.6)
     ax.clabel(lines, fontsize=7, fmt="%.1f")
-    fig.colorbar(filled, ax=ax, label="predicted model run (ms)")
+    fig.colorbar(filled, ax=ax, label="predicted model run (ms)", format="%.3g")
     idx = _subsample(b.size, _MAX_PLOT_POINTS)
-    ax.scatter(b[idx], s[idx], s=5, c="red", alpha=0.35, label="observed steps")
+    ax.scatter(b[idx], s[idx], s=5, c="red", alpha=0.35)
     if log_b:
         ax.set_xscale("log")
     if log_s:
         ax.set_yscale("log")
     ax.set_xlabel("batch size B (requests)")
     ax.set_ylabel("total scheduled tokens S (tokens)")
-    ax.set_title("Latency model T(B, S)")
-    ax.legend(loc="upper left", fontsize=8)
+    ax.set_title("Latency model T(B, S) (ms); red: observed steps")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

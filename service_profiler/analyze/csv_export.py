@@ -1,0 +1,228 @@
+"""CSV outputs.
+
+`request.csv`, `batch.csv` and `kvcache.csv` start with the reference tool's columns in its exact order
+(docs: REFERENCE §1), so existing scripts keep working, followed by ours. The reference columns mean:
+
+- request.csv: http_rid = the API server's id (else the engine rid); start_datetime = arrival at the
+  API server (UTC ISO); recv_token_size / reply_token_size = input / output tokens;
+  execution_time(ms) = e2e (arrival → completion); queue_wait_time(ms) = engine arrival → first
+  scheduled; first_token_latency(ms) = TTFT; cache_hit_rate = prefix-cache hit tokens / query tokens.
+- batch.csv: one row per scheduler step, name = batchFrameworkProcessing; res_list = JSON list of
+  {rid, iter (the request's iteration index), type (0 prefill / 1 decode), num_scheduled_tokens,
+  num_prompt_tokens, num_computed_tokens}; start_time / end_time = the schedule span (UTC ISO);
+  during_time(ms) = schedule time (model_run_ms / step_ms are in our columns); prof_id = the engine pid.
+- kvcache.csv: one row per allocate / free event and per `kvcache` status sample; status columns carry
+  the latest status of that process, so they are never zeroed by a mix of event kinds.
+
+Our column names carry their unit (`_ms`, `_ns` = epoch ns); every timestamp also has a UTC ISO
+datetime. Missing values are empty cells. Summaries: see `summary` (percentile method there).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service_profiler.rawfile import RunData
+
+from . import lifecycle
+from .summary import batch_metrics, describe, request_metrics, service_metrics
+from .tables import AnalysisTables, Table
+
+REQUEST_REF_COLUMNS = ["http_rid", "start_datetime", "recv_token_size", "reply_token_size", "execution_time(ms)",
+                       "queue_wait_time(ms)", "first_token_latency(ms)", "cache_hit_rate"]
+BATCH_REF_COLUMNS = ["name", "res_list", "start_time", "end_time", "during_time(ms)", "batch_type", "prof_id",
+                     "total_batch_size", "total_blocks", "used_blocks", "free_blocks", "blocks_allocated",
+                     "blocks_freed", "kvcache_usage_rate", "Prefill_batch_size", "Decode_batch_size",
+                     "Prefill_scheduled_tokens", "Decode_scheduled_tokens", "total_scheduled_tokens", "dp_rank"]
+KVCACHE_REF_COLUMNS = ["domain", "name", "start_time", "total_blocks", "used_blocks", "free_blocks",
+                       "blocks_allocated", "blocks_freed", "kvcache_usage_rate"]
+SUMMARY_COLUMNS = ["Metric", "Average", "Max", "Min", "P50", "P90", "P99"]
+SERVICE_COLUMNS = ["Metric", "Value"]
+
+_NAT = np.iinfo(np.int64).min
+
+
+def iso_utc(values: Sequence[Any]) -> list[str]:
+    """Epoch ns -> 'YYYY-MM-DDTHH:MM:SS.ffffffZ' (UTC), vectorised; None -> ''."""
+    arr = np.fromiter((_NAT if v is None else v for v in values), dtype=np.int64, count=len(values))
+    out = np.datetime_as_string(arr.view("datetime64[ns]"), unit="us", timezone="UTC")
+    return ["" if s == "NaT" else s for s in out.tolist()]
+
+
+def _cell(v: Any) -> Any:
+    if isinstance(v, float) and math.isnan(v):
+        return ""
+    if isinstance(v, tuple | list):
+        return json.dumps(v, separators=(",", ":"))
+    return v
+
+
+def _write(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> Path:
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def _proc_labels(run: RunData) -> list[str]:
+    return [p.key for p in run.processes]
+
+
+def _extra(table: Table, skip: set[str]) -> tuple[list[str], list[int]]:
+    """Our columns after the reference's: the table's columns, `proc` shown as `process` (host:pid)."""
+    names, idx = [], []
+    for i, c in enumerate(table.columns):
+        if c not in skip:
+            names.append("process" if c == "proc" else c)
+            idx.append(i)
+    return names, idx
+
+
+def write_request_csv(run: RunData, tables: AnalysisTables, path: Path) -> Path:
+    t = tables.requests
+    c = {n: i for i, n in enumerate(t.columns)}
+    labels = _proc_labels(run)
+    names, idx = _extra(t, set())
+    starts = iso_utc(t.values("arrival_ns"))
+    pi = c["proc"]
+
+    def rows() -> Iterable[list[Any]]:
+        for r, start in zip(t.rows, starts, strict=True):
+            ref = [r[c["api_rid"]] or r[c["rid"]], start, r[c["input_tokens"]], r[c["output_tokens"]],
+                   r[c["e2e_ms"]], r[c["queue_ms"]], r[c["ttft_ms"]], r[c["cache_hit_rate"]]]
+            ext = [labels[r[i]] if i == pi and r[i] is not None else _cell(r[i]) for i in idx]
+            yield ref + ext
+
+    return _write(path, REQUEST_REF_COLUMNS + names, rows())
+
+
+def _res_list(reqs: Sequence[Any], iters: dict[Any, int]) -> str:
+    items = []
+    for e in reqs:
+        it = iters.get(e[0], 0)
+        iters[e[0]] = it + 1
+        items.append({"rid": e[0], "iter": it, "type": e[1], "num_scheduled_tokens": e[2],
+                      "num_prompt_tokens": e[4] if len(e) > 4 else None,
+                      "num_computed_tokens": e[3] if len(e) > 3 else None})
+    return json.dumps(items, separators=(",", ":"))
+
+
+def write_batch_csv(run: RunData, tables: AnalysisTables, path: Path) -> Path:
+    t = tables.batches
+    c = {n: i for i, n in enumerate(t.columns)}
+    pids = [p.pid for p in run.processes]
+    labels = _proc_labels(run)
+    names, idx = _extra(t, set())
+    starts, ends = iso_utc(t.values("start_ns")), iso_utc(t.values("end_ns"))
+    pi = c["proc"]
+
+    def rows() -> Iterable[list[Any]]:
+        iters: dict[Any, int] = {}
+        for k, r in enumerate(t.rows):
+            reqs = (tables.batch_spans[k].attrs or {}).get("reqs") or ()
+            ref = ["batchFrameworkProcessing", _res_list(reqs, iters), starts[k], ends[k], r[c["schedule_ms"]],
+                   r[c["batch_type"]], pids[r[pi]], r[c["batch_size"]], r[c["kv_total_blocks"]],
+                   r[c["kv_used_blocks"]], r[c["kv_free_blocks"]], r[c["blocks_allocated"]],
+                   r[c["blocks_freed"]], r[c["kv_usage"]], r[c["num_prefill_reqs"]], r[c["num_decode_reqs"]],
+                   r[c["prefill_tokens"]], r[c["decode_tokens"]], r[c["total_scheduled_tokens"]],
+                   r[c["dp_rank"]]]
+            yield ref + [labels[r[i]] if i == pi else _cell(r[i]) for i in idx]
+
+    return _write(path, BATCH_REF_COLUMNS + names, rows())
+
+
+def write_kvcache_csv(run: RunData, tables: AnalysisTables, path: Path) -> Path:
+    t = tables.kvcache
+    c = {n: i for i, n in enumerate(t.columns)}
+    labels = _proc_labels(run)
+    starts = iso_utc(t.values("ts_ns"))
+    extra = ["ts_ns", "rid", "dp_rank", "process"]
+
+    def rows() -> Iterable[list[Any]]:
+        for r, start in zip(t.rows, starts, strict=True):
+            yield [r[c["domain"]], r[c["name"]], start, r[c["total_blocks"]], r[c["used_blocks"]],
+                   r[c["free_blocks"]], r[c["blocks_allocated"]], r[c["blocks_freed"]], r[c["usage"]],
+                   r[c["ts_ns"]], r[c["rid"]], r[c["dp_rank"]], labels[r[c["proc"]]]]
+
+    return _write(path, KVCACHE_REF_COLUMNS + extra, rows())
+
+
+def _stat_rows(metrics: list[tuple[str, np.ndarray]]) -> list[list[Any]]:
+    rows = []
+    for name, values in metrics:
+        s = describe(values)
+        rows.append([name] + [_cell(v) for v in (s.mean, s.max, s.min, s.p50, s.p90, s.p99)])
+    return rows
+
+
+def write_summaries(run: RunData, tables: AnalysisTables, out_dir: Path) -> list[Path]:
+    """request_summary.csv, batch_summary.csv (Metric,Average,Max,Min,P50,P90,P99; times in ms) and
+    service_summary.csv (Metric,Value; speeds in token/s)."""
+    return [
+        _write(out_dir / "request_summary.csv", SUMMARY_COLUMNS, _stat_rows(request_metrics(tables))),
+        _write(out_dir / "batch_summary.csv", SUMMARY_COLUMNS, _stat_rows(batch_metrics(tables))),
+        _write(out_dir / "service_summary.csv", SERVICE_COLUMNS,
+               [[k, _cell(v)] for k, v in service_metrics(run, tables)]),
+    ]
+
+
+def _write_timed(run: RunData, table: Table, path: Path, ts_col: str) -> Path:
+    """A lifecycle table with a UTC datetime column after its `_ns` timestamp and `process` labels."""
+    labels = _proc_labels(run)
+    ti, pi = table.index(ts_col), table.index("proc")
+    header: list[str] = []
+    for i, name in enumerate(table.columns):
+        header.append("process" if i == pi else name)
+        if i == ti:
+            header.append(ts_col.removesuffix("_ns") + "_datetime")
+    dts = iso_utc(table.values(ts_col))
+
+    def rows() -> Iterable[list[Any]]:
+        for r, dt in zip(table.rows, dts, strict=True):
+            out = [((labels[v] if v is not None else "") if i == pi else _cell(v)) for i, v in enumerate(r)]
+            out.insert(ti + 1, dt)
+            yield out
+
+    return _write(path, header, rows())
+
+
+def write_per_iteration(run: RunData, tables: AnalysisTables, path: Path) -> Path:
+    labels = _proc_labels(run)
+    cols = lifecycle.ITERATION_COLUMNS
+    pi, ti = cols.index("proc"), cols.index("batch_start_ns")
+    batch_dt = iso_utc(tables.batches.values("start_ns"))
+    by_start = dict(zip(tables.batches.values("start_ns"), batch_dt, strict=True))
+    header = [("process" if c == "proc" else c) for c in cols]
+    header.insert(ti + 1, "batch_start_datetime")
+
+    def rows() -> Iterable[list[Any]]:
+        for r in lifecycle.iter_request_states(tables):
+            out = list(r)
+            out[pi] = labels[r[pi]]
+            out.insert(ti + 1, by_start[r[ti]])
+            yield out
+
+    return _write(path, header, rows())
+
+
+def write_csvs(run: RunData, tables: AnalysisTables, out_dir: Path) -> list[Path]:
+    """Every CSV output; returns the paths written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [
+        write_request_csv(run, tables, out_dir / "request.csv"),
+        write_batch_csv(run, tables, out_dir / "batch.csv"),
+        write_kvcache_csv(run, tables, out_dir / "kvcache.csv"),
+        *write_summaries(run, tables, out_dir),
+        write_per_iteration(run, tables, out_dir / "per_iteration_requests.csv"),
+        _write_timed(run, tables.events, out_dir / "events.csv", "ts_ns"),
+        _write_timed(run, tables.state_transitions, out_dir / "state_transitions.csv", "ts_ns"),
+    ]
+    return paths

@@ -1,0 +1,173 @@
+"""Request lifecycle tables (seed 001): events, state transitions, per-iteration request states.
+
+- events: one row per lifecycle moment, time ordered: request_arrived (`httpReq`, API server),
+  request_enqueued (`enqueue`, EngineCore), request_scheduled (first batch), request_preempted,
+  request_resumed, first_token (API `tokens`), request_finished (engine FINISHED_* state),
+  request_completed (`httpRes`, API server).
+- state transitions: per request, NEW→WAITING at engine arrival, then the engine's `Request/state`
+  events; for runs recorded without state events they are derived from the batches (first scheduled,
+  `preempted` lists, resumed entries, `updateFromOutput` finished lists). `time_in_from_state_ms` is the
+  time since the request's previous transition.
+- per-iteration request states: for every batch, each scheduled request (state "running", or
+  "completed" when that step finished it) and each request preempted by it ("preempted"). Streamed,
+  because it has one row per (batch, request): millions on long runs. Waiting requests are not listed
+  per iteration (that would be O(batches × queue)); their waiting intervals are in the state
+  transitions and the batch table's `waiting` count.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+from service_profiler.rawfile import RunData
+
+from .tables import MS, AnalysisTables, Table
+
+EVENT_COLUMNS = ["ts_ns", "event_type", "rid", "proc", "batch_id", "detail"]
+STATE_COLUMNS = ["rid", "seq", "ts_ns", "from_state", "to_state", "batch_id", "proc", "time_in_from_state_ms",
+                 "source"]
+ITERATION_COLUMNS = ["batch_id", "dp_rank", "proc", "batch_start_ns", "rid", "state", "phase",
+                     "scheduled_tokens", "computed_tokens_before", "prompt_tokens", "resumed", "iteration",
+                     "generated_tokens_before", "time_in_state_ms"]
+
+
+def _rid_of(item: Any) -> Any:
+    return item[0] if isinstance(item, list | tuple) and item else item
+
+
+def _detail(**kv: Any) -> str:
+    return json.dumps({k: v for k, v in kv.items() if v is not None}, separators=(",", ":"))
+
+
+def build_events(run: RunData, tables: AnalysisTables) -> Table:
+    rows: list[tuple[Any, ...]] = []
+    has_state = False
+    for e in run.events:
+        a = e.attrs or {}
+        if e.domain != "Request":
+            continue
+        name = e.name
+        if name == "httpReq":
+            rows.append((e.ts_ns, "request_arrived", a.get("rid"), e.proc, None,
+                         _detail(api_rid=a.get("api_rid"), prompt_tokens=a.get("prompt_tokens"),
+                                 max_tokens=a.get("max_tokens"))))
+        elif name == "enqueue":
+            rows.append((e.ts_ns, "request_enqueued", a.get("rid"), e.proc, None,
+                         _detail(prompt_tokens=a.get("prompt_tokens"))))
+        elif name == "httpRes":
+            rows.append((e.ts_ns, "request_completed", a.get("rid"), e.proc, None,
+                         _detail(output_tokens=a.get("output_tokens"), finish_reason=a.get("finish_reason"))))
+        elif name == "state":
+            has_state = True
+            to, frm = a.get("to"), a.get("from")
+            kind = ("request_preempted" if to == "PREEMPTED" else
+                    "request_resumed" if to == "RUNNING" and frm == "PREEMPTED" else
+                    "request_finished" if isinstance(to, str) and to.startswith("FINISHED") else None)
+            if kind:
+                rows.append((e.ts_ns, kind, a.get("rid"), e.proc, a.get("batch_id"), _detail(state=to)))
+    req = tables.requests
+    ci = {c: i for i, c in enumerate(req.columns)}
+    for r in req.rows:
+        if r[ci["first_scheduled_ns"]] is not None:
+            rows.append((r[ci["first_scheduled_ns"]], "request_scheduled", r[ci["rid"]], r[ci["proc"]],
+                         r[ci["first_batch_id"]], _detail(queue_ms=r[ci["queue_ms"]])))
+        if r[ci["first_token_ns"]] is not None:
+            rows.append((r[ci["first_token_ns"]], "first_token", r[ci["rid"]], None, None,
+                         _detail(ttft_ms=r[ci["ttft_ms"]], source=r[ci["timing_source"]])))
+    if not has_state:
+        for t in _derived_transitions(tables):
+            kind = ("request_preempted" if t[4] == "PREEMPTED" else
+                    "request_resumed" if t[3] == "PREEMPTED" else
+                    "request_finished" if t[4].startswith("FINISHED") else None)
+            if kind:
+                rows.append((t[2], kind, t[0], t[6], t[5], _detail(state=t[4])))
+    rows.sort(key=lambda r: r[0])
+    return Table("events", list(EVENT_COLUMNS), rows)
+
+
+def _derived_transitions(tables: AnalysisTables) -> list[tuple[Any, ...]]:
+    """(rid, 0, ts, from, to, batch_id, proc, None, "derived") from batches, when no state events exist."""
+    out: list[tuple[Any, ...]] = []
+    brows = tables.batches.rows
+    bc = {c: i for i, c in enumerate(tables.batches.columns)}
+    seen: set[Any] = set()
+    for i, span in enumerate(tables.batch_spans):
+        a = span.attrs or {}
+        row = brows[i]
+        bid, proc, start = row[bc["batch_id"]], row[bc["proc"]], row[bc["start_ns"]]
+        for rid in a.get("preempted") or ():
+            out.append((rid, 0, start, "RUNNING", "PREEMPTED", bid, proc, None, "derived"))
+        for e in a.get("reqs") or ():
+            if e[0] not in seen:
+                seen.add(e[0])
+                out.append((e[0], 0, start, "WAITING", "RUNNING", bid, proc, None, "derived"))
+            elif len(e) > 5 and e[5]:
+                out.append((e[0], 0, start, "PREEMPTED", "RUNNING", bid, proc, None, "derived"))
+        end = row[bc["update_end_ns"]] or row[bc["end_ns"]]
+        for item in tables.batch_finished[i]:
+            reason = item[1] if isinstance(item, list | tuple) and len(item) > 1 else None
+            to = f"FINISHED_{str(reason).upper()}" if reason else "FINISHED"
+            out.append((_rid_of(item), 0, end, "RUNNING", to, bid, proc, None, "derived"))
+    return out
+
+
+def build_state_transitions(run: RunData, tables: AnalysisTables) -> Table:
+    per_rid: dict[Any, list[tuple[Any, ...]]] = {}
+    req = tables.requests
+    ci = {c: i for i, c in enumerate(req.columns)}
+    for r in req.rows:
+        if r[ci["engine_arrival_ns"]] is not None:
+            per_rid[r[ci["rid"]]] = [(r[ci["rid"]], 0, r[ci["engine_arrival_ns"]], "NEW", "WAITING", None,
+                                      r[ci["proc"]], None, "enqueue")]
+    found = False
+    for e in run.events:
+        if e.domain == "Request" and e.name == "state" and e.attrs:
+            found = True
+            a = e.attrs
+            per_rid.setdefault(a.get("rid"), []).append(
+                (a.get("rid"), 0, e.ts_ns, a.get("from"), a.get("to"), a.get("batch_id"), e.proc, None, "event"))
+    if not found:
+        for t in _derived_transitions(tables):
+            per_rid.setdefault(t[0], []).append(t)
+    rows: list[tuple[Any, ...]] = []
+    for rid_rows in per_rid.values():
+        rid_rows.sort(key=lambda t: t[2])
+        prev: int | None = None
+        for seq, t in enumerate(rid_rows):
+            dt = (t[2] - prev) / MS if prev is not None else None
+            rows.append((t[0], seq, t[2], t[3], t[4], t[5], t[6], dt, t[8]))
+            prev = t[2]
+    return Table("state_transitions", list(STATE_COLUMNS), rows)
+
+
+def iter_request_states(tables: AnalysisTables) -> Iterator[tuple[Any, ...]]:
+    """Per-iteration request states (ITERATION_COLUMNS), batch by batch, streamed."""
+    iters: dict[Any, int] = {}
+    generated: dict[Any, int] = {}
+    since: dict[Any, int] = {}
+    brows = tables.batches.rows
+    for i, span in enumerate(tables.batch_spans):
+        a = span.attrs or {}
+        bid, dp, proc, start = brows[i][0], brows[i][1], brows[i][2], brows[i][3]
+        finished = {_rid_of(x) for x in tables.batch_finished[i]} if tables.batch_finished[i] else ()
+        for e in a.get("reqs") or ():
+            rid, phase, sched = e[0], e[1], e[2]
+            computed = e[3] if len(e) > 3 else 0
+            prompt = e[4] if len(e) > 4 else None
+            resumed = e[5] if len(e) > 5 else 0
+            it = iters.get(rid, 0)
+            iters[rid] = it + 1
+            gen = generated.get(rid, 0)
+            if it == 0 or resumed:
+                since[rid] = start
+            yield (bid, dp, proc, start, rid, "completed" if rid in finished else "running",
+                   "prefill" if phase == 0 else "decode", sched, computed, prompt, resumed, it, gen,
+                   (start - since.get(rid, start)) / MS)
+            if phase != 0 or (prompt is not None and computed + sched >= prompt + gen):
+                generated[rid] = gen + 1
+        for rid in a.get("preempted") or ():
+            since[rid] = start
+            yield (bid, dp, proc, start, rid, "preempted", None, 0, None, None, 0, iters.get(rid, 0),
+                   generated.get(rid, 0), 0.0)

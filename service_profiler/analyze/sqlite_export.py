@@ -1,0 +1,172 @@
+"""`profiler.db`: the run and its analysis tables in one SQLite file.
+
+Raw tables (timestamps epoch ns, `attrs`/`values` as JSON text, queryable with json_extract):
+  process, process_meta, span, event, counter, run_state, problem.
+Analysis tables (columns as in `tables`; list cells as JSON text):
+  request, batch (+ batch_row, the row number batch_req points at), batch_req (one row per request in
+  each batch), kvcache, state_transition, lifecycle_event.
+Views: v_batch_size_curve, v_batch_exec, v_ttft, v_request_latency, v_kv_usage, v_queue_curve.
+
+Written with executemany in one transaction into a temporary file that replaces the target at the end,
+so a failed export never leaves a half-written database behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from service_profiler.rawfile import RunData
+
+from .tables import AnalysisTables, Table
+
+_VIEWS = {
+    "v_batch_size_curve": "SELECT batch_row, start_ns, dp_rank, batch_id, batch_size, num_prefill_reqs, "
+                          "num_decode_reqs, total_scheduled_tokens, prefill_tokens, decode_tokens "
+                          "FROM batch ORDER BY start_ns",
+    "v_batch_exec": "SELECT batch_row, start_ns, dp_rank, batch_id, batch_type, batch_size, total_scheduled_tokens, "
+                    "schedule_ms, model_run_ms, step_ms FROM batch WHERE model_run_ms IS NOT NULL "
+                    "ORDER BY start_ns",
+    "v_ttft": "SELECT rid, api_rid, arrival_ns, ttft_ms, input_tokens, queue_ms FROM request "
+              "WHERE ttft_ms IS NOT NULL ORDER BY arrival_ns",
+    "v_request_latency": "SELECT rid, arrival_ns, completion_ns, queue_ms, prefill_ms, decode_ms, ttft_ms, tpot_ms, "
+                         "e2e_ms, input_tokens, output_tokens FROM request ORDER BY arrival_ns",
+    "v_kv_usage": "SELECT ts_ns, proc, dp_rank, total_blocks, used_blocks, free_blocks, usage FROM kvcache "
+                  "WHERE name = 'kvcache' ORDER BY ts_ns",
+    "v_queue_curve": "SELECT start_ns, dp_rank, running, waiting FROM batch ORDER BY start_ns",
+}
+
+_INDEXES = [
+    "CREATE INDEX ix_span_name ON span(name, start_ns)",
+    "CREATE INDEX ix_span_batch ON span(batch_id, proc)",
+    "CREATE INDEX ix_event_name ON event(name, ts_ns)",
+    "CREATE INDEX ix_event_rid ON event(rid)",
+    "CREATE INDEX ix_counter_name ON counter(name, ts_ns)",
+    "CREATE INDEX ix_request_rid ON request(rid)",
+    "CREATE INDEX ix_request_arrival ON request(arrival_ns)",
+    "CREATE INDEX ix_batch_id ON batch(batch_id, dp_rank)",
+    "CREATE INDEX ix_batch_start ON batch(start_ns)",
+    "CREATE INDEX ix_batch_req_batch ON batch_req(batch_row)",
+    "CREATE INDEX ix_batch_req_rid ON batch_req(rid)",
+    "CREATE INDEX ix_kvcache_ts ON kvcache(ts_ns)",
+    "CREATE INDEX ix_state_rid ON state_transition(rid, seq)",
+    "CREATE INDEX ix_lifecycle_ts ON lifecycle_event(ts_ns)",
+]
+
+
+def _sql_type(values: Iterable[Any]) -> str:
+    for v in values:
+        if v is None:
+            continue
+        if isinstance(v, bool | int):
+            return "INTEGER"
+        if isinstance(v, float):
+            return "REAL"
+        return "TEXT"
+    return ""
+
+
+def _json_cell(v: Any) -> Any:
+    return json.dumps(v, separators=(",", ":")) if isinstance(v, tuple | list | dict) else v
+
+
+def _write_table(db: sqlite3.Connection, name: str, table: Table, first: str | None = None) -> None:
+    cols = list(table.columns)
+    types = [_sql_type(r[i] for r in table.rows) for i in range(len(cols))]
+    json_cols = [i for i in range(len(cols)) if any(isinstance(r[i], tuple | list | dict) for r in table.rows[:50])]
+    defs = [f'"{c}" {t}'.strip() for c, t in zip(cols, types, strict=True)]
+    if first:
+        defs.insert(0, f"{first} INTEGER PRIMARY KEY")
+    db.execute(f"CREATE TABLE {name} ({', '.join(defs)})")
+    marks = ",".join("?" * (len(cols) + (1 if first else 0)))
+    if json_cols:
+        def rows() -> Iterable[Any]:
+            for k, r in enumerate(table.rows):
+                out = [_json_cell(v) for v in r]
+                yield [k, *out] if first else out
+    elif first:
+        def rows() -> Iterable[Any]:
+            for k, r in enumerate(table.rows):
+                yield (k, *r)
+    else:
+        def rows() -> Iterable[Any]:
+            return iter(table.rows)
+    db.executemany(f"INSERT INTO {name} VALUES ({marks})", rows())
+
+
+def _write_raw(db: sqlite3.Connection, run: RunData) -> None:
+    dumps = json.dumps
+    db.execute("CREATE TABLE process (proc INTEGER PRIMARY KEY, key TEXT, hostname TEXT, pid INTEGER, "
+               "ppid INTEGER, role TEXT, argv TEXT, engine TEXT, profiler_version TEXT, wall_offset_ns INTEGER, "
+               "dropped INTEGER, warnings TEXT, patch TEXT, path TEXT)")
+    db.executemany("INSERT INTO process VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", [
+        (p.index, p.key, p.hostname, p.pid, p.ppid, p.role, dumps(p.argv), dumps(p.engine), p.profiler_version,
+         p.wall_offset_ns, p.dropped, dumps(p.warnings), dumps(p.patch), p.path) for p in run.processes])
+    db.execute("CREATE TABLE process_meta (proc INTEGER, key TEXT, value TEXT)")
+    db.executemany("INSERT INTO process_meta VALUES (?,?,?)",
+                   [(p.index, k, dumps(v)) for p in run.processes for k, v in p.meta.items()])
+    db.execute("CREATE TABLE span (id INTEGER PRIMARY KEY, proc INTEGER, domain TEXT, name TEXT, "
+               "start_ns INTEGER, end_ns INTEGER, dur_ns INTEGER, tid INTEGER, batch_id INTEGER, attrs TEXT)")
+    db.executemany("INSERT INTO span VALUES (NULL,?,?,?,?,?,?,?,?,?)", (
+        (s.proc, s.domain, s.name, s.start_ns, s.end_ns, s.end_ns - s.start_ns, s.tid,
+         _scalar(s.attrs.get("batch_id")) if s.attrs else None, dumps(s.attrs) if s.attrs is not None else None)
+        for s in run.spans))
+    db.execute("CREATE TABLE event (id INTEGER PRIMARY KEY, proc INTEGER, domain TEXT, name TEXT, ts_ns INTEGER, "
+               "tid INTEGER, rid TEXT, batch_id INTEGER, attrs TEXT)")
+    db.executemany("INSERT INTO event VALUES (NULL,?,?,?,?,?,?,?,?)", (
+        (e.proc, e.domain, e.name, e.ts_ns, e.tid, _scalar(e.attrs.get("rid")) if e.attrs else None,
+         _scalar(e.attrs.get("batch_id")) if e.attrs else None, dumps(e.attrs) if e.attrs is not None else None)
+        for e in run.events))
+    db.execute('CREATE TABLE counter (id INTEGER PRIMARY KEY, proc INTEGER, domain TEXT, name TEXT, '
+               'ts_ns INTEGER, "values" TEXT)')
+    db.executemany("INSERT INTO counter VALUES (NULL,?,?,?,?,?)", (
+        (c.proc, c.domain, c.name, c.ts_ns, dumps(c.values)) for c in run.counters))
+    db.execute("CREATE TABLE run_state (proc INTEGER, ts_ns INTEGER, enabled INTEGER, reason TEXT)")
+    db.executemany("INSERT INTO run_state VALUES (?,?,?,?)", run.states)
+    db.execute("CREATE TABLE problem (message TEXT)")
+    db.executemany("INSERT INTO problem VALUES (?)", [(p,) for p in run.problems])
+
+
+def _scalar(v: Any) -> Any:
+    return v if v is None or isinstance(v, int | float | str) else json.dumps(v)
+
+
+def write_sqlite(run: RunData, tables: AnalysisTables, path: Path) -> Path:
+    """Write `profiler.db` at `path` (replaced if it exists)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    if tmp.exists():
+        tmp.unlink()
+    db = sqlite3.connect(tmp, isolation_level=None)
+    try:
+        # A fresh file written once: durability on crash does not matter, speed does.
+        db.execute("PRAGMA journal_mode=OFF")
+        db.execute("PRAGMA synchronous=OFF")
+        db.execute("PRAGMA cache_size=-200000")
+        db.execute("BEGIN")
+        _write_raw(db, run)
+        _write_table(db, "request", tables.requests)
+        _write_table(db, "batch", tables.batches, first="batch_row")
+        db.execute("CREATE TABLE batch_req (batch_row INTEGER, batch_id INTEGER, dp_rank INTEGER, proc INTEGER, "
+                   "rid TEXT, phase INTEGER, scheduled_tokens INTEGER, computed_tokens_before INTEGER, "
+                   "prompt_tokens INTEGER, resumed INTEGER)")
+        db.executemany("INSERT INTO batch_req VALUES (?,?,?,?,?,?,?,?,?,?)", tables.iter_batch_members())
+        _write_table(db, "kvcache", tables.kvcache)
+        _write_table(db, "state_transition", tables.state_transitions)
+        _write_table(db, "lifecycle_event", tables.events)
+        for stmt in _INDEXES:
+            db.execute(stmt)
+        for name, select in _VIEWS.items():
+            db.execute(f"CREATE VIEW {name} AS {select}")
+        db.execute("COMMIT")
+    except BaseException:
+        db.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    db.close()
+    os.replace(tmp, path)
+    return path

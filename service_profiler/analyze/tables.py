@@ -1,0 +1,309 @@
+"""Analysis tables built from a `RunData` (docs/DESIGN.md "Analysis tables").
+
+All timestamps are epoch ns (the reader has clock-aligned every process); durations are ms as float;
+a missing value is `None` (NaN in `Table.column`).
+
+Batch table: one row per `BatchSchedule/batchFrameworkProcessing` span (one scheduler step).
+  - `start_ns`/`end_ns`/`schedule_ms`: that span (the time `Scheduler.schedule` took).
+  - `model_run_ms`: the `ModelExecute/modelExec` span with the same batch_id, looked up in the same
+    process first, then by (hostname, dp_rank) (the executor may record in a worker process); when
+    several spans share the key the longest (outermost) one is kept.
+  - `step_ms`: the `EngineCore/step` span with that batch_id (same lookup); `update_ms` likewise for
+    `updateFromOutput`.
+  - phase counts / tokens / chunk sizes from the span's `reqs` list (phase 0 = prefill, 1 = decode).
+  - `num_finished`: requests the step's `updateFromOutput` reported finished (else the span's `finished`).
+  - `blocks_allocated`/`blocks_freed`: `KVCache/allocate`/`free` blocks of the same process whose time
+    falls in [this batch's start, the next batch's start).
+  - `batch_type`: "Prefill", "Decode", "Prefill,Decode" (the reference's spelling), or "" when empty.
+
+Request table: one row per engine request id (`rid`). Timestamps and which process records them:
+  - `arrival_ns`: `Request/httpReq` event (API server); falls back to `engine_arrival_ns`.
+  - `engine_arrival_ns`: first `Request/enqueue` event (EngineCore, `Scheduler.add_request`).
+  - `first_scheduled_ns`: start of the first batch span whose `reqs` contains the rid (EngineCore; the
+    same instant vLLM stamps its SCHEDULED event).
+  - `first_token_ns`: first `Request/tokens` event (API server) with new_tokens > 0 for the rid;
+    without API-server data, the end of the `updateFromOutput` (else `step`) span of the batch in which
+    the rid's prefill completed (EngineCore). `timing_source` says which ("api" / "engine").
+  - `completion_ns`: the API `tokens` event that marks the rid finished, else its `httpRes` event, else
+    the end of the `updateFromOutput` span that reported it finished.
+  - `queue_ms` = first_scheduled − engine_arrival; `ttft_ms` = first_token − arrival;
+    `prefill_ms` = first_token − first_scheduled; `decode_ms` = completion − first_token;
+    `e2e_ms` = completion − arrival; `tpot_ms` = decode_ms / (output_tokens − 1) when output_tokens > 1.
+  - `input_tokens`: httpReq prompt_tokens, else enqueue prompt_tokens, else the batch entry's.
+  - `output_tokens`: httpRes output_tokens, else the sum of new_tokens over the API tokens events.
+  - `preemptions`: transitions to PREEMPTED (state events), or batch `preempted` lists when larger.
+  - `prefix_hit_tokens`/`cache_hit_rate`: first `KVCache/cacheHit` event (hit / query tokens).
+  - `kv_blocks`: peak blocks held (running sum of allocate minus free events).
+  - `finish_reason`: httpRes, else API tokens, else updateFromOutput, else the FINISHED_* state.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from service_profiler.rawfile import RunData, SpanRecord
+
+MS = 1e6
+
+
+@dataclass
+class Table:
+    """A named table: column names and row tuples. `column()` gives numpy arrays for numeric work."""
+
+    name: str
+    columns: list[str]
+    rows: list[tuple[Any, ...]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def index(self, column: str) -> int:
+        return self.columns.index(column)
+
+    def values(self, column: str) -> list[Any]:
+        i = self.columns.index(column)
+        return [r[i] for r in self.rows]
+
+    def column(self, column: str) -> np.ndarray:
+        """float64 (None -> NaN) for numeric columns; an object array for text and lists."""
+        i = self.columns.index(column)
+        sample = next((r[i] for r in self.rows if r[i] is not None), None)
+        if sample is None or isinstance(sample, bool | int | float):
+            nan = math.nan
+            return np.fromiter((nan if r[i] is None else r[i] for r in self.rows), dtype=np.float64,
+                               count=len(self.rows))
+        out = np.empty(len(self.rows), dtype=object)
+        out[:] = [r[i] for r in self.rows]
+        return out
+
+    def numeric_columns(self) -> dict[str, np.ndarray]:
+        """Every column whose values are numbers (or all missing), as float64 arrays."""
+        cols: dict[str, np.ndarray] = {}
+        for name in self.columns:
+            arr = self.column(name)
+            if arr.dtype == np.float64:
+                cols[name] = arr
+        return cols
+
+    def dicts(self) -> list[dict[str, Any]]:
+        return [dict(zip(self.columns, r, strict=True)) for r in self.rows]
+
+
+BATCH_COLUMNS = [
+    "batch_id", "dp_rank", "proc", "start_ns", "end_ns", "schedule_ms", "model_run_ms", "step_ms",
+    "batch_size", "num_prefill_reqs", "num_decode_reqs", "prefill_tokens", "decode_tokens",
+    "total_scheduled_tokens", "prefill_chunk_sizes", "decode_chunk_sizes", "avg_prefill_chunk",
+    "min_prefill_chunk", "max_prefill_chunk", "avg_decode_chunk", "running", "waiting", "kv_total_blocks",
+    "kv_used_blocks", "kv_free_blocks", "kv_usage", "num_preempted", "num_finished", "batch_type",
+    # extras beyond DESIGN.md
+    "model_start_ns", "model_end_ns", "update_ms", "update_end_ns", "blocks_allocated", "blocks_freed",
+    "num_resumed",
+]
+
+REQUEST_COLUMNS = [
+    "rid", "api_rid", "arrival_ns", "engine_arrival_ns", "first_scheduled_ns", "first_token_ns",
+    "completion_ns", "queue_ms", "prefill_ms", "decode_ms", "ttft_ms", "tpot_ms", "e2e_ms", "input_tokens",
+    "output_tokens", "preemptions", "prefix_hit_tokens", "kv_blocks", "finish_reason",
+    # extras beyond DESIGN.md
+    "cache_hit_rate", "num_iterations", "first_batch_id", "dp_rank", "proc", "timing_source",
+]
+
+KVCACHE_COLUMNS = [
+    "ts_ns", "proc", "dp_rank", "domain", "name", "rid", "total_blocks", "used_blocks", "free_blocks",
+    "blocks_allocated", "blocks_freed", "usage",
+]
+
+
+@dataclass
+class AnalysisTables:
+    batches: Table
+    requests: Table
+    kvcache: Table
+    events: Table
+    state_transitions: Table
+    # the batch spans behind `batches.rows`, row for row: per-request rows are streamed from them
+    batch_spans: list[SpanRecord] = field(default_factory=list)
+    batch_finished: list[list[Any]] = field(default_factory=list)
+
+    def iter_batch_members(self) -> Iterator[tuple[Any, ...]]:
+        """(batch_row, batch_id, dp_rank, proc, rid, phase, scheduled_tokens, computed_tokens_before,
+        prompt_tokens, resumed), one per request in each batch; streamed to keep memory flat."""
+        rows = self.batches.rows
+        for i, span in enumerate(self.batch_spans):
+            bid, dp, proc = rows[i][0], rows[i][1], rows[i][2]
+            for e in (span.attrs or {}).get("reqs") or ():
+                n = len(e)
+                yield (i, bid, dp, proc, e[0], e[1] if n > 1 else None, e[2] if n > 2 else None,
+                       e[3] if n > 3 else None, e[4] if n > 4 else None, e[5] if n > 5 else 0)
+
+
+def _dp_rank(run: RunData, proc: int, attrs: dict[str, Any]) -> int:
+    """dp_rank from the record, else from the process's `meta`, else 0."""
+    dp = attrs.get("dp_rank")
+    if dp is None and 0 <= proc < len(run.processes):
+        dp = run.processes[proc].meta.get("dp_rank", 0)
+    try:
+        return int(dp)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return 0
+
+
+def _index_spans(run: RunData, domain: str, name: str) -> dict[tuple[Any, ...], SpanRecord]:
+    """batch_id -> span, keyed by (proc, batch_id) and (hostname, dp_rank, batch_id); longest wins."""
+    index: dict[tuple[Any, ...], SpanRecord] = {}
+    for s in run.spans:
+        if s.name != name or s.domain != domain or not s.attrs:
+            continue
+        bid = s.attrs.get("batch_id")
+        if bid is None:
+            continue
+        keys = ((s.proc, bid), (run.processes[s.proc].hostname, _dp_rank(run, s.proc, s.attrs), bid))
+        for key in keys:
+            old = index.get(key)
+            if old is None or s.end_ns - s.start_ns > old.end_ns - old.start_ns:
+                index[key] = s
+    return index
+
+
+def _lookup(index: dict[tuple[Any, ...], SpanRecord], proc: int, host: str, dp: int,
+            bid: Any) -> SpanRecord | None:
+    return index.get((proc, bid)) or index.get((host, dp, bid))
+
+
+def _ms(a: int | None, b: int | None) -> float | None:
+    return None if a is None or b is None else (b - a) / MS
+
+
+def _kv_per_batch(run: RunData, spans: list[SpanRecord]) -> tuple[np.ndarray, np.ndarray]:
+    """Blocks allocated / freed by KVCache events between each batch's start and the next's (same proc)."""
+    alloc = np.zeros(len(spans), dtype=np.int64)
+    freed = np.zeros(len(spans), dtype=np.int64)
+    found: dict[tuple[int, str], tuple[list[int], list[int]]] = {}
+    for e in run.events:
+        if e.domain == "KVCache" and (e.name == "allocate" or e.name == "free") and e.attrs:
+            b = e.attrs.get("blocks")
+            if isinstance(b, int | float):
+                ts_list, blocks = found.setdefault((e.proc, e.name), ([], []))
+                ts_list.append(e.ts_ns)
+                blocks.append(int(b))
+    by_proc: dict[int, list[int]] = {}
+    for i, s in enumerate(spans):
+        by_proc.setdefault(s.proc, []).append(i)
+    for (proc, name), (ts_list, blocks) in found.items():
+        idx = by_proc.get(proc)
+        if not idx:
+            continue
+        starts = np.fromiter((spans[i].start_ns for i in idx), dtype=np.int64, count=len(idx))
+        pos = np.searchsorted(starts, np.asarray(ts_list, dtype=np.int64), side="right") - 1
+        ok = pos >= 0
+        out = alloc if name == "allocate" else freed
+        np.add.at(out, np.asarray(idx, dtype=np.int64)[pos[ok]], np.asarray(blocks, dtype=np.int64)[ok])
+    return alloc, freed
+
+
+def build_batch_table(run: RunData) -> tuple[Table, list[SpanRecord], list[list[Any]]]:
+    spans = [s for s in run.spans if s.name == "batchFrameworkProcessing" and s.domain == "BatchSchedule"]
+    model_idx = _index_spans(run, "ModelExecute", "modelExec")
+    step_idx = _index_spans(run, "EngineCore", "step")
+    upd_idx = _index_spans(run, "BatchSchedule", "updateFromOutput")
+    alloc, freed = _kv_per_batch(run, spans)
+    rows: list[tuple[Any, ...]] = []
+    finished_lists: list[list[Any]] = []
+    for i, s in enumerate(spans):
+        a = s.attrs or {}
+        bid = a.get("batch_id")
+        dp = _dp_rank(run, s.proc, a)
+        host = run.processes[s.proc].hostname
+        reqs = a.get("reqs") or ()
+        pf = [e[2] for e in reqs if e[1] == 0]
+        dc = [e[2] for e in reqs if e[1] != 0]
+        n_resumed = sum(1 for e in reqs if len(e) > 5 and e[5])
+        m = _lookup(model_idx, s.proc, host, dp, bid) if bid is not None else None
+        st = _lookup(step_idx, s.proc, host, dp, bid) if bid is not None else None
+        up = _lookup(upd_idx, s.proc, host, dp, bid) if bid is not None else None
+        finished = (up.attrs or {}).get("finished") if up is not None else None
+        if finished is None:
+            finished = a.get("finished") or []
+        finished_lists.append(finished)
+        pf_tok, dc_tok = sum(pf), sum(dc)
+        total = a.get("total_tokens")
+        kv_total, kv_used = a.get("kv_total_blocks"), a.get("kv_used_blocks")
+        kv_free = kv_total - kv_used if isinstance(kv_total, int) and isinstance(kv_used, int) else None
+        btype = "Prefill,Decode" if pf and dc else "Prefill" if pf else "Decode" if dc else ""
+        rows.append((
+            bid, dp, s.proc, s.start_ns, s.end_ns, (s.end_ns - s.start_ns) / MS,
+            _ms(m.start_ns, m.end_ns) if m else None, _ms(st.start_ns, st.end_ns) if st else None,
+            len(reqs), len(pf), len(dc), pf_tok, dc_tok, total if total is not None else pf_tok + dc_tok,
+            tuple(pf), tuple(dc), sum(pf) / len(pf) if pf else None, min(pf) if pf else None,
+            max(pf) if pf else None, sum(dc) / len(dc) if dc else None, a.get("running"), a.get("waiting"),
+            kv_total, kv_used, kv_free, a.get("kv_usage"), len(a.get("preempted") or ()), len(finished),
+            btype, m.start_ns if m else None, m.end_ns if m else None,
+            _ms(up.start_ns, up.end_ns) if up else None, up.end_ns if up else None, int(alloc[i]),
+            int(freed[i]), n_resumed,
+        ))
+    return Table("batch", list(BATCH_COLUMNS), rows), spans, finished_lists
+
+
+def build_kvcache_table(run: RunData) -> Table:
+    """KV rows: allocate/free events and `kvcache` counters, time ordered. Every row carries the
+    process's latest known status (total/used/free/usage, forward-filled from the counter or, when a
+    process has no counter, from its batch spans' kv_* attributes) next to its own allocated/freed
+    blocks, so a mix of event kinds never zeroes the status (the reference's bug)."""
+    items: list[tuple[int, int, int, str, Any, Any]] = []  # (ts, order, proc, name, rid, payload)
+    procs_with_counter: set[int] = set()
+    for c in run.counters:
+        if c.domain == "KVCache" and c.name == "kvcache":
+            items.append((c.ts_ns, 0, c.proc, "kvcache", None, c.values))
+            procs_with_counter.add(c.proc)
+    for s in run.spans:
+        if s.name == "batchFrameworkProcessing" and s.proc not in procs_with_counter and s.attrs:
+            if s.attrs.get("kv_total_blocks") is not None:
+                a = s.attrs
+                items.append((s.end_ns, 0, s.proc, "kvcache", None, {
+                    "total_blocks": a.get("kv_total_blocks"), "used_blocks": a.get("kv_used_blocks"),
+                    "usage": a.get("kv_usage")}))
+    for e in run.events:
+        if e.domain == "KVCache" and e.name in ("allocate", "free") and e.attrs:
+            items.append((e.ts_ns, 1, e.proc, e.name, e.attrs.get("rid"), e.attrs.get("blocks")))
+    items.sort(key=lambda it: (it[0], it[1]))
+    status: dict[int, tuple[Any, Any, Any, Any]] = {}
+    dp_of = {p.index: _dp_rank(run, p.index, {}) for p in run.processes}
+    rows: list[tuple[Any, ...]] = []
+    for ts, _, proc, name, rid, payload in items:
+        if name == "kvcache":
+            total, used, usage = payload.get("total_blocks"), payload.get("used_blocks"), payload.get("usage")
+            free = total - used if isinstance(total, int | float) and isinstance(used, int | float) else None
+            if usage is None and free is not None and total:
+                usage = used / total
+            status[proc] = (total, used, free, usage)
+            rows.append((ts, proc, dp_of.get(proc, 0), "KVCache", name, None, total, used, free, 0, 0, usage))
+        else:
+            total, used, free, usage = status.get(proc, (None, None, None, None))
+            blocks = payload if isinstance(payload, int | float) else 0
+            rows.append((ts, proc, dp_of.get(proc, 0), "KVCache", name, rid, total, used, free,
+                         blocks if name == "allocate" else 0, blocks if name == "free" else 0, usage))
+    return Table("kvcache", list(KVCACHE_COLUMNS), rows)
+
+
+def build_tables(run: RunData) -> AnalysisTables:
+    """Build every analysis table of a run."""
+    from service_profiler.analyze import lifecycle
+    from service_profiler.analyze.request_table import build_request_table
+
+    batches, spans, finished = build_batch_table(run)
+    requests = build_request_table(run, batches, spans, finished)
+    tables = AnalysisTables(
+        batches=batches, requests=requests, kvcache=build_kvcache_table(run),
+        events=Table("events", list(lifecycle.EVENT_COLUMNS)),
+        state_transitions=Table("state_transitions", list(lifecycle.STATE_COLUMNS)),
+        batch_spans=spans, batch_finished=finished,
+    )
+    tables.events = lifecycle.build_events(run, tables)
+    tables.state_transitions = lifecycle.build_state_transitions(run, tables)
+    return tables

@@ -1,0 +1,635 @@
+"""service_profiler._speedups.ProbeSwitch and service_profiler.speedups.make_switch.
+
+The C extension is built in place for a development checkout (`python setup.py build_ext --inplace`)
+and by the wheel build in CI. Outside CI the C-specific tests skip when it is missing; in CI
+(CI=true) `test_extension_is_built` fails instead, so a broken build can never pass silently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import gc
+import inspect
+import os
+import sys
+import threading
+import traceback
+import types
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from service_profiler import speedups
+from service_profiler.speedups import HAVE_SPEEDUPS, make_switch
+
+IN_CI = os.environ.get("CI", "").strip().lower() in {"true", "1", "yes"}
+BUILD_HINT = "C extension not built: run `.venv/bin/python setup.py build_ext --inplace`"
+
+needs_ext = pytest.mark.skipif(not HAVE_SPEEDUPS, reason=BUILD_HINT)
+IMPLS = ["c", "python"]
+
+
+def _switch_type() -> Any:
+    assert speedups.ProbeSwitch is not None
+    return speedups.ProbeSwitch
+
+
+def test_extension_is_built() -> None:
+    if not HAVE_SPEEDUPS and not IN_CI:
+        pytest.skip(BUILD_HINT)
+    assert HAVE_SPEEDUPS, "CI must build service_profiler._speedups (gcc is present there)"
+    from service_profiler._speedups import ProbeSwitch
+
+    assert ProbeSwitch is speedups.ProbeSwitch
+    assert ProbeSwitch.__module__ == "service_profiler._speedups"
+
+
+# ------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def record(*args: Any, **kwargs: Any) -> tuple[str, tuple[Any, ...], dict[str, Any]]:
+    """The 'original': returns exactly what it was called with."""
+    return ("original", args, kwargs)
+
+
+def tagged(*args: Any, **kwargs: Any) -> tuple[str, tuple[Any, ...], dict[str, Any]]:
+    """A C-level test wrapper that does not forward, so the result says which route ran."""
+    return ("wrapper", args, kwargs)
+
+
+class Probe:
+    def __init__(self) -> None:
+        self.active = False
+
+
+class Installed:
+    """A probe installed the way the profiler does it: a Python wrapper that checks its own flag,
+    behind make_switch()."""
+
+    def __init__(self, fn: Callable[..., Any], impl: str) -> None:
+        self.probe = Probe()
+        self.seen: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+        probe, seen = self.probe, self.seen
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if not probe.active:
+                return fn(*args, **kwargs)
+            seen.append((args, kwargs))
+            return fn(*args, **kwargs)
+
+        self.wrapper = wrapper
+        self.callable, self._set_active = make_switch(fn, wrapper, force_python=impl == "python")
+
+    def activate(self, active: bool) -> None:
+        self.probe.active = active
+        self._set_active(active)
+
+
+@pytest.fixture(params=IMPLS)
+def impl(request: pytest.FixtureRequest) -> str:
+    if request.param == "c" and not HAVE_SPEEDUPS:
+        pytest.skip(BUILD_HINT)
+    return str(request.param)
+
+
+# ------------------------------------------------------------------------------------------------
+# make_switch
+
+
+def test_force_python_returns_the_wrapper_and_a_no_op_setter() -> None:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return record(*args, **kwargs)
+
+    installed, set_active = make_switch(record, wrapper, force_python=True)
+    assert installed is wrapper
+    assert set_active(True) is None
+    assert set_active(False) is None
+    assert installed(1, k=2) == ("original", (1,), {"k": 2})
+
+
+@needs_ext
+def test_make_switch_returns_an_inactive_probe_switch_and_its_setter() -> None:
+    installed, set_active = make_switch(record, tagged)
+    switch: Any = installed
+    assert type(installed) is _switch_type()
+    assert switch.active is False
+    assert switch.original is record
+    assert switch.wrapper is tagged
+    set_active(True)
+    assert switch.active is True
+    assert installed(1)[0] == "wrapper"
+    set_active(False)
+    assert switch.active is False
+    assert installed(1)[0] == "original"
+
+
+def test_dispatch_through_make_switch(impl: str) -> None:
+    inst = Installed(record, impl)
+    f = inst.callable
+    assert f(1, 2, k=3) == ("original", (1, 2), {"k": 3})
+    assert inst.seen == []
+    inst.activate(True)
+    assert f(1, 2, k=3) == ("original", (1, 2), {"k": 3})
+    assert inst.seen == [((1, 2), {"k": 3})]
+    inst.activate(False)
+    assert f(4) == ("original", (4,), {})
+    assert len(inst.seen) == 1
+
+
+def test_wraps_metadata_and_signature(impl: str) -> None:
+    def target(self: object, batch: list[int], n: int = 1, *rest: int, flag: bool = False, **kw: Any) -> int:
+        """Target docstring."""
+        return n
+
+    target.custom = "copied"  # type: ignore[attr-defined]
+    f = Installed(target, impl).callable
+    assert f.__name__ == "target"
+    assert f.__qualname__ == target.__qualname__
+    assert f.__doc__ == "Target docstring."
+    assert f.__module__ == __name__
+    assert f.__wrapped__ is target  # type: ignore[attr-defined]
+    assert f.custom == "copied"  # type: ignore[attr-defined]
+    assert inspect.signature(f) == inspect.signature(target)
+
+    class Owner:
+        method = f
+
+    bound_sig = inspect.signature(Owner().method)
+    assert bound_sig == inspect.signature(functools.partial(target, None))
+    assert list(bound_sig.parameters) == ["batch", "n", "rest", "flag", "kw"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Dispatch (C)
+
+
+@needs_ext
+def test_inactive_goes_to_original_active_goes_to_wrapper() -> None:
+    s = _switch_type()(record, tagged)
+    assert s() == ("original", (), {})
+    assert s(1, 2, 3) == ("original", (1, 2, 3), {})
+    assert s(1, a=2, b=3) == ("original", (1,), {"a": 2, "b": 3})
+    assert s(a=1) == ("original", (), {"a": 1})
+    s.active = True
+    assert s() == ("wrapper", (), {})
+    assert s(1, 2, 3) == ("wrapper", (1, 2, 3), {})
+    assert s(1, a=2, b=3) == ("wrapper", (1,), {"a": 2, "b": 3})
+    s.active = False
+    assert s(9)[0] == "original"
+
+
+@needs_ext
+def test_every_call_form_is_forwarded_unchanged() -> None:
+    s = _switch_type()(record, tagged)
+    many = tuple(range(20))
+    kwargs = {f"k{i}": i for i in range(12)}
+    for route in ("original", "wrapper"):
+        s.active = route == "wrapper"
+        assert s(*many) == (route, many, {})
+        assert s(*many, **kwargs) == (route, many, kwargs)
+        assert s(**kwargs) == (route, (), kwargs)
+        assert type(s).__call__(s, 1, x=2) == (route, (1,), {"x": 2})  # tp_call
+        assert functools.partial(s, 1, x=1)(2, y=3) == (route, (1, 2), {"x": 1, "y": 3})
+        assert list(map(s, [1, 2])) == [(route, (1,), {}), (route, (2,), {})]
+
+
+@needs_ext
+def test_constructor_keywords_and_initial_active() -> None:
+    cls = _switch_type()
+    s = cls(original=record, wrapper=tagged, active=True)
+    assert s.active is True
+    assert s(1)[0] == "wrapper"
+    with pytest.raises(TypeError):
+        cls(record, tagged, True)  # active is keyword-only
+    with pytest.raises(TypeError):
+        cls(record)
+    with pytest.raises(TypeError, match="original must be callable"):
+        cls(42, tagged)
+    with pytest.raises(TypeError, match="wrapper must be callable"):
+        cls(record, "nope")
+
+
+@needs_ext
+def test_active_accepts_any_object_by_truth() -> None:
+    s = _switch_type()(record, tagged)
+    for value, expected in [(1, True), (0, False), ([0], True), ([], False), ("x", True), (None, False)]:
+        s.active = value
+        assert s.active is expected
+
+    class BadBool:
+        def __bool__(self) -> bool:
+            raise ZeroDivisionError("no truth")
+
+    s.active = True
+    with pytest.raises(ZeroDivisionError, match="no truth"):
+        s.active = BadBool()
+    assert s.active is True  # unchanged
+    with pytest.raises(AttributeError):
+        del s.active
+
+
+@needs_ext
+def test_original_and_wrapper_are_read_only() -> None:
+    s = _switch_type()(record, tagged)
+    assert s.original is record
+    assert s.wrapper is tagged
+    for name in ("original", "wrapper"):
+        with pytest.raises(AttributeError):
+            setattr(s, name, print)
+        with pytest.raises(AttributeError):
+            delattr(s, name)
+    assert s.original is record
+    assert s.wrapper is tagged
+
+
+@needs_ext
+def test_not_subclassable() -> None:
+    # A subclass's __call__ would be bypassed by the inherited vectorcall slot, so it is forbidden.
+    with pytest.raises(TypeError):
+        type("Sub", (_switch_type(),), {})
+
+
+@needs_ext
+def test_inactive_call_adds_no_python_frame() -> None:
+    def original() -> types.FrameType:
+        return sys._getframe(1)
+
+    s = _switch_type()(original, tagged)
+    assert s() is sys._getframe(0)  # the caller of `original` is this test: nothing in between
+
+
+@needs_ext
+def test_no_reference_leaks_on_the_call_path() -> None:
+    def discard(*args: Any, **kwargs: Any) -> None:
+        return None
+
+    def positional_only(x: object) -> None:
+        return None
+
+    arg, kwval = object(), object()
+    s = _switch_type()(discard, discard)
+    strict = _switch_type()(positional_only, positional_only)
+    for active in (False, True):
+        s.active = strict.active = active
+        before = (sys.getrefcount(arg), sys.getrefcount(kwval), sys.getrefcount(s), sys.getrefcount(strict))
+        for _ in range(1000):
+            s(arg, k=kwval)
+            s(arg)
+            s(*(arg, arg), **{"k": kwval})
+            with contextlib.suppress(TypeError):
+                strict(arg, k=kwval)  # the error path
+        after = (sys.getrefcount(arg), sys.getrefcount(kwval), sys.getrefcount(s), sys.getrefcount(strict))
+        assert after == before
+
+
+@needs_ext
+def test_switches_nest() -> None:
+    cls = _switch_type()
+    inner = cls(record, tagged)
+    outer = cls(inner, tagged)
+    assert outer(1, k=2) == ("original", (1,), {"k": 2})
+    inner.active = True
+    assert outer(1, k=2) == ("wrapper", (1,), {"k": 2})
+    outer.active = True
+    inner.active = False
+    assert outer(1)[0] == "wrapper"
+
+
+# ------------------------------------------------------------------------------------------------
+# Binding
+
+
+@needs_ext
+def test_instance_method_binding() -> None:
+    cls = _switch_type()
+    s = cls(record, tagged)
+
+    class Engine:
+        step = s
+
+    engine = Engine()
+    for route in ("original", "wrapper"):
+        s.active = route == "wrapper"
+        assert engine.step(1, n=2) == (route, (engine, 1), {"n": 2})  # LOAD_METHOD path
+        cached = engine.step  # what vLLM keeps from init
+        assert isinstance(cached, types.MethodType)
+        assert cached.__self__ is engine
+        assert cached.__func__ is s
+        assert cached(3) == (route, (engine, 3), {})
+        assert Engine.step is s
+        assert Engine.step(engine, 4) == (route, (engine, 4), {})
+        assert getattr(engine, "step")(5) == (route, (engine, 5), {})  # noqa: B009
+        assert s.__get__(None, Engine) is s
+        assert s.__get__(engine)(6) == (route, (engine, 6), {})
+        assert s.__get__(engine, Engine)(7) == (route, (engine, 7), {})
+
+    # A non-data descriptor, like a function: an instance attribute shadows it.
+    engine.step = lambda *a: "shadowed"
+    assert engine.step() == "shadowed"
+
+    class SubEngine(Engine):
+        def step(self, *args: Any, **kwargs: Any) -> Any:
+            return super().step(*args, **kwargs)
+
+    sub = SubEngine()
+    s.active = False
+    assert sub.step(8, k=9) == ("original", (sub, 8), {"k": 9})
+
+
+@needs_ext
+def test_classmethod_and_staticmethod() -> None:
+    cls = _switch_type()
+    cm = cls(record, tagged)
+    sm = cls(record, tagged)
+
+    class Engine:
+        make: classmethod[Any, Any, Any] = classmethod(cm)
+        helper = staticmethod(sm)
+
+    class SubEngine(Engine):
+        pass
+
+    engine = Engine()
+    for active in (False, True):
+        route = "wrapper" if active else "original"
+        cm.active = sm.active = active
+        assert Engine.make(1, k=2) == (route, (Engine, 1), {"k": 2})
+        assert engine.make(1) == (route, (Engine, 1), {})
+        assert SubEngine.make(1) == (route, (SubEngine, 1), {})
+        assert Engine.helper(1, k=2) == (route, (1,), {"k": 2})
+        assert engine.helper(1) == (route, (1,), {})
+
+
+@needs_ext
+def test_original_may_itself_be_a_bound_method() -> None:
+    # A bound method calling a switch calling a bound method: both prepend `self` on the
+    # PY_VECTORCALL_ARGUMENTS_OFFSET path, so the vector must be passed down exactly.
+    class Backend:
+        def run(self, *args: Any, **kwargs: Any) -> Any:
+            return ("original", (self, *args), kwargs)
+
+    backend = Backend()
+    s = _switch_type()(backend.run, tagged)
+
+    class Engine:
+        step = s
+
+    engine = Engine()
+    assert engine.step(1, k=2) == ("original", (backend, engine, 1), {"k": 2})
+    cached = engine.step
+    assert cached(1) == ("original", (backend, engine, 1), {})
+    s.active = True
+    assert cached(1, k=2) == ("wrapper", (engine, 1), {"k": 2})
+
+
+# ------------------------------------------------------------------------------------------------
+# Exceptions
+
+
+class Boom(Exception):
+    pass
+
+
+def _raiser(exc: BaseException) -> Callable[..., Any]:
+    def boom(*args: Any, **kwargs: Any) -> Any:
+        raise exc
+
+    return boom
+
+
+@needs_ext
+@pytest.mark.parametrize("active", [False, True])
+def test_exceptions_propagate_unchanged(active: bool) -> None:
+    exc = Boom("bad")
+    s = _switch_type()(_raiser(exc), _raiser(exc), active=active)
+
+    class Engine:
+        step = s
+
+    for call in (lambda: s(1, k=2), lambda: Engine().step(1), lambda: s(*range(10), **{"a": 1})):
+        with pytest.raises(Boom) as info:
+            call()
+        assert info.value is exc
+        frames = [f.name for f in traceback.extract_tb(info.value.__traceback__)]
+        assert frames[-1] == "boom"  # the raising frame is intact and last
+        assert "<lambda>" in frames
+
+
+@needs_ext
+def test_base_exceptions_propagate_and_leave_no_state() -> None:
+    s = _switch_type()(_raiser(KeyboardInterrupt()), tagged)
+    with pytest.raises(KeyboardInterrupt):
+        s()
+    s.active = True
+    assert s(1) == ("wrapper", (1,), {})
+
+
+# ------------------------------------------------------------------------------------------------
+# repr, weakref, gc
+
+
+@needs_ext
+def test_repr() -> None:
+    s = _switch_type()(record, tagged)
+    assert repr(s) == f"<ProbeSwitch active=False for {record!r}>"
+    s.active = True
+    assert repr(s) == f"<ProbeSwitch active=True for {record!r}>"
+
+
+@needs_ext
+def test_repr_of_a_switch_whose_original_reprs_the_switch() -> None:
+    holder: list[Any] = []
+
+    class Loop:
+        def __call__(self) -> None:
+            return None
+
+        def __repr__(self) -> str:
+            return f"Loop({holder[0]!r})"
+
+    s = _switch_type()(Loop(), tagged)
+    holder.append(s)
+    assert repr(s) == "<ProbeSwitch active=False for Loop(<ProbeSwitch ...>)>"
+
+
+@needs_ext
+def test_weakref() -> None:
+    s = _switch_type()(record, tagged)
+    fired: list[object] = []
+    ref = weakref.ref(s, fired.append)
+    assert ref() is s
+    assert weakref.getweakrefcount(s) == 1
+    proxy = weakref.proxy(s)
+    assert proxy(1) == ("original", (1,), {})
+
+    class Engine:
+        step = s
+
+    engine = Engine()
+    method_ref = weakref.WeakMethod(engine.step)
+    assert method_ref()(2) == ("original", (engine, 2), {})  # type: ignore[misc]
+
+    registry: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+    registry[s] = 1
+    del Engine, engine, method_ref, proxy, s
+    gc.collect()
+    assert ref() is None
+    assert fired == [ref]
+    assert len(registry) == 0
+
+
+@needs_ext
+def test_gc_support() -> None:
+    s = _switch_type()(record, tagged)
+    assert gc.is_tracked(s)
+    s.extra = 1
+    referents = gc.get_referents(s)
+    assert record in referents
+    assert tagged in referents
+    assert s.__dict__ in referents
+
+
+def _switch_in_a_cycle(through: str) -> weakref.ref[Any]:
+    """Build a reference cycle through a ProbeSwitch; return a weak reference to the switch. The
+    cycle outlives this frame."""
+    cls = _switch_type()
+    box: dict[str, Any] = {}
+
+    def via_box(*args: Any) -> Any:
+        return box  # a closure that (through `box`) reaches the switch
+
+    if through == "dict":
+        s = cls(record, tagged)
+        s.myself = s
+    elif through == "wrapper":
+        s = cls(record, via_box)
+        box["s"] = s
+    elif through == "original":
+        s = cls(via_box, tagged)
+        box["s"] = s
+    else:
+        # The real layout: Cls.method = switch; switch.original is the old function whose closure
+        # reaches the class.
+        class Engine:
+            pass
+
+        def step(self: Any) -> Any:
+            return Engine
+
+        s = cls(step, tagged)
+        functools.update_wrapper(s, step)
+        Engine.step = s  # type: ignore[attr-defined]
+        assert Engine().step() is Engine  # type: ignore[attr-defined]
+    return weakref.ref(s)
+
+
+@needs_ext
+@pytest.mark.parametrize("through", ["dict", "wrapper", "original", "class"])
+def test_reference_cycles_are_collected(through: str) -> None:
+    gc.collect()
+    gc.disable()
+    try:
+        ref = _switch_in_a_cycle(through)
+        assert ref() is not None  # only a cycle keeps it alive now
+        gc.collect()
+        assert ref() is None
+    finally:
+        gc.enable()
+
+
+@needs_ext
+def test_dealloc_without_cycles_is_immediate() -> None:
+    s = _switch_type()(record, tagged)
+    s.attr = [1, 2, 3]
+    ref = weakref.ref(s)
+    del s
+    assert ref() is None  # plain refcounting, no gc.collect needed
+
+
+@needs_ext
+def test_dict_is_settable() -> None:
+    s = _switch_type()(record, tagged)
+    s.__dict__ = {"a": 1}
+    assert s.a == 1
+    assert vars(s) == {"a": 1}
+    with pytest.raises(TypeError):
+        s.__dict__ = 5
+    s.__dict__.clear()
+    assert not hasattr(s, "a")
+
+
+# ------------------------------------------------------------------------------------------------
+# Threads
+
+
+def _work(x: int, k: int = 0) -> int:
+    return x * 3 + k
+
+
+@pytest.mark.parametrize("impl_name", IMPLS)
+def test_threads_toggling_while_others_call(impl_name: str) -> None:
+    if impl_name == "c" and not HAVE_SPEEDUPS:
+        pytest.skip(BUILD_HINT)
+    inst = Installed(_work, impl_name)
+    f = inst.callable
+
+    class Engine:
+        pass
+
+    Engine.step = staticmethod(f)  # type: ignore[attr-defined]
+    engine = Engine()
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    calls = [0] * 6
+    toggles = [0] * 2
+
+    def caller(slot: int) -> None:
+        try:
+            i = 0
+            while not stop.is_set():
+                i += 1
+                if f(i) != i * 3:
+                    raise AssertionError(f"f({i}) wrong")
+                if f(i, k=slot) != i * 3 + slot:
+                    raise AssertionError(f"f({i}, k={slot}) wrong")
+                if engine.step(i, k=1) != i * 3 + 1:  # type: ignore[attr-defined]
+                    raise AssertionError("engine.step wrong")
+                calls[slot] += 3
+        except BaseException as exc:
+            errors.append(exc)
+
+    def toggler(slot: int) -> None:
+        try:
+            flag = False
+            while not stop.is_set():
+                flag = not flag
+                inst.activate(flag)
+                toggles[slot] += 1
+        except BaseException as exc:
+            errors.append(exc)
+
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(len(calls))]
+    threads += [threading.Thread(target=toggler, args=(i,)) for i in range(len(toggles))]
+    try:
+        for t in threads:
+            t.start()
+        stop.wait(1.0)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+        sys.setswitchinterval(old_interval)
+    assert not any(t.is_alive() for t in threads)
+    assert errors == []
+    assert all(n > 0 for n in calls)
+    assert all(n > 0 for n in toggles)
+    # Both routes were taken while the flag was flipping.
+    assert len(inst.seen) > 0
+    assert len(inst.seen) < sum(calls)
