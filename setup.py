@@ -18,7 +18,7 @@ from setuptools.command.build_py import build_py
 
 PTH_NAME = "service_profiler.pth"
 PTH_LINE = (
-    "import os; 'SERVICE_PROF_CONFIG_PATH' in os.environ and "
+    "import os; os.environ.get('SERVICE_PROF_CONFIG_PATH') and "
     "__import__('service_profiler.bootstrap').bootstrap.activate_from_startup()\n"
 )
 

@@ -67,7 +67,8 @@ class ConsoleWindow:
         self.model_runs += 1
 
     def on_schedule(self, batch_id: int, dp_rank: int, reqs: Sequence[tuple[Any, ...]], running: int,
-                    waiting: int, kv_used: int, kv_total: int, kv_usage: float, schedule_ns: int) -> str | None:
+                    waiting: int, kv_used: int, kv_total: int, kv_usage: float,
+                    schedule_ns: int) -> str | None:
         """Account one step; print and return the line when one is due."""
         every_n = self.every_n()
         if every_n <= 0:

@@ -4,20 +4,20 @@ Each handler has the contract `handler(original_func, this, *args, **kwargs)`: i
 exactly once, with the arguments it was given, and returns its result or lets its exception through.
 Extraction runs after the original returned (reads that the call would destroy, such as the blocks a
 `free` drops, are taken just before), and all of it is inside try/except: a failure is counted and
-logged once, never raised into the engine. The vocabulary (domains, names, attributes) is the table
+logged, never raised into the engine. The vocabulary (domains, names, attributes) is the table
 "vLLM vocabulary" in docs/DESIGN.md.
 
 Joins across calls and processes:
-- `batch_id` is a per-EngineCore counter of `schedule()` calls (with `dp_rank`, unique per engine).
-  The scheduler output object carries it to `execute_model` and `update_from_output` (bounded map
+- `batch_id` counts `schedule()` calls per EngineCore process (with `dp_rank`, unique per engine).
+  The scheduler output object carries it to `execute_model` and `update_from_output` (a bounded map
   keyed by the object's identity).
 - `modelExec` runs from `Executor.execute_model` being called to `update_from_output` starting. The
   engine calls `update_from_output` only once `sample_tokens` (or the async output's copy to host)
   has produced token ids as Python lists, so on CUDA/NPU the span ends after the device finished,
   not when kernels were launched. With a batch queue (async scheduling, PP) it ends when the
   EngineCore got round to the result, which may include scheduling the next batch.
-- The engine's request id is the API server's id plus "-<8 random chars>" (and "<i>_" for the i-th of
-  n samples); `httpReq` carries both (`rid`, `api_rid`).
+- The engine's request id is the API server's id plus "-<8 random chars>" (and "<i>_" in front for the
+  i-th of n samples); `httpReq` carries both (`rid`, `api_rid`).
 """
 
 from __future__ import annotations
@@ -27,12 +27,15 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from service_profiler import record
-from service_profiler.handlers import vllm_extract as extract
-from service_profiler.handlers.console import ConsoleWindow
+
+from . import vllm_extract as extract
+from .console import ConsoleWindow
 
 if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.core.sched.scheduler import Scheduler
+
+Original = Callable[..., Any]
 
 _log = logging.getLogger("service_profiler.handlers")
 _now = record.now_ns
@@ -41,8 +44,6 @@ _MAX_PENDING_BATCHES = 64
 """Scheduler outputs awaiting `update_from_output`: the batch queue holds 2 (async) or PP-size."""
 _MAX_TRACKED_API_REQUESTS = 1 << 17
 """API-side output-token counters; a request whose end was never seen is dropped oldest-first."""
-
-_RUN_ONCE = frozenset({"schedule", "update", "step", "add_request", "cache_hit", "free"})
 
 
 class PendingBatch:
@@ -83,6 +84,9 @@ class VllmProbeState:
         record.meta("dp_rank", rank)
         return rank
 
+    def kv_batch(self) -> int | None:
+        return self.current_batch if self.current_batch is not None else self.last_batch
+
     def remember(self, batch: PendingBatch) -> None:
         pending = self.pending
         pending[id(batch.output)] = batch
@@ -112,34 +116,40 @@ class VllmProbeState:
 STATE = VllmProbeState()
 
 
-def _once(key: str, original_func: Callable[..., Any], this: Any, args: tuple[Any, ...],
-          kwargs: dict[str, Any]) -> tuple[bool, Any]:
-    """For overrides that call `super()`: (True, result) when an outer call of the same kind is
-    already being handled, so the nested one is not recorded twice."""
-    if key in STATE.busy:
-        return True, original_func(this, *args, **kwargs)
-    return False, None
+def _call_marked(key: str, original_func: Original, this: Any, args: tuple[Any, ...],
+                 kwargs: dict[str, Any]) -> Any:
+    """Run the original with `key` marked busy. A handler whose `key` is already busy calls straight
+    through: an override calling `super()` (vllm-ascend's BalanceScheduler.schedule) is wrapped at both
+    levels and must be recorded once."""
+    busy = STATE.busy
+    busy.add(key)
+    try:
+        return original_func(this, *args, **kwargs)
+    finally:
+        busy.discard(key)
 
 
-# ------------------------------------------------------------------------------------------- scheduler
+def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], name: str) -> Any:
+    """The first parameter after `self`, passed positionally (as the engine does) or by name."""
+    return args[0] if args else kwargs.get(name)
 
 
-def schedule_handler(original_func: Callable[..., Any], this: Scheduler, *args: Any, **kwargs: Any) -> Any:
+# ----------------------------------------------------------------------------------------- scheduler
+
+
+def schedule_handler(original_func: Original, this: Scheduler, *args: Any, **kwargs: Any) -> Any:
     """`Scheduler.schedule` -> span BatchSchedule/batchFrameworkProcessing, counters BatchSchedule/queues
     and KVCache/kvcache, events KVCache/allocate and Request/state; feeds the live console."""
     state = STATE
-    nested, result = _once("schedule", original_func, this, args, kwargs)
-    if nested:
-        return result
+    if "schedule" in state.busy:
+        return original_func(this, *args, **kwargs)
     batch_id = state.next_batch_id
     state.next_batch_id = batch_id + 1
     state.current_batch = batch_id
-    state.busy.add("schedule")
     start = _now()
     try:
-        out = original_func(this, *args, **kwargs)
+        out = _call_marked("schedule", original_func, this, args, kwargs)
     finally:
-        state.busy.discard("schedule")
         state.current_batch = None
     end = _now()
     try:
@@ -183,40 +193,33 @@ def _after_schedule(state: VllmProbeState, scheduler: Scheduler, out: SchedulerO
                                   end - start)
 
 
-def update_from_output_handler(original_func: Callable[..., Any], this: Scheduler, *args: Any,
-                               **kwargs: Any) -> Any:
+def update_from_output_handler(original_func: Original, this: Scheduler, *args: Any, **kwargs: Any) -> Any:
     """`Scheduler.update_from_output` -> span ModelExecute/modelExec (execute_model start -> now),
     span BatchSchedule/updateFromOutput, Request/state events for the requests it finished."""
     state = STATE
-    nested, result = _once("update", original_func, this, args, kwargs)
-    if nested:
-        return result
+    if "update" in state.busy:
+        return original_func(this, *args, **kwargs)
     start = _now()
     batch: PendingBatch | None = None
     try:
-        scheduler_output = args[0] if args else kwargs["scheduler_output"]
-        batch = state.pending_for(scheduler_output, pop=True)
+        batch = state.pending_for(_arg(args, kwargs, "scheduler_output"), pop=True)
     except Exception as exc:
         state.failed("update_from_output", exc)
-    batch_id = batch.batch_id if batch is not None else None
-    state.current_batch = batch_id
-    state.busy.add("update")
+    state.current_batch = batch.batch_id if batch is not None else None
     try:
-        result = original_func(this, *args, **kwargs)
+        result = _call_marked("update", original_func, this, args, kwargs)
     finally:
-        state.busy.discard("update")
         state.current_batch = None
     end = _now()
-    try:
-        _after_update(state, batch, result, start, end)
-    except Exception as exc:
-        state.failed("update_from_output", exc)
+    if batch is not None:  # else scheduled before collection was switched on
+        try:
+            _after_update(state, batch, result, start, end)
+        except Exception as exc:
+            state.failed("update_from_output", exc)
     return result
 
 
-def _after_update(state: VllmProbeState, batch: PendingBatch | None, result: Any, start: int, end: int) -> None:
-    if batch is None:
-        return  # scheduled before collection was switched on
+def _after_update(state: VllmProbeState, batch: PendingBatch, result: Any, start: int, end: int) -> None:
     state.step_output_batch = batch.batch_id
     model_start = batch.exec_start_ns or batch.schedule_end_ns
     if record.enabled("ModelExecute"):
@@ -239,18 +242,13 @@ def _after_update(state: VllmProbeState, batch: PendingBatch | None, result: Any
                                               "batch_id": batch.batch_id}, end)
 
 
-def add_request_handler(original_func: Callable[..., Any], this: Scheduler, *args: Any, **kwargs: Any) -> Any:
+def add_request_handler(original_func: Original, this: Scheduler, *args: Any, **kwargs: Any) -> Any:
     """`Scheduler.add_request` -> event Request/enqueue (the request's arrival in the engine)."""
-    nested, result = _once("add_request", original_func, this, args, kwargs)
-    if nested:
-        return result
-    STATE.busy.add("add_request")
+    if "add_request" in STATE.busy:
+        return original_func(this, *args, **kwargs)
+    result = _call_marked("add_request", original_func, this, args, kwargs)
     try:
-        result = original_func(this, *args, **kwargs)
-    finally:
-        STATE.busy.discard("add_request")
-    try:
-        request = args[0] if args else kwargs["request"]
+        request = _arg(args, kwargs, "request")
         # A streaming session's next chunk re-adds an id the scheduler already holds: not an arrival.
         if record.enabled("Request") and this.requests.get(request.request_id) is request:
             record.event("Request", "enqueue", extract.engine_request(request))
@@ -262,100 +260,81 @@ def add_request_handler(original_func: Callable[..., Any], this: Scheduler, *arg
 _READABLE_ID_COLLECTIONS = (str, list, tuple, set, frozenset)
 
 
-def finish_requests_handler(original_func: Callable[..., Any], this: Scheduler, *args: Any,
-                            **kwargs: Any) -> Any:
+def finish_requests_handler(original_func: Original, this: Scheduler, *args: Any, **kwargs: Any) -> Any:
     """`Scheduler.finish_requests` (aborts, errors) -> Request/state events to FINISHED_*.
 
-    Inside `update_from_output` the finished requests are also in its outputs and recorded there."""
+    Inside `update_from_output` the requests it finishes are in its outputs and recorded there."""
     state = STATE
     before: dict[str, str] | None = None
-    if "update" not in state.busy:
+    if "update" not in state.busy and record.enabled("Request"):
         try:
-            request_ids = args[0] if args else kwargs.get("request_ids")
+            request_ids = _arg(args, kwargs, "request_ids")
             # Only collections are read beforehand: reading an iterator would consume the engine's ids.
-            if record.enabled("Request") and (request_ids is None
-                                              or isinstance(request_ids, _READABLE_ID_COLLECTIONS)):
+            if request_ids is None or isinstance(request_ids, _READABLE_ID_COLLECTIONS):
                 before = extract.statuses(this, extract.finish_request_ids(this, request_ids))
         except Exception as exc:
             state.failed("finish_requests", exc)
     result = original_func(this, *args, **kwargs)
     if before is not None:
         try:
-            batch_id = state.current_batch if state.current_batch is not None else state.last_batch
+            batch_id = state.kv_batch()
             for request in result:
                 rid = request.request_id
-                record.event("Request", "state", {"rid": rid, "from": before.get(rid), "to": request.status.name,
-                                                  "batch_id": batch_id})
+                record.event("Request", "state", {"rid": rid, "from": before.get(rid),
+                                                  "to": request.status.name, "batch_id": batch_id})
         except Exception as exc:
             state.failed("finish_requests", exc)
     return result
 
 
-# ------------------------------------------------------------------------------------------- KV cache
+# ------------------------------------------------------------------------------------------ KV cache
 
 
-def _kv_batch() -> int | None:
-    return STATE.current_batch if STATE.current_batch is not None else STATE.last_batch
-
-
-def free_handler(original_func: Callable[..., Any], this: Any, *args: Any, **kwargs: Any) -> Any:
+def free_handler(original_func: Original, this: Any, *args: Any, **kwargs: Any) -> Any:
     """`KVCacheManager.free` -> event KVCache/free with the blocks the request held."""
     blocks: int | None = None
     rid: str | None = None
-    if "free" not in STATE.busy and record.enabled("KVCache"):
+    if record.enabled("KVCache"):
         try:
-            rid = (args[0] if args else kwargs["request"]).request_id
+            rid = _arg(args, kwargs, "request").request_id
             blocks = extract.request_block_count(this, rid)
         except Exception as exc:
             STATE.failed("free", exc)
-    STATE.busy.add("free")
-    try:
-        result = original_func(this, *args, **kwargs)
-    finally:
-        STATE.busy.discard("free")
+    result = original_func(this, *args, **kwargs)
     if blocks is not None:
-        record.event("KVCache", "free", {"rid": rid, "blocks": blocks, "batch_id": _kv_batch()})
+        record.event("KVCache", "free", {"rid": rid, "blocks": blocks, "batch_id": STATE.kv_batch()})
     return result
 
 
-def cache_hit_handler(original_func: Callable[..., Any], this: Any, *args: Any, **kwargs: Any) -> Any:
+def cache_hit_handler(original_func: Original, this: Any, *args: Any, **kwargs: Any) -> Any:
     """`KVCacheManager.get_computed_blocks` -> event KVCache/cacheHit (one per admission attempt)."""
-    nested, result = _once("cache_hit", original_func, this, args, kwargs)
-    if nested:
-        return result
-    STATE.busy.add("cache_hit")
-    try:
-        result = original_func(this, *args, **kwargs)
-    finally:
-        STATE.busy.discard("cache_hit")
+    if "cache_hit" in STATE.busy:
+        return original_func(this, *args, **kwargs)
+    result = _call_marked("cache_hit", original_func, this, args, kwargs)
     try:
         if record.enabled("KVCache"):
-            request = args[0] if args else kwargs["request"]
+            request = _arg(args, kwargs, "request")
             record.event("KVCache", "cacheHit", {"rid": request.request_id,
                                                  "hit_tokens": extract.cache_hit_tokens(result),
-                                                 "query_tokens": request.num_tokens, "batch_id": _kv_batch()})
+                                                 "query_tokens": request.num_tokens,
+                                                 "batch_id": STATE.kv_batch()})
     except Exception as exc:
         STATE.failed("get_computed_blocks", exc)
     return result
 
 
-# ------------------------------------------------------------------------------------ engine, executor
+# ---------------------------------------------------------------------------------- engine, executor
 
 
-def engine_step_handler(original_func: Callable[..., Any], this: Any, *args: Any, **kwargs: Any) -> Any:
+def engine_step_handler(original_func: Original, this: Any, *args: Any, **kwargs: Any) -> Any:
     """`EngineCore.step` / `step_with_batch_queue` -> span EngineCore/step when the step scheduled a
     batch (`batch_id`) or processed one's output (`output_batch_id`, when it is another batch)."""
     state = STATE
-    nested, result = _once("step", original_func, this, args, kwargs)
-    if nested:
-        return result
+    if "step" in state.busy:
+        return original_func(this, *args, **kwargs)
     state.step_batch = state.step_output_batch = None
-    state.busy.add("step")
     start = _now()
-    try:
-        result = original_func(this, *args, **kwargs)
-    finally:
-        state.busy.discard("step")
+    result = _call_marked("step", original_func, this, args, kwargs)
     end = _now()
     try:
         scheduled, processed = state.step_batch, state.step_output_batch
@@ -373,11 +352,11 @@ def engine_step_handler(original_func: Callable[..., Any], this: Any, *args: Any
     return result
 
 
-def execute_model_handler(original_func: Callable[..., Any], this: Any, *args: Any, **kwargs: Any) -> Any:
+def execute_model_handler(original_func: Original, this: Any, *args: Any, **kwargs: Any) -> Any:
     """`Executor.execute_model` (and its overrides): notes when the batch went to the workers; the
     `modelExec` span is recorded by `update_from_output_handler`."""
     try:
-        batch = STATE.pending_for(args[0] if args else kwargs.get("scheduler_output"), pop=False)
+        batch = STATE.pending_for(_arg(args, kwargs, "scheduler_output"), pop=False)
         if batch is not None and not batch.exec_start_ns:  # the outermost override's call counts
             batch.exec_start_ns = _now()
     except Exception as exc:
@@ -385,21 +364,21 @@ def execute_model_handler(original_func: Callable[..., Any], this: Any, *args: A
     return original_func(this, *args, **kwargs)
 
 
-# ----------------------------------------------------------------------------------------- API server
+# --------------------------------------------------------------------------------------- API server
 
 
-def api_add_request_handler(original_func: Callable[..., Any], this: Any, *args: Any, **kwargs: Any) -> Any:
+def api_add_request_handler(original_func: Original, this: Any, *args: Any, **kwargs: Any) -> Any:
     """`OutputProcessor.add_request` -> event Request/httpReq: the API server hands a request to the
     engine (once per engine request: n>1 sampling adds one per child)."""
-    fresh = False
     request: Any = None
     try:
-        request = args[0] if args else kwargs["request"]
-        fresh = request.request_id not in this.request_states  # a streaming chunk re-adds its id
+        candidate = _arg(args, kwargs, "request")
+        if candidate.request_id not in this.request_states:  # a streaming chunk re-adds its id
+            request = candidate
     except Exception as exc:
         STATE.failed("api_add_request", exc)
     result = original_func(this, *args, **kwargs)
-    if fresh:
+    if request is not None:
         try:
             STATE.track_api_request(request.request_id)
             if record.enabled("Request"):
@@ -409,23 +388,23 @@ def api_add_request_handler(original_func: Callable[..., Any], this: Any, *args:
     return result
 
 
-def api_process_outputs_handler(original_func: Callable[..., Any], this: Any, *args: Any,
-                                **kwargs: Any) -> Any:
+def api_process_outputs_handler(original_func: Original, this: Any, *args: Any, **kwargs: Any) -> Any:
     """`OutputProcessor.process_outputs` -> event Request/tokens (one per engine output batch) and
     Request/httpRes for each request it finished."""
     outputs: Any = None
     ignored: set[str] = set()
     try:
-        outputs = args[0] if args else kwargs["engine_core_outputs"]
+        outputs = _arg(args, kwargs, "engine_core_outputs")
         ignored = extract.ignored_outputs(outputs, this.request_states)
     except Exception as exc:
+        outputs = None
         STATE.failed("api_process_outputs", exc)
     result = original_func(this, *args, **kwargs)
-    try:
-        if outputs is not None:
+    if outputs is not None:
+        try:
             _after_process_outputs(extract.emitted_tokens(outputs, result, ignored))
-    except Exception as exc:
-        STATE.failed("api_process_outputs", exc)
+        except Exception as exc:
+            STATE.failed("api_process_outputs", exc)
     return result
 
 
@@ -450,15 +429,16 @@ def _after_process_outputs(entries: list[tuple[str, int, int, str | None]]) -> N
         record.event("Request", "httpRes", {"rid": rid, "output_tokens": count, "finish_reason": reason})
 
 
-def api_abort_handler(original_func: Callable[..., Any], this: Any, *args: Any, **kwargs: Any) -> Any:
-    """`OutputProcessor.abort_requests` (client gone, stop string) -> Request/httpRes "abort"."""
+def api_abort_handler(original_func: Original, this: Any, *args: Any, **kwargs: Any) -> Any:
+    """`OutputProcessor.abort_requests` (client gone, `AsyncLLM.abort`) -> Request/httpRes "abort"."""
     result = original_func(this, *args, **kwargs)
     try:
         want = record.enabled("Request")
         for rid in result:
             count = STATE.api_tokens.pop(rid, None)
             if count is not None and want:
-                record.event("Request", "httpRes", {"rid": rid, "output_tokens": count, "finish_reason": "abort"})
+                record.event("Request", "httpRes",
+                             {"rid": rid, "output_tokens": count, "finish_reason": "abort"})
     except Exception as exc:
         STATE.failed("api_abort", exc)
     return result

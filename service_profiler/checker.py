@@ -272,6 +272,7 @@ class Resolver:
     def __init__(self, tree: SourceTree) -> None:
         self.tree = tree
         self._modules: dict[str, _Module | None] = {}
+        self.syntax_errors: dict[str, str] = {}
 
     def module(self, name: str) -> _Module | None:
         if name not in self._modules:
@@ -281,7 +282,9 @@ class Resolver:
                 path, text, is_package = found
                 try:
                     body = ast.parse(text, filename=path).body
-                except (SyntaxError, ValueError):
+                except (SyntaxError, ValueError) as exc:
+                    line = getattr(exc, "lineno", None)
+                    self.syntax_errors[name] = f"{path}{f':{line}' if line else ''}: {exc}"
                     return None
                 package = name if is_package else name.rpartition(".")[0]
                 stars = [self._absolute(package, stmt) for stmt in ast.walk(ast.Module(body, []))
@@ -381,6 +384,8 @@ class Resolver:
             top = module.split(".")[0]
             if not self.tree.roots(top):
                 return None, f"package {top} not found in {self.tree.label}"
+            if module in self.syntax_errors:
+                return None, f"module {module} cannot be parsed ({self.syntax_errors[module]})"
             return None, f"module {module} not found in {self.tree.label} (no .py source for it)"
         owner: _Target | None = None  # the class (or module) the missing part was looked up in
         target = self.lookup(module, qualname[0])

@@ -12,6 +12,7 @@ import atexit
 import itertools
 import json
 import multiprocessing
+import multiprocessing.util as mp_util
 import os
 import signal
 import socket
@@ -221,6 +222,9 @@ class Recorder:
 
     def _init_process_state(self) -> None:
         atexit.register(self.close)
+        # multiprocessing's fork children leave through os._exit(), skipping atexit: flush from its
+        # exit finalizers instead (registered in the child, after multiprocessing clears them).
+        mp_util.register_after_fork(self, Recorder._register_exit_flush)
         if hasattr(os, "register_at_fork"):
             # Lambdas, not bound methods: the child replaces self._lock, and a later fork in the child
             # must take the child's lock, not the parent's copy that stays held forever.
@@ -229,6 +233,9 @@ class Recorder:
                 after_in_parent=lambda: self._lock.release(),
                 after_in_child=self._after_fork_in_child,
             )
+
+    def _register_exit_flush(self) -> None:
+        mp_util.Finalize(None, self.close, exitpriority=-1000)
 
     def _after_fork_in_child(self) -> None:
         # Threads do not survive fork and the parent's records belong to the parent's file: start a

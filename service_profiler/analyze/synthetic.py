@@ -222,6 +222,8 @@ class _Engine:
     batches: list[TrueBatch] = field(default_factory=list)
     _allocated: int = 0      # blocks allocated / freed during the current step
     _freed: int = 0
+    # like the real handler, allocations and admissions are recorded when schedule() returns
+    _deferred: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
 
     def alloc(self, req: _Req, new_tokens: int, ts: int) -> bool:
         need = -(-(req.computed + new_tokens) // self.cfg.block_size) - req.blocks
@@ -232,7 +234,7 @@ class _Engine:
         self.free_blocks -= need
         req.blocks += need
         req.truth.peak_blocks = max(req.truth.peak_blocks, req.blocks)
-        self.w.event("KVCache", "allocate", ts, {"rid": req.truth.rid, "blocks": need})
+        self._deferred.append(("KVCache", "allocate", {"rid": req.truth.rid, "blocks": need}))
         self._allocated += need
         return True
 
@@ -280,8 +282,8 @@ class _Engine:
                     victim.state, victim.computed, victim.resumed = "PREEMPTED", 0, True
                     victim.truth.preemptions += 1
                     self.release(victim, ts)
-                    w.event("Request", "state", ts, {"rid": victim.truth.rid, "from": "RUNNING",
-                                                     "to": "PREEMPTED", "batch_id": batch_id})
+                    self._deferred.append(("Request", "state", {"rid": victim.truth.rid, "from": "RUNNING",
+                                                                "to": "PREEMPTED", "batch_id": batch_id}))
                     preempted.append(victim.truth.rid)
                     waiting.appendleft(victim)
                     if victim is req:
@@ -307,8 +309,8 @@ class _Engine:
                     req.truth.first_scheduled_ns = sched_start
                     w.event("KVCache", "cacheHit", ts, {"rid": req.truth.rid, "hit_tokens": req.hit,
                                                         "query_tokens": req.prompt})
-                w.event("Request", "state", ts, {"rid": req.truth.rid, "from": req.state, "to": "RUNNING",
-                                                 "batch_id": batch_id})
+                self._deferred.append(("Request", "state", {"rid": req.truth.rid, "from": req.state,
+                                                            "to": "RUNNING", "batch_id": batch_id}))
                 req.state = "RUNNING"
                 running.append(req)
                 entries.append([req.truth.rid, 0, num_new, req.computed, req.prompt, 1 if req.resumed else 0])
@@ -319,6 +321,11 @@ class _Engine:
                                  f"{waiting[0].truth.rid}; raise it")
             total_tokens = sum(n for _, n in scheduled)
             sched_end = sched_start + 150 * US + 2 * US * len(entries) + 7 * US * len(preempted)
+            for domain, name, attrs in self._deferred:
+                if name == "allocate":
+                    attrs["batch_id"] = batch_id
+                w.event(domain, name, sched_end, attrs)
+            self._deferred.clear()
             used = cfg.num_gpu_blocks - self.free_blocks
             usage = used / cfg.num_gpu_blocks
             w.span("BatchSchedule", "batchFrameworkProcessing", sched_start, sched_end, {

@@ -273,6 +273,8 @@ def fit_latency_model(
     params = {n: float(v) for n, v in zip(PARAM_NAMES, fitted, strict=True)}
     p_arr = np.asarray(fitted, dtype=float)
     info.update({"test_fraction": test_fraction, "seed": seed, "relaxed": False})
+    if loss == "huber":
+        info["huber_scale_ms"] = f_scale
     notes = [] if res.success else [f"optimiser stopped without converging: {res.message}"]
     return LatencyModel(
         params=params,
@@ -286,9 +288,8 @@ def fit_latency_model(
         loss=loss,
         filtering=info,
         data_ranges={
-            "batch_size": [float(b.min()), float(b.max())],
-            "total_tokens": [float(s.min()), float(s.max())],
-            "model_run_ms": [float(t.min()), float(t.max())],
+            k: [float(v.min()), float(v.max())]
+            for k, v in (("batch_size", b), ("total_tokens", s), ("model_run_ms", t))
         },
         notes=notes,
     )
