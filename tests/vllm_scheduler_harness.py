@@ -11,11 +11,12 @@ Every call goes through the handlers exactly as the runtime makes it:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import json
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.request import Request, RequestStatus
 from vllm.v1.structured_output import StructuredOutputManager
 
+from service_profiler import patching, probes
 from service_profiler.handlers import vllm_v1
 
 BLOCK_SIZE = 16
@@ -148,8 +150,34 @@ def step(scheduler: Scheduler, tokens: dict[str, int] | None = None) -> tuple[Sc
     return holder["out"], result
 
 
-def kv_cache_manager_of(scheduler: Scheduler) -> KVCacheManager:
-    return scheduler.kv_cache_manager
+KV_HANDLERS: tuple[tuple[type, str, Callable[..., Any]], ...] = (
+    (KVCacheManager, "free", vllm_v1.free_handler),
+    (KVCacheManager, "get_computed_blocks", vllm_v1.cache_hit_handler),
+)
+"""Methods the scheduler calls on its own: their handlers only run when the method is patched."""
+
+
+@contextlib.contextmanager
+def patched(targets: Sequence[tuple[type, str, Callable[..., Any]]] = KV_HANDLERS) -> Iterator[None]:
+    """Install handler wrappers the way the runtime does (`patching` + `probes`), then restore."""
+    installed = []
+    try:
+        for owner, attr, handler in targets:
+            target = patching.resolve(__import__(owner.__module__, fromlist=["_"]), (owner.__name__, attr))
+            probe = probes.Probe(symbol=f"{owner.__module__}:{owner.__name__}.{attr}", domain="KVCache",
+                                 name=attr, chan=0, buffer=[], max_buffered=0, recorder_drop=lambda: None,
+                                 on_problem=_raise)
+            probe.active = True
+            wrapper = probes.make_handler_wrapper(target.function, probe, handler, target.is_method)
+            installed.append((target, patching.install(target, wrapper)))
+        yield
+    finally:
+        for target, wrapper in reversed(installed):
+            patching.uninstall(target, wrapper)
+
+
+def _raise(message: str) -> None:
+    raise AssertionError(f"handler problem: {message}")
 
 
 def reset_state() -> None:

@@ -50,7 +50,7 @@ FOLDED_EVENTS = frozenset({("KVCache", "allocate")})
 _ROLE_SORT = (("api", 0), ("engine", 2), ("worker", 3))
 _REQUESTS_SORT, _OTHER_SORT = 1, 4
 _CHUNK = 20_000
-_EMPTY: dict[str, Any] = {}
+_PLAIN = frozenset({int, str, bool, type(None)})
 _NONE: tuple[Any, ...] = ()
 
 
@@ -129,15 +129,15 @@ def _origin_ns(run: RunData) -> int:
 
 def _compact(attrs: dict[str, Any] | None) -> dict[str, Any]:
     """Scalar attributes as they are, containers as `n_<key>` lengths: a batch's request list would
-    otherwise be most of the file. Exact type tests: this runs once per span and event."""
-    out: dict[str, Any] = {}
-    for key, value in (attrs or _EMPTY).items():
-        kind = type(value)
-        if kind is int or kind is str or kind is bool or value is None:
-            out[key] = value
-        elif kind is float:
+    otherwise be most of the file. Runs once per span and event, hence the C-speed scan first."""
+    if not attrs:
+        return {}
+    out = dict(attrs)
+    for key in [k for k, v in attrs.items() if type(v) not in _PLAIN]:
+        value = out.pop(key)
+        if type(value) is float:
             out[key] = round(value, 6) if value - value == 0 else str(value)  # nan/inf are not JSON
-        elif kind is list or kind is dict or kind is tuple:
+        elif isinstance(value, (list, tuple, dict)):
             out["n_" + key] = len(value)
     return out
 
@@ -197,6 +197,7 @@ class _TraceBuilder:
         self.placed: dict[int, _Placed] = {}  # id(span) -> where it was drawn
         self.overlap_lanes = 0
         self.bad_batches = 0
+        self.last_sample: dict[tuple[int, str], dict[str, Any]] = {}
         self.folded: dict[str, int] = {}
         self.omitted: dict[str, int] = {}
         self.requests_pid = len(run.processes) + 1
@@ -244,27 +245,35 @@ class _TraceBuilder:
         by_thread: dict[tuple[int, int], list[SpanRecord]] = defaultdict(list)
         for span in self.run.spans:
             by_thread[(span.proc, span.tid)].append(span)
-        origin, append = self.origin, self.events.append
+        origin, append, placed = self.origin, self.events.append, self.placed
         for (proc, raw_tid), spans in by_thread.items():
             spans.sort(key=lambda s: (s.start_ns, -s.end_ns))
-            ends: list[list[int]] = []  # per lane, the ends of the slices still open
-            tids: dict[int, int] = {}
-            pid = proc + 1
+            pid, main_tid = proc + 1, self._tid(proc, raw_tid)
+            stack: list[int] = []  # ends of the slices still open on the thread's own track
+            overlaps: list[list[int]] = []  # the same, per overlap lane
             for span in spans:
                 start = span.start_ns
                 end = span.end_ns if span.end_ns > start else start
-                lane = _place(ends, start, end)
-                tid = tids.get(lane) or tids.setdefault(lane, self._tid(proc, raw_tid, lane))
+                while stack and stack[-1] <= start:
+                    stack.pop()
+                if not stack or end <= stack[-1]:
+                    stack.append(end)
+                    tid = main_tid
+                else:
+                    tid = self._tid(proc, raw_tid, 1 + _place(overlaps, start, end))
                 if span.name == SCHEDULE_SPAN:
-                    self.placed[id(span)] = _Placed(pid, tid)
+                    placed[id(span)] = _Placed(pid, tid)
                 append({"ph": "X", "name": span.name, "cat": span.domain, "pid": pid, "tid": tid,
                         "ts": (start - origin) / 1000, "dur": (end - start) / 1000,
                         "args": _compact(span.attrs)})
-            self.overlap_lanes += max(len(ends) - 1, 0)
+            self.overlap_lanes += len(overlaps)
 
     def _counter(self, proc: int, name: str, cat: str, ts_ns: int, values: dict[str, Any]) -> None:
         args = _numbers(values)
-        if args:
+        # A counter track holds its value until the next sample, so a repeat draws nothing new; in a
+        # steady decode phase most steps repeat the queues, kvcache and tokens of the step before.
+        if args and self.last_sample.get((proc, name)) != args:
+            self.last_sample[(proc, name)] = args
             self.events.append({"ph": "C", "name": name, "cat": cat, "pid": proc + 1,
                                 "ts": (ts_ns - self.origin) / 1000, "args": args})
 

@@ -17,13 +17,11 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
+from operator import itemgetter
 from typing import Any
 
-from service_profiler.rawfile import RunData
-
-from .tables import MS, AnalysisTables, Table
+from .tables import MS, AnalysisTables, RecordIndex, Table
 
 EVENT_COLUMNS = ["ts_ns", "event_type", "rid", "proc", "batch_id", "detail"]
 STATE_COLUMNS = ["rid", "seq", "ts_ns", "from_state", "to_state", "batch_id", "proc", "time_in_from_state_ms",
@@ -37,54 +35,57 @@ def _rid_of(item: Any) -> Any:
     return item[0] if isinstance(item, list | tuple) and item else item
 
 
-def _detail(**kv: Any) -> str:
-    return json.dumps({k: v for k, v in kv.items() if v is not None}, separators=(",", ":"))
-
-
-def build_events(run: RunData, tables: AnalysisTables) -> Table:
+def build_events(idx: RecordIndex, tables: AnalysisTables) -> Table:
     rows: list[tuple[Any, ...]] = []
-    has_state = False
-    for e in run.events:
+    for e in idx.events("Request", "httpReq"):
         a = e.attrs or {}
-        if e.domain != "Request":
-            continue
-        name = e.name
-        if name == "httpReq":
-            rows.append((e.ts_ns, "request_arrived", a.get("rid"), e.proc, None,
-                         _detail(api_rid=a.get("api_rid"), prompt_tokens=a.get("prompt_tokens"),
-                                 max_tokens=a.get("max_tokens"))))
-        elif name == "enqueue":
-            rows.append((e.ts_ns, "request_enqueued", a.get("rid"), e.proc, None,
-                         _detail(prompt_tokens=a.get("prompt_tokens"))))
-        elif name == "httpRes":
-            rows.append((e.ts_ns, "request_completed", a.get("rid"), e.proc, None,
-                         _detail(output_tokens=a.get("output_tokens"), finish_reason=a.get("finish_reason"))))
-        elif name == "state":
-            has_state = True
-            to, frm = a.get("to"), a.get("from")
-            kind = ("request_preempted" if to == "PREEMPTED" else
-                    "request_resumed" if to == "RUNNING" and frm == "PREEMPTED" else
-                    "request_finished" if isinstance(to, str) and to.startswith("FINISHED") else None)
-            if kind:
-                rows.append((e.ts_ns, kind, a.get("rid"), e.proc, a.get("batch_id"), _detail(state=to)))
+        rows.append((e.ts_ns, "request_arrived", a.get("rid"), e.proc, None,
+                     f"api_rid={a.get('api_rid')};prompt_tokens={a.get('prompt_tokens')};"
+                     f"max_tokens={a.get('max_tokens')}"))
+    for e in idx.events("Request", "enqueue"):
+        a = e.attrs or {}
+        rows.append((e.ts_ns, "request_enqueued", a.get("rid"), e.proc, None,
+                     f"prompt_tokens={a.get('prompt_tokens')}"))
+    for e in idx.events("Request", "httpRes"):
+        a = e.attrs or {}
+        rows.append((e.ts_ns, "request_completed", a.get("rid"), e.proc, None,
+                     f"output_tokens={a.get('output_tokens')};finish_reason={a.get('finish_reason')}"))
+    states = idx.events("Request", "state")
+    for e in states:
+        a = e.attrs or {}
+        to, frm = a.get("to"), a.get("from")
+        kind = _transition_event(frm, to)
+        if kind:
+            rows.append((e.ts_ns, kind, a.get("rid"), e.proc, a.get("batch_id"), f"state={to}"))
     req = tables.requests
     ci = {c: i for i, c in enumerate(req.columns)}
+    rid_i, proc_i, fb_i, q_i = ci["rid"], ci["proc"], ci["first_batch_id"], ci["queue_ms"]
+    fs_i, ft_i, ttft_i, src_i = ci["first_scheduled_ns"], ci["first_token_ns"], ci["ttft_ms"], ci["timing_source"]
     for r in req.rows:
-        if r[ci["first_scheduled_ns"]] is not None:
-            rows.append((r[ci["first_scheduled_ns"]], "request_scheduled", r[ci["rid"]], r[ci["proc"]],
-                         r[ci["first_batch_id"]], _detail(queue_ms=r[ci["queue_ms"]])))
-        if r[ci["first_token_ns"]] is not None:
-            rows.append((r[ci["first_token_ns"]], "first_token", r[ci["rid"]], None, None,
-                         _detail(ttft_ms=r[ci["ttft_ms"]], source=r[ci["timing_source"]])))
-    if not has_state:
+        if r[fs_i] is not None:
+            rows.append((r[fs_i], "request_scheduled", r[rid_i], r[proc_i], r[fb_i], f"queue_ms={r[q_i]}"))
+        if r[ft_i] is not None:
+            rows.append((r[ft_i], "first_token", r[rid_i], None, None, f"ttft_ms={r[ttft_i]};source={r[src_i]}"))
+    if not states:
         for t in _derived_transitions(tables):
-            kind = ("request_preempted" if t[4] == "PREEMPTED" else
-                    "request_resumed" if t[3] == "PREEMPTED" else
-                    "request_finished" if t[4].startswith("FINISHED") else None)
+            kind = _transition_event(t[3], t[4])
             if kind:
-                rows.append((t[2], kind, t[0], t[6], t[5], _detail(state=t[4])))
-    rows.sort(key=lambda r: r[0])
+                rows.append((t[2], kind, t[0], t[6], t[5], f"state={t[4]}"))
+    rows.sort(key=_TS)
     return Table("events", list(EVENT_COLUMNS), rows)
+
+
+def _transition_event(frm: Any, to: Any) -> str | None:
+    if to == "PREEMPTED":
+        return "request_preempted"
+    if to == "RUNNING" and frm == "PREEMPTED":
+        return "request_resumed"
+    if isinstance(to, str) and to.startswith("FINISHED"):
+        return "request_finished"
+    return None
+
+
+_TS = itemgetter(0)
 
 
 def _derived_transitions(tables: AnalysisTables) -> list[tuple[Any, ...]]:
@@ -113,7 +114,7 @@ def _derived_transitions(tables: AnalysisTables) -> list[tuple[Any, ...]]:
     return out
 
 
-def build_state_transitions(run: RunData, tables: AnalysisTables) -> Table:
+def build_state_transitions(idx: RecordIndex, tables: AnalysisTables) -> Table:
     per_rid: dict[Any, list[tuple[Any, ...]]] = {}
     req = tables.requests
     ci = {c: i for i, c in enumerate(req.columns)}
@@ -121,14 +122,12 @@ def build_state_transitions(run: RunData, tables: AnalysisTables) -> Table:
         if r[ci["engine_arrival_ns"]] is not None:
             per_rid[r[ci["rid"]]] = [(r[ci["rid"]], 0, r[ci["engine_arrival_ns"]], "NEW", "WAITING", None,
                                       r[ci["proc"]], None, "enqueue")]
-    found = False
-    for e in run.events:
-        if e.domain == "Request" and e.name == "state" and e.attrs:
-            found = True
-            a = e.attrs
-            per_rid.setdefault(a.get("rid"), []).append(
-                (a.get("rid"), 0, e.ts_ns, a.get("from"), a.get("to"), a.get("batch_id"), e.proc, None, "event"))
-    if not found:
+    states = idx.events("Request", "state")
+    for e in states:
+        a = e.attrs or {}
+        per_rid.setdefault(a.get("rid"), []).append(
+            (a.get("rid"), 0, e.ts_ns, a.get("from"), a.get("to"), a.get("batch_id"), e.proc, None, "event"))
+    if not states:
         for t in _derived_transitions(tables):
             per_rid.setdefault(t[0], []).append(t)
     rows: list[tuple[Any, ...]] = []

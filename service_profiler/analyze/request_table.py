@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from service_profiler.rawfile import EventRecord, RunData, SpanRecord
+from service_profiler.rawfile import EventRecord, SpanRecord
 
-from .tables import MS, REQUEST_COLUMNS, Table
+from .tables import MS, REQUEST_COLUMNS, RecordIndex, Table
 
 
 def _rid_of(item: Any) -> Any:
@@ -24,52 +24,51 @@ def _reason_of(item: Any) -> Any:
     return item[1] if isinstance(item, list | tuple) and len(item) > 1 else None
 
 
-class _EventFacts:
-    """Per-rid facts from the Request and KVCache events, in one pass."""
+def _first_by_rid(events: list[EventRecord]) -> dict[Any, EventRecord]:
+    first: dict[Any, EventRecord] = {}
+    for e in reversed(events):
+        if e.attrs:
+            first[e.attrs.get("rid")] = e
+    return first
 
-    def __init__(self, run: RunData) -> None:
-        self.http: dict[Any, EventRecord] = {}
-        self.enqueue: dict[Any, EventRecord] = {}
-        self.response: dict[Any, EventRecord] = {}
-        self.tokens: list[EventRecord] = []
+
+class _EventFacts:
+    """Per-rid facts from the Request and KVCache events."""
+
+    def __init__(self, idx: RecordIndex) -> None:
+        self.http = _first_by_rid(idx.events("Request", "httpReq"))
+        self.enqueue = _first_by_rid(idx.events("Request", "enqueue"))
+        self.response = _first_by_rid(idx.events("Request", "httpRes"))
+        self.tokens = idx.events("Request", "tokens")
         self.preempted: Counter[Any] = Counter()
         self.finished_state: dict[Any, tuple[int, str]] = {}
+        for e in idx.events("Request", "state"):
+            a = e.attrs or {}
+            to = a.get("to")
+            if to == "PREEMPTED":
+                self.preempted[a.get("rid")] += 1
+            elif isinstance(to, str) and to.startswith("FINISHED"):
+                self.finished_state.setdefault(a.get("rid"), (e.ts_ns, to))
         self.hits: dict[Any, tuple[Any, Any]] = {}
-        self.peak_blocks: dict[Any, int] = {}
+        for e in reversed(idx.events("KVCache", "cacheHit")):
+            a = e.attrs or {}
+            self.hits[a.get("rid")] = (a.get("hit_tokens"), a.get("query_tokens"))
+        # peak blocks held: allocate adds, free releases, in time order
+        kv = [(e.ts_ns, 1, e.attrs) for e in idx.events("KVCache", "allocate") if e.attrs]
+        kv += [(e.ts_ns, 0, e.attrs) for e in idx.events("KVCache", "free") if e.attrs]
+        kv.sort(key=lambda t: (t[0], t[1]))
         held: dict[Any, int] = {}
-        for e in run.events:
-            a = e.attrs
-            if not a:
+        self.peak_blocks: dict[Any, int] = {}
+        for _, is_alloc, a in kv:
+            rid, blocks = a.get("rid"), a.get("blocks")
+            if not isinstance(blocks, int):
                 continue
-            if e.domain == "Request":
-                name = e.name
-                if name == "tokens":
-                    self.tokens.append(e)
-                    continue
-                rid = a.get("rid")
-                if name == "httpReq":
-                    self.http.setdefault(rid, e)
-                elif name == "enqueue":
-                    self.enqueue.setdefault(rid, e)
-                elif name == "httpRes":
-                    self.response.setdefault(rid, e)
-                elif name == "state":
-                    to = a.get("to")
-                    if to == "PREEMPTED":
-                        self.preempted[rid] += 1
-                    elif isinstance(to, str) and to.startswith("FINISHED"):
-                        self.finished_state.setdefault(rid, (e.ts_ns, to))
-            elif e.domain == "KVCache":
-                rid = a.get("rid")
-                blocks = a.get("blocks")
-                if e.name == "allocate" and isinstance(blocks, int):
-                    h = held[rid] = held.get(rid, 0) + blocks
-                    if h > self.peak_blocks.get(rid, 0):
-                        self.peak_blocks[rid] = h
-                elif e.name == "free" and isinstance(blocks, int):
-                    held[rid] = max(0, held.get(rid, 0) - blocks)
-                elif e.name == "cacheHit" and rid not in self.hits:
-                    self.hits[rid] = (a.get("hit_tokens"), a.get("query_tokens"))
+            if is_alloc:
+                h = held[rid] = held.get(rid, 0) + blocks
+                if h > self.peak_blocks.get(rid, 0):
+                    self.peak_blocks[rid] = h
+            else:
+                held[rid] = max(0, held.get(rid, 0) - blocks)
 
 
 def _token_facts(tokens: list[EventRecord], need_counts: set[Any]) -> tuple[
@@ -93,9 +92,9 @@ def _token_facts(tokens: list[EventRecord], need_counts: set[Any]) -> tuple[
     return first, done, counts
 
 
-def build_request_table(run: RunData, batches: Table, spans: list[SpanRecord],
+def build_request_table(idx: RecordIndex, batches: Table, spans: list[SpanRecord],
                         finished_lists: list[list[Any]]) -> Table:
-    facts = _EventFacts(run)
+    facts = _EventFacts(idx)
     first_batch: dict[Any, int] = {}
     first_entry: dict[Any, Any] = {}
     iterations: Counter[Any] = Counter()

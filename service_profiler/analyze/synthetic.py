@@ -419,8 +419,10 @@ def generate_run(out_dir: Path | str, config: SyntheticConfig | None = None) -> 
         hit = 0
         if rng.random() < cfg.prefix_hit_fraction:
             hit = (rng.randint(0, prompt - 1) // cfg.block_size) * cfg.block_size
-        rid = f"cmpl-{i:06d}-0"
-        tr = TrueRequest(rid=rid, api_rid=f"cmpl-{i:06d}", dp_rank=rank, input_tokens=prompt,
+        # vLLM's shapes: the API server's "cmpl-<32 hex>-0", the engine's adds "-<8 hex>"
+        api_rid = f"cmpl-{rng.getrandbits(128):032x}-0"
+        rid = f"{api_rid}-{rng.getrandbits(32):08x}"
+        tr = TrueRequest(rid=rid, api_rid=api_rid, dp_rank=rank, input_tokens=prompt,
                          output_tokens=cfg.output_tokens, prefix_hit_tokens=hit)
         tr.arrival_ns = t
         tr.engine_arrival_ns = t + 300 * US + rng.randint(0, 100) * US

@@ -40,14 +40,14 @@ Request table: one row per engine request id (`rid`). Timestamps and which proce
 from __future__ import annotations
 
 import math
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
 
-from service_profiler.rawfile import RunData, SpanRecord
+from service_profiler.rawfile import CounterRecord, EventRecord, RunData, SpanRecord
 
 MS = 1e6
 
@@ -143,6 +143,34 @@ class AnalysisTables:
                        e[3] if n > 3 else None, e[4] if n > 4 else None, e[5] if n > 5 else 0)
 
 
+class RecordIndex:
+    """The run's records grouped by (domain, name) in one pass, each group still time ordered."""
+
+    def __init__(self, run: RunData) -> None:
+        self.run = run
+        self._spans: dict[tuple[str, str], list[SpanRecord]] = {}
+        self._events: dict[tuple[str, str], list[EventRecord]] = {}
+        self._counters: dict[tuple[str, str], list[CounterRecord]] = {}
+        for groups, records in ((self._spans, run.spans), (self._events, run.events),
+                                (self._counters, run.counters)):
+            get = groups.get
+            for r in records:
+                key = (r[1], r[2])
+                group = get(key)
+                if group is None:
+                    group = groups[key] = []
+                group.append(r)  # type: ignore[arg-type]
+
+    def spans(self, domain: str, name: str) -> list[SpanRecord]:
+        return self._spans.get((domain, name), [])
+
+    def events(self, domain: str, name: str) -> list[EventRecord]:
+        return self._events.get((domain, name), [])
+
+    def counters(self, domain: str, name: str) -> list[CounterRecord]:
+        return self._counters.get((domain, name), [])
+
+
 def _dp_rank(run: RunData, proc: int, attrs: dict[str, Any]) -> int:
     """dp_rank from the record, else from the process's `meta`, else 0."""
     dp = attrs.get("dp_rank")
@@ -154,16 +182,14 @@ def _dp_rank(run: RunData, proc: int, attrs: dict[str, Any]) -> int:
         return 0
 
 
-def _index_spans(run: RunData, domain: str, name: str) -> dict[tuple[Any, ...], SpanRecord]:
+def _by_batch(run: RunData, spans: list[SpanRecord]) -> dict[tuple[Any, ...], SpanRecord]:
     """batch_id -> span, keyed by (proc, batch_id) and (hostname, dp_rank, batch_id); longest wins."""
     index: dict[tuple[Any, ...], SpanRecord] = {}
-    for s in run.spans:
-        if s.name != name or s.domain != domain or not s.attrs:
-            continue
-        bid = s.attrs.get("batch_id")
+    for s in spans:
+        bid = s.attrs.get("batch_id") if s.attrs else None
         if bid is None:
             continue
-        keys = ((s.proc, bid), (run.processes[s.proc].hostname, _dp_rank(run, s.proc, s.attrs), bid))
+        keys = ((s.proc, bid), (run.processes[s.proc].hostname, _dp_rank(run, s.proc, s.attrs or {}), bid))
         for key in keys:
             old = index.get(key)
             if old is None or s.end_ns - s.start_ns > old.end_ns - old.start_ns:
@@ -180,53 +206,65 @@ def _ms(a: int | None, b: int | None) -> float | None:
     return None if a is None or b is None else (b - a) / MS
 
 
-def _kv_per_batch(run: RunData, spans: list[SpanRecord]) -> tuple[np.ndarray, np.ndarray]:
+def _kv_per_batch(idx: RecordIndex, spans: list[SpanRecord]) -> tuple[np.ndarray, np.ndarray]:
     """Blocks allocated / freed by KVCache events between each batch's start and the next's (same proc)."""
-    alloc = np.zeros(len(spans), dtype=np.int64)
-    freed = np.zeros(len(spans), dtype=np.int64)
-    found: dict[tuple[int, str], tuple[list[int], list[int]]] = {}
-    for e in run.events:
-        if e.domain == "KVCache" and (e.name == "allocate" or e.name == "free") and e.attrs:
-            b = e.attrs.get("blocks")
-            if isinstance(b, int | float):
-                ts_list, blocks = found.setdefault((e.proc, e.name), ([], []))
-                ts_list.append(e.ts_ns)
-                blocks.append(int(b))
+    out = {"allocate": np.zeros(len(spans), dtype=np.int64), "free": np.zeros(len(spans), dtype=np.int64)}
     by_proc: dict[int, list[int]] = {}
     for i, s in enumerate(spans):
         by_proc.setdefault(s.proc, []).append(i)
-    for (proc, name), (ts_list, blocks) in found.items():
-        idx = by_proc.get(proc)
-        if not idx:
-            continue
-        starts = np.fromiter((spans[i].start_ns for i in idx), dtype=np.int64, count=len(idx))
-        pos = np.searchsorted(starts, np.asarray(ts_list, dtype=np.int64), side="right") - 1
-        ok = pos >= 0
-        out = alloc if name == "allocate" else freed
-        np.add.at(out, np.asarray(idx, dtype=np.int64)[pos[ok]], np.asarray(blocks, dtype=np.int64)[ok])
-    return alloc, freed
+    starts = {proc: np.fromiter((spans[i].start_ns for i in rows), dtype=np.int64, count=len(rows))
+              for proc, rows in by_proc.items()}
+    for name, acc in out.items():
+        found: dict[int, tuple[list[int], list[int]]] = {}
+        for e in idx.events("KVCache", name):
+            b = e.attrs.get("blocks") if e.attrs else None
+            if isinstance(b, int):
+                ts_list, blocks = found.setdefault(e.proc, ([], []))
+                ts_list.append(e.ts_ns)
+                blocks.append(b)
+        for proc, (ts_list, blocks) in found.items():
+            if proc not in by_proc:
+                continue
+            pos = np.searchsorted(starts[proc], np.asarray(ts_list, dtype=np.int64), side="right") - 1
+            ok = pos >= 0
+            rows = np.asarray(by_proc[proc], dtype=np.int64)
+            np.add.at(acc, rows[pos[ok]], np.asarray(blocks, dtype=np.int64)[ok])
+    return out["allocate"], out["free"]
 
 
-def build_batch_table(run: RunData) -> tuple[Table, list[SpanRecord], list[list[Any]]]:
-    spans = [s for s in run.spans if s.name == "batchFrameworkProcessing" and s.domain == "BatchSchedule"]
-    model_idx = _index_spans(run, "ModelExecute", "modelExec")
-    step_idx = _index_spans(run, "EngineCore", "step")
-    upd_idx = _index_spans(run, "BatchSchedule", "updateFromOutput")
-    alloc, freed = _kv_per_batch(run, spans)
+def _count_resumed(reqs: Any) -> int:
+    try:
+        return sum(map(_RESUMED, reqs))
+    except (IndexError, TypeError):  # entries written without the resumed flag
+        return sum(1 for e in reqs if len(e) > 5 and e[5])
+
+
+_RESUMED = itemgetter(5)
+
+
+def build_batch_table(idx: RecordIndex) -> tuple[Table, list[SpanRecord], list[list[Any]]]:
+    run = idx.run
+    spans = idx.spans("BatchSchedule", "batchFrameworkProcessing")
+    model_idx = _by_batch(run, idx.spans("ModelExecute", "modelExec"))
+    step_idx = _by_batch(run, idx.spans("EngineCore", "step"))
+    upd_idx = _by_batch(run, idx.spans("BatchSchedule", "updateFromOutput"))
+    alloc, freed = _kv_per_batch(idx, spans)
+    hosts = [p.hostname for p in run.processes]
     rows: list[tuple[Any, ...]] = []
     finished_lists: list[list[Any]] = []
     for i, s in enumerate(spans):
         a = s.attrs or {}
         bid = a.get("batch_id")
         dp = _dp_rank(run, s.proc, a)
-        host = run.processes[s.proc].hostname
+        host = hosts[s.proc]
         reqs = a.get("reqs") or ()
         pf = [e[2] for e in reqs if e[1] == 0]
         dc = [e[2] for e in reqs if e[1] != 0]
-        n_resumed = sum(1 for e in reqs if len(e) > 5 and e[5])
-        m = _lookup(model_idx, s.proc, host, dp, bid) if bid is not None else None
-        st = _lookup(step_idx, s.proc, host, dp, bid) if bid is not None else None
-        up = _lookup(upd_idx, s.proc, host, dp, bid) if bid is not None else None
+        m = st = up = None
+        if bid is not None:
+            m = _lookup(model_idx, s.proc, host, dp, bid)
+            st = _lookup(step_idx, s.proc, host, dp, bid)
+            up = _lookup(upd_idx, s.proc, host, dp, bid)
         finished = (up.attrs or {}).get("finished") if up is not None else None
         if finished is None:
             finished = a.get("finished") or []
@@ -240,40 +278,41 @@ def build_batch_table(run: RunData) -> tuple[Table, list[SpanRecord], list[list[
             bid, dp, s.proc, s.start_ns, s.end_ns, (s.end_ns - s.start_ns) / MS,
             _ms(m.start_ns, m.end_ns) if m else None, _ms(st.start_ns, st.end_ns) if st else None,
             len(reqs), len(pf), len(dc), pf_tok, dc_tok, total if total is not None else pf_tok + dc_tok,
-            tuple(pf), tuple(dc), sum(pf) / len(pf) if pf else None, min(pf) if pf else None,
-            max(pf) if pf else None, sum(dc) / len(dc) if dc else None, a.get("running"), a.get("waiting"),
+            tuple(pf), tuple(dc), pf_tok / len(pf) if pf else None, min(pf) if pf else None,
+            max(pf) if pf else None, dc_tok / len(dc) if dc else None, a.get("running"), a.get("waiting"),
             kv_total, kv_used, kv_free, a.get("kv_usage"), len(a.get("preempted") or ()), len(finished),
             btype, m.start_ns if m else None, m.end_ns if m else None,
             _ms(up.start_ns, up.end_ns) if up else None, up.end_ns if up else None, int(alloc[i]),
-            int(freed[i]), n_resumed,
+            int(freed[i]), _count_resumed(reqs),
         ))
     return Table("batch", list(BATCH_COLUMNS), rows), spans, finished_lists
 
 
-def build_kvcache_table(run: RunData) -> Table:
+def build_kvcache_table(idx: RecordIndex) -> Table:
     """KV rows: allocate/free events and `kvcache` counters, time ordered. Every row carries the
     process's latest known status (total/used/free/usage, forward-filled from the counter or, when a
     process has no counter, from its batch spans' kv_* attributes) next to its own allocated/freed
     blocks, so a mix of event kinds never zeroes the status (the reference's bug)."""
+    run = idx.run
     items: list[tuple[int, int, int, str, Any, Any]] = []  # (ts, order, proc, name, rid, payload)
     procs_with_counter: set[int] = set()
-    for c in run.counters:
-        if c.domain == "KVCache" and c.name == "kvcache":
-            items.append((c.ts_ns, 0, c.proc, "kvcache", None, c.values))
-            procs_with_counter.add(c.proc)
-    for s in run.spans:
-        if s.name == "batchFrameworkProcessing" and s.proc not in procs_with_counter and s.attrs:
-            if s.attrs.get("kv_total_blocks") is not None:
-                a = s.attrs
-                items.append((s.end_ns, 0, s.proc, "kvcache", None, {
-                    "total_blocks": a.get("kv_total_blocks"), "used_blocks": a.get("kv_used_blocks"),
-                    "usage": a.get("kv_usage")}))
-    for e in run.events:
-        if e.domain == "KVCache" and e.name in ("allocate", "free") and e.attrs:
-            items.append((e.ts_ns, 1, e.proc, e.name, e.attrs.get("rid"), e.attrs.get("blocks")))
-    items.sort(key=lambda it: (it[0], it[1]))
+    for c in idx.counters("KVCache", "kvcache"):
+        items.append((c.ts_ns, 0, c.proc, "kvcache", None, c.values))
+        procs_with_counter.add(c.proc)
+    for s in idx.spans("BatchSchedule", "batchFrameworkProcessing"):
+        a = s.attrs
+        if s.proc not in procs_with_counter and a and a.get("kv_total_blocks") is not None:
+            items.append((s.end_ns, 0, s.proc, "kvcache", None, {
+                "total_blocks": a.get("kv_total_blocks"), "used_blocks": a.get("kv_used_blocks"),
+                "usage": a.get("kv_usage")}))
+    for name in ("allocate", "free"):
+        for e in idx.events("KVCache", name):
+            a = e.attrs or {}
+            items.append((e.ts_ns, 1, e.proc, name, a.get("rid"), a.get("blocks")))
+    items.sort(key=_TS_ORDER)
     status: dict[int, tuple[Any, Any, Any, Any]] = {}
-    dp_of = {p.index: _dp_rank(run, p.index, {}) for p in run.processes}
+    dp_of = [_dp_rank(run, p.index, {}) for p in run.processes]
+    unknown = (None, None, None, None)
     rows: list[tuple[Any, ...]] = []
     for ts, _, proc, name, rid, payload in items:
         if name == "kvcache":
@@ -282,13 +321,16 @@ def build_kvcache_table(run: RunData) -> Table:
             if usage is None and free is not None and total:
                 usage = used / total
             status[proc] = (total, used, free, usage)
-            rows.append((ts, proc, dp_of.get(proc, 0), "KVCache", name, None, total, used, free, 0, 0, usage))
+            rows.append((ts, proc, dp_of[proc], "KVCache", name, None, total, used, free, 0, 0, usage))
         else:
-            total, used, free, usage = status.get(proc, (None, None, None, None))
-            blocks = payload if isinstance(payload, int | float) else 0
-            rows.append((ts, proc, dp_of.get(proc, 0), "KVCache", name, rid, total, used, free,
+            total, used, free, usage = status.get(proc, unknown)
+            blocks = payload if isinstance(payload, int) else 0
+            rows.append((ts, proc, dp_of[proc], "KVCache", name, rid, total, used, free,
                          blocks if name == "allocate" else 0, blocks if name == "free" else 0, usage))
     return Table("kvcache", list(KVCACHE_COLUMNS), rows)
+
+
+_TS_ORDER = itemgetter(0, 1)
 
 
 def build_tables(run: RunData) -> AnalysisTables:
@@ -296,14 +338,15 @@ def build_tables(run: RunData) -> AnalysisTables:
     from service_profiler.analyze import lifecycle
     from service_profiler.analyze.request_table import build_request_table
 
-    batches, spans, finished = build_batch_table(run)
-    requests = build_request_table(run, batches, spans, finished)
+    idx = RecordIndex(run)
+    batches, spans, finished = build_batch_table(idx)
+    requests = build_request_table(idx, batches, spans, finished)
     tables = AnalysisTables(
-        batches=batches, requests=requests, kvcache=build_kvcache_table(run),
+        batches=batches, requests=requests, kvcache=build_kvcache_table(idx),
         events=Table("events", list(lifecycle.EVENT_COLUMNS)),
         state_transitions=Table("state_transitions", list(lifecycle.STATE_COLUMNS)),
         batch_spans=spans, batch_finished=finished,
     )
-    tables.events = lifecycle.build_events(run, tables)
-    tables.state_transitions = lifecycle.build_state_transitions(run, tables)
+    tables.events = lifecycle.build_events(idx, tables)
+    tables.state_transitions = lifecycle.build_state_transitions(idx, tables)
     return tables
