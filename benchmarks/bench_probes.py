@@ -16,6 +16,7 @@ from pathlib import Path
 from service_profiler import probes
 from service_profiler.expressions import compile_expression
 from service_profiler.recorder import SPAN, Recorder
+from service_profiler.speedups import HAVE_SPEEDUPS, make_switch
 
 CALLS = 200_000
 REPEATS = 9
@@ -56,9 +57,16 @@ def main() -> None:
     results["bare call"] = _measure(Target(), recorder.buffer)
 
     plain = probe_for(())
-    Target.step = probes.make_timer(original, plain)  # type: ignore[method-assign]
+    python_wrapper = probes.make_timer(original, plain)
+    Target.step = python_wrapper  # type: ignore[method-assign]
     plain.active = False
+    results["disabled, Python wrapper"] = _measure(Target(), recorder.buffer)
+    # What the runtime installs for sync targets: the C switch (when built) in front of the wrapper.
+    switch, set_active = make_switch(original, python_wrapper)
+    Target.step = switch  # type: ignore[method-assign]
+    set_active(False)
     results["installed, disabled"] = _measure(Target(), recorder.buffer)
+    set_active(True)
     plain.active = True
     results["timer, enabled"] = _measure(Target(), recorder.buffer)
     recorder.buffer.clear()
@@ -66,11 +74,13 @@ def main() -> None:
     two = probe_for((("batch", compile_expression("args[0] | attr input_batch | len", signature)),
                      ("n", compile_expression("n", signature))))
     two.active = True
-    Target.step = probes.make_timer(original, two)  # type: ignore[method-assign]
+    Target.step, set_two = make_switch(original, probes.make_timer(original, two))  # type: ignore[method-assign]
+    set_two(True)
     results["timer + 2 attributes"] = _measure(Target(), recorder.buffer)
     recorder.buffer.clear()
     Target.step = original  # type: ignore[method-assign]
 
+    print(f"C fast path (service_profiler._speedups): {'built' if HAVE_SPEEDUPS else 'NOT built'}")
     bare = results["bare call"]
     targets = {"installed, disabled": 100, "timer, enabled": 800, "timer + 2 attributes": 1500}
     print(f"{'case':<24}{'ns/call':>10}{'overhead':>10}{'target':>10}")

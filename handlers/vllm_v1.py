@@ -301,18 +301,19 @@ def free_handler(original_func: Original, this: Any, *args: Any, **kwargs: Any) 
         except Exception as exc:
             STATE.failed("free", exc)
     result = original_func(this, *args, **kwargs)
-    if blocks is not None:
+    if blocks:  # a request aborted while waiting held none
         record.event("KVCache", "free", {"rid": rid, "blocks": blocks, "batch_id": STATE.kv_batch()})
     return result
 
 
 def cache_hit_handler(original_func: Original, this: Any, *args: Any, **kwargs: Any) -> Any:
-    """`KVCacheManager.get_computed_blocks` -> event KVCache/cacheHit (one per admission attempt)."""
+    """`KVCacheManager.get_computed_blocks` -> event KVCache/cacheHit, once per admission attempt (a
+    request that does not fit is looked up again at the next step); nothing when prefix caching is off."""
     if "cache_hit" in STATE.busy:
         return original_func(this, *args, **kwargs)
     result = _call_marked("cache_hit", original_func, this, args, kwargs)
     try:
-        if record.enabled("KVCache"):
+        if this.enable_caching and record.enabled("KVCache"):
             request = _arg(args, kwargs, "request")
             record.event("KVCache", "cacheHit", {"rid": request.request_id,
                                                  "hit_tokens": extract.cache_hit_tokens(result),

@@ -26,6 +26,10 @@ class PatchError(Exception):
     """A symbol that cannot be patched; the message says why."""
 
 
+class AlreadyPatched(PatchError):
+    """The target is a wrapper of ours, e.g. a method inherited from a class patched by another entry."""
+
+
 @dataclass
 class ResolvedTarget:
     owner: Any  # the class or module that will hold the wrapper
@@ -37,7 +41,8 @@ class ResolvedTarget:
     kind: str  # "function", "method", "classmethod", "staticmethod"
 
 
-def resolve(module: types.ModuleType, qualname: Sequence[str]) -> ResolvedTarget:
+def resolve(module: types.ModuleType, qualname: Sequence[str],
+            is_ours: Callable[[Any], bool] = lambda raw: False) -> ResolvedTarget:
     """Find `qualname` (e.g. ("Outer", "Inner", "method")) inside an imported module."""
     owner: Any = module
     for part in qualname[:-1]:
@@ -62,6 +67,10 @@ def resolve(module: types.ModuleType, qualname: Sequence[str]) -> ResolvedTarget
         if raw is _MISSING:
             raise PatchError(f"module {module.__name__} has no attribute {attr!r}")
         inherited = False
+    inner = raw.__func__ if isinstance(raw, (classmethod, staticmethod)) else raw
+    if is_ours(inner):
+        raise AlreadyPatched(f"{'.'.join(qualname)} is already wrapped (inherited from a class patched by "
+                             "another entry, which records it)")
     return _classify(owner, attr, raw, inherited)
 
 

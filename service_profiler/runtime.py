@@ -24,6 +24,7 @@ from . import __version__, envvars, patching, probes, record
 from .expressions import CompiledExpression, ExpressionError, compile_expression
 from .recorder import COUNTER, EVENT, SPAN, Recorder, install_sigterm_flush
 from .settings import ProfilerSettings, load_settings, unsupported_on_backend
+from .speedups import make_switch
 from .symbols import SymbolSpec, installed_version, load_symbols, resolve_symbols_path, version_gate
 
 log = logging.getLogger("service_profiler")
@@ -37,6 +38,7 @@ class PatchState:
     installed: Any = None
     wrapper: Callable[..., Any] | None = None
     probe: probes.Probe | None = None
+    set_switch: Callable[[bool], None] | None = None  # the C fast path's flag, when there is one
 
 
 @dataclass
@@ -177,21 +179,22 @@ class Runtime:
         if spec.symbol in self.report.pending:
             self.report.pending.remove(spec.symbol)
         try:
-            target = patching.resolve(module, spec.qualname)
-            if id(target.function) in self._our_wrappers:
-                self.report.skipped.append({"symbol": spec.symbol, "reason": "inherits a function that is "
-                                            "already patched through its base class; recorded there"})
-                return
+            target = patching.resolve(module, spec.qualname, lambda raw: id(raw) in self._our_wrappers)
             probe = self._make_probe(spec, target)
-            wrapper = self._make_wrapper(spec, target, probe)
+            # The C switch forwards straight to the original while collection is off (~25 ns instead
+            # of ~140 ns for a Python wrapper); async and generator targets keep the Python wrapper.
+            wrapper, set_switch = make_switch(target.function, self._make_wrapper(spec, target, probe))
             state.installed = patching.install(target, wrapper)
+        except patching.AlreadyPatched as exc:
+            self.report.skipped.append({"symbol": spec.symbol, "reason": str(exc)})
+            return
         except Exception as exc:
             self.report.failed.append({"symbol": spec.symbol, "reason": str(exc) or repr(exc)})
             self.problem(f"{spec.source}: cannot patch {spec.symbol}: {exc}")
             return
-        state.target, state.probe, state.wrapper = target, probe, wrapper
+        state.target, state.probe, state.wrapper, state.set_switch = target, probe, wrapper, set_switch
         self._our_wrappers.add(id(wrapper))
-        probe.active = self._probe_active(probe)
+        self._refresh(state)
         self.report.applied.append(spec.symbol)
 
     def _make_probe(self, spec: SymbolSpec, target: patching.ResolvedTarget) -> probes.Probe:
@@ -279,8 +282,14 @@ class Runtime:
 
     # -- enable / domains / timelimit ---------------------------------------------------------------
 
-    def _probe_active(self, probe: probes.Probe) -> bool:
-        return self.enabled and (self.domains is None or probe.domain in self.domains)
+    def _refresh(self, state: PatchState) -> None:
+        probe = state.probe
+        if probe is None:
+            return
+        active = self.enabled and (self.domains is None or probe.domain in self.domains)
+        probe.active = active
+        if state.set_switch is not None:
+            state.set_switch(active)
 
     def _apply(self, settings: ProfilerSettings, reason: str) -> None:
         with self._lock:
@@ -293,8 +302,7 @@ class Runtime:
             elif not self.enabled:
                 self._deadline = None
             for state in self.states.values():
-                if state.probe is not None:
-                    state.probe.active = self._probe_active(state.probe)
+                self._refresh(state)
             if self.enabled != was_enabled or reason == "startup":
                 self._note_state(reason)
             self._update_samplers()
@@ -305,8 +313,7 @@ class Runtime:
                 return
             self.enabled = enabled
             for state in self.states.values():
-                if state.probe is not None:
-                    state.probe.active = self._probe_active(state.probe)
+                self._refresh(state)
             self._note_state(reason)
             self._update_samplers()
 

@@ -430,3 +430,23 @@ def test_sitecustomize_dir_activates_and_chains_user_sitecustomize(workspace: Wo
     assert proc.stdout.strip() == "1"
     run = _single_run(workspace)
     assert len(run.spans("schedule")) == 1
+
+
+def test_inherited_method_of_a_patched_base_is_not_wrapped_twice(workspace: Workspace) -> None:
+    workspace.write_config()
+    workspace.write_symbols("""
+    - symbol: toymod:Engine.schedule
+    - symbol: toymod:SubEngine.schedule
+    - symbol: toymod:SubEngine.build
+    """)
+    proc = workspace.run_python("""
+    import toymod
+    print(toymod.SubEngine().schedule(2), toymod.SubEngine.build(1), toymod.Engine.build(1))
+    """)
+    assert proc.stdout.split() == ["2", "2", "2"]
+    run = _single_run(workspace)
+    assert len(run.spans("schedule")) == 1
+    assert len(run.spans("build")) == 1  # patched on the subclass only
+    patch = run.of_type("patch")[-1]
+    assert [s["symbol"] for s in patch["skipped"]] == ["toymod:SubEngine.schedule"]
+    assert "already wrapped" in patch["skipped"][0]["reason"]

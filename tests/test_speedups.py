@@ -128,6 +128,45 @@ def test_make_switch_returns_an_inactive_probe_switch_and_its_setter() -> None:
     assert installed(1)[0] == "original"
 
 
+@needs_ext
+def test_make_switch_initial_state_and_builtin_original() -> None:
+    switch: Any = make_switch(record, tagged, active=True)[0]
+    assert switch.active is True
+    assert switch(1)[0] == "wrapper"
+    builtin: Any = make_switch(len, tagged)[0]  # no __dict__ / __wrapped__ on the original: fine
+    assert type(builtin) is _switch_type()
+    assert builtin([1, 2]) == 2
+    assert builtin.__name__ == "len"
+    assert builtin.__wrapped__ is len
+
+
+async def _coroutine_function() -> int:
+    return 1
+
+
+def _generator_function() -> Any:
+    yield 1
+
+
+async def _async_generator_function() -> Any:
+    yield 1
+
+
+@pytest.mark.parametrize("target", [_coroutine_function, _generator_function, _async_generator_function])
+def test_async_and_generator_targets_keep_their_python_wrapper(target: Callable[..., Any]) -> None:
+    # A C callable has no code flags: inspect.iscoroutinefunction & co. would stop recognising it.
+    def sync_wrapper(*args: Any, **kwargs: Any) -> Any:
+        return target(*args, **kwargs)
+
+    installed, set_active = make_switch(target, sync_wrapper)
+    assert installed is sync_wrapper
+    assert set_active(True) is None
+    if HAVE_SPEEDUPS:
+        assert make_switch(record, sync_wrapper)[0] is not sync_wrapper  # the plain case does switch
+    installed, _ = make_switch(record, target)  # a coroutine/generator *wrapper* too
+    assert installed is target
+
+
 def test_dispatch_through_make_switch(impl: str) -> None:
     inst = Installed(record, impl)
     f = inst.callable

@@ -26,6 +26,7 @@ from vllm.sampling_params import SamplingParams
 from vllm.utils.hashing import sha256
 from vllm.v1.core.kv_cache_manager import KVCacheManager
 from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine import EngineCoreOutputs
@@ -79,6 +80,14 @@ def make_scheduler(*, num_blocks: int = 1000, max_num_seqs: int = 16, max_num_ba
     return Scheduler(vllm_config=vllm_config, kv_cache_config=kv_cache_config,
                      structured_output_manager=StructuredOutputManager(vllm_config), block_size=BLOCK_SIZE,
                      log_stats=True)
+
+
+def make_async_scheduler(**config: Any) -> AsyncScheduler:
+    """The scheduler vLLM uses with `--async-scheduling` (same configuration as `make_scheduler`)."""
+    base = make_scheduler(**config)
+    return AsyncScheduler(vllm_config=base.vllm_config, kv_cache_config=base.kv_cache_config,
+                          structured_output_manager=base.structured_output_manager, block_size=BLOCK_SIZE,
+                          log_stats=True)
 
 
 def make_request(request_id: str, prompt: Sequence[int], max_tokens: int = 4, *,
@@ -148,6 +157,28 @@ def step(scheduler: Scheduler, tokens: dict[str, int] | None = None) -> tuple[Sc
 
     result, _ = vllm_v1.engine_step_handler(engine_step, None)
     return holder["out"], result
+
+
+def run_with_batch_queue(scheduler: Scheduler, steps: int, depth: int = 2) -> None:
+    """What `EngineCore.step_with_batch_queue` does: schedule and launch a batch each step, and
+    process the oldest batch's output once `depth` are in flight; then drain the queue."""
+    queue: list[tuple[SchedulerOutput, ModelRunnerOutput]] = []
+
+    def update_oldest() -> None:
+        out, model_output = queue.pop(0)
+        vllm_v1.update_from_output_handler(Scheduler.update_from_output, scheduler, out, model_output)
+
+    def engine_step(engine: Any) -> None:
+        out = vllm_v1.schedule_handler(Scheduler.schedule, scheduler)
+        vllm_v1.execute_model_handler(_execute, None, out)
+        queue.append((out, made_up_output(scheduler, out)))  # the device computes it now
+        if len(queue) == depth:
+            update_oldest()
+
+    for _ in range(steps):
+        vllm_v1.engine_step_handler(engine_step, None)
+    while queue:
+        update_oldest()
 
 
 KV_HANDLERS: tuple[tuple[type, str, Callable[..., Any]], ...] = (

@@ -31,11 +31,18 @@ from __future__ import annotations
 import gc
 import json
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
+
+from service_profiler.analyze.request_tracks import (
+    RequestLifecycle,
+    first_seen,
+    read_request_events,
+    request_phases,
+)
 
 if TYPE_CHECKING:
     from service_profiler.rawfile import RunData, SpanRecord
@@ -44,7 +51,8 @@ TraceEvent = dict[str, Any]
 
 MAX_INSTANTS_PER_NAME = 20_000
 SCHEDULE_SPAN = "batchFrameworkProcessing"
-MODEL_SPAN = "modelExec"
+# Where a step ends, best first (DESIGN.md vocabulary): the request table's engine-side first token.
+STEP_END_SPANS = ("updateFromOutput", "step", "modelExec")
 # Shown by the kvcache counter; one per request per step would dominate the file.
 FOLDED_EVENTS = frozenset({("KVCache", "allocate")})
 _ROLE_SORT = (("api", 0), ("engine", 2), ("worker", 3))
@@ -154,34 +162,6 @@ def _numbers(values: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-class _Lifecycle:
-    """What the batches and events say about one request."""
-
-    def __init__(self) -> None:
-        self.args: dict[str, Any] = {}
-        self.arrival: int | None = None
-        self.done: int | None = None
-        self.finished_state: int | None = None
-        self.marks: list[tuple[int, str]] = []  # (ts, state entered), in time order per source
-        self.phase = -1  # of the last batch that ran it: 0 prefill, 1 decode, -1 none or preempted
-        self.last_done = 0  # when the model run of that batch ended
-        self.batches = 0
-        self.first_batch: tuple[int, int, int, int] | None = None  # pid, tid, start, end
-
-    def changed(self, start: int, phase: int) -> None:
-        """A batch starting at `start` runs it in a new phase (or resumes its prefill)."""
-        if phase == 0:
-            self.marks.append((start, "prefill"))
-        else:
-            # The first token exists when the last prefill batch's model run ends.
-            self.marks.append((min(self.last_done, start) if self.phase == 0 else start, "decode"))
-        self.phase = phase
-
-    def preempted(self, ts: int) -> None:
-        self.marks.append((ts, "preempted"))
-        self.phase = -1
-
-
 class _Placed(NamedTuple):
     pid: int
     tid: int
@@ -213,7 +193,9 @@ class _TraceBuilder:
             pinfo = self.run.processes[proc]
             label = "main" if raw_tid == pinfo.pid else "thread"
             suffix = f" overlap {lane}" if lane else ""
-            self.thread_names.append((proc + 1, tid, f"{label} {raw_tid}{suffix}", raw_tid * 8 + lane))
+            # Real tid order, each thread's overlap lanes right below it.
+            sort = raw_tid * 8 + lane if type(raw_tid) is int else lane
+            self.thread_names.append((proc + 1, tid, f"{label} {raw_tid}{suffix}", sort))
         return tid
 
     def metadata_events(self) -> list[TraceEvent]:
@@ -281,21 +263,21 @@ class _TraceBuilder:
         for c in self.run.counters:
             self._counter(c.proc, c.name, c.domain, c.ts_ns, c.values)
 
-    def add_batches(self) -> dict[Any, _Lifecycle]:
+    def add_batches(self) -> dict[Any, RequestLifecycle]:
         """One pass over the scheduler steps: the `tokens` counter, `kvcache`/`queues` where the process
         recorded none, and each request's batch membership."""
         recorded = {(c.proc, c.name) for c in self.run.counters}
         # Keyed by the rid as recorded: str() per batch entry would cost more than the rest of the loop.
-        life: dict[Any, _Lifecycle] = defaultdict(_Lifecycle)
-        model_end = {(s.proc, (s.attrs or {}).get("batch_id")): s.end_ns
-                     for s in self.run.spans if s.name == MODEL_SPAN and s.attrs}
+        life: dict[Any, RequestLifecycle] = defaultdict(RequestLifecycle)
+        step_end = self._step_ends()
         for span in self.run.spans:
             a = span.attrs
             if span.name != SCHEDULE_SPAN or not a:
                 continue
-            done = max(model_end.get((span.proc, a.get("batch_id")), span.end_ns), span.start_ns)
             tokens = [0, 0]
             try:
+                _, done = step_end.get((span.proc, a.get("batch_id", -1)), (0, span.end_ns))
+                done = max(done, span.start_ns)
                 for entry in a.get("reqs") or _NONE:
                     phase = 1 if entry[1] else 0
                     tokens[phase] += entry[2]
@@ -324,6 +306,18 @@ class _TraceBuilder:
                               {"running": a.get("running"), "waiting": a.get("waiting")})
         return life
 
+    def _step_ends(self) -> dict[tuple[int, Any], tuple[int, int]]:
+        """(proc, batch_id) -> (rank in STEP_END_SPANS, end) of the best span that ends that step."""
+        rank_of = {name: rank for rank, name in enumerate(STEP_END_SPANS)}
+        ends: dict[tuple[int, Any], tuple[int, int]] = {}
+        for s in self.run.spans:
+            rank = rank_of.get(s.name)
+            if rank is not None and s.attrs and type(bid := s.attrs.get("batch_id")) is int:
+                key = (s.proc, bid)
+                if key not in ends or rank < ends[key][0]:
+                    ends[key] = (rank, s.end_ns)
+        return ends
+
     def add_instants(self) -> None:
         counts: dict[str, int] = defaultdict(int)
         for e in self.run.events:
@@ -344,28 +338,11 @@ class _TraceBuilder:
                                 "cat": "profiler", "pid": proc + 1, "tid": self._tid(proc, pinfo.pid),
                                 "ts": self._us(ts_ns), "args": {"reason": reason}})
 
-    def add_requests(self, life: dict[Any, _Lifecycle]) -> None:
-        for e in self.run.events:
-            a = e.attrs or {}
-            if e.domain != "Request" or not isinstance(a.get("rid"), (str, int)):
-                continue
-            lc = life[a["rid"]]
-            if e.name == "httpReq":
-                lc.arrival = e.ts_ns
-                lc.args.update(api_rid=a.get("api_rid"), prompt_tokens=a.get("prompt_tokens"))
-            elif e.name == "enqueue":
-                lc.arrival = e.ts_ns if lc.arrival is None else lc.arrival
-                lc.args.setdefault("prompt_tokens", a.get("prompt_tokens"))
-            elif e.name == "state" and str(a.get("to", "")).upper() == "PREEMPTED":
-                lc.marks.append((e.ts_ns, "preempted"))
-            elif e.name == "state" and str(a.get("to", "")).upper().startswith("FINISHED"):
-                lc.finished_state = e.ts_ns
-            elif e.name == "httpRes":
-                lc.done = e.ts_ns
-                lc.args.update(output_tokens=a.get("output_tokens"), finish_reason=a.get("finish_reason"))
-        order = sorted(life.items(), key=lambda kv: (_first_seen(kv[1]), str(kv[0])))
+    def add_requests(self, life: dict[Any, RequestLifecycle]) -> None:
+        read_request_events(life, self.run.events)
+        order = sorted(life.items(), key=lambda kv: (first_seen(kv[1]), str(kv[0])))
         for n, (rid, lc) in enumerate(order):
-            phases = _phases(lc)
+            phases = request_phases(lc)
             if not phases:
                 continue
             tid = len(self.threads) + 1
@@ -411,28 +388,3 @@ def _place(ends: list[list[int]], start: int, end: int) -> int:
             return lane
     ends.append([end])
     return len(ends) - 1
-
-
-def _first_seen(lc: _Lifecycle) -> int:
-    if lc.arrival is not None:
-        return lc.arrival
-    return lc.marks[0][0] if lc.marks else 0
-
-
-def _phases(lc: _Lifecycle) -> list[tuple[str, int, int]]:
-    """Adjacent (state, start, end) slices covering a request's life, in time order."""
-    marks = sorted(lc.marks, key=lambda m: m[0])  # stable: batch order kept at equal times
-    if lc.arrival is not None:
-        marks.insert(0, (lc.arrival, "queued"))
-    if not marks:
-        return []
-    end = next((t for t in (lc.done, lc.finished_state, lc.last_done or None) if t is not None), marks[-1][0])
-    states: list[tuple[str, int]] = []
-    for ts, state in marks:
-        # Clock skew between hosts must not make a slice start before the previous one.
-        ts = max(ts, states[-1][1]) if states else ts
-        if not states or states[-1][0] != state:
-            states.append((state, ts))
-    end = max(end, states[-1][1])
-    bounds: Sequence[int] = [s for _, s in states[1:]] + [end]
-    return [(state, start, stop) for (state, start), stop in zip(states, bounds, strict=True)]

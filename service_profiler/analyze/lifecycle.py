@@ -17,7 +17,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from operator import itemgetter
 from typing import Any
 
@@ -141,8 +141,10 @@ def build_state_transitions(idx: RecordIndex, tables: AnalysisTables) -> Table:
     return Table("state_transitions", list(STATE_COLUMNS), rows)
 
 
-def iter_request_states(tables: AnalysisTables) -> Iterator[tuple[Any, ...]]:
-    """Per-iteration request states (ITERATION_COLUMNS), batch by batch, streamed."""
+def iter_request_states(tables: AnalysisTables,
+                        proc_labels: Sequence[Any] | None = None) -> Iterator[tuple[Any, ...]]:
+    """Per-iteration request states (ITERATION_COLUMNS), batch by batch, streamed. With `proc_labels`
+    the proc column holds `proc_labels[proc]` instead of the process index."""
     iters: dict[Any, int] = {}
     generated: dict[Any, int] = {}
     since: dict[Any, int] = {}
@@ -150,12 +152,17 @@ def iter_request_states(tables: AnalysisTables) -> Iterator[tuple[Any, ...]]:
     for i, span in enumerate(tables.batch_spans):
         a = span.attrs or {}
         bid, dp, proc, start = brows[i][0], brows[i][1], brows[i][2], brows[i][3]
+        if proc_labels is not None:
+            proc = proc_labels[proc]
         finished = {_rid_of(x) for x in tables.batch_finished[i]} if tables.batch_finished[i] else ()
         for e in a.get("reqs") or ():
-            rid, phase, sched = e[0], e[1], e[2]
-            computed = e[3] if len(e) > 3 else 0
-            prompt = e[4] if len(e) > 4 else None
-            resumed = e[5] if len(e) > 5 else 0
+            if len(e) == 6:
+                rid, phase, sched, computed, prompt, resumed = e
+            else:
+                rid, phase, sched = e[0], e[1], e[2]
+                computed = e[3] if len(e) > 3 else 0
+                prompt = e[4] if len(e) > 4 else None
+                resumed = e[5] if len(e) > 5 else 0
             it = iters.get(rid, 0)
             iters[rid] = it + 1
             gen = generated.get(rid, 0)

@@ -1,7 +1,8 @@
 """`profiler.db`: the run and its analysis tables in one SQLite file.
 
 Raw tables (timestamps epoch ns, `attrs`/`values` as JSON text, queryable with json_extract):
-  process, process_meta, span, event, counter, run_state, problem.
+  process, process_meta, span, event, counter, run_state, problem. The `reqs` list of a
+  batchFrameworkProcessing span is not repeated in its attrs: it is the batch_req table, in order.
 Analysis tables (columns as in `tables`; list cells as JSON text):
   request, batch (+ batch_row, the row number batch_req points at), batch_req (one row per request in
   each batch), kvcache, state_transition, lifecycle_event.
@@ -113,7 +114,7 @@ def _write_raw(db: sqlite3.Connection, run: RunData) -> None:
                "start_ns INTEGER, end_ns INTEGER, dur_ns INTEGER, tid INTEGER, batch_id INTEGER, attrs TEXT)")
     db.executemany("INSERT INTO span VALUES (NULL,?,?,?,?,?,?,?,?,?)", (
         (s.proc, s.domain, s.name, s.start_ns, s.end_ns, s.end_ns - s.start_ns, s.tid,
-         _scalar(s.attrs.get("batch_id")) if s.attrs else None, dumps(s.attrs) if s.attrs is not None else None)
+         _scalar(s.attrs.get("batch_id")) if s.attrs else None, _span_attrs(s.name, s.attrs))
         for s in run.spans))
     db.execute("CREATE TABLE event (id INTEGER PRIMARY KEY, proc INTEGER, domain TEXT, name TEXT, ts_ns INTEGER, "
                "tid INTEGER, rid TEXT, batch_id INTEGER, attrs TEXT)")
@@ -131,6 +132,15 @@ def _write_raw(db: sqlite3.Connection, run: RunData) -> None:
     db.executemany("INSERT INTO problem VALUES (?)", [(p,) for p in run.problems])
 
 
+def _span_attrs(name: str, attrs: dict[str, Any] | None) -> str | None:
+    if attrs is None:
+        return None
+    if name == "batchFrameworkProcessing" and "reqs" in attrs:
+        # the per-request entries are the batch_req table, row for row; not stored twice
+        attrs = {k: v for k, v in attrs.items() if k != "reqs"}
+    return json.dumps(attrs)
+
+
 def _scalar(v: Any) -> Any:
     return v if v is None or isinstance(v, int | float | str) else json.dumps(v)
 
@@ -146,7 +156,7 @@ def write_sqlite(run: RunData, tables: AnalysisTables, path: Path) -> Path:
         # A fresh file written once: durability on crash does not matter, speed does.
         db.execute("PRAGMA journal_mode=OFF")
         db.execute("PRAGMA synchronous=OFF")
-        db.execute("PRAGMA cache_size=-200000")
+        db.execute("PRAGMA cache_size=-65536")  # 64 MB: enough for the index builds, bounded RSS
         db.execute("BEGIN")
         _write_raw(db, run)
         _write_table(db, "request", tables.requests)

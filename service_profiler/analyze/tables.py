@@ -136,11 +136,12 @@ class AnalysisTables:
         prompt_tokens, resumed), one per request in each batch; streamed to keep memory flat."""
         rows = self.batches.rows
         for i, span in enumerate(self.batch_spans):
-            bid, dp, proc = rows[i][0], rows[i][1], rows[i][2]
+            head = (i, *rows[i][:3])
             for e in (span.attrs or {}).get("reqs") or ():
-                n = len(e)
-                yield (i, bid, dp, proc, e[0], e[1] if n > 1 else None, e[2] if n > 2 else None,
-                       e[3] if n > 3 else None, e[4] if n > 4 else None, e[5] if n > 5 else 0)
+                if len(e) == 6:
+                    yield head + tuple(e)
+                else:
+                    yield head + tuple(e[:6]) + (None,) * (6 - len(e))
 
 
 class RecordIndex:
