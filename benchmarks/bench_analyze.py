@@ -39,7 +39,7 @@ print(json.dumps({"rc": rc, "elapsed_s": elapsed,
 # (b): requests chosen so the run holds ~1M records with this mix (see the printed composition).
 CASES = {
     "a": SyntheticConfig(requests=1000, output_tokens=64, max_num_seqs=256, arrival_rate_per_s=200.0),
-    "b": SyntheticConfig(requests=22_000, output_tokens=64, max_num_seqs=64, arrival_rate_per_s=60.0,
+    "b": SyntheticConfig(requests=18_000, output_tokens=64, max_num_seqs=16, arrival_rate_per_s=30.0,
                          prompt_tokens=(64, 1024)),
 }
 LINEARITY_FRACTION = 4

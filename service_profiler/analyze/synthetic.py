@@ -53,6 +53,7 @@ class SyntheticConfig:
     start_wall_ns: int = 1_750_000_000_000_000_000
     flush_every: int = 256              # records per `rec` line
     host_sample_period_ns: int = 500 * MS
+    runner_timer_spans: bool = True     # runnerExecute / runnerSample timer spans per step
 
 
 @dataclass
@@ -342,6 +343,11 @@ class _Engine:
             exec_end = exec_start + model_ns
             w.span("ModelExecute", "modelExec", exec_start, exec_end, {"batch_id": batch_id,
                                                                         "dp_rank": self.dp_rank})
+            if cfg.runner_timer_spans:
+                # the default YAML's timer probes on GPUModelRunner.execute_model / sample_tokens
+                run_end = exec_end - 300 * US
+                w.span("ModelExecute", "runnerExecute", exec_start + 30 * US, run_end, None)
+                w.span("ModelExecute", "runnerSample", run_end + 20 * US, exec_end - 20 * US, None)
             upd_start = exec_end + 10 * US
             upd_end = upd_start + 60 * US + 1 * US * len(entries)
             token_ts = upd_end + 150 * US
