@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,7 +46,20 @@ CASES = {
 LINEARITY_FRACTION = 4
 
 
-def analyze(run_dir: Path, out_dir: Path, formats: list[str]) -> dict[str, object]:
+@dataclass
+class Result:
+    name: str
+    records: int
+    entries: int
+    raw_mb: float
+    elapsed_s: float
+    wall_s: float
+    peak_rss_mb: float
+    phases: list[str]
+
+
+def analyze(run_dir: Path, out_dir: Path, formats: list[str]) -> tuple[float, float, float, list[str]]:
+    """(in-process seconds, subprocess wall seconds, peak RSS MB, progress lines) of one analysis."""
     cmd = [sys.executable, "-c", _CHILD, "--input-path", str(run_dir), "--output-path", str(out_dir),
            "--format", *formats]
     t0 = time.perf_counter()
@@ -53,44 +67,42 @@ def analyze(run_dir: Path, out_dir: Path, formats: list[str]) -> dict[str, objec
     wall = time.perf_counter() - t0
     lines = proc.stderr.strip().splitlines()
     try:
-        result: dict[str, object] = json.loads(lines[-1])
+        stats = json.loads(lines[-1])
     except (IndexError, ValueError):
         print(proc.stdout, proc.stderr, file=sys.stderr)
         raise SystemExit(f"analyze failed (exit {proc.returncode})") from None
-    result["wall_s"] = wall
-    result["phases"] = [ln for ln in lines if ln.startswith("[analyze")]
-    return result
+    return (float(stats["elapsed_s"]), wall, float(stats["peak_rss_mb"]),
+            [ln for ln in lines if ln.startswith("[analyze")])
 
 
-def composition(run_dir: Path) -> dict[str, int]:
+def composition(run_dir: Path) -> tuple[int, int, int, int, int]:
+    """(records, spans, events, counters, per-request entries in batch spans and tokens events)."""
     from service_profiler.rawfile import read_run
 
     run = read_run([run_dir])
     entries = sum(len((s.attrs or {}).get("reqs") or ()) for s in run.spans if s.name == "batchFrameworkProcessing")
     entries += sum(len((e.attrs or {}).get("reqs") or ()) for e in run.events if e.name == "tokens")
-    return {"records": run.num_records, "spans": len(run.spans), "events": len(run.events),
-            "counters": len(run.counters), "batch_and_token_entries": entries,
-            "raw_bytes": sum(p.stat().st_size for p in run_dir.glob("*.sprof.jsonl"))}
+    return run.num_records, len(run.spans), len(run.events), len(run.counters), entries
 
 
-def bench(name: str, cfg: SyntheticConfig, work: Path, formats: list[str]) -> dict[str, object]:
+def bench(name: str, cfg: SyntheticConfig, work: Path, formats: list[str]) -> Result:
     run_dir = work / f"run_{name}"
     truth = generate_run(run_dir, cfg)
-    comp = composition(run_dir)
-    res = analyze(run_dir, work / f"out_{name}", formats)
-    elapsed = float(res["elapsed_s"])  # type: ignore[arg-type]
+    records, spans, events, counters, entries = composition(run_dir)
+    raw_mb = sum(p.stat().st_size for p in run_dir.glob("*.sprof.jsonl")) / 1e6
+    elapsed, wall, rss, phases = analyze(run_dir, work / f"out_{name}", formats)
     trace = work / f"out_{name}" / "chrome_tracing.json"
-    print(f"\n== case {name}: {cfg.requests:,} requests x {cfg.output_tokens} tokens, "
-          f"{len(truth.files)} process files, {comp['raw_bytes'] / 1e6:.1f} MB raw")
-    print(f"   records {comp['records']:,} (spans {comp['spans']:,}, events {comp['events']:,}, "
-          f"counters {comp['counters']:,}); per-request entries in batches/tokens {comp['batch_and_token_entries']:,}")
-    print(f"   analyze {elapsed:.2f} s in-process, {float(res['wall_s']):.2f} s wall (with interpreter start); "  # type: ignore[arg-type]
-          f"peak RSS {float(res['peak_rss_mb']):.0f} MB; {comp['records'] / elapsed:,.0f} records/s")  # type: ignore[arg-type]
+    print(f"\n== case {name}: {cfg.requests:,} requests x {cfg.output_tokens} tokens, max_num_seqs "
+          f"{cfg.max_num_seqs}, {len(truth.files)} process files, {raw_mb:.1f} MB raw")
+    print(f"   records {records:,} (spans {spans:,}, events {events:,}, counters {counters:,}); "
+          f"per-request entries in batch spans + tokens events {entries:,}")
+    print(f"   analyze {elapsed:.2f} s in-process, {wall:.2f} s wall (with interpreter start); "
+          f"peak RSS {rss:.0f} MB; {records / elapsed:,.0f} records/s")
     if trace.exists():
         print(f"   chrome_tracing.json {trace.stat().st_size / 1e6:.1f} MB")
-    for line in res["phases"]:  # type: ignore[attr-defined]
+    for line in phases:
         print(f"     {line}")
-    return {"case": name, **comp, **res}
+    return Result(name, records, entries, raw_mb, elapsed, wall, rss, phases)
 
 
 def main() -> int:
@@ -105,22 +117,18 @@ def main() -> int:
         work.mkdir(parents=True, exist_ok=True)
         results = {name: bench(name, CASES[name], work, args.format) for name in args.case}
         if "b" in results and not args.no_linearity:
-            base = CASES["b"]
-            small = SyntheticConfig(**{**base.__dict__, "requests": base.requests // LINEARITY_FRACTION})
-            r_small = bench("b_quarter", small, work, args.format)
-            r_big = results["b"]
-            per_small = float(r_small["elapsed_s"]) / int(r_small["records"])  # type: ignore[arg-type]
-            per_big = float(r_big["elapsed_s"]) / int(r_big["records"])  # type: ignore[arg-type]
+            small_cfg = replace(CASES["b"], requests=CASES["b"].requests // LINEARITY_FRACTION)
+            small, big = bench("b_quarter", small_cfg, work, args.format), results["b"]
+            per_small, per_big = small.elapsed_s / small.records, big.elapsed_s / big.records
             print(f"\nlinearity: {per_small * 1e6:.2f} us/record at 1/{LINEARITY_FRACTION} size, "
                   f"{per_big * 1e6:.2f} us/record at full size (ratio {per_big / per_small:.2f})")
         print("\ntargets: (a) <= 1.5 s; (b) <= 15 s and <= 1024 MB peak RSS")
-        for name in ("a", "b"):
+        for name, limit_s in (("a", 1.5), ("b", 15.0)):
             if name in results:
                 r = results[name]
-                limit_s = 1.5 if name == "a" else 15.0
-                ok = float(r["elapsed_s"]) <= limit_s and (name == "a" or float(r["peak_rss_mb"]) <= 1024)  # type: ignore[arg-type]
-                print(f"  ({name}) {'MET' if ok else 'NOT MET'}: {float(r['elapsed_s']):.2f} s, "  # type: ignore[arg-type]
-                      f"{float(r['peak_rss_mb']):.0f} MB")  # type: ignore[arg-type]
+                ok = r.elapsed_s <= limit_s and (name == "a" or r.peak_rss_mb <= 1024)
+                print(f"  ({name}) {'MET' if ok else 'NOT MET'}: {r.elapsed_s:.2f} s, {r.peak_rss_mb:.0f} MB "
+                      f"(formats: {' '.join(args.format)})")
     return 0
 
 

@@ -46,7 +46,7 @@ class ConsoleWindow:
         self.write = write
         self.clock = clock
         self.min_interval_s = min_interval_s
-        self._window_start = clock()
+        self._window_start: float | None = None  # the first step's time; then the previous line's
         self._reset()
 
     def _reset(self) -> None:
@@ -73,6 +73,9 @@ class ConsoleWindow:
         every_n = self.every_n()
         if every_n <= 0:
             return None
+        now = self.clock()
+        if self._window_start is None:  # not from start-up: model loading is not engine time
+            self._window_start = now - schedule_ns / 1e9
         self.steps += 1
         self.schedule_ns += schedule_ns
         for entry in reqs:
@@ -82,7 +85,6 @@ class ConsoleWindow:
             else:
                 self.decode_reqs += 1
                 self.decode_tokens += entry[2]
-        now = self.clock()
         if self.steps < every_n or now - self._window_start < self.min_interval_s:
             return None
         line = self.format_line(batch_id, dp_rank, now - self._window_start, running, waiting, kv_used,

@@ -57,20 +57,20 @@ def scheduled_requests(scheduler: Scheduler, out: SchedulerOutput) -> list[Sched
     requests = scheduler.requests
     num_scheduled = out.num_scheduled_tokens
     reqs: list[ScheduledReq] = []
+    append = reqs.append
     for new in out.scheduled_new_reqs:
         rid = new.req_id
         request = requests[rid]
         # The v2 model runner sends resumed requests as new ones; only they have been preempted.
-        resumed = 1 if request.num_preemptions > 0 else 0
-        reqs.append((rid, PREFILL, num_scheduled[rid], new.num_computed_tokens, request.num_prompt_tokens,
-                     resumed))
+        append((rid, PREFILL, num_scheduled[rid], new.num_computed_tokens, request.num_prompt_tokens,
+                1 if request.num_preemptions > 0 else 0))
     cached = out.scheduled_cached_reqs
     resumed_ids = cached.resumed_req_ids
     for rid, computed, outputs in zip(cached.req_ids, cached.num_computed_tokens, cached.num_output_tokens,
                                       strict=False):
         prompt = requests[rid].num_prompt_tokens
-        phase = DECODE if outputs > 0 and computed >= prompt + outputs - 1 else PREFILL
-        reqs.append((rid, phase, num_scheduled[rid], computed, prompt, 1 if rid in resumed_ids else 0))
+        append((rid, DECODE if outputs and computed >= prompt + outputs - 1 else PREFILL, num_scheduled[rid],
+                computed, prompt, 1 if resumed_ids and rid in resumed_ids else 0))
     return reqs
 
 
@@ -113,15 +113,14 @@ def extract_schedule(scheduler: Scheduler, out: SchedulerOutput) -> dict[str, An
 def schedule_transitions(reqs: list[ScheduledReq], out: SchedulerOutput) -> list[Transition]:
     """State changes made by one `schedule()` call, given its `scheduled_requests`: preemptions first
     (they happen while the running queue is scheduled, before waiting requests are admitted), then
-    resumptions and admissions. Requests that waited on remote KV or on a grammar count as WAITING.
+    admissions and resumptions. Requests that waited on remote KV or on a grammar count as WAITING.
+    O(new + preempted + resumed): running requests that just continue are not looked at.
     """
     transitions: list[Transition] = [(rid, RUNNING, PREEMPTED) for rid in sorted(out.preempted_req_ids or ())]
-    num_new = len(out.scheduled_new_reqs)  # `scheduled_requests` lists the new requests first
-    for index, (rid, _phase, _tokens, _before, _prompt, resumed) in enumerate(reqs):
-        if resumed:
-            transitions.append((rid, PREEMPTED, RUNNING))
-        elif index < num_new:
-            transitions.append((rid, WAITING, RUNNING))
+    # `scheduled_requests` lists the new requests first; a new one that was preempted (v2 runner) resumes.
+    for rid, _phase, _tokens, _before, _prompt, resumed in reqs[:len(out.scheduled_new_reqs)]:
+        transitions.append((rid, PREEMPTED if resumed else WAITING, RUNNING))
+    transitions.extend((rid, PREEMPTED, RUNNING) for rid in sorted(out.scheduled_cached_reqs.resumed_req_ids))
     return transitions
 
 

@@ -198,7 +198,7 @@ class _FileReader:
         self.bad_records = 0
 
     def read(self, path: Path) -> None:
-        run, proc = self.run, self.proc
+        run = self.run
         problems = run.problems
         loads = json.loads
         with path.open("rb") as fh:

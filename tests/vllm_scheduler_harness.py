@@ -15,12 +15,14 @@ import contextlib
 import functools
 import itertools
 import json
+import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from service_profiler.handlers import vllm_v1
 from vllm.config import CacheConfig, ModelConfig, SchedulerConfig, VllmConfig
 from vllm.sampling_params import SamplingParams
 from vllm.utils.hashing import sha256
@@ -36,7 +38,6 @@ from vllm.v1.request import Request, RequestStatus
 from vllm.v1.structured_output import StructuredOutputManager
 
 from service_profiler import patching, probes
-from service_profiler.handlers import vllm_v1
 
 BLOCK_SIZE = 16
 TOKEN = 7
@@ -59,7 +60,8 @@ def model_dir() -> str:
 
 def make_scheduler(*, num_blocks: int = 1000, max_num_seqs: int = 16, max_num_batched_tokens: int = 8192,
                    max_model_len: int = 2048, enable_prefix_caching: bool = False,
-                   long_prefill_token_threshold: int = 0) -> Scheduler:
+                   long_prefill_token_threshold: int = 0, scheduler_class: type[Scheduler] = Scheduler
+                   ) -> Scheduler:
     """A real v1 Scheduler with `num_blocks` KV blocks of `BLOCK_SIZE` tokens (block 0 is vLLM's null
     block, so `num_blocks - 1` are usable)."""
     model_config = ModelConfig(model=model_dir(), skip_tokenizer_init=True, max_model_len=max_model_len,
@@ -77,17 +79,16 @@ def make_scheduler(*, num_blocks: int = 1000, max_num_seqs: int = 16, max_num_ba
         kv_cache_groups=[KVCacheGroupSpec(["layer"], FullAttentionSpec(
             block_size=BLOCK_SIZE, num_kv_heads=1, head_size=1, dtype=torch.float32))])
     cache_config.num_gpu_blocks = num_blocks
-    return Scheduler(vllm_config=vllm_config, kv_cache_config=kv_cache_config,
-                     structured_output_manager=StructuredOutputManager(vllm_config), block_size=BLOCK_SIZE,
-                     log_stats=True)
+    return scheduler_class(vllm_config=vllm_config, kv_cache_config=kv_cache_config,
+                           structured_output_manager=StructuredOutputManager(vllm_config),
+                           block_size=BLOCK_SIZE, log_stats=True)
 
 
 def make_async_scheduler(**config: Any) -> AsyncScheduler:
     """The scheduler vLLM uses with `--async-scheduling` (same configuration as `make_scheduler`)."""
-    base = make_scheduler(**config)
-    return AsyncScheduler(vllm_config=base.vllm_config, kv_cache_config=base.kv_cache_config,
-                          structured_output_manager=base.structured_output_manager, block_size=BLOCK_SIZE,
-                          log_stats=True)
+    scheduler = make_scheduler(scheduler_class=AsyncScheduler, **config)
+    assert isinstance(scheduler, AsyncScheduler)
+    return scheduler
 
 
 def make_request(request_id: str, prompt: Sequence[int], max_tokens: int = 4, *,
@@ -194,7 +195,7 @@ def patched(targets: Sequence[tuple[type, str, Callable[..., Any]]] = KV_HANDLER
     installed = []
     try:
         for owner, attr, handler in targets:
-            target = patching.resolve(__import__(owner.__module__, fromlist=["_"]), (owner.__name__, attr))
+            target = patching.resolve(sys.modules[owner.__module__], (*owner.__qualname__.split("."), attr))
             probe = probes.Probe(symbol=f"{owner.__module__}:{owner.__name__}.{attr}", domain="KVCache",
                                  name=attr, chan=0, buffer=[], max_buffered=0, recorder_drop=lambda: None,
                                  on_problem=_raise)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -35,7 +34,7 @@ from service_profiler.rawfile import RunData
 
 from . import lifecycle
 from .summary import batch_metrics, describe, request_metrics, service_metrics
-from .tables import AnalysisTables, Table
+from .tables import AnalysisTables, Table, json_text
 
 REQUEST_REF_COLUMNS = ["http_rid", "start_datetime", "recv_token_size", "reply_token_size", "execution_time(ms)",
                        "queue_wait_time(ms)", "first_token_latency(ms)", "cache_hit_rate"]
@@ -62,7 +61,7 @@ def _cell(v: Any) -> Any:
     if isinstance(v, float) and math.isnan(v):
         return ""
     if isinstance(v, tuple | list):
-        return json.dumps(v, separators=(",", ":"))
+        return json_text(v)
     return v
 
 
@@ -120,12 +119,10 @@ def write_batch_csv(run: RunData, tables: AnalysisTables, path: Path) -> Path:
     ext_pi = idx.index(pi)
     list_cols = [idx.index(c[n]) for n in ("prefill_chunk_sizes", "decode_chunk_sizes")]
 
-    dumps = json.dumps
-
     def rows() -> Iterable[list[Any]]:
         for k, r in enumerate(t.rows):
             reqs = (tables.batch_spans[k].attrs or {}).get("reqs") or []
-            ref = ["batchFrameworkProcessing", dumps(reqs, separators=(",", ":")), starts[k], ends[k], r[c["schedule_ms"]],
+            ref = ["batchFrameworkProcessing", json_text(reqs), starts[k], ends[k], r[c["schedule_ms"]],
                    r[c["batch_type"]], pids[r[pi]], r[c["batch_size"]], r[c["kv_total_blocks"]],
                    r[c["kv_used_blocks"]], r[c["kv_free_blocks"]], r[c["blocks_allocated"]],
                    r[c["blocks_freed"]], r[c["kv_usage"]], r[c["num_prefill_reqs"]], r[c["num_decode_reqs"]],
@@ -134,7 +131,7 @@ def write_batch_csv(run: RunData, tables: AnalysisTables, path: Path) -> Path:
             ext = [r[i] for i in idx]
             ext[ext_pi] = labels[r[pi]]
             for i in list_cols:
-                ext[i] = dumps(ext[i], separators=(",", ":"))
+                ext[i] = "[" + ",".join(map(str, ext[i])) + "]"
             yield ref + ext
 
     return _write(path, BATCH_REF_COLUMNS + names, rows())

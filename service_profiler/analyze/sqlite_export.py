@@ -14,7 +14,6 @@ so a failed export never leaves a half-written database behind.
 
 from __future__ import annotations
 
-import json
 import os
 import sqlite3
 from collections.abc import Iterable
@@ -23,7 +22,7 @@ from typing import Any
 
 from service_profiler.rawfile import RunData
 
-from .tables import AnalysisTables, Table
+from .tables import AnalysisTables, Table, json_text
 
 _VIEWS = {
     "v_batch_size_curve": "SELECT batch_row, start_ns, dp_rank, batch_id, batch_size, num_prefill_reqs, "
@@ -71,14 +70,11 @@ def _sql_type(values: Iterable[Any]) -> str:
     return ""
 
 
-def _json_cell(v: Any) -> Any:
-    return json.dumps(v, separators=(",", ":")) if isinstance(v, tuple | list | dict) else v
-
-
 def _write_table(db: sqlite3.Connection, name: str, table: Table, first: str | None = None) -> None:
     cols = list(table.columns)
     types = [_sql_type(r[i] for r in table.rows) for i in range(len(cols))]
-    json_cols = [i for i in range(len(cols)) if any(isinstance(r[i], tuple | list | dict) for r in table.rows[:50])]
+    json_cols = [i for i in range(len(cols))
+                 if any(isinstance(r[i], tuple | list | dict) for r in table.rows[:50])]
     defs = [f'"{c}" {t}'.strip() for c, t in zip(cols, types, strict=True)]
     if first:
         defs.insert(0, f"{first} INTEGER PRIMARY KEY")
@@ -87,7 +83,10 @@ def _write_table(db: sqlite3.Connection, name: str, table: Table, first: str | N
     if json_cols:
         def rows() -> Iterable[Any]:
             for k, r in enumerate(table.rows):
-                out = [_json_cell(v) for v in r]
+                out = list(r)
+                for i in json_cols:
+                    if out[i] is not None:
+                        out[i] = json_text(out[i])
                 yield [k, *out] if first else out
     elif first:
         def rows() -> Iterable[Any]:
@@ -100,7 +99,7 @@ def _write_table(db: sqlite3.Connection, name: str, table: Table, first: str | N
 
 
 def _write_raw(db: sqlite3.Connection, run: RunData) -> None:
-    dumps = json.dumps
+    dumps = json_text
     db.execute("CREATE TABLE process (proc INTEGER PRIMARY KEY, key TEXT, hostname TEXT, pid INTEGER, "
                "ppid INTEGER, role TEXT, argv TEXT, engine TEXT, profiler_version TEXT, wall_offset_ns INTEGER, "
                "dropped INTEGER, warnings TEXT, patch TEXT, path TEXT)")
@@ -138,11 +137,11 @@ def _span_attrs(name: str, attrs: dict[str, Any] | None) -> str | None:
     if name == "batchFrameworkProcessing" and "reqs" in attrs:
         # the per-request entries are the batch_req table, row for row; not stored twice
         attrs = {k: v for k, v in attrs.items() if k != "reqs"}
-    return json.dumps(attrs)
+    return json_text(attrs)
 
 
 def _scalar(v: Any) -> Any:
-    return v if v is None or isinstance(v, int | float | str) else json.dumps(v)
+    return v if v is None or isinstance(v, int | float | str) else json_text(v)
 
 
 def write_sqlite(run: RunData, tables: AnalysisTables, path: Path) -> Path:

@@ -1,0 +1,155 @@
+from __future__ import annotations
+
+import argparse
+import csv
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from service_profiler.analyze import command
+from service_profiler.analyze.synthetic import SyntheticConfig, SyntheticRun, generate_run
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory: pytest.TempPathFactory) -> SyntheticRun:
+    return generate_run(tmp_path_factory.mktemp("cmd") / "run", SyntheticConfig(requests=30, output_tokens=8, seed=4))
+
+
+def _args(inputs: list[Path], out: Path, *formats: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    argv = ["--input-path", *map(str, inputs), "--output-path", str(out)]
+    if formats:
+        argv += ["--format", *formats]
+    return parser.parse_args(argv)
+
+
+def test_arguments_default_to_every_format(tmp_path: Path) -> None:
+    args = _args([tmp_path], tmp_path / "o")
+    assert args.format == ["csv", "json", "db", "plots", "model"]
+
+
+def test_run_writes_csv_and_db_and_reports(synth: SyntheticRun, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    assert command.run(_args([synth.run_dir], out, "csv", "db")) == command.EXIT_OK
+    assert (out / "request.csv").exists() and (out / "profiler.db").exists()
+    assert not (out / "chrome_tracing.json").exists()
+    captured = capsys.readouterr()
+    assert "requests   30 (30 finished)" in captured.out
+    assert "request.csv" in captured.out and "profiler.db" in captured.out
+    assert "[analyze" in captured.err and "read 2 process file(s)" in captured.err
+    assert "problem" not in captured.err
+
+
+def test_missing_optional_exporters_are_skipped_with_a_note(synth: SyntheticRun, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(command, "_optional", lambda name: None)
+    assert command.run(_args([synth.run_dir], tmp_path / "out", "json", "plots", "model")) == command.EXIT_OK
+    text = capsys.readouterr().out
+    assert "chrome trace skipped" in text and "plots skipped" in text and "latency model skipped" in text
+
+
+def test_optional_import_distinguishes_absent_from_broken(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert command._optional("service_profiler.analyze.no_such_module") is None
+    # a module that is there but whose own import fails is a real error, not "not installed yet"
+    (tmp_path / "sp_exporter_with_missing_dep.py").write_text("import sp_dependency_nobody_has\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ModuleNotFoundError, match="sp_dependency_nobody_has"):
+        command._optional("sp_exporter_with_missing_dep")
+
+
+def test_failing_exporter_does_not_cost_the_others(synth: SyntheticRun, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    def boom(*_: object) -> None:
+        raise RuntimeError("exporter bug")
+
+    fake = {"service_profiler.analyze.chrome": SimpleNamespace(write_chrome_trace=boom)}
+    monkeypatch.setattr(command, "_optional", lambda name: fake.get(name))
+    out = tmp_path / "out"
+    assert command.run(_args([synth.run_dir], out, "json", "csv")) == command.EXIT_EXPORT_FAILED
+    assert (out / "batch.csv").exists()
+    assert "error: chrome trace: RuntimeError: exporter bug" in capsys.readouterr().err
+
+
+def test_model_and_plots_get_numeric_columns(synth: SyntheticRun, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: dict[str, Any] = {}
+
+    def plots(batch_cols: dict, request_cols: dict, out_dir: Path) -> list[Path]:
+        seen["plots"] = (set(batch_cols), set(request_cols), out_dir)
+        path = out_dir / "x.png"
+        path.write_bytes(b"png")
+        return [path]
+
+    def fit(size: object, tokens: object, ms: object, out_dir: Path) -> None:
+        seen["model"] = (len(size), len(tokens), len(ms))  # type: ignore[arg-type]
+        (out_dir / "latency_model.json").write_text("{}")
+
+    fake = {"service_profiler.analyze.plots": SimpleNamespace(write_plots=plots),
+            "service_profiler.model.latency": SimpleNamespace(fit_and_save=fit)}
+    monkeypatch.setattr(command, "_optional", lambda name: fake.get(name))
+    assert command.run(_args([synth.run_dir], tmp_path / "out", "plots", "model")) == command.EXIT_OK
+    batch_cols, request_cols, _ = seen["plots"]
+    assert {"batch_size", "model_run_ms", "total_scheduled_tokens"} <= batch_cols
+    assert {"ttft_ms", "tpot_ms", "e2e_ms"} <= request_cols
+    assert seen["model"] == (len(synth.batches),) * 3
+
+
+def test_problems_are_reported_and_written(synth: SyntheticRun, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(synth.run_dir, run_dir)
+    engine = next(run_dir.glob("*-4200.sprof.jsonl"))
+    with engine.open("ab") as fh:
+        fh.write(b'{"t":"rec","r":[[3,1')  # the process died mid-write
+    out = tmp_path / "out"
+    assert command.run(_args([run_dir], out, "csv")) == command.EXIT_OK
+    problems = (out / "problems.txt").read_text()
+    assert "torn last line" in problems and str(engine) in problems
+    assert "1 problem(s) in the raw data" in capsys.readouterr().err
+
+
+def test_no_data_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert command.run(_args([tmp_path / "missing"], tmp_path / "out", "csv")) == command.EXIT_NO_DATA
+    assert "no readable raw files" in capsys.readouterr().err
+
+
+def _cli() -> list[str]:
+    exe = Path(sys.executable).parent / "service-profiler"
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "service_profiler.cli"]
+
+
+def test_cli_subprocess_all_formats(synth: SyntheticRun, tmp_path: Path) -> None:
+    """The real command line in a real process, every output format."""
+    out = tmp_path / "out"
+    proc = subprocess.run([*_cli(), "analyze", "--input-path", str(synth.run_dir), "--output-path", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "TTFT" in proc.stdout and "wrote" in proc.stdout
+    for name in ("request.csv", "batch.csv", "kvcache.csv", "profiler.db", "per_iteration_requests.csv"):
+        assert (out / name).stat().st_size > 0, name
+    with (out / "request.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 30
+    con = sqlite3.connect(out / "profiler.db")
+    assert con.execute("SELECT count(*) FROM request").fetchone()[0] == 30
+
+
+def test_module_entry_point_subprocess(synth: SyntheticRun, tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "service_profiler.analyze.command", "--input-path",
+                           str(synth.run_dir), "--output-path", str(tmp_path / "o"), "--format", "csv", "--quiet"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "" and "[analyze" not in proc.stderr
+    assert (tmp_path / "o" / "service_summary.csv").exists()
