@@ -21,8 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
 
-from tiny_model import make_model  # noqa: E402
-from vllm_service import PROMPTS, Completion, run_workload, running_server  # noqa: E402
+from tiny_model import make_model
+from vllm_service import PROMPTS, Completion, run_workload, running_server
 
 
 def _percentile(values: list[float], q: float) -> float:

@@ -28,12 +28,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-import vllm_scheduler_harness as h  # noqa: E402
-from vllm.v1.core.sched.scheduler import Scheduler  # noqa: E402
+import vllm_scheduler_harness as h
+from service_profiler.handlers import console, vllm_v1
+from vllm.v1.core.sched.scheduler import Scheduler
 
-from service_profiler import record  # noqa: E402
-from service_profiler.handlers import console, vllm_v1  # noqa: E402
-from service_profiler.recorder import COUNTER, EVENT, SPAN, Recorder  # noqa: E402
+from service_profiler import record
+from service_profiler.recorder import COUNTER, EVENT, SPAN, Recorder
 
 BATCH_SIZES = (8, 64, 256)
 PROMPT = 32

@@ -23,8 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_model import make_model  # noqa: E402
-from vllm_service import PROMPTS, run_workload, running_server  # noqa: E402
+from tiny_model import make_model
+from vllm_service import PROMPTS, run_workload, running_server
 
 
 def workload(requests: int) -> list[tuple[str, int, bool, int | None]]:

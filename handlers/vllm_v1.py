@@ -94,10 +94,8 @@ class VllmProbeState:
             del pending[next(iter(pending))]
 
     def pending_for(self, output: Any, pop: bool) -> PendingBatch | None:
-        batch = self.pending.pop(id(output), None) if pop else self.pending.get(id(output))
-        if batch is not None and batch.output is not output:  # an id reused after its output died
-            return None
-        return batch
+        # An entry holds its output, so no other live object can have that id meanwhile.
+        return self.pending.pop(id(output), None) if pop else self.pending.get(id(output))
 
     def track_api_request(self, rid: str) -> None:
         tokens = self.api_tokens

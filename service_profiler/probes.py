@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .expressions import CompiledExpression, ExpressionEvalError, MISSING
+from .expressions import MISSING, CompiledExpression, ExpressionEvalError
 
 _clock = time.perf_counter_ns
 _get_ident = threading.get_ident
@@ -29,13 +29,13 @@ class Probe:
     """The per-symbol state a wrapper reads on every call."""
 
     __slots__ = (
+        "_evaluators",
         "active",
         "attributes",
         "buffer",
         "caller_filter",
         "chan",
         "domain",
-        "_evaluators",
         "errors",
         "max_buffered",
         "name",

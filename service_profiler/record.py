@@ -98,7 +98,7 @@ def meta(key: str, value: object) -> None:
         pass
 
 
-class CapturedRecords(list):  # type: ignore[type-arg]
+class CapturedRecords(list):
     """What `capture()` collected: `(kind, domain, name, payload)` tuples, in order."""
 
     def of(self, domain: str, name: str) -> list[dict[str, Any]]:

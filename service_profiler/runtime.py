@@ -245,7 +245,7 @@ class Runtime:
             handler = getattr(importlib.import_module(module_name), func_name)
             if not callable(handler):
                 raise TypeError(f"{spec.handler} is not callable")
-            return handler  # type: ignore[no-any-return]
+            return handler
         except Exception as exc:
             # Documented behaviour: a handler that cannot be imported falls back to the timer.
             self.problem(f"{spec.source}: handler {spec.handler} for {spec.symbol} cannot be loaded "

@@ -36,8 +36,11 @@ def test_schema_tables_views_indexes(db: tuple[SyntheticRun, RunData, sqlite3.Co
         assert ("view", view) in objects, view
     indexed = {row[0] for row in con.execute("SELECT tbl_name FROM sqlite_master WHERE type = 'index'")}
     assert {"span", "event", "batch", "batch_req", "request", "kvcache"} <= indexed
-    plan = " ".join(str(r) for r in con.execute("EXPLAIN QUERY PLAN SELECT * FROM batch_req WHERE rid = 'x'"))
-    assert "ix_batch_req_rid" in plan
+    plan = " ".join(str(r) for r in con.execute(
+        "EXPLAIN QUERY PLAN SELECT br.* FROM request r JOIN batch_req br USING (req_row) WHERE r.rid = 'x'"))
+    assert "ix_request_rid" in plan and "ix_batch_req_request" in plan
+    plan = " ".join(str(r) for r in con.execute("EXPLAIN QUERY PLAN SELECT * FROM batch_req WHERE batch_row = 3"))
+    assert "PRIMARY KEY" in plan
 
 
 def test_raw_tables_hold_every_record(db: tuple[SyntheticRun, RunData, sqlite3.Connection]) -> None:
@@ -75,7 +78,7 @@ def test_joins_through_batch_req(db: tuple[SyntheticRun, RunData, sqlite3.Connec
     # iterations per request = its rows in batch_req; equals the table's num_iterations
     rows = con.execute("""
         SELECT r.rid, r.num_iterations, count(br.batch_row), max(b.start_ns) >= r.first_scheduled_ns
-        FROM request r JOIN batch_req br ON br.rid = r.rid JOIN batch b ON b.batch_row = br.batch_row
+        FROM request r JOIN batch_req br USING (req_row) JOIN batch b ON b.batch_row = br.batch_row
         GROUP BY r.rid""").fetchall()
     assert len(rows) == len(synth.requests)
     assert all(n == m and ok for _, n, m, ok in rows)

@@ -4,6 +4,7 @@ whole chain inside a real `vllm serve` (CPU build, tiny local model)."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import time
 from collections.abc import Iterator
@@ -246,6 +247,20 @@ def test_vllm_v1_yaml_admits_the_installed_vllm() -> None:
 # ------------------------------------------------------------------------------- inside vllm serve
 
 
+def _leave_after_first_chunk(port: int, model: str, prompt: str, max_tokens: int) -> None:
+    """A streaming client that goes away after the first event (whatever its text), so vLLM aborts
+    the request long before max_tokens."""
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True,
+                       "temperature": 0, "stream": True})
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200
+    while not response.readline().startswith(b"data: "):
+        pass
+    conn.close()
+
+
 @pytest.mark.slow
 def test_shipped_symbols_inside_vllm_serve(tiny_model: Path, tmp_path: Path) -> None:
     from vllm_service import complete, running_server
@@ -258,10 +273,11 @@ def test_shipped_symbols_inside_vllm_serve(tiny_model: Path, tmp_path: Path) -> 
            "PROFILING_SYMBOLS_PATH": str(CONFIG / "vllm_v1.yaml")}
     with running_server(tiny_model, tmp_path / "server.log", profiler_env=env) as server:
         done = [complete(server, f"request {i} says", 6, stream=i % 2 == 1) for i in range(4)]
-        gone = complete(server, "a client that leaves", 300, stream=True, disconnect_after_chunks=2)
+        # long enough (> 0.2 s of steps) for the console's first line, which is rate limited
+        done.append(complete(server, "a longer answer", 120))
+        _leave_after_first_chunk(server.port, server.model, "a client that leaves", 400)
         time.sleep(2.5)  # the abort reaches the engine; the last flush
         log = server.log()
-    assert gone.disconnected
     run = read_run(prof_dir)
     assert run.problems == []
 
@@ -273,12 +289,13 @@ def test_shipped_symbols_inside_vllm_serve(tiny_model: Path, tmp_path: Path) -> 
     assert {e["rid"] for e in http_req} == {e["rid"] for e in enqueue} == {e["rid"] for e in http_res}
     for e in http_req:
         assert e["rid"].startswith(e["api_rid"] + "-") and e["api_rid"].startswith("cmpl-")
-    left = next(e["rid"] for e in http_req if e["max_tokens"] == 300)
+    left = next(e["rid"] for e in http_req if e["max_tokens"] == 400)
     finished = {e["rid"]: (e["output_tokens"], e["finish_reason"]) for e in http_res}
     assert finished.pop(left)[1] == "abort"
-    assert sorted(finished.values()) == [(c.completion_tokens, c.finish_reason) for c in done] == [(6, "length")] * 4
+    expected = [(6, "length")] * 4 + [(120, "length")]
+    assert sorted(finished.values()) == [(c.completion_tokens, c.finish_reason) for c in done] == expected
     tokens = [entry for e in events("tokens") for entry in e["reqs"] if entry[0] != left]
-    assert sum(entry[1] for entry in tokens) == 24
+    assert sum(entry[1] for entry in tokens) == 4 * 6 + 120
 
     spans = {name: [s.attrs or {} for s in run.spans if s.name == name]
              for name in ("batchFrameworkProcessing", "modelExec", "step", "updateFromOutput")}
@@ -289,7 +306,7 @@ def test_shipped_symbols_inside_vllm_serve(tiny_model: Path, tmp_path: Path) -> 
     scheduled = {entry[0] for a in spans["batchFrameworkProcessing"] for entry in a["reqs"]}
     assert scheduled == {e["rid"] for e in enqueue}
     states = sorted((e["rid"] == left, e["to"]) for e in events("state"))
-    assert states == [(False, "FINISHED_LENGTH_CAPPED")] * 4 + [(False, "RUNNING")] * 4 + [
+    assert states == [(False, "FINISHED_LENGTH_CAPPED")] * 5 + [(False, "RUNNING")] * 5 + [
         (True, "FINISHED_ABORTED"), (True, "RUNNING")]
     assert all(p.meta.get("vllm_handler_failures") is None for p in run.processes)
     assert [p.patch["failed"] for p in run.processes if p.patch] == [[]] * len([p for p in run.processes

@@ -92,6 +92,15 @@ def test_prefill_then_decode(rec: record.CapturedRecords) -> None:
     assert attrs(rec, "KVCache", "cacheHit") == []
 
 
+def test_a_stop_token_finishes_with_stop(rec: record.CapturedRecords) -> None:
+    scheduler = h.make_scheduler()
+    h.add(scheduler, h.make_request("a", h.prompt_of(8), max_tokens=10))
+    h.step(scheduler)
+    h.step(scheduler, tokens={"a": h.STOP_TOKEN})
+    assert attrs(rec, "BatchSchedule", "updateFromOutput")[1] == {"batch_id": 1, "finished": [("a", "stop")]}
+    assert attrs(rec, "Request", "state")[-1] == state("a", "RUNNING", "FINISHED_STOPPED", 1, "stop")
+
+
 def test_model_exec_and_step_join_by_batch_id(rec: record.CapturedRecords) -> None:
     scheduler = h.make_scheduler()
     h.add(scheduler, h.make_request("a", h.prompt_of(20), max_tokens=2))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import itertools
 import json
 import sys
 import tempfile
@@ -105,13 +104,6 @@ def make_request(request_id: str, prompt: Sequence[int], max_tokens: int = 4, *,
 def prompt_of(length: int, start: int = 1) -> list[int]:
     """Distinct token ids (so that no two prompts share a block by accident)."""
     return list(range(start, start + length))
-
-
-_prompt_starts = itertools.count(1000, 1000)
-
-
-def fresh_prompt(length: int) -> list[int]:
-    return prompt_of(length, next(_prompt_starts))
 
 
 def made_up_output(scheduler: Scheduler, out: SchedulerOutput,

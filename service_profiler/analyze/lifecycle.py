@@ -145,35 +145,10 @@ def iter_request_states(tables: AnalysisTables,
                         proc_labels: Sequence[Any] | None = None) -> Iterator[tuple[Any, ...]]:
     """Per-iteration request states (ITERATION_COLUMNS), batch by batch, streamed. With `proc_labels`
     the proc column holds `proc_labels[proc]` instead of the process index."""
-    iters: dict[Any, int] = {}
-    generated: dict[Any, int] = {}
-    since: dict[Any, int] = {}
-    brows = tables.batches.rows
-    for i, span in enumerate(tables.batch_spans):
-        a = span.attrs or {}
-        bid, dp, proc, start = brows[i][0], brows[i][1], brows[i][2], brows[i][3]
+    from .entries import iter_chunk_rows, iter_entry_chunks
+
+    for chunk in iter_entry_chunks(tables):
         if proc_labels is not None:
-            proc = proc_labels[proc]
-        finished = {_rid_of(x) for x in tables.batch_finished[i]} if tables.batch_finished[i] else ()
-        for e in a.get("reqs") or ():
-            if len(e) == 6:
-                rid, phase, sched, computed, prompt, resumed = e
-            else:
-                rid, phase, sched = e[0], e[1], e[2]
-                computed = e[3] if len(e) > 3 else 0
-                prompt = e[4] if len(e) > 4 else None
-                resumed = e[5] if len(e) > 5 else 0
-            it = iters.get(rid, 0)
-            iters[rid] = it + 1
-            gen = generated.get(rid, 0)
-            if it == 0 or resumed:
-                since[rid] = start
-            yield (bid, dp, proc, start, rid, "completed" if rid in finished else "running",
-                   "prefill" if phase == 0 else "decode", sched, computed, prompt, resumed, it, gen,
-                   (start - since.get(rid, start)) / MS)
-            if phase != 0 or (prompt is not None and computed + sched >= prompt + gen):
-                generated[rid] = gen + 1
-        for rid in a.get("preempted") or ():
-            since[rid] = start
-            yield (bid, dp, proc, start, rid, "preempted", None, 0, None, None, 0, iters.get(rid, 0),
-                   generated.get(rid, 0), 0.0)
+            chunk.proc = list(map(proc_labels.__getitem__, chunk.proc))
+            chunk.preempted = [(b, (*r[:2], proc_labels[r[2]], *r[3:])) for b, r in chunk.preempted]
+        yield from iter_chunk_rows(chunk)

@@ -4,8 +4,10 @@ Raw tables (timestamps epoch ns, `attrs`/`values` as JSON text, queryable with j
   process, process_meta, span, event, counter, run_state, problem. The `reqs` list of a
   batchFrameworkProcessing span is not repeated in its attrs: it is the batch_req table, in order.
 Analysis tables (columns as in `tables`; list cells as JSON text):
-  request, batch (+ batch_row, the row number batch_req points at), batch_req (one row per request in
-  each batch), kvcache, state_transition, lifecycle_event.
+  request (+ req_row), batch (+ batch_row), batch_req (one row per request in each batch: batch_row,
+  pos in the batch, req_row, rid, the batch entry and the request's state / iteration / tokens generated
+  so far, as in per_iteration_requests.csv; clustered by (batch_row, pos), indexed by req_row),
+  kvcache, state_transition, lifecycle_event.
 Views: v_batch_size_curve, v_batch_exec, v_ttft, v_request_latency, v_kv_usage, v_queue_curve.
 
 Written with executemany in one transaction into a temporary file that replaces the target at the end,
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -50,8 +53,7 @@ _INDEXES = [
     "CREATE INDEX ix_request_arrival ON request(arrival_ns)",
     "CREATE INDEX ix_batch_id ON batch(batch_id, dp_rank)",
     "CREATE INDEX ix_batch_start ON batch(start_ns)",
-    "CREATE INDEX ix_batch_req_batch ON batch_req(batch_row)",
-    "CREATE INDEX ix_batch_req_rid ON batch_req(rid)",
+    "CREATE INDEX ix_batch_req_request ON batch_req(req_row)",
     "CREATE INDEX ix_kvcache_ts ON kvcache(ts_ns)",
     "CREATE INDEX ix_state_rid ON state_transition(rid, seq)",
     "CREATE INDEX ix_lifecycle_ts ON lifecycle_event(ts_ns)",
@@ -144,38 +146,86 @@ def _scalar(v: Any) -> Any:
     return v if v is None or isinstance(v, int | float | str) else json_text(v)
 
 
-def write_sqlite(run: RunData, tables: AnalysisTables, path: Path) -> Path:
-    """Write `profiler.db` at `path` (replaced if it exists)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    if tmp.exists():
-        tmp.unlink()
-    db = sqlite3.connect(tmp, isolation_level=None)
-    try:
-        # A fresh file written once: durability on crash does not matter, speed does.
-        db.execute("PRAGMA journal_mode=OFF")
-        db.execute("PRAGMA synchronous=OFF")
-        db.execute("PRAGMA cache_size=-65536")  # 64 MB: enough for the index builds, bounded RSS
-        db.execute("BEGIN")
-        _write_raw(db, run)
-        _write_table(db, "request", tables.requests)
+def _write_batch_req(db: sqlite3.Connection, tables: AnalysisTables) -> None:
+    """batch_req: one row per request in each batch, in primary-key order, columns zipped in C."""
+    from .entries import iter_entry_chunks
+
+    # clustered by (batch_row, pos): the batch -> requests lookup needs no separate index
+    db.execute("CREATE TABLE batch_req (batch_row INTEGER, pos INTEGER, req_row INTEGER, rid TEXT, phase INTEGER, "
+               "scheduled_tokens INTEGER, computed_tokens_before INTEGER, prompt_tokens INTEGER, resumed INTEGER, "
+               "state TEXT, iteration INTEGER, generated_tokens_before INTEGER, time_in_state_ms REAL, "
+               "PRIMARY KEY (batch_row, pos)) WITHOUT ROWID")
+    req_row = {rid: i for i, rid in enumerate(tables.requests.values("rid"))}
+    sql = "INSERT INTO batch_req VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
+    for c in iter_entry_chunks(tables):
+        db.executemany(sql, zip(c.batch_row, c.pos, map(req_row.get, c.rid), c.rid, c.phase, c.scheduled, c.computed,
+                                c.prompt, c.resumed, c.state, c.iteration, c.generated_before, c.time_in_state_ms,
+                                strict=True))
+
+
+class SqliteExport:
+    """Writes profiler.db in two halves: `start()` inserts every row (Python-bound), then builds the
+    indexes and views on a background thread, which SQLite runs without holding the GIL, so the next
+    exporter overlaps with it; `finish()` waits and moves the file into place."""
+
+    def __init__(self, run: RunData, tables: AnalysisTables, path: Path) -> None:
+        self.run, self.tables, self.path = run, tables, path
+        self.tmp = path.with_name(path.name + ".tmp")
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def start(self) -> SqliteExport:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp.unlink(missing_ok=True)
+        db = sqlite3.connect(self.tmp, isolation_level=None, check_same_thread=False)
+        try:
+            # A fresh file written once: durability on crash does not matter, speed does.
+            db.execute("PRAGMA journal_mode=OFF")
+            db.execute("PRAGMA synchronous=OFF")
+            db.execute("PRAGMA cache_size=-65536")  # 64 MB: enough for the index builds, bounded RSS
+            db.execute("BEGIN")
+            self._insert(db)
+        except BaseException:
+            db.close()
+            self.tmp.unlink(missing_ok=True)
+            raise
+        self._thread = threading.Thread(target=self._build_indexes, args=(db,), name="sqlite-indexes",
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def _insert(self, db: sqlite3.Connection) -> None:
+        tables = self.tables
+        _write_raw(db, self.run)
+        _write_table(db, "request", tables.requests, first="req_row")
         _write_table(db, "batch", tables.batches, first="batch_row")
-        db.execute("CREATE TABLE batch_req (batch_row INTEGER, batch_id INTEGER, dp_rank INTEGER, proc INTEGER, "
-                   "rid TEXT, phase INTEGER, scheduled_tokens INTEGER, computed_tokens_before INTEGER, "
-                   "prompt_tokens INTEGER, resumed INTEGER)")
-        db.executemany("INSERT INTO batch_req VALUES (?,?,?,?,?,?,?,?,?,?)", tables.iter_batch_members())
+        _write_batch_req(db, tables)
         _write_table(db, "kvcache", tables.kvcache)
         _write_table(db, "state_transition", tables.state_transitions)
         _write_table(db, "lifecycle_event", tables.events)
-        for stmt in _INDEXES:
-            db.execute(stmt)
-        for name, select in _VIEWS.items():
-            db.execute(f"CREATE VIEW {name} AS {select}")
-        db.execute("COMMIT")
-    except BaseException:
-        db.close()
-        tmp.unlink(missing_ok=True)
-        raise
-    db.close()
-    os.replace(tmp, path)
-    return path
+
+    def _build_indexes(self, db: sqlite3.Connection) -> None:
+        try:
+            for stmt in _INDEXES:
+                db.execute(stmt)
+            for name, select in _VIEWS.items():
+                db.execute(f"CREATE VIEW {name} AS {select}")
+            db.execute("COMMIT")
+        except BaseException as exc:
+            self._error = exc
+        finally:
+            db.close()
+
+    def finish(self) -> Path:
+        if self._thread is not None:
+            self._thread.join()
+        if self._error is not None:
+            self.tmp.unlink(missing_ok=True)
+            raise self._error
+        os.replace(self.tmp, self.path)
+        return self.path
+
+
+def write_sqlite(run: RunData, tables: AnalysisTables, path: Path) -> Path:
+    """Write `profiler.db` at `path` (replaced if it exists)."""
+    return SqliteExport(run, tables, path).start().finish()

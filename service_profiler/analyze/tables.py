@@ -43,7 +43,7 @@ import functools
 import json
 import json.encoder
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Any
@@ -147,18 +147,6 @@ class AnalysisTables:
     # the batch spans behind `batches.rows`, row for row: per-request rows are streamed from them
     batch_spans: list[SpanRecord] = field(default_factory=list)
     batch_finished: list[list[Any]] = field(default_factory=list)
-
-    def iter_batch_members(self) -> Iterator[tuple[Any, ...]]:
-        """(batch_row, batch_id, dp_rank, proc, rid, phase, scheduled_tokens, computed_tokens_before,
-        prompt_tokens, resumed), one per request in each batch; streamed to keep memory flat."""
-        rows = self.batches.rows
-        for i, span in enumerate(self.batch_spans):
-            head = (i, *rows[i][:3])
-            for e in (span.attrs or {}).get("reqs") or ():
-                if len(e) == 6:
-                    yield head + tuple(e)
-                else:
-                    yield head + tuple(e[:6]) + (None,) * (6 - len(e))
 
 
 class RecordIndex:
