@@ -19,13 +19,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from service_profiler.analyze.synthetic import SyntheticConfig, generate_run  # noqa: E402
+from service_profiler.analyze.synthetic import SyntheticConfig  # noqa: E402
 
 _CHILD = """
 import json, resource, sys, time
@@ -75,34 +75,49 @@ def analyze(run_dir: Path, out_dir: Path, formats: list[str]) -> tuple[float, fl
             [ln for ln in lines if ln.startswith("[analyze")])
 
 
-def composition(run_dir: Path) -> tuple[int, int, int, int, int]:
-    """(records, spans, events, counters, per-request entries in batch spans and tokens events)."""
-    from service_profiler.rawfile import read_run
+_PREPARE = """
+import json, sys
+from dataclasses import asdict
+from pathlib import Path
+from service_profiler.analyze.synthetic import SyntheticConfig, generate_run
+from service_profiler.rawfile import read_run
+cfg = SyntheticConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(sys.argv[1]).items()})
+run_dir = Path(sys.argv[2])
+generate_run(run_dir, cfg)
+run = read_run([run_dir])
+entries = sum(len((s.attrs or {}).get("reqs") or ()) for s in run.spans if s.name == "batchFrameworkProcessing")
+entries += sum(len((e.attrs or {}).get("reqs") or ()) for e in run.events if e.name == "tokens")
+print(json.dumps({"records": run.num_records, "spans": len(run.spans), "events": len(run.events),
+                  "counters": len(run.counters), "entries": entries, "files": len(run.processes)}))
+"""
 
-    run = read_run([run_dir])
-    entries = sum(len((s.attrs or {}).get("reqs") or ()) for s in run.spans if s.name == "batchFrameworkProcessing")
-    entries += sum(len((e.attrs or {}).get("reqs") or ()) for e in run.events if e.name == "tokens")
-    return run.num_records, len(run.spans), len(run.events), len(run.counters), entries
+
+def prepare(cfg: SyntheticConfig, run_dir: Path) -> dict[str, int]:
+    """Generate the run and count it in a separate process: a child process inherits its parent's peak
+    RSS (ru_maxrss survives fork and exec), so the benchmark's own process must stay small."""
+    proc = subprocess.run([sys.executable, "-c", _PREPARE, json.dumps(asdict(cfg)), str(run_dir)], cwd=ROOT,
+                          capture_output=True, text=True, check=True)
+    counts: dict[str, int] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return counts
 
 
 def bench(name: str, cfg: SyntheticConfig, work: Path, formats: list[str]) -> Result:
     run_dir = work / f"run_{name}"
-    truth = generate_run(run_dir, cfg)
-    records, spans, events, counters, entries = composition(run_dir)
+    n = prepare(cfg, run_dir)
     raw_mb = sum(p.stat().st_size for p in run_dir.glob("*.sprof.jsonl")) / 1e6
     elapsed, wall, rss, phases = analyze(run_dir, work / f"out_{name}", formats)
     trace = work / f"out_{name}" / "chrome_tracing.json"
     print(f"\n== case {name}: {cfg.requests:,} requests x {cfg.output_tokens} tokens, max_num_seqs "
-          f"{cfg.max_num_seqs}, {len(truth.files)} process files, {raw_mb:.1f} MB raw")
-    print(f"   records {records:,} (spans {spans:,}, events {events:,}, counters {counters:,}); "
-          f"per-request entries in batch spans + tokens events {entries:,}")
+          f"{cfg.max_num_seqs}, {n['files']} process files, {raw_mb:.1f} MB raw")
+    print(f"   records {n['records']:,} (spans {n['spans']:,}, events {n['events']:,}, counters {n['counters']:,}); "
+          f"per-request entries in batch spans + tokens events {n['entries']:,}")
     print(f"   analyze {elapsed:.2f} s in-process, {wall:.2f} s wall (with interpreter start); "
-          f"peak RSS {rss:.0f} MB; {records / elapsed:,.0f} records/s")
+          f"peak RSS {rss:.0f} MB; {n['records'] / elapsed:,.0f} records/s")
     if trace.exists():
         print(f"   chrome_tracing.json {trace.stat().st_size / 1e6:.1f} MB")
     for line in phases:
         print(f"     {line}")
-    return Result(name, records, entries, raw_mb, elapsed, wall, rss, phases)
+    return Result(name, n["records"], n["entries"], raw_mb, elapsed, wall, rss, phases)
 
 
 def main() -> int:

@@ -39,6 +39,10 @@ class PatchState:
     wrapper: Callable[..., Any] | None = None
     probe: probes.Probe | None = None
     set_switch: Callable[[bool], None] | None = None  # the C fast path's flag, when there is one
+    # A custom handler records through `record.*`, which applies the `domain` filter per record; its
+    # probe stays on whenever collection is on, so handlers that join records across domains (batch
+    # ids, request states) keep their state even when only some domains are written.
+    records_itself: bool = False
 
 
 @dataclass
@@ -183,7 +187,7 @@ class Runtime:
             probe = self._make_probe(spec, target)
             # The C switch forwards straight to the original while collection is off (~25 ns instead
             # of ~140 ns for a Python wrapper); async and generator targets keep the Python wrapper.
-            wrapper, set_switch = make_switch(target.function, self._make_wrapper(spec, target, probe))
+            wrapper, set_switch = make_switch(target.function, self._make_wrapper(spec, target, probe, state))
             state.installed = patching.install(target, wrapper)
         except patching.AlreadyPatched as exc:
             self.report.skipped.append({"symbol": spec.symbol, "reason": str(exc)})
@@ -223,11 +227,12 @@ class Runtime:
         )
 
     def _make_wrapper(
-        self, spec: SymbolSpec, target: patching.ResolvedTarget, probe: probes.Probe
+        self, spec: SymbolSpec, target: patching.ResolvedTarget, probe: probes.Probe, state: PatchState
     ) -> Callable[..., Any]:
         fn = target.function
         handler = self._load_handler(spec) if spec.handler != "timer" else None
         if handler is not None:
+            state.records_itself = True
             if inspect.iscoroutinefunction(fn) and inspect.iscoroutinefunction(handler):
                 return probes.make_async_handler_wrapper(fn, probe, handler, target.is_method)
             return probes.make_handler_wrapper(fn, probe, handler, target.is_method)
@@ -286,7 +291,7 @@ class Runtime:
         probe = state.probe
         if probe is None:
             return
-        active = self.enabled and (self.domains is None or probe.domain in self.domains)
+        active = self.enabled and (state.records_itself or self.domains is None or probe.domain in self.domains)
         probe.active = active
         if state.set_switch is not None:
             state.set_switch(active)

@@ -450,3 +450,37 @@ def test_inherited_method_of_a_patched_base_is_not_wrapped_twice(workspace: Work
     patch = run.of_type("patch")[-1]
     assert [s["symbol"] for s in patch["skipped"]] == ["toymod:SubEngine.schedule"]
     assert "already wrapped" in patch["skipped"][0]["reason"]
+
+
+def test_host_sampling_and_device_memory_reported_unavailable_on_cpu(workspace: Workspace) -> None:
+    workspace.write_config(host_system_usage_freq=20, npu_memory_usage_freq=10)
+    workspace.write_symbols("- symbol: toymod:Engine.schedule\n")
+    proc = workspace.run_python("""
+    import time, toymod
+    toymod.Engine().schedule(1)
+    time.sleep(1.0)
+    """)
+    run = _single_run(workspace)
+    samples = [r[2] for r in run.spans("host")]  # counter records: [chan, ts, values]
+    assert 10 <= len(samples) <= 30, len(samples)
+    assert all(0 <= s["cpu_percent"] <= 100 * os.cpu_count() and s["mem_used_bytes"] > 0 for s in samples)
+    kinds = {chan["name"]: chan["kind"] for chan in run.channels.values()}
+    assert kinds["host"] == "counter" and "device_memory" not in kinds
+    assert "npu_memory_usage_freq" in proc.stderr
+
+
+def test_domain_filter_applies_per_record_for_custom_handlers(workspace: Workspace) -> None:
+    (workspace.root / "myhandlers.py").write_text(HANDLERS)
+    workspace.write_config(domain="Custom")
+    workspace.write_symbols("""
+    - symbol: toymod:Engine.schedule
+      handler: myhandlers:records
+      domain: BatchSchedule
+    - symbol: toymod:forward
+      domain: BatchSchedule
+    """)
+    workspace.run_python("import toymod\ntoymod.Engine().schedule(3)\ntoymod.forward([1])\n")
+    run = _single_run(workspace)
+    # The handler's probe stays on (it records into the kept "Custom" domain); the timer is filtered.
+    assert [r[4] for r in run.spans("schedule")] == [{"n": 3, "calls": 1}]
+    assert run.spans("forward") == []

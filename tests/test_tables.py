@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -165,3 +166,16 @@ def test_table_column_helpers() -> None:
 def test_empty_run_builds_empty_tables() -> None:
     tables = build_tables(RunData())
     assert len(tables.requests) == 0 and len(tables.batches) == 0 and len(tables.kvcache) == 0
+
+
+def test_model_exec_recorded_by_another_process_joins_on_host_and_dp_rank(tmp_path: Path) -> None:
+    synth = generate_run(tmp_path / "run", SyntheticConfig(requests=10, output_tokens=4, seed=8))
+    run = read_run([synth.run_dir])
+    engine = next(p for p in run.processes if p.role == "engine_core")
+    worker = replace(engine, index=len(run.processes), key=f"{engine.hostname}:9999", pid=9999, role="VllmWorker-0")
+    run.processes.append(worker)
+    # the executor's spans come from the worker process, without a dp_rank attribute
+    run.spans = [s._replace(proc=worker.index, attrs={"batch_id": s.attrs["batch_id"]})
+                 if s.name == "modelExec" and s.attrs else s for s in run.spans]
+    model = {d["batch_id"]: d["model_run_ms"] for d in build_tables(run).batches.dicts()}
+    assert model == pytest.approx({b.batch_id: b.model_run_ms for b in synth.batches})

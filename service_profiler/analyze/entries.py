@@ -98,19 +98,20 @@ def iter_entry_chunks(tables: AnalysisTables, batches_per_chunk: int = 4096) -> 
                 if done in rid:
                     state[rid.index(done)] = "completed"
             chunk.state += state
-            it_out, gen_out, t_out = chunk.iteration, chunk.generated_before, chunk.time_in_state_ms
+            it_add, gen_add = chunk.iteration.append, chunk.generated_before.append
+            t_add, iters_get, gen_get, ms = chunk.time_in_state_ms.append, iters.get, generated.get, MS
             for r, ph, sc, co, pr, re in zip(rid, phase, sched, comp, prompt, resumed, strict=True):
-                it = iters.get(r, 0)
+                it = iters_get(r, 0)
                 iters[r] = it + 1
-                gen = generated.get(r, 0)
+                gen = gen_get(r, 0)
                 if it == 0 or re:
                     since[r] = start
-                    t_out.append(0.0)
+                    t_add(0.0)
                 else:
-                    t_out.append((start - since[r]) / MS)
-                it_out.append(it)
-                gen_out.append(gen)
-                if ph != 0 or (pr is not None and co is not None and sc is not None and co + sc >= pr + gen):
+                    t_add((start - since[r]) / ms)
+                it_add(it)
+                gen_add(gen)
+                if ph or (pr is not None and co is not None and sc is not None and co + sc >= pr + gen):
                     generated[r] = gen + 1
         chunk.batch_ends.append((i, len(chunk.rid)))
         for r in attrs.get("preempted") or ():

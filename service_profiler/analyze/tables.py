@@ -188,24 +188,37 @@ def _dp_rank(run: RunData, proc: int, attrs: dict[str, Any]) -> int:
         return 0
 
 
-def _by_batch(run: RunData, spans: list[SpanRecord]) -> dict[tuple[Any, ...], SpanRecord]:
-    """batch_id -> span, keyed by (proc, batch_id) and (hostname, dp_rank, batch_id); longest wins."""
-    index: dict[tuple[Any, ...], SpanRecord] = {}
-    for s in spans:
-        bid = s.attrs.get("batch_id") if s.attrs else None
-        if bid is None:
-            continue
-        keys = ((s.proc, bid), (run.processes[s.proc].hostname, _dp_rank(run, s.proc, s.attrs or {}), bid))
-        for key in keys:
+class _BatchLookup:
+    """batch_id -> span of one kind (modelExec, step, updateFromOutput). Looked up in the batch's own
+    process first; the (hostname, dp_rank) index, for spans recorded by another process (an executor
+    worker), is built only when that misses. Several spans for one key: the longest (outermost) wins."""
+
+    def __init__(self, run: RunData, spans: list[SpanRecord]) -> None:
+        self.run, self.spans = run, spans
+        self.by_proc = self._index(lambda s, bid: (s.proc, bid))
+        self.by_dp: dict[tuple[Any, ...], SpanRecord] | None = None
+
+    def _index(self, key_of: Callable[[SpanRecord, Any], tuple[Any, ...]]) -> dict[tuple[Any, ...], SpanRecord]:
+        index: dict[tuple[Any, ...], SpanRecord] = {}
+        for s in self.spans:
+            bid = s.attrs.get("batch_id") if s.attrs else None
+            if bid is None:
+                continue
+            key = key_of(s, bid)
             old = index.get(key)
             if old is None or s.end_ns - s.start_ns > old.end_ns - old.start_ns:
                 index[key] = s
-    return index
+        return index
 
-
-def _lookup(index: dict[tuple[Any, ...], SpanRecord], proc: int, host: str, dp: int,
-            bid: Any) -> SpanRecord | None:
-    return index.get((proc, bid)) or index.get((host, dp, bid))
+    def get(self, proc: int, host: str, dp: int, bid: Any) -> SpanRecord | None:
+        found = self.by_proc.get((proc, bid))
+        if found is None and self.spans:
+            if self.by_dp is None:
+                run = self.run
+                hosts = [p.hostname for p in run.processes]
+                self.by_dp = self._index(lambda s, b: (hosts[s.proc], _dp_rank(run, s.proc, s.attrs or {}), b))
+            found = self.by_dp.get((host, dp, bid))
+        return found
 
 
 def _ms(a: int | None, b: int | None) -> float | None:
@@ -251,9 +264,9 @@ _RESUMED = itemgetter(5)
 def build_batch_table(idx: RecordIndex) -> tuple[Table, list[SpanRecord], list[list[Any]]]:
     run = idx.run
     spans = idx.spans("BatchSchedule", "batchFrameworkProcessing")
-    model_idx = _by_batch(run, idx.spans("ModelExecute", "modelExec"))
-    step_idx = _by_batch(run, idx.spans("EngineCore", "step"))
-    upd_idx = _by_batch(run, idx.spans("BatchSchedule", "updateFromOutput"))
+    model_idx = _BatchLookup(run, idx.spans("ModelExecute", "modelExec"))
+    step_idx = _BatchLookup(run, idx.spans("EngineCore", "step"))
+    upd_idx = _BatchLookup(run, idx.spans("BatchSchedule", "updateFromOutput"))
     alloc, freed = _kv_per_batch(idx, spans)
     hosts = [p.hostname for p in run.processes]
     rows: list[tuple[Any, ...]] = []
@@ -268,9 +281,9 @@ def build_batch_table(idx: RecordIndex) -> tuple[Table, list[SpanRecord], list[l
         dc = [e[2] for e in reqs if e[1] != 0]
         m = st = up = None
         if bid is not None:
-            m = _lookup(model_idx, s.proc, host, dp, bid)
-            st = _lookup(step_idx, s.proc, host, dp, bid)
-            up = _lookup(upd_idx, s.proc, host, dp, bid)
+            m = model_idx.get(s.proc, host, dp, bid)
+            st = step_idx.get(s.proc, host, dp, bid)
+            up = upd_idx.get(s.proc, host, dp, bid)
         finished = (up.attrs or {}).get("finished") if up is not None else None
         if finished is None:
             finished = a.get("finished") or []
