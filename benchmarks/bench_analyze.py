@@ -39,9 +39,10 @@ print(json.dumps({"rc": rc, "elapsed_s": elapsed,
 
 # (b): requests chosen so the run holds ~1M records with this mix (see the printed composition).
 CASES = {
-    "a": SyntheticConfig(requests=1000, output_tokens=64, max_num_seqs=256, arrival_rate_per_s=200.0),
+    "a": SyntheticConfig(requests=1000, output_tokens=64, max_num_seqs=256, arrival_rate_per_s=200.0,
+                         runner_timer_spans=True),
     "b": SyntheticConfig(requests=18_000, output_tokens=64, max_num_seqs=16, arrival_rate_per_s=30.0,
-                         prompt_tokens=(64, 1024)),
+                         prompt_tokens=(64, 1024), runner_timer_spans=True),
 }
 LINEARITY_FRACTION = 4
 

@@ -127,7 +127,9 @@ def format_report(info: dict[str, Any]) -> str:
                 out.append(f"  {p['key']}: {p['dropped']:,}")
     else:
         out.append("\ndropped: none")
-    warnings = [(p["key"], w) for p in procs for w in p["warnings"]]
+    # handlers report their own failures as process metadata (e.g. vllm_handler_failures: {handler: count})
+    warnings = [(p["key"], f"{k}: {v}") for p in procs for k, v in p["meta"].items() if k.endswith("_failures") and v]
+    warnings += [(p["key"], w) for p in procs for w in p["warnings"]]
     out.append(f"\nwarnings ({len(warnings)}):" if warnings else "\nwarnings: none")
     out.extend(f"  {key}: {w}" for key, w in warnings)
     switches = [s for s in info["states"] if s["reason"] != "startup"]

@@ -46,6 +46,7 @@ def test_text_report_shows_drops_warnings_and_problems(synth: SyntheticRun, caps
         fh.write('{"t":"warn","msg":"expression len(x) failed: TypeError","count":3}\n')
         fh.write('{"t":"patch","applied":[],"skipped":[],"failed":[{"symbol":"a.b:C.d","reason":"no attribute d"}]}\n')
         fh.write('{"t":"state","enabled":false,"ts":5,"reason":"timelimit"}\n')
+        fh.write('{"t":"meta","key":"vllm_handler_failures","value":{"schedule":2}}\n')
         fh.write('{"t":"rec","r":[[1,')
     assert inspect_run.run(_args(str(synth.run_dir))) == inspect_run.EXIT_OK
     text = capsys.readouterr().out
@@ -53,6 +54,7 @@ def test_text_report_shows_drops_warnings_and_problems(synth: SyntheticRun, caps
     assert "expression len(x) failed: TypeError (x3)" in text
     assert "failed   a.b:C.d: no attribute d" in text
     assert "off (timelimit)" in text
+    assert "vllm_handler_failures: {'schedule': 2}" in text
     assert "torn last line" in text
     assert "batchFrameworkProcessing" in text
 

@@ -179,3 +179,17 @@ def test_model_exec_recorded_by_another_process_joins_on_host_and_dp_rank(tmp_pa
                  if s.name == "modelExec" and s.attrs else s for s in run.spans]
     model = {d["batch_id"]: d["model_run_ms"] for d in build_tables(run).batches.dicts()}
     assert model == pytest.approx({b.batch_id: b.model_run_ms for b in synth.batches})
+
+
+def test_empty_steps_are_batches_of_size_zero(tmp_path: Path) -> None:
+    synth = generate_run(tmp_path / "run", SyntheticConfig(requests=4, output_tokens=3, seed=1))
+    run = read_run([synth.run_dir])
+    last = max(s.end_ns for s in run.spans)
+    template = next(s for s in run.spans if s.name == "batchFrameworkProcessing")
+    run.spans.append(template._replace(start_ns=last + 1000, end_ns=last + 2000,
+                                           attrs={"batch_id": 10_000, "dp_rank": 0, "reqs": [], "running": 0,
+                                                  "waiting": 0, "preempted": [], "finished": []}))
+    rows = build_tables(run).batches.dicts()
+    empty = rows[-1]
+    assert (empty["batch_size"], empty["batch_type"], empty["model_run_ms"]) == (0, "", None)
+    assert len(rows) == len(synth.batches) + 1

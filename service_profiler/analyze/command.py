@@ -86,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from service_profiler.rawfile import read_run
 
+    from .sqlite_export import SqliteExport
     from .summary import format_summary
     from .tables import build_tables
 
@@ -132,15 +133,14 @@ def _run(args: argparse.Namespace) -> int:
         from .csv_export import write_csvs
         return write_csvs(data, tables, out_dir)
 
-    pending_db: list[Any] = []
+    pending_db: list[SqliteExport] = []
 
     def db_start() -> str:
-        from .sqlite_export import SqliteExport
         pending_db.append(SqliteExport(data, tables, out_dir / "profiler.db").start())
         return "SQLite rows written; indexes build in the background"
 
     def db_finish() -> Path:
-        return pending_db[0].finish()  # type: ignore[no-any-return]
+        return pending_db[0].finish()
 
     def json_out() -> Path | str:
         mod = _optional("service_profiler.analyze.chrome")

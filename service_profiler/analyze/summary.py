@@ -124,6 +124,7 @@ def service_metrics(run: RunData, tables: AnalysisTables) -> list[tuple[str, Any
         ("prefill_batch_count", btype.count("Prefill")),
         ("decode_batch_count", btype.count("Decode")),
         ("mixed_batch_count", btype.count("Prefill,Decode")),
+        ("empty_batch_count", btype.count("")),  # steps that scheduled nothing (still recorded)
         ("mean_batch_size", describe(b.column("batch_size")).mean if len(b) else None),
         ("ttft_p50_ms", ttft.p50), ("ttft_p99_ms", ttft.p99),
         ("tpot_p50_ms", tpot.p50), ("tpot_p99_ms", tpot.p99),
@@ -163,7 +164,8 @@ def format_summary(run: RunData, tables: AnalysisTables) -> str:
     mr = describe(b.column("model_run_ms")) if len(b) else describe([])
     lines.append(
         f"batches    {len(b):,}: prefill {svc['prefill_batch_count']:,}, decode {svc['decode_batch_count']:,}, "
-        f"mixed {svc['mixed_batch_count']:,}; size mean {_fmt(bs.mean)} max {_fmt(bs.max)}; "
+        f"mixed {svc['mixed_batch_count']:,}, empty {svc['empty_batch_count']:,}; size mean {_fmt(bs.mean)} "
+        f"max {_fmt(bs.max)}; "
         f"model run p50 {_fmt(mr.p50, ' ms')} p99 {_fmt(mr.p99, ' ms')}")
     kv = describe(b.column("kv_usage")) if len(b) else describe([])
     lines.append(f"KV cache   usage mean {_fmt(kv.mean * 100, '%')} max {_fmt(kv.max * 100, '%')}; "

@@ -53,7 +53,7 @@ class SyntheticConfig:
     start_wall_ns: int = 1_750_000_000_000_000_000
     flush_every: int = 256              # records per `rec` line
     host_sample_period_ns: int = 500 * MS
-    runner_timer_spans: bool = True     # runnerExecute / runnerSample timer spans per step
+    runner_timer_spans: bool = False    # the default YAML's runnerExecute / runnerSample timer spans per step
 
 
 @dataclass
