@@ -124,6 +124,7 @@ class Completion:
     finish_reason: str | None
     stream: bool
     disconnected: bool = False
+    response_id: str = ""  # the API server's id ("cmpl-..."), which the profiler records as api_rid
 
     @property
     def ttft_ms(self) -> float | None:
@@ -151,18 +152,19 @@ def complete(server: Server, prompt: str, max_tokens: int, *, stream: bool = Fal
         done = time.time_ns()
         choice = data["choices"][0]
         return Completion(prompt, choice["text"], sent, None, done, data["usage"]["completion_tokens"],
-                          choice["finish_reason"], False)
+                          choice["finish_reason"], False, response_id=data["id"])
     return _read_stream(conn, response, prompt, sent, disconnect_after_chunks)
 
 
 def _read_stream(conn: http.client.HTTPConnection, response: http.client.HTTPResponse, prompt: str,
                  sent: int, disconnect_after_chunks: int | None) -> Completion:
-    text, first, chunks, tokens, finish = [], None, 0, 0, None
+    text, first, chunks, tokens, finish, response_id = [], None, 0, 0, None, ""
     for raw in response:
         line = raw.decode().strip()
         if not line.startswith("data: ") or line == "data: [DONE]":
             continue
         event: dict[str, Any] = json.loads(line[6:])
+        response_id = event.get("id", response_id)
         if event.get("usage"):
             tokens = event["usage"]["completion_tokens"]
         for choice in event.get("choices", []):
@@ -174,8 +176,10 @@ def _read_stream(conn: http.client.HTTPConnection, response: http.client.HTTPRes
             finish = choice.get("finish_reason") or finish
         if disconnect_after_chunks is not None and chunks >= disconnect_after_chunks:
             conn.close()  # the client goes away mid-stream; vLLM aborts the request
-            return Completion(prompt, "".join(text), sent, first, time.time_ns(), chunks, None, True, True)
-    return Completion(prompt, "".join(text), sent, first, time.time_ns(), tokens, finish, True)
+            return Completion(prompt, "".join(text), sent, first, time.time_ns(), chunks, None, True, True,
+                              response_id)
+    return Completion(prompt, "".join(text), sent, first, time.time_ns(), tokens, finish, True,
+                      response_id=response_id)
 
 
 PROMPTS = [

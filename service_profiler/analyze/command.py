@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib
+import multiprocessing
+import os
 import resource
 import sys
 import time
@@ -71,6 +73,96 @@ def _finite(*cols: np.ndarray) -> list[np.ndarray]:
     return [c[ok] for c in cols]
 
 
+_Outcome = tuple[list[Path], list[str], list[str]]  # produced, notes, failures
+
+
+def _run_step(label: str, fn: Callable[[], Any], progress: Callable[[str], None]) -> _Outcome:
+    """Run one exporter; its failure is reported, never raised (it must not cost the other outputs)."""
+    produced: list[Path] = []
+    notes: list[str] = []
+    try:
+        result = fn()
+    except Exception as exc:  # an exporter's bug must not cost the user the other outputs
+        progress(f"{label}: FAILED ({type(exc).__name__}: {exc})")
+        return [], [], [f"{label}: {type(exc).__name__}: {exc}"]
+    if isinstance(result, str):
+        if "skipped" in result:
+            notes.append(result)
+        progress(result)
+        return [], notes, []
+    if isinstance(result, Path):
+        produced.append(result)
+    elif isinstance(result, list):
+        produced.extend(p for p in result if isinstance(p, Path))
+    progress(f"{label} done")
+    return produced, notes, []
+
+
+def _merge(outcome: _Outcome, produced: list[Path], notes: list[str], failures: list[str]) -> None:
+    produced.extend(outcome[0])
+    notes.extend(outcome[1])
+    failures.extend(outcome[2])
+
+
+def _fork_context() -> Any:
+    """multiprocessing's fork context where the platform has one (Linux), else None (run in-process)."""
+    if os.environ.get("SERVICE_PROFILER_NO_FORK") or "fork" not in multiprocessing.get_all_start_methods():
+        return None
+    return multiprocessing.get_context("fork")
+
+
+class _Side:
+    """Exporters run by a forked child process, in parallel with the parent's own (2+ cores).
+
+    The child inherits the run and tables copy-on-write (nothing is pickled on the way in); it sends back
+    only what each step produced. Where fork is unavailable the steps run in-process at `collect`.
+    The child prints its own progress lines (its RSS, not the parent's)."""
+
+    def __init__(self, progress: Callable[[str], None], steps: list[tuple[str, str, Callable[[], Any]]]) -> None:
+        self.progress, self.steps = progress, steps
+        self.proc: Any = None
+        self.conn: Any = None
+        ctx = _fork_context() if steps else None
+        if ctx is None:
+            return
+        for stream in (sys.stdout, sys.stderr):  # else the child flushes the parent's pending text again
+            stream.flush()
+        recv, send = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=self._child, args=(send,), name="analyze-side", daemon=True)
+        try:
+            proc.start()
+        except OSError:  # out of processes / memory: fall back to running in-process
+            recv.close()
+            send.close()
+            return
+        send.close()
+        self.proc, self.conn = proc, recv
+
+    def _child(self, send: Any) -> None:
+        outcomes = [_run_step(label, fn, self.progress) for _, label, fn in self.steps]
+        send.send(outcomes)
+        send.close()
+
+    def collect(self, produced: list[Path], notes: list[str], failures: list[str]) -> None:
+        """Wait for the child (or run the steps here when there is none) and merge what they produced."""
+        if self.proc is None:
+            for _, label, fn in self.steps:
+                _merge(_run_step(label, fn, self.progress), produced, notes, failures)
+            return
+        try:
+            outcomes: list[_Outcome] = self.conn.recv()
+        except (EOFError, OSError):
+            outcomes = []
+        self.conn.close()
+        self.proc.join()
+        if len(outcomes) != len(self.steps):
+            done = len(outcomes)
+            outcomes += [([], [], [f"{label}: the exporter process died (exit code {self.proc.exitcode})"])
+                         for _, label, _ in self.steps[done:]]
+        for outcome in outcomes:
+            _merge(outcome, produced, notes, failures)
+
+
 def run(args: argparse.Namespace) -> int:
     # The analysis holds millions of small objects and makes no reference cycles worth collecting;
     # with the cyclic collector on, every allocation threshold re-walks them (2x slower exports).
@@ -101,33 +193,29 @@ def _run(args: argparse.Namespace) -> int:
         for p in data.problems:
             print(f"  {p}", file=sys.stderr)
         return EXIT_NO_DATA
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def chrome_out() -> Path | str:
+        mod = _optional("service_profiler.analyze.chrome")
+        if mod is None:
+            return "chrome trace skipped: service_profiler.analyze.chrome is not installed in this build"
+        path = out_dir / "chrome_tracing.json"
+        mod.write_chrome_trace(data, None, path)
+        return path
+
+    # The trace is drawn from the records alone: a forked child writes it while this process builds the
+    # tables and writes SQLite / CSV (each process then keeps one core busy).
+    chrome_side = _Side(progress, [("json", "chrome trace", chrome_out)]) if "json" in formats else None
     tables = build_tables(data)
     progress(f"tables: {len(tables.requests):,} requests, {len(tables.batches):,} batches")
-    out_dir.mkdir(parents=True, exist_ok=True)
 
     produced: list[Path] = []
     failures: list[str] = []
     notes: list[str] = []
 
     def step(fmt: str, label: str, fn: Callable[[], Any]) -> None:
-        if fmt not in formats:
-            return
-        try:
-            result = fn()
-        except Exception as exc:  # an exporter's bug must not cost the user the other outputs
-            failures.append(f"{label}: {type(exc).__name__}: {exc}")
-            progress(f"{label}: FAILED ({type(exc).__name__}: {exc})")
-            return
-        if isinstance(result, str):
-            if "skipped" in result:
-                notes.append(result)
-            progress(result)
-            return
-        if isinstance(result, Path):
-            produced.append(result)
-        elif isinstance(result, list):
-            produced.extend(p for p in result if isinstance(p, Path))
-        progress(f"{label} done")
+        if fmt in formats:
+            _merge(_run_step(label, fn, progress), produced, notes, failures)
 
     def csv_out() -> list[Path]:
         from .csv_export import write_csvs
@@ -141,14 +229,6 @@ def _run(args: argparse.Namespace) -> int:
 
     def db_finish() -> Path:
         return pending_db[0].finish()
-
-    def json_out() -> Path | str:
-        mod = _optional("service_profiler.analyze.chrome")
-        if mod is None:
-            return "chrome trace skipped: service_profiler.analyze.chrome is not installed in this build"
-        path = out_dir / "chrome_tracing.json"
-        mod.write_chrome_trace(data, tables, path)
-        return path
 
     def plots_out() -> list[Path] | str:
         mod = _optional("service_profiler.analyze.plots")
@@ -173,12 +253,16 @@ def _run(args: argparse.Namespace) -> int:
         mod.fit_and_save(size, tokens, ms, model_dir)
         return sorted(p for p in model_dir.rglob("*") if p.is_file())
 
+    # plots + model need only the tables' numeric columns: a forked child draws them on the other core
+    # while this process writes SQLite and the CSVs (which need the records)
+    side = _Side(progress, [(fmt, label, fn) for fmt, label, fn in (
+        ("plots", "plots", plots_out), ("model", "latency model", model_out)) if fmt in formats])
     # SQLite first: its index build (no GIL) then overlaps with the exporters after it
     step("db", "SQLite", db_start)
     step("csv", "CSV", csv_out)
-    step("json", "chrome trace", json_out)
-    step("plots", "plots", plots_out)
-    step("model", "latency model", model_out)
+    side.collect(produced, notes, failures)
+    if chrome_side is not None:
+        chrome_side.collect(produced, notes, failures)
     if pending_db:
         step("db", "SQLite", db_finish)
     if data.problems:
