@@ -2,13 +2,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
+import os
 import shutil
 import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
 import pytest
 
@@ -82,28 +83,49 @@ def test_failing_exporter_does_not_cost_the_others(synth: SyntheticRun, tmp_path
     assert "error: chrome trace: RuntimeError: exporter bug" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("fork", [True, False], ids=["forked", "in-process"])
 def test_model_and_plots_get_numeric_columns(synth: SyntheticRun, tmp_path: Path,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    seen: dict[str, Any] = {}
+                                             monkeypatch: pytest.MonkeyPatch, fork: bool) -> None:
+    # plots + model run in a forked child where the platform allows: what they saw comes back in files
+    if not fork:
+        monkeypatch.setenv("SERVICE_PROFILER_NO_FORK", "1")
+    seen_dir = tmp_path / "seen"
+    seen_dir.mkdir()
 
     def plots(batch_cols: dict, request_cols: dict, out_dir: Path) -> list[Path]:
-        seen["plots"] = (set(batch_cols), set(request_cols), out_dir)
+        (seen_dir / "plots.json").write_text(json.dumps([sorted(batch_cols), sorted(request_cols)]))
         path = out_dir / "x.png"
         path.write_bytes(b"png")
         return [path]
 
     def fit(size: object, tokens: object, ms: object, out_dir: Path) -> None:
-        seen["model"] = (len(size), len(tokens), len(ms))  # type: ignore[arg-type]
+        (seen_dir / "model.json").write_text(json.dumps([len(size), len(tokens), len(ms)]))  # type: ignore[arg-type]
         (out_dir / "latency_model.json").write_text("{}")
 
     fake = {"service_profiler.analyze.plots": SimpleNamespace(write_plots=plots),
             "service_profiler.model.latency": SimpleNamespace(fit_and_save=fit)}
     monkeypatch.setattr(command, "_optional", lambda name: fake.get(name))
     assert command.run(_args([synth.run_dir], tmp_path / "out", "plots", "model")) == command.EXIT_OK
-    batch_cols, request_cols, _ = seen["plots"]
-    assert {"batch_size", "model_run_ms", "total_scheduled_tokens"} <= batch_cols
-    assert {"ttft_ms", "tpot_ms", "e2e_ms"} <= request_cols
-    assert seen["model"] == (len(synth.batches),) * 3
+    batch_cols, request_cols = json.loads((seen_dir / "plots.json").read_text())
+    assert {"batch_size", "model_run_ms", "total_scheduled_tokens"} <= set(batch_cols)
+    assert {"ttft_ms", "tpot_ms", "e2e_ms"} <= set(request_cols)
+    assert json.loads((seen_dir / "model.json").read_text()) == [len(synth.batches)] * 3
+    assert (tmp_path / "out" / "plots" / "x.png").exists()
+
+
+@pytest.mark.skipif(command._fork_context() is None, reason="exporters run in-process without fork")
+def test_exporter_process_dying_is_reported(synth: SyntheticRun, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    def plots(batch_cols: dict, request_cols: dict, out_dir: Path) -> list[Path]:
+        os._exit(3)  # a crash in the forked exporter process (segfault, OOM kill)
+
+    fake = {"service_profiler.analyze.plots": SimpleNamespace(write_plots=plots)}
+    monkeypatch.setattr(command, "_optional", lambda name: fake.get(name))
+    out = tmp_path / "out"
+    assert command.run(_args([synth.run_dir], out, "plots", "csv")) == command.EXIT_EXPORT_FAILED
+    assert (out / "batch.csv").exists()
+    assert "error: plots: the exporter process died (exit code 3)" in capsys.readouterr().err
 
 
 def test_problems_are_reported_and_written(synth: SyntheticRun, tmp_path: Path,

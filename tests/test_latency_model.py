@@ -273,3 +273,19 @@ def test_cli_errors_name_the_file_and_column(tmp_path: Path) -> None:
 
     r = _cli("predict", "--model", str(tmp_path / "absent.json"), "--batch-size", "1", "--tokens", "1")
     assert r.returncode == 2 and "absent.json" in r.stderr
+
+
+def test_large_inputs_are_fitted_on_a_deterministic_sample() -> None:
+    b, s, t = noisy(3000)
+    full = fit_latency_model(b, s, t)
+    sampled = fit_latency_model(b, s, t, max_samples=1000)
+    again = fit_latency_model(b, s, t, max_samples=1000)
+    assert sampled.params == again.params  # seeded: the same sample every time
+    assert sampled.filtering["n_used"] == full.filtering["n_used"]  # still counts every surviving step
+    assert sampled.filtering["n_fit_sample"] == 1000 and "n_fit_sample" not in full.filtering
+    assert sampled.n_train + sampled.n_test == 1000
+    assert sampled.data_ranges == full.data_ranges
+    assert any("sample of 1,000" in n for n in sampled.notes) and not full.notes
+    assert sampled.metrics["test"]["r2"] is not None and sampled.metrics["test"]["r2"] > 0.99
+    # under the limit nothing changes
+    assert fit_latency_model(b, s, t, max_samples=10_000).params == full.params

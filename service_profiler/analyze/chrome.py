@@ -30,12 +30,13 @@ from __future__ import annotations
 
 import gc
 import json
+import shutil
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TextIO
 
 from service_profiler.analyze.request_tracks import (
     RequestLifecycle,
@@ -67,9 +68,34 @@ def write_chrome_trace(run: RunData, tables: object | None, out_path: Path) -> N
 
     `tables` is accepted for symmetry with the other exporters and not read: the trace shows what
     was recorded, derived from `run` alone, so it stays usable when table building fails.
+
+    The file holds exactly `build_chrome_trace(run)`, but events are encoded as they are made, a chunk
+    at a time, into a side file (their process/thread metadata, which must come first, is only known
+    at the end): a long run's million event dicts never exist at once.
     """
-    with _no_cyclic_gc():
-        _write(build_chrome_trace(run), Path(out_path))
+    out_path = Path(out_path)
+    spill_path = out_path.with_name(out_path.name + ".events.tmp")
+    try:
+        with _no_cyclic_gc(), spill_path.open("w", encoding="utf-8") as spill:
+            trace, builder = _build(run, spill)
+        with out_path.open("w", encoding="utf-8") as out, spill_path.open("r", encoding="utf-8") as spilled:
+            out.write('{"traceEvents":[')
+            out.write(_encode(trace.pop("traceEvents")))
+            if builder.spilled:
+                out.write(",")
+                shutil.copyfileobj(spilled, out, 1 << 20)
+            if builder.events:
+                out.write("," + _encode(builder.events))
+            out.write("],")
+            out.write(json.dumps(trace, separators=(",", ":"))[1:])
+    finally:
+        spill_path.unlink(missing_ok=True)
+
+
+def _encode(events: list[TraceEvent]) -> str:
+    """Events as comma-separated JSON objects (no brackets). The events share no objects, so the
+    encoder's cycle bookkeeping (check_circular) is pure cost (~15%)."""
+    return json.dumps(events, separators=(",", ":"), check_circular=False)[1:-1]
 
 
 @contextmanager
@@ -85,31 +111,25 @@ def _no_cyclic_gc() -> Iterator[None]:
             gc.enable()
 
 
-def _write(trace: dict[str, Any], out_path: Path) -> None:
-    events = trace.pop("traceEvents")
-    # One dumps per chunk of events: a dumps call per event costs ~1.7x more, and one dumps of the
-    # whole list holds the whole text in memory at once. The events share no objects, so the
-    # encoder's cycle bookkeeping (check_circular) is pure cost (~15%).
-    with out_path.open("w", encoding="utf-8") as out:
-        out.write('{"traceEvents":[')
-        for i in range(0, len(events), _CHUNK):
-            text = json.dumps(events[i : i + _CHUNK], separators=(",", ":"), check_circular=False)
-            out.write(("," if i else "") + text[1:-1])
-        out.write("],")
-        out.write(json.dumps(trace, separators=(",", ":"))[1:])
-
-
 def build_chrome_trace(run: RunData) -> dict[str, Any]:
     """The trace as a JSON-ready object (see the module docstring for the layout)."""
+    trace, builder = _build(run, None)
+    trace["traceEvents"] += builder.events
+    return trace
+
+
+def _build(run: RunData, spill: TextIO | None) -> tuple[dict[str, Any], _TraceBuilder]:
+    """The trace with only the metadata events in traceEvents; the others are `builder.events` (those
+    not yet written to `spill`, when given, after the ones that were)."""
     origin = _origin_ns(run)
-    builder = _TraceBuilder(run, origin)
+    builder = _TraceBuilder(run, origin, spill)
     builder.add_spans()
     builder.add_counters()
     lifecycles = builder.add_batches()
     builder.add_instants()
     builder.add_requests(lifecycles)
     return {
-        "traceEvents": builder.metadata_events() + builder.events,
+        "traceEvents": builder.metadata_events(),
         "displayTimeUnit": "ms",
         "metadata": {
             "generator": "service-profiler",
@@ -124,7 +144,7 @@ def build_chrome_trace(run: RunData) -> dict[str, Any]:
             "folded_events": builder.folded,
             "omitted_instants": builder.omitted,
         },
-    }
+    }, builder
 
 
 def _origin_ns(run: RunData) -> int:
@@ -168,10 +188,12 @@ class _Placed(NamedTuple):
 
 
 class _TraceBuilder:
-    def __init__(self, run: RunData, origin: int) -> None:
+    def __init__(self, run: RunData, origin: int, spill: TextIO | None = None) -> None:
         self.run = run
         self.origin = origin
         self.events: list[TraceEvent] = []
+        self.spill = spill
+        self.spilled = False
         self.threads: dict[tuple[int, int, int], int] = {}  # (proc, raw tid, lane) -> tid
         self.thread_names: list[tuple[int, int, str, int]] = []  # pid, tid, name, sort
         self.placed: dict[int, _Placed] = {}  # id(span) -> where it was drawn
@@ -181,6 +203,13 @@ class _TraceBuilder:
         self.folded: dict[str, int] = {}
         self.omitted: dict[str, int] = {}
         self.requests_pid = len(run.processes) + 1
+
+    def _flush(self) -> None:
+        """Encode the pending events into the spill file (when there is one and they are many)."""
+        if self.spill is not None and len(self.events) >= _CHUNK:
+            self.spill.write(("," if self.spilled else "") + _encode(self.events))
+            self.spilled = True
+            self.events.clear()  # the same list: loops hold its bound append
 
     def _us(self, ns: int) -> float:
         return (ns - self.origin) / 1000
@@ -227,7 +256,8 @@ class _TraceBuilder:
         by_thread: dict[tuple[int, int], list[SpanRecord]] = defaultdict(list)
         for span in self.run.spans:
             by_thread[(span.proc, span.tid)].append(span)
-        origin, append, placed = self.origin, self.events.append, self.placed
+        origin, events, placed = self.origin, self.events, self.placed
+        append = events.append
         for (proc, raw_tid), spans in by_thread.items():
             spans.sort(key=lambda s: (s.start_ns, -s.end_ns))
             pid, main_tid = proc + 1, self._tid(proc, raw_tid)
@@ -248,6 +278,8 @@ class _TraceBuilder:
                 append({"ph": "X", "name": span.name, "cat": span.domain, "pid": pid, "tid": tid,
                         "ts": (start - origin) / 1000, "dur": (end - start) / 1000,
                         "args": _compact(span.attrs)})
+                if len(events) >= _CHUNK:
+                    self._flush()
             self.overlap_lanes += len(overlaps)
 
     def _counter(self, proc: int, name: str, cat: str, ts_ns: int, values: dict[str, Any]) -> None:
@@ -260,8 +292,11 @@ class _TraceBuilder:
                                 "ts": (ts_ns - self.origin) / 1000, "args": args})
 
     def add_counters(self) -> None:
+        events = self.events
         for c in self.run.counters:
             self._counter(c.proc, c.name, c.domain, c.ts_ns, c.values)
+            if len(events) >= _CHUNK:
+                self._flush()
 
     def add_batches(self) -> dict[Any, RequestLifecycle]:
         """One pass over the scheduler steps: the `tokens` counter, `kvcache`/`queues` where the process
@@ -304,6 +339,8 @@ class _TraceBuilder:
             if (span.proc, "queues") not in recorded and "running" in a:
                 self._counter(span.proc, "queues", span.domain, span.start_ns,
                               {"running": a.get("running"), "waiting": a.get("waiting")})
+            if len(self.events) >= _CHUNK:
+                self._flush()
         return life
 
     def _step_ends(self) -> dict[tuple[int, Any], tuple[int, int]]:
@@ -332,6 +369,8 @@ class _TraceBuilder:
             self.events.append({"ph": "i", "s": "t", "name": e.name, "cat": e.domain, "pid": e.proc + 1,
                                 "tid": self._tid(e.proc, e.tid), "ts": self._us(e.ts_ns),
                                 "args": _compact(e.attrs)})
+            if len(self.events) >= _CHUNK:
+                self._flush()
         for proc, ts_ns, enabled, reason in self.run.states:
             pinfo = self.run.processes[proc]
             self.events.append({"ph": "i", "s": "p", "name": "collection " + ("on" if enabled else "off"),
@@ -356,6 +395,8 @@ class _TraceBuilder:
                 self._slice(name, tid, p_start, p_end, None)
             if lc.first_batch is not None and phases[0][0] == "queued":
                 self._flow(n + 1, tid, phases[0], lc.first_batch)
+            if len(self.events) >= _CHUNK:
+                self._flush()
 
     def _flow(self, flow_id: int, tid: int, queued: tuple[str, int, int],
               batch: tuple[int, int, int, int]) -> None:

@@ -11,6 +11,12 @@ parameters > 0) from the seed's heuristic start. ``params`` are always stored in
 (B in requests, S in tokens, T in ms), so ``predict`` needs no scaling; ``scales`` records the
 medians the optimiser worked with.
 
+Large runs: the fit uses at most MAX_FIT_SAMPLES (50,000) of the steps that survive filtering, drawn
+deterministically (a seeded random subset, without replacement, in time order) before the train/test
+split; the model, its maths and its optimiser are unchanged. A 50k-step sample pins eight parameters
+as well as a million steps do, and keeps the fit of a long run to seconds. The JSON says so
+(`filtering.n_fit_sample` and a note); `filtering.n_used` and `data_ranges` still cover every step.
+
 Note that P_max, w_0 and w_1 are only identifiable up to a common factor (Work/Thr is unchanged
 when all three are multiplied by c); predictions are unaffected, so individual values of those
 three should not be compared across fits.
@@ -37,6 +43,7 @@ RELAXED_MIN_MS = 0.05
 # Strictly positive lower bound: the seed demands every parameter > 0.
 _LOWER_BOUND = 1e-12
 _MAX_PLOT_POINTS = 5000
+MAX_FIT_SAMPLES = 50_000
 
 Float = NDArray[np.float64]
 
@@ -195,6 +202,7 @@ def fit_latency_model(
     test_fraction: float = 0.2,
     seed: int = 0,
     huber_scale_ms: float | None = None,
+    max_samples: int | None = MAX_FIT_SAMPLES,
 ) -> LatencyModel:
     """Fit T(B, S) to per-step samples.
 
@@ -203,7 +211,8 @@ def fit_latency_model(
     (e.g. 0.05) for tiny models whose real steps are sub-millisecond. ``loss`` is ``"linear"``
     (squared error) or ``"huber"``; ``huber_scale_ms`` is the residual where Huber turns linear
     (default 5 % of the median step). A seeded random ``test_fraction`` of the samples is held out
-    and scored. Raises TooFewSamplesError (a ValueError) when fewer than 10 samples survive.
+    and scored. More than ``max_samples`` surviving steps: a seeded random subset of that many is fitted
+    and scored (None: all). Raises TooFewSamplesError (a ValueError) when fewer than 10 samples survive.
     """
     from scipy.optimize import least_squares  # lazy: keeps `import service_profiler.model` cheap
 
@@ -232,6 +241,18 @@ def fit_latency_model(
             f"{info['n_above_max']} above max_ms={max_ms}); need at least {MIN_SAMPLES}.{hint}"
         )
     b, s, t = b_all[keep], s_all[keep], t_all[keep]
+    data_ranges = {
+        k: [float(v.min()), float(v.max())] for k, v in (("batch_size", b), ("total_tokens", s), ("model_run_ms", t))
+    }
+    sample_note: list[str] = []
+    if max_samples is not None and b.size > max_samples:
+        pick = np.sort(np.random.default_rng(seed).choice(b.size, size=max_samples, replace=False))
+        sample_note.append(
+            f"fitted on a deterministic random sample of {max_samples:,} of the {b.size:,} steps that "
+            f"survived filtering (seed {seed}); train/test metrics are over that sample"
+        )
+        b, s, t = b[pick], s[pick], t[pick]
+        info["n_fit_sample"] = int(max_samples)
 
     order = np.random.default_rng(seed).permutation(b.size)
     n_test = min(round(test_fraction * b.size), b.size - 1)
@@ -275,7 +296,7 @@ def fit_latency_model(
     info.update({"test_fraction": test_fraction, "seed": seed, "relaxed": False})
     if loss == "huber":
         info["huber_scale_ms"] = f_scale
-    notes = [] if res.success else [f"optimiser stopped without converging: {res.message}"]
+    notes = sample_note + ([] if res.success else [f"optimiser stopped without converging: {res.message}"])
     return LatencyModel(
         params=params,
         scales={"batch_size": sb, "total_tokens": ss},
@@ -287,10 +308,7 @@ def fit_latency_model(
         n_test=int(test_idx.size),
         loss=loss,
         filtering=info,
-        data_ranges={
-            k: [float(v.min()), float(v.max())]
-            for k, v in (("batch_size", b), ("total_tokens", s), ("model_run_ms", t))
-        },
+        data_ranges=data_ranges,
         notes=notes,
     )
 
