@@ -34,7 +34,9 @@ from service_profiler.analyze.command import main
 rc = main(sys.argv[1:])
 elapsed = time.perf_counter() - t0
 print(json.dumps({"rc": rc, "elapsed_s": elapsed,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}), file=sys.stderr)
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "child_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}),
+      file=sys.stderr)
 """
 
 # (b): requests chosen so the run holds ~1M records with this mix (see the printed composition).

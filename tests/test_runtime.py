@@ -484,3 +484,19 @@ def test_domain_filter_applies_per_record_for_custom_handlers(workspace: Workspa
     # The handler's probe stays on (it records into the kept "Custom" domain); the timer is filtered.
     assert [r[4] for r in run.spans("schedule")] == [{"n": 3, "calls": 1}]
     assert run.spans("forward") == []
+
+
+def test_buffer_overflow_is_counted_and_recorded(workspace: Workspace) -> None:
+    workspace.write_config(max_buffered_records=1000, flush_interval_s=10)
+    workspace.write_symbols("- symbol: toymod:Engine.schedule\n")
+    workspace.run_python("""
+    import toymod
+    e = toymod.Engine()
+    for i in range(5000):   # well within one flush interval
+        e.schedule(i)
+    """)
+    run = _single_run(workspace)
+    spans = run.spans("schedule")
+    dropped = sum(line["count"] for line in run.of_type("dropped"))
+    assert len(spans) == 1000 and dropped == 4000
+    assert [r[4] for r in spans][:1] == [None] and spans[-1][1] >= spans[0][1]
