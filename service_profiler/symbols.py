@@ -203,20 +203,39 @@ def _parse_entry(loader: yaml.SafeLoader, node: yaml.Node, source: str, notes: l
         max_version=high, attributes=attributes, caller_filter=text.get("caller_filter"), source=source)
 
 
+_FAST_LOADER = getattr(yaml, "CSafeLoader", None)
+
+
 def parse_symbols(text: str, source: str) -> SymbolsResult:
     """Parse YAML text; `source` (normally the file name) starts every problem and `SymbolSpec.source`."""
+    # libyaml composes the same nodes with the same marks ~10x faster (this runs at start-up in every
+    # process of the service); a file it rejects is parsed again by PyYAML's own loader, whose syntax
+    # error messages are the clearer ones.
+    if _FAST_LOADER is not None:
+        try:
+            return _parse_symbols(text, source, _FAST_LOADER)
+        except yaml.YAMLError:
+            pass
+    return _parse_symbols(text, source, yaml.SafeLoader)
+
+
+def _parse_symbols(text: str, source: str, loader_class: type[yaml.SafeLoader]) -> SymbolsResult:
     result = SymbolsResult()
-    loader = yaml.SafeLoader(text)
+    loader = loader_class(text)
     try:
         try:
             root = loader.get_single_node()
         except yaml.MarkedYAMLError as exc:
+            if loader_class is _FAST_LOADER:
+                raise
             mark = exc.problem_mark or exc.context_mark
             where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
             result.problems.append(f"{source}{where}: YAML syntax error ({exc.problem or exc.context}); "
                                    f"no symbols loaded")
             return result
         except yaml.YAMLError as exc:
+            if loader_class is _FAST_LOADER:
+                raise
             result.problems.append(f"{source}: not readable as YAML ({exc}); no symbols loaded")
             return result
         if root is None:
@@ -235,6 +254,8 @@ def parse_symbols(text: str, source: str) -> SymbolsResult:
             except _EntryError as exc:
                 result.problems.append(f"{source} entry {index} (line {exc.line}): {exc}; entry skipped")
             except yaml.YAMLError as exc:  # e.g. a merge of something that is not a mapping
+                if loader_class is _FAST_LOADER:
+                    raise
                 result.problems.append(f"{where}: {exc}; entry skipped")
             result.problems.extend(f"{where}: {note}" for note in notes)
         return result
