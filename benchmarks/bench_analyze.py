@@ -8,7 +8,15 @@ Each analysis runs in a fresh interpreter (so peak RSS is the analysis alone); t
 measured inside it around `command.main` (module imports included, interpreter start-up not), next to
 the wall time of the whole subprocess. Per-phase times come from the analyze progress lines.
 
+Memory: "peak RSS" is the analysis process's own ru_maxrss. analyze also runs forked helper processes
+(plots, latency model; with --jobs > 1 the chrome trace and CSVs too), reported separately as the
+largest child's ru_maxrss; a child's RSS counts the pages it shares with its parent, so it is not
+additive. The physical total of the process tree is what `--pss` samples (summed Pss from
+/proc/PID/smaps_rollup every 0.2 s; the sampling itself costs some CPU, so timings with it are a bit
+slower).
+
     python benchmarks/bench_analyze.py [--case a b] [--format csv db json plots model] [--keep DIR]
+                                       [--jobs N] [--pss]
 """
 
 from __future__ import annotations
@@ -28,14 +36,45 @@ sys.path.insert(0, str(ROOT))
 from service_profiler.analyze.synthetic import SyntheticConfig  # noqa: E402
 
 _CHILD = """
-import json, resource, sys, time
+import json, os, resource, sys, threading, time
 t0 = time.perf_counter()
+peak_pss = [0]
+
+def tree(pid):
+    out = [pid]
+    try:
+        for t in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{t}/children") as f:
+                for c in f.read().split():
+                    out += tree(int(c))
+    except OSError:
+        pass
+    return out
+
+def sample(stop):
+    while not stop.wait(0.2):
+        total = 0
+        for pid in tree(os.getpid()):
+            try:
+                with open(f"/proc/{pid}/smaps_rollup") as f:
+                    total += sum(int(ln.split()[1]) for ln in f if ln.startswith("Pss:"))
+            except OSError:
+                pass
+        peak_pss[0] = max(peak_pss[0], total)
+
+argv = sys.argv[1:]
+stop = threading.Event()
+if "--pss" in argv:
+    argv.remove("--pss")
+    threading.Thread(target=sample, args=(stop,), daemon=True).start()
 from service_profiler.analyze.command import main
-rc = main(sys.argv[1:])
+rc = main(argv)
 elapsed = time.perf_counter() - t0
+stop.set()
 print(json.dumps({"rc": rc, "elapsed_s": elapsed,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "child_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}),
+                  "child_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+                  "tree_pss_mb": peak_pss[0] / 1024}),
       file=sys.stderr)
 """
 
@@ -58,13 +97,16 @@ class Result:
     elapsed_s: float
     wall_s: float
     peak_rss_mb: float
+    child_rss_mb: float
+    tree_pss_mb: float
     phases: list[str]
 
 
-def analyze(run_dir: Path, out_dir: Path, formats: list[str]) -> tuple[float, float, float, list[str]]:
-    """(in-process seconds, subprocess wall seconds, peak RSS MB, progress lines) of one analysis."""
+def analyze(run_dir: Path, out_dir: Path, formats: list[str], extra: list[str]
+            ) -> tuple[float, float, dict[str, float], list[str]]:
+    """(in-process seconds, subprocess wall seconds, memory stats MB, progress lines) of one analysis."""
     cmd = [sys.executable, "-c", _CHILD, "--input-path", str(run_dir), "--output-path", str(out_dir),
-           "--format", *formats]
+           "--format", *formats, *extra]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - t0
@@ -74,8 +116,8 @@ def analyze(run_dir: Path, out_dir: Path, formats: list[str]) -> tuple[float, fl
     except (IndexError, ValueError):
         print(proc.stdout, proc.stderr, file=sys.stderr)
         raise SystemExit(f"analyze failed (exit {proc.returncode})") from None
-    return (float(stats["elapsed_s"]), wall, float(stats["peak_rss_mb"]),
-            [ln for ln in lines if ln.startswith("[analyze")])
+    mem = {k: float(stats[k]) for k in ("peak_rss_mb", "child_peak_rss_mb", "tree_pss_mb")}
+    return float(stats["elapsed_s"]), wall, mem, [ln for ln in lines if ln.startswith("[analyze")]
 
 
 _PREPARE = """
@@ -104,11 +146,12 @@ def prepare(cfg: SyntheticConfig, run_dir: Path) -> dict[str, int]:
     return counts
 
 
-def bench(name: str, cfg: SyntheticConfig, work: Path, formats: list[str]) -> Result:
+def bench(name: str, cfg: SyntheticConfig, work: Path, formats: list[str], extra: list[str]) -> Result:
     run_dir = work / f"run_{name}"
     n = prepare(cfg, run_dir)
     raw_mb = sum(p.stat().st_size for p in run_dir.glob("*.sprof.jsonl")) / 1e6
-    elapsed, wall, rss, phases = analyze(run_dir, work / f"out_{name}", formats)
+    elapsed, wall, mem, phases = analyze(run_dir, work / f"out_{name}", formats, extra)
+    rss = mem["peak_rss_mb"]
     trace = work / f"out_{name}" / "chrome_tracing.json"
     print(f"\n== case {name}: {cfg.requests:,} requests x {cfg.output_tokens} tokens, max_num_seqs "
           f"{cfg.max_num_seqs}, {n['files']} process files, {raw_mb:.1f} MB raw")
@@ -116,11 +159,14 @@ def bench(name: str, cfg: SyntheticConfig, work: Path, formats: list[str]) -> Re
           f"per-request entries in batch spans + tokens events {n['entries']:,}")
     print(f"   analyze {elapsed:.2f} s in-process, {wall:.2f} s wall (with interpreter start); "
           f"peak RSS {rss:.0f} MB; {n['records'] / elapsed:,.0f} records/s")
+    print(f"   helper processes: largest peak RSS {mem['child_peak_rss_mb']:.0f} MB (shared pages included)"
+          + (f"; process tree peak PSS {mem['tree_pss_mb']:.0f} MB" if mem["tree_pss_mb"] else ""))
     if trace.exists():
         print(f"   chrome_tracing.json {trace.stat().st_size / 1e6:.1f} MB")
     for line in phases:
         print(f"     {line}")
-    return Result(name, n["records"], n["entries"], raw_mb, elapsed, wall, rss, phases)
+    return Result(name, n["records"], n["entries"], raw_mb, elapsed, wall, rss, mem["child_peak_rss_mb"],
+                  mem["tree_pss_mb"], phases)
 
 
 def main() -> int:
@@ -129,14 +175,17 @@ def main() -> int:
     parser.add_argument("--format", nargs="+", default=["csv", "json", "db", "plots", "model"])
     parser.add_argument("--keep", type=Path, help="work directory to keep (default: a temporary one)")
     parser.add_argument("--no-linearity", action="store_true", help="skip the 1/4-size run of case b")
+    parser.add_argument("--jobs", type=int, default=1, help="analyze --jobs (default 1)")
+    parser.add_argument("--pss", action="store_true", help="sample the process tree's total PSS")
     args = parser.parse_args()
+    extra = ["--jobs", str(args.jobs)] + (["--pss"] if args.pss else [])
     with tempfile.TemporaryDirectory(prefix="bench_analyze_") as tmp:
         work = args.keep or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        results = {name: bench(name, CASES[name], work, args.format) for name in args.case}
+        results = {name: bench(name, CASES[name], work, args.format, extra) for name in args.case}
         if "b" in results and not args.no_linearity:
             small_cfg = replace(CASES["b"], requests=CASES["b"].requests // LINEARITY_FRACTION)
-            small, big = bench("b_quarter", small_cfg, work, args.format), results["b"]
+            small, big = bench("b_quarter", small_cfg, work, args.format, extra), results["b"]
             per_small, per_big = small.elapsed_s / small.records, big.elapsed_s / big.records
             print(f"\nlinearity: {per_small * 1e6:.2f} us/record at 1/{LINEARITY_FRACTION} size, "
                   f"{per_big * 1e6:.2f} us/record at full size (ratio {per_big / per_small:.2f})")
@@ -144,9 +193,11 @@ def main() -> int:
         for name, limit_s in (("a", 1.5), ("b", 15.0)):
             if name in results:
                 r = results[name]
-                ok = r.elapsed_s <= limit_s and (name == "a" or r.peak_rss_mb <= 1024)
-                print(f"  ({name}) {'MET' if ok else 'NOT MET'}: {r.elapsed_s:.2f} s, {r.peak_rss_mb:.0f} MB "
-                      f"(formats: {' '.join(args.format)})")
+                # measured, the process tree's physical total is what counts (helpers included)
+                ok = r.elapsed_s <= limit_s and (name == "a" or max(r.peak_rss_mb, r.tree_pss_mb) <= 1024)
+                tree = f", process tree PSS {r.tree_pss_mb:.0f} MB" if r.tree_pss_mb else ""
+                print(f"  ({name}) {'MET' if ok else 'NOT MET'}: {r.elapsed_s:.2f} s, {r.peak_rss_mb:.0f} MB{tree} "
+                      f"(formats: {' '.join(args.format)}; --jobs {args.jobs})")
     return 0
 
 

@@ -175,3 +175,45 @@ def test_module_entry_point_subprocess(synth: SyntheticRun, tmp_path: Path) -> N
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "" and "[analyze" not in proc.stderr
     assert (tmp_path / "o" / "service_summary.csv").exists()
+
+
+@pytest.mark.parametrize("jobs", [2, 1])
+def test_jobs_and_no_fork_write_the_same_files(synth: SyntheticRun, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch, jobs: int) -> None:
+    # --jobs 2 (forked chrome / CSV children) and SERVICE_PROFILER_NO_FORK (all in-process) change
+    # where the work runs, never what is written
+    formats = ("csv", "json", "db")
+    ref = tmp_path / "ref"
+    assert command.run(_args([synth.run_dir], ref, *formats)) == command.EXIT_OK
+    out = tmp_path / "out"
+    args = _args([synth.run_dir], out, *formats)
+    args.jobs = jobs
+    if jobs == 1:
+        monkeypatch.setenv("SERVICE_PROFILER_NO_FORK", "1")
+    assert command.run(args) == command.EXIT_OK
+    files = sorted(p.name for p in ref.iterdir() if p.is_file() and p.name != "profiler.db")
+    assert files == sorted(p.name for p in out.iterdir() if p.is_file() and p.name != "profiler.db")
+    for name in files:
+        assert (out / name).read_bytes() == (ref / name).read_bytes(), name
+    dumps = [list(sqlite3.connect(d / "profiler.db").iterdump()) for d in (ref, out)]
+    assert dumps[0] == dumps[1]
+
+
+@pytest.mark.skipif(command._fork_context() is None, reason="--jobs needs fork")
+def test_jobs_2_raw_tables_failing_costs_only_the_database(synth: SyntheticRun, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from service_profiler.analyze import sqlite_export
+
+    def broken(run: object, path: Path) -> Path:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(sqlite_export, "write_raw_db", broken)
+    out = tmp_path / "out"
+    args = _args([synth.run_dir], out, "csv", "json", "db")
+    args.jobs = 2
+    assert command.run(args) == command.EXIT_EXPORT_FAILED
+    err = capsys.readouterr().err
+    assert "error: SQLite raw tables: OSError: disk full" in err
+    assert (out / "per_iteration_requests.csv").exists() and (out / "chrome_tracing.json").exists()
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("profiler")) == []

@@ -182,3 +182,34 @@ def test_per_iteration_lifecycle_csvs_and_quoting(tmp_path: Path) -> None:
     states = _read(tmp_path / "out" / "state_transitions.csv")
     assert {s["to_state"] for s in states} >= {"WAITING", "RUNNING", "FINISHED_LENGTH_CAPPED"}
     assert all(s["ts_datetime"].endswith("Z") for s in states)
+
+
+def test_per_iteration_fed_by_the_sqlite_export_matches(exported: tuple[SyntheticRun, Path], tmp_path: Path) -> None:
+    # analyze writes per_iteration_requests.csv from the entry chunks SQLite builds for batch_req
+    from service_profiler.analyze.sqlite_export import SqliteExport
+
+    synth, out = exported
+    run = read_run([synth.run_dir])
+    tables = build_tables(run)
+    writer = csv_export.PerIterationWriter(run, tmp_path / "per_iteration_requests.csv")
+    SqliteExport(run, tables, tmp_path / "profiler.db", writer.feed).start().finish()
+    writer.close()
+    assert writer.complete
+    expected = (out / "per_iteration_requests.csv").read_bytes()
+    assert (tmp_path / "per_iteration_requests.csv").read_bytes() == expected
+    paths = csv_export.write_csvs(run, tables, tmp_path / "csv", writer)
+    assert writer.path in paths and not (tmp_path / "csv" / "per_iteration_requests.csv").exists()
+
+    # a failure while fed leaves the file to write_csvs, and never fails the feeding export
+    (tmp_path / "csv2").mkdir()
+    failing = csv_export.PerIterationWriter(run, tmp_path / "csv2" / "per_iteration_requests.csv")
+
+    def boom(chunk: object) -> None:
+        raise OSError("disk full")
+
+    failing.write_chunk = boom  # type: ignore[method-assign]
+    SqliteExport(run, tables, tmp_path / "profiler2.db", failing.feed).start().finish()
+    failing.close()
+    assert failing.failed and not failing.complete
+    csv_export.write_csvs(run, tables, tmp_path / "csv2", failing)
+    assert (tmp_path / "csv2" / "per_iteration_requests.csv").read_bytes() == expected

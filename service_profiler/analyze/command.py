@@ -8,11 +8,23 @@ Reads the raw files (tolerantly), builds the analysis tables once, and runs each
   model  the batch latency model under model/
 One exporter failing does not stop the others; it is reported and the exit status is 1. Problems found
 in the raw data (torn lines, files without header, ...) are listed at the end and in problems.txt.
+
+Processes (where the platform can fork): plots and the latency model each run in a helper forked at
+the start, before the run is read, so its heap stays small; after the tables are built it is sent their
+numeric columns through a pipe and works on another core. The records themselves are processed in one
+process: a child forked after the read would end up with its own copy of every page the parent then
+touches (CPython's reference counts are writes), i.e. a second copy of the run. `--jobs 2` accepts part
+of that trade: a child forked after the read writes the chrome trace and SQLite's raw tables (into a side
+file copied into profiler.db at the end), while this process builds the tables and writes the analysis
+tables and CSVs. The SQLite batch_req loop also feeds per_iteration_requests.csv (one pass over the
+entries); with --jobs 1 the records other than the batch spans are released once SQLite and the trace
+are done with them. SERVICE_PROFILER_NO_FORK=1 runs everything in-process.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import importlib
 import multiprocessing
@@ -40,6 +52,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", nargs="+", choices=FORMATS, default=list(FORMATS), metavar="FMT",
                         help=f"outputs to write, any of: {' '.join(FORMATS)} (default: all)")
     parser.add_argument("--quiet", action="store_true", help="no console summary, only errors")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N",
+                        help="N > 1: the chrome trace and SQLite's raw tables are written by a forked process "
+                             "next to the tables / CSVs (faster on 2+ cores, but the records then exist "
+                             "partly twice: more memory). Default 1: the records are processed in one "
+                             "process; plots and the latency model always run in small helper processes")
 
 
 class _Progress:
@@ -163,6 +180,93 @@ class _Side:
             _merge(outcome, produced, notes, failures)
 
 
+class _Feeder:
+    """Exporters that need only a small payload (numeric columns), run by a child forked *before* the
+    run is read: its heap stays small, while a child forked later would keep its own copy of every page
+    of the records the parent then touches (refcount updates are writes). `feed` sends the payload
+    through a pipe; `collect` gathers what the steps produced. Without fork, both run in-process."""
+
+    def __init__(self, progress: Callable[[str], None], steps: list[tuple[str, Callable[[Any], Any]]],
+                 warm: Sequence[str] = ()) -> None:
+        """`warm`: modules the child imports while it waits for its payload."""
+        self.progress, self.steps, self.warm = progress, steps, warm
+        self.proc: Any = None
+        self.conn: Any = None
+        self.payload: Any = None
+        self.fed = False
+        ctx = _fork_context() if steps else None
+        if ctx is None:
+            return
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        parent_end, child_end = ctx.Pipe(duplex=True)
+        proc = ctx.Process(target=self._child, args=(child_end, parent_end), name="analyze-plots", daemon=True)
+        try:
+            proc.start()
+        except OSError:
+            parent_end.close()
+            child_end.close()
+            return
+        child_end.close()
+        self.proc, self.conn = proc, parent_end
+
+    def _child(self, conn: Any, parent_end: Any) -> None:
+        parent_end.close()
+        for module in self.warm:  # imported while the parent reads the run
+            try:
+                importlib.import_module(module)
+            except Exception:  # the step itself reports a missing or broken module
+                break
+        try:
+            payload = conn.recv()
+        except EOFError:
+            return
+        if payload is None:
+            return
+        conn.send([_run_step(label, functools.partial(fn, payload), self.progress) for label, fn in self.steps])
+        conn.close()
+
+    def feed(self, payload: Any) -> None:
+        self.fed = True
+        if self.proc is None:
+            self.payload = payload
+            return
+        try:
+            self.conn.send(payload)
+        except OSError:  # the helper is gone: collect reports it
+            pass
+
+    def cancel(self) -> None:
+        """Let an unfed helper exit (the analysis stopped before it had anything to do)."""
+        if self.proc is not None and not self.fed:
+            self.fed = True
+            try:
+                self.conn.send(None)
+            except OSError:
+                pass
+            self.conn.close()
+            self.proc.join()
+
+    def collect(self, produced: list[Path], notes: list[str], failures: list[str]) -> None:
+        if self.proc is None:
+            for label, fn in self.steps:
+                _merge(_run_step(label, functools.partial(fn, self.payload), self.progress), produced, notes,
+                       failures)
+            self.payload = None
+            return
+        try:
+            outcomes: list[_Outcome] = self.conn.recv()
+        except (EOFError, OSError):
+            outcomes = []
+        self.conn.close()
+        self.proc.join()
+        if len(outcomes) != len(self.steps):
+            outcomes += [([], [], [f"{label}: the exporter process died (exit code {self.proc.exitcode})"])
+                         for label, _ in self.steps[len(outcomes):]]
+        for outcome in outcomes:
+            _merge(outcome, produced, notes, failures)
+
+
 def run(args: argparse.Namespace) -> int:
     # The analysis holds millions of small objects and makes no reference cycles worth collecting;
     # with the cyclic collector on, every allocation threshold re-walks them (2x slower exports).
@@ -176,15 +280,57 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    out_dir: Path = args.output_path
+    formats: list[str] = list(dict.fromkeys(args.format))
+    progress = _Progress(sys.stderr, args.quiet)
+
+    def plots_out(cols: tuple[dict[str, np.ndarray], dict[str, np.ndarray]]) -> list[Path] | str:
+        mod = _optional("service_profiler.analyze.plots")
+        if mod is None:
+            return "plots skipped: service_profiler.analyze.plots is not installed in this build"
+        plot_dir = out_dir / "plots"
+        plot_dir.mkdir(parents=True, exist_ok=True)
+        return list(mod.write_plots(cols[0], cols[1], plot_dir))
+
+    def model_out(cols: tuple[dict[str, np.ndarray], dict[str, np.ndarray]]) -> list[Path] | str:
+        mod = _optional("service_profiler.model.latency")
+        if mod is None:
+            return "latency model skipped: service_profiler.model.latency is not installed in this build"
+        b = cols[0]
+        for name in ("batch_size", "total_scheduled_tokens", "model_run_ms"):
+            if name not in b:
+                raise TypeError(f"batch column {name} is not numeric")
+        size, tokens, ms = _finite(b["batch_size"], b["total_scheduled_tokens"], b["model_run_ms"])
+        if len(ms) == 0:
+            return "latency model skipped: no batch has a model execution time (modelExec spans)"
+        model_dir = out_dir / "model"
+        model_dir.mkdir(parents=True, exist_ok=True)
+        mod.fit_and_save(size, tokens, ms, model_dir)
+        return sorted(p for p in model_dir.rglob("*") if p.is_file())
+
+    # plots and the model need only the tables' numeric columns (a few MB): helpers forked now, while the
+    # heap is small, draw and fit them on the other core(s) once they are sent the columns.
+    plot_modules = ("matplotlib.figure", "matplotlib.backends.backend_agg")
+    helpers = [_Feeder(progress, [(label, fn)], warm) for fmt, label, fn, warm in (
+        ("plots", "plots", plots_out, plot_modules),
+        ("model", "latency model", model_out, (*plot_modules, "scipy.optimize"))) if fmt in formats]
+    try:
+        return _analyze(args, out_dir, formats, progress, helpers)
+    finally:
+        for helper in helpers:
+            helper.cancel()
+
+
+def _analyze(args: argparse.Namespace, out_dir: Path, formats: list[str], progress: _Progress,
+             helpers: list[_Feeder]) -> int:
     from service_profiler.rawfile import read_run
 
+    from .csv_export import PerIterationWriter, write_csvs
     from .sqlite_export import SqliteExport
     from .summary import format_summary
     from .tables import build_tables
 
-    progress = _Progress(sys.stderr, args.quiet)
-    out_dir: Path = args.output_path
-    formats: list[str] = list(dict.fromkeys(args.format))
+    parallel = getattr(args, "jobs", 1) > 1
     data = read_run(args.input_path)
     progress(f"read {len(data.processes)} process file(s), {data.num_records:,} records")
     if not data.processes:
@@ -203,11 +349,28 @@ def _run(args: argparse.Namespace) -> int:
         mod.write_chrome_trace(data, None, path)
         return path
 
-    # The trace is drawn from the records alone: a forked child writes it while this process builds the
-    # tables and writes SQLite / CSV (each process then keeps one core busy).
-    chrome_side = _Side(progress, [("json", "chrome trace", chrome_out)]) if "json" in formats else None
+    # --jobs > 1: the trace and SQLite's raw tables need the records alone (not the tables): a child
+    # forked now writes them (the raw tables into a side file that SQLite copies in at the end) while
+    # this process builds the tables and writes the analysis tables and CSVs. Only the records this
+    # process touches after the fork get a second copy (copy-on-write), not all of them.
+    raw_db = out_dir / "profiler.db.raw.tmp"
+
+    def raw_out() -> str:
+        from .sqlite_export import write_raw_db
+        write_raw_db(data, raw_db)
+        return "SQLite raw tables written"
+
+    records_side: _Side | None = None
+    if parallel and _fork_context() is not None:
+        records_side = _Side(progress, [(fmt, label, fn) for fmt, label, fn in (
+            ("db", "SQLite raw tables", raw_out), ("json", "chrome trace", chrome_out)) if fmt in formats])
     tables = build_tables(data)
     progress(f"tables: {len(tables.requests):,} requests, {len(tables.batches):,} batches")
+    if helpers:
+        columns = (tables.batches.numeric_columns(), tables.requests.numeric_columns())
+        for helper in helpers:
+            helper.feed(columns)
+        del columns
 
     produced: list[Path] = []
     failures: list[str] = []
@@ -217,54 +380,48 @@ def _run(args: argparse.Namespace) -> int:
         if fmt in formats:
             _merge(_run_step(label, fn, progress), produced, notes, failures)
 
+    # SQLite's batch_req loop also writes per_iteration_requests.csv from the entry chunks it builds
+    # (they cost as much to build as to write).
+    per_iteration: PerIterationWriter | None = None
+    if "csv" in formats and "db" in formats:
+        per_iteration = PerIterationWriter(data, out_dir / "per_iteration_requests.csv")
+
     def csv_out() -> list[Path]:
-        from .csv_export import write_csvs
-        return write_csvs(data, tables, out_dir)
+        return write_csvs(data, tables, out_dir, per_iteration)
 
     pending_db: list[SqliteExport] = []
 
     def db_start() -> str:
-        pending_db.append(SqliteExport(data, tables, out_dir / "profiler.db").start())
-        return "SQLite rows written; indexes build in the background"
+        try:
+            pending_db.append(SqliteExport(data, tables, out_dir / "profiler.db",
+                                           per_iteration.feed if per_iteration else None,
+                                           raw_elsewhere=records_side is not None).start())
+        finally:
+            if per_iteration is not None:
+                per_iteration.close(complete=bool(pending_db))
+        return ("SQLite analysis tables written" if records_side is not None
+                else "SQLite rows written; indexes build in the background")
 
     def db_finish() -> Path:
-        return pending_db[0].finish()
+        return pending_db[0].finish(raw_db if records_side is not None else None)
 
-    def plots_out() -> list[Path] | str:
-        mod = _optional("service_profiler.analyze.plots")
-        if mod is None:
-            return "plots skipped: service_profiler.analyze.plots is not installed in this build"
-        plot_dir = out_dir / "plots"
-        plot_dir.mkdir(parents=True, exist_ok=True)
-        return list(mod.write_plots(tables.batches.numeric_columns(), tables.requests.numeric_columns(),
-                                    plot_dir))
-
-    def model_out() -> list[Path] | str:
-        mod = _optional("service_profiler.model.latency")
-        if mod is None:
-            return "latency model skipped: service_profiler.model.latency is not installed in this build"
-        b = tables.batches
-        size, tokens, ms = _finite(b.column("batch_size"), b.column("total_scheduled_tokens"),
-                                   b.column("model_run_ms"))
-        if len(ms) == 0:
-            return "latency model skipped: no batch has a model execution time (modelExec spans)"
-        model_dir = out_dir / "model"
-        model_dir.mkdir(parents=True, exist_ok=True)
-        mod.fit_and_save(size, tokens, ms, model_dir)
-        return sorted(p for p in model_dir.rglob("*") if p.is_file())
-
-    # plots + model need only the tables' numeric columns: a forked child draws them on the other core
-    # while this process writes SQLite and the CSVs (which need the records)
-    side = _Side(progress, [(fmt, label, fn) for fmt, label, fn in (
-        ("plots", "plots", plots_out), ("model", "latency model", model_out)) if fmt in formats])
     # SQLite first: its index build (no GIL) then overlaps with the exporters after it
     step("db", "SQLite", db_start)
-    step("csv", "CSV", csv_out)
-    side.collect(produced, notes, failures)
-    if chrome_side is not None:
-        chrome_side.collect(produced, notes, failures)
+    if records_side is not None:
+        step("csv", "CSV", csv_out)
+        records_side.collect(produced, notes, failures)
+    else:
+        step("json", "chrome trace", chrome_out)
+        # The CSVs need only the tables and the batch spans (which the tables hold): the other records'
+        # last consumers (SQLite's raw tables, the trace) are done, so their memory goes to the CSVs.
+        # (Not with --jobs: the child's copy-on-write pages would be written by the releases.)
+        data.spans, data.events, data.counters = [], [], []
+        step("csv", "CSV", csv_out)
+    for helper in helpers:
+        helper.collect(produced, notes, failures)
     if pending_db:
         step("db", "SQLite", db_finish)
+    raw_db.unlink(missing_ok=True)
     if data.problems:
         problems_path = out_dir / "problems.txt"
         problems_path.write_text("\n".join(data.problems) + "\n", encoding="utf-8")

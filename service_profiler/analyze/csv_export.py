@@ -34,6 +34,7 @@ import numpy as np
 from service_profiler.rawfile import RunData
 
 from . import lifecycle
+from .entries import EntryChunk
 from .summary import batch_metrics, describe, request_metrics, service_metrics
 from .tables import AnalysisTables, Table, json_text
 
@@ -226,38 +227,68 @@ def _csv_line(row: Sequence[Any]) -> str:
     return buf.getvalue()
 
 
+class PerIterationWriter:
+    """per_iteration_requests.csv, written chunk by chunk (`entries.EntryChunk`), so the SQLite export can
+    feed it the chunks it builds for batch_req instead of both building them. Each chunk of rows is
+    formatted by `map(format % row, zip(columns))`, all in C; only request ids needing quotes (once per
+    id), missing values and preempted rows take the csv.writer path."""
+
+    def __init__(self, run: RunData, path: Path) -> None:
+        self.path = path
+        self.labels = [_csv_line([lbl]).rstrip("\n") for lbl in _proc_labels(run)]
+        self.fmt = ",".join(["%s"] * len(lifecycle.ITERATION_COLUMNS)) + "\n"
+        self.escaped: dict[Any, str] = {}
+        self.complete = self.failed = False
+        self.fh = path.open("w", newline="", encoding="utf-8")
+        header = [("process" if c == "proc" else c) for c in lifecycle.ITERATION_COLUMNS]
+        self.fh.write(",".join(header) + "\n")
+
+    def write_chunk(self, chunk: EntryChunk) -> None:
+        escaped, labels = self.escaped, self.labels
+        for rid in dict.fromkeys(chunk.rid):
+            if rid not in escaped:
+                escaped[rid] = _csv_line([rid]).rstrip("\n") if rid is not None else ""
+        computed, prompt = chunk.computed, chunk.prompt
+        if None in computed or None in prompt:
+            computed, prompt = [_blank(v) for v in computed], [_blank(v) for v in prompt]
+        lines = list(map(self.fmt.__mod__, zip(
+            chunk.batch_id, chunk.dp_rank, map(labels.__getitem__, chunk.proc), chunk.start_ns,
+            map(escaped.__getitem__, chunk.rid), chunk.state, chunk.phase_names(), chunk.scheduled, computed,
+            prompt, chunk.resumed, chunk.iteration, chunk.generated_before, chunk.time_in_state_ms, strict=True)))
+        if chunk.preempted:
+            ends = dict(chunk.batch_ends)
+            for inserted, (batch_row, row) in enumerate(chunk.preempted):
+                out = list(row)
+                out[2] = labels[row[2]]
+                lines.insert(ends[batch_row] + inserted, _csv_line(out))
+        self.fh.write("".join(lines))
+
+    def feed(self, chunk: EntryChunk) -> None:
+        """`write_chunk` for another exporter's loop: a failure here only stops this file (which
+        `write_csvs` then writes itself, reporting the error), never the exporter feeding it."""
+        if self.failed:
+            return
+        try:
+            self.write_chunk(chunk)
+        except Exception:
+            self.failed = True
+
+    def close(self, complete: bool = True) -> None:
+        self.fh.close()
+        self.complete = complete and not self.failed
+
+
 def write_per_iteration(run: RunData, tables: AnalysisTables, path: Path) -> Path:
-    """per_iteration_requests.csv: one row per (batch, request), so millions on long runs. Each chunk of
-    rows is formatted by `map(format % row, zip(columns))`, all in C; only request ids needing quotes
-    (once per id), missing values and preempted rows take the csv.writer path. The batch's datetime
-    is in batch.csv (join on dp_rank, batch_id)."""
+    """per_iteration_requests.csv: one row per (batch, request), so millions on long runs (see
+    `PerIterationWriter`). The batch's datetime is in batch.csv (join on dp_rank, batch_id)."""
     from .entries import iter_entry_chunks
 
-    labels = [_csv_line([lbl]).rstrip("\n") for lbl in _proc_labels(run)]
-    cols = lifecycle.ITERATION_COLUMNS
-    header = [("process" if c == "proc" else c) for c in cols]
-    fmt = ",".join(["%s"] * len(cols)) + "\n"
-    escaped: dict[Any, str] = {}
-    with path.open("w", newline="", encoding="utf-8") as fh:
-        fh.write(",".join(header) + "\n")
+    writer = PerIterationWriter(run, path)
+    try:
         for chunk in iter_entry_chunks(tables):
-            for rid in dict.fromkeys(chunk.rid):
-                if rid not in escaped:
-                    escaped[rid] = _csv_line([rid]).rstrip("\n") if rid is not None else ""
-            computed, prompt = chunk.computed, chunk.prompt
-            if None in computed or None in prompt:
-                computed, prompt = [_blank(v) for v in computed], [_blank(v) for v in prompt]
-            lines = list(map(fmt.__mod__, zip(
-                chunk.batch_id, chunk.dp_rank, map(labels.__getitem__, chunk.proc), chunk.start_ns,
-                map(escaped.__getitem__, chunk.rid), chunk.state, chunk.phase_names(), chunk.scheduled, computed,
-                prompt, chunk.resumed, chunk.iteration, chunk.generated_before, chunk.time_in_state_ms, strict=True)))
-            if chunk.preempted:
-                ends = dict(chunk.batch_ends)
-                for inserted, (batch_row, row) in enumerate(chunk.preempted):
-                    out = list(row)
-                    out[2] = labels[row[2]]
-                    lines.insert(ends[batch_row] + inserted, _csv_line(out))
-            fh.write("".join(lines))
+            writer.write_chunk(chunk)
+    finally:
+        writer.close()
     return path
 
 
@@ -265,15 +296,19 @@ def _blank(v: Any) -> Any:
     return "" if v is None else v
 
 
-def write_csvs(run: RunData, tables: AnalysisTables, out_dir: Path) -> list[Path]:
-    """Every CSV output; returns the paths written."""
+def write_csvs(run: RunData, tables: AnalysisTables, out_dir: Path,
+               per_iteration: PerIterationWriter | None = None) -> list[Path]:
+    """Every CSV output; returns the paths written. `per_iteration`: that file's writer, already fed
+    and closed by the SQLite export (its file is written here unless it completed)."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    per_iteration_path = out_dir / "per_iteration_requests.csv"
     paths = [
         write_request_csv(run, tables, out_dir / "request.csv"),
         write_batch_csv(run, tables, out_dir / "batch.csv"),
         write_kvcache_csv(run, tables, out_dir / "kvcache.csv"),
         *write_summaries(run, tables, out_dir),
-        write_per_iteration(run, tables, out_dir / "per_iteration_requests.csv"),
+        per_iteration.path if per_iteration is not None and per_iteration.complete
+        else write_per_iteration(run, tables, per_iteration_path),
         _write_timed(run, tables.events, out_dir / "events.csv", "ts_ns"),
         _write_timed(run, tables.state_transitions, out_dir / "state_transitions.csv", "ts_ns"),
     ]

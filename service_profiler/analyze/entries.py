@@ -69,10 +69,11 @@ def _columns(reqs: list[Any]) -> list[list[Any]]:
 def iter_entry_chunks(tables: AnalysisTables, batches_per_chunk: int = 4096) -> Iterator[EntryChunk]:
     rows = tables.batches.rows
     spans, finished_lists = tables.batch_spans, tables.batch_finished
-    iters: dict[Any, int] = {}
-    generated: dict[Any, int] = {}
-    since: dict[Any, int] = {}
+    # per rid: [iterations so far, tokens generated so far, when its current state began]
+    per_rid: dict[Any, list[Any]] = {}
+    get_state = per_rid.get
     chunk = EntryChunk()
+    ms = MS
     for i, span in enumerate(spans):
         attrs = span.attrs or {}
         reqs = attrs.get("reqs") or []
@@ -99,25 +100,33 @@ def iter_entry_chunks(tables: AnalysisTables, batches_per_chunk: int = 4096) -> 
                     state[rid.index(done)] = "completed"
             chunk.state += state
             it_add, gen_add = chunk.iteration.append, chunk.generated_before.append
-            t_add, iters_get, gen_get, ms = chunk.time_in_state_ms.append, iters.get, generated.get, MS
+            t_add = chunk.time_in_state_ms.append
             for r, ph, sc, co, pr, re in zip(rid, phase, sched, comp, prompt, resumed, strict=True):
-                it = iters_get(r, 0)
-                iters[r] = it + 1
-                gen = gen_get(r, 0)
-                if it == 0 or re:
-                    since[r] = start
+                st = get_state(r)
+                if st is None:
+                    st = per_rid[r] = [1, 0, start]
+                    it = gen = 0
                     t_add(0.0)
                 else:
-                    t_add((start - since[r]) / ms)
+                    it, gen = st[0], st[1]
+                    st[0] = it + 1
+                    if re or not it:  # resumed, or first run after a preemption that came first
+                        st[2] = start
+                        t_add(0.0)
+                    else:
+                        t_add((start - st[2]) / ms)
                 it_add(it)
                 gen_add(gen)
                 if ph or (pr is not None and co is not None and sc is not None and co + sc >= pr + gen):
-                    generated[r] = gen + 1
+                    st[1] = gen + 1
         chunk.batch_ends.append((i, len(chunk.rid)))
         for r in attrs.get("preempted") or ():
-            since[r] = start
+            st = get_state(r)
+            if st is None:  # preempted before any batch ran it (never in vLLM): its state starts now
+                st = per_rid[r] = [0, 0, start]
+            st[2] = start
             chunk.preempted.append((i, (bid, dp, proc, start, r, "preempted", None, 0, None, None, 0,
-                                        iters.get(r, 0), generated.get(r, 0), 0.0)))
+                                        st[0], st[1], 0.0)))
         if len(chunk.batch_ends) >= batches_per_chunk:
             yield chunk
             chunk = EntryChunk()

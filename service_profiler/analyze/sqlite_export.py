@@ -19,12 +19,13 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from service_profiler.rawfile import RunData
+from service_profiler.rawfile import EventRecord, RunData, SpanRecord
 
+from .entries import EntryChunk
 from .tables import AnalysisTables, Table, json_text
 
 _VIEWS = {
@@ -113,16 +114,10 @@ def _write_raw(db: sqlite3.Connection, run: RunData) -> None:
                    [(p.index, k, dumps(v)) for p in run.processes for k, v in p.meta.items()])
     db.execute("CREATE TABLE span (id INTEGER PRIMARY KEY, proc INTEGER, domain TEXT, name TEXT, "
                "start_ns INTEGER, end_ns INTEGER, dur_ns INTEGER, tid INTEGER, batch_id INTEGER, attrs TEXT)")
-    db.executemany("INSERT INTO span VALUES (NULL,?,?,?,?,?,?,?,?,?)", (
-        (s.proc, s.domain, s.name, s.start_ns, s.end_ns, s.end_ns - s.start_ns, s.tid,
-         _scalar(s.attrs.get("batch_id")) if s.attrs else None, _span_attrs(s.name, s.attrs))
-        for s in run.spans))
+    db.executemany("INSERT INTO span VALUES (NULL,?,?,?,?,?,?,?,?,?)", _span_rows(run.spans))
     db.execute("CREATE TABLE event (id INTEGER PRIMARY KEY, proc INTEGER, domain TEXT, name TEXT, ts_ns INTEGER, "
                "tid INTEGER, rid TEXT, batch_id INTEGER, attrs TEXT)")
-    db.executemany("INSERT INTO event VALUES (NULL,?,?,?,?,?,?,?,?)", (
-        (e.proc, e.domain, e.name, e.ts_ns, e.tid, _scalar(e.attrs.get("rid")) if e.attrs else None,
-         _scalar(e.attrs.get("batch_id")) if e.attrs else None, dumps(e.attrs) if e.attrs is not None else None)
-        for e in run.events))
+    db.executemany("INSERT INTO event VALUES (NULL,?,?,?,?,?,?,?,?)", _event_rows(run.events))
     db.execute('CREATE TABLE counter (id INTEGER PRIMARY KEY, proc INTEGER, domain TEXT, name TEXT, '
                'ts_ns INTEGER, "values" TEXT)')
     db.executemany("INSERT INTO counter VALUES (NULL,?,?,?,?,?)", (
@@ -133,20 +128,48 @@ def _write_raw(db: sqlite3.Connection, run: RunData) -> None:
     db.executemany("INSERT INTO problem VALUES (?)", [(p,) for p in run.problems])
 
 
-def _span_attrs(name: str, attrs: dict[str, Any] | None) -> str | None:
-    if attrs is None:
-        return None
-    if name == "batchFrameworkProcessing" and "reqs" in attrs:
-        # the per-request entries are the batch_req table, row for row; not stored twice
-        attrs = {k: v for k, v in attrs.items() if k != "reqs"}
-    return json_text(attrs)
+_SCALARS = frozenset({int, float, str, bool})
+
+
+def _span_rows(spans: list[SpanRecord]) -> Iterator[tuple[Any, ...]]:
+    """span rows: batch_id as a scalar (`_scalar`), attrs as JSON text; the checks are inlined (a million
+    spans), `_scalar` is called only for the rare non-scalar value."""
+    dumps, scalars = json_text, _SCALARS
+    for proc, domain, name, start, end, tid, attrs in spans:
+        if attrs:
+            bid = attrs.get("batch_id")
+            if bid is not None and bid.__class__ not in scalars:
+                bid = _scalar(bid)
+            if name == "batchFrameworkProcessing" and "reqs" in attrs:
+                # the per-request entries are the batch_req table, row for row; not stored twice
+                text = dumps({k: v for k, v in attrs.items() if k != "reqs"})
+            else:
+                text = dumps(attrs)
+            yield proc, domain, name, start, end, end - start, tid, bid, text
+        else:
+            yield proc, domain, name, start, end, end - start, tid, None, None if attrs is None else dumps(attrs)
+
+
+def _event_rows(events: list[EventRecord]) -> Iterator[tuple[Any, ...]]:
+    dumps, scalars = json_text, _SCALARS
+    for proc, domain, name, ts, tid, attrs in events:
+        if attrs:
+            rid, bid = attrs.get("rid"), attrs.get("batch_id")
+            if rid is not None and rid.__class__ not in scalars:
+                rid = _scalar(rid)
+            if bid is not None and bid.__class__ not in scalars:
+                bid = _scalar(bid)
+            yield proc, domain, name, ts, tid, rid, bid, dumps(attrs)
+        else:
+            yield proc, domain, name, ts, tid, None, None, None if attrs is None else dumps(attrs)
 
 
 def _scalar(v: Any) -> Any:
     return v if v is None or isinstance(v, int | float | str) else json_text(v)
 
 
-def _write_batch_req(db: sqlite3.Connection, tables: AnalysisTables) -> None:
+def _write_batch_req(db: sqlite3.Connection, tables: AnalysisTables,
+                     on_chunk: Callable[[EntryChunk], None] | None = None) -> None:
     """batch_req: one row per request in each batch, in primary-key order, columns zipped in C."""
     from .entries import iter_entry_chunks
 
@@ -161,6 +184,8 @@ def _write_batch_req(db: sqlite3.Connection, tables: AnalysisTables) -> None:
         db.executemany(sql, zip(c.batch_row, c.pos, map(req_row.get, c.rid), c.rid, c.phase, c.scheduled, c.computed,
                                 c.prompt, c.resumed, c.state, c.iteration, c.generated_before, c.time_in_state_ms,
                                 strict=True))
+        if on_chunk is not None:
+            on_chunk(c)
 
 
 class SqliteExport:
@@ -168,8 +193,15 @@ class SqliteExport:
     indexes and views on a background thread, which SQLite runs without holding the GIL, so the next
     exporter overlaps with it; `finish()` waits and moves the file into place."""
 
-    def __init__(self, run: RunData, tables: AnalysisTables, path: Path) -> None:
+    def __init__(self, run: RunData, tables: AnalysisTables, path: Path,
+                 on_entry_chunk: Callable[[EntryChunk], None] | None = None, raw_elsewhere: bool = False) -> None:
+        """`on_entry_chunk`: also given each chunk of per-request entries built for batch_req (the
+        per-iteration CSV is made from the same chunks). `raw_elsewhere`: the raw tables are written by
+        another process (`write_raw_db`) and copied in by `finish(raw_db)`; indexes are built there."""
         self.run, self.tables, self.path = run, tables, path
+        self.on_entry_chunk = on_entry_chunk
+        self.raw_elsewhere = raw_elsewhere
+        self._db: sqlite3.Connection | None = None
         self.tmp = path.with_name(path.name + ".tmp")
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -177,18 +209,19 @@ class SqliteExport:
     def start(self) -> SqliteExport:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp.unlink(missing_ok=True)
-        db = sqlite3.connect(self.tmp, isolation_level=None, check_same_thread=False)
+        db = _connect(self.tmp)
         try:
-            # A fresh file written once: durability on crash does not matter, speed does.
-            db.execute("PRAGMA journal_mode=OFF")
-            db.execute("PRAGMA synchronous=OFF")
-            db.execute("PRAGMA cache_size=-65536")  # 64 MB: enough for the index builds, bounded RSS
             db.execute("BEGIN")
             self._insert(db)
+            if self.raw_elsewhere:
+                db.execute("COMMIT")  # ATTACH (in finish) is refused inside a transaction
         except BaseException:
             db.close()
             self.tmp.unlink(missing_ok=True)
             raise
+        if self.raw_elsewhere:
+            self._db = db
+            return self
         self._thread = threading.Thread(target=self._build_indexes, args=(db,), name="sqlite-indexes",
                                         daemon=True)
         self._thread.start()
@@ -196,10 +229,11 @@ class SqliteExport:
 
     def _insert(self, db: sqlite3.Connection) -> None:
         tables = self.tables
-        _write_raw(db, self.run)
+        if not self.raw_elsewhere:
+            _write_raw(db, self.run)
         _write_table(db, "request", tables.requests, first="req_row")
         _write_table(db, "batch", tables.batches, first="batch_row")
-        _write_batch_req(db, tables)
+        _write_batch_req(db, tables, self.on_entry_chunk)
         _write_table(db, "kvcache", tables.kvcache)
         _write_table(db, "state_transition", tables.state_transitions)
         _write_table(db, "lifecycle_event", tables.events)
@@ -216,7 +250,31 @@ class SqliteExport:
         finally:
             db.close()
 
-    def finish(self) -> Path:
+    def finish(self, raw_db: Path | None = None) -> Path:
+        """Wait for the indexes and move the file into place. With `raw_elsewhere`: first copy the raw
+        tables in from `raw_db` (SQLite's transfer path copies records without decoding them)."""
+        if self._db is not None:
+            db, self._db = self._db, None
+            try:
+                if raw_db is None or not raw_db.exists():
+                    raise RuntimeError("the raw tables (span, event, ...) were not written; see the error above")
+                db.execute("ATTACH DATABASE ? AS raw", (str(raw_db),))
+                db.execute("BEGIN")
+                names = db.execute("SELECT name, sql FROM raw.sqlite_master WHERE type = 'table' ORDER BY rowid")
+                for name, sql in names.fetchall():
+                    db.execute(sql)
+                    db.execute(f'INSERT INTO main."{name}" SELECT * FROM raw."{name}"')
+                db.execute("COMMIT")
+                db.execute("DETACH DATABASE raw")
+                db.execute("BEGIN")
+            except BaseException:
+                db.close()
+                self.tmp.unlink(missing_ok=True)
+                raise
+            finally:
+                if raw_db is not None:
+                    raw_db.unlink(missing_ok=True)
+            self._build_indexes(db)
         if self._thread is not None:
             self._thread.join()
         if self._error is not None:
@@ -224,6 +282,35 @@ class SqliteExport:
             raise self._error
         os.replace(self.tmp, self.path)
         return self.path
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    # A fresh file written once: durability on crash does not matter, speed does.
+    # 64 KiB pages: fewer B-tree pages per row of JSON text (~20% off the inserts); exclusive
+    # locking skips the file-lock calls of each statement.
+    db.execute("PRAGMA page_size=65536")
+    db.execute("PRAGMA journal_mode=OFF")
+    db.execute("PRAGMA synchronous=OFF")
+    db.execute("PRAGMA locking_mode=EXCLUSIVE")
+    db.execute("PRAGMA cache_size=-16384")  # 16 MB: index builds spill sorted runs to temp files
+    return db
+
+
+def write_raw_db(run: RunData, path: Path) -> Path:
+    """The raw tables alone, in a separate file, for `SqliteExport(raw_elsewhere=True).finish(path)`."""
+    path.unlink(missing_ok=True)
+    db = _connect(path)
+    try:
+        db.execute("BEGIN")
+        _write_raw(db, run)
+        db.execute("COMMIT")
+    except BaseException:
+        db.close()
+        path.unlink(missing_ok=True)
+        raise
+    db.close()
+    return path
 
 
 def write_sqlite(run: RunData, tables: AnalysisTables, path: Path) -> Path:
