@@ -7,6 +7,10 @@ bash scripts/setup_env.sh
 VENV="${VENV:-.venv}"
 "$VENV/bin/ruff" check service_profiler handlers tests benchmarks examples
 "$VENV/bin/mypy" service_profiler handlers
-# The `pytest` script (not `python -m pytest`) keeps the source tree off sys.path: tests import the
-# installed wheel.
-"$VENV/bin/pytest" -q tests "$@"
+# Tests import the installed wheel, never the source tree: the `pytest` script (not `python -m pytest`)
+# runs from a scratch directory, so neither pytest nor the Python subprocesses the tests start
+# (`python -c ...` puts the working directory first on sys.path) can pick up ./service_profiler.
+ROOT="$(pwd)"
+PYTEST="$(cd "$VENV" && pwd)/bin/pytest"
+cd "$(mktemp -d)"
+"$PYTEST" -q -c "$ROOT/pyproject.toml" --rootdir "$ROOT" "$ROOT/tests" "$@"

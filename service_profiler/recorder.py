@@ -81,6 +81,9 @@ class Recorder:
         self._channel_lines: list[str] = []  # every declaration, re-written into a child's new file
         self._pending_lines: list[str] = []
         self._lock = threading.Lock()
+        # Serialises whole flushes (open, encode, write): the writer thread and close() at exit may both
+        # flush, and two first flushes would each open the file and write a header.
+        self._io_lock = threading.Lock()
         self._wake = threading.Event()
         self._stopped = False
         self._thread: threading.Thread | None = None
@@ -164,6 +167,10 @@ class Recorder:
             _warn_once(f"service-profiler: could not write records to {self.run_dir}: {exc}")
 
     def _flush(self) -> None:
+        with self._io_lock:
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
         with self._lock:
             if self._file is None and not self._has_content:
                 return
@@ -241,6 +248,7 @@ class Recorder:
         # Threads do not survive fork and the parent's records belong to the parent's file: start a
         # fresh file for this pid, re-declare every channel in it and restart the writer.
         self._lock = threading.Lock()
+        self._io_lock = threading.Lock()
         self.buffer.clear()
         self._pending_lines = []
         self._declared_upto = 0
