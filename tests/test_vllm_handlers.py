@@ -30,13 +30,11 @@ CONFIG = Path(__file__).parent.parent / "config"
 
 @pytest.fixture
 def rec() -> Iterator[record.CapturedRecords]:
-    h.reset_state()
-    with h.patched(), record.capture() as captured:
+    with h.capturing() as captured:
         yield captured
 
 
-def attrs(rec: record.CapturedRecords, domain: str, name: str) -> list[dict[str, Any]]:
-    return [payload["attrs"] for payload in rec.of(domain, name)]
+attrs = h.attrs
 
 
 # ------------------------------------------------------------------------------- host-first contract

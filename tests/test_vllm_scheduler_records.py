@@ -18,13 +18,11 @@ P, D = 0, 1  # phases in `reqs` entries
 
 @pytest.fixture
 def rec() -> Iterator[record.CapturedRecords]:
-    h.reset_state()
-    with h.patched(), record.capture() as captured:
+    with h.capturing() as captured:
         yield captured
 
 
-def attrs(rec: record.CapturedRecords, domain: str, name: str) -> list[dict[str, Any]]:
-    return [payload["attrs"] for payload in rec.of(domain, name)]
+attrs = h.attrs
 
 
 def batches(rec: record.CapturedRecords) -> list[dict[str, Any]]:

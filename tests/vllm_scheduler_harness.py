@@ -207,3 +207,18 @@ def _raise(message: str) -> None:
 def reset_state() -> None:
     """A fresh per-process handler state (batch ids from 0), as in a newly started EngineCore."""
     vllm_v1.STATE = vllm_v1.VllmProbeState(console=vllm_v1.STATE.console)
+
+
+def attrs(rec: Any, domain: str, name: str) -> list[dict[str, Any]]:
+    """The attrs of every record captured under one domain/name."""
+    return [payload["attrs"] for payload in rec.of(domain, name)]
+
+
+@contextlib.contextmanager
+def capturing() -> Iterator[Any]:
+    """Fresh handler state, the handlers patched in, and what they record captured."""
+    from service_profiler import record
+
+    reset_state()
+    with patched(), record.capture() as captured:
+        yield captured

@@ -93,6 +93,19 @@ def _finite(*cols: np.ndarray) -> list[np.ndarray]:
 _Outcome = tuple[list[Path], list[str], list[str]]  # produced, notes, failures
 
 
+def _receive_outcomes(conn: Any, proc: Any, labels: list[str]) -> list[_Outcome]:
+    """The outcomes an exporter child sent, one per step; steps it never reported (it died) become
+    failures naming its exit code."""
+    try:
+        outcomes: list[_Outcome] = conn.recv()
+    except (EOFError, OSError):
+        outcomes = []
+    conn.close()
+    proc.join()
+    return outcomes + [([], [], [f"{label}: the exporter process died (exit code {proc.exitcode})"])
+                       for label in labels[len(outcomes):]]
+
+
 def _run_step(label: str, fn: Callable[[], Any], progress: Callable[[str], None]) -> _Outcome:
     """Run one exporter; its failure is reported, never raised (it must not cost the other outputs)."""
     produced: list[Path] = []
@@ -166,17 +179,7 @@ class _Side:
             for _, label, fn in self.steps:
                 _merge(_run_step(label, fn, self.progress), produced, notes, failures)
             return
-        try:
-            outcomes: list[_Outcome] = self.conn.recv()
-        except (EOFError, OSError):
-            outcomes = []
-        self.conn.close()
-        self.proc.join()
-        if len(outcomes) != len(self.steps):
-            done = len(outcomes)
-            outcomes += [([], [], [f"{label}: the exporter process died (exit code {self.proc.exitcode})"])
-                         for _, label, _ in self.steps[done:]]
-        for outcome in outcomes:
+        for outcome in _receive_outcomes(self.conn, self.proc, [label for _, label, _ in self.steps]):
             _merge(outcome, produced, notes, failures)
 
 
@@ -254,16 +257,7 @@ class _Feeder:
                        failures)
             self.payload = None
             return
-        try:
-            outcomes: list[_Outcome] = self.conn.recv()
-        except (EOFError, OSError):
-            outcomes = []
-        self.conn.close()
-        self.proc.join()
-        if len(outcomes) != len(self.steps):
-            outcomes += [([], [], [f"{label}: the exporter process died (exit code {self.proc.exitcode})"])
-                         for label, _ in self.steps[len(outcomes):]]
-        for outcome in outcomes:
+        for outcome in _receive_outcomes(self.conn, self.proc, [label for label, _ in self.steps]):
             _merge(outcome, produced, notes, failures)
 
 
