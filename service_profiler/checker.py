@@ -160,6 +160,10 @@ class DirectoryTree(SourceTree):
         return _read_file(path)
 
 
+def _in_test_directory(path: str) -> bool:
+    return any(part in ("test", "tests", "testing") for part in path.split("/")[:-1])
+
+
 class ArchiveTree(SourceTree):
     """A wheel (zip) or an sdist (tar.*): member names are listed once, members read on demand."""
 
@@ -190,7 +194,16 @@ class ArchiveTree(SourceTree):
         found = [name[: -len("/__init__.py")] for name in self.names
                  if name == f"{top}/__init__.py" or name.endswith(f"/{top}/__init__.py")]
         found += [name for name in self.names if name == f"{top}.py" or name.endswith(f"/{top}.py")]
-        return sorted(found, key=lambda n: n.count("/"))  # an sdist's tests/ copy must not win
+        # Best first: the shallowest copy; among equally deep ones (an sdist's src/ and tests/ copies), the
+        # one outside test directories, then the one with the most files. Never set order (hash-seeded).
+        return sorted(found, key=lambda root: (root.count("/"), _in_test_directory(root),
+                                               -self._files_under(root), root))
+
+    def _files_under(self, root: str) -> int:
+        if root.endswith(".py"):
+            return 1
+        prefix = root + "/"
+        return sum(1 for name in self.names if name.startswith(prefix))
 
     def read(self, path: str) -> str | None:
         if path not in self.names:
