@@ -18,6 +18,7 @@ from numpy.typing import NDArray
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 Float = NDArray[np.float64]
 
@@ -29,6 +30,27 @@ MAX_LINE_POINTS = 5_000
 LINE_BUCKETS = 2_000
 MAX_SCATTER_POINTS = 20_000
 _DPI = 100
+# Margins in inches (left, right, bottom, top) instead of tight_layout, which lays every figure out
+# once more just to measure its labels (~40 % of the drawing time). Wide enough for 7-digit tick
+# labels, an axis label and a title; subplots_adjust takes them as fractions of each figure.
+_MARGINS_IN = (0.95, 0.25, 0.6, 0.45)
+# zlib level 1: these flat-colour charts come out about as small as at the default 6, in a third of the time.
+_PNG_OPTIONS = {"compress_level": 1}
+
+
+def save_figure(fig: Figure, path: Path, margins_in: tuple[float, float, float, float] = _MARGINS_IN) -> None:
+    """Place the axes with fixed margins and write a PNG (shared with the latency model's plots)."""
+    width, height = fig.get_size_inches()
+    left, right, bottom, top = margins_in
+    fig.subplots_adjust(left=left / width, right=1 - right / width, bottom=bottom / height, top=1 - top / height)
+    fig.savefig(path, dpi=_DPI, pil_kwargs=_PNG_OPTIONS)
+
+
+def histogram(ax: Axes, values: Float, bins: int, color: str | None = None) -> None:
+    """A filled step histogram: one polygon, where ax.hist draws one rectangle per bin (~3x slower)."""
+    counts, edges = np.histogram(values, bins=bins)
+    ax.stairs(counts, edges, fill=True, color=color, alpha=0.85)
+    ax.stairs(counts, edges, color="black", linewidth=0.4)
 
 
 def write_plots(batch_cols: Mapping[str, Any], request_cols: Mapping[str, Any], out_dir: Path) -> list[Path]:
@@ -61,9 +83,8 @@ def write_plots(batch_cols: Mapping[str, Any], request_cols: Mapping[str, Any], 
             print(f"plots: skipped {name}: {skipped}", file=sys.stderr)
             continue
         ax.grid(True, alpha=0.3)
-        fig.tight_layout()
         path = out_dir / name
-        fig.savefig(path, dpi=_DPI)
+        save_figure(fig, path)
         written.append(path)
     return written
 
@@ -164,7 +185,7 @@ def _tokens_per_batch(ax: Axes, b: _Columns, _r: _Columns) -> str | None:
 
 
 def _hist(ax: Axes, values: Float, color: str, xlabel: str, title: str) -> None:
-    ax.hist(values, bins=60, color=color, edgecolor="black", linewidth=0.3)
+    histogram(ax, values, 60, color)
     for q, style in ((50, "--"), (95, ":")):
         v = float(np.percentile(values, q))
         ax.axvline(v, color="black", linestyle=style, linewidth=1.0, label=f"p{q} {v:.3g} ms")
@@ -213,7 +234,7 @@ def _ttft_distribution(ax: Axes, _b: _Columns, r: _Columns) -> str | None:
     v = _finite(r.get("ttft_ms"))
     if not v.size:
         return "no ttft_ms values"
-    ax.hist(v, bins=50, color="tab:purple", edgecolor="black", linewidth=0.3)
+    histogram(ax, v, 50, "tab:purple")
     for q, style in ((50, "--"), (90, "-."), (99, ":")):
         p = float(np.percentile(v, q))
         ax.axvline(p, color="black", linestyle=style, linewidth=1.0, label=f"p{q} {p:.4g} ms")
