@@ -26,6 +26,7 @@ from .recorder import COUNTER, EVENT, SPAN, Recorder, install_sigterm_flush
 from .settings import ProfilerSettings, load_settings, unsupported_on_backend
 from .speedups import make_switch
 from .symbols import SymbolSpec, installed_version, load_symbols, resolve_symbols_path, version_gate
+from .threads import start_daemon
 
 log = logging.getLogger("service_profiler")
 _POLL_INTERVAL_S = 0.25
@@ -365,8 +366,7 @@ class Runtime:
 
     def _start_control_thread(self) -> None:
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._control_loop, name="service-profiler-control", daemon=True)
-        self._thread.start()
+        self._thread = start_daemon(self._control_loop, "control")
 
     def _after_fork_in_child(self) -> None:
         self._lock = threading.RLock()

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import record
+from .threads import start_daemon
 
 
 class _PeriodicSampler:
@@ -21,8 +22,7 @@ class _PeriodicSampler:
         self.hz = hz
         self._sample = sample
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"service-profiler-{name}", daemon=True)
-        self._thread.start()
+        self._thread = start_daemon(self._run, name)
 
     def _run(self) -> None:
         period = 1.0 / self.hz

@@ -13,6 +13,8 @@ import time
 import pytest
 from runtime_harness import Workspace, read_records
 
+from service_profiler import recorder
+
 ALL_KINDS = """
 - symbol: toymod:Engine.schedule
   domain: BatchSchedule
@@ -129,7 +131,7 @@ def test_patch_unpatch_patch(workspace: Workspace) -> None:
 def test_threads_record_exactly_n_times_m(workspace: Workspace) -> None:
     workspace.write_config()
     workspace.write_symbols("- symbol: toymod:Engine.schedule\n")
-    workspace.run_python("""
+    proc = workspace.run_python("""
     import threading, toymod
     e = toymod.Engine()
     start = threading.Barrier(8)   # all alive at once, so their thread ids are distinct
@@ -140,11 +142,19 @@ def test_threads_record_exactly_n_times_m(workspace: Workspace) -> None:
     threads = [threading.Thread(target=work) for _ in range(8)]
     for t in threads: t.start()
     for t in threads: t.join()
+    import glob
+    print(sorted(open(p).read().strip() for p in glob.glob("/proc/self/task/*/comm")))
     """)
     run = _single_run(workspace)
     spans = run.spans("schedule")
     assert len(spans) == 8 * 2500
     assert len({r[3] for r in spans}) == 8
+    # The writer encodes a flush in bounded chunks (one GIL-holding C call each), one "rec" line apiece.
+    (raw,) = workspace.prof_dir.rglob("*.sprof.jsonl")
+    chunks = [len(json.loads(line)["r"]) for line in raw.read_text().splitlines() if line.startswith('{"t":"rec"')]
+    assert sum(chunks) == 8 * 2500 and max(chunks) <= recorder._RECORDS_PER_LINE
+    # Kernel thread names say which threads are the profiler's (top -H, py-spy, /proc).
+    assert "'sprof-writer'" in proc.stdout and "'sprof-control'" in proc.stdout
 
 
 @pytest.mark.parametrize("method", ["fork", "spawn"])
