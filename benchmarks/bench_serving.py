@@ -11,7 +11,7 @@ the best round counts (noise on a shared 2-core machine only ever slows a round 
 Throughput on a shared 2-core machine moves by ±10 % between servers, so each round also reads the CPU
 time every server process and thread used (/proc/PID/task/TID/stat, utime + stime) and reports it per
 1,000 generated tokens: what the profiler costs in CPU, which is what it takes from a CPU-bound server.
-The profiler's own threads (writer, control, samplers) are named service-profiler-*; the rest of its
+The profiler's own threads (writer, control, samplers) carry kernel names sprof-*; the rest of its
 cost runs on the engine's threads (probes) and shows as the on/off difference there.
 """
 
@@ -55,7 +55,7 @@ def _descendants(pid: int) -> list[int]:
 
 def _cpu_seconds(root_pid: int) -> dict[str, float]:
     """CPU seconds so far per '<process>/<thread group>' of the server's process tree; the thread group is
-    'profiler' for service-profiler-* threads, else 'engine'."""
+    'profiler' for its sprof-* threads, else 'engine'."""
     usage: dict[str, float] = {}
     for pid in _descendants(root_pid):
         try:
@@ -63,7 +63,7 @@ def _cpu_seconds(root_pid: int) -> dict[str, float]:
                 process = f.read().strip()
             for tid in os.listdir(f"/proc/{pid}/task"):
                 with open(f"/proc/{pid}/task/{tid}/comm") as f:
-                    thread = "profiler" if f.read().startswith("service-profile") else "engine"
+                    thread = "profiler" if f.read().startswith("sprof-") else "engine"
                 with open(f"/proc/{pid}/task/{tid}/stat") as f:
                     fields = f.read().rsplit(")", 1)[1].split()
                 key = f"{process}/{thread}"
@@ -92,7 +92,7 @@ def _round(server: object, requests: int, concurrency: int, max_tokens: int) -> 
 
 def _set_enable(config: Path, prof_dir: Path, enable: int) -> None:
     config.write_text(json.dumps({"enable": enable, "prof_dir": str(prof_dir)}))
-    time.sleep(1.0)  # every process re-reads the config within ~0.25 s
+    time.sleep(0.6)  # every process re-reads the config within ~0.25 s
 
 
 def measure(model: Path, workdir: Path, profiled: bool, args: argparse.Namespace
@@ -155,8 +155,10 @@ def main() -> None:
     for name in ("installed, off", "shipped YAML on"):
         print(f"throughput loss, {name}: {100 * (1 - results[name]['tokens_per_s'] / base):.2f} % (target <= 3 %)")
     losses = sorted(100 * (1 - r) for r in ratios)
+    quartiles = statistics.quantiles(losses, n=4) if len(losses) > 1 else [losses[0]] * 3
     print(f"collection on vs off in the same server, {len(losses)} adjacent pairs: median loss "
-          f"{statistics.median(losses):.2f} % (pairs: {', '.join(f'{v:.1f}' for v in losses)})")
+          f"{quartiles[1]:.2f} %, interquartile range {quartiles[0]:.1f} .. {quartiles[2]:.1f} % "
+          f"(pairs: {', '.join(f'{v:.1f}' for v in losses)})")
 
 
 if __name__ == "__main__":

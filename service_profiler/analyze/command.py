@@ -9,9 +9,10 @@ Reads the raw files (tolerantly), builds the analysis tables once, and runs each
 One exporter failing does not stop the others; it is reported and the exit status is 1. Problems found
 in the raw data (torn lines, files without header, ...) are listed at the end and in problems.txt.
 
-Processes (where the platform can fork): plots and the latency model each run in a helper forked at
-the start, before the run is read, so its heap stays small; after the tables are built it is sent their
-numeric columns through a pipe and works on another core. The records themselves are processed in one
+Processes (where the platform can fork): plots and the latency model run in a helper forked at the start,
+before the run is read, so its heap stays small; it imports matplotlib/scipy while the run is read, is
+sent the tables' numeric columns through a pipe, then draws the plots while a process it forks fits the
+model. The records themselves are processed in one
 process: a child forked after the read would end up with its own copy of every page the parent then
 touches (CPython's reference counts are writes), i.e. a second copy of the run. `--jobs 2` accepts part
 of that trade: a child forked after the read writes the chrome trace and SQLite's raw tables (into a side
@@ -104,6 +105,19 @@ def _receive_outcomes(conn: Any, proc: Any, labels: list[str]) -> list[_Outcome]
     proc.join()
     return outcomes + [([], [], [f"{label}: the exporter process died (exit code {proc.exitcode})"])
                        for label in labels[len(outcomes):]]
+
+
+def _receive_forked(recv: Any, pid: int | None, label: str) -> list[_Outcome]:
+    """The outcome of a step run by `_Feeder._fork_step`; a failure naming the step when it died."""
+    if recv is None or pid is None:
+        return [([], [], [f"{label}: could not start its process (fork failed)"])]
+    try:
+        outcome: _Outcome = recv.recv()
+    except (EOFError, OSError):
+        outcome = ([], [], [f"{label}: the exporter process died"])
+    recv.close()
+    os.waitpid(pid, 0)
+    return [outcome]
 
 
 def _run_step(label: str, fn: Callable[[], Any], progress: Callable[[str], None]) -> _Outcome:
@@ -226,8 +240,37 @@ class _Feeder:
             return
         if payload is None:
             return
-        conn.send([_run_step(label, functools.partial(fn, payload), self.progress) for label, fn in self.steps])
+        # The steps after the first run in processes forked from this one now: the modules imported above
+        # are imported once and shared, and the steps draw / fit side by side.
+        forked = [self._fork_step(label, fn, payload) for label, fn in self.steps[1:]]
+        label, fn = self.steps[0]
+        outcomes = [_run_step(label, functools.partial(fn, payload), self.progress)]
+        for (recv, pid), (label, _) in zip(forked, self.steps[1:], strict=True):
+            outcomes += _receive_forked(recv, pid, label)
+        conn.send(outcomes)
         conn.close()
+
+    def _fork_step(self, label: str, fn: Callable[[Any], Any], payload: Any) -> tuple[Any, int | None]:
+        """Run one step in a process forked from this helper (os.fork: a daemonic multiprocessing
+        process may not start children of its own); (pipe end, pid), or (None, None) when fork failed."""
+        recv, send = multiprocessing.Pipe(duplex=False)
+        try:
+            pid = os.fork()
+        except OSError:
+            recv.close()
+            send.close()
+            return None, None
+        if pid == 0:  # the grandchild: run the step, send its outcome, leave without any exit handlers
+            code = 0
+            try:
+                recv.close()
+                send.send(_run_step(label, functools.partial(fn, payload), self.progress))
+            except BaseException:
+                code = 1
+            finally:
+                os._exit(code)
+        send.close()
+        return recv, pid
 
     def feed(self, payload: Any) -> None:
         self.fed = True
@@ -302,12 +345,15 @@ def _run(args: argparse.Namespace) -> int:
         mod.fit_and_save(size, tokens, ms, model_dir)
         return sorted(p for p in model_dir.rglob("*") if p.is_file())
 
-    # plots and the model need only the tables' numeric columns (a few MB): helpers forked now, while the
-    # heap is small, draw and fit them on the other core(s) once they are sent the columns.
-    plot_modules = ("matplotlib.figure", "matplotlib.backends.backend_agg")
-    helpers = [_Feeder(progress, [(label, fn)], warm) for fmt, label, fn, warm in (
-        ("plots", "plots", plots_out, plot_modules),
-        ("model", "latency model", model_out, (*plot_modules, "scipy.optimize"))) if fmt in formats]
+    # plots and the model need only the tables' numeric columns (a few MB): a helper forked now, while the
+    # heap is small, draws and fits them on the other core(s) once it is sent the columns. It imports
+    # matplotlib (and scipy for the model) once, draws the plots itself and fits the model in a process it
+    # forks once the imports are done.
+    steps: list[tuple[str, Callable[[Any], Any]]] = [
+        (label, fn) for fmt, label, fn in (("plots", "plots", plots_out), ("model", "latency model", model_out))
+        if fmt in formats]
+    warm = ("matplotlib.figure", "matplotlib.backends.backend_agg", *(["scipy.optimize"] if "model" in formats else []))
+    helpers = [_Feeder(progress, steps, warm)] if steps else []
     try:
         return _analyze(args, out_dir, formats, progress, helpers)
     finally:
