@@ -1,7 +1,7 @@
 """Serving overhead: the same workload against `vllm serve` without the profiler and with the shipped
 symbols enabled; throughput and latency percentiles side by side.
 
-    python benchmarks/bench_serving.py [--requests 96] [--concurrency 8] [--rounds 3]
+    python benchmarks/bench_serving.py [--requests 64] [--concurrency 8] [--rounds 40] [--py-spy PATH]
 
 Target (vLLM knowledge issue): <= 3 % throughput loss on the tiny CPU model, whose steps take only
 milliseconds — the worst case for a profiler, since per-step probe cost is fixed.
@@ -12,17 +12,26 @@ Throughput on a shared 2-core machine moves by ±10 % between servers, so each r
 time every server process and thread used (/proc/PID/task/TID/stat, utime + stime) and reports it per
 1,000 generated tokens: what the profiler costs in CPU, which is what it takes from a CPU-bound server.
 The profiler's own threads (writer, control, samplers) carry kernel names sprof-*; the rest of its
-cost runs on the engine's threads (probes) and shows as the on/off difference there.
+cost runs on the engine's threads (probes and handlers).
+
+`--py-spy PATH` (py-spy installed separately) measures that rest directly: during one more round with
+collection on, py-spy samples every server process (CPU-busy samples only) and each sample is charged to
+the profiler when its innermost profiler frame is the leaf or calls something other than the wrapped
+original; the share of samples per process is the profiler's share of that process's CPU work.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
+import re
 import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -95,6 +104,49 @@ def _set_enable(config: Path, prof_dir: Path, enable: int) -> None:
     time.sleep(0.6)  # every process re-reads the config within ~0.25 s
 
 
+_PROFILER_FRAME = re.compile(r"\((service_profiler|handlers)/")
+# Frames through which a probe calls the engine's own function: time below them is the engine's.
+_CALLS_ORIGINAL = ("OriginalCall.__call__", ".timer", ".timer_with_attributes", ".timer_with_caller_filter",
+                   ".async_timer", ".generator_timer", ".async_generator_timer", ".with_handler",
+                   ".with_async_handler")
+
+
+_WAITING = ("Event.wait (threading.py", "Condition.wait (threading.py", "wait (threading.py")
+
+
+def profiler_share(raw_path: Path) -> dict[str, tuple[int, float]]:
+    """Per process: (busy samples, % of them spent in profiler code) from a py-spy raw (collapsed) file."""
+    total: collections.Counter[str] = collections.Counter()
+    mine: collections.Counter[str] = collections.Counter()
+    for line in raw_path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = stack.split(";")
+        if frames[-1].startswith(_WAITING):  # a thread asleep in a wait that py-spy did not see as idle
+            continue
+        processes = [f for f in frames if f.startswith("process ")]
+        name = processes[-1].split(":", 1)[1].strip('"')[:40] if processes else "?"
+        total[name] += int(count)
+        inner = [i for i, frame in enumerate(frames) if _PROFILER_FRAME.search(frame)]
+        if inner:
+            i = inner[-1]
+            calls_engine = i + 1 < len(frames) and frames[i].split(" (")[0].endswith(_CALLS_ORIGINAL)
+            if not calls_engine:
+                mine[name] += int(count)
+    return {name: (n, 100 * mine[name] / n) for name, n in total.items()}
+
+
+def py_spy_round(server: object, args: argparse.Namespace, out: Path) -> dict[str, tuple[int, float]]:
+    pid = server.process.pid  # type: ignore[attr-defined]
+    workload = [(PROMPTS[i % len(PROMPTS)], args.max_tokens, False, None) for i in range(args.requests * 10)]
+    client = threading.Thread(target=run_workload, args=(server, workload, args.concurrency))
+    client.start()
+    time.sleep(1.0)
+    subprocess.run([args.py_spy, "record", "--subprocesses", "--nonblocking", "-p", str(pid), "-d", "10",
+                    "-r", "250", "-f", "raw", "-o", str(out)], check=True, capture_output=True)
+    client.join()
+    return profiler_share(out)
+
+
 def measure(model: Path, workdir: Path, profiled: bool, args: argparse.Namespace
             ) -> tuple[dict[str, dict[str, float]], list[float]]:
     """Best round per configuration, and (with the profiler) the on/off throughput ratio of each pair of
@@ -122,15 +174,20 @@ def measure(model: Path, workdir: Path, profiled: bool, args: argparse.Namespace
                 pair_rows[enable] = _round(server, args.requests, args.concurrency, args.max_tokens)
                 rounds.setdefault("shipped YAML on" if enable else "installed, off", []).append(pair_rows[enable])
             ratios.append(pair_rows[True]["tokens_per_s"] / pair_rows[False]["tokens_per_s"])
+        if profiled and args.py_spy:
+            _set_enable(config, prof_dir, 1)
+            for name, (samples, share) in py_spy_round(server, args, workdir / "py-spy.txt").items():
+                print(f"py-spy, collection on: {name:<40} {samples:6} busy samples, {share:5.2f} % in profiler code")
     return {name: max(rows, key=lambda r: r["tokens_per_s"]) for name, rows in rounds.items()}, ratios
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=96)
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--py-spy", metavar="PATH", help="py-spy executable: also measure the profiler's CPU share")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=10,
+    parser.add_argument("--rounds", type=int, default=40,
                         help="rounds without the profiler; pairs of rounds (on + off) with it")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
