@@ -9,17 +9,17 @@ Reads the raw files (tolerantly), builds the analysis tables once, and runs each
 One exporter failing does not stop the others; it is reported and the exit status is 1. Problems found
 in the raw data (torn lines, files without header, ...) are listed at the end and in problems.txt.
 
-Processes (where the platform can fork): plots and the latency model run in a helper forked at the start,
-before the run is read, so its heap stays small; it imports matplotlib/scipy while the run is read, is
-sent the tables' numeric columns through a pipe, then draws the plots while a process it forks fits the
-model. The records themselves are processed in one
-process: a child forked after the read would end up with its own copy of every page the parent then
-touches (CPython's reference counts are writes), i.e. a second copy of the run. `--jobs 2` accepts part
-of that trade: a child forked after the read writes the chrome trace and SQLite's raw tables (into a side
-file copied into profiler.db at the end), while this process builds the tables and writes the analysis
-tables and CSVs. The SQLite batch_req loop also feeds per_iteration_requests.csv (one pass over the
-entries); with --jobs 1 the records other than the batch spans are released once SQLite and the trace
-are done with them. SERVICE_PROFILER_NO_FORK=1 runs everything in-process.
+Processes (where the platform can fork): plots and the latency model run in a helper forked at the
+start, before the run is read, so its heap stays small; it imports matplotlib/scipy while the run is
+read, is sent the tables' numeric columns through a pipe, then draws the plots while a process it forks
+fits the model. The records themselves are processed in one process: a child forked after the read would
+end up with its own copy of every page the parent then touches (CPython's reference counts are writes),
+i.e. a second copy of the run. `--jobs 2` accepts part of that trade: a child forked after the read
+writes the chrome trace and SQLite's raw tables (into a side file copied into profiler.db at the end),
+while this process builds the tables and writes the analysis tables and CSVs. The SQLite batch_req loop
+also feeds per_iteration_requests.csv (one pass over the entries); with --jobs 1 the records other than
+the batch spans are released once SQLite and the trace are done with them. SERVICE_PROFILER_NO_FORK=1
+runs everything in-process.
 """
 
 from __future__ import annotations
