@@ -146,32 +146,28 @@ def _finite(v: Float) -> Float:
     return v[np.isfinite(v)]
 
 
-def _schedule_model_trend(ax: Axes, b: _Columns, _r: _Columns) -> str | None:
+def _two_series(ax: Axes, b: _Columns, pairs: tuple[tuple[str, str], tuple[str, str]], ylabel: str,
+                title: str) -> str | None:
+    """Two batch columns over the batch axis, with a legend; the skip reason when neither has values."""
     x, xlabel = _batch_axis(b)
-    drawn = [
-        _draw_series(ax, x, b.get(c), label)
-        for c, label in (("schedule_ms", "schedule"), ("model_run_ms", "model run"))
-    ]
+    drawn = [_draw_series(ax, x, b.get(column), label) for column, label in pairs]
     if not any(drawn):
-        return "no schedule_ms or model_run_ms values"
+        return f"no {pairs[0][0]} or {pairs[1][0]} values"
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("time (ms)")
-    ax.set_title("Schedule vs model-run time per batch")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend()
     return None
+
+
+def _schedule_model_trend(ax: Axes, b: _Columns, _r: _Columns) -> str | None:
+    return _two_series(ax, b, (("schedule_ms", "schedule"), ("model_run_ms", "model run")),
+                       "time (ms)", "Schedule vs model-run time per batch")
 
 
 def _prefill_decode_counts(ax: Axes, b: _Columns, _r: _Columns) -> str | None:
-    x, xlabel = _batch_axis(b)
-    pairs = (("num_prefill_reqs", "prefill requests"), ("num_decode_reqs", "decode requests"))
-    drawn = [_draw_series(ax, x, b.get(c), label) for c, label in pairs]
-    if not any(drawn):
-        return "no num_prefill_reqs or num_decode_reqs values"
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("requests per batch")
-    ax.set_title("Prefill vs decode requests per batch")
-    ax.legend()
-    return None
+    return _two_series(ax, b, (("num_prefill_reqs", "prefill requests"), ("num_decode_reqs", "decode requests")),
+                       "requests per batch", "Prefill vs decode requests per batch")
 
 
 def _tokens_per_batch(ax: Axes, b: _Columns, _r: _Columns) -> str | None:
