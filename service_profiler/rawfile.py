@@ -9,10 +9,10 @@ Nothing here raises on bad data. A torn or corrupt line is skipped and listed in
 `RunData.problems` as `file:line: what was wrong`; a file without a header is reported and skipped;
 a second copy of the same process file (same host, pid and clock anchor) is reported and skipped.
 
-Speed matters (a long run holds millions of records): each line goes through `json.loads` once, and the
-per-record work is a channel lookup plus a NamedTuple construction; the lists are sorted once at the
-end. A `rec` line that does not fit the fast path is re-read record by record so one bad record costs
-only itself.
+Speed matters (a long run holds millions of records): each line is parsed once (by orjson where it is
+installed, see fastjson.py), and the per-record work is a channel lookup plus a NamedTuple
+construction; the lists are sorted once at the end. A `rec` line that does not fit the fast path is
+re-read record by record so one bad record costs only itself.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from operator import itemgetter
 from pathlib import Path
 from typing import Any, NamedTuple
+
+from service_profiler.fastjson import loads as fast_loads
 
 RAW_SUFFIX = ".sprof.jsonl"
 FORMAT_VERSION = 1
@@ -214,7 +216,7 @@ class _FileReader:
     def read(self, path: Path) -> None:
         run = self.run
         problems = run.problems
-        loads = json.loads
+        loads = fast_loads
         with path.open("rb") as fh:
             lines = iter(fh)
             next(lines, None)  # header, already parsed

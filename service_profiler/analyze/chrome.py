@@ -44,6 +44,7 @@ from service_profiler.analyze.request_tracks import (
     read_request_events,
     request_phases,
 )
+from service_profiler.fastjson import encode_events
 
 if TYPE_CHECKING:
     from service_profiler.rawfile import RunData, SpanRecord
@@ -93,9 +94,8 @@ def write_chrome_trace(run: RunData, tables: object | None, out_path: Path) -> N
 
 
 def _encode(events: list[TraceEvent]) -> str:
-    """Events as comma-separated JSON objects (no brackets). The events share no objects, so the
-    encoder's cycle bookkeeping (check_circular) is pure cost (~15%)."""
-    return json.dumps(events, separators=(",", ":"), check_circular=False)[1:-1]
+    """Events as comma-separated JSON objects (no brackets)."""
+    return encode_events(events)
 
 
 @contextmanager

@@ -31,12 +31,13 @@ from typing import Any
 
 import numpy as np
 
+from service_profiler.fastjson import json_text
 from service_profiler.rawfile import RunData
 
 from . import lifecycle
 from .entries import EntryChunk
 from .summary import batch_metrics, describe, request_metrics, service_metrics
-from .tables import AnalysisTables, Table, json_text
+from .tables import AnalysisTables, Table
 
 REQUEST_REF_COLUMNS = ["http_rid", "start_datetime", "recv_token_size", "reply_token_size", "execution_time(ms)",
                        "queue_wait_time(ms)", "first_token_latency(ms)", "cache_hit_rate"]

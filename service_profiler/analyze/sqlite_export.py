@@ -23,10 +23,11 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from service_profiler.fastjson import json_text
 from service_profiler.rawfile import EventRecord, RunData, SpanRecord
 
 from .entries import EntryChunk
-from .tables import AnalysisTables, Table, json_text
+from .tables import AnalysisTables, Table
 
 _VIEWS = {
     "v_batch_size_curve": "SELECT batch_row, start_ns, dp_rank, batch_id, batch_size, num_prefill_reqs, "

@@ -39,9 +39,6 @@ Request table: one row per engine request id (`rid`). Timestamps and which proce
 
 from __future__ import annotations
 
-import functools
-import json
-import json.encoder
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -55,18 +52,6 @@ from service_profiler.rawfile import CounterRecord, EventRecord, RunData, SpanRe
 MS = 1e6
 
 
-def _make_json_text() -> Callable[[Any], str]:
-    """Compact JSON text of one value, for exporters writing millions of attrs. The C encoder that
-    `json.dumps` wraps costs half as much when called directly (no per-call Python wrapper)."""
-    make = getattr(json.encoder, "c_make_encoder", None)
-    if make is None:
-        return functools.partial(json.dumps, separators=(",", ":"))
-    encode = make(None, None, json.encoder.encode_basestring_ascii, None, ":", ",", False, False, True)
-    join = "".join
-    return lambda value: join(encode(value, 0))
-
-
-json_text = _make_json_text()
 
 
 @dataclass
