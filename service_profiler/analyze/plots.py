@@ -34,6 +34,8 @@ _DPI = 100
 # once more just to measure its labels (~40 % of the drawing time). Wide enough for 7-digit tick
 # labels, an axis label and a title; subplots_adjust takes them as fractions of each figure.
 _MARGINS_IN = (0.95, 0.25, 0.6, 0.45)
+# Axis labels' distance from the axes, in inches: below the x tick labels, left of 7-digit y tick labels.
+_XLABEL_BELOW_IN, _YLABEL_LEFT_IN = 0.36, 0.68
 # zlib level 1: these flat-colour charts come out about as small as at the default 6, in a third of the time.
 _PNG_OPTIONS = {"compress_level": 1}
 
@@ -43,7 +45,25 @@ def save_figure(fig: Figure, path: Path, margins_in: tuple[float, float, float, 
     width, height = fig.get_size_inches()
     left, right, bottom, top = margins_in
     fig.subplots_adjust(left=left / width, right=1 - right / width, bottom=bottom / height, top=1 - top / height)
+    for ax in fig.axes:
+        _fix_text_positions(ax)
     fig.savefig(path, dpi=_DPI, pil_kwargs=_PNG_OPTIONS)
+
+
+def _fix_text_positions(ax: Axes) -> None:
+    """Title and axis labels at fixed offsets from the axes. Left automatic, matplotlib places each by
+    measuring every tick label's extent first (a third of the drawing time of these small charts);
+    the fixed margins above already leave room for the tick labels."""
+    if ax.get_label() == "<colorbar>":  # its label sits on the right: leave it to matplotlib
+        return
+    if ax.get_title():
+        ax.set_title(ax.get_title(), y=1.0)  # an explicit y turns the automatic placement off
+    box = ax.get_position()
+    width_in, height_in = box.width * ax.figure.get_figwidth(), box.height * ax.figure.get_figheight()
+    if ax.get_xlabel():
+        ax.xaxis.set_label_coords(0.5, -_XLABEL_BELOW_IN / height_in)
+    if ax.get_ylabel():
+        ax.yaxis.set_label_coords(-_YLABEL_LEFT_IN / width_in, 0.5)
 
 
 def histogram(ax: Axes, values: Float, bins: int, color: str | None = None) -> None:
