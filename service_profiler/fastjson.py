@@ -24,8 +24,10 @@ import json
 import json.encoder
 import math
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
+orjson: ModuleType | None
 try:
     import orjson
 except ImportError:  # a platform without an orjson wheel: the standard library does it all, slower
@@ -70,6 +72,7 @@ if orjson is not None:
     _dumps, _loads = orjson.dumps, orjson.loads
     _OPTS = orjson.OPT_NON_STR_KEYS
     _ORJSON_ERRORS = (orjson.JSONEncodeError, TypeError)
+    _DECODE_ERROR: type[ValueError] = orjson.JSONDecodeError
 
     def json_text(value: Any) -> str:
         """Compact, valid JSON text of `value`: NaN/inf are written as null."""
@@ -82,12 +85,14 @@ if orjson is not None:
         """`json.loads`, faster; NaN/Infinity literals still parse."""
         try:
             return _loads(data)
-        except orjson.JSONDecodeError:
+        except _DECODE_ERROR:
             return json.loads(data)
 
 else:
     json_text = stdlib_text
-    loads = json.loads
+
+    def loads(data: bytes | str) -> Any:
+        return json.loads(data)
 
 
 def encode_events(events: list[Any]) -> str:

@@ -21,7 +21,7 @@ import gc
 import json
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from operator import itemgetter
 from pathlib import Path
@@ -33,6 +33,7 @@ RAW_SUFFIX = ".sprof.jsonl"
 FORMAT_VERSION = 1
 
 _SPAN, _EVENT, _COUNTER = 0, 1, 2
+DRAIN_RECORDS = 50_000  # records a streaming read (`read_run(drain=...)`) holds at most, plus one line
 _KIND_CODES = {"span": _SPAN, "event": _EVENT, "counter": _COUNTER}
 
 # Request ids repeat in every batch and output record of a request. json.loads makes a new string
@@ -204,8 +205,10 @@ def _dedupe_copies(files: list[Path], problems: list[str]) -> list[tuple[Path, d
 class _FileReader:
     """Reads one raw file into the shared output lists."""
 
-    def __init__(self, run: RunData, proc: ProcessInfo, header: dict[str, Any]) -> None:
+    def __init__(self, run: RunData, proc: ProcessInfo, header: dict[str, Any],
+                 drain: Callable[[RunData], None] | None = None) -> None:
         self.run = run
+        self.drain = drain
         self.proc = proc
         self.offset = proc.wall_offset_ns
         # channel id -> (kind code, domain, name, id fields to intern)
@@ -242,6 +245,8 @@ class _FileReader:
                             self._records_fast(r)
                         except (KeyError, TypeError, IndexError, ValueError):
                             self._records_slow(r, path, lineno)
+                        if self.drain is not None and run.num_records >= DRAIN_RECORDS:
+                            self.drain(run)
                     else:
                         problems.append(f"{path}:{lineno}: rec line without a list 'r'; skipped")
                 elif kind == "chan":
@@ -373,8 +378,13 @@ def _process_from_header(index: int, path: Path, header: dict[str, Any]) -> Proc
     )
 
 
-def read_run(paths: Sequence[Path | str] | Path | str) -> RunData:
-    """Read every raw file under `paths` into one clock-aligned, time-sorted `RunData`."""
+def read_run(paths: Sequence[Path | str] | Path | str, drain: Callable[[RunData], None] | None = None) -> RunData:
+    """Read every raw file under `paths` into one clock-aligned, time-sorted `RunData`.
+
+    `drain`: read as a stream instead. It is called whenever the record lists hold DRAIN_RECORDS or
+    more, and once at the end, and must empty them (`spans`, `events`, `counters`); it sees the
+    records in reading order (file by file, line by line), which `RunData`'s lists hold after a
+    stable sort by time. Everything else (processes, states, problems) is kept as usual."""
     if isinstance(paths, str | Path):
         paths = [paths]
     # The reader allocates millions of containers and no cycles; with the cyclic collector on, every
@@ -382,14 +392,14 @@ def read_run(paths: Sequence[Path | str] | Path | str) -> RunData:
     was_enabled = gc.isenabled()
     gc.disable()
     try:
-        return _read_run(paths)
+        return _read_run(paths, drain)
     finally:
         _SHARED_INTS.clear()  # the records keep the objects; the next run starts afresh
         if was_enabled:
             gc.enable()
 
 
-def _read_run(paths: Sequence[Path | str]) -> RunData:
+def _read_run(paths: Sequence[Path | str], drain: Callable[[RunData], None] | None) -> RunData:
     run = RunData()
     files = discover_files(paths, run.problems)
     for path, header in _dedupe_copies(files, run.problems):
@@ -402,13 +412,15 @@ def _read_run(paths: Sequence[Path | str]) -> RunData:
             run.problems.append(f"{path}:1: header has no clock anchor; timestamps left unaligned")
         run.processes.append(proc)
         try:
-            _FileReader(run, proc, header).read(path)
+            _FileReader(run, proc, header, drain).read(path)
         except OSError as exc:
             run.problems.append(f"{path}: read failed ({exc.strerror or exc}); kept what was read")
         # role / dp_rank given as meta override the header (the last value wins, as documented)
         role = proc.meta.get("role")
         if isinstance(role, str) and role:
             proc.role = role
+    if drain is not None:
+        drain(run)
     run.spans.sort(key=itemgetter(3))
     run.events.sort(key=itemgetter(3))
     run.counters.sort(key=itemgetter(3))

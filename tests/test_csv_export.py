@@ -186,13 +186,14 @@ def test_per_iteration_lifecycle_csvs_and_quoting(tmp_path: Path) -> None:
 
 def test_per_iteration_fed_by_the_sqlite_export_matches(exported: tuple[SyntheticRun, Path], tmp_path: Path) -> None:
     # analyze writes per_iteration_requests.csv from the entry chunks SQLite builds for batch_req
-    from service_profiler.analyze.sqlite_export import SqliteExport
+    from service_profiler.analyze.sqlite_export import SqliteExport, write_raw_db
 
     synth, out = exported
     run = read_run([synth.run_dir])
     tables = build_tables(run)
     writer = csv_export.PerIterationWriter(run, tmp_path / "per_iteration_requests.csv")
-    SqliteExport(run, tables, tmp_path / "profiler.db", writer.feed).start().finish()
+    raw = write_raw_db([synth.run_dir], tmp_path / "raw.db")
+    SqliteExport(tables, tmp_path / "profiler.db", raw, writer.feed).start().finish()
     writer.close()
     assert writer.complete
     expected = (out / "per_iteration_requests.csv").read_bytes()
@@ -208,7 +209,8 @@ def test_per_iteration_fed_by_the_sqlite_export_matches(exported: tuple[Syntheti
         raise OSError("disk full")
 
     failing.write_chunk = boom  # type: ignore[method-assign]
-    SqliteExport(run, tables, tmp_path / "profiler2.db", failing.feed).start().finish()
+    raw = write_raw_db([synth.run_dir], tmp_path / "raw2.db")
+    SqliteExport(tables, tmp_path / "profiler2.db", raw, failing.feed).start().finish()
     failing.close()
     assert failing.failed and not failing.complete
     csv_export.write_csvs(run, tables, tmp_path / "csv2", failing)

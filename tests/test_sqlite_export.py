@@ -17,8 +17,8 @@ def db(tmp_path_factory: pytest.TempPathFactory) -> tuple[SyntheticRun, RunData,
     synth = generate_run(base / "run", SyntheticConfig(requests=40, output_tokens=10, max_num_seqs=12,
                                                        num_gpu_blocks=120, seed=9))
     run = read_run([synth.run_dir])
-    path = write_sqlite(run, build_tables(run), base / "profiler.db")
-    assert not (base / "profiler.db.tmp").exists()
+    path = write_sqlite([synth.run_dir], build_tables(run), base / "profiler.db")
+    assert not (base / "profiler.db.tmp").exists() and not (base / "profiler.db.raw.tmp").exists()
     return synth, run, sqlite3.connect(path)
 
 
@@ -105,6 +105,38 @@ def test_rewrite_replaces_the_file(tmp_path: Path) -> None:
     tables = build_tables(run)
     path = tmp_path / "profiler.db"
     path.write_text("not a database")
-    write_sqlite(run, tables, path)
-    write_sqlite(run, tables, path)
+    write_sqlite([synth.run_dir], tables, path)
+    write_sqlite([synth.run_dir], tables, path)
     assert _one(sqlite3.connect(path), "SELECT count(*) FROM request") == 3
+
+
+@pytest.mark.parametrize("drain_every", [7, 1_000_000])
+def test_raw_tables_streamed_from_the_files_match_the_read_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                drain_every: int) -> None:
+    # write_raw_db reads the files as a stream (drained every DRAIN_RECORDS records) yet writes the
+    # rows in the order a stable time sort of the whole run gives: the same ids as read_run's lists
+    import json
+
+    from service_profiler import rawfile
+    from service_profiler.analyze.sqlite_export import write_raw_db
+
+    synth = generate_run(tmp_path / "run", SyntheticConfig(requests=12, output_tokens=6, max_num_seqs=4, seed=3))
+    run = read_run([synth.run_dir])
+    monkeypatch.setattr(rawfile, "DRAIN_RECORDS", drain_every)
+    con = sqlite3.connect(write_raw_db([synth.run_dir], tmp_path / "raw.db"))
+    spans = con.execute("SELECT id, proc, domain, name, start_ns, end_ns, tid, attrs FROM span ORDER BY id").fetchall()
+    assert [r[0] for r in spans] == list(range(1, len(run.spans) + 1))
+    assert [r[1:7] for r in spans] == [(s.proc, s.domain, s.name, s.start_ns, s.end_ns, s.tid) for s in run.spans]
+    assert [json.loads(r[7]) if r[7] else None for r in spans] == [
+        {k: v for k, v in s.attrs.items() if not (s.name == "batchFrameworkProcessing" and k == "reqs")}
+        if s.attrs else None for s in run.spans]
+    events = con.execute("SELECT proc, name, ts_ns, tid, attrs FROM event ORDER BY id").fetchall()
+    assert events == [(e.proc, e.name, e.ts_ns, e.tid, json.dumps(e.attrs, separators=(",", ":")) if e.attrs
+                       else None) for e in run.events]
+    counters = con.execute('SELECT proc, name, ts_ns, "values" FROM counter ORDER BY id').fetchall()
+    assert [(c[0], c[1], c[2], json.loads(c[3])) for c in counters] == [
+        (c.proc, c.name, c.ts_ns, c.values) for c in run.counters]
+    assert con.execute("SELECT count(*) FROM process").fetchone()[0] == len(run.processes)
+    indexes = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert {"ix_span_name", "ix_event_rid", "ix_counter_name"} <= indexes
+    assert con.execute("SELECT name FROM sqlite_temp_master").fetchall() == []

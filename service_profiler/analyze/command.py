@@ -12,13 +12,15 @@ in the raw data (torn lines, files without header, ...) are listed at the end an
 Processes (where the platform can fork): plots and the latency model run in a helper forked at the
 start, before the run is read, so its heap stays small; it imports matplotlib/scipy while the run is
 read, is sent the tables' numeric columns through a pipe, then draws the plots while a process it forks
-fits the model. The records themselves are processed in one process: a child forked after the read would
-end up with its own copy of every page the parent then touches (CPython's reference counts are writes),
-i.e. a second copy of the run. `--jobs 2` accepts part of that trade: a child forked after the read
-writes the chrome trace and SQLite's raw tables (into a side file copied into profiler.db at the end),
-while this process builds the tables and writes the analysis tables and CSVs. The SQLite batch_req loop
-also feeds per_iteration_requests.csv (one pass over the entries); with --jobs 1 the records other than
-the batch spans are released once SQLite and the trace are done with them. SERVICE_PROFILER_NO_FORK=1
+fits the model. SQLite's raw tables (span, event, counter, ...) are written by a second process forked
+before the read, which reads the raw files itself as a stream (a few MB of memory) into the file that
+becomes profiler.db; this process then adds the analysis tables to it. The records themselves are
+processed in one process: a child forked after the read would end up with its own copy of every page
+the parent then touches (CPython's reference counts are writes), i.e. a second copy of the run.
+`--jobs 2` accepts part of that trade for the chrome trace: a child forked after the read writes it
+while this process builds the tables and writes the analysis tables and CSVs. The SQLite batch_req
+loop also feeds per_iteration_requests.csv (one pass over the entries); with --jobs 1 the records
+other than the batch spans are released once the trace is written. SERVICE_PROFILER_NO_FORK=1
 runs everything in-process.
 """
 
@@ -54,10 +56,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"outputs to write, any of: {' '.join(FORMATS)} (default: all)")
     parser.add_argument("--quiet", action="store_true", help="no console summary, only errors")
     parser.add_argument("--jobs", type=int, default=1, metavar="N",
-                        help="N > 1: the chrome trace and SQLite's raw tables are written by a forked process "
-                             "next to the tables / CSVs (faster on 2+ cores, but the records then exist "
-                             "partly twice: more memory). Default 1: the records are processed in one "
-                             "process; plots and the latency model always run in small helper processes")
+                        help="N > 1: the chrome trace is written by a forked process next to the tables / "
+                             "CSVs (faster on 2+ cores, but the records then exist partly twice: more memory). "
+                             "Default 1: the records are processed in one process; plots, the latency model "
+                             "and SQLite's raw tables always run in small helper processes")
 
 
 class _Progress:
@@ -363,17 +365,34 @@ def _run(args: argparse.Namespace) -> int:
 
 def _analyze(args: argparse.Namespace, out_dir: Path, formats: list[str], progress: _Progress,
              helpers: list[_Feeder]) -> int:
-    from service_profiler.rawfile import read_run
+    from service_profiler.rawfile import discover_files, read_run
 
     from .csv_export import PerIterationWriter, write_csvs
-    from .sqlite_export import SqliteExport
+    from .sqlite_export import SqliteExport, write_raw_db
     from .summary import format_summary
     from .tables import build_tables
 
-    parallel = getattr(args, "jobs", 1) > 1
+    # SQLite's raw tables need nothing but the raw files: a process forked now, while the heap is
+    # small, reads them as a stream and writes those tables (and their indexes) into the file that
+    # becomes profiler.db, beside everything below. Without fork, `collect` runs it here.
+    raw_db = out_dir / "profiler.db.raw.tmp"
+
+    def raw_out() -> str:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_raw_db(args.input_path, raw_db)
+        return "SQLite raw tables written"
+
+    raw_side: _Side | None = None
+    if "db" in formats and discover_files(args.input_path, []):
+        raw_side = _Side(progress, [("db", "SQLite raw tables", raw_out)])
     data = read_run(args.input_path)
     progress(f"read {len(data.processes)} process file(s), {data.num_records:,} records")
     if not data.processes:
+        if raw_side is not None:
+            raw_side.collect([], [], [])
+            raw_db.unlink(missing_ok=True)
+            if out_dir.is_dir() and not any(out_dir.iterdir()):
+                out_dir.rmdir()
         print("error: no readable raw files (*.sprof.jsonl) in " + " ".join(map(str, args.input_path)),
               file=sys.stderr)
         for p in data.problems:
@@ -389,21 +408,12 @@ def _analyze(args: argparse.Namespace, out_dir: Path, formats: list[str], progre
         mod.write_chrome_trace(data, None, path)
         return path
 
-    # --jobs > 1: the trace and SQLite's raw tables need the records alone (not the tables): a child
-    # forked now writes them (the raw tables into a side file that SQLite copies in at the end) while
+    # --jobs > 1: the trace needs the records alone (not the tables): a child forked now writes it while
     # this process builds the tables and writes the analysis tables and CSVs. Only the records this
     # process touches after the fork get a second copy (copy-on-write), not all of them.
-    raw_db = out_dir / "profiler.db.raw.tmp"
-
-    def raw_out() -> str:
-        from .sqlite_export import write_raw_db
-        write_raw_db(data, raw_db)
-        return "SQLite raw tables written"
-
     records_side: _Side | None = None
-    if parallel and _fork_context() is not None:
-        records_side = _Side(progress, [(fmt, label, fn) for fmt, label, fn in (
-            ("db", "SQLite raw tables", raw_out), ("json", "chrome trace", chrome_out)) if fmt in formats])
+    if getattr(args, "jobs", 1) > 1 and "json" in formats and _fork_context() is not None:
+        records_side = _Side(progress, [("json", "chrome trace", chrome_out)])
     tables = build_tables(data)
     progress(f"tables: {len(tables.requests):,} requests, {len(tables.batches):,} batches")
     if helpers:
@@ -433,30 +443,29 @@ def _analyze(args: argparse.Namespace, out_dir: Path, formats: list[str], progre
 
     def db_start() -> str:
         try:
-            pending_db.append(SqliteExport(data, tables, out_dir / "profiler.db",
-                                           per_iteration.feed if per_iteration else None,
-                                           raw_elsewhere=records_side is not None).start())
+            pending_db.append(SqliteExport(tables, out_dir / "profiler.db", raw_db,
+                                           per_iteration.feed if per_iteration else None).start())
         finally:
             if per_iteration is not None:
                 per_iteration.close(complete=bool(pending_db))
-        return ("SQLite analysis tables written" if records_side is not None
-                else "SQLite rows written; indexes build in the background")
+        return "SQLite rows written; indexes build in the background"
 
     def db_finish() -> Path:
-        return pending_db[0].finish(raw_db if records_side is not None else None)
+        return pending_db[0].finish()
 
-    # SQLite first: its index build (no GIL) then overlaps with the exporters after it
-    step("db", "SQLite", db_start)
-    if records_side is not None:
-        step("csv", "CSV", csv_out)
-        records_side.collect(produced, notes, failures)
-    else:
+    if records_side is None:
         step("json", "chrome trace", chrome_out)
-        # The CSVs need only the tables and the batch spans (which the tables hold): the other records'
-        # last consumers (SQLite's raw tables, the trace) are done, so their memory goes to the CSVs.
-        # (Not with --jobs: the child's copy-on-write pages would be written by the releases.)
+        # The records' last consumer was the trace (SQLite's raw tables come from the files): their
+        # memory goes to the analysis tables and CSVs; the tables keep the batch spans. (Not with
+        # --jobs: the child's copy-on-write pages would be written by the releases.)
         data.spans, data.events, data.counters = [], [], []
-        step("csv", "CSV", csv_out)
+    if raw_side is not None:
+        raw_side.collect(produced, notes, failures)
+    # SQLite before the CSVs: its index build (no GIL) then overlaps with them
+    step("db", "SQLite", db_start)
+    step("csv", "CSV", csv_out)
+    if records_side is not None:
+        records_side.collect(produced, notes, failures)
     for helper in helpers:
         helper.collect(produced, notes, failures)
     if pending_db:

@@ -46,11 +46,11 @@ def save_figure(fig: Figure, path: Path, margins_in: tuple[float, float, float, 
     left, right, bottom, top = margins_in
     fig.subplots_adjust(left=left / width, right=1 - right / width, bottom=bottom / height, top=1 - top / height)
     for ax in fig.axes:
-        _fix_text_positions(ax)
+        _fix_text_positions(ax, width, height)
     fig.savefig(path, dpi=_DPI, pil_kwargs=_PNG_OPTIONS)
 
 
-def _fix_text_positions(ax: Axes) -> None:
+def _fix_text_positions(ax: Axes, fig_width_in: float, fig_height_in: float) -> None:
     """Title and axis labels at fixed offsets from the axes. Left automatic, matplotlib places each by
     measuring every tick label's extent first (a third of the drawing time of these small charts);
     the fixed margins above already leave room for the tick labels."""
@@ -59,7 +59,7 @@ def _fix_text_positions(ax: Axes) -> None:
     if ax.get_title():
         ax.set_title(ax.get_title(), y=1.0)  # an explicit y turns the automatic placement off
     box = ax.get_position()
-    width_in, height_in = box.width * ax.figure.get_figwidth(), box.height * ax.figure.get_figheight()
+    width_in, height_in = box.width * fig_width_in, box.height * fig_height_in
     if ax.get_xlabel():
         ax.xaxis.set_label_coords(0.5, -_XLABEL_BELOW_IN / height_in)
     if ax.get_ylabel():

@@ -10,8 +10,10 @@ Analysis tables (columns as in `tables`; list cells as JSON text):
   kvcache, state_transition, lifecycle_event.
 Views: v_batch_size_curve, v_batch_exec, v_ttft, v_request_latency, v_kv_usage, v_queue_curve.
 
-Written with executemany in one transaction into a temporary file that replaces the target at the end,
-so a failed export never leaves a half-written database behind.
+The raw tables are written straight from the raw files by `write_raw_db` (a stream: analyze runs it in a
+process of its own beside the rest); `SqliteExport` adds the analysis tables to that file. Each half
+is one transaction with executemany; the file replaces the target only at the end, so a failed
+export never leaves a half-written database behind.
 """
 
 from __future__ import annotations
@@ -19,12 +21,12 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from service_profiler.fastjson import json_text
-from service_profiler.rawfile import EventRecord, RunData, SpanRecord
+from service_profiler.rawfile import EventRecord, RunData, SpanRecord, read_run
 
 from .entries import EntryChunk
 from .tables import AnalysisTables, Table
@@ -45,12 +47,15 @@ _VIEWS = {
     "v_queue_curve": "SELECT start_ns, dp_rank, running, waiting FROM batch ORDER BY start_ns",
 }
 
-_INDEXES = [
+# built by `write_raw_db` with its tables
+_RAW_INDEXES = [
     "CREATE INDEX ix_span_name ON span(name, start_ns)",
     "CREATE INDEX ix_span_batch ON span(batch_id, proc)",
     "CREATE INDEX ix_event_name ON event(name, ts_ns)",
     "CREATE INDEX ix_event_rid ON event(rid)",
     "CREATE INDEX ix_counter_name ON counter(name, ts_ns)",
+]
+_INDEXES = [
     "CREATE INDEX ix_request_rid ON request(rid)",
     "CREATE INDEX ix_request_arrival ON request(arrival_ns)",
     "CREATE INDEX ix_batch_id ON batch(batch_id, dp_rank)",
@@ -102,7 +107,17 @@ def _write_table(db: sqlite3.Connection, name: str, table: Table, first: str | N
     db.executemany(f"INSERT INTO {name} VALUES ({marks})", rows())
 
 
-def _write_raw(db: sqlite3.Connection, run: RunData) -> None:
+_RECORD_TABLES = {
+    # name: (columns after the id, time column)
+    "span": ("proc INTEGER, domain TEXT, name TEXT, start_ns INTEGER, end_ns INTEGER, dur_ns INTEGER, tid INTEGER, "
+             "batch_id INTEGER, attrs TEXT", "start_ns"),
+    "event": ("proc INTEGER, domain TEXT, name TEXT, ts_ns INTEGER, tid INTEGER, rid TEXT, batch_id INTEGER, "
+              "attrs TEXT", "ts_ns"),
+    "counter": ('proc INTEGER, domain TEXT, name TEXT, ts_ns INTEGER, "values" TEXT', "ts_ns"),
+}
+
+
+def _write_process_tables(db: sqlite3.Connection, run: RunData) -> None:
     dumps = json_text
     db.execute("CREATE TABLE process (proc INTEGER PRIMARY KEY, key TEXT, hostname TEXT, pid INTEGER, "
                "ppid INTEGER, role TEXT, argv TEXT, engine TEXT, profiler_version TEXT, wall_offset_ns INTEGER, "
@@ -113,20 +128,54 @@ def _write_raw(db: sqlite3.Connection, run: RunData) -> None:
     db.execute("CREATE TABLE process_meta (proc INTEGER, key TEXT, value TEXT)")
     db.executemany("INSERT INTO process_meta VALUES (?,?,?)",
                    [(p.index, k, dumps(v)) for p in run.processes for k, v in p.meta.items()])
-    db.execute("CREATE TABLE span (id INTEGER PRIMARY KEY, proc INTEGER, domain TEXT, name TEXT, "
-               "start_ns INTEGER, end_ns INTEGER, dur_ns INTEGER, tid INTEGER, batch_id INTEGER, attrs TEXT)")
-    db.executemany("INSERT INTO span VALUES (NULL,?,?,?,?,?,?,?,?,?)", _span_rows(run.spans))
-    db.execute("CREATE TABLE event (id INTEGER PRIMARY KEY, proc INTEGER, domain TEXT, name TEXT, ts_ns INTEGER, "
-               "tid INTEGER, rid TEXT, batch_id INTEGER, attrs TEXT)")
-    db.executemany("INSERT INTO event VALUES (NULL,?,?,?,?,?,?,?,?)", _event_rows(run.events))
-    db.execute('CREATE TABLE counter (id INTEGER PRIMARY KEY, proc INTEGER, domain TEXT, name TEXT, '
-               'ts_ns INTEGER, "values" TEXT)')
-    db.executemany("INSERT INTO counter VALUES (NULL,?,?,?,?,?)", (
-        (c.proc, c.domain, c.name, c.ts_ns, dumps(c.values)) for c in run.counters))
     db.execute("CREATE TABLE run_state (proc INTEGER, ts_ns INTEGER, enabled INTEGER, reason TEXT)")
     db.executemany("INSERT INTO run_state VALUES (?,?,?,?)", run.states)
     db.execute("CREATE TABLE problem (message TEXT)")
     db.executemany("INSERT INTO problem VALUES (?)", [(p,) for p in run.problems])
+
+
+def write_raw_db(paths: Sequence[Path | str], path: Path) -> Path:
+    """The raw tables (process, process_meta, span, event, counter, run_state, problem) and their
+    indexes, in a new SQLite file at `path`, read straight from the raw files as a stream: memory
+    stays a few MB however long the run, so this runs beside the rest of the analysis in a process
+    forked before the run is read (analyze's command), not after it, when a child would copy every
+    page of records it touched. Records go into temporary tables as they are read and are copied
+    into span / event / counter ordered by (time, reading order): the same rows, ids and order as a
+    stable sort of the read run (`read_run`) gives. The analysis tables are added to this file
+    afterwards (`SqliteExport`)."""
+    path.unlink(missing_ok=True)
+    db = _connect(path)
+    dumps = json_text
+    try:
+        db.execute("BEGIN")
+        for name, (columns, _) in _RECORD_TABLES.items():
+            db.execute(f"CREATE TEMP TABLE read_{name} ({columns})")
+        marks = {name: ",".join("?" * (columns.count(",") + 1)) for name, (columns, _) in _RECORD_TABLES.items()}
+
+        def drain(run: RunData) -> None:
+            db.executemany(f"INSERT INTO read_span VALUES ({marks['span']})", _span_rows(run.spans))
+            db.executemany(f"INSERT INTO read_event VALUES ({marks['event']})", _event_rows(run.events))
+            db.executemany(f"INSERT INTO read_counter VALUES ({marks['counter']})", (
+                (c.proc, c.domain, c.name, c.ts_ns, dumps(c.values)) for c in run.counters))
+            run.spans.clear()
+            run.events.clear()
+            run.counters.clear()
+
+        run = read_run(paths, drain)
+        _write_process_tables(db, run)
+        for name, (columns, time_column) in _RECORD_TABLES.items():
+            db.execute(f"CREATE TABLE {name} (id INTEGER PRIMARY KEY, {columns})")
+            db.execute(f"INSERT INTO {name} SELECT NULL, * FROM read_{name} ORDER BY {time_column}, rowid")
+            db.execute(f"DROP TABLE read_{name}")
+        for stmt in _RAW_INDEXES:
+            db.execute(stmt)
+        db.execute("COMMIT")
+    except BaseException:
+        db.close()
+        path.unlink(missing_ok=True)
+        raise
+    db.close()
+    return path
 
 
 _SCALARS = frozenset({int, float, str, bool})
@@ -190,39 +239,34 @@ def _write_batch_req(db: sqlite3.Connection, tables: AnalysisTables,
 
 
 class SqliteExport:
-    """Writes profiler.db in two halves: `start()` inserts every row (Python-bound), then builds the
-    indexes and views on a background thread, which SQLite runs without holding the GIL, so the next
-    exporter overlaps with it; `finish()` waits and moves the file into place."""
+    """Completes profiler.db in two halves: `start()` takes the file of raw tables `write_raw_db` wrote
+    and inserts the analysis tables (Python-bound), then builds their indexes and the views on a
+    background thread, which SQLite runs without holding the GIL, so the next exporter overlaps with
+    it; `finish()` waits and moves the file into place."""
 
-    def __init__(self, run: RunData, tables: AnalysisTables, path: Path,
-                 on_entry_chunk: Callable[[EntryChunk], None] | None = None, raw_elsewhere: bool = False) -> None:
-        """`on_entry_chunk`: also given each chunk of per-request entries built for batch_req (the
-        per-iteration CSV is made from the same chunks). `raw_elsewhere`: the raw tables are written by
-        another process (`write_raw_db`) and copied in by `finish(raw_db)`; indexes are built there."""
-        self.run, self.tables, self.path = run, tables, path
+    def __init__(self, tables: AnalysisTables, path: Path, raw_db: Path,
+                 on_entry_chunk: Callable[[EntryChunk], None] | None = None) -> None:
+        """`raw_db`: the file `write_raw_db` wrote (it becomes profiler.db). `on_entry_chunk`: also
+        given each chunk of per-request entries built for batch_req (the per-iteration CSV is made
+        from the same chunks)."""
+        self.tables, self.path, self.raw_db = tables, path, raw_db
         self.on_entry_chunk = on_entry_chunk
-        self.raw_elsewhere = raw_elsewhere
-        self._db: sqlite3.Connection | None = None
         self.tmp = path.with_name(path.name + ".tmp")
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
     def start(self) -> SqliteExport:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp.unlink(missing_ok=True)
+        if not self.raw_db.exists():
+            raise RuntimeError("the raw tables (span, event, ...) were not written; see the error above")
+        os.replace(self.raw_db, self.tmp)
         db = _connect(self.tmp)
         try:
             db.execute("BEGIN")
             self._insert(db)
-            if self.raw_elsewhere:
-                db.execute("COMMIT")  # ATTACH (in finish) is refused inside a transaction
         except BaseException:
             db.close()
             self.tmp.unlink(missing_ok=True)
             raise
-        if self.raw_elsewhere:
-            self._db = db
-            return self
         self._thread = threading.Thread(target=self._build_indexes, args=(db,), name="sqlite-indexes",
                                         daemon=True)
         self._thread.start()
@@ -230,8 +274,6 @@ class SqliteExport:
 
     def _insert(self, db: sqlite3.Connection) -> None:
         tables = self.tables
-        if not self.raw_elsewhere:
-            _write_raw(db, self.run)
         _write_table(db, "request", tables.requests, first="req_row")
         _write_table(db, "batch", tables.batches, first="batch_row")
         _write_batch_req(db, tables, self.on_entry_chunk)
@@ -251,31 +293,8 @@ class SqliteExport:
         finally:
             db.close()
 
-    def finish(self, raw_db: Path | None = None) -> Path:
-        """Wait for the indexes and move the file into place. With `raw_elsewhere`: first copy the raw
-        tables in from `raw_db` (SQLite's transfer path copies records without decoding them)."""
-        if self._db is not None:
-            db, self._db = self._db, None
-            try:
-                if raw_db is None or not raw_db.exists():
-                    raise RuntimeError("the raw tables (span, event, ...) were not written; see the error above")
-                db.execute("ATTACH DATABASE ? AS raw", (str(raw_db),))
-                db.execute("BEGIN")
-                names = db.execute("SELECT name, sql FROM raw.sqlite_master WHERE type = 'table' ORDER BY rowid")
-                for name, sql in names.fetchall():
-                    db.execute(sql)
-                    db.execute(f'INSERT INTO main."{name}" SELECT * FROM raw."{name}"')
-                db.execute("COMMIT")
-                db.execute("DETACH DATABASE raw")
-                db.execute("BEGIN")
-            except BaseException:
-                db.close()
-                self.tmp.unlink(missing_ok=True)
-                raise
-            finally:
-                if raw_db is not None:
-                    raw_db.unlink(missing_ok=True)
-            self._build_indexes(db)
+    def finish(self) -> Path:
+        """Wait for the indexes and move the file into place."""
         if self._thread is not None:
             self._thread.join()
         if self._error is not None:
@@ -298,22 +317,8 @@ def _connect(path: Path) -> sqlite3.Connection:
     return db
 
 
-def write_raw_db(run: RunData, path: Path) -> Path:
-    """The raw tables alone, in a separate file, for `SqliteExport(raw_elsewhere=True).finish(path)`."""
-    path.unlink(missing_ok=True)
-    db = _connect(path)
-    try:
-        db.execute("BEGIN")
-        _write_raw(db, run)
-        db.execute("COMMIT")
-    except BaseException:
-        db.close()
-        path.unlink(missing_ok=True)
-        raise
-    db.close()
-    return path
-
-
-def write_sqlite(run: RunData, tables: AnalysisTables, path: Path) -> Path:
-    """Write `profiler.db` at `path` (replaced if it exists)."""
-    return SqliteExport(run, tables, path).start().finish()
+def write_sqlite(paths: Sequence[Path | str], tables: AnalysisTables, path: Path) -> Path:
+    """Write `profiler.db` at `path` (replaced if it exists) for the run read from `paths`."""
+    raw_db = path.with_name(path.name + ".raw.tmp")
+    write_raw_db(paths, raw_db)
+    return SqliteExport(tables, path, raw_db).start().finish()
