@@ -22,9 +22,13 @@ from . import envvars
 
 SITECUSTOMIZE_DIR = str(Path(__file__).with_name("sitecustomize_dir"))
 
+DEFAULT_LOG_LEVEL = logging.INFO
+"""Level of the profiler's own logger when `SERVICE_PROF_LOG_LEVEL` is unset or not a level name."""
+
 _lock = threading.Lock()
 _runtime: Any = None
 _activated_pid: int | None = None
+_failed_pid: int | None = None  # a start that failed is not retried in the same process
 
 
 def _configure_logging() -> None:
@@ -34,20 +38,35 @@ def _configure_logging() -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(handler)
-    logger.setLevel(os.environ.get(envvars.SERVICE_PROF_LOG_LEVEL, "INFO").upper())
     logger.propagate = False
+    raw = os.environ.get(envvars.SERVICE_PROF_LOG_LEVEL, "").strip()
+    level = _parse_log_level(raw) if raw else DEFAULT_LOG_LEVEL
+    logger.setLevel(DEFAULT_LOG_LEVEL if level is None else level)
+    if level is None:
+        # A typo in a logging knob must not cost the user their profile: default level, one warning.
+        logger.warning("service-profiler: %s=%r is not a log level (DEBUG, INFO, WARNING, ERROR, CRITICAL "
+                       "or a number); using %s", envvars.SERVICE_PROF_LOG_LEVEL, raw,
+                       logging.getLevelName(DEFAULT_LOG_LEVEL))
+
+
+def _parse_log_level(text: str) -> int | None:
+    if text.isdigit():
+        return int(text)
+    level = logging.getLevelName(text.upper())
+    return level if isinstance(level, int) else None
 
 
 def activate(source: str = "api") -> Any:
     """Start the profiler in this process if the environment asks for it; returns the runtime or None."""
-    global _runtime, _activated_pid
+    global _runtime, _activated_pid, _failed_pid
     config_path = os.environ.get(envvars.SERVICE_PROF_CONFIG_PATH)
     if not config_path or os.environ.get(envvars.SERVICE_PROF_DISABLE, "0") not in ("", "0"):
         return None
     with _lock:
         # A forked child inherits the parent's runtime (its recorder re-opens a file for the new pid).
-        if _runtime is not None:
+        if _runtime is not None or _failed_pid == os.getpid():
             return _runtime
+        runtime: Any = None
         try:
             _configure_logging()
             from .runtime import Runtime
@@ -55,7 +74,10 @@ def activate(source: str = "api") -> Any:
             runtime = Runtime(config_path, dict(os.environ))
             runtime.start()
         except Exception as exc:
+            if runtime is not None:
+                runtime.abort()  # nothing half-installed stays behind
             print(f"service-profiler: not started in pid {os.getpid()} ({source}): {exc!r}", file=sys.stderr)
+            _failed_pid = os.getpid()
             return None
         _runtime, _activated_pid = runtime, os.getpid()
         return runtime
@@ -66,8 +88,14 @@ def current_runtime() -> Any:
 
 
 def vllm_plugin() -> None:
-    """vLLM `general_plugins` entry point."""
-    activate("vllm-plugin")
+    """vLLM `general_plugins` entry point; never raises into vLLM's plugin loader."""
+    try:
+        activate("vllm-plugin")
+    except Exception as exc:
+        try:
+            print(f"service-profiler: not started in pid {os.getpid()} (vllm-plugin): {exc!r}", file=sys.stderr)
+        except Exception:
+            pass
 
 
 def activate_from_startup() -> None:

@@ -28,7 +28,9 @@ patching, no threads), even when `SERVICE_PROF_CONFIG_PATH` is set. For ruling t
 debugging an engine problem without editing the environment the deployment sets up."""
 
 SERVICE_PROF_LOG_LEVEL = "SERVICE_PROF_LOG_LEVEL"
-"""Log level of the profiler's own logger (`DEBUG`, `INFO`, `WARNING`, `ERROR`; default `WARNING`)."""
+"""Log level of the profiler's own logger: `DEBUG`, `INFO`, `WARNING`, `ERROR`, `CRITICAL` or a number;
+default `INFO` (each process logs its one-line patch summary; problems are warnings). A value that is not
+a level falls back to `INFO` with one warning; it never keeps the profiler from starting."""
 
 ALL: tuple[str, ...] = (
     SERVICE_PROF_CONFIG_PATH,

@@ -1,4 +1,4 @@
-"""The attribute expression language: parse once at patch time, evaluate safely on every call.
+"""The attribute expression language: parsed once (syntax at load, names at patch), evaluated safely.
 
 An expression reads one value out of a wrapped call's arguments or return value, for example
 ``args[0] | attr input_batch | attr req_ids | len`` or ``len(return) | str``. Grammar::

@@ -35,6 +35,7 @@ class Probe:
         "caller_filter",
         "chan",
         "domain",
+        "error_messages",
         "errors",
         "evaluators",
         "max_buffered",
@@ -69,13 +70,18 @@ class Probe:
         self.evaluators = tuple((name, expression.evaluator) for name, expression in attributes)
         self.caller_filter = caller_filter
         self.active = False
+        # Failures per expression / handler, and the message of the first one. Only the error path
+        # touches these; the runtime writes the final counts into the raw file (`Runtime.write_error_counts`).
         self.errors: dict[str, int] = {}
+        self.error_messages: dict[str, str] = {}
 
     def note_error(self, what: str, detail: str) -> None:
         count = self.errors.get(what, 0) + 1
         self.errors[what] = count
         if count == 1:  # one report per expression / handler, then only counted
-            self.on_problem(f"{self.symbol}: {what}: {detail}")
+            message = f"{self.symbol}: {what}: {detail}"
+            self.error_messages[what] = message
+            self.on_problem(message)
 
     def evaluate(self, args: tuple[Any, ...], kwargs: dict[str, Any], result: Any = MISSING) -> dict[str, Any]:
         """Attribute values for one call; a failing expression is left out, counted and reported once."""
@@ -93,14 +99,27 @@ class Probe:
         self.note_error(f"attribute {attr_name!r}", str(ExpressionEvalError(source, exc)))
 
     def called_from_filter(self) -> bool:
-        frame = sys._getframe(3)
+        """Whether the wrapped function was called, directly or through at most
+        `_CALLER_SEARCH_DEPTH` frames, from a function named `caller_filter` (its code's `co_name`).
+
+        The direct caller is the first frame looked at: this method is called straight from a wrapper
+        (frame 1), and the C switch in front of the wrapper adds no Python frame, so frame 2 is the
+        wrapped function's caller (for a generator or async generator: the frame that starts the
+        iteration). A stack without such a frame (the wrapper called straight from C, e.g. as the
+        target of `_thread.start_new_thread`) has no caller that could match: the call is not
+        recorded. Never raises into the host.
+        """
+        try:
+            frame: Any = sys._getframe(2)
+        except ValueError:  # "call stack is not deep enough"
+            return False
         wanted = self.caller_filter
         for _ in range(_CALLER_SEARCH_DEPTH):
             if frame is None:
                 return False
             if frame.f_code.co_name == wanted:
                 return True
-            frame = frame.f_back  # type: ignore[assignment]
+            frame = frame.f_back
         return False
 
 
@@ -215,7 +234,7 @@ def make_generator_timer(fn: Callable[..., Any], probe: Probe) -> Callable[..., 
 
     @functools.wraps(fn)
     def generator_timer(*args: Any, **kwargs: Any) -> Any:
-        if not probe.active:
+        if not probe.active or (probe.caller_filter is not None and not probe.called_from_filter()):
             return (yield from fn(*args, **kwargs))
         t0 = _clock()
         try:
@@ -236,7 +255,7 @@ def make_async_generator_timer(fn: Callable[..., Any], probe: Probe) -> Callable
     @functools.wraps(fn)
     async def async_generator_timer(*args: Any, **kwargs: Any) -> Any:
         agen = fn(*args, **kwargs)
-        recording = probe.active
+        recording = probe.active and (probe.caller_filter is None or probe.called_from_filter())
         t0 = _clock()
         error: BaseException | None = None
         try:
@@ -306,7 +325,7 @@ def make_handler_wrapper(
 
     @functools.wraps(fn)
     def with_handler(*args: Any, **kwargs: Any) -> Any:
-        if not probe.active:
+        if not probe.active or (probe.caller_filter is not None and not probe.called_from_filter()):
             return fn(*args, **kwargs)
         original = OriginalCall(fn, is_method)
         if is_method:
@@ -336,7 +355,7 @@ def make_async_handler_wrapper(
 
     @functools.wraps(fn)
     async def with_async_handler(*args: Any, **kwargs: Any) -> Any:
-        if not probe.active:
+        if not probe.active or (probe.caller_filter is not None and not probe.called_from_filter()):
             return await fn(*args, **kwargs)
         state: dict[str, Any] = {}
 

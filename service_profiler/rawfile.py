@@ -214,6 +214,7 @@ class _FileReader:
         # channel id -> (kind code, domain, name, id fields to intern)
         self.chans: dict[int, tuple[int, str, str, int]] = {}
         self.unknown_chan: dict[str, int] = {}
+        self.warning_slots: dict[str, int] = {}  # warning message -> its index in proc.warnings
         self.bad_records = 0
 
     def read(self, path: Path) -> None:
@@ -283,8 +284,16 @@ class _FileReader:
             if isinstance(count, int):
                 proc.dropped += count
         elif kind == "warn":
-            count = obj.get("count", 1)
-            proc.warnings.append(f"{obj.get('msg', '')} (x{count})" if count != 1 else str(obj.get("msg", "")))
+            # A process writes a warning when it first happens and re-writes it with its running total
+            # later (at exit at the latest): one entry per message, with the last total.
+            msg, count = str(obj.get("msg", "")), obj.get("count", 1)
+            text = f"{msg} (x{count})" if count != 1 else msg
+            slot = self.warning_slots.get(msg)
+            if slot is None:
+                self.warning_slots[msg] = len(proc.warnings)
+                proc.warnings.append(text)
+            else:
+                proc.warnings[slot] = text
         elif kind == "header":
             self.run.problems.append(f"{path}:{lineno}: second header line ignored")
         else:

@@ -92,6 +92,7 @@ class Recorder:
         self._io_lock = threading.Lock()
         self._wake = threading.Event()
         self._stopped = False
+        self._closed = False  # for good: a fork no longer restarts the writer in the child
         self._thread: threading.Thread | None = None
         self._file: Any = None
         self._path: Path | None = None
@@ -100,6 +101,9 @@ class Recorder:
         # A process that never declares a channel nor reports anything writes no file at all (vLLM's
         # helper processes — resource trackers, compile workers — would otherwise leave empty files).
         self._has_content = False
+        # Called with `final` at the start of every flush, on the flushing thread (e.g. the runtime
+        # re-writing failure counts); each runs in its own try/except.
+        self.flush_hooks: list[Callable[[bool], None]] = []
         self._init_process_state()
 
     # -- hot path helpers -------------------------------------------------------------------------
@@ -165,8 +169,15 @@ class Recorder:
             self._file.write(_encode(header) + "\n")
         return self._file
 
-    def flush(self) -> None:
-        """Write everything buffered so far. Safe to call from any thread; never raises."""
+    def flush(self, final: bool = False) -> None:
+        """Write everything buffered so far. Safe to call from any thread; never raises.
+
+        `final`: the process is ending (exit, SIGTERM); passed on to `flush_hooks`."""
+        for hook in self.flush_hooks:
+            try:
+                hook(final)
+            except Exception as exc:
+                _warn_once(f"service-profiler: flush hook {hook!r} failed: {exc!r}")
         try:
             self._flush()
         except Exception as exc:  # the host comes first: a full disk must not crash the engine
@@ -225,8 +236,9 @@ class Recorder:
 
     def close(self) -> None:
         self._stopped = True
+        self._closed = True
         self._wake.set()
-        self.flush()
+        self.flush(final=True)
         if self._file is not None:
             try:
                 self._file.close()
@@ -268,7 +280,8 @@ class Recorder:
         self._thread = None
         self._stopped = False
         self._wake = threading.Event()
-        self.start()
+        if not self._closed:
+            self.start()
 
 
 _warned: set[str] = set()

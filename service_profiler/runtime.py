@@ -30,6 +30,10 @@ from .threads import start_daemon
 
 log = logging.getLogger("service_profiler")
 _POLL_INTERVAL_S = 0.25
+# Evaluation / handler failure counts are re-written into the raw file at most this often while the
+# process runs (and always at exit and SIGTERM), so a failing expression adds a line per interval, not
+# per call.
+_ERROR_COUNT_INTERVAL_S = 30.0
 
 
 @dataclass
@@ -98,6 +102,8 @@ class Runtime:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._problems_seen: set[str] = set()
+        self._error_counts_written: dict[tuple[str, str], int] = {}
+        self._error_counts_at = 0.0
         self._samplers: Any = None
 
     # -- start-up ---------------------------------------------------------------------------------
@@ -122,10 +128,14 @@ class Runtime:
             self.problem(problem)
         self._load_symbols()
         self.hook.install()
-        self._patch_already_imported()
+        if not self._patch_already_imported():
+            # The start-up report, also when nothing is patched yet; each lazy patch writes an updated one.
+            self._write_patch_report()
         record.set_sink(self)
+        self.recorder.flush_hooks.append(self.write_error_counts)
         self.recorder.start()
-        install_sigterm_flush(self.recorder.flush)
+        recorder = self.recorder
+        install_sigterm_flush(lambda: recorder.flush(final=True))
         self._apply(self.settings, "startup")
         self._start_control_thread()
         if hasattr(os, "register_at_fork"):
@@ -162,13 +172,18 @@ class Runtime:
         assert self.recorder is not None
         self.recorder.engine = engine
 
-    def _patch_already_imported(self) -> None:
+    def _patch_already_imported(self) -> int:
+        """Patch the targets of modules imported before the profiler; returns how many modules (each
+        writes an updated patch report)."""
         import sys
 
+        imported = 0
         for module_name in list(self._by_module):
             module = sys.modules.get(module_name)
             if module is not None:
                 self._on_module_imported(module)
+                imported += 1
+        return imported
 
     # -- patching ---------------------------------------------------------------------------------
 
@@ -280,11 +295,19 @@ class Runtime:
         return installed
 
     def _write_patch_report(self) -> None:
-        # A process where nothing was patched (and nothing failed) has nothing to report.
-        if self.recorder is not None and (self.report.applied or self.report.failed):
+        """Queue the current report; readers keep the last one of a process.
+
+        A report with something applied, skipped or failed creates the process's raw file by itself.
+        One that only awaits imports goes into the file as soon as the process writes anything else
+        (a record, a warning, a later report), but does not create it alone: every helper process an
+        engine starts (resource trackers, compile workers) inherits the variables and would otherwise
+        leave a file that only says "nothing imported".
+        """
+        if self.recorder is not None:
             report = self.report
-            self.recorder.control({"t": "patch", "applied": report.applied, "pending": report.pending,
-                                   "skipped": report.skipped, "failed": report.failed})
+            self.recorder.control({"t": "patch", "applied": list(report.applied), "pending": list(report.pending),
+                                   "skipped": list(report.skipped), "failed": list(report.failed)},
+                                  substantive=bool(report.applied or report.skipped or report.failed))
 
     # -- enable / domains / timelimit ---------------------------------------------------------------
 
@@ -371,6 +394,13 @@ class Runtime:
     def _after_fork_in_child(self) -> None:
         self._lock = threading.RLock()
         self._samplers = None
+        # The child writes its own file: its warnings and failure counts start from zero there.
+        self._problems_seen = set()
+        self._error_counts_written = {}
+        for state in self.states.values():
+            if state.probe is not None:
+                state.probe.errors.clear()
+                state.probe.error_messages.clear()
         self._start_control_thread()
         self._update_samplers()
 
@@ -379,7 +409,24 @@ class Runtime:
         if self._samplers is not None:
             self._samplers.update(None, host=False)
         if self.recorder is not None:
-            self.recorder.flush()
+            self.recorder.flush(final=True)
+
+    def abort(self) -> None:
+        """Undo a `start()` that failed half-way: no import hook, wrapper, sink or thread of ours is
+        left in the host. Best effort; never raises."""
+        steps: list[Callable[[], Any]] = [self._stop.set, self.hook.remove, self.unpatch_all]
+        if self._samplers is not None:
+            steps.append(lambda: self._samplers.update(None, host=False))
+        if self.recorder is not None:
+            steps.append(self.recorder.close)
+        for step in steps:
+            try:
+                step()
+            except Exception:
+                pass
+        previous = record.set_sink(None)
+        if previous is not self:
+            record.set_sink(previous)
 
     # -- problems ---------------------------------------------------------------------------------
 
@@ -391,6 +438,31 @@ class Runtime:
         log.warning("service-profiler: %s", message)
         if self.recorder is not None:
             self.recorder.control({"t": "warn", "msg": message, "count": 1})
+
+    def write_error_counts(self, final: bool) -> None:
+        """Recorder flush hook: re-write the `warn` line of each failing expression / handler whose
+        count grew since it was last written, with the new total (readers show the last count).
+
+        The call path only counts (`Probe.note_error`); this runs on the writer thread, at most every
+        `_ERROR_COUNT_INTERVAL_S` and at every final flush (exit, SIGTERM)."""
+        now = time.monotonic()
+        if not final and now - self._error_counts_at < _ERROR_COUNT_INTERVAL_S:
+            return
+        self._error_counts_at = now
+        recorder = self.recorder
+        if recorder is None:
+            return
+        for state in list(self.states.values()):
+            probe = state.probe
+            if probe is None or not probe.errors:
+                continue
+            for what, count in list(probe.errors.items()):  # engine threads may add keys meanwhile
+                key = (probe.symbol, what)
+                message = probe.error_messages.get(what)
+                if message is None or count <= self._error_counts_written.get(key, 1):
+                    continue
+                self._error_counts_written[key] = count
+                recorder.control({"t": "warn", "msg": message, "count": count})
 
     # -- record.RecordSink ------------------------------------------------------------------------
 

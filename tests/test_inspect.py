@@ -59,6 +59,19 @@ def test_text_report_shows_drops_warnings_and_problems(synth: SyntheticRun, caps
     assert "batchFrameworkProcessing" in text
 
 
+def test_warnings_show_each_message_once_with_its_last_count(synth: SyntheticRun) -> None:
+    engine = next(p for p in synth.files if "-4200." in p.name)
+    with engine.open("a") as fh:  # first report, a running total, the total written at exit
+        fh.write('{"t":"warn","msg":"attr \'n\' failed (IndexError)","count":1}\n')
+        fh.write('{"t":"warn","msg":"other problem","count":1}\n')
+        fh.write('{"t":"warn","msg":"attr \'n\' failed (IndexError)","count":40}\n')
+        fh.write('{"t":"warn","msg":"attr \'n\' failed (IndexError)","count":57}\n')
+    info = inspect_run.describe_run(read_run(synth.run_dir))
+    warnings = next(p["warnings"] for p in info["processes"] if p["pid"] == 4200)
+    assert warnings == ["attr 'n' failed (IndexError) (x57)", "other problem"]
+    assert next(p.warnings for p in read_run(synth.run_dir).processes if p.pid == 4200)[-2:] == warnings
+
+
 def test_json_output_and_no_data(synth: SyntheticRun, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert inspect_run.run(_args(str(synth.run_dir), "--json")) == 0
     info = json.loads(capsys.readouterr().out)

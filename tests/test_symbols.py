@@ -123,6 +123,25 @@ def test_unknown_key_is_noted_but_entry_kept(tmp_path: Path) -> None:
         "symbol, handler, domain, name, min_version, max_version, attributes, caller_filter"]
 
 
+def test_bad_expression_reported_at_load_with_file_entry_symbol_and_column(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path, """
+        - symbol: a.b:f
+        - symbol: a.b:Cls.method
+          attributes:
+            - {name: good, expr: "len(x) | str"}
+            - {name: broken, expr: "args[0] | attr"}
+            - {name: unknown_param, expr: not_a_parameter_yet}
+    """)
+    result = load_symbols(path)
+    assert [spec.symbol for spec in result.specs] == ["a.b:f", "a.b:Cls.method"]
+    # Names are bound to the signature at patch time: only the syntax is checked here.
+    assert result.specs[1].attributes == (AttributeSpec("good", "len(x) | str"),
+                                          AttributeSpec("unknown_param", "not_a_parameter_yet"))
+    (problem,) = result.problems
+    assert problem.startswith(f"{path} entry 2 (line 2): attribute 'broken' of a.b:Cls.method (line 5) disabled: ")
+    assert 'at column 15 in "args[0] | attr"' in problem
+
+
 def test_yaml_syntax_error_names_line_and_column(tmp_path: Path) -> None:
     path = write_yaml(tmp_path, """
         - symbol: a.b:f
