@@ -1,8 +1,8 @@
 """`service-profiler inspect <run dir>`: what a run holds, before analysing it.
 
 Processes (host, pid, role, engine, dp_rank, time span, records), record counts per kind/domain/name,
-patch reports (applied / skipped / failed with reasons), records dropped by the bounded buffer,
-warnings the processes counted, collection on/off switches, and the reader's problems (torn or
+patch reports (applied / awaiting import / skipped / failed with reasons), records dropped by the
+bounded buffer, warnings the processes counted, collection on/off switches, and the reader's problems (torn or
 corrupt lines, files without header). `--json` prints the same as one JSON object.
 """
 
@@ -67,6 +67,7 @@ def describe_run(run: RunData) -> dict[str, Any]:
             "warnings": p.warnings, "channels": len(p.channels),
             "patch": None if p.patch is None else {
                 "applied": list(patch.get("applied") or []),
+                "pending": list(patch.get("pending") or []),
                 "skipped": list(patch.get("skipped") or []),
                 "failed": list(patch.get("failed") or []),
             },
@@ -111,10 +112,12 @@ def format_report(info: dict[str, Any]) -> str:
         if patch is None:
             out.append(f"  {p['key']}: no patch report")
             continue
-        out.append(f"  {p['key']}: applied {len(patch['applied'])}, skipped {len(patch['skipped'])}, "
-                   f"failed {len(patch['failed'])}")
+        out.append(f"  {p['key']}: applied {len(patch['applied'])}, awaiting import {len(patch['pending'])}, "
+                   f"skipped {len(patch['skipped'])}, failed {len(patch['failed'])}")
         for sym in patch["applied"]:
             out.append(f"    applied  {_reason(sym)[0]}")
+        for sym in patch["pending"]:
+            out.append(f"    pending  {_reason(sym)[0]}: awaiting import of its module")
         for status in ("skipped", "failed"):
             for item in patch[status]:
                 sym, why = _reason(item)

@@ -274,7 +274,7 @@ class _FileReader:
         if kind == "meta":
             proc.meta[str(obj.get("key"))] = obj.get("value")
         elif kind == "patch":
-            proc.patch = {k: obj.get(k, []) for k in ("applied", "skipped", "failed")}
+            proc.patch = {k: obj.get(k, []) for k in ("applied", "pending", "skipped", "failed")}
         elif kind == "state":
             ts = obj.get("ts")
             ts_wall = ts + self.offset if isinstance(ts, int) else 0

@@ -189,7 +189,7 @@ class Recorder:
 
     def _flush_locked(self) -> None:
         with self._lock:
-            if self._file is None and not self._has_content:
+            if self._file is None and not self._has_content and not self.buffer:
                 return
             count = len(self.buffer)
             batch = self.buffer[:count]
@@ -277,6 +277,9 @@ class Recorder:
         self._dropped_reads = 0
         self._dropped_written = 0
         self._file = None
+        # The parent's channels are re-declared in this file only once the child records something:
+        # a forked helper that never does (a pool worker, a resource tracker) leaves no file behind.
+        self._has_content = False
         self._thread = None
         self._stopped = False
         self._wake = threading.Event()

@@ -23,7 +23,7 @@ from typing import Any
 from . import __version__, envvars, patching, probes, record
 from .expressions import CompiledExpression, ExpressionError, compile_expression
 from .recorder import COUNTER, EVENT, SPAN, Recorder, install_sigterm_flush
-from .settings import ProfilerSettings, load_settings, unsupported_on_backend
+from .settings import ProfilerSettings, load_settings, unsupported_options
 from .speedups import make_switch
 from .symbols import SymbolSpec, installed_version, load_symbols, resolve_symbols_path, version_gate
 from .threads import start_daemon
@@ -102,6 +102,9 @@ class Runtime:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._problems_seen: set[str] = set()
+        self._problem_lock = threading.Lock()
+        self._unsupported_seen: set[tuple[str, str]] = set()
+        self.backend = "cpu"
         self._error_counts_written: dict[tuple[str, str], int] = {}
         self._error_counts_at = 0.0
         self._samplers: Any = None
@@ -124,8 +127,8 @@ class Runtime:
         )
         for problem in result.problems:
             self.problem(problem)
-        for problem in unsupported_on_backend(self.settings, detect_backend()):
-            self.problem(problem)
+        self.backend = detect_backend()
+        self._report_unsupported(self.settings)
         self._load_symbols()
         self.hook.install()
         if not self._patch_already_imported():
@@ -375,10 +378,27 @@ class Runtime:
             result = load_settings(self.config_path)
             for problem in result.problems:
                 self.problem(problem)
+            self._report_unsupported(result.settings)
             self._apply(result.settings, "config")
         if self._deadline is not None and time.monotonic() >= self._deadline:
             self._deadline = None
             self.set_enabled(False, "timelimit")
+
+    def _report_unsupported(self, settings: ProfilerSettings, inherited: bool = False) -> None:
+        """Report each option that has no effect on this backend once per process: an option switched
+        on by editing the config while the service runs is reported at that reload, and not again when
+        the file is edited later (even with another value).
+
+        `inherited`: a forked child re-states what its parent reported into its own file, without
+        logging it again; the note alone is no reason for the recorder to write the file.
+        """
+        for option in unsupported_options(settings, self.backend):
+            key = (option.key, option.reason)
+            with self._problem_lock:
+                if key in self._unsupported_seen:
+                    continue
+                self._unsupported_seen.add(key)
+            self.problem(option.message, inherited=inherited)
 
     def _control_loop(self) -> None:
         while not self._stop.wait(_POLL_INTERVAL_S):
@@ -395,13 +415,16 @@ class Runtime:
         self._lock = threading.RLock()
         self._samplers = None
         # The child writes its own file: its warnings and failure counts start from zero there.
+        self._problem_lock = threading.Lock()
         self._problems_seen = set()
+        self._unsupported_seen = set()
         self._error_counts_written = {}
         for state in self.states.values():
             if state.probe is not None:
                 state.probe.errors.clear()
                 state.probe.error_messages.clear()
         self._start_control_thread()
+        self._report_unsupported(self.settings, inherited=True)
         self._update_samplers()
 
     def stop(self) -> None:
@@ -430,14 +453,17 @@ class Runtime:
 
     # -- problems ---------------------------------------------------------------------------------
 
-    def problem(self, message: str) -> None:
-        """Report a problem once per process: the log and the raw file (`warn` line)."""
-        if message in self._problems_seen:
-            return
-        self._problems_seen.add(message)
-        log.warning("service-profiler: %s", message)
+    def problem(self, message: str, inherited: bool = False) -> None:
+        """Report a problem once per process: the log and the raw file (`warn` line). `inherited`: the
+        parent process already logged it; only note it in this process's file."""
+        with self._problem_lock:  # engine threads, the control and writer threads all report
+            if message in self._problems_seen:
+                return
+            self._problems_seen.add(message)
+        if not inherited:
+            log.warning("service-profiler: %s", message)
         if self.recorder is not None:
-            self.recorder.control({"t": "warn", "msg": message, "count": 1})
+            self.recorder.control({"t": "warn", "msg": message, "count": 1}, substantive=not inherited)
 
     def write_error_counts(self, final: bool) -> None:
         """Recorder flush hook: re-write the `warn` line of each failing expression / handler whose

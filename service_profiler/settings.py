@@ -21,7 +21,7 @@ import json
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -359,29 +359,49 @@ def load_settings(path: str | Path) -> SettingsResult:
     return result
 
 
-_UNSUPPORTED: dict[str, tuple[str, ...]] = {
-    # key -> backends where it cannot work. The ACL/MSPTI options drive Ascend CANN operator profiling.
-    "npu_memory_usage_freq": ("cpu",),
-    "acl_task_time": ("cpu", "cuda"),
-    "acl_prof_task_time_level": ("cpu", "cuda"),
-    "api_filter": ("cpu", "cuda"),
-    "kernel_filter": ("cpu", "cuda"),
+_CANN_ONLY = "it drives Ascend CANN operator profiling, available on NPU only"
+_CANN_NOT_DRIVEN = ("service-profiler does not drive CANN operator profiling (use msprof or torch_npu.profiler for "
+                    "operator timings)")
+_UNSUPPORTED: dict[str, dict[str, str]] = {
+    # key -> {backend: why it has no effect there}. The reference hands these to its closed Ascend
+    # library; we implement none of the ACL operator profiling, so on NPU they are reported too.
+    "profiler_level": dict.fromkeys(BACKENDS, "service-profiler records at one level: what is recorded is set "
+                                              "by the symbols YAML and \"domain\""),
+    "npu_memory_usage_freq": {"cpu": "there is no device memory to sample"},
+    **{key: {"cpu": _CANN_ONLY, "cuda": _CANN_ONLY, "npu": _CANN_NOT_DRIVEN}
+       for key in ("acl_task_time", "acl_prof_task_time_level", "api_filter", "kernel_filter")},
 }
 
 
-def unsupported_on_backend(settings: ProfilerSettings, backend: str) -> list[str]:
-    """Problems for options set away from their default that cannot work on `backend` ("cpu", "cuda",
+@dataclass(frozen=True)
+class UnsupportedOption:
+    """An option set away from its default that has no effect on a backend."""
+
+    key: str
+    reason: str
+    """Why, independent of the value: a process reports each (key, reason) once, whatever the value."""
+    message: str
+
+
+def unsupported_options(settings: ProfilerSettings, backend: str) -> list[UnsupportedOption]:
+    """The options set away from their default that have no effect on `backend` ("cpu", "cuda",
     "npu"). Informational: the option is ignored and collection goes on."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
-    defaults = {f.name: getattr(ProfilerSettings(), f.name) for f in fields(ProfilerSettings)}
-    problems = []
-    for key, backends in _UNSUPPORTED.items():
+    defaults = ProfilerSettings()
+    found = []
+    for key, reasons in _UNSUPPORTED.items():
+        why = reasons.get(backend)
         value = getattr(settings, key)
-        if backend in backends and value != defaults[key]:
-            why = ("there is no device memory to sample" if key == "npu_memory_usage_freq"
-                   else "it drives Ascend CANN operator profiling, available on NPU only")
-            shown = ";".join(value) if isinstance(value, tuple) else value
-            problems.append(f"{_show(key)} = {_show(shown)} has no effect on {backend}: {why}; it is ignored "
-                            f"(set it to {_show(_shipped_default_values().get(key))} to silence this)")
-    return problems
+        if why is None or value == getattr(defaults, key):
+            continue
+        shown = ";".join(value) if isinstance(value, tuple) else value
+        found.append(UnsupportedOption(key, why, (
+            f"{_show(key)} = {_show(shown)} has no effect on {backend}: {why}; it is ignored "
+            f"(set it to {_show(_shipped_default_values().get(key))} to silence this)")))
+    return found
+
+
+def unsupported_on_backend(settings: ProfilerSettings, backend: str) -> list[str]:
+    """The messages of `unsupported_options`."""
+    return [option.message for option in unsupported_options(settings, backend)]

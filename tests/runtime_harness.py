@@ -144,3 +144,9 @@ class Workspace:
 
     def runs(self) -> dict[int, Run]:
         return read_records(self.prof_dir)
+
+    def single_run(self) -> Run:
+        """The one process file the test expects."""
+        runs = self.runs()
+        assert len(runs) == 1, runs
+        return next(iter(runs.values()))

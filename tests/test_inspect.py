@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from runtime_harness import Workspace
 
 from service_profiler import inspect_run
 from service_profiler.analyze.synthetic import SyntheticConfig, SyntheticRun, generate_run
@@ -86,3 +87,25 @@ def test_cli_subprocess(synth: SyntheticRun) -> None:
                           check=False)
     assert proc.returncode == 0, proc.stderr
     assert "processes (2)" in proc.stdout and "synth-host:4200" in proc.stdout
+
+
+def test_targets_awaiting_import_are_shown(workspace: Workspace, capsys: pytest.CaptureFixture[str]) -> None:
+    # Raw files written by the real runtime: one target imported and called, one whose module never is.
+    workspace.write_config()
+    workspace.write_symbols("""
+    - symbol: toymod:Engine.schedule
+    - symbol: never_imported_mod:Thing.run
+    """)
+    workspace.run_python("import toymod\ntoymod.Engine().schedule(1)\n")
+    info = inspect_run.describe_run(read_run(workspace.prof_dir))
+    [process] = info["processes"]
+    assert process["patch"]["applied"] == ["toymod:Engine.schedule"]
+    assert process["patch"]["pending"] == ["never_imported_mod:Thing.run"]
+
+    assert inspect_run.run(_args(str(workspace.prof_dir))) == inspect_run.EXIT_OK
+    text = capsys.readouterr().out
+    assert "applied 1, awaiting import 1, skipped 0, failed 0" in text
+    assert "    pending  never_imported_mod:Thing.run: awaiting import of its module" in text
+    assert inspect_run.run(_args(str(workspace.prof_dir), "--json")) == inspect_run.EXIT_OK
+    as_json = json.loads(capsys.readouterr().out)
+    assert as_json["processes"][0]["patch"]["pending"] == ["never_imported_mod:Thing.run"]

@@ -52,18 +52,12 @@ print(out)
 EXPECTED_OUTPUT = "[3, 10, 8, 2, -3, 9, [0, 1, 2], 3, [0, 1, 2], ('raised', \"'engine-owned'\")]"
 
 
-def _single_run(workspace: Workspace):  # type: ignore[no-untyped-def]
-    runs = workspace.runs()
-    assert len(runs) == 1, runs
-    return next(iter(runs.values()))
-
-
 def test_every_target_kind_patch_then_import(workspace: Workspace) -> None:
     workspace.write_config()
     workspace.write_symbols(ALL_KINDS)
     proc = workspace.run_python(EXERCISE_ALL)
     assert proc.stdout.strip() == EXPECTED_OUTPUT
-    run = _single_run(workspace)
+    run = workspace.single_run()
     patch = run.of_type("patch")[-1]
     assert sorted(patch["applied"]) == sorted(
         ["toymod:Engine.schedule", "toymod:Engine.Inner.step", "toymod:Engine.build", "toymod:Engine.helper",
@@ -100,7 +94,7 @@ def test_import_then_patch_and_idempotent_activation(workspace: Workspace) -> No
         f"os.environ['SERVICE_PROF_CONFIG_PATH'] = {str(workspace.config)!r}\n    "
         "from service_profiler import bootstrap"), SERVICE_PROF_CONFIG_PATH="")
     assert proc.stdout.split() == ["3", "3"]
-    run = _single_run(workspace)
+    run = workspace.single_run()
     assert len(run.spans("schedule")) == 2
 
 
@@ -124,7 +118,7 @@ def test_patch_unpatch_patch(workspace: Workspace) -> None:
     print("ok")
     """
     workspace.run_python(code)
-    run = _single_run(workspace)
+    run = workspace.single_run()
     assert [r[4]["n"] for r in run.spans("schedule")] == [1, 3]
 
 
@@ -145,7 +139,7 @@ def test_threads_record_exactly_n_times_m(workspace: Workspace) -> None:
     import glob
     print(sorted(open(p).read().strip() for p in glob.glob("/proc/self/task/*/comm")))
     """)
-    run = _single_run(workspace)
+    run = workspace.single_run()
     spans = run.spans("schedule")
     assert len(spans) == 8 * 2500
     assert len({r[3] for r in spans}) == 8
@@ -170,7 +164,8 @@ def test_children_write_their_own_files_into_one_run_dir(workspace: Workspace, m
     if __name__ == "__main__":
         toymod.Engine().schedule(-1)
         ctx = mp.get_context({method!r})
-        procs = [ctx.Process(target=child, args=(k,)) for k in (3, 5)]
+        # a forked child that records nothing leaves no file (a spawned one patches, and reports it)
+        procs = [ctx.Process(target=child, args=(k,)) for k in ((0, 3, 5) if {method!r} == "fork" else (3, 5))]
         for p in procs: p.start()
         for p in procs: p.join()
         assert all(p.exitcode == 0 for p in procs)
@@ -201,7 +196,7 @@ def test_sigterm_flushes_and_exits_as_sigterm(workspace: Workspace) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    run = _single_run(workspace)
+    run = workspace.single_run()
     assert len(run.spans("schedule")) == 1000
 
 
@@ -225,7 +220,7 @@ def test_sigkill_loses_at_most_the_last_interval(workspace: Workspace) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
-    run = _single_run(workspace)
+    run = workspace.single_run()
     assert len(run.spans("schedule")) >= 500
 
 
@@ -252,7 +247,7 @@ def test_enable_flip_and_domain_filter_while_running(workspace: Workspace) -> No
     phase(2, 0)                          # off: neither
     phase(3, 1, domain="ModelExecute")   # on, one domain kept
     """, timeout=60)
-    run = _single_run(workspace)
+    run = workspace.single_run()
     assert [r[4] for r in run.spans("schedule")] == [None]
     assert len(run.spans("schedule")) == 1 and len(run.spans("forward")) == 2
     states = [(s["enabled"], s["reason"]) for s in run.of_type("state")]
@@ -269,7 +264,7 @@ def test_timelimit_stops_collection(workspace: Workspace) -> None:
     time.sleep(1.8)
     e.schedule(2)
     """)
-    run = _single_run(workspace)
+    run = workspace.single_run()
     assert len(run.spans("schedule")) == 1
     assert [s["reason"] for s in run.of_type("state")] == ["startup", "timelimit"]
 
@@ -300,7 +295,7 @@ def test_bad_inputs_are_reported_and_the_rest_works(workspace: Workspace) -> Non
     assert "len(n" in err and "column" in err
     assert "no_such_module:handler" in err and "timer" in err
     assert "Engine.missing" in err
-    run = _single_run(workspace)
+    run = workspace.single_run()
     assert [r[4] for r in run.spans("schedule")] == [{"good": 4}, {"good": 5}]
     assert len(run.spans("forward")) == 1  # fell back to the timer
     failing = [(w["msg"], w["count"]) for w in run.of_type("warn") if "fails_at_runtime" in w["msg"]]
@@ -382,7 +377,7 @@ def test_custom_handler_records_through_the_public_api(workspace: Workspace) -> 
     print(e.schedule(7), toymod.forward([1, 2]), myhandlers.calls)
     """)
     assert proc.stdout.strip() == "7 2 [None]"
-    run = _single_run(workspace)
+    run = workspace.single_run()
     assert [r[4] for r in run.spans("schedule")] == [{"n": 7, "calls": 1}]
 
 
@@ -439,7 +434,7 @@ def test_sitecustomize_dir_activates_and_chains_user_sitecustomize(workspace: Wo
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "1"
-    run = _single_run(workspace)
+    run = workspace.single_run()
     assert len(run.spans("schedule")) == 1
 
 
@@ -455,7 +450,7 @@ def test_inherited_method_of_a_patched_base_is_not_wrapped_twice(workspace: Work
     print(toymod.SubEngine().schedule(2), toymod.SubEngine.build(1), toymod.Engine.build(1))
     """)
     assert proc.stdout.split() == ["2", "2", "2"]
-    run = _single_run(workspace)
+    run = workspace.single_run()
     assert len(run.spans("schedule")) == 1
     assert len(run.spans("build")) == 1  # patched on the subclass only
     patch = run.of_type("patch")[-1]
@@ -471,7 +466,7 @@ def test_host_sampling_and_device_memory_reported_unavailable_on_cpu(workspace: 
     toymod.Engine().schedule(1)
     time.sleep(1.0)
     """)
-    run = _single_run(workspace)
+    run = workspace.single_run()
     samples = [r[2] for r in run.spans("host")]  # counter records: [chan, ts, values]
     assert 10 <= len(samples) <= 30, len(samples)
     assert all(0 <= s["cpu_percent"] <= 100 * os.cpu_count() and s["mem_used_bytes"] > 0 for s in samples)
@@ -491,7 +486,7 @@ def test_domain_filter_applies_per_record_for_custom_handlers(workspace: Workspa
       domain: BatchSchedule
     """)
     workspace.run_python("import toymod\ntoymod.Engine().schedule(3)\ntoymod.forward([1])\n")
-    run = _single_run(workspace)
+    run = workspace.single_run()
     # The handler's probe stays on (it records into the kept "Custom" domain); the timer is filtered.
     assert [r[4] for r in run.spans("schedule")] == [{"n": 3, "calls": 1}]
     assert run.spans("forward") == []
@@ -506,7 +501,7 @@ def test_buffer_overflow_is_counted_and_recorded(workspace: Workspace) -> None:
     for i in range(5000):   # well within one flush interval
         e.schedule(i)
     """)
-    run = _single_run(workspace)
+    run = workspace.single_run()
     spans = run.spans("schedule")
     dropped = sum(line["count"] for line in run.of_type("dropped"))
     assert len(spans) == 1000 and dropped == 4000

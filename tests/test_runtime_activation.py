@@ -19,12 +19,6 @@ import importlib.metadata as metadata
 """
 
 
-def _single_run(workspace: Workspace):  # type: ignore[no-untyped-def]
-    runs = workspace.runs()
-    assert len(runs) == 1, runs
-    return next(iter(runs.values()))
-
-
 def test_vllm_plugin_entry_point_activates_like_the_pth(workspace: Workspace) -> None:
     workspace.write_config()
     workspace.write_symbols("- symbol: toymod:Engine.schedule\n")
@@ -45,7 +39,7 @@ e = toymod.Engine()
 print(ENTRY.value, e.schedule(1), e.schedule(2))
 """, SERVICE_PROF_CONFIG_PATH="")
     assert proc.stdout.split() == ["service_profiler.bootstrap:vllm_plugin", "1", "2"]
-    run = _single_run(workspace)
+    run = workspace.single_run()
     assert len(run.spans("schedule")) == 2  # wrapped once, whatever the number of activations
 
 
@@ -62,7 +56,7 @@ assert bootstrap.current_runtime() is runtime
 print(toymod.Engine().schedule(3))
 """)
     assert proc.stdout.strip() == "3"
-    assert len(_single_run(workspace).spans("schedule")) == 1
+    assert len(workspace.single_run().spans("schedule")) == 1
 
 
 HOST_CODE = """
@@ -127,7 +121,7 @@ def test_invalid_log_level_falls_back_to_info_and_still_activates(workspace: Wor
     assert "SERVICE_PROF_LOG_LEVEL" in proc.stderr and "using INFO" in proc.stderr
     assert "1 awaiting import" in proc.stderr  # INFO: the one-line summary is logged
     assert "host_system_usage_freq" in proc.stderr
-    assert len(_single_run(workspace).spans("schedule")) == 1
+    assert len(workspace.single_run().spans("schedule")) == 1
 
 
 @pytest.mark.parametrize(("level", "summary_logged"), [("", True), ("warning", False), ("10", True)])
@@ -160,7 +154,7 @@ def test_importing_the_profiler_or_a_parent_package_never_imports_the_target(wor
     """)
     assert proc.stdout.splitlines() == ["profiler False False", "parent False []",
                                         "target True ['tinypkg.sub:f'] 2"]
-    run = _single_run(workspace)
+    run = workspace.single_run()
     assert len(run.spans("f")) == 1
     assert run.of_type("patch")[-1]["applied"] == ["tinypkg.sub:f"]
 
@@ -176,7 +170,7 @@ def test_raw_file_header_written_by_the_runtime(workspace: Workspace) -> None:
     """)
     after = time.time_ns()
     pid = int(proc.stdout)
-    run = _single_run(workspace)
+    run = workspace.single_run()
     header = run.header
     host = socket.gethostname()
     assert run.path.name == f"{host}-{pid}.sprof.jsonl"

@@ -9,12 +9,6 @@ from service_profiler.inspect_run import describe_run, format_report
 from service_profiler.rawfile import read_run
 
 
-def _single_run(workspace: Workspace):  # type: ignore[no-untyped-def]
-    runs = workspace.runs()
-    assert len(runs) == 1, runs
-    return next(iter(runs.values()))
-
-
 def test_caller_filter_matches_the_direct_caller_and_never_raises(workspace: Workspace) -> None:
     workspace.write_config()
     workspace.write_symbols("""
@@ -80,7 +74,7 @@ def test_caller_filter_matches_the_direct_caller_and_never_raises(workspace: Wor
     print(results, escaped, filtered_handlers.seen)
     """)
     assert proc.stdout.strip() == "[1, 2, 2, 1, 3, 4, 5, True] [] [(1,)]"
-    run = _single_run(workspace)
+    run = workspace.single_run()
     assert [r[4] for r in run.spans("schedule")] == [{"n": 1}]
     assert len(run.spans("forward")) == 1  # from outer(); not the direct call, not the raw thread
     assert len(run.spans("serve")) == 1
@@ -111,7 +105,7 @@ def test_generator_spans_cover_the_whole_iteration(workspace: Workspace) -> None
     print(sync_ns, asyncio.run(timed()))
     """)
     sync_ns, async_ns = map(int, proc.stdout.split())
-    run = _single_run(workspace)
+    run = workspace.single_run()
     for name, consumer_ns in (("tokens", sync_ns), ("stream", async_ns)):
         (span,) = run.spans(name)
         duration = span[2] - span[1]
@@ -151,7 +145,7 @@ def test_a_target_that_raises_ten_times_in_a_row_stays_patched(workspace: Worksp
     print(seen.count(True), seen[10], seen[21], hasattr(flaky.parse, "__wrapped__"))
     """)
     assert proc.stdout.split("\n")[0] == "20 [1, 2, 3] [1, 2, 3] True"
-    run = _single_run(workspace)
+    run = workspace.single_run()
     plain = run.spans("parse")
     # parse_with_attrs calls parse, so parse has its own 13 calls plus 13 nested ones.
     assert len(plain) == 26
@@ -227,7 +221,7 @@ def test_bad_expression_is_reported_at_load_before_the_target_is_imported(worksp
     # Reported before the import: the warning precedes the start-up summary; the probe keeps `good`.
     lines = proc.stderr.splitlines()
     assert lines.index(line) < next(i for i, text in enumerate(lines) if "awaiting import" in text)
-    run = _single_run(workspace)
+    run = workspace.single_run()
     assert [r[4] for r in run.spans("schedule")] == [{"good": 4}]
     assert sum("'broken'" in w["msg"] for w in run.of_type("warn")) == 1
 
@@ -236,7 +230,7 @@ def test_patch_report_written_when_only_skipped(workspace: Workspace) -> None:
     workspace.write_config()
     workspace.write_symbols('- symbol: yaml:safe_load\n  min_version: "99.0"\n')
     workspace.run_python("print('nothing to profile here')\n")
-    run = _single_run(workspace)
+    run = workspace.single_run()
     (patch,) = run.of_type("patch")
     assert patch["applied"] == [] and patch["failed"] == [] and patch["pending"] == []
     assert [s["symbol"] for s in patch["skipped"]] == ["yaml:safe_load"] and "99.0" in patch["skipped"][0]["reason"]
@@ -255,7 +249,7 @@ def test_patch_report_at_start_is_updated_by_lazy_patches(workspace: Workspace) 
     import toymod
     toymod.Engine().schedule(1)
     """)
-    run = _single_run(workspace)
+    run = workspace.single_run()
     start, *_, last = run.of_type("patch")
     assert start["applied"] == [] and start["pending"] == ["toymod:Engine.schedule"]
     assert [s["symbol"] for s in start["skipped"]] == ["yaml:safe_load"]
@@ -267,7 +261,7 @@ def test_patch_report_of_a_process_where_nothing_matched_yet(workspace: Workspac
     workspace.write_config(host_system_usage_freq=80)  # a warning: this process writes a file
     workspace.write_symbols("- symbol: toymod:Engine.schedule\n")
     workspace.run_python("print('toymod never imported')\n")
-    run = _single_run(workspace)
+    run = workspace.single_run()
     (patch,) = run.of_type("patch")
     assert patch["pending"] == ["toymod:Engine.schedule"] and patch["applied"] == []
     (process,) = read_run(workspace.prof_dir).processes

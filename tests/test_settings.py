@@ -14,6 +14,7 @@ from service_profiler.settings import (
     settings_from_mapping,
     shipped_default_text,
     unsupported_on_backend,
+    unsupported_options,
 )
 
 
@@ -256,7 +257,6 @@ def test_processes_racing_to_create_the_config_all_read_it_whole(tmp_path: Path)
 def test_unsupported_on_backend() -> None:
     assert unsupported_on_backend(ProfilerSettings(), "cpu") == []
     busy = ProfilerSettings(npu_memory_usage_freq=10, acl_task_time=2, api_filter=("matmul", "add"))
-    assert unsupported_on_backend(busy, "npu") == []
     cpu = unsupported_on_backend(busy, "cpu")
     assert cpu == [
         '"npu_memory_usage_freq" = 10 has no effect on cpu: there is no device memory to sample; it is '
@@ -268,5 +268,30 @@ def test_unsupported_on_backend() -> None:
     ]
     cuda = unsupported_on_backend(busy, "cuda")  # device memory is sampled on CUDA
     assert [p.split(" = ")[0] for p in cuda] == ['"acl_task_time"', '"api_filter"']
+    # On NPU device memory is sampled, but service-profiler drives no CANN operator profiling either.
+    npu = unsupported_options(busy, "npu")
+    assert [(o.key, o.reason) for o in npu] == [
+        ("acl_task_time", "service-profiler does not drive CANN operator profiling (use msprof or "
+                          "torch_npu.profiler for operator timings)"),
+        ("api_filter", npu[0].reason)]
     with pytest.raises(ValueError, match="backend must be one of"):
         unsupported_on_backend(busy, "tpu")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cuda", "npu"])
+def test_profiler_level_and_every_acl_option_reported_where_they_have_no_effect(backend: str) -> None:
+    settings = settings_from_mapping({"profiler_level": "debug", "acl_task_time": 2,
+                                      "acl_prof_task_time_level": "L1,5", "api_filter": "matmul",
+                                      "kernel_filter": "add"}, "cfg.json").settings
+    options = unsupported_options(settings, backend)
+    assert [o.key for o in options] == ["profiler_level", "acl_task_time", "acl_prof_task_time_level",
+                                       "api_filter", "kernel_filter"]
+    assert options[0].message.startswith(f'"profiler_level" = "DEBUG" has no effect on {backend}: '
+                                         "service-profiler records at one level")
+    assert '"acl_prof_task_time_level" = "L1,5"' in options[2].message
+
+
+def test_unsupported_reason_does_not_depend_on_the_value() -> None:
+    # The runtime reports each (key, reason) once per process, so another value must not look new.
+    one, three = (unsupported_options(ProfilerSettings(acl_task_time=n), "cpu")[0] for n in (1, 3))
+    assert (one.key, one.reason) == (three.key, three.reason) and one.message != three.message
