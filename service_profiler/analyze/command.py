@@ -10,13 +10,14 @@ One exporter failing does not stop the others; it is reported and the exit statu
 in the raw data (torn lines, files without header, ...) are listed at the end and in problems.txt.
 
 Processes (where the platform can fork): plots and the latency model run in a helper forked at the
-start, before the run is read, so its heap stays small; it imports matplotlib/scipy while the run is
-read, is sent the tables' numeric columns through a pipe, then draws the plots while a process it forks
-fits the model. SQLite's raw tables (span, event, counter, ...) are written by a second process forked
-before the read, which reads the raw files itself as a stream (a few MB of memory) into the file that
-becomes profiler.db; this process then adds the analysis tables to it. The records themselves are
-processed in one process: a child forked after the read would end up with its own copy of every page
-the parent then touches (CPython's reference counts are writes), i.e. a second copy of the run.
+start, before the run is read, so its heap stays small; it imports matplotlib while the run is read,
+is sent the tables' numeric columns through a pipe, then draws the plots while a process it forks
+imports scipy and fits the model. SQLite's raw tables (span, event, counter, ...) are written by a
+second process forked before the read, which reads the raw files itself as a stream (a few MB of
+memory) into the file that becomes profiler.db; this process then adds the analysis tables to it.
+The records themselves are processed in one process: a child forked after the read would end up with
+its own copy of every page the parent then touches (CPython's reference counts are writes), i.e. a
+second copy of the run.
 `--jobs 2` accepts part of that trade for the chrome trace: a child forked after the read writes it
 while this process builds the tables and writes the analysis tables and CSVs. The SQLite batch_req
 loop also feeds per_iteration_requests.csv (one pass over the entries); with --jobs 1 the records
@@ -349,12 +350,12 @@ def _run(args: argparse.Namespace) -> int:
 
     # plots and the model need only the tables' numeric columns (a few MB): a helper forked now, while the
     # heap is small, draws and fits them on the other core(s) once it is sent the columns. It imports
-    # matplotlib (and scipy for the model) once, draws the plots itself and fits the model in a process it
-    # forks once the imports are done.
+    # matplotlib while the run is read (the model's plots share it), then draws the plots itself while a
+    # process it forks imports scipy and fits the model: scipy's import is then off the plots' path.
     steps: list[tuple[str, Callable[[Any], Any]]] = [
         (label, fn) for fmt, label, fn in (("plots", "plots", plots_out), ("model", "latency model", model_out))
         if fmt in formats]
-    warm = ("matplotlib.figure", "matplotlib.backends.backend_agg", *(["scipy.optimize"] if "model" in formats else []))
+    warm = ("matplotlib.figure", "matplotlib.backends.backend_agg")
     helpers = [_Feeder(progress, steps, warm)] if steps else []
     try:
         return _analyze(args, out_dir, formats, progress, helpers)
