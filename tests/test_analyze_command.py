@@ -221,3 +221,20 @@ def test_raw_tables_failing_costs_only_the_database(synth: SyntheticRun, tmp_pat
     assert "error: SQLite: RuntimeError: the raw tables (span, event, ...) were not written" in err
     assert (out / "per_iteration_requests.csv").exists() and (out / "chrome_tracing.json").exists()
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("profiler")) == []
+
+
+def test_a_crash_mid_analysis_leaves_no_raw_tables_nor_their_process(synth: SyntheticRun, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import multiprocessing
+
+    from service_profiler.analyze import tables
+
+    def broken(run: object) -> object:
+        raise MemoryError("out of memory while building the tables")
+
+    monkeypatch.setattr(tables, "build_tables", broken)
+    out = tmp_path / "out"
+    with pytest.raises(MemoryError):
+        command.run(_args([synth.run_dir], out, "csv", "db"))
+    assert not (out / "profiler.db.raw.tmp").exists() and not (out / "profiler.db").exists()
+    assert multiprocessing.active_children() == []

@@ -190,6 +190,15 @@ class _Side:
         send.send(outcomes)
         send.close()
 
+    def abandon(self) -> None:
+        """Stop the child without waiting for its steps (the analysis failed before it needed them)."""
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.join()
+            self.conn.close()
+            self.proc = None
+        self.steps = []
+
     def collect(self, produced: list[Path], notes: list[str], failures: list[str]) -> None:
         """Wait for the child (or run the steps here when there is none) and merge what they produced."""
         if self.proc is None:
@@ -366,12 +375,9 @@ def _run(args: argparse.Namespace) -> int:
 
 def _analyze(args: argparse.Namespace, out_dir: Path, formats: list[str], progress: _Progress,
              helpers: list[_Feeder]) -> int:
-    from service_profiler.rawfile import discover_files, read_run
+    from service_profiler.rawfile import discover_files
 
-    from .csv_export import PerIterationWriter, write_csvs
-    from .sqlite_export import SqliteExport, write_raw_db
-    from .summary import format_summary
-    from .tables import build_tables
+    from .sqlite_export import write_raw_db
 
     # SQLite's raw tables need nothing but the raw files: a process forked now, while the heap is
     # small, reads them as a stream and writes those tables (and their indexes) into the file that
@@ -386,6 +392,24 @@ def _analyze(args: argparse.Namespace, out_dir: Path, formats: list[str], progre
     raw_side: _Side | None = None
     if "db" in formats and discover_files(args.input_path, []):
         raw_side = _Side(progress, [("db", "SQLite raw tables", raw_out)])
+    try:
+        return _analyze_run(args, out_dir, formats, progress, helpers, raw_side, raw_db)
+    except BaseException:  # no half-written raw tables left behind, nor their process running on
+        if raw_side is not None:
+            raw_side.abandon()
+        raw_db.unlink(missing_ok=True)
+        raise
+
+
+def _analyze_run(args: argparse.Namespace, out_dir: Path, formats: list[str], progress: _Progress,
+                 helpers: list[_Feeder], raw_side: _Side | None, raw_db: Path) -> int:
+    from service_profiler.rawfile import read_run
+
+    from .csv_export import PerIterationWriter, write_csvs
+    from .sqlite_export import SqliteExport
+    from .summary import format_summary
+    from .tables import build_tables
+
     data = read_run(args.input_path)
     progress(f"read {len(data.processes)} process file(s), {data.num_records:,} records")
     if not data.processes:
