@@ -23,10 +23,10 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 
 from service_profiler import envvars
+from service_profiler.shipped import shipped_config_dir
 
 BACKENDS = ("cpu", "cuda", "npu")
 
@@ -214,9 +214,7 @@ _RULES: dict[str, tuple[Callable[[object], object], str]] = {
 @lru_cache(maxsize=1)
 def shipped_default_text() -> str:
     """The text of `config/default_config.json`, written verbatim when the config file is missing."""
-    return resources.files("service_profiler.shipped_config").joinpath("default_config.json").read_text(
-        encoding="utf-8"
-    )
+    return (shipped_config_dir() / "default_config.json").read_text(encoding="utf-8")
 
 
 def _shipped_default_values() -> dict[str, object]:

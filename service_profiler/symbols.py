@@ -37,13 +37,14 @@ import shutil
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from importlib import metadata, resources
+from importlib import metadata
 from pathlib import Path
 
 import yaml
 
 from service_profiler import envvars
 from service_profiler.expressions import ExpressionError, compile_expression
+from service_profiler.shipped import shipped_config_dir
 
 TIMER = "timer"
 KNOWN_KEYS = ("symbol", "handler", "domain", "name", "min_version", "max_version", "attributes",
@@ -418,10 +419,6 @@ class EngineEntry:
     module: str
     versions: str
     symbols: str
-
-
-def shipped_config_dir() -> Path:
-    return Path(str(resources.files("service_profiler.shipped_config")))
 
 
 @functools.lru_cache(maxsize=8)
