@@ -266,3 +266,91 @@ def test_patch_report_of_a_process_where_nothing_matched_yet(workspace: Workspac
     assert patch["pending"] == ["toymod:Engine.schedule"] and patch["applied"] == []
     (process,) = read_run(workspace.prof_dir).processes
     assert process.patch is not None and process.patch["applied"] == []
+
+
+ASYNC_TARGETS = '''
+import asyncio
+
+class Server:
+    def __init__(self):
+        self.calls = 0
+
+    async def handle(self, v):
+        self.calls += 1
+        await asyncio.sleep(0)
+        return v * 2
+
+    async def fail(self, v):
+        self.calls += 1
+        await asyncio.sleep(0)
+        raise KeyError("engine-owned")
+'''
+
+ASYNC_HANDLERS = '''
+from service_profiler import record
+
+async def records(original, this, *args, **kwargs):
+    t0 = record.now_ns()
+    result = await original(this, *args, **kwargs)
+    record.span("Custom", "handle", t0, record.now_ns(), {"v": args[0], "result": result})
+    record.event("Custom", "handled", {"v": args[0]})
+    record.counter("Custom", "calls", {"calls": this.calls})
+    record.meta("server", "asyncsrv")
+    return result
+
+async def raises_before(original, this, *args, **kwargs):
+    raise RuntimeError("handler bug")
+
+async def calls_twice(original, this, *args, **kwargs):
+    await original(this, *args, **kwargs)
+    return await original(this, *args, **kwargs)
+
+async def swallows(original, this, *args, **kwargs):
+    try:
+        return await original(this, *args, **kwargs)
+    except Exception:
+        return "swallowed"
+'''
+
+
+def test_async_custom_handlers_record_through_the_api_and_never_change_the_engine(workspace: Workspace) -> None:
+    # The reference's handler contract for an async target: `await handler(original, this, *args)`.
+    # Whatever the handler does, the engine's coroutine runs once, returns its own result and raises its
+    # own exception; the recording API (span, event, counter, meta) works from inside the handler.
+    (workspace.root / "asyncsrv.py").write_text(ASYNC_TARGETS)
+    (workspace.root / "asynchandlers.py").write_text(ASYNC_HANDLERS)
+    results = {}
+    for handler, method in (("records", "handle"), ("raises_before", "handle"), ("calls_twice", "handle"),
+                            ("swallows", "fail")):
+        workspace.write_config()
+        workspace.write_symbols(f"- symbol: asyncsrv:Server.{method}\n  handler: asynchandlers:{handler}\n")
+        proc = workspace.run_python(f"""
+        import asyncio, asyncsrv
+        async def main():
+            s = asyncsrv.Server()
+            try:
+                out = [await s.{method}(3), await s.{method}(4)]
+            except KeyError as exc:
+                out = ["engine error passes", str(exc)]
+            print(out, s.calls)
+        asyncio.run(main())
+        """)
+        results[handler] = proc.stdout.strip()
+        if handler == "records":
+            run = workspace.single_run()
+            spans = run.spans("handle")
+            assert [s[4] for s in spans] == [{"v": 3, "result": 6}, {"v": 4, "result": 8}]
+            assert [r[3] for r in run.spans("handled")] == [{"v": 3}, {"v": 4}]
+            assert [r[2] for r in run.spans("calls")] == [{"calls": 1}, {"calls": 2}]
+            assert {"t": "meta", "key": "server", "value": "asyncsrv"}.items() <= run.of_type("meta")[-1].items()
+        if handler == "raises_before":
+            warnings = [w["msg"] for w in workspace.single_run().of_type("warn")]
+            assert any("handler bug" in w for w in warnings), warnings
+        for path in workspace.prof_dir.rglob("*.sprof.jsonl"):
+            path.unlink()
+    assert results == {
+        "records": "[6, 8] 2",
+        "raises_before": "[6, 8] 2",  # the original still runs once per call
+        "calls_twice": "[6, 8] 2",  # a second `await original` gets the first result, not a second run
+        "swallows": "['engine error passes', \"'engine-owned'\"] 1",
+    }
