@@ -215,13 +215,19 @@ def test_sigkill_loses_at_most_the_last_interval(workspace: Workspace) -> None:
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "flushed"
         time.sleep(0.5)
+        killed_ns = time.perf_counter_ns()  # CLOCK_MONOTONIC: the clock the records carry, machine-wide
         proc.kill()
         proc.wait(timeout=20)
     finally:
         if proc.poll() is None:
             proc.kill()
     run = workspace.single_run()
-    assert len(run.spans("schedule")) >= 500
+    spans = run.spans("schedule")
+    assert len(spans) >= 500 + 100  # the burst, and the steady calls of the flushed intervals after it
+    # Calls ran every ~1 ms until the kill: what is lost is at most the last flush interval (0.2 s),
+    # plus scheduling slack on a busy machine.
+    lost_s = (killed_ns - max(span[2] for span in spans)) / 1e9
+    assert lost_s < 0.2 + 0.5, lost_s
 
 
 def test_enable_flip_and_domain_filter_while_running(workspace: Workspace) -> None:
