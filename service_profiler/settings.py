@@ -48,7 +48,7 @@ class ProfilerSettings:
     """Host CPU/memory sampling rate in Hz, 1..50; -1 is off."""
     npu_memory_usage_freq: int = -1
     """Device memory sampling rate in Hz, 1..50; -1 is off. The name is the reference's; on CUDA it
-    samples GPU memory, on CPU it has nothing to sample (see `unsupported_on_backend`)."""
+    samples GPU memory, on CPU it has nothing to sample (see `unsupported_options`)."""
     acl_task_time: int = 0
     acl_prof_task_time_level: str = ""
     api_filter: tuple[str, ...] = ()
@@ -399,7 +399,3 @@ def unsupported_options(settings: ProfilerSettings, backend: str) -> list[Unsupp
             f"(set it to {_show(_shipped_default_values().get(key))} to silence this)")))
     return found
 
-
-def unsupported_on_backend(settings: ProfilerSettings, backend: str) -> list[str]:
-    """The messages of `unsupported_options`."""
-    return [option.message for option in unsupported_options(settings, backend)]

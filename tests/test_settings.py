@@ -13,7 +13,6 @@ from service_profiler.settings import (
     load_settings,
     settings_from_mapping,
     shipped_default_text,
-    unsupported_on_backend,
     unsupported_options,
 )
 
@@ -254,10 +253,14 @@ def test_processes_racing_to_create_the_config_all_read_it_whole(tmp_path: Path)
     assert sorted(p.name for p in path.parent.iterdir()) == ["cfg.json"]
 
 
+def _messages(settings: ProfilerSettings, backend: str) -> list[str]:
+    return [option.message for option in unsupported_options(settings, backend)]
+
+
 def test_unsupported_on_backend() -> None:
-    assert unsupported_on_backend(ProfilerSettings(), "cpu") == []
+    assert _messages(ProfilerSettings(), "cpu") == []
     busy = ProfilerSettings(npu_memory_usage_freq=10, acl_task_time=2, api_filter=("matmul", "add"))
-    cpu = unsupported_on_backend(busy, "cpu")
+    cpu = _messages(busy, "cpu")
     assert cpu == [
         '"npu_memory_usage_freq" = 10 has no effect on cpu: there is no device memory to sample; it is '
         "ignored (set it to -1 to silence this)",
@@ -266,7 +269,7 @@ def test_unsupported_on_backend() -> None:
         '"api_filter" = "matmul;add" has no effect on cpu: it drives Ascend CANN operator profiling, '
         'available on NPU only; it is ignored (set it to "" to silence this)',
     ]
-    cuda = unsupported_on_backend(busy, "cuda")  # device memory is sampled on CUDA
+    cuda = _messages(busy, "cuda")  # device memory is sampled on CUDA
     assert [p.split(" = ")[0] for p in cuda] == ['"acl_task_time"', '"api_filter"']
     # On NPU device memory is sampled, but service-profiler drives no CANN operator profiling either.
     npu = unsupported_options(busy, "npu")
@@ -275,7 +278,7 @@ def test_unsupported_on_backend() -> None:
                           "torch_npu.profiler for operator timings)"),
         ("api_filter", npu[0].reason)]
     with pytest.raises(ValueError, match="backend must be one of"):
-        unsupported_on_backend(busy, "tpu")
+        unsupported_options(busy, "tpu")
 
 
 @pytest.mark.parametrize("backend", ["cpu", "cuda", "npu"])
