@@ -81,21 +81,16 @@ def write_chrome_trace(run: RunData, tables: object | None, out_path: Path) -> N
             trace, builder = _build(run, spill)
         with out_path.open("w", encoding="utf-8") as out, spill_path.open("r", encoding="utf-8") as spilled:
             out.write('{"traceEvents":[')
-            out.write(_encode(trace.pop("traceEvents")))
+            out.write(encode_events(trace.pop("traceEvents")))
             if builder.spilled:
                 out.write(",")
                 shutil.copyfileobj(spilled, out, 1 << 20)
             if builder.events:
-                out.write("," + _encode(builder.events))
+                out.write("," + encode_events(builder.events))
             out.write("],")
             out.write(json.dumps(trace, separators=(",", ":"))[1:])
     finally:
         spill_path.unlink(missing_ok=True)
-
-
-def _encode(events: list[TraceEvent]) -> str:
-    """Events as comma-separated JSON objects (no brackets)."""
-    return encode_events(events)
 
 
 @contextmanager
@@ -207,7 +202,7 @@ class _TraceBuilder:
     def _flush(self) -> None:
         """Encode the pending events into the spill file (when there is one and they are many)."""
         if self.spill is not None and len(self.events) >= _CHUNK:
-            self.spill.write(("," if self.spilled else "") + _encode(self.events))
+            self.spill.write(("," if self.spilled else "") + encode_events(self.events))
             self.spilled = True
             self.events.clear()  # the same list: loops hold its bound append
 
