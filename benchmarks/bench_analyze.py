@@ -39,22 +39,13 @@ _CHILD = """
 import json, os, resource, sys, threading, time
 t0 = time.perf_counter()
 peak_pss = [0]
-
-def tree(pid):
-    out = [pid]
-    try:
-        for t in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{t}/children") as f:
-                for c in f.read().split():
-                    out += tree(int(c))
-    except OSError:
-        pass
-    return out
+sys.path.insert(0, "benchmarks")  # run with cwd = the repository root
+from proctree import descendants
 
 def sample(stop):
     while not stop.wait(0.2):
         total = 0
-        for pid in tree(os.getpid()):
+        for pid in descendants(os.getpid()):
             try:
                 with open(f"/proc/{pid}/smaps_rollup") as f:
                     total += sum(int(ln.split()[1]) for ln in f if ln.startswith("Pss:"))

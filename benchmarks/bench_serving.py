@@ -37,6 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
 
+from proctree import descendants
 from tiny_model import make_model
 from vllm_service import PROMPTS, Completion, run_workload, running_server
 
@@ -50,23 +51,11 @@ def _percentile(values: list[float], q: float) -> float:
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def _descendants(pid: int) -> list[int]:
-    found = [pid]
-    try:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                for child in f.read().split():
-                    found += _descendants(int(child))
-    except OSError:
-        pass
-    return found
-
-
 def _cpu_seconds(root_pid: int) -> dict[str, float]:
     """CPU seconds so far per '<process>/<thread group>' of the server's process tree; the thread group is
     'profiler' for its sprof-* threads, else 'engine'."""
     usage: dict[str, float] = {}
-    for pid in _descendants(root_pid):
+    for pid in descendants(root_pid):
         try:
             with open(f"/proc/{pid}/comm") as f:
                 process = f.read().strip()

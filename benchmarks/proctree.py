@@ -1,0 +1,19 @@
+"""The process tree under a pid, from /proc (Linux): what the benchmarks measure CPU and memory over."""
+
+from __future__ import annotations
+
+import os
+
+
+def descendants(pid: int) -> list[int]:
+    """`pid` and every process below it (children of each of its threads, recursively); processes that
+    exit meanwhile are skipped."""
+    found = [pid]
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                for child in f.read().split():
+                    found += descendants(int(child))
+    except OSError:
+        pass
+    return found
