@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numpy.typing import NDArray
 
+from .png import write_png
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
@@ -36,8 +38,6 @@ _DPI = 100
 _MARGINS_IN = (0.95, 0.25, 0.6, 0.45)
 # Axis labels' distance from the axes, in inches: below the x tick labels, left of 7-digit y tick labels.
 _XLABEL_BELOW_IN, _YLABEL_LEFT_IN = 0.36, 0.68
-# zlib level 1: these flat-colour charts come out about as small as at the default 6, in a third of the time.
-_PNG_OPTIONS = {"compress_level": 1}
 
 
 def save_figure(fig: Figure, path: Path, margins_in: tuple[float, float, float, float] = _MARGINS_IN) -> None:
@@ -47,7 +47,11 @@ def save_figure(fig: Figure, path: Path, margins_in: tuple[float, float, float, 
     fig.subplots_adjust(left=left / width, right=1 - right / width, bottom=bottom / height, top=1 - top / height)
     for ax in fig.axes:
         _fix_text_positions(ax, width, height)
-    fig.savefig(path, dpi=_DPI, pil_kwargs=_PNG_OPTIONS)
+    # Drawn on the Agg canvas and encoded by png.write_png: a third of the time of savefig's Pillow encoder.
+    fig.set_dpi(_DPI)
+    canvas = fig.canvas
+    canvas.draw()
+    write_png(path, np.asarray(canvas.buffer_rgba()))  # type: ignore[attr-defined]
 
 
 def _fix_text_positions(ax: Axes, fig_width_in: float, fig_height_in: float) -> None:
