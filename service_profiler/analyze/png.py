@@ -39,7 +39,7 @@ def encode_png(rgba: NDArray[np.uint8]) -> bytes:
     rows = np.zeros((height, 1 + 3 * width), dtype=np.uint8)
     rows[:, 1:].reshape(height, width, 3)[:] = rgb
     header = struct.pack(">IIBBBBB", width, height, 8, _COLOR_TYPE_RGB, 0, 0, 0)
-    return b"".join((_SIGNATURE, _chunk(b"IHDR", header), _chunk(b"IDAT", zlib.compress(memoryview(rows), _ZLIB_LEVEL)),
+    return b"".join((_SIGNATURE, _chunk(b"IHDR", header), _chunk(b"IDAT", zlib.compress(rows.data, _ZLIB_LEVEL)),
                      _chunk(b"IEND", b"")))
 
 
