@@ -37,7 +37,6 @@ def main() -> None:
 
     b, s, t = synthetic_steps(args.n)
     import matplotlib  # noqa: F401  # import once up front so the timings below exclude it
-    import scipy.optimize  # noqa: F401
 
     t0 = time.perf_counter()
     model = fit_latency_model(b, s, t, loss=args.loss)

@@ -12,7 +12,7 @@ in the raw data (torn lines, files without header, ...) are listed at the end an
 Processes (where the platform can fork): plots and the latency model run in a helper forked at the
 start, before the run is read, so its heap stays small; it imports matplotlib while the run is read,
 is sent the tables' numeric columns through a pipe, then draws the plots while a process it forks
-imports scipy and fits the model. SQLite's raw tables (span, event, counter, ...) are written by a
+fits the model and draws the model's two plots. SQLite's raw tables (span, event, counter, ...) are written by a
 second process forked before the read, which reads the raw files itself as a stream (a few MB of
 memory) into the file that becomes profiler.db; this process then adds the analysis tables to it.
 The records themselves are processed in one process: a child forked after the read would end up with
@@ -360,7 +360,7 @@ def _run(args: argparse.Namespace) -> int:
     # plots and the model need only the tables' numeric columns (a few MB): a helper forked now, while the
     # heap is small, draws and fits them on the other core(s) once it is sent the columns. It imports
     # matplotlib while the run is read (the model's plots share it), then draws the plots itself while a
-    # process it forks imports scipy and fits the model: scipy's import is then off the plots' path.
+    # process it forks fits the model and draws its two plots.
     steps: list[tuple[str, Callable[[Any], Any]]] = [
         (label, fn) for fmt, label, fn in (("plots", "plots", plots_out), ("model", "latency model", model_out))
         if fmt in formats]

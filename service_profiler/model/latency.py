@@ -7,9 +7,11 @@
 B is the batch size (requests), S the total scheduled tokens. Fitting follows the seed exactly:
 drop steps with T > max_ms or T < min_ms (300 ms / 1 ms by default), keep B > 0, S > 0, T > 0,
 divide B and S by their medians, and solve a bounded non-linear least-squares problem (all
-parameters > 0) from the seed's heuristic start. ``params`` are always stored in original units
-(B in requests, S in tokens, T in ms), so ``predict`` needs no scaling; ``scales`` records the
-medians the optimiser worked with.
+parameters > 0) from the seed's heuristic start. The seed names scipy.optimize.curve_fit; the solver
+is `solver.least_squares_bounded` (Levenberg–Marquardt in numpy), which reaches the same optimum
+(tests/test_latency_solver.py compares the two) without scipy's ~0.35 s import. ``params`` are
+always stored in original units (B in requests, S in tokens, T in ms), so ``predict`` needs no
+scaling; ``scales`` records the medians the optimiser worked with.
 
 Large runs: the fit uses at most MAX_FIT_SAMPLES (50,000) of the steps that survive filtering, drawn
 deterministically (a seeded random subset, without replacement, in time order) before the train/test
@@ -214,7 +216,7 @@ def fit_latency_model(
     and scored. More than ``max_samples`` surviving steps: a seeded random subset of that many is fitted
     and scored (None: all). Raises TooFewSamplesError (a ValueError) when fewer than 10 samples survive.
     """
-    from scipy.optimize import least_squares  # lazy: keeps `import service_profiler.model` cheap
+    from .solver import least_squares_bounded
 
     if loss not in ("linear", "huber"):
         raise ValueError(f"loss must be 'linear' or 'huber', got {loss!r}")
@@ -279,15 +281,13 @@ def fit_latency_model(
     x0 = np.maximum(np.array([start[n] for n in PARAM_NAMES]) * to_scaled, 10 * _LOWER_BOUND)
 
     f_scale = huber_scale_ms if huber_scale_ms is not None else max(0.05 * float(np.median(t_tr)), 1e-3)
-    res = least_squares(
+    res = least_squares_bounded(
         lambda p: _model(p, bx, sx) - t_tr,
+        lambda p: _jacobian(p, bx, sx),
         x0,
-        jac=lambda p: _jacobian(p, bx, sx),
-        bounds=(np.full(len(PARAM_NAMES), _LOWER_BOUND), np.full(len(PARAM_NAMES), np.inf)),
+        np.full(len(PARAM_NAMES), _LOWER_BOUND),
         loss=loss,
         f_scale=f_scale if loss == "huber" else 1.0,
-        x_scale=1.0,  # B and S are median-scaled already; "jac" took 3x the iterations on 70k steps
-        method="trf",
         max_nfev=2000,
     )
     fitted = res.x / to_scaled
