@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from service_profiler.analyze import command
+from service_profiler.analyze import command, steps
 from service_profiler.analyze.synthetic import SyntheticConfig, SyntheticRun, generate_run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -113,7 +113,7 @@ def test_model_and_plots_get_numeric_columns(synth: SyntheticRun, tmp_path: Path
     assert (tmp_path / "out" / "plots" / "x.png").exists()
 
 
-@pytest.mark.skipif(command._fork_context() is None, reason="exporters run in-process without fork")
+@pytest.mark.skipif(steps.fork_context() is None, reason="exporters run in-process without fork")
 def test_exporter_process_dying_is_reported(synth: SyntheticRun, tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch,
                                             capsys: pytest.CaptureFixture[str]) -> None:
@@ -238,3 +238,49 @@ def test_a_crash_mid_analysis_leaves_no_raw_tables_nor_their_process(synth: Synt
         command.run(_args([synth.run_dir], out, "csv", "db"))
     assert not (out / "profiler.db.raw.tmp").exists() and not (out / "profiler.db").exists()
     assert multiprocessing.active_children() == []
+
+
+@pytest.mark.parametrize("no_fork", [False, True])
+def test_per_iteration_failing_in_the_database_process_is_written_here(
+        synth: SyntheticRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_fork: bool) -> None:
+    # per_iteration_requests.csv is written by the database process from the entries it inserts; when
+    # that writer fails, analyze writes the file itself: same bytes, the database unaffected
+    from service_profiler.analyze import csv_export, db_process
+
+    class FailingWriter(csv_export.PerIterationWriter):
+        def write_chunk(self, chunk: object) -> None:
+            raise OSError("disk full")
+
+    ref = tmp_path / "ref"
+    assert command.run(_args([synth.run_dir], ref, "csv", "db")) == command.EXIT_OK
+    monkeypatch.setattr(db_process, "PerIterationWriter", FailingWriter)
+    if no_fork:
+        monkeypatch.setenv("SERVICE_PROFILER_NO_FORK", "1")
+    out = tmp_path / "out"
+    assert command.run(_args([synth.run_dir], out, "csv", "db")) == command.EXIT_OK
+    name = "per_iteration_requests.csv"
+    assert (out / name).read_bytes() == (ref / name).read_bytes()
+    dumps = [list(sqlite3.connect(d / "profiler.db").iterdump()) for d in (ref, out)]
+    assert dumps[0] == dumps[1]
+    assert sorted(p.name for p in out.iterdir() if p.name.endswith(".tmp")) == []
+
+
+@pytest.mark.skipif(steps.fork_context() is None, reason="the database is written in-process without fork")
+def test_database_process_dying_costs_only_the_database(synth: SyntheticRun, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from service_profiler.analyze import sqlite_export
+
+    def killed(self: object, messages: object, on_entry_chunk: object = None) -> None:
+        os._exit(9)  # the OOM killer, mid-insert
+
+    ref = tmp_path / "ref"
+    assert command.run(_args([synth.run_dir], ref, "csv", "db")) == command.EXIT_OK
+    monkeypatch.setattr(sqlite_export.SqliteExport, "apply", killed)
+    out = tmp_path / "out"
+    assert command.run(_args([synth.run_dir], out, "csv", "db")) == command.EXIT_EXPORT_FAILED
+    assert "error: SQLite: the exporter process died (exit code 9)" in capsys.readouterr().err
+    assert not (out / "profiler.db").exists()
+    assert sorted(p.name for p in out.iterdir() if p.name.endswith(".tmp")) == []
+    for name in ("per_iteration_requests.csv", "request.csv", "batch.csv"):  # written here instead
+        assert (out / name).read_bytes() == (ref / name).read_bytes(), name

@@ -185,33 +185,33 @@ def test_per_iteration_lifecycle_csvs_and_quoting(tmp_path: Path) -> None:
 
 
 def test_per_iteration_fed_by_the_sqlite_export_matches(exported: tuple[SyntheticRun, Path], tmp_path: Path) -> None:
-    # analyze writes per_iteration_requests.csv from the entry chunks SQLite builds for batch_req
-    from service_profiler.analyze.sqlite_export import SqliteExport, write_raw_db
+    # analyze's database process writes per_iteration_requests.csv from the entry chunks it inserts
+    from service_profiler.analyze.sqlite_export import SqliteExport, analysis_messages, write_raw_db
 
     synth, out = exported
     run = read_run([synth.run_dir])
     tables = build_tables(run)
-    writer = csv_export.PerIterationWriter(run, tmp_path / "per_iteration_requests.csv")
-    raw = write_raw_db([synth.run_dir], tmp_path / "raw.db")
-    SqliteExport(tables, tmp_path / "profiler.db", raw, writer.feed).start().finish()
+    writer = csv_export.PerIterationWriter(csv_export.process_labels(run), tmp_path / "per_iteration_requests.csv")
+    export = SqliteExport(tmp_path / "profiler.db", write_raw_db([synth.run_dir], tmp_path / "raw.db")).start()
+    export.apply(analysis_messages(tables), writer.feed)
+    export.finish()
     writer.close()
     assert writer.complete
     expected = (out / "per_iteration_requests.csv").read_bytes()
     assert (tmp_path / "per_iteration_requests.csv").read_bytes() == expected
-    paths = csv_export.write_csvs(run, tables, tmp_path / "csv", writer)
-    assert writer.path in paths and not (tmp_path / "csv" / "per_iteration_requests.csv").exists()
+    paths = csv_export.write_csvs(run, tables, tmp_path / "csv", per_iteration=False)
+    assert not (tmp_path / "csv" / "per_iteration_requests.csv").exists()
+    assert "per_iteration_requests.csv" not in {p.name for p in paths}
 
-    # a failure while fed leaves the file to write_csvs, and never fails the feeding export
-    (tmp_path / "csv2").mkdir()
-    failing = csv_export.PerIterationWriter(run, tmp_path / "csv2" / "per_iteration_requests.csv")
+    # a failure while fed stops only that file, never the feeding export
+    failing = csv_export.PerIterationWriter(csv_export.process_labels(run), tmp_path / "per_iteration_2.csv")
 
     def boom(chunk: object) -> None:
         raise OSError("disk full")
 
     failing.write_chunk = boom  # type: ignore[method-assign]
-    raw = write_raw_db([synth.run_dir], tmp_path / "raw2.db")
-    SqliteExport(tables, tmp_path / "profiler2.db", raw, failing.feed).start().finish()
+    export = SqliteExport(tmp_path / "profiler2.db", write_raw_db([synth.run_dir], tmp_path / "raw2.db")).start()
+    export.apply(analysis_messages(tables), failing.feed)
+    assert export.finish().exists()
     failing.close()
     assert failing.failed and not failing.complete
-    csv_export.write_csvs(run, tables, tmp_path / "csv2", failing)
-    assert (tmp_path / "csv2" / "per_iteration_requests.csv").read_bytes() == expected

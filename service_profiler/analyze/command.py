@@ -9,20 +9,21 @@ Reads the raw files (tolerantly), builds the analysis tables once, and runs each
 One exporter failing does not stop the others; it is reported and the exit status is 1. Problems found
 in the raw data (torn lines, files without header, ...) are listed at the end and in problems.txt.
 
-Processes (where the platform can fork): plots and the latency model run in a helper forked at the
-start, before the run is read, so its heap stays small; it imports matplotlib while the run is read,
-is sent the tables' numeric columns through a pipe, then draws the plots while a process it forks
-fits the model and draws the model's two plots. SQLite's raw tables (span, event, counter, ...) are written by a
-second process forked before the read, which reads the raw files itself as a stream (a few MB of
-memory) into the file that becomes profiler.db; this process then adds the analysis tables to it.
+Processes (where the platform can fork), all started before the run is read so their heaps stay small:
+- plots and the latency model: a helper that imports matplotlib while the run is read, is sent the
+  tables' numeric columns through a pipe, then draws the plots while a process it forks fits the model
+  and draws the model's two plots;
+- profiler.db (`db_process`): a process that reads the raw files itself as a stream (a few MB of
+  memory) into SQLite's raw tables (span, event, counter, ...), then is handed the analysis tables
+  and per-request batch entries through a spool file, inserts them and writes
+  per_iteration_requests.csv from the same entries, while this process writes the trace and the
+  other CSVs.
 The records themselves are processed in one process: a child forked after the read would end up with
 its own copy of every page the parent then touches (CPython's reference counts are writes), i.e. a
-second copy of the run.
-`--jobs 2` accepts part of that trade for the chrome trace: a child forked after the read writes it
-while this process builds the tables and writes the analysis tables and CSVs. The SQLite batch_req
-loop also feeds per_iteration_requests.csv (one pass over the entries); with --jobs 1 the records
-other than the batch spans are released once the trace is written. SERVICE_PROFILER_NO_FORK=1
-runs everything in-process.
+second copy of the run. `--jobs 2` accepts part of that trade for the chrome trace: a child forked
+after the read writes it while this process builds the tables and writes the CSVs. With --jobs 1 the
+records other than the batch spans are released once the trace is written.
+SERVICE_PROFILER_NO_FORK=1 runs everything in-process.
 """
 
 from __future__ import annotations
@@ -39,9 +40,14 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
+
+from .steps import fork_context, merge, receive_forked, receive_outcomes, run_step
+
+if TYPE_CHECKING:
+    from .db_process import DatabaseProcess
 
 FORMATS = ("csv", "json", "db", "plots", "model")
 EXIT_OK, EXIT_EXPORT_FAILED, EXIT_NO_DATA = 0, 1, 2
@@ -94,70 +100,6 @@ def _finite(*cols: np.ndarray) -> list[np.ndarray]:
     return [c[ok] for c in cols]
 
 
-_Outcome = tuple[list[Path], list[str], list[str]]  # produced, notes, failures
-
-
-def _receive_outcomes(conn: Any, proc: Any, labels: list[str]) -> list[_Outcome]:
-    """The outcomes an exporter child sent, one per step; steps it never reported (it died) become
-    failures naming its exit code."""
-    try:
-        outcomes: list[_Outcome] = conn.recv()
-    except (EOFError, OSError):
-        outcomes = []
-    conn.close()
-    proc.join()
-    return outcomes + [([], [], [f"{label}: the exporter process died (exit code {proc.exitcode})"])
-                       for label in labels[len(outcomes):]]
-
-
-def _receive_forked(recv: Any, pid: int | None, label: str) -> list[_Outcome]:
-    """The outcome of a step run by `_Feeder._fork_step`; a failure naming the step when it died."""
-    if recv is None or pid is None:
-        return [([], [], [f"{label}: could not start its process (fork failed)"])]
-    try:
-        outcome: _Outcome = recv.recv()
-    except (EOFError, OSError):
-        outcome = ([], [], [f"{label}: the exporter process died"])
-    recv.close()
-    os.waitpid(pid, 0)
-    return [outcome]
-
-
-def _run_step(label: str, fn: Callable[[], Any], progress: Callable[[str], None]) -> _Outcome:
-    """Run one exporter; its failure is reported, never raised (it must not cost the other outputs)."""
-    produced: list[Path] = []
-    notes: list[str] = []
-    try:
-        result = fn()
-    except Exception as exc:  # an exporter's bug must not cost the user the other outputs
-        progress(f"{label}: FAILED ({type(exc).__name__}: {exc})")
-        return [], [], [f"{label}: {type(exc).__name__}: {exc}"]
-    if isinstance(result, str):
-        if "skipped" in result:
-            notes.append(result)
-        progress(result)
-        return [], notes, []
-    if isinstance(result, Path):
-        produced.append(result)
-    elif isinstance(result, list):
-        produced.extend(p for p in result if isinstance(p, Path))
-    progress(f"{label} done")
-    return produced, notes, []
-
-
-def _merge(outcome: _Outcome, produced: list[Path], notes: list[str], failures: list[str]) -> None:
-    produced.extend(outcome[0])
-    notes.extend(outcome[1])
-    failures.extend(outcome[2])
-
-
-def _fork_context() -> Any:
-    """multiprocessing's fork context where the platform has one (Linux), else None (run in-process)."""
-    if os.environ.get("SERVICE_PROFILER_NO_FORK") or "fork" not in multiprocessing.get_all_start_methods():
-        return None
-    return multiprocessing.get_context("fork")
-
-
 class _Side:
     """Exporters run by a forked child process, in parallel with the parent's own (2+ cores).
 
@@ -169,7 +111,7 @@ class _Side:
         self.progress, self.steps = progress, steps
         self.proc: Any = None
         self.conn: Any = None
-        ctx = _fork_context() if steps else None
+        ctx = fork_context() if steps else None
         if ctx is None:
             return
         for stream in (sys.stdout, sys.stderr):  # else the child flushes the parent's pending text again
@@ -186,7 +128,7 @@ class _Side:
         self.proc, self.conn = proc, recv
 
     def _child(self, send: Any) -> None:
-        outcomes = [_run_step(label, fn, self.progress) for _, label, fn in self.steps]
+        outcomes = [run_step(label, fn, self.progress) for _, label, fn in self.steps]
         send.send(outcomes)
         send.close()
 
@@ -203,10 +145,10 @@ class _Side:
         """Wait for the child (or run the steps here when there is none) and merge what they produced."""
         if self.proc is None:
             for _, label, fn in self.steps:
-                _merge(_run_step(label, fn, self.progress), produced, notes, failures)
+                merge(run_step(label, fn, self.progress), produced, notes, failures)
             return
-        for outcome in _receive_outcomes(self.conn, self.proc, [label for _, label, _ in self.steps]):
-            _merge(outcome, produced, notes, failures)
+        for outcome in receive_outcomes(self.conn, self.proc, [label for _, label, _ in self.steps]):
+            merge(outcome, produced, notes, failures)
 
 
 class _Feeder:
@@ -223,7 +165,7 @@ class _Feeder:
         self.conn: Any = None
         self.payload: Any = None
         self.fed = False
-        ctx = _fork_context() if steps else None
+        ctx = fork_context() if steps else None
         if ctx is None:
             return
         for stream in (sys.stdout, sys.stderr):
@@ -256,9 +198,9 @@ class _Feeder:
         # are imported once and shared, and the steps draw / fit side by side.
         forked = [self._fork_step(label, fn, payload) for label, fn in self.steps[1:]]
         label, fn = self.steps[0]
-        outcomes = [_run_step(label, functools.partial(fn, payload), self.progress)]
+        outcomes = [run_step(label, functools.partial(fn, payload), self.progress)]
         for (recv, pid), (label, _) in zip(forked, self.steps[1:], strict=True):
-            outcomes += _receive_forked(recv, pid, label)
+            outcomes += receive_forked(recv, pid, label)
         conn.send(outcomes)
         conn.close()
 
@@ -276,7 +218,7 @@ class _Feeder:
             code = 0
             try:
                 recv.close()
-                send.send(_run_step(label, functools.partial(fn, payload), self.progress))
+                send.send(run_step(label, functools.partial(fn, payload), self.progress))
             except BaseException:
                 code = 1
             finally:
@@ -308,12 +250,12 @@ class _Feeder:
     def collect(self, produced: list[Path], notes: list[str], failures: list[str]) -> None:
         if self.proc is None:
             for label, fn in self.steps:
-                _merge(_run_step(label, functools.partial(fn, self.payload), self.progress), produced, notes,
+                merge(run_step(label, functools.partial(fn, self.payload), self.progress), produced, notes,
                        failures)
             self.payload = None
             return
-        for outcome in _receive_outcomes(self.conn, self.proc, [label for label, _ in self.steps]):
-            _merge(outcome, produced, notes, failures)
+        for outcome in receive_outcomes(self.conn, self.proc, [label for label, _ in self.steps]):
+            merge(outcome, produced, notes, failures)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -377,45 +319,35 @@ def _analyze(args: argparse.Namespace, out_dir: Path, formats: list[str], progre
              helpers: list[_Feeder]) -> int:
     from service_profiler.rawfile import discover_files
 
-    from .sqlite_export import write_raw_db
+    from .db_process import DatabaseProcess
 
-    # SQLite's raw tables need nothing but the raw files: a process forked now, while the heap is
-    # small, reads them as a stream and writes those tables (and their indexes) into the file that
-    # becomes profiler.db, beside everything below. Without fork, `collect` runs it here.
-    raw_db = out_dir / "profiler.db.raw.tmp"
-
-    def raw_out() -> str:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_raw_db(args.input_path, raw_db)
-        return "SQLite raw tables written"
-
-    raw_side: _Side | None = None
+    # profiler.db is written by a process of its own, started now while the heap is small: it reads
+    # the raw files as a stream into the raw tables, then (at hand_over) adds the analysis tables.
+    database: DatabaseProcess | None = None
     if "db" in formats and discover_files(args.input_path, []):
-        raw_side = _Side(progress, [("db", "SQLite raw tables", raw_out)])
+        database = DatabaseProcess(progress, args.input_path, out_dir)
     try:
-        return _analyze_run(args, out_dir, formats, progress, helpers, raw_side, raw_db)
-    except BaseException:  # no half-written raw tables left behind, nor their process running on
-        if raw_side is not None:
-            raw_side.abandon()
-        raw_db.unlink(missing_ok=True)
+        return _analyze_run(args, out_dir, formats, progress, helpers, database)
+    except BaseException:  # no half-written database left behind, nor its process running on
+        if database is not None:
+            database.abandon()
         raise
 
 
 def _analyze_run(args: argparse.Namespace, out_dir: Path, formats: list[str], progress: _Progress,
-                 helpers: list[_Feeder], raw_side: _Side | None, raw_db: Path) -> int:
+                 helpers: list[_Feeder], database: DatabaseProcess | None) -> int:
     from service_profiler.rawfile import read_run
 
-    from .csv_export import PerIterationWriter, write_csvs
-    from .sqlite_export import SqliteExport
+    from .csv_export import process_labels, write_csvs, write_per_iteration
     from .summary import format_summary
     from .tables import build_tables
 
     data = read_run(args.input_path)
     progress(f"read {len(data.processes)} process file(s), {data.num_records:,} records")
     if not data.processes:
-        if raw_side is not None:
-            raw_side.collect([], [], [])
-            raw_db.unlink(missing_ok=True)
+        if database is not None:
+            database.cancel()
+            database.collect([], [], [])
             if out_dir.is_dir() and not any(out_dir.iterdir()):
                 out_dir.rmdir()
         print("error: no readable raw files (*.sprof.jsonl) in " + " ".join(map(str, args.input_path)),
@@ -437,7 +369,7 @@ def _analyze_run(args: argparse.Namespace, out_dir: Path, formats: list[str], pr
     # this process builds the tables and writes the analysis tables and CSVs. Only the records this
     # process touches after the fork get a second copy (copy-on-write), not all of them.
     records_side: _Side | None = None
-    if getattr(args, "jobs", 1) > 1 and "json" in formats and _fork_context() is not None:
+    if getattr(args, "jobs", 1) > 1 and "json" in formats and fork_context() is not None:
         records_side = _Side(progress, [("json", "chrome trace", chrome_out)])
     tables = build_tables(data)
     progress(f"tables: {len(tables.requests):,} requests, {len(tables.batches):,} batches")
@@ -453,49 +385,39 @@ def _analyze_run(args: argparse.Namespace, out_dir: Path, formats: list[str], pr
 
     def step(fmt: str, label: str, fn: Callable[[], Any]) -> None:
         if fmt in formats:
-            _merge(_run_step(label, fn, progress), produced, notes, failures)
+            merge(run_step(label, fn, progress), produced, notes, failures)
 
-    # SQLite's batch_req loop also writes per_iteration_requests.csv from the entry chunks it builds
-    # (they cost as much to build as to write).
-    per_iteration: PerIterationWriter | None = None
-    if "csv" in formats and "db" in formats:
-        per_iteration = PerIterationWriter(data, out_dir / "per_iteration_requests.csv")
+    # The database process gets the analysis tables first (a spool of pickles: fast to write), and
+    # per_iteration_requests.csv with them, as it is made from the entries it inserts into batch_req;
+    # it works through them beside the trace and the CSVs below.
+    per_iteration = out_dir / "per_iteration_requests.csv" if "csv" in formats else None
 
-    def csv_out() -> list[Path]:
-        return write_csvs(data, tables, out_dir, per_iteration)
+    def hand_over() -> None:
+        if database is not None:
+            step("db", "SQLite", lambda: database.hand_over(tables, process_labels(data), per_iteration))
 
-    pending_db: list[SqliteExport] = []
-
-    def db_start() -> str:
-        try:
-            pending_db.append(SqliteExport(tables, out_dir / "profiler.db", raw_db,
-                                           per_iteration.feed if per_iteration else None).start())
-        finally:
-            if per_iteration is not None:
-                per_iteration.close(complete=bool(pending_db))
-        return "SQLite rows written; indexes build in the background"
-
-    def db_finish() -> Path:
-        return pending_db[0].finish()
-
+    if database is not None and database.forked:
+        hand_over()
     if records_side is None:
         step("json", "chrome trace", chrome_out)
         # The records' last consumer was the trace (SQLite's raw tables come from the files): their
-        # memory goes to the analysis tables and CSVs; the tables keep the batch spans. (Not with
-        # --jobs: the child's copy-on-write pages would be written by the releases.)
+        # memory goes to the CSVs; the tables keep the batch spans. (Not with --jobs: the child's
+        # copy-on-write pages would be written by the releases.)
         data.spans, data.events, data.counters = [], [], []
-    if raw_side is not None:
-        raw_side.collect(produced, notes, failures)
-    # SQLite before the CSVs: its index build (no GIL) then overlaps with them
-    step("db", "SQLite", db_start)
-    step("csv", "CSV", csv_out)
+    if database is not None and not database.forked:  # in-process: after the records are released
+        hand_over()
+    step("csv", "CSV", lambda: write_csvs(data, tables, out_dir, per_iteration=database is None))
     if records_side is not None:
         records_side.collect(produced, notes, failures)
     for helper in helpers:
         helper.collect(produced, notes, failures)
-    if pending_db:
-        step("db", "SQLite", db_finish)
-    raw_db.unlink(missing_ok=True)
+    if database is not None:
+        database.collect(produced, notes, failures)
+        if per_iteration is not None and database.per_iteration_written:
+            produced.append(per_iteration)
+        elif per_iteration is not None:
+            # its writer in the database process failed, or never ran: written here instead
+            step("csv", "per-iteration CSV", lambda: write_per_iteration(data, tables, per_iteration))
     if data.problems:
         problems_path = out_dir / "problems.txt"
         problems_path.write_text("\n".join(data.problems) + "\n", encoding="utf-8")

@@ -76,7 +76,8 @@ def _write(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> 
     return path
 
 
-def _proc_labels(run: RunData) -> list[str]:
+def process_labels(run: RunData) -> list[str]:
+    """How the CSVs name each process (`host:pid`), by process index."""
     return [p.key for p in run.processes]
 
 
@@ -93,7 +94,7 @@ def _extra(table: Table, skip: set[str]) -> tuple[list[str], list[int]]:
 def write_request_csv(run: RunData, tables: AnalysisTables, path: Path) -> Path:
     t = tables.requests
     c = {n: i for i, n in enumerate(t.columns)}
-    labels = _proc_labels(run)
+    labels = process_labels(run)
     names, idx = _extra(t, set(REQUEST_REF_COLUMNS))
     starts = iso_utc(t.values("arrival_ns"))
     pi = c["proc"]
@@ -127,7 +128,7 @@ def write_batch_csv(run: RunData, tables: AnalysisTables, path: Path) -> Path:
     t = tables.batches
     c = {n: i for i, n in enumerate(t.columns)}
     pids = [p.pid for p in run.processes]
-    labels = _proc_labels(run)
+    labels = process_labels(run)
     names, idx = _extra(t, set(BATCH_REF_COLUMNS) | set(BATCH_ALIASES.values()))
     starts, ends = iso_utc(t.values("start_ns")), iso_utc(t.values("end_ns"))
     pi = c["proc"]
@@ -167,7 +168,7 @@ def write_batch_csv(run: RunData, tables: AnalysisTables, path: Path) -> Path:
 def write_kvcache_csv(run: RunData, tables: AnalysisTables, path: Path) -> Path:
     t = tables.kvcache
     c = {n: i for i, n in enumerate(t.columns)}
-    labels = _proc_labels(run)
+    labels = process_labels(run)
     starts = iso_utc(t.values("ts_ns"))
     extra = ["ts_ns", "rid", "dp_rank", "process"]
 
@@ -201,7 +202,7 @@ def write_summaries(run: RunData, tables: AnalysisTables, out_dir: Path) -> list
 
 def _write_timed(run: RunData, table: Table, path: Path, ts_col: str) -> Path:
     """A lifecycle table with a UTC datetime column after its `_ns` timestamp and `process` labels."""
-    labels = _proc_labels(run)
+    labels = process_labels(run)
     ti, pi = table.index(ts_col), table.index("proc")
     header: list[str] = []
     for i, name in enumerate(table.columns):
@@ -230,13 +231,14 @@ def _csv_line(row: Sequence[Any]) -> str:
 
 class PerIterationWriter:
     """per_iteration_requests.csv, written chunk by chunk (`entries.EntryChunk`), so the SQLite export can
-    feed it the chunks it builds for batch_req instead of both building them. Each chunk of rows is
+    feed it the chunks it receives for batch_req instead of both building them. Each chunk of rows is
     formatted by `map(format % row, zip(columns))`, all in C; only request ids needing quotes (once per
     id), missing values and preempted rows take the csv.writer path."""
 
-    def __init__(self, run: RunData, path: Path) -> None:
+    def __init__(self, labels: Sequence[str], path: Path) -> None:
+        """`labels`: each process's label (`process_labels`), by process index."""
         self.path = path
-        self.labels = [_csv_line([lbl]).rstrip("\n") for lbl in _proc_labels(run)]
+        self.labels = [_csv_line([lbl]).rstrip("\n") for lbl in labels]
         self.fmt = ",".join(["%s"] * len(lifecycle.ITERATION_COLUMNS)) + "\n"
         self.escaped: dict[Any, str] = {}
         self.complete = self.failed = False
@@ -266,7 +268,7 @@ class PerIterationWriter:
 
     def feed(self, chunk: EntryChunk) -> None:
         """`write_chunk` for another exporter's loop: a failure here only stops this file (which
-        `write_csvs` then writes itself, reporting the error), never the exporter feeding it."""
+        analyze then writes with `write_per_iteration`), never the exporter feeding it."""
         if self.failed:
             return
         try:
@@ -284,7 +286,7 @@ def write_per_iteration(run: RunData, tables: AnalysisTables, path: Path) -> Pat
     `PerIterationWriter`). The batch's datetime is in batch.csv (join on dp_rank, batch_id)."""
     from .entries import iter_entry_chunks
 
-    writer = PerIterationWriter(run, path)
+    writer = PerIterationWriter(process_labels(run), path)
     try:
         for chunk in iter_entry_chunks(tables):
             writer.write_chunk(chunk)
@@ -297,19 +299,16 @@ def _blank(v: Any) -> Any:
     return "" if v is None else v
 
 
-def write_csvs(run: RunData, tables: AnalysisTables, out_dir: Path,
-               per_iteration: PerIterationWriter | None = None) -> list[Path]:
-    """Every CSV output; returns the paths written. `per_iteration`: that file's writer, already fed
-    and closed by the SQLite export (its file is written here unless it completed)."""
+def write_csvs(run: RunData, tables: AnalysisTables, out_dir: Path, per_iteration: bool = True) -> list[Path]:
+    """Every CSV output; returns the paths written. `per_iteration=False`: not per_iteration_requests.csv
+    (analyze has the database process write it from the entries it inserts)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    per_iteration_path = out_dir / "per_iteration_requests.csv"
     paths = [
         write_request_csv(run, tables, out_dir / "request.csv"),
         write_batch_csv(run, tables, out_dir / "batch.csv"),
         write_kvcache_csv(run, tables, out_dir / "kvcache.csv"),
         *write_summaries(run, tables, out_dir),
-        per_iteration.path if per_iteration is not None and per_iteration.complete
-        else write_per_iteration(run, tables, per_iteration_path),
+        *([write_per_iteration(run, tables, out_dir / "per_iteration_requests.csv")] if per_iteration else []),
         _write_timed(run, tables.events, out_dir / "events.csv", "ts_ns"),
         _write_timed(run, tables.state_transitions, out_dir / "state_transitions.csv", "ts_ns"),
     ]

@@ -10,17 +10,17 @@ Analysis tables (columns as in `tables`; list cells as JSON text):
   kvcache, state_transition, lifecycle_event.
 Views: v_batch_size_curve, v_batch_exec, v_ttft, v_request_latency, v_kv_usage, v_queue_curve.
 
-The raw tables are written straight from the raw files by `write_raw_db` (a stream: analyze runs it in a
-process of its own beside the rest); `SqliteExport` adds the analysis tables to that file. Each half
-is one transaction with executemany; the file replaces the target only at the end, so a failed
-export never leaves a half-written database behind.
+The raw tables are written straight from the raw files by `write_raw_db` (a stream); `SqliteExport`
+adds the analysis tables to that file from `analysis_messages` (analyze runs both in a process of its
+own, `db_process`, which is sent the messages through a spool file). Each half is one transaction with
+executemany; the file replaces the target only at the end, so a failed export never leaves a
+half-written database behind.
 """
 
 from __future__ import annotations
 
 import os
 import sqlite3
-import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -218,90 +218,99 @@ def _scalar(v: Any) -> Any:
     return v if v is None or isinstance(v, int | float | str) else json_text(v)
 
 
-def _write_batch_req(db: sqlite3.Connection, tables: AnalysisTables,
-                     on_chunk: Callable[[EntryChunk], None] | None = None) -> None:
-    """batch_req: one row per request in each batch, in primary-key order, columns zipped in C."""
+BATCH_REQ_DDL = (
+    # clustered by (batch_row, pos): the batch -> requests lookup needs no separate index
+    "CREATE TABLE batch_req (batch_row INTEGER, pos INTEGER, req_row INTEGER, rid TEXT, phase INTEGER, "
+    "scheduled_tokens INTEGER, computed_tokens_before INTEGER, prompt_tokens INTEGER, resumed INTEGER, "
+    "state TEXT, iteration INTEGER, generated_tokens_before INTEGER, time_in_state_ms REAL, "
+    "PRIMARY KEY (batch_row, pos)) WITHOUT ROWID")
+_BATCH_REQ_INSERT = "INSERT INTO batch_req VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
+
+# What `SqliteExport.apply` consumes, in order (`analysis_messages`): ("table", name, Table, first
+# column name or None) for each analysis table, ("entries", EntryChunk, req_row of each entry) for each
+# chunk of batch_req. Plain tuples of picklable values: analyze spools them to the process that owns
+# the database file.
+Message = tuple[Any, ...]
+
+
+def analysis_messages(tables: AnalysisTables) -> Iterator[Message]:
+    """The analysis tables and the per-request batch entries, as `SqliteExport` messages; the entries
+    are built a chunk at a time (`entries.iter_entry_chunks`), so memory stays bounded."""
     from .entries import iter_entry_chunks
 
-    # clustered by (batch_row, pos): the batch -> requests lookup needs no separate index
-    db.execute("CREATE TABLE batch_req (batch_row INTEGER, pos INTEGER, req_row INTEGER, rid TEXT, phase INTEGER, "
-               "scheduled_tokens INTEGER, computed_tokens_before INTEGER, prompt_tokens INTEGER, resumed INTEGER, "
-               "state TEXT, iteration INTEGER, generated_tokens_before INTEGER, time_in_state_ms REAL, "
-               "PRIMARY KEY (batch_row, pos)) WITHOUT ROWID")
+    yield "table", "request", tables.requests, "req_row"
+    yield "table", "batch", tables.batches, "batch_row"
     req_row = {rid: i for i, rid in enumerate(tables.requests.values("rid"))}
-    sql = "INSERT INTO batch_req VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
-    for c in iter_entry_chunks(tables):
-        db.executemany(sql, zip(c.batch_row, c.pos, map(req_row.get, c.rid), c.rid, c.phase, c.scheduled, c.computed,
-                                c.prompt, c.resumed, c.state, c.iteration, c.generated_before, c.time_in_state_ms,
-                                strict=True))
-        if on_chunk is not None:
-            on_chunk(c)
+    for chunk in iter_entry_chunks(tables):
+        yield "entries", chunk, list(map(req_row.get, chunk.rid))
+    yield "table", "kvcache", tables.kvcache, None
+    yield "table", "state_transition", tables.state_transitions, None
+    yield "table", "lifecycle_event", tables.events, None
 
 
 class SqliteExport:
-    """Completes profiler.db in two halves: `start()` takes the file of raw tables `write_raw_db` wrote
-    and inserts the analysis tables (Python-bound), then builds their indexes and the views on a
-    background thread, which SQLite runs without holding the GIL, so the next exporter overlaps with
-    it; `finish()` waits and moves the file into place."""
+    """Completes profiler.db from the file of raw tables `write_raw_db` wrote: `start()` opens it,
+    `apply()` inserts the analysis tables and batch_req from `analysis_messages` (and hands each entry
+    chunk to `on_entry_chunk`: the per-iteration CSV is made from the same chunks), `finish()` builds
+    their indexes and the views, commits, and moves the file into place. One transaction: a failed
+    export never leaves a half-written database behind."""
 
-    def __init__(self, tables: AnalysisTables, path: Path, raw_db: Path,
-                 on_entry_chunk: Callable[[EntryChunk], None] | None = None) -> None:
-        """`raw_db`: the file `write_raw_db` wrote (it becomes profiler.db). `on_entry_chunk`: also
-        given each chunk of per-request entries built for batch_req (the per-iteration CSV is made
-        from the same chunks)."""
-        self.tables, self.path, self.raw_db = tables, path, raw_db
-        self.on_entry_chunk = on_entry_chunk
+    def __init__(self, path: Path, raw_db: Path) -> None:
+        self.path, self.raw_db = path, raw_db
         self.tmp = path.with_name(path.name + ".tmp")
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
+        self.db: sqlite3.Connection | None = None
 
     def start(self) -> SqliteExport:
         if not self.raw_db.exists():
             raise RuntimeError("the raw tables (span, event, ...) were not written; see the error above")
         os.replace(self.raw_db, self.tmp)
-        db = _connect(self.tmp)
-        try:
-            db.execute("BEGIN")
-            self._insert(db)
-        except BaseException:
-            db.close()
-            self.tmp.unlink(missing_ok=True)
-            raise
-        self._thread = threading.Thread(target=self._build_indexes, args=(db,), name="sqlite-indexes",
-                                        daemon=True)
-        self._thread.start()
+        self.db = _connect(self.tmp)
+        self.db.execute("BEGIN")
+        self.db.execute(BATCH_REQ_DDL)
         return self
 
-    def _insert(self, db: sqlite3.Connection) -> None:
-        tables = self.tables
-        _write_table(db, "request", tables.requests, first="req_row")
-        _write_table(db, "batch", tables.batches, first="batch_row")
-        _write_batch_req(db, tables, self.on_entry_chunk)
-        _write_table(db, "kvcache", tables.kvcache)
-        _write_table(db, "state_transition", tables.state_transitions)
-        _write_table(db, "lifecycle_event", tables.events)
+    def apply(self, messages: Iterable[Message], on_entry_chunk: Callable[[EntryChunk], None] | None = None) -> None:
+        db = self.db
+        assert db is not None, "start() first"
+        try:
+            for message in messages:
+                if message[0] == "entries":
+                    chunk, req_rows = message[1], message[2]
+                    db.executemany(_BATCH_REQ_INSERT, zip(
+                        chunk.batch_row, chunk.pos, req_rows, chunk.rid, chunk.phase, chunk.scheduled,
+                        chunk.computed, chunk.prompt, chunk.resumed, chunk.state, chunk.iteration,
+                        chunk.generated_before, chunk.time_in_state_ms, strict=True))
+                    if on_entry_chunk is not None:
+                        on_entry_chunk(chunk)
+                else:
+                    _, name, table, first = message
+                    _write_table(db, name, table, first)
+        except BaseException:
+            self.abort()
+            raise
 
-    def _build_indexes(self, db: sqlite3.Connection) -> None:
+    def finish(self) -> Path:
+        db = self.db
+        assert db is not None, "start() first"
         try:
             for stmt in _INDEXES:
                 db.execute(stmt)
             for name, select in _VIEWS.items():
                 db.execute(f"CREATE VIEW {name} AS {select}")
             db.execute("COMMIT")
-        except BaseException as exc:
-            self._error = exc
-        finally:
-            db.close()
-
-    def finish(self) -> Path:
-        """Wait for the indexes and move the file into place."""
-        if self._thread is not None:
-            self._thread.join()
-        if self._error is not None:
-            self.tmp.unlink(missing_ok=True)
-            raise self._error
+        except BaseException:
+            self.abort()
+            raise
+        db.close()
+        self.db = None
         os.replace(self.tmp, self.path)
         return self.path
+
+    def abort(self) -> None:
+        if self.db is not None:
+            self.db.close()
+            self.db = None
+        self.tmp.unlink(missing_ok=True)
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -321,4 +330,6 @@ def write_sqlite(paths: Sequence[Path | str], tables: AnalysisTables, path: Path
     """Write `profiler.db` at `path` (replaced if it exists) for the run read from `paths`."""
     raw_db = path.with_name(path.name + ".raw.tmp")
     write_raw_db(paths, raw_db)
-    return SqliteExport(tables, path, raw_db).start().finish()
+    export = SqliteExport(path, raw_db).start()
+    export.apply(analysis_messages(tables))
+    return export.finish()
