@@ -241,25 +241,31 @@ def test_a_crash_mid_analysis_leaves_no_raw_tables_nor_their_process(synth: Synt
 
 
 @pytest.mark.parametrize("no_fork", [False, True])
-def test_per_iteration_failing_in_the_database_process_is_written_here(
+def test_csvs_failing_in_the_database_process_are_written_here(
         synth: SyntheticRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_fork: bool) -> None:
-    # per_iteration_requests.csv is written by the database process from the entries it inserts; when
-    # that writer fails, analyze writes the file itself: same bytes, the database unaffected
+    # per_iteration_requests.csv (from the entries it inserts) and the CSVs of one table each are written
+    # by the database process; when one of its writers fails, analyze writes that file itself: same
+    # bytes, the database and the other files unaffected
     from service_profiler.analyze import csv_export, db_process
 
     class FailingWriter(csv_export.PerIterationWriter):
         def write_chunk(self, chunk: object) -> None:
             raise OSError("disk full")
 
+    def failing_kvcache(labels: object, table: object, path: Path) -> Path:
+        raise OSError("disk full")
+
     ref = tmp_path / "ref"
     assert command.run(_args([synth.run_dir], ref, "csv", "db")) == command.EXIT_OK
     monkeypatch.setattr(db_process, "PerIterationWriter", FailingWriter)
+    failing = {**csv_export.TABLE_CSVS, "kvcache.csv": ("kvcache", failing_kvcache)}
+    monkeypatch.setattr(db_process, "TABLE_CSVS", failing)
     if no_fork:
         monkeypatch.setenv("SERVICE_PROFILER_NO_FORK", "1")
     out = tmp_path / "out"
     assert command.run(_args([synth.run_dir], out, "csv", "db")) == command.EXIT_OK
-    name = "per_iteration_requests.csv"
-    assert (out / name).read_bytes() == (ref / name).read_bytes()
+    for name in ("per_iteration_requests.csv", "kvcache.csv", "events.csv"):
+        assert (out / name).read_bytes() == (ref / name).read_bytes(), name
     dumps = [list(sqlite3.connect(d / "profiler.db").iterdump()) for d in (ref, out)]
     assert dumps[0] == dumps[1]
     assert sorted(p.name for p in out.iterdir() if p.name.endswith(".tmp")) == []
@@ -282,5 +288,6 @@ def test_database_process_dying_costs_only_the_database(synth: SyntheticRun, tmp
     assert "error: SQLite: the exporter process died (exit code 9)" in capsys.readouterr().err
     assert not (out / "profiler.db").exists()
     assert sorted(p.name for p in out.iterdir() if p.name.endswith(".tmp")) == []
-    for name in ("per_iteration_requests.csv", "request.csv", "batch.csv"):  # written here instead
+    for name in ("per_iteration_requests.csv", "kvcache.csv", "events.csv", "state_transitions.csv",
+                 "request.csv", "batch.csv"):  # the first four written here instead
         assert (out / name).read_bytes() == (ref / name).read_bytes(), name

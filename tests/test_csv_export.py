@@ -199,9 +199,10 @@ def test_per_iteration_fed_by_the_sqlite_export_matches(exported: tuple[Syntheti
     assert writer.complete
     expected = (out / "per_iteration_requests.csv").read_bytes()
     assert (tmp_path / "per_iteration_requests.csv").read_bytes() == expected
-    paths = csv_export.write_csvs(run, tables, tmp_path / "csv", per_iteration=False)
-    assert not (tmp_path / "csv" / "per_iteration_requests.csv").exists()
-    assert "per_iteration_requests.csv" not in {p.name for p in paths}
+    paths = csv_export.write_csvs(run, tables, tmp_path / "csv", delegated=True)
+    delegated = {"per_iteration_requests.csv", *csv_export.TABLE_CSVS}
+    assert not delegated & {p.name for p in (tmp_path / "csv").iterdir()}
+    assert not delegated & {p.name for p in paths}
 
     # a failure while fed stops only that file, never the feeding export
     failing = csv_export.PerIterationWriter(csv_export.process_labels(run), tmp_path / "per_iteration_2.csv")

@@ -338,7 +338,7 @@ def _analyze_run(args: argparse.Namespace, out_dir: Path, formats: list[str], pr
                  helpers: list[_Feeder], database: DatabaseProcess | None) -> int:
     from service_profiler.rawfile import read_run
 
-    from .csv_export import process_labels, write_csvs, write_per_iteration
+    from .csv_export import TABLE_CSVS, process_labels, write_csvs, write_per_iteration, write_table_csv
     from .summary import format_summary
     from .tables import build_tables
 
@@ -387,14 +387,14 @@ def _analyze_run(args: argparse.Namespace, out_dir: Path, formats: list[str], pr
         if fmt in formats:
             merge(run_step(label, fn, progress), produced, notes, failures)
 
-    # The database process gets the analysis tables first (a spool of pickles: fast to write), and
-    # per_iteration_requests.csv with them, as it is made from the entries it inserts into batch_req;
-    # it works through them beside the trace and the CSVs below.
-    per_iteration = out_dir / "per_iteration_requests.csv" if "csv" in formats else None
+    # The database process gets the analysis tables first (a spool of pickles: fast to write), and the
+    # CSVs made from what it is handed: per_iteration_requests.csv (from the entries it inserts into
+    # batch_req) and TABLE_CSVS. It works through them beside the trace and the CSVs below.
+    csv_dir = out_dir if "csv" in formats else None
 
     def hand_over() -> None:
         if database is not None:
-            step("db", "SQLite", lambda: database.hand_over(tables, process_labels(data), per_iteration))
+            step("db", "SQLite", lambda: database.hand_over(tables, process_labels(data), csv_dir))
 
     if database is not None and database.forked:
         hand_over()
@@ -406,18 +406,23 @@ def _analyze_run(args: argparse.Namespace, out_dir: Path, formats: list[str], pr
         data.spans, data.events, data.counters = [], [], []
     if database is not None and not database.forked:  # in-process: after the records are released
         hand_over()
-    step("csv", "CSV", lambda: write_csvs(data, tables, out_dir, per_iteration=database is None))
+    step("csv", "CSV", lambda: write_csvs(data, tables, out_dir, delegated=database is not None))
     if records_side is not None:
         records_side.collect(produced, notes, failures)
     for helper in helpers:
         helper.collect(produced, notes, failures)
     if database is not None:
         database.collect(produced, notes, failures)
-        if per_iteration is not None and database.per_iteration_written:
-            produced.append(per_iteration)
-        elif per_iteration is not None:
-            # its writer in the database process failed, or never ran: written here instead
-            step("csv", "per-iteration CSV", lambda: write_per_iteration(data, tables, per_iteration))
+        produced += database.csv_written
+        if csv_dir is not None:
+            # what the database process did not write (it failed, or died): written here instead
+            written = {p.name for p in database.csv_written}
+            per_iteration = csv_dir / "per_iteration_requests.csv"
+            if per_iteration.name not in written:
+                step("csv", "per-iteration CSV", lambda: write_per_iteration(data, tables, per_iteration))
+            for name in TABLE_CSVS:
+                if name not in written:
+                    step("csv", name, functools.partial(write_table_csv, data, tables, csv_dir, name))
     if data.problems:
         problems_path = out_dir / "problems.txt"
         problems_path.write_text("\n".join(data.problems) + "\n", encoding="utf-8")

@@ -25,7 +25,7 @@ from __future__ import annotations
 import csv
 import io
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -165,10 +165,9 @@ def write_batch_csv(run: RunData, tables: AnalysisTables, path: Path) -> Path:
     return path
 
 
-def write_kvcache_csv(run: RunData, tables: AnalysisTables, path: Path) -> Path:
-    t = tables.kvcache
+def write_kvcache_csv(labels: Sequence[str], t: Table, path: Path) -> Path:
+    """kvcache.csv from the kvcache table; `labels`: `process_labels` of the run."""
     c = {n: i for i, n in enumerate(t.columns)}
-    labels = process_labels(run)
     starts = iso_utc(t.values("ts_ns"))
     extra = ["ts_ns", "rid", "dp_rank", "process"]
 
@@ -200,9 +199,8 @@ def write_summaries(run: RunData, tables: AnalysisTables, out_dir: Path) -> list
     ]
 
 
-def _write_timed(run: RunData, table: Table, path: Path, ts_col: str) -> Path:
+def write_timed_csv(labels: Sequence[str], table: Table, path: Path, ts_col: str = "ts_ns") -> Path:
     """A lifecycle table with a UTC datetime column after its `_ns` timestamp and `process` labels."""
-    labels = process_labels(run)
     ti, pi = table.index(ts_col), table.index("proc")
     header: list[str] = []
     for i, name in enumerate(table.columns):
@@ -299,17 +297,33 @@ def _blank(v: Any) -> Any:
     return "" if v is None else v
 
 
-def write_csvs(run: RunData, tables: AnalysisTables, out_dir: Path, per_iteration: bool = True) -> list[Path]:
-    """Every CSV output; returns the paths written. `per_iteration=False`: not per_iteration_requests.csv
-    (analyze has the database process write it from the entries it inserts)."""
+# The CSVs made from one analysis table alone (no records, no other table): analyze has the database
+# process, which is handed those tables anyway, write them. file name -> (table's name in
+# `sqlite_export.analysis_messages`, writer(labels, table, path)).
+TABLE_CSVS: dict[str, tuple[str, Callable[[Sequence[str], Table, Path], Path]]] = {
+    "kvcache.csv": ("kvcache", write_kvcache_csv),
+    "events.csv": ("lifecycle_event", write_timed_csv),
+    "state_transitions.csv": ("state_transition", write_timed_csv),
+}
+_TABLE_OF = {"kvcache": "kvcache", "lifecycle_event": "events", "state_transition": "state_transitions"}
+
+
+def write_table_csv(run: RunData, tables: AnalysisTables, out_dir: Path, name: str) -> Path:
+    """One of TABLE_CSVS, from this run's tables."""
+    table_name, writer = TABLE_CSVS[name]
+    return writer(process_labels(run), getattr(tables, _TABLE_OF[table_name]), out_dir / name)
+
+
+def write_csvs(run: RunData, tables: AnalysisTables, out_dir: Path, delegated: bool = False) -> list[Path]:
+    """Every CSV output; returns the paths written. `delegated`: not per_iteration_requests.csv nor
+    TABLE_CSVS (analyze has the database process write them)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [
         write_request_csv(run, tables, out_dir / "request.csv"),
         write_batch_csv(run, tables, out_dir / "batch.csv"),
-        write_kvcache_csv(run, tables, out_dir / "kvcache.csv"),
         *write_summaries(run, tables, out_dir),
-        *([write_per_iteration(run, tables, out_dir / "per_iteration_requests.csv")] if per_iteration else []),
-        _write_timed(run, tables.events, out_dir / "events.csv", "ts_ns"),
-        _write_timed(run, tables.state_transitions, out_dir / "state_transitions.csv", "ts_ns"),
     ]
+    if not delegated:
+        paths.append(write_per_iteration(run, tables, out_dir / "per_iteration_requests.csv"))
+        paths += [write_table_csv(run, tables, out_dir, name) for name in TABLE_CSVS]
     return paths

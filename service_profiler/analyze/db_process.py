@@ -4,17 +4,18 @@ The process is forked before the run is read, so its heap stays small. It first 
 tables straight from the raw files (`sqlite_export.write_raw_db`, a stream), then waits. Once analyze
 has built its tables it writes the analysis tables and the per-request batch entries
 (`sqlite_export.analysis_messages`, built a chunk at a time) into a spool file of pickles and hands it
-over. This process then inserts them, writes per_iteration_requests.csv from the same entry chunks,
-builds the indexes and views, and moves profiler.db into place. Meanwhile analyze writes the trace and
-the other CSVs.
+over. This process then inserts them, writes per_iteration_requests.csv from the same entry chunks and
+the CSVs made from one of those tables alone (`csv_export.TABLE_CSVS`: kvcache, events, state
+transitions), builds the indexes and views, and moves profiler.db into place. Meanwhile analyze writes
+the trace and the other CSVs.
 
 Writing the spool costs analyze a fraction of the inserts and CSV formatting it hands over (pickling
 a row is ~10x cheaper than binding it into SQLite or formatting it), and a file rather than a pipe
 never blocks analyze on the slower consumer. Where the platform cannot fork (or
 SERVICE_PROFILER_NO_FORK is set) the same steps run in-process at `hand_over`, in the same order.
 
-Failures: the raw tables failing costs profiler.db alone (reported as such); the per-iteration CSV
-failing here is left to analyze, which then writes that file itself (`per_iteration_written` is false).
+Failures: the raw tables failing costs profiler.db alone (reported as such); a CSV that fails here (or
+is never reached) is left to analyze, which then writes that file itself (it is not in `csv_written`).
 """
 
 from __future__ import annotations
@@ -26,10 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from . import sqlite_export
-from .csv_export import PerIterationWriter
+from .csv_export import TABLE_CSVS, PerIterationWriter
 from .sqlite_export import Message, SqliteExport, analysis_messages
 from .steps import Outcome, fork_context, run_step
 from .tables import AnalysisTables
+
+PER_ITERATION_CSV = "per_iteration_requests.csv"
 
 RAW_LABEL, DB_LABEL = "SQLite raw tables", "SQLite"
 _PICKLE_PROTOCOL = 5
@@ -53,7 +56,7 @@ class DatabaseProcess:
         self.db_path = out_dir / "profiler.db"
         self.raw_db = out_dir / "profiler.db.raw.tmp"
         self.spool = out_dir / "profiler.db.spool.tmp"
-        self.per_iteration_written = False
+        self.csv_written: list[Path] = []  # the CSVs this process wrote (analyze writes the others)
         self.proc: Any = None
         self.conn: Any = None
         self.handed_over = False  # the process was told what to do after the raw tables
@@ -87,23 +90,38 @@ class DatabaseProcess:
         sqlite_export.write_raw_db(self.paths, self.raw_db)
         return "SQLite raw tables written"
 
-    def _complete(self, messages: Iterator[Message], per_iteration: PerIterationWriter | None
-                  ) -> tuple[Outcome, bool]:
-        """Insert the messages into the raw tables' file and feed the per-iteration writer the entry
-        chunks; (the SQLite step's outcome, whether the per-iteration CSV is complete). Without the
-        raw tables the database fails but the per-iteration CSV is still written."""
+    def _complete(self, messages: Iterator[Message], labels: list[str], csv_dir: Path | None
+                  ) -> tuple[Outcome, list[Path]]:
+        """Insert the messages into the raw tables' file; with `csv_dir`, write per_iteration_requests.csv
+        from the entry chunks and TABLE_CSVS from their tables there. (The SQLite step's outcome, the
+        CSVs written.) Without the raw tables the database fails but the CSVs are still written."""
+        per_iteration = PerIterationWriter(labels, csv_dir / PER_ITERATION_CSV) if csv_dir is not None else None
+        table_csvs = {table_name: (name, write) for name, (table_name, write) in TABLE_CSVS.items()}
+        written: list[Path] = []
+
+        def tap(messages: Iterator[Message]) -> Iterator[Message]:
+            """The messages, each table's CSV written as it passes (no table is held for later)."""
+            for message in messages:
+                if message[0] == "table" and csv_dir is not None and message[1] in table_csvs:
+                    name, write = table_csvs[message[1]]
+                    try:
+                        written.append(write(labels, message[2], csv_dir / name))
+                    except Exception:  # analyze writes it instead, and reports what fails there
+                        pass
+                yield message
+
         export: list[SqliteExport] = []
 
         def database() -> Path:
             export.append(SqliteExport(self.db_path, self.raw_db).start())
-            export[0].apply(messages, per_iteration.feed if per_iteration is not None else None)
+            export[0].apply(tap(messages), per_iteration.feed if per_iteration is not None else None)
             return export[0].finish()
 
         try:
             outcome = run_step(DB_LABEL, database, self.progress)
-            if per_iteration is not None and not export:  # the database could not start: the CSV alone
-                for message in messages:
-                    if message[0] == "entries":
+            if not export:  # the database could not start: the CSVs alone
+                for message in tap(messages):
+                    if message[0] == "entries" and per_iteration is not None:
                         per_iteration.feed(message[1])
         except BaseException:
             if per_iteration is not None:
@@ -111,27 +129,27 @@ class DatabaseProcess:
             raise
         finally:
             self.raw_db.unlink(missing_ok=True)
-        if per_iteration is None:
-            return outcome, False
-        # complete when every chunk reached it: a database failing mid-way stopped the feeding
-        per_iteration.close(complete=not outcome[2] or not export)
-        return outcome, per_iteration.complete
+        if per_iteration is not None:
+            # complete when every chunk reached it: a database failing mid-way stopped the feeding
+            per_iteration.close(complete=not outcome[2] or not export)
+            if per_iteration.complete:
+                written.append(per_iteration.path)
+        return outcome, written
 
     # -- the forked process -----------------------------------------------------------------------
 
     def _child(self, conn: Any, parent_end: Any) -> None:
         parent_end.close()
         outcomes = [run_step(RAW_LABEL, self._write_raw, self.progress)]
-        written = False
         try:
             order = conn.recv()
         except EOFError:  # analyze is gone
             order = None
+        written: list[Path] = []
         if order is not None:
-            spool, labels, per_iteration_path = order
-            writer = PerIterationWriter(labels, per_iteration_path) if per_iteration_path is not None else None
+            spool, labels, csv_dir = order
             try:
-                outcome, written = self._complete(_spool_messages(spool), writer)
+                outcome, written = self._complete(_spool_messages(spool), labels, csv_dir)
             finally:
                 spool.unlink(missing_ok=True)
             outcomes.append(outcome)
@@ -143,21 +161,20 @@ class DatabaseProcess:
 
     # -- analyze's side ---------------------------------------------------------------------------
 
-    def hand_over(self, tables: AnalysisTables, labels: list[str], per_iteration_path: Path | None) -> str:
-        """Give the process the analysis tables (and, with `per_iteration_path`, the per-iteration CSV
-        to write). Forked: spooled, then this returns; in-process: everything runs now."""
+    def hand_over(self, tables: AnalysisTables, labels: list[str], csv_dir: Path | None) -> str:
+        """Give the process the analysis tables (and, with `csv_dir`, per_iteration_requests.csv and
+        TABLE_CSVS to write there). Forked: spooled, then this returns; in-process: all runs now."""
         self.handed_over = True
         if self.proc is None:
             self.outcomes.append(run_step(RAW_LABEL, self._write_raw, self.progress))
-            writer = PerIterationWriter(labels, per_iteration_path) if per_iteration_path is not None else None
-            outcome, self.per_iteration_written = self._complete(analysis_messages(tables), writer)
+            outcome, self.csv_written = self._complete(analysis_messages(tables), labels, csv_dir)
             self.outcomes.append(outcome)
             return "SQLite written"
         try:
             with self.spool.open("wb") as fh:
                 for message in analysis_messages(tables):
                     pickle.dump(message, fh, protocol=_PICKLE_PROTOCOL)
-            self.conn.send((self.spool, labels, per_iteration_path))
+            self.conn.send((self.spool, labels, csv_dir))
             self.sent_tables = True
         except BaseException:
             self.spool.unlink(missing_ok=True)
@@ -172,7 +189,7 @@ class DatabaseProcess:
             if not self.handed_over:
                 self.cancel()
             try:
-                outcomes, self.per_iteration_written = self.conn.recv()
+                outcomes, self.csv_written = self.conn.recv()
             except (EOFError, OSError):
                 outcomes = []
             self.conn.close()
