@@ -19,14 +19,13 @@ slower).
                                        [--jobs N] [--pss] [--repeat N]
 
 The package is imported from compiled bytecode (as from an installed wheel), even where
-PYTHONDONTWRITEBYTECODE is set: the bytecode goes to a cache under the work directory.
+PYTHONDONTWRITEBYTECODE is set: the sources are compiled into their __pycache__ first.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -98,25 +97,22 @@ class Result:
     phases: list[str]
 
 
-def bytecode_env(work: Path) -> dict[str, str]:
-    """The environment of the timed runs: the package's modules imported from compiled bytecode, as
-    from an installed wheel (pip compiles them), even where PYTHONDONTWRITEBYTECODE is set (compiling
-    the analyzer's modules from source costs ~60 ms a run)."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    env["PYTHONPYCACHEPREFIX"] = str(work / "pycache")
-    subprocess.run([sys.executable, "-m", "compileall", "-q", "service_profiler", "handlers"], cwd=ROOT, env=env,
-                   check=True)
-    return env
+def compile_sources() -> None:
+    """Compile the package's modules into their __pycache__ (git-ignored), so the timed runs import
+    compiled bytecode as from an installed wheel (pip compiles it), even where PYTHONDONTWRITEBYTECODE
+    is set: compiling the analyzer's modules from source costs ~60 ms a run. (Not PYTHONPYCACHEPREFIX:
+    that would hide the installed packages' bytecode and make the first run compile matplotlib.)"""
+    subprocess.run([sys.executable, "-m", "compileall", "-q", "service_profiler", "handlers"], cwd=ROOT, check=True)
 
 
-def analyze(run_dir: Path, out_dir: Path, formats: list[str], extra: list[str], env: dict[str, str]
+def analyze(run_dir: Path, out_dir: Path, formats: list[str], extra: list[str]
             ) -> tuple[float, float, dict[str, float], list[str]]:
     """(in-process seconds, subprocess wall seconds, memory stats MB, progress lines) of one analysis."""
     cmd = [sys.executable, "-c", _CHILD, "--input-path", str(run_dir), "--output-path", str(out_dir),
            "--format", *formats, *extra]
     shutil.rmtree(out_dir, ignore_errors=True)
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False, env=env)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - t0
     lines = proc.stderr.strip().splitlines()
     try:
@@ -154,12 +150,12 @@ def prepare(cfg: SyntheticConfig, run_dir: Path) -> dict[str, int]:
     return counts
 
 
-def bench(name: str, cfg: SyntheticConfig, work: Path, formats: list[str], extra: list[str], repeat: int,
-          env: dict[str, str]) -> Result:
+def bench(name: str, cfg: SyntheticConfig, work: Path, formats: list[str], extra: list[str], repeat: int
+          ) -> Result:
     run_dir = work / f"run_{name}"
     n = prepare(cfg, run_dir)
     raw_mb = sum(p.stat().st_size for p in run_dir.glob("*.sprof.jsonl")) / 1e6
-    runs = [analyze(run_dir, work / f"out_{name}", formats, extra, env) for _ in range(repeat)]
+    runs = [analyze(run_dir, work / f"out_{name}", formats, extra) for _ in range(repeat)]
     # the median run by in-process time is reported (this shared machine is noisy)
     elapsed, wall, mem, phases = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
     rss = mem["peak_rss_mb"]
@@ -197,11 +193,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench_analyze_") as tmp:
         work = args.keep or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        env = bytecode_env(work)
-        results = {name: bench(name, CASES[name], work, args.format, extra, args.repeat, env) for name in args.case}
+        compile_sources()
+        results = {name: bench(name, CASES[name], work, args.format, extra, args.repeat) for name in args.case}
         if "b" in results and not args.no_linearity:
             small_cfg = replace(CASES["b"], requests=CASES["b"].requests // LINEARITY_FRACTION)
-            small, big = bench("b_quarter", small_cfg, work, args.format, extra, args.repeat, env), results["b"]
+            small, big = bench("b_quarter", small_cfg, work, args.format, extra, args.repeat), results["b"]
             per_small, per_big = small.elapsed_s / small.records, big.elapsed_s / big.records
             print(f"\nlinearity: {per_small * 1e6:.2f} us/record at 1/{LINEARITY_FRACTION} size, "
                   f"{per_big * 1e6:.2f} us/record at full size (ratio {per_big / per_small:.2f})")
