@@ -63,10 +63,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"outputs to write, any of: {' '.join(FORMATS)} (default: all)")
     parser.add_argument("--quiet", action="store_true", help="no console summary, only errors")
     parser.add_argument("--jobs", type=int, default=1, metavar="N",
-                        help="N > 1: the chrome trace is written by a forked process next to the tables / "
-                             "CSVs (faster on 2+ cores, but the records then exist partly twice: more memory). "
-                             "Default 1: the records are processed in one process; plots, the latency model "
-                             "and SQLite's raw tables always run in small helper processes")
+                        help="N > 1: the chrome trace is written by a process forked after the read, next to "
+                             "the tables / CSVs (the records then exist partly twice: more memory; it pays off "
+                             "only with 3+ cores, as the database process and the plots helper already use a "
+                             "second one). Default 1: the records are processed in one process; profiler.db, "
+                             "plots and the latency model always run in small helper processes")
 
 
 class _Progress:
