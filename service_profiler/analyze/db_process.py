@@ -29,7 +29,7 @@ from typing import Any
 from . import sqlite_export
 from .csv_export import TABLE_CSVS, PerIterationWriter
 from .sqlite_export import Message, SqliteExport, analysis_messages
-from .steps import Outcome, fork_context, run_step
+from .steps import Outcome, fork_context, merge, run_step
 from .tables import AnalysisTables
 
 PER_ITERATION_CSV = "per_iteration_requests.csv"
@@ -199,10 +199,8 @@ class DatabaseProcess:
                          for label in labels[len(outcomes):]]
             self.proc = None
             self._remove_leftovers()  # a process that died left them
-        for made, said, failed in outcomes:
-            produced.extend(made)
-            notes.extend(said)
-            failures.extend(failed)
+        for outcome in outcomes:
+            merge(outcome, produced, notes, failures)
 
     def cancel(self) -> None:
         """Let the process finish its raw tables and exit without a database (no analysis to add)."""
