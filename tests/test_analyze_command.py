@@ -24,6 +24,17 @@ def synth(tmp_path_factory: pytest.TempPathFactory) -> SyntheticRun:
     return generate_run(tmp_path_factory.mktemp("cmd") / "run", SyntheticConfig(requests=30, output_tokens=8, seed=4))
 
 
+def _db_mode(monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+    """How profiler.db gets written: "late" (a process forked after the read: small runs, the default
+    here), "stream" (forked before the read, streaming the raw files: large runs), "no_fork"."""
+    from service_profiler.analyze import db_process
+
+    if mode == "stream":
+        monkeypatch.setattr(db_process, "STREAM_ABOVE_BYTES", -1)
+    elif mode == "no_fork":
+        monkeypatch.setenv("SERVICE_PROFILER_NO_FORK", "1")
+
+
 def _args(inputs: list[Path], out: Path, *formats: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     command.add_arguments(parser)
@@ -92,35 +103,38 @@ def test_model_and_plots_get_numeric_columns(synth: SyntheticRun, tmp_path: Path
     seen_dir = tmp_path / "seen"
     seen_dir.mkdir()
 
-    def plots(batch_cols: dict, request_cols: dict, out_dir: Path) -> list[Path]:
-        (seen_dir / "plots.json").write_text(json.dumps([sorted(batch_cols), sorted(request_cols)]))
-        path = out_dir / "x.png"
-        path.write_bytes(b"png")
-        return [path]
+    def plots(batch_cols: dict, request_cols: dict, out_dir: Path, names: tuple[str, ...]) -> list[Path]:
+        # drawn in two parts (two processes): each part gets the columns and its share of the names
+        (seen_dir / f"plots-{names[0]}.json").write_text(json.dumps([sorted(batch_cols), sorted(request_cols)]))
+        paths = [out_dir / name for name in names]
+        for path in paths:
+            path.write_bytes(b"png")
+        return paths
 
     def fit(size: object, tokens: object, ms: object, out_dir: Path) -> None:
         (seen_dir / "model.json").write_text(json.dumps([len(size), len(tokens), len(ms)]))  # type: ignore[arg-type]
         (out_dir / "latency_model.json").write_text("{}")
 
-    fake = {"service_profiler.analyze.plots": SimpleNamespace(write_plots=plots),
+    fake = {"service_profiler.analyze.plots": SimpleNamespace(write_plots=plots, PLOT_NAMES=tuple("abcdefghi")),
             "service_profiler.model.latency": SimpleNamespace(fit_and_save=fit)}
     monkeypatch.setattr(command, "_optional", lambda name: fake.get(name))
     assert command.run(_args([synth.run_dir], tmp_path / "out", "plots", "model")) == command.EXIT_OK
-    batch_cols, request_cols = json.loads((seen_dir / "plots.json").read_text())
-    assert {"batch_size", "model_run_ms", "total_scheduled_tokens"} <= set(batch_cols)
-    assert {"ttft_ms", "tpot_ms", "e2e_ms"} <= set(request_cols)
+    for first in ("a", "f"):  # both parts saw the columns
+        batch_cols, request_cols = json.loads((seen_dir / f"plots-{first}.json").read_text())
+        assert {"batch_size", "model_run_ms", "total_scheduled_tokens"} <= set(batch_cols)
+        assert {"ttft_ms", "tpot_ms", "e2e_ms"} <= set(request_cols)
     assert json.loads((seen_dir / "model.json").read_text()) == [len(synth.batches)] * 3
-    assert (tmp_path / "out" / "plots" / "x.png").exists()
+    assert sorted(p.name for p in (tmp_path / "out" / "plots").iterdir()) == list("abcdefghi")
 
 
 @pytest.mark.skipif(steps.fork_context() is None, reason="exporters run in-process without fork")
 def test_exporter_process_dying_is_reported(synth: SyntheticRun, tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch,
                                             capsys: pytest.CaptureFixture[str]) -> None:
-    def plots(batch_cols: dict, request_cols: dict, out_dir: Path) -> list[Path]:
+    def plots(batch_cols: dict, request_cols: dict, out_dir: Path, names: object) -> list[Path]:
         os._exit(3)  # a crash in the forked exporter process (segfault, OOM kill)
 
-    fake = {"service_profiler.analyze.plots": SimpleNamespace(write_plots=plots)}
+    fake = {"service_profiler.analyze.plots": SimpleNamespace(write_plots=plots, PLOT_NAMES=tuple("abcdefghi"))}
     monkeypatch.setattr(command, "_optional", lambda name: fake.get(name))
     out = tmp_path / "out"
     assert command.run(_args([synth.run_dir], out, "plots", "csv")) == command.EXIT_EXPORT_FAILED
@@ -177,19 +191,20 @@ def test_module_entry_point_subprocess(synth: SyntheticRun, tmp_path: Path) -> N
     assert (tmp_path / "o" / "service_summary.csv").exists()
 
 
-@pytest.mark.parametrize("jobs", [2, 1])
+@pytest.mark.parametrize("variant", ["jobs2", "no_fork", "stream"])
 def test_jobs_and_no_fork_write_the_same_files(synth: SyntheticRun, tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch, jobs: int) -> None:
-    # --jobs 2 (forked chrome / CSV children) and SERVICE_PROFILER_NO_FORK (all in-process) change
-    # where the work runs, never what is written
+                                                monkeypatch: pytest.MonkeyPatch, variant: str) -> None:
+    # --jobs 2 (forked chrome child), SERVICE_PROFILER_NO_FORK (all in-process) and the database
+    # process streaming the raw files (large runs) change where the work runs, never what is written
     formats = ("csv", "json", "db")
     ref = tmp_path / "ref"
     assert command.run(_args([synth.run_dir], ref, *formats)) == command.EXIT_OK
     out = tmp_path / "out"
     args = _args([synth.run_dir], out, *formats)
-    args.jobs = jobs
-    if jobs == 1:
-        monkeypatch.setenv("SERVICE_PROFILER_NO_FORK", "1")
+    if variant == "jobs2":
+        args.jobs = 2
+    else:
+        _db_mode(monkeypatch, variant)
     assert command.run(args) == command.EXIT_OK
     files = sorted(p.name for p in ref.iterdir() if p.is_file() and p.name != "profiler.db")
     assert files == sorted(p.name for p in out.iterdir() if p.is_file() and p.name != "profiler.db")
@@ -199,8 +214,8 @@ def test_jobs_and_no_fork_write_the_same_files(synth: SyntheticRun, tmp_path: Pa
     assert dumps[0] == dumps[1]
 
 
-@pytest.mark.parametrize("no_fork", [False, True])
-def test_raw_tables_failing_costs_only_the_database(synth: SyntheticRun, tmp_path: Path, no_fork: bool,
+@pytest.mark.parametrize("mode", ["late", "stream", "no_fork"])
+def test_raw_tables_failing_costs_only_the_database(synth: SyntheticRun, tmp_path: Path, mode: str,
                                                     monkeypatch: pytest.MonkeyPatch,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     # the raw tables are written by a process of their own (or in-process without fork): its failure
@@ -211,8 +226,8 @@ def test_raw_tables_failing_costs_only_the_database(synth: SyntheticRun, tmp_pat
         raise OSError("disk full")
 
     monkeypatch.setattr(sqlite_export, "write_raw_db", broken)
-    if no_fork:
-        monkeypatch.setenv("SERVICE_PROFILER_NO_FORK", "1")
+    monkeypatch.setattr(sqlite_export, "write_raw_db_from", broken)
+    _db_mode(monkeypatch, mode)
     out = tmp_path / "out"
     args = _args([synth.run_dir], out, "csv", "json", "db")
     assert command.run(args) == command.EXIT_EXPORT_FAILED
@@ -223,8 +238,9 @@ def test_raw_tables_failing_costs_only_the_database(synth: SyntheticRun, tmp_pat
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("profiler")) == []
 
 
-def test_a_crash_mid_analysis_leaves_no_raw_tables_nor_their_process(synth: SyntheticRun, tmp_path: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("mode", ["late", "stream"])
+def test_a_crash_mid_analysis_leaves_no_raw_tables_nor_their_process(
+        synth: SyntheticRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
     import multiprocessing
 
     from service_profiler.analyze import tables
@@ -233,6 +249,7 @@ def test_a_crash_mid_analysis_leaves_no_raw_tables_nor_their_process(synth: Synt
         raise MemoryError("out of memory while building the tables")
 
     monkeypatch.setattr(tables, "build_tables", broken)
+    _db_mode(monkeypatch, mode)
     out = tmp_path / "out"
     with pytest.raises(MemoryError):
         command.run(_args([synth.run_dir], out, "csv", "db"))
@@ -240,9 +257,9 @@ def test_a_crash_mid_analysis_leaves_no_raw_tables_nor_their_process(synth: Synt
     assert multiprocessing.active_children() == []
 
 
-@pytest.mark.parametrize("no_fork", [False, True])
+@pytest.mark.parametrize("mode", ["late", "stream", "no_fork"])
 def test_csvs_failing_in_the_database_process_are_written_here(
-        synth: SyntheticRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_fork: bool) -> None:
+        synth: SyntheticRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
     # per_iteration_requests.csv (from the entries it inserts) and the CSVs of one table each are written
     # by the database process; when one of its writers fails, analyze writes that file itself: same
     # bytes, the database and the other files unaffected
@@ -260,8 +277,7 @@ def test_csvs_failing_in_the_database_process_are_written_here(
     monkeypatch.setattr(db_process, "PerIterationWriter", FailingWriter)
     failing = {**csv_export.TABLE_CSVS, "kvcache.csv": ("kvcache", failing_kvcache)}
     monkeypatch.setattr(db_process, "TABLE_CSVS", failing)
-    if no_fork:
-        monkeypatch.setenv("SERVICE_PROFILER_NO_FORK", "1")
+    _db_mode(monkeypatch, mode)
     out = tmp_path / "out"
     assert command.run(_args([synth.run_dir], out, "csv", "db")) == command.EXIT_OK
     for name in ("per_iteration_requests.csv", "kvcache.csv", "events.csv"):
@@ -272,9 +288,10 @@ def test_csvs_failing_in_the_database_process_are_written_here(
 
 
 @pytest.mark.skipif(steps.fork_context() is None, reason="the database is written in-process without fork")
+@pytest.mark.parametrize("mode", ["late", "stream"])
 def test_database_process_dying_costs_only_the_database(synth: SyntheticRun, tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch,
-                                                        capsys: pytest.CaptureFixture[str]) -> None:
+                                                        capsys: pytest.CaptureFixture[str], mode: str) -> None:
     from service_profiler.analyze import sqlite_export
 
     def killed(self: object, messages: object, on_entry_chunk: object = None) -> None:
@@ -283,6 +300,7 @@ def test_database_process_dying_costs_only_the_database(synth: SyntheticRun, tmp
     ref = tmp_path / "ref"
     assert command.run(_args([synth.run_dir], ref, "csv", "db")) == command.EXIT_OK
     monkeypatch.setattr(sqlite_export.SqliteExport, "apply", killed)
+    _db_mode(monkeypatch, mode)
     out = tmp_path / "out"
     assert command.run(_args([synth.run_dir], out, "csv", "db")) == command.EXIT_EXPORT_FAILED
     assert "error: SQLite: the exporter process died (exit code 9)" in capsys.readouterr().err

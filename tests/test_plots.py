@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from service_profiler.analyze import plots
-from service_profiler.analyze.plots import write_plots
+from service_profiler.analyze.plots import PLOT_NAMES, write_plots
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -131,3 +131,12 @@ def test_import_does_not_load_matplotlib() -> None:
     env = dict(os.environ, PYTHONPATH=str(REPO))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO)
     assert r.returncode == 0, r.stderr
+
+
+def test_a_part_of_the_plots_is_written_alone(tmp_path: Path) -> None:
+    # analyze draws the plots in two processes, each given its part of PLOT_NAMES
+    assert set(PLOT_NAMES) == ALL
+    part = PLOT_NAMES[5:]
+    written = write_plots(batch_columns(500), request_columns(100), tmp_path, part)
+    assert [p.name for p in written] == list(part)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(part)

@@ -11,8 +11,8 @@ in the raw data (torn lines, files without header, ...) are listed at the end an
 
 Processes (where the platform can fork), all started before the run is read so their heaps stay small:
 - plots and the latency model: a helper that imports matplotlib while the run is read, is sent the
-  tables' numeric columns through a pipe, then draws the plots while a process it forks fits the model
-  and draws the model's two plots;
+  tables' numeric columns through a pipe, then draws five of the plots while two processes it forks
+  draw the other four and fit the model (and draw its two plots);
 - profiler.db (`db_process`): a process that reads the raw files itself as a stream (a few MB of
   memory) into SQLite's raw tables (span, event, counter, ...), then is handed the analysis tables
   and per-request batch entries through a spool file, inserts them and writes
@@ -276,13 +276,15 @@ def _run(args: argparse.Namespace) -> int:
     formats: list[str] = list(dict.fromkeys(args.format))
     progress = _Progress(sys.stderr, args.quiet)
 
-    def plots_out(cols: tuple[dict[str, np.ndarray], dict[str, np.ndarray]]) -> list[Path] | str:
+    def plots_out(cols: tuple[dict[str, np.ndarray], dict[str, np.ndarray]], part: int) -> list[Path] | str:
         mod = _optional("service_profiler.analyze.plots")
         if mod is None:
             return "plots skipped: service_profiler.analyze.plots is not installed in this build"
         plot_dir = out_dir / "plots"
         plot_dir.mkdir(parents=True, exist_ok=True)
-        return list(mod.write_plots(cols[0], cols[1], plot_dir))
+        # two parts, drawn by two processes: the first five (three wide line charts) and the last four
+        names = mod.PLOT_NAMES[:5] if part == 0 else mod.PLOT_NAMES[5:]
+        return list(mod.write_plots(cols[0], cols[1], plot_dir, names))
 
     def model_out(cols: tuple[dict[str, np.ndarray], dict[str, np.ndarray]]) -> list[Path] | str:
         mod = _optional("service_profiler.model.latency")
@@ -304,8 +306,12 @@ def _run(args: argparse.Namespace) -> int:
     # heap is small, draws and fits them on the other core(s) once it is sent the columns. It imports
     # matplotlib while the run is read (the model's plots share it), then draws the plots itself while a
     # process it forks fits the model and draws its two plots.
+    # The helper draws the first part of the plots itself; the model and the second part of the plots
+    # run in processes it forks (after matplotlib is imported: shared), so three draw side by side.
     steps: list[tuple[str, Callable[[Any], Any]]] = [
-        (label, fn) for fmt, label, fn in (("plots", "plots", plots_out), ("model", "latency model", model_out))
+        (label, fn) for fmt, label, fn in (("plots", "plots", functools.partial(plots_out, part=0)),
+                                           ("model", "latency model", model_out),
+                                           ("plots", "plots", functools.partial(plots_out, part=1)))
         if fmt in formats]
     warm = ("matplotlib.figure", "matplotlib.backends.backend_agg")
     helpers = [_Feeder(progress, steps, warm)] if steps else []
@@ -393,20 +399,14 @@ def _analyze_run(args: argparse.Namespace, out_dir: Path, formats: list[str], pr
     # batch_req) and TABLE_CSVS. It works through them beside the trace and the CSVs below.
     csv_dir = out_dir if "csv" in formats else None
 
-    def hand_over() -> None:
-        if database is not None:
-            step("db", "SQLite", lambda: database.hand_over(tables, process_labels(data), csv_dir))
-
-    if database is not None and database.forked:
-        hand_over()
+    if database is not None:
+        step("db", "SQLite", lambda: database.hand_over(data, tables, process_labels(data), csv_dir))
     if records_side is None:
         step("json", "chrome trace", chrome_out)
         # The records' last consumer was the trace (SQLite's raw tables come from the files): their
         # memory goes to the CSVs; the tables keep the batch spans. (Not with --jobs: the child's
         # copy-on-write pages would be written by the releases.)
         data.spans, data.events, data.counters = [], [], []
-    if database is not None and not database.forked:  # in-process: after the records are released
-        hand_over()
     step("csv", "CSV", lambda: write_csvs(data, tables, out_dir, delegated=database is not None))
     if records_side is not None:
         records_side.collect(produced, notes, failures)

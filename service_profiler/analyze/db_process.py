@@ -1,18 +1,23 @@
 """profiler.db and per_iteration_requests.csv, written by one process beside the rest of analyze.
 
-The process is forked before the run is read, so its heap stays small. It first writes SQLite's raw
-tables straight from the raw files (`sqlite_export.write_raw_db`, a stream), then waits. Once analyze
-has built its tables it writes the analysis tables and the per-request batch entries
-(`sqlite_export.analysis_messages`, built a chunk at a time) into a spool file of pickles and hands it
-over. This process then inserts them, writes per_iteration_requests.csv from the same entry chunks and
-the CSVs made from one of those tables alone (`csv_export.TABLE_CSVS`: kvcache, events, state
-transitions), builds the indexes and views, and moves profiler.db into place. Meanwhile analyze writes
-the trace and the other CSVs.
+Large runs (raw files above STREAM_ABOVE_BYTES): the process is forked before the run is read, so its
+heap stays small. It first writes SQLite's raw tables straight from the raw files
+(`sqlite_export.write_raw_db`, a stream), then waits. Once analyze has built its tables it writes the
+analysis tables and the per-request batch entries (`sqlite_export.analysis_messages`, built a chunk at
+a time) into a spool file of pickles and hands it over. This process then inserts them, writes
+per_iteration_requests.csv from the same entry chunks and the CSVs made from one of those tables alone
+(`csv_export.TABLE_CSVS`: kvcache, events, state transitions), builds the indexes and views, and
+moves profiler.db into place. Meanwhile analyze writes the trace and the other CSVs.
 
 Writing the spool costs analyze a fraction of the inserts and CSV formatting it hands over (pickling
 a row is ~10x cheaper than binding it into SQLite or formatting it), and a file rather than a pipe
-never blocks analyze on the slower consumer. Where the platform cannot fork (or
-SERVICE_PROFILER_NO_FORK is set) the same steps run in-process at `hand_over`, in the same order.
+never blocks analyze on the slower consumer.
+
+Small runs: the process is forked at `hand_over`, after the read, and inherits the records and
+tables: no second parse of the raw files, no spool (`sqlite_export.write_raw_db_from`). The pages
+analyze then touches are copied (copy-on-write), which is a few MB here and would be the whole run on
+a large one. Where the platform cannot fork (or SERVICE_PROFILER_NO_FORK is set) the same steps run
+in-process at `hand_over`.
 
 Failures: the raw tables failing costs profiler.db alone (reported as such); a CSV that fails here (or
 is never reached) is left to analyze, which then writes that file itself (it is not in `csv_written`).
@@ -26,6 +31,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from service_profiler.rawfile import RunData, discover_files
+
 from . import sqlite_export
 from .csv_export import TABLE_CSVS, PerIterationWriter
 from .sqlite_export import Message, SqliteExport, analysis_messages
@@ -36,6 +43,9 @@ PER_ITERATION_CSV = "per_iteration_requests.csv"
 
 RAW_LABEL, DB_LABEL = "SQLite raw tables", "SQLite"
 _PICKLE_PROTOCOL = 5
+# Raw files above this are streamed by a process forked before the read; at or below it the process
+# is forked after the read (~50k records: a second parse would cost more than the copied pages).
+STREAM_ABOVE_BYTES = 32 * 2**20
 
 
 def _spool_messages(path: Path) -> Iterator[Message]:
@@ -59,35 +69,47 @@ class DatabaseProcess:
         self.csv_written: list[Path] = []  # the CSVs this process wrote (analyze writes the others)
         self.proc: Any = None
         self.conn: Any = None
+        self.streaming = False  # forked before the read, streaming the raw files (else: at hand_over)
         self.handed_over = False  # the process was told what to do after the raw tables
         self.sent_tables = False  # ... and that was to complete the database
         self.outcomes: list[Outcome] = []  # in-process mode: the steps' outcomes as they ran
+        size = 0
+        for path in discover_files(self.paths, []):
+            try:
+                size += path.stat().st_size
+            except OSError:  # the reader reports it
+                pass
+        if size > STREAM_ABOVE_BYTES and self._fork(self._streaming_child, ()):
+            self.streaming = True
+
+    def _fork(self, target: Callable[..., None], args: tuple[Any, ...]) -> bool:
+        """Start `target(conn, parent_end, *args)` in a forked process; False where that cannot be."""
         ctx = fork_context()
         if ctx is None:
-            return
+            return False
         for stream in (sys.stdout, sys.stderr):  # else the child flushes the parent's pending text again
             stream.flush()
         parent_end, child_end = ctx.Pipe(duplex=True)
-        proc = ctx.Process(target=self._child, args=(child_end, parent_end), name="analyze-db", daemon=True)
+        proc = ctx.Process(target=target, args=(child_end, parent_end, *args), name="analyze-db", daemon=True)
         try:
             proc.start()
         except OSError:  # out of processes / memory: everything runs in-process at hand_over
             parent_end.close()
             child_end.close()
-            return
+            return False
         child_end.close()
         self.proc, self.conn = proc, parent_end
-
-    @property
-    def forked(self) -> bool:
-        """Whether the steps run in a process of their own (else in-process, at hand_over)."""
-        return self.proc is not None
+        return True
 
     # -- the steps, wherever they run -------------------------------------------------------------
 
-    def _write_raw(self) -> str:
+    def _write_raw(self, run: RunData | None = None) -> str:
+        """From the raw files as a stream, or from `run` when it has been read already."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        sqlite_export.write_raw_db(self.paths, self.raw_db)
+        if run is None:
+            sqlite_export.write_raw_db(self.paths, self.raw_db)
+        else:
+            sqlite_export.write_raw_db_from(run, self.raw_db)
         return "SQLite raw tables written"
 
     def _complete(self, messages: Iterator[Message], labels: list[str], csv_dir: Path | None
@@ -138,7 +160,20 @@ class DatabaseProcess:
 
     # -- the forked process -----------------------------------------------------------------------
 
-    def _child(self, conn: Any, parent_end: Any) -> None:
+    def _late_child(self, conn: Any, parent_end: Any, run: RunData, tables: AnalysisTables, labels: list[str],
+                    csv_dir: Path | None) -> None:
+        """Forked after the read: the records and tables are this process's (copy-on-write) own."""
+        parent_end.close()
+        outcomes = [run_step(RAW_LABEL, lambda: self._write_raw(run), self.progress)]
+        outcome, written = self._complete(analysis_messages(tables), labels, csv_dir)
+        try:
+            conn.send(([*outcomes, outcome], written))
+        except OSError:  # analyze is gone
+            pass
+        conn.close()
+
+    def _streaming_child(self, conn: Any, parent_end: Any) -> None:
+        """Forked before the read: the raw tables from the files, then the analysis from the spool."""
         parent_end.close()
         outcomes = [run_step(RAW_LABEL, self._write_raw, self.progress)]
         try:
@@ -161,26 +196,30 @@ class DatabaseProcess:
 
     # -- analyze's side ---------------------------------------------------------------------------
 
-    def hand_over(self, tables: AnalysisTables, labels: list[str], csv_dir: Path | None) -> str:
+    def hand_over(self, run: RunData, tables: AnalysisTables, labels: list[str], csv_dir: Path | None) -> str:
         """Give the process the analysis tables (and, with `csv_dir`, per_iteration_requests.csv and
-        TABLE_CSVS to write there). Forked: spooled, then this returns; in-process: all runs now."""
+        TABLE_CSVS to write there). Streaming: spooled; small runs: a process forked now; in either
+        case this returns at once. Without fork: everything runs now."""
         self.handed_over = True
-        if self.proc is None:
-            self.outcomes.append(run_step(RAW_LABEL, self._write_raw, self.progress))
-            outcome, self.csv_written = self._complete(analysis_messages(tables), labels, csv_dir)
-            self.outcomes.append(outcome)
-            return "SQLite written"
-        try:
-            with self.spool.open("wb") as fh:
-                for message in analysis_messages(tables):
-                    pickle.dump(message, fh, protocol=_PICKLE_PROTOCOL)
-            self.conn.send((self.spool, labels, csv_dir))
+        if self.streaming:
+            try:
+                with self.spool.open("wb") as fh:
+                    for message in analysis_messages(tables):
+                        pickle.dump(message, fh, protocol=_PICKLE_PROTOCOL)
+                self.conn.send((self.spool, labels, csv_dir))
+                self.sent_tables = True
+            except BaseException:
+                self.spool.unlink(missing_ok=True)
+                self.abandon()
+                raise
+            return "SQLite tables handed to the database process"
+        if self._fork(self._late_child, (run, tables, labels, csv_dir)):
             self.sent_tables = True
-        except BaseException:
-            self.spool.unlink(missing_ok=True)
-            self.abandon()
-            raise
-        return "SQLite tables handed to the database process"
+            return "SQLite handed to the database process"
+        self.outcomes.append(run_step(RAW_LABEL, lambda: self._write_raw(run), self.progress))
+        outcome, self.csv_written = self._complete(analysis_messages(tables), labels, csv_dir)
+        self.outcomes.append(outcome)
+        return "SQLite written"
 
     def collect(self, produced: list[Path], notes: list[str], failures: list[str]) -> None:
         """Wait for the process (when there is one) and merge what its steps produced."""
@@ -203,7 +242,7 @@ class DatabaseProcess:
             merge(outcome, produced, notes, failures)
 
     def cancel(self) -> None:
-        """Let the process finish its raw tables and exit without a database (no analysis to add)."""
+        """Let a streaming process finish its raw tables and exit without a database (no analysis)."""
         if self.proc is not None and not self.handed_over:
             self.handed_over = True
             try:

@@ -9,7 +9,7 @@ canvas directly, which needs no display and leaves pyplot's global state alone.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -77,8 +77,17 @@ def histogram(ax: Axes, values: Float, bins: int, color: str | None = None) -> N
     ax.stairs(counts, edges, color="black", linewidth=0.4)
 
 
-def write_plots(batch_cols: Mapping[str, Any], request_cols: Mapping[str, Any], out_dir: Path) -> list[Path]:
-    """Write the nine analysis plots into ``out_dir``; return the paths actually written."""
+PLOT_NAMES = (
+    "schedule_model_trend.png", "prefill_decode_counts.png", "tokens_per_batch.png", "schedule_time_hist.png",
+    "model_run_time_hist.png", "schedule_vs_model_scatter.png", "ttft_distribution.png",
+    "batch_size_over_time.png", "kv_cache_utilization.png",
+)
+
+
+def write_plots(batch_cols: Mapping[str, Any], request_cols: Mapping[str, Any], out_dir: Path,
+                names: Collection[str] | None = None) -> list[Path]:
+    """Write the nine analysis plots (or those of PLOT_NAMES in ``names``: analyze draws them in two
+    processes) into ``out_dir``; return the paths actually written."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -98,7 +107,10 @@ def write_plots(batch_cols: Mapping[str, Any], request_cols: Mapping[str, Any], 
         ("batch_size_over_time.png", _batch_size_over_time, (12, 6)),
         ("kv_cache_utilization.png", _kv_cache_utilization, (12, 6)),
     ]
+    assert [name for name, _, _ in plots] == list(PLOT_NAMES)
     for name, draw, size in plots:
+        if names is not None and name not in names:
+            continue
         fig = Figure(figsize=size)
         FigureCanvasAgg(fig)
         ax = fig.subplots()

@@ -134,34 +134,29 @@ def _write_process_tables(db: sqlite3.Connection, run: RunData) -> None:
     db.executemany("INSERT INTO problem VALUES (?)", [(p,) for p in run.problems])
 
 
-def write_raw_db(paths: Sequence[Path | str], path: Path) -> Path:
-    """The raw tables (process, process_meta, span, event, counter, run_state, problem) and their
-    indexes, in a new SQLite file at `path`, read straight from the raw files as a stream: memory
-    stays a few MB however long the run, so this runs beside the rest of the analysis in a process
-    forked before the run is read (analyze's command), not after it, when a child would copy every
-    page of records it touched. Records go into temporary tables as they are read and are copied
-    into span / event / counter ordered by (time, reading order): the same rows, ids and order as a
-    stable sort of the read run (`read_run`) gives. The analysis tables are added to this file
-    afterwards (`SqliteExport`)."""
-    path.unlink(missing_ok=True)
-    db = _connect(path)
-    dumps = json_text
-    try:
-        db.execute("BEGIN")
+class _RawTables:
+    """The raw tables of one new SQLite file: records are added in reading order (`add`, any number of
+    times) into temporary tables, and `finish` copies them into span / event / counter ordered by
+    (time, order added), writes the process tables and the indexes, and commits."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.unlink(missing_ok=True)
+        self.db = _connect(path)
+        self.db.execute("BEGIN")
         for name, (columns, _) in _RECORD_TABLES.items():
-            db.execute(f"CREATE TEMP TABLE read_{name} ({columns})")
-        marks = {name: ",".join("?" * (columns.count(",") + 1)) for name, (columns, _) in _RECORD_TABLES.items()}
+            self.db.execute(f"CREATE TEMP TABLE read_{name} ({columns})")
+        self.marks = {name: ",".join("?" * (columns.count(",") + 1)) for name, (columns, _) in _RECORD_TABLES.items()}
 
-        def drain(run: RunData) -> None:
-            db.executemany(f"INSERT INTO read_span VALUES ({marks['span']})", _span_rows(run.spans))
-            db.executemany(f"INSERT INTO read_event VALUES ({marks['event']})", _event_rows(run.events))
-            db.executemany(f"INSERT INTO read_counter VALUES ({marks['counter']})", (
-                (c.proc, c.domain, c.name, c.ts_ns, dumps(c.values)) for c in run.counters))
-            run.spans.clear()
-            run.events.clear()
-            run.counters.clear()
+    def add(self, run: RunData) -> None:
+        db, marks = self.db, self.marks
+        db.executemany(f"INSERT INTO read_span VALUES ({marks['span']})", _span_rows(run.spans))
+        db.executemany(f"INSERT INTO read_event VALUES ({marks['event']})", _event_rows(run.events))
+        db.executemany(f"INSERT INTO read_counter VALUES ({marks['counter']})", (
+            (c.proc, c.domain, c.name, c.ts_ns, json_text(c.values)) for c in run.counters))
 
-        run = read_run(paths, drain)
+    def finish(self, run: RunData) -> Path:
+        db = self.db
         _write_process_tables(db, run)
         for name, (columns, time_column) in _RECORD_TABLES.items():
             db.execute(f"CREATE TABLE {name} (id INTEGER PRIMARY KEY, {columns})")
@@ -170,12 +165,48 @@ def write_raw_db(paths: Sequence[Path | str], path: Path) -> Path:
         for stmt in _RAW_INDEXES:
             db.execute(stmt)
         db.execute("COMMIT")
-    except BaseException:
         db.close()
-        path.unlink(missing_ok=True)
+        return self.path
+
+    def abort(self) -> None:
+        self.db.close()
+        self.path.unlink(missing_ok=True)
+
+
+def write_raw_db(paths: Sequence[Path | str], path: Path) -> Path:
+    """The raw tables (process, process_meta, span, event, counter, run_state, problem) and their
+    indexes, in a new SQLite file at `path`, read straight from the raw files as a stream: memory
+    stays a few MB however long the run, so analyze runs this beside the rest of the analysis in a
+    process forked before the run is read (`db_process`), not after it, when a child would copy every
+    page of records it touched. Records go into temporary tables as they are read and are copied
+    into span / event / counter ordered by (time, reading order): the same rows, ids and order as a
+    stable sort of the read run (`read_run`) gives. The analysis tables are added to this file
+    afterwards (`SqliteExport`)."""
+    raw = _RawTables(path)
+    try:
+        def drain(run: RunData) -> None:
+            raw.add(run)
+            run.spans.clear()
+            run.events.clear()
+            run.counters.clear()
+
+        return raw.finish(read_run(paths, drain))
+    except BaseException:
+        raw.abort()
         raise
-    db.close()
-    return path
+
+
+def write_raw_db_from(run: RunData, path: Path) -> Path:
+    """`write_raw_db` for a run already read (its lists are time sorted, so the rows come out the same):
+    for small runs, where reading the files a second time costs more than the copy-on-write pages of
+    a process forked after the read."""
+    raw = _RawTables(path)
+    try:
+        raw.add(run)
+        return raw.finish(run)
+    except BaseException:
+        raw.abort()
+        raise
 
 
 _SCALARS = frozenset({int, float, str, bool})
