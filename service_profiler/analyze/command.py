@@ -9,17 +9,18 @@ Reads the raw files (tolerantly), builds the analysis tables once, and runs each
 One exporter failing does not stop the others; it is reported and the exit status is 1. Problems found
 in the raw data (torn lines, files without header, ...) are listed at the end and in problems.txt.
 
-Processes (where the platform can fork), all started before the run is read so their heaps stay small:
-- plots and the latency model: a helper that imports matplotlib while the run is read, is sent the
-  tables' numeric columns through a pipe, then draws five of the plots while two processes it forks
-  draw the other four and fit the model (and draw its two plots);
-- profiler.db (`db_process`): a process that reads the raw files itself as a stream (a few MB of
-  memory) into SQLite's raw tables (span, event, counter, ...), then is handed the analysis tables
-  and per-request batch entries through a spool file, inserts them and writes
-  per_iteration_requests.csv from the same entries, while this process writes the trace and the
-  other CSVs.
-The records themselves are processed in one process: a child forked after the read would end up with
-its own copy of every page the parent then touches (CPython's reference counts are writes), i.e. a
+Processes (where the platform can fork):
+- plots and the latency model: a helper forked before the run is read (its heap stays small) that
+  imports matplotlib while the run is read, is sent the tables' numeric columns through a pipe, then
+  draws five of the plots while two processes it forks draw the other four and fit the model (and
+  draw its two plots);
+- profiler.db (`db_process`) and the CSVs made from what it inserts (per_iteration_requests.csv,
+  kvcache.csv, events.csv, state_transitions.csv): on large runs a process forked before the read
+  that streams the raw files into SQLite's raw tables (a few MB of memory) and is then handed the
+  analysis tables through a spool file; on small runs a process forked after the tables are built,
+  which inherits the records and tables. Either works beside this process's trace and other CSVs.
+On large runs the records themselves are processed in one process: a child forked after the read
+would end up with its own copy of every page the parent then touches (CPython's reference counts are writes), i.e. a
 second copy of the run. `--jobs 2` accepts part of that trade for the chrome trace: a child forked
 after the read writes it while this process builds the tables and writes the CSVs. With --jobs 1 the
 records other than the batch spans are released once the trace is written.
