@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -144,14 +145,18 @@ def test_server_ttft_matches_what_the_client_measured(served: Served) -> None:
         row = _request_row(by_api_rid, completion)
         assert completion.ttft_ms is not None and float(row["ttft_ms"]) <= completion.ttft_ms
         assert float(row["e2e_ms"]) <= completion.e2e_ms
-    # One request at a time on loopback: the server's TTFT is within 20 ms of the client's.
+    # One request at a time on loopback: the server's TTFT and e2e are the client's less the transport,
+    # typically a few ms. The client can never see the token before the server sent it; on this shared
+    # 2-core machine one request in a few can wait tens of ms for the CPU (the engine busy-polls), so
+    # the median gap is held to 20 ms and each to 100 ms (a unit or join error is off by far more).
+    ttft_gaps, e2e_gaps = [], []
     for completion in served.sequential:
         row = _request_row(by_api_rid, completion)
-        server_ttft, client_ttft = float(row["ttft_ms"]), completion.ttft_ms
-        assert client_ttft is not None
-        assert server_ttft <= client_ttft <= server_ttft + 20.0, (server_ttft, client_ttft)
-        server_e2e = float(row["e2e_ms"])
-        assert server_e2e <= completion.e2e_ms <= server_e2e + 20.0, (server_e2e, completion.e2e_ms)
+        assert completion.ttft_ms is not None
+        ttft_gaps.append(completion.ttft_ms - float(row["ttft_ms"]))
+        e2e_gaps.append(completion.e2e_ms - float(row["e2e_ms"]))
+    for gaps in (ttft_gaps, e2e_gaps):
+        assert min(gaps) >= 0.0 and max(gaps) <= 100.0 and statistics.median(gaps) <= 20.0, gaps
 
 
 def test_batches_join_model_runs_and_steps(served: Served) -> None:
