@@ -257,12 +257,11 @@ def test_a_crash_mid_analysis_leaves_no_raw_tables_nor_their_process(
     assert multiprocessing.active_children() == []
 
 
-@pytest.mark.parametrize("mode", ["late", "stream", "no_fork"])
 def test_csvs_failing_in_the_database_process_are_written_here(
-        synth: SyntheticRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
-    # per_iteration_requests.csv (from the entries it inserts) and the CSVs of one table each are written
-    # by the database process; when one of its writers fails, analyze writes that file itself: same
-    # bytes, the database and the other files unaffected
+        synth: SyntheticRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Streaming (large runs), per_iteration_requests.csv (from the entries it inserts) and the CSVs of
+    # one table each are written by the database process; when one of its writers fails, analyze writes
+    # that file itself: same bytes, the database and the other files unaffected
     from service_profiler.analyze import csv_export, db_process
 
     class FailingWriter(csv_export.PerIterationWriter):
@@ -277,7 +276,7 @@ def test_csvs_failing_in_the_database_process_are_written_here(
     monkeypatch.setattr(db_process, "PerIterationWriter", FailingWriter)
     failing = {**csv_export.TABLE_CSVS, "kvcache.csv": ("kvcache", failing_kvcache)}
     monkeypatch.setattr(db_process, "TABLE_CSVS", failing)
-    _db_mode(monkeypatch, mode)
+    _db_mode(monkeypatch, "stream")
     out = tmp_path / "out"
     assert command.run(_args([synth.run_dir], out, "csv", "db")) == command.EXIT_OK
     for name in ("per_iteration_requests.csv", "kvcache.csv", "events.csv"):

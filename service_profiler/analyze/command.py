@@ -14,11 +14,11 @@ Processes (where the platform can fork):
   imports matplotlib while the run is read, is sent the tables' numeric columns through a pipe, then
   draws five of the plots while two processes it forks draw the other four and fit the model (and
   draw its two plots);
-- profiler.db (`db_process`) and the CSVs made from what it inserts (per_iteration_requests.csv,
-  kvcache.csv, events.csv, state_transitions.csv): on large runs a process forked before the read
-  that streams the raw files into SQLite's raw tables (a few MB of memory) and is then handed the
-  analysis tables through a spool file; on small runs a process forked after the tables are built,
-  which inherits the records and tables. Either works beside this process's trace and other CSVs.
+- profiler.db (`db_process`): on large runs a process forked before the read that streams the raw
+  files into SQLite's raw tables (a few MB of memory), is then handed the analysis tables through a
+  spool file and also writes the CSVs made from what it inserts (per_iteration_requests.csv,
+  kvcache.csv, events.csv, state_transitions.csv); on small runs a process forked after the tables
+  are built, which inherits the records and tables. Either works beside this process's trace and CSVs.
 On large runs the records themselves are processed in one process: a child forked after the read
 would end up with its own copy of every page the parent then touches (CPython's reference counts are writes), i.e. a
 second copy of the run. `--jobs 2` accepts part of that trade for the chrome trace: a child forked
@@ -395,10 +395,12 @@ def _analyze_run(args: argparse.Namespace, out_dir: Path, formats: list[str], pr
         if fmt in formats:
             merge(run_step(label, fn, progress), produced, notes, failures)
 
-    # The database process gets the analysis tables first (a spool of pickles: fast to write), and the
+    # The database process gets the analysis tables first. Streaming (large runs), it also writes the
     # CSVs made from what it is handed: per_iteration_requests.csv (from the entries it inserts into
-    # batch_req) and TABLE_CSVS. It works through them beside the trace and the CSVs below.
-    csv_dir = out_dir if "csv" in formats else None
+    # batch_req) and TABLE_CSVS; on small runs this process has the time to write them itself, and the
+    # database is done sooner. It works beside the trace and the CSVs below.
+    delegate = database is not None and database.streaming
+    csv_dir = out_dir if "csv" in formats and delegate else None
 
     if database is not None:
         step("db", "SQLite", lambda: database.hand_over(data, tables, process_labels(data), csv_dir))
@@ -408,7 +410,7 @@ def _analyze_run(args: argparse.Namespace, out_dir: Path, formats: list[str], pr
         # memory goes to the CSVs; the tables keep the batch spans. (Not with --jobs: the child's
         # copy-on-write pages would be written by the releases.)
         data.spans, data.events, data.counters = [], [], []
-    step("csv", "CSV", lambda: write_csvs(data, tables, out_dir, delegated=database is not None))
+    step("csv", "CSV", lambda: write_csvs(data, tables, out_dir, delegated=delegate))
     if records_side is not None:
         records_side.collect(produced, notes, failures)
     for helper in helpers:

@@ -14,7 +14,8 @@ a row is ~10x cheaper than binding it into SQLite or formatting it), and a file 
 never blocks analyze on the slower consumer.
 
 Small runs: the process is forked at `hand_over`, after the read, and inherits the records and
-tables: no second parse of the raw files, no spool (`sqlite_export.write_raw_db_from`). The pages
+tables: no second parse of the raw files, no spool (`sqlite_export.write_raw_db_from`). analyze then
+writes every CSV itself (it passes no `csv_dir`): it has the time, and the database is done sooner. The pages
 analyze then touches are copied (copy-on-write), which is a few MB here and would be the whole run on
 a large one. Where the platform cannot fork (or SERVICE_PROFILER_NO_FORK is set) the same steps run
 in-process at `hand_over`.
