@@ -37,6 +37,7 @@ import multiprocessing
 import os
 import resource
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -167,6 +168,7 @@ class _Feeder:
         self.conn: Any = None
         self.payload: Any = None
         self.fed = False
+        self.sender: threading.Thread | None = None
         ctx = fork_context() if steps else None
         if ctx is None:
             return
@@ -229,10 +231,17 @@ class _Feeder:
         return recv, pid
 
     def feed(self, payload: Any) -> None:
+        """Send the payload from a thread: the helper reads it only once its imports are done, and a
+        payload larger than the pipe's buffer would block this process until then (~0.3 s on a
+        1,000-request run, while the helper imports matplotlib)."""
         self.fed = True
         if self.proc is None:
             self.payload = payload
             return
+        self.sender = threading.Thread(target=self._send, args=(payload,), name="analyze-feed", daemon=True)
+        self.sender.start()
+
+    def _send(self, payload: Any) -> None:
         try:
             self.conn.send(payload)
         except OSError:  # the helper is gone: collect reports it
@@ -256,6 +265,8 @@ class _Feeder:
                        failures)
             self.payload = None
             return
+        if self.sender is not None:
+            self.sender.join()
         for outcome in receive_outcomes(self.conn, self.proc, [label for label, _ in self.steps]):
             merge(outcome, produced, notes, failures)
 
