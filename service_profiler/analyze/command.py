@@ -20,9 +20,9 @@ Processes (where the platform can fork):
   kvcache.csv, events.csv, state_transitions.csv); on small runs a process forked after the tables
   are built, which inherits the records and tables. Either works beside this process's trace and CSVs.
 On large runs the records themselves are processed in one process: a child forked after the read
-would end up with its own copy of every page the parent then touches (CPython's reference counts are writes), i.e. a
-second copy of the run. `--jobs 2` accepts part of that trade for the chrome trace: a child forked
-after the read writes it while this process builds the tables and writes the CSVs. With --jobs 1 the
+would end up with its own copy of every page the parent then touches (CPython's reference counts are
+writes), i.e. a second copy of the run. `--jobs 2` accepts part of that trade for the chrome trace: a
+child forked after the read writes it while this process builds the tables and writes the CSVs. With --jobs 1 the
 records other than the batch spans are released once the trace is written.
 SERVICE_PROFILER_NO_FORK=1 runs everything in-process.
 """
@@ -316,10 +316,8 @@ def _run(args: argparse.Namespace) -> int:
 
     # plots and the model need only the tables' numeric columns (a few MB): a helper forked now, while the
     # heap is small, draws and fits them on the other core(s) once it is sent the columns. It imports
-    # matplotlib while the run is read (the model's plots share it), then draws the plots itself while a
-    # process it forks fits the model and draws its two plots.
-    # The helper draws the first part of the plots itself; the model and the second part of the plots
-    # run in processes it forks (after matplotlib is imported: shared), so three draw side by side.
+    # matplotlib while the run is read, then draws the first part of the plots itself while the model
+    # and the second part run in processes it forks (matplotlib, imported once, is shared).
     steps: list[tuple[str, Callable[[Any], Any]]] = [
         (label, fn) for fmt, label, fn in (("plots", "plots", functools.partial(plots_out, part=0)),
                                            ("model", "latency model", model_out),
@@ -340,8 +338,9 @@ def _analyze(args: argparse.Namespace, out_dir: Path, formats: list[str], progre
 
     from .db_process import DatabaseProcess
 
-    # profiler.db is written by a process of its own, started now while the heap is small: it reads
-    # the raw files as a stream into the raw tables, then (at hand_over) adds the analysis tables.
+    # profiler.db is written by a process of its own (db_process): on large runs it starts now, while
+    # the heap is small, and streams the raw files into the raw tables; on small runs it is forked at
+    # hand_over. Either way it adds the analysis tables it is handed.
     database: DatabaseProcess | None = None
     if "db" in formats and discover_files(args.input_path, []):
         database = DatabaseProcess(progress, args.input_path, out_dir)
@@ -417,9 +416,9 @@ def _analyze_run(args: argparse.Namespace, out_dir: Path, formats: list[str], pr
         step("db", "SQLite", lambda: database.hand_over(data, tables, process_labels(data), csv_dir))
     if records_side is None:
         step("json", "chrome trace", chrome_out)
-        # The records' last consumer was the trace (SQLite's raw tables come from the files): their
-        # memory goes to the CSVs; the tables keep the batch spans. (Not with --jobs: the child's
-        # copy-on-write pages would be written by the releases.)
+        # The records' last consumer was the trace (SQLite's raw tables come from the files, or from the
+        # database process's own copy): their memory goes to the CSVs; the tables keep the batch spans.
+        # (Not with --jobs: the child's copy-on-write pages would be written by the releases.)
         data.spans, data.events, data.counters = [], [], []
     step("csv", "CSV", lambda: write_csvs(data, tables, out_dir, delegated=delegate))
     if records_side is not None:
