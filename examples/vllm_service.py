@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -175,7 +176,11 @@ def _read_stream(conn: http.client.HTTPConnection, response: http.client.HTTPRes
                 chunks += 1
             finish = choice.get("finish_reason") or finish
         if disconnect_after_chunks is not None and chunks >= disconnect_after_chunks:
-            conn.close()  # the client goes away mid-stream; vLLM aborts the request
+            # The client goes away mid-stream and vLLM aborts the request. Reset, not a FIN: the server's
+            # next write fails at once, where a half-closed socket could go unnoticed while it streams.
+            if conn.sock is not None:
+                conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()
             return Completion(prompt, "".join(text), sent, first, time.time_ns(), chunks, None, True, True,
                               response_id)
     return Completion(prompt, "".join(text), sent, first, time.time_ns(), tokens, finish, True,

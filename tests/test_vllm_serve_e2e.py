@@ -47,12 +47,13 @@ def served(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Served
     config.write_text(json.dumps({"enable": 1, "prof_dir": str(root / "prof")}))
     env = {"SERVICE_PROF_CONFIG_PATH": str(config), "PROFILING_SYMBOLS_PATH": str(symbols)}
     workload = [(PROMPTS[i % len(PROMPTS)] + f" {i}", 6 + (i * 5) % 30, i % 2 == 0, None) for i in range(16)]
-    # The client leaves after 2 chunks; the server must notice (and abort) before the request could end
-    # on its own: 480 tokens, near --max-model-len 512, leave it ~1 s on this machine (300 once did not).
-    workload.append((DISCONNECT_PROMPT, 480, True, 2))
+    # The client leaves after 2 chunks (a reset, see vllm_service) and the server aborts the request long
+    # before its 300 tokens could end it.
+    workload.append((DISCONNECT_PROMPT, 300, True, 2))
     with running_server(tiny_model, root / "server.log", profiler_env=env,
                         extra_args=["--max-num-seqs", str(MAX_NUM_SEQS)]) as server:
         completions = run_workload(server, workload, CONCURRENCY)
+        time.sleep(1.0)  # the abort and the last outputs are through: the sequential requests run alone
         sequential = [complete(server, f"{PROMPTS[i]} alone {i}", 8, stream=True) for i in range(4)]
         time.sleep(2.5)  # the abort reaches the engine; every process flushes
     run_dirs = list((root / "prof").iterdir())
