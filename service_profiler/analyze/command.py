@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
 
-from .steps import fork_context, merge, receive_forked, receive_outcomes, run_step
+from .steps import fork_context, merge, receive_forked, receive_outcomes, run_step, start_forked
 
 if TYPE_CHECKING:
     from .db_process import DatabaseProcess
@@ -114,35 +114,14 @@ class _Side:
         self.progress, self.steps = progress, steps
         self.proc: Any = None
         self.conn: Any = None
-        ctx = fork_context() if steps else None
-        if ctx is None:
-            return
-        for stream in (sys.stdout, sys.stderr):  # else the child flushes the parent's pending text again
-            stream.flush()
-        recv, send = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=self._child, args=(send,), name="analyze-side", daemon=True)
-        try:
-            proc.start()
-        except OSError:  # out of processes / memory: fall back to running in-process
-            recv.close()
-            send.close()
-            return
-        send.close()
-        self.proc, self.conn = proc, recv
+        started = start_forked("analyze-side", self._child) if steps else None
+        if started is not None:  # else (no fork) the steps run in-process at `collect`
+            self.proc, self.conn = started
 
-    def _child(self, send: Any) -> None:
+    def _child(self, conn: Any) -> None:
         outcomes = [run_step(label, fn, self.progress) for _, label, fn in self.steps]
-        send.send(outcomes)
-        send.close()
-
-    def abandon(self) -> None:
-        """Stop the child without waiting for its steps (the analysis failed before it needed them)."""
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.join()
-            self.conn.close()
-            self.proc = None
-        self.steps = []
+        conn.send(outcomes)
+        conn.close()
 
     def collect(self, produced: list[Path], notes: list[str], failures: list[str]) -> None:
         """Wait for the child (or run the steps here when there is none) and merge what they produced."""
@@ -169,24 +148,11 @@ class _Feeder:
         self.payload: Any = None
         self.fed = False
         self.sender: threading.Thread | None = None
-        ctx = fork_context() if steps else None
-        if ctx is None:
-            return
-        for stream in (sys.stdout, sys.stderr):
-            stream.flush()
-        parent_end, child_end = ctx.Pipe(duplex=True)
-        proc = ctx.Process(target=self._child, args=(child_end, parent_end), name="analyze-plots", daemon=True)
-        try:
-            proc.start()
-        except OSError:
-            parent_end.close()
-            child_end.close()
-            return
-        child_end.close()
-        self.proc, self.conn = proc, parent_end
+        started = start_forked("analyze-plots", self._child) if steps else None
+        if started is not None:  # else (no fork) the steps run in-process at `collect`
+            self.proc, self.conn = started
 
-    def _child(self, conn: Any, parent_end: Any) -> None:
-        parent_end.close()
+    def _child(self, conn: Any) -> None:
         for module in self.warm:  # imported while the parent reads the run
             try:
                 importlib.import_module(module)

@@ -27,7 +27,6 @@ is never reached) is left to analyze, which then writes that file itself (it is 
 from __future__ import annotations
 
 import pickle
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,7 @@ from service_profiler.rawfile import RunData, discover_files
 from . import sqlite_export
 from .csv_export import TABLE_CSVS, PerIterationWriter
 from .sqlite_export import Message, SqliteExport, analysis_messages
-from .steps import Outcome, fork_context, merge, run_step
+from .steps import Outcome, merge, run_step, start_forked
 from .tables import AnalysisTables
 
 PER_ITERATION_CSV = "per_iteration_requests.csv"
@@ -84,22 +83,11 @@ class DatabaseProcess:
             self.streaming = True
 
     def _fork(self, target: Callable[..., None], args: tuple[Any, ...]) -> bool:
-        """Start `target(conn, parent_end, *args)` in a forked process; False where that cannot be."""
-        ctx = fork_context()
-        if ctx is None:
+        """Start `target(conn, *args)` in a forked process; False where that cannot be."""
+        started = start_forked("analyze-db", target, args)
+        if started is None:  # everything then runs in-process at hand_over
             return False
-        for stream in (sys.stdout, sys.stderr):  # else the child flushes the parent's pending text again
-            stream.flush()
-        parent_end, child_end = ctx.Pipe(duplex=True)
-        proc = ctx.Process(target=target, args=(child_end, parent_end, *args), name="analyze-db", daemon=True)
-        try:
-            proc.start()
-        except OSError:  # out of processes / memory: everything runs in-process at hand_over
-            parent_end.close()
-            child_end.close()
-            return False
-        child_end.close()
-        self.proc, self.conn = proc, parent_end
+        self.proc, self.conn = started
         return True
 
     # -- the steps, wherever they run -------------------------------------------------------------
@@ -161,10 +149,9 @@ class DatabaseProcess:
 
     # -- the forked process -----------------------------------------------------------------------
 
-    def _late_child(self, conn: Any, parent_end: Any, run: RunData, tables: AnalysisTables, labels: list[str],
+    def _late_child(self, conn: Any, run: RunData, tables: AnalysisTables, labels: list[str],
                     csv_dir: Path | None) -> None:
         """Forked after the read: the records and tables are this process's (copy-on-write) own."""
-        parent_end.close()
         outcomes = [run_step(RAW_LABEL, lambda: self._write_raw(run), self.progress)]
         outcome, written = self._complete(analysis_messages(tables), labels, csv_dir)
         try:
@@ -173,9 +160,8 @@ class DatabaseProcess:
             pass
         conn.close()
 
-    def _streaming_child(self, conn: Any, parent_end: Any) -> None:
+    def _streaming_child(self, conn: Any) -> None:
         """Forked before the read: the raw tables from the files, then the analysis from the spool."""
-        parent_end.close()
         outcomes = [run_step(RAW_LABEL, self._write_raw, self.progress)]
         try:
             order = conn.recv()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -72,3 +73,29 @@ def fork_context() -> Any:
     if os.environ.get("SERVICE_PROFILER_NO_FORK") or "fork" not in multiprocessing.get_all_start_methods():
         return None
     return multiprocessing.get_context("fork")
+
+
+def start_forked(name: str, target: Callable[..., None], args: tuple[Any, ...] = ()) -> tuple[Any, Any] | None:
+    """Start `target(conn, *args)` in a forked daemon process joined to this one by a duplex pipe;
+    (the process, this process's end of the pipe), or None where fork is unavailable or fails (out of
+    processes or memory): the caller then runs the work in-process."""
+    ctx = fork_context()
+    if ctx is None:
+        return None
+    for stream in (sys.stdout, sys.stderr):  # else the child flushes the parent's pending text again
+        stream.flush()
+    parent_end, child_end = ctx.Pipe(duplex=True)
+    proc = ctx.Process(target=_forked, args=(target, child_end, parent_end, args), name=name, daemon=True)
+    try:
+        proc.start()
+    except OSError:
+        parent_end.close()
+        child_end.close()
+        return None
+    child_end.close()
+    return proc, parent_end
+
+
+def _forked(target: Callable[..., None], conn: Any, parent_end: Any, args: tuple[Any, ...]) -> None:
+    parent_end.close()  # the child's copy: EOF on `conn` must mean the parent is gone
+    target(conn, *args)
