@@ -77,13 +77,6 @@ def histogram(ax: Axes, values: Float, bins: int, color: str | None = None) -> N
     ax.stairs(counts, edges, color="black", linewidth=0.4)
 
 
-PLOT_NAMES = (
-    "schedule_model_trend.png", "prefill_decode_counts.png", "tokens_per_batch.png", "schedule_time_hist.png",
-    "model_run_time_hist.png", "schedule_vs_model_scatter.png", "ttft_distribution.png",
-    "batch_size_over_time.png", "kv_cache_utilization.png",
-)
-
-
 def write_plots(batch_cols: Mapping[str, Any], request_cols: Mapping[str, Any], out_dir: Path,
                 names: Collection[str] | None = None) -> list[Path]:
     """Write the nine analysis plots (or those of PLOT_NAMES in ``names``: analyze draws them in two
@@ -96,19 +89,7 @@ def write_plots(batch_cols: Mapping[str, Any], request_cols: Mapping[str, Any], 
     batches = _Columns(batch_cols)
     requests = _Columns(request_cols)
     written: list[Path] = []
-    plots: list[tuple[str, Callable[[Axes, _Columns, _Columns], str | None], tuple[float, float]]] = [
-        ("schedule_model_trend.png", _schedule_model_trend, (12, 5)),
-        ("prefill_decode_counts.png", _prefill_decode_counts, (12, 5)),
-        ("tokens_per_batch.png", _tokens_per_batch, (12, 5)),
-        ("schedule_time_hist.png", _schedule_time_hist, (9, 5)),
-        ("model_run_time_hist.png", _model_run_time_hist, (9, 5)),
-        ("schedule_vs_model_scatter.png", _schedule_vs_model_scatter, (8, 6)),
-        ("ttft_distribution.png", _ttft_distribution, (10, 6)),
-        ("batch_size_over_time.png", _batch_size_over_time, (12, 6)),
-        ("kv_cache_utilization.png", _kv_cache_utilization, (12, 6)),
-    ]
-    assert [name for name, _, _ in plots] == list(PLOT_NAMES)
-    for name, draw, size in plots:
+    for name, draw, size in _PLOTS:
         if names is not None and name not in names:
             continue
         fig = Figure(figsize=size)
@@ -297,3 +278,18 @@ def _kv_cache_utilization(ax: Axes, b: _Columns, _r: _Columns) -> str | None:
     ax.set_ylabel("KV cache utilisation (%)")
     ax.set_title("KV cache utilisation over time")
     return None
+
+
+# (file name, drawing function, figure size in inches), in drawing order
+_PLOTS: list[tuple[str, Callable[[Axes, _Columns, _Columns], str | None], tuple[float, float]]] = [
+    ("schedule_model_trend.png", _schedule_model_trend, (12, 5)),
+    ("prefill_decode_counts.png", _prefill_decode_counts, (12, 5)),
+    ("tokens_per_batch.png", _tokens_per_batch, (12, 5)),
+    ("schedule_time_hist.png", _schedule_time_hist, (9, 5)),
+    ("model_run_time_hist.png", _model_run_time_hist, (9, 5)),
+    ("schedule_vs_model_scatter.png", _schedule_vs_model_scatter, (8, 6)),
+    ("ttft_distribution.png", _ttft_distribution, (10, 6)),
+    ("batch_size_over_time.png", _batch_size_over_time, (12, 6)),
+    ("kv_cache_utilization.png", _kv_cache_utilization, (12, 6)),
+]
+PLOT_NAMES = tuple(name for name, _, _ in _PLOTS)
