@@ -308,8 +308,9 @@ def _analyze(args: argparse.Namespace, out_dir: Path, formats: list[str], progre
     # the heap is small, and streams the raw files into the raw tables; on small runs it is forked at
     # hand_over. Either way it adds the analysis tables it is handed.
     database: DatabaseProcess | None = None
-    if "db" in formats and discover_files(args.input_path, []):
-        database = DatabaseProcess(progress, args.input_path, out_dir)
+    raw_files = discover_files(args.input_path, []) if "db" in formats else []
+    if raw_files:
+        database = DatabaseProcess(progress, args.input_path, raw_files, out_dir)
     try:
         return _analyze_run(args, out_dir, formats, progress, helpers, database)
     except BaseException:  # no half-written database left behind, nor its process running on

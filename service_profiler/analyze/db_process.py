@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from service_profiler.rawfile import RunData, discover_files
+from service_profiler.rawfile import RunData
 
 from . import sqlite_export
 from .csv_export import TABLE_CSVS, PerIterationWriter
@@ -58,10 +58,12 @@ def _spool_messages(path: Path) -> Iterator[Message]:
 
 
 class DatabaseProcess:
-    """Owns profiler.db for one analysis: `__init__` starts the raw tables (forked where possible),
+    """Owns profiler.db for one analysis: `__init__` starts streaming the raw tables on a large run,
     `hand_over` gives it the analysis tables, `collect` waits for it and merges what it produced."""
 
-    def __init__(self, progress: Callable[[str], None], paths: Sequence[Path], out_dir: Path) -> None:
+    def __init__(self, progress: Callable[[str], None], paths: Sequence[Path], raw_files: Sequence[Path],
+                 out_dir: Path) -> None:
+        """`paths`: analyze's input paths; `raw_files`: the raw files found under them."""
         self.progress, self.paths, self.out_dir = progress, list(paths), out_dir
         self.db_path = out_dir / "profiler.db"
         self.raw_db = out_dir / "profiler.db.raw.tmp"
@@ -74,7 +76,7 @@ class DatabaseProcess:
         self.sent_tables = False  # ... and that was to complete the database
         self.outcomes: list[Outcome] = []  # in-process mode: the steps' outcomes as they ran
         size = 0
-        for path in discover_files(self.paths, []):
+        for path in raw_files:
             try:
                 size += path.stat().st_size
             except OSError:  # the reader reports it
