@@ -35,6 +35,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
+from operator import itemgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, TextIO
 
@@ -62,6 +63,7 @@ _REQUESTS_SORT, _OTHER_SORT = 1, 4
 _CHUNK = 20_000
 _PLAIN = frozenset({int, str, bool, type(None)})
 _NONE: tuple[Any, ...] = ()
+_START, _END = itemgetter(3), itemgetter(4)  # SpanRecord.start_ns, .end_ns
 
 
 def write_chrome_trace(run: RunData, tables: object | None, out_path: Path) -> None:
@@ -155,8 +157,11 @@ def _compact(attrs: dict[str, Any] | None) -> dict[str, Any]:
     otherwise be most of the file. Runs once per span and event, hence the C-speed scan first."""
     if not attrs:
         return {}
+    odd = [k for k, v in attrs.items() if type(v) not in _PLAIN]
+    if not odd:
+        return attrs  # shared, not copied: the trace only encodes it
     out = dict(attrs)
-    for key in [k for k, v in attrs.items() if type(v) not in _PLAIN]:
+    for key in odd:
         value = out.pop(key)
         if type(value) is float:
             out[key] = round(value, 6) if value - value == 0 else str(value)  # nan/inf are not JSON
@@ -254,7 +259,9 @@ class _TraceBuilder:
         origin, events, placed = self.origin, self.events, self.placed
         append = events.append
         for (proc, raw_tid), spans in by_thread.items():
-            spans.sort(key=lambda s: (s.start_ns, -s.end_ns))
+            # (start, -end) order from two C-keyed stable sorts: outer slices before the ones they hold
+            spans.sort(key=_END, reverse=True)
+            spans.sort(key=_START)
             pid, main_tid = proc + 1, self._tid(proc, raw_tid)
             stack: list[int] = []  # ends of the slices still open on the thread's own track
             overlaps: list[list[int]] = []  # the same, per overlap lane

@@ -63,13 +63,16 @@ def read_request_events(life: dict[Any, RequestLifecycle], events: Iterable[Even
             continue
         a = e.attrs
         if e.name == "tokens":
+            ts = e.ts_ns
             for entry in a.get("reqs") or ():
-                if type(entry) is list and len(entry) > 2 and _hashable(entry[0]):
-                    lc = life[entry[0]]
+                # _hashable inlined: this loop runs once per request per step
+                if type(entry) is list and len(entry) > 2 and ((rid := entry[0]).__class__ is str
+                                                               or rid.__class__ is int):
+                    lc = life[rid]
                     if entry[1] and lc.first_token is None:
-                        lc.first_token = e.ts_ns
+                        lc.first_token = ts
                     if entry[2]:
-                        lc.finished_at(e.ts_ns, 0)
+                        lc.finished_at(ts, 0)
             continue
         if not _hashable(a.get("rid")):
             continue
