@@ -266,6 +266,8 @@ class _FileReader:
             return
         domain, name = sys.intern(str(obj.get("domain", ""))), sys.intern(str(obj.get("name", "")))
         ids = _ID_FIELDS.get((domain, name), _RID if code == _EVENT and domain in _RID_DOMAINS else _NO_IDS)
+        if self.drain is not None:
+            ids = _NO_IDS  # a stream's records are dropped at each drain: sharing their ids saves nothing
         self.chans[obj["id"]] = (code, domain, name, ids)
         self.proc.channels.append(obj)
 
