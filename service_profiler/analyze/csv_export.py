@@ -37,7 +37,7 @@ from service_profiler.rawfile import RunData
 from . import lifecycle
 from .entries import EntryChunk
 from .summary import batch_metrics, describe, request_metrics, service_metrics
-from .tables import AnalysisTables, Table
+from .tables import STORED_TABLES, AnalysisTables, Table
 
 REQUEST_REF_COLUMNS = ["http_rid", "start_datetime", "recv_token_size", "reply_token_size", "execution_time(ms)",
                        "queue_wait_time(ms)", "first_token_latency(ms)", "cache_hit_rate"]
@@ -305,13 +305,12 @@ TABLE_CSVS: dict[str, tuple[str, Callable[[Sequence[str], Table, Path], Path]]] 
     "events.csv": ("lifecycle_event", write_timed_csv),
     "state_transitions.csv": ("state_transition", write_timed_csv),
 }
-_TABLE_OF = {"kvcache": "kvcache", "lifecycle_event": "events", "state_transition": "state_transitions"}
 
 
 def write_table_csv(run: RunData, tables: AnalysisTables, out_dir: Path, name: str) -> Path:
     """One of TABLE_CSVS, from this run's tables."""
     table_name, writer = TABLE_CSVS[name]
-    return writer(process_labels(run), getattr(tables, _TABLE_OF[table_name]), out_dir / name)
+    return writer(process_labels(run), getattr(tables, STORED_TABLES[table_name]), out_dir / name)
 
 
 def write_csvs(run: RunData, tables: AnalysisTables, out_dir: Path, delegated: bool = False) -> list[Path]:

@@ -29,7 +29,7 @@ from service_profiler.fastjson import json_text
 from service_profiler.rawfile import EventRecord, RunData, SpanRecord, read_run
 
 from .entries import EntryChunk
-from .tables import AnalysisTables, Table
+from .tables import STORED_TABLES, AnalysisTables, Table
 
 _VIEWS = {
     "v_batch_size_curve": "SELECT batch_row, start_ns, dp_rank, batch_id, batch_size, num_prefill_reqs, "
@@ -274,9 +274,8 @@ def analysis_messages(tables: AnalysisTables) -> Iterator[Message]:
     req_row = {rid: i for i, rid in enumerate(tables.requests.values("rid"))}
     for chunk in iter_entry_chunks(tables):
         yield "entries", chunk, list(map(req_row.get, chunk.rid))
-    yield "table", "kvcache", tables.kvcache, None
-    yield "table", "state_transition", tables.state_transitions, None
-    yield "table", "lifecycle_event", tables.events, None
+    for name, attr in STORED_TABLES.items():
+        yield "table", name, getattr(tables, attr), None
 
 
 class SqliteExport:

@@ -134,6 +134,11 @@ class AnalysisTables:
     batch_finished: list[list[Any]] = field(default_factory=list)
 
 
+# The analysis tables stored under their own names (profiler.db, the per-table CSVs): table name ->
+# AnalysisTables attribute.
+STORED_TABLES = {"kvcache": "kvcache", "state_transition": "state_transitions", "lifecycle_event": "events"}
+
+
 class RecordIndex:
     """The run's records grouped by (domain, name) in one pass, each group still time ordered."""
 
