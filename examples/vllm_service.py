@@ -122,6 +122,36 @@ def wait_idle(server: Server, timeout_s: float = 60.0) -> None:
         time.sleep(0.1)
 
 
+def finished_requests(server: Server) -> float:
+    """How many requests vLLM finished on their own (its request_success_total; aborts are not counted)."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("vllm:request_success_total{"))
+
+
+def leave_until_aborted(server: Server, prompt: str, after_chunks: int, attempts: int = 3
+                        ) -> tuple[Completion, list[Completion]]:
+    """Streaming clients that leave after `after_chunks` chunks, one at a time, until vLLM aborts one:
+    (the aborted one, those whose request had already run to max_tokens when the client left).
+
+    Why more than one: on this shared 2-core VM a client process can go unscheduled for seconds (seen:
+    3.7 s with nothing else running), longer than the request, which then ends on its own; that is
+    the machine, not vLLM nor the profiler. Each attempt is checked on vLLM's own counter."""
+    missed: list[Completion] = []
+    for _ in range(attempts):
+        wait_idle(server)
+        before = finished_requests(server)
+        left = complete(server, f"{prompt} {len(missed)}" if missed else prompt, LEAVING_MAX_TOKENS,
+                        stream=True, disconnect_after_chunks=after_chunks)
+        wait_idle(server)
+        if finished_requests(server) == before:
+            return left, missed
+        missed.append(left)
+    raise AssertionError(f"vLLM aborted none of {attempts} requests whose client left mid-stream")
+
+
 def stop(server: Server, grace_s: float = 30.0) -> None:
     process = server.process
     if process.poll() is None:

@@ -246,7 +246,7 @@ def test_vllm_v1_yaml_admits_the_installed_vllm() -> None:
 
 @pytest.mark.slow
 def test_shipped_symbols_inside_vllm_serve(tiny_model: Path, tmp_path: Path) -> None:
-    from vllm_service import LEAVING_MAX_MODEL_LEN, LEAVING_MAX_TOKENS, complete, running_server
+    from vllm_service import LEAVING_MAX_MODEL_LEN, LEAVING_MAX_TOKENS, complete, leave_until_aborted, running_server
 
     from service_profiler.rawfile import read_run
 
@@ -260,9 +260,7 @@ def test_shipped_symbols_inside_vllm_serve(tiny_model: Path, tmp_path: Path) -> 
         # long enough (> 0.2 s of steps) for the console's first line, which is rate limited
         done.append(complete(server, "a longer answer", 120))
         # a streaming client that goes away after the first chunk, so vLLM aborts the request
-        left_early = complete(server, "a client that leaves", LEAVING_MAX_TOKENS, stream=True,
-                              disconnect_after_chunks=1)
-        assert left_early.disconnected
+        left_early, missed = leave_until_aborted(server, "a client that leaves", after_chunks=1)
         time.sleep(2.5)  # the abort reaches the engine; the last flush
         log = server.log()
     run = read_run(prof_dir)
@@ -272,16 +270,22 @@ def test_shipped_symbols_inside_vllm_serve(tiny_model: Path, tmp_path: Path) -> 
         return [e.attrs or {} for e in run.events if e.name == name]
 
     http_req, enqueue, http_res = events("httpReq"), events("enqueue"), events("httpRes")
-    assert len(http_req) == len(done) + 1 == len(http_res)
+    assert len(http_req) == len(done) + 1 + len(missed) == len(http_res)
     assert {e["rid"] for e in http_req} == {e["rid"] for e in enqueue} == {e["rid"] for e in http_res}
     for e in http_req:
         assert e["rid"].startswith(e["api_rid"] + "-") and e["api_rid"].startswith("cmpl-")
-    left = next(e["rid"] for e in http_req if e["max_tokens"] == LEAVING_MAX_TOKENS)
+    def rid_of(client: Any) -> str:  # the API server's id ("cmpl-...") heads its engine request ids
+        return next(e["rid"] for e in http_req if e["api_rid"].startswith(client.response_id))
+
+    left = rid_of(left_early)
     finished = {e["rid"]: (e["output_tokens"], e["finish_reason"]) for e in http_res}
     assert finished.pop(left)[1] == "abort"
+    for gone_late in missed:  # the client left after its request had ended: a normal finish
+        assert finished.pop(rid_of(gone_late)) == (LEAVING_MAX_TOKENS, "length")
+    leaving = {left} | {rid_of(c) for c in missed}
     expected = [(6, "length")] * 4 + [(120, "length")]
     assert sorted(finished.values()) == [(c.completion_tokens, c.finish_reason) for c in done] == expected
-    tokens = [entry for e in events("tokens") for entry in e["reqs"] if entry[0] != left]
+    tokens = [entry for e in events("tokens") for entry in e["reqs"] if entry[0] not in leaving]
     assert sum(entry[1] for entry in tokens) == 4 * 6 + 120
 
     spans = {name: [s.attrs or {} for s in run.spans if s.name == name]
@@ -293,7 +297,8 @@ def test_shipped_symbols_inside_vllm_serve(tiny_model: Path, tmp_path: Path) -> 
     scheduled = {entry[0] for a in spans["batchFrameworkProcessing"] for entry in a["reqs"]}
     assert scheduled == {e["rid"] for e in enqueue}
     states = sorted((e["rid"] == left, e["to"]) for e in events("state"))
-    assert states == [(False, "FINISHED_LENGTH_CAPPED")] * 5 + [(False, "RUNNING")] * 5 + [
+    normal = 5 + len(missed)
+    assert states == [(False, "FINISHED_LENGTH_CAPPED")] * normal + [(False, "RUNNING")] * normal + [
         (True, "FINISHED_ABORTED"), (True, "RUNNING")]
     assert all(p.meta.get("vllm_handler_failures") is None for p in run.processes)
     assert [p.patch["failed"] for p in run.processes if p.patch] == [[]] * len([p for p in run.processes

@@ -1,7 +1,7 @@
 """End to end on a real `vllm serve` (CPU build, tiny model) under the SHIPPED symbols, then `analyze`.
 
 One bounded workload — mixed prompt lengths, concurrency above --max-num-seqs, streaming and
-non-streaming, one client that disconnects early — is checked against what the engine must have
+non-streaming, then a client that disconnects mid-stream — is checked against what the engine must have
 done and against what the client measured itself.
 """
 
@@ -21,10 +21,10 @@ from typing import Any
 import pytest
 from vllm_service import (
     LEAVING_MAX_MODEL_LEN,
-    LEAVING_MAX_TOKENS,
     PROMPTS,
     Completion,
     complete,
+    leave_until_aborted,
     run_workload,
     running_server,
     wait_idle,
@@ -42,6 +42,7 @@ DISCONNECT_PROMPT = "a client that leaves early"
 @dataclass
 class Served:
     completions: list[Completion]
+    missed_leaves: list[Completion]  # clients that left after their request had ended (see vllm_service)
     sequential: list[Completion]  # streamed one at a time after the concurrent phase
     run: RunData
     analysis: Path
@@ -56,12 +57,13 @@ def served(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Served
     config.write_text(json.dumps({"enable": 1, "prof_dir": str(root / "prof")}))
     env = {"SERVICE_PROF_CONFIG_PATH": str(config), "PROFILING_SYMBOLS_PATH": str(symbols)}
     workload = [(PROMPTS[i % len(PROMPTS)] + f" {i}", 6 + (i * 5) % 30, i % 2 == 0, None) for i in range(16)]
-    # The client leaves after 2 chunks (a reset, see vllm_service) and the server aborts the request long
-    # before its LEAVING_MAX_TOKENS could end it.
-    workload.append((DISCONNECT_PROMPT, LEAVING_MAX_TOKENS, True, 2))
     with running_server(tiny_model, root / "server.log", profiler_env=env, max_model_len=LEAVING_MAX_MODEL_LEN,
                         extra_args=["--max-num-seqs", str(MAX_NUM_SEQS)]) as server:
         completions = run_workload(server, workload, CONCURRENCY)
+        # A client leaves after 2 chunks (a reset, see vllm_service) and the server aborts its request
+        # long before its LEAVING_MAX_TOKENS could end it.
+        left, missed = leave_until_aborted(server, DISCONNECT_PROMPT, after_chunks=2)
+        completions.append(left)
         wait_idle(server)  # the abort and the last outputs are through: the sequential requests run alone
         time.sleep(0.5)
         sequential = [complete(server, f"{PROMPTS[i]} alone {i}", 8, stream=True) for i in range(4)]
@@ -73,7 +75,8 @@ def served(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Served
                            str(run_dirs[0]), "--output-path", str(analysis)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    return Served(completions, sequential, read_run([run_dirs[0]]), analysis, symbols, proc.stdout + proc.stderr)
+    return Served(completions, missed, sequential, read_run([run_dirs[0]]), analysis, symbols,
+                  proc.stdout + proc.stderr)
 
 
 def _events(run: RunData, name: str) -> list[dict[str, Any]]:
@@ -104,7 +107,7 @@ def test_scheduled_tokens_add_up_to_prompt_plus_output(served: Served) -> None:
                 scheduled[rid] += tokens
                 computed_at_first_schedule.setdefault(rid, computed_before)
     finished = _finished(served)
-    assert len(finished) == 16 + 4
+    assert len(finished) == 16 + len(served.missed_leaves) + 4
     for rid, res in finished.items():
         # The last sampled token is never fed back, and prefix-cache hits are computed, not scheduled.
         expected = prompt_tokens[rid] + res["output_tokens"] - 1 - computed_at_first_schedule[rid]
@@ -119,7 +122,7 @@ def test_every_request_has_one_arrival_one_first_token_one_finish(served: Served
     for e in _events(served.run, "httpRes"):
         finishes[e["rid"]] += 1
     enqueued = {e["rid"] for e in _events(served.run, "enqueue")}
-    assert set(arrivals) == set(finishes) == enqueued and len(arrivals) == 17 + 4
+    assert set(arrivals) == set(finishes) == enqueued and len(arrivals) == 17 + len(served.missed_leaves) + 4
     assert set(arrivals.values()) == {1} and set(finishes.values()) == {1}
     with open(served.analysis / "request.csv", newline="") as handle:
         rows = {row["rid"]: row for row in csv.DictReader(handle)}
