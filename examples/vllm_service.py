@@ -25,10 +25,11 @@ from typing import Any
 
 STARTUP_TIMEOUT_S = 300.0
 MAX_MODEL_LEN = 512
-# A client that leaves mid-stream must leave before the engine has finished its request, and on a
-# starved 2-core machine vLLM's API server can stream a request's first chunk a second or more after
-# the engine produced it (measured: 0.7-1.25 s with the CPU oversubscribed). A request that may run to
-# the tiny model's whole context (2048 positions, ~4 s of decode) leaves that lag far behind.
+# A client that leaves mid-stream must leave before the engine has finished its request, and on this
+# shared 2-core machine the client process can go unscheduled for seconds while the engine decodes on
+# (measured: 0.7-5 s with the CPU oversubscribed, 3.7 s once with nothing else running). A request that
+# may run to the tiny model's whole context (2048 positions, ~4 s of decode) outlasts most such stalls;
+# `leave_until_aborted` retries for the rest.
 LEAVING_MAX_MODEL_LEN = 2048
 LEAVING_MAX_TOKENS = 1900
 
@@ -104,15 +105,20 @@ def wait_healthy(server: Server, timeout_s: float) -> None:
     raise TimeoutError(f"vllm server not healthy after {timeout_s:.0f}s:\n{server.log()[-4000:]}")
 
 
+def _metric_values(server: Server, *names: str) -> list[float]:
+    """The values of the /metrics samples of these series (any labels)."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    prefixes = tuple(name + "{" for name in names)
+    return [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefixes)]
+
+
 def wait_idle(server: Server, timeout_s: float = 60.0) -> None:
     """Wait until vLLM reports no running and no waiting request (its /metrics gauges)."""
     deadline = time.monotonic() + timeout_s
     while True:
-        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
-        conn.request("GET", "/metrics")
-        text = conn.getresponse().read().decode()
-        queued = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                  if line.startswith(("vllm:num_requests_running{", "vllm:num_requests_waiting{"))]
+        queued = _metric_values(server, "vllm:num_requests_running", "vllm:num_requests_waiting")
         if not queued:
             raise RuntimeError("vLLM's /metrics has no vllm:num_requests_running/waiting gauges")
         if not any(queued):
@@ -124,11 +130,7 @@ def wait_idle(server: Server, timeout_s: float = 60.0) -> None:
 
 def finished_requests(server: Server) -> float:
     """How many requests vLLM finished on their own (its request_success_total; aborts are not counted)."""
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
-    conn.request("GET", "/metrics")
-    text = conn.getresponse().read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("vllm:request_success_total{"))
+    return sum(_metric_values(server, "vllm:request_success_total"))
 
 
 def leave_until_aborted(server: Server, prompt: str, after_chunks: int, attempts: int = 3
@@ -232,8 +234,8 @@ def _read_stream(conn: http.client.HTTPConnection, response: http.client.HTTPRes
                 chunks += 1
             finish = choice.get("finish_reason") or finish
         if disconnect_after_chunks is not None and chunks >= disconnect_after_chunks:
-            # The client goes away mid-stream and vLLM aborts the request. Reset, not a FIN: the server's
-            # next write fails at once, where a half-closed socket could go unnoticed while it streams.
+            # The client goes away mid-stream and vLLM aborts the request. A reset (SO_LINGER 0), though
+            # uvicorn was measured to notice a plain close at once too.
             if conn.sock is not None:
                 conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             conn.close()

@@ -265,9 +265,10 @@ class _FileReader:
             self.run.problems.append(f"{path}:{lineno}: channel line without a valid id/kind; skipped")
             return
         domain, name = sys.intern(str(obj.get("domain", ""))), sys.intern(str(obj.get("name", "")))
-        ids = _ID_FIELDS.get((domain, name), _RID if code == _EVENT and domain in _RID_DOMAINS else _NO_IDS)
         if self.drain is not None:
             ids = _NO_IDS  # a stream's records are dropped at each drain: sharing their ids saves nothing
+        else:
+            ids = _ID_FIELDS.get((domain, name), _RID if code == _EVENT and domain in _RID_DOMAINS else _NO_IDS)
         self.chans[obj["id"]] = (code, domain, name, ids)
         self.proc.channels.append(obj)
 
