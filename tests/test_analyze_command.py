@@ -191,11 +191,13 @@ def test_module_entry_point_subprocess(synth: SyntheticRun, tmp_path: Path) -> N
     assert (tmp_path / "o" / "service_summary.csv").exists()
 
 
-@pytest.mark.parametrize("variant", ["jobs2", "no_fork", "stream"])
+@pytest.mark.parametrize("variant", ["jobs2", "no_fork", "stream", "stream_parts"])
 def test_jobs_and_no_fork_write_the_same_files(synth: SyntheticRun, tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch, variant: str) -> None:
     # --jobs 2 (forked chrome child), SERVICE_PROFILER_NO_FORK (all in-process) and the database
-    # process streaming the raw files (large runs) change where the work runs, never what is written
+    # process streaming the raw files (large runs) change where the work runs, never what is written;
+    # nor does handing it the analysis tables in parts of a few rows (a part at a time, also into the
+    # CSVs it writes) rather than in one part each
     formats = ("csv", "json", "db")
     ref = tmp_path / "ref"
     assert command.run(_args([synth.run_dir], ref, *formats)) == command.EXIT_OK
@@ -203,6 +205,11 @@ def test_jobs_and_no_fork_write_the_same_files(synth: SyntheticRun, tmp_path: Pa
     args = _args([synth.run_dir], out, *formats)
     if variant == "jobs2":
         args.jobs = 2
+    elif variant == "stream_parts":
+        from service_profiler.analyze import sqlite_export
+
+        _db_mode(monkeypatch, "stream")
+        monkeypatch.setattr(sqlite_export, "TABLE_PART_ROWS", 7)
     else:
         _db_mode(monkeypatch, variant)
     assert command.run(args) == command.EXIT_OK
@@ -268,8 +275,13 @@ def test_csvs_failing_in_the_database_process_are_written_here(
         def write_chunk(self, chunk: object) -> None:
             raise OSError("disk full")
 
-    def failing_kvcache(labels: object, table: object, path: Path) -> Path:
-        raise OSError("disk full")
+    def failing_kvcache(labels: list[str], columns: list[str]) -> csv_export.CsvFormat:
+        fmt = csv_export.kvcache_format(labels, columns)
+
+        def rows(part: list[tuple[object, ...]]) -> list[object]:
+            raise OSError("disk full")
+
+        return fmt._replace(rows=rows)
 
     ref = tmp_path / "ref"
     assert command.run(_args([synth.run_dir], ref, "csv", "db")) == command.EXIT_OK

@@ -13,7 +13,8 @@ Processes (where the platform can fork):
 - plots and the latency model: a helper forked before the run is read (its heap stays small) that
   imports matplotlib while the run is read, is sent the tables' numeric columns through a pipe, then
   draws five of the plots while two processes it forks draw the other four and fit the model (and
-  draw its two plots);
+  draw its two plots); on long runs (SIDE_BY_SIDE_PLOTS_MAX_BATCHES) it does all three itself, one
+  after another, as the two more processes would add to the memory peak;
 - profiler.db (`db_process`): on large runs a process forked before the read that streams the raw
   files into SQLite's raw tables (a few MB of memory), is then handed the analysis tables through a
   spool file and also writes the CSVs made from what it inserts (per_iteration_requests.csv,
@@ -52,6 +53,7 @@ if TYPE_CHECKING:
     from .db_process import DatabaseProcess
 
 FORMATS = ("csv", "json", "db", "plots", "model")
+SIDE_BY_SIDE_PLOTS_MAX_BATCHES = 20_000  # more batches: one plots/model process, not three
 EXIT_OK, EXIT_EXPORT_FAILED, EXIT_NO_DATA = 0, 1, 2
 
 
@@ -159,18 +161,22 @@ class _Feeder:
             except Exception:  # the step itself reports a missing or broken module
                 break
         try:
-            payload = conn.recv()
+            order = conn.recv()
         except EOFError:
             return
-        if payload is None:
+        if order is None:
             return
-        # The steps after the first run in processes forked from this one now: the modules imported above
-        # are imported once and shared, and the steps draw / fit side by side.
-        forked = [self._fork_step(label, fn, payload) for label, fn in self.steps[1:]]
-        label, fn = self.steps[0]
-        outcomes = [run_step(label, functools.partial(fn, payload), self.progress)]
-        for (recv, pid), (label, _) in zip(forked, self.steps[1:], strict=True):
-            outcomes += receive_forked(recv, pid, label)
+        payload, side_by_side = order
+        if side_by_side:
+            # The steps after the first run in processes forked from this one now: the modules imported
+            # above are imported once and shared, and the steps draw / fit side by side.
+            forked = [self._fork_step(label, fn, payload) for label, fn in self.steps[1:]]
+            label, fn = self.steps[0]
+            outcomes = [run_step(label, functools.partial(fn, payload), self.progress)]
+            for (recv, pid), (label, _) in zip(forked, self.steps[1:], strict=True):
+                outcomes += receive_forked(recv, pid, label)
+        else:
+            outcomes = [run_step(label, functools.partial(fn, payload), self.progress) for label, fn in self.steps]
         conn.send(outcomes)
         conn.close()
 
@@ -196,15 +202,17 @@ class _Feeder:
         send.close()
         return recv, pid
 
-    def feed(self, payload: Any) -> None:
+    def feed(self, payload: Any, side_by_side: bool = True) -> None:
         """Send the payload from a thread: the helper reads it only once its imports are done, and a
         payload larger than the pipe's buffer would block this process until then (~0.3 s on a
-        1,000-request run, while the helper imports matplotlib)."""
+        1,000-request run, while the helper imports matplotlib). `side_by_side`: the helper runs the
+        steps in processes of their own, at once (sooner done; each process costs its own memory)."""
         self.fed = True
         if self.proc is None:
             self.payload = payload
             return
-        self.sender = threading.Thread(target=self._send, args=(payload,), name="analyze-feed", daemon=True)
+        self.sender = threading.Thread(target=self._send, args=((payload, side_by_side),), name="analyze-feed",
+                                       daemon=True)
         self.sender.start()
 
     def _send(self, payload: Any) -> None:
@@ -360,8 +368,12 @@ def _analyze_run(args: argparse.Namespace, out_dir: Path, formats: list[str], pr
     progress(f"tables: {len(tables.requests):,} requests, {len(tables.batches):,} batches")
     if helpers:
         columns = (tables.batches.numeric_columns(), tables.requests.numeric_columns())
+        # Long runs: the plots and the model are drawn and fitted one after another in the helper (seconds,
+        # beside this process's tens); two more processes with their own copy of the figures would add
+        # ~100 MB to the peak, which comes while the run's records are held here.
+        side_by_side = len(tables.batches) <= SIDE_BY_SIDE_PLOTS_MAX_BATCHES
         for helper in helpers:
-            helper.feed(columns)
+            helper.feed(columns, side_by_side)
         del columns
 
     produced: list[Path] = []

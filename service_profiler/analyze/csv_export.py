@@ -27,7 +27,7 @@ import io
 import math
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -51,6 +51,7 @@ SUMMARY_COLUMNS = ["Metric", "Average", "Max", "Min", "P50", "P90", "P99"]
 SERVICE_COLUMNS = ["Metric", "Value"]
 
 _NAT = np.iinfo(np.int64).min
+_BATCH_CSV_BLOCK = 8192  # batch.csv rows formatted at a time
 
 
 def iso_utc(values: Sequence[Any]) -> list[str]:
@@ -139,45 +140,54 @@ def write_batch_csv(run: RunData, tables: AnalysisTables, path: Path) -> Path:
                               "blocks_freed", "kv_usage", "num_prefill_reqs", "num_decode_reqs", "prefill_tokens",
                               "decode_tokens", "total_scheduled_tokens", "dp_rank")]
 
-    def rest_rows() -> Iterable[list[Any]]:
+    def rest_rows(lo: int, hi: int) -> Iterable[list[Any]]:
         # every column after res_list
-        for k, r in enumerate(t.rows):
+        for k in range(lo, hi):
+            r = t.rows[k]
             ext = [r[i] for i in idx]
             ext[ext_pi] = labels[r[pi]]
             for i in list_cols:
                 ext[i] = "[" + ",".join(map(str, ext[i])) + "]"
             yield [starts[k], ends[k], *[r[i] for i in ref_idx], pids[r[pi]], *[r[i] for i in mid_idx], *ext]
 
-    buf = io.StringIO()
-    csv.writer(buf, lineterminator="\n").writerows(rest_rows())
-    rest = buf.getvalue().split("\n")  # no field holds a newline: datetimes, numbers, names, "[..]" lists
-    buf.close()
+    spans = tables.batch_spans
     with path.open("w", encoding="utf-8", newline="") as fh:
         fh.write(",".join(BATCH_REF_COLUMNS + names) + "\n")
-        lines = []
-        for k, span in enumerate(tables.batch_spans):
-            res = json_text((span.attrs or {}).get("reqs") or [])
-            lines.append('batchFrameworkProcessing,"' + res.replace('"', '""') + '",' + rest[k] + "\n")
-            if len(lines) >= 20_000:
-                fh.write("".join(lines))
-                lines.clear()
-        fh.write("".join(lines))
+        # a block of rows at a time: the text of a whole long run's file at once would be ~100 MB more
+        # memory at analyze's peak
+        for lo in range(0, len(t.rows), _BATCH_CSV_BLOCK):
+            hi = min(lo + _BATCH_CSV_BLOCK, len(t.rows))
+            buf = io.StringIO()
+            csv.writer(buf, lineterminator="\n").writerows(rest_rows(lo, hi))
+            rest = buf.getvalue().split("\n")  # no field holds a newline: datetimes, numbers, names, "[..]" lists
+            buf.close()
+            fh.write("".join([
+                'batchFrameworkProcessing,"' + json_text((spans[k].attrs or {}).get("reqs") or []).replace('"', '""')
+                + '",' + rest[k - lo] + "\n" for k in range(lo, hi)]))
     return path
 
 
-def write_kvcache_csv(labels: Sequence[str], t: Table, path: Path) -> Path:
-    """kvcache.csv from the kvcache table; `labels`: `process_labels` of the run."""
-    c = {n: i for i, n in enumerate(t.columns)}
-    starts = iso_utc(t.values("ts_ns"))
-    extra = ["ts_ns", "rid", "dp_rank", "process"]
+class CsvFormat(NamedTuple):
+    """How one table becomes a CSV: the header, and the CSV rows of any run of its rows (a whole table,
+    or the parts the database process is handed one after another)."""
 
-    def rows() -> Iterable[list[Any]]:
-        for r, start in zip(t.rows, starts, strict=True):
-            yield [r[c["domain"]], r[c["name"]], start, r[c["total_blocks"]], r[c["used_blocks"]],
-                   r[c["free_blocks"]], r[c["blocks_allocated"]], r[c["blocks_freed"]], r[c["usage"]],
-                   r[c["ts_ns"]], r[c["rid"]], r[c["dp_rank"]], labels[r[c["proc"]]]]
+    header: list[str]
+    rows: Callable[[Sequence[tuple[Any, ...]]], Iterable[Sequence[Any]]]
 
-    return _write(path, KVCACHE_REF_COLUMNS + extra, rows())
+
+def kvcache_format(labels: Sequence[str], columns: Sequence[str]) -> CsvFormat:
+    """kvcache.csv from kvcache table rows; `labels`: `process_labels` of the run."""
+    c = {n: i for i, n in enumerate(columns)}
+    ts, ref = c["ts_ns"], [c[n] for n in ("total_blocks", "used_blocks", "free_blocks", "blocks_allocated",
+                                           "blocks_freed", "usage")]
+    domain, name, rid, dp, proc = c["domain"], c["name"], c["rid"], c["dp_rank"], c["proc"]
+
+    def rows(part: Sequence[tuple[Any, ...]]) -> Iterable[list[Any]]:
+        starts = iso_utc([r[ts] for r in part])
+        for r, start in zip(part, starts, strict=True):
+            yield [r[domain], r[name], start, *[r[i] for i in ref], r[ts], r[rid], r[dp], labels[r[proc]]]
+
+    return CsvFormat(KVCACHE_REF_COLUMNS + ["ts_ns", "rid", "dp_rank", "process"], rows)
 
 
 def _stat_rows(metrics: list[tuple[str, np.ndarray]]) -> list[list[Any]]:
@@ -199,26 +209,26 @@ def write_summaries(run: RunData, tables: AnalysisTables, out_dir: Path) -> list
     ]
 
 
-def write_timed_csv(labels: Sequence[str], table: Table, path: Path, ts_col: str = "ts_ns") -> Path:
+def timed_format(labels: Sequence[str], columns: Sequence[str], ts_col: str = "ts_ns") -> CsvFormat:
     """A lifecycle table with a UTC datetime column after its `_ns` timestamp and `process` labels."""
-    ti, pi = table.index(ts_col), table.index("proc")
+    ti, pi = columns.index(ts_col), columns.index("proc")
     header: list[str] = []
-    for i, name in enumerate(table.columns):
+    for i, name in enumerate(columns):
         header.append("process" if i == pi else name)
         if i == ti:
             header.append(ts_col.removesuffix("_ns") + "_datetime")
-    dts = iso_utc(table.values(ts_col))
 
-    def rows() -> Iterable[list[Any]]:
+    def rows(part: Sequence[tuple[Any, ...]]) -> Iterable[list[Any]]:
         # lifecycle cells are scalars or None (no NaN, no lists): no per-cell conversion needed
-        for r, dt in zip(table.rows, dts, strict=True):
+        dts = iso_utc([r[ti] for r in part])
+        for r, dt in zip(part, dts, strict=True):
             out = list(r)
             if out[pi] is not None:
                 out[pi] = labels[out[pi]]
             out.insert(ti + 1, dt)
             yield out
 
-    return _write(path, header, rows())
+    return CsvFormat(header, rows)
 
 
 def _csv_line(row: Sequence[Any]) -> str:
@@ -227,7 +237,46 @@ def _csv_line(row: Sequence[Any]) -> str:
     return buf.getvalue()
 
 
-class PerIterationWriter:
+class _FedCsv:
+    """A CSV written a part at a time by another exporter's loop (`feed`): a failure here only stops this
+    file (which analyze then writes itself), never the exporter feeding it. `complete` after `close`:
+    every part was written."""
+
+    def __init__(self, path: Path, header: Sequence[str]) -> None:
+        self.path = path
+        self.complete = self.failed = False
+        self.fh = path.open("w", newline="", encoding="utf-8")
+        csv.writer(self.fh, lineterminator="\n").writerow(header)
+
+    def write_chunk(self, part: Any) -> None:
+        raise NotImplementedError
+
+    def feed(self, part: Any) -> None:
+        if self.failed:
+            return
+        try:
+            self.write_chunk(part)
+        except Exception:
+            self.failed = True
+
+    def close(self, complete: bool = True) -> None:
+        self.fh.close()
+        self.complete = complete and not self.failed
+
+
+class TableCsvWriter(_FedCsv):
+    """One of TABLE_CSVS, fed the rows of its table a part at a time (`CsvFormat.rows`)."""
+
+    def __init__(self, path: Path, fmt: CsvFormat) -> None:
+        super().__init__(path, fmt.header)
+        self.rows = fmt.rows
+        self.writer = csv.writer(self.fh, lineterminator="\n")
+
+    def write_chunk(self, part: Sequence[tuple[Any, ...]]) -> None:
+        self.writer.writerows(self.rows(part))
+
+
+class PerIterationWriter(_FedCsv):
     """per_iteration_requests.csv, written chunk by chunk (`entries.EntryChunk`), so the SQLite export can
     feed it the chunks it receives for batch_req instead of both building them. Each chunk of rows is
     formatted by `map(format % row, zip(columns))`, all in C; only request ids needing quotes (once per
@@ -235,14 +284,10 @@ class PerIterationWriter:
 
     def __init__(self, labels: Sequence[str], path: Path) -> None:
         """`labels`: each process's label (`process_labels`), by process index."""
-        self.path = path
+        super().__init__(path, [("process" if c == "proc" else c) for c in lifecycle.ITERATION_COLUMNS])
         self.labels = [_csv_line([lbl]).rstrip("\n") for lbl in labels]
         self.fmt = ",".join(["%s"] * len(lifecycle.ITERATION_COLUMNS)) + "\n"
         self.escaped: dict[Any, str] = {}
-        self.complete = self.failed = False
-        self.fh = path.open("w", newline="", encoding="utf-8")
-        header = [("process" if c == "proc" else c) for c in lifecycle.ITERATION_COLUMNS]
-        self.fh.write(",".join(header) + "\n")
 
     def write_chunk(self, chunk: EntryChunk) -> None:
         escaped, labels = self.escaped, self.labels
@@ -264,20 +309,6 @@ class PerIterationWriter:
                 lines.insert(ends[batch_row] + inserted, _csv_line(out))
         self.fh.write("".join(lines))
 
-    def feed(self, chunk: EntryChunk) -> None:
-        """`write_chunk` for another exporter's loop: a failure here only stops this file (which
-        analyze then writes with `write_per_iteration`), never the exporter feeding it."""
-        if self.failed:
-            return
-        try:
-            self.write_chunk(chunk)
-        except Exception:
-            self.failed = True
-
-    def close(self, complete: bool = True) -> None:
-        self.fh.close()
-        self.complete = complete and not self.failed
-
 
 def write_per_iteration(run: RunData, tables: AnalysisTables, path: Path) -> Path:
     """per_iteration_requests.csv: one row per (batch, request), so millions on long runs (see
@@ -298,19 +329,21 @@ def _blank(v: Any) -> Any:
 
 
 # The CSVs made from one analysis table alone (no records, no other table): analyze has the database
-# process, which is handed those tables anyway, write them. file name -> (table's name in
-# `sqlite_export.analysis_messages`, writer(labels, table, path)).
-TABLE_CSVS: dict[str, tuple[str, Callable[[Sequence[str], Table, Path], Path]]] = {
-    "kvcache.csv": ("kvcache", write_kvcache_csv),
-    "events.csv": ("lifecycle_event", write_timed_csv),
-    "state_transitions.csv": ("state_transition", write_timed_csv),
+# process, which is handed those tables anyway (a part at a time), write them. file name -> (table's name
+# in `sqlite_export.analysis_messages`, its CsvFormat(labels, columns)).
+TABLE_CSVS: dict[str, tuple[str, Callable[[Sequence[str], Sequence[str]], CsvFormat]]] = {
+    "kvcache.csv": ("kvcache", kvcache_format),
+    "events.csv": ("lifecycle_event", timed_format),
+    "state_transitions.csv": ("state_transition", timed_format),
 }
 
 
 def write_table_csv(run: RunData, tables: AnalysisTables, out_dir: Path, name: str) -> Path:
     """One of TABLE_CSVS, from this run's tables."""
-    table_name, writer = TABLE_CSVS[name]
-    return writer(process_labels(run), getattr(tables, STORED_TABLES[table_name]), out_dir / name)
+    table_name, make_format = TABLE_CSVS[name]
+    table = getattr(tables, STORED_TABLES[table_name])
+    fmt = make_format(process_labels(run), table.columns)
+    return _write(out_dir / name, fmt.header, fmt.rows(table.rows))
 
 
 def write_csvs(run: RunData, tables: AnalysisTables, out_dir: Path, delegated: bool = False) -> list[Path]:

@@ -34,8 +34,8 @@ from typing import Any
 from service_profiler.rawfile import RunData
 
 from . import sqlite_export
-from .csv_export import TABLE_CSVS, PerIterationWriter
-from .sqlite_export import Message, SqliteExport, analysis_messages
+from .csv_export import TABLE_CSVS, PerIterationWriter, TableCsvWriter
+from .sqlite_export import Message, SqliteExport, TablePart, analysis_messages
 from .steps import Outcome, merge, run_step, start_forked
 from .tables import AnalysisTables
 
@@ -109,18 +109,28 @@ class DatabaseProcess:
         from the entry chunks and TABLE_CSVS from their tables there. (The SQLite step's outcome, the
         CSVs written.) Without the raw tables the database fails but the CSVs are still written."""
         per_iteration = PerIterationWriter(labels, csv_dir / PER_ITERATION_CSV) if csv_dir is not None else None
-        table_csvs = {table_name: (name, write) for name, (table_name, write) in TABLE_CSVS.items()}
+        table_csvs = {table_name: (name, make_format) for name, (table_name, make_format) in TABLE_CSVS.items()}
+        writers: dict[str, TableCsvWriter] = {}  # table name -> its CSV, while its parts pass
         written: list[Path] = []
 
         def tap(messages: Iterator[Message]) -> Iterator[Message]:
-            """The messages, each table's CSV written as it passes (no table is held for later)."""
+            """The messages, each table's CSV written a part at a time as they pass (no table is held)."""
             for message in messages:
-                if message[0] == "table" and csv_dir is not None and message[1] in table_csvs:
-                    name, write = table_csvs[message[1]]
+                if message[0] == "table" and csv_dir is not None and message[1].name in table_csvs:
+                    part: TablePart = message[1]
+                    name, make_format = table_csvs[part.name]
                     try:
-                        written.append(write(labels, message[2], csv_dir / name))
+                        if part.start == 0:
+                            writers[part.name] = TableCsvWriter(csv_dir / name, make_format(labels, part.columns))
                     except Exception:  # analyze writes it instead, and reports what fails there
                         pass
+                    writer = writers.get(part.name)
+                    if writer is not None:
+                        writer.feed(part.rows)
+                        if part.last:
+                            writer.close()
+                            if writer.complete:
+                                written.append(writer.path)
                 yield message
 
         export: list[SqliteExport] = []
@@ -142,6 +152,9 @@ class DatabaseProcess:
             raise
         finally:
             self.raw_db.unlink(missing_ok=True)
+            for writer in writers.values():  # the tables the database never got to the end of
+                if not writer.fh.closed:
+                    writer.close(complete=False)
         if per_iteration is not None:
             # complete when every chunk reached it: a database failing mid-way stopped the feeding
             per_iteration.close(complete=not outcome[2] or not export)
