@@ -94,18 +94,25 @@ def test_failing_exporter_does_not_cost_the_others(synth: SyntheticRun, tmp_path
     assert "error: chrome trace: RuntimeError: exporter bug" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("fork", [True, False], ids=["forked", "in-process"])
+@pytest.mark.parametrize("mode", ["forked", "in-process", "one-helper"])
 def test_model_and_plots_get_numeric_columns(synth: SyntheticRun, tmp_path: Path,
-                                             monkeypatch: pytest.MonkeyPatch, fork: bool) -> None:
-    # plots + model run in a forked child where the platform allows: what they saw comes back in files
-    if not fork:
+                                             monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+    # plots + model run in a forked child where the platform allows: what they saw comes back in files.
+    # "one-helper": a long run's (more batches than SIDE_BY_SIDE_PLOTS_MAX_BATCHES) are run one after
+    # another by the helper itself rather than in processes of their own: the same steps, same inputs
+    if mode == "in-process":
         monkeypatch.setenv("SERVICE_PROFILER_NO_FORK", "1")
+    elif mode == "one-helper":
+        monkeypatch.setattr(command, "SIDE_BY_SIDE_PLOTS_MAX_BATCHES", 0)
+    pids_dir = tmp_path / "pids"
+    pids_dir.mkdir()
     seen_dir = tmp_path / "seen"
     seen_dir.mkdir()
 
     def plots(batch_cols: dict, request_cols: dict, out_dir: Path, names: tuple[str, ...]) -> list[Path]:
         # drawn in two parts (two processes): each part gets the columns and its share of the names
         (seen_dir / f"plots-{names[0]}.json").write_text(json.dumps([sorted(batch_cols), sorted(request_cols)]))
+        (pids_dir / str(os.getpid())).touch()
         paths = [out_dir / name for name in names]
         for path in paths:
             path.write_bytes(b"png")
@@ -114,17 +121,26 @@ def test_model_and_plots_get_numeric_columns(synth: SyntheticRun, tmp_path: Path
     def fit(size: object, tokens: object, ms: object, out_dir: Path) -> None:
         (seen_dir / "model.json").write_text(json.dumps([len(size), len(tokens), len(ms)]))  # type: ignore[arg-type]
         (out_dir / "latency_model.json").write_text("{}")
+        (pids_dir / str(os.getpid())).touch()
 
-    fake = {"service_profiler.analyze.plots": SimpleNamespace(write_plots=plots, PLOT_NAMES=tuple("abcdefghi")),
+    fake = {"service_profiler.analyze.plots": SimpleNamespace(write_plots=plots, PLOT_NAMES=tuple("abcdefghi"),
+                                                              BATCH_COLUMNS=("schedule_ms", "batch_type"),
+                                                              REQUEST_COLUMNS=("ttft_ms", "tpot_ms")),
             "service_profiler.model.latency": SimpleNamespace(fit_and_save=fit)}
     monkeypatch.setattr(command, "_optional", lambda name: fake.get(name))
     assert command.run(_args([synth.run_dir], tmp_path / "out", "plots", "model")) == command.EXIT_OK
     for first in ("a", "f"):  # both parts saw the columns
         batch_cols, request_cols = json.loads((seen_dir / f"plots-{first}.json").read_text())
-        assert {"batch_size", "model_run_ms", "total_scheduled_tokens"} <= set(batch_cols)
-        assert {"ttft_ms", "tpot_ms", "e2e_ms"} <= set(request_cols)
+        # the columns the plots declare and the model's, when numeric (batch_type is text): no others
+        assert set(batch_cols) == {"schedule_ms", "batch_size", "model_run_ms", "total_scheduled_tokens"}
+        assert set(request_cols) == {"ttft_ms", "tpot_ms"}
     assert json.loads((seen_dir / "model.json").read_text()) == [len(synth.batches)] * 3
     assert sorted(p.name for p in (tmp_path / "out" / "plots").iterdir()) == list("abcdefghi")
+    processes = {p.name for p in pids_dir.iterdir()}
+    if mode == "in-process":
+        assert processes == {str(os.getpid())}
+    else:  # the helper alone, or the helper and two processes it forked
+        assert str(os.getpid()) not in processes and len(processes) == (1 if mode == "one-helper" else 3)
 
 
 @pytest.mark.skipif(steps.fork_context() is None, reason="exporters run in-process without fork")
@@ -134,7 +150,8 @@ def test_exporter_process_dying_is_reported(synth: SyntheticRun, tmp_path: Path,
     def plots(batch_cols: dict, request_cols: dict, out_dir: Path, names: object) -> list[Path]:
         os._exit(3)  # a crash in the forked exporter process (segfault, OOM kill)
 
-    fake = {"service_profiler.analyze.plots": SimpleNamespace(write_plots=plots, PLOT_NAMES=tuple("abcdefghi"))}
+    fake = {"service_profiler.analyze.plots": SimpleNamespace(write_plots=plots, PLOT_NAMES=tuple("abcdefghi"),
+                                                              BATCH_COLUMNS=(), REQUEST_COLUMNS=())}
     monkeypatch.setattr(command, "_optional", lambda name: fake.get(name))
     out = tmp_path / "out"
     assert command.run(_args([synth.run_dir], out, "plots", "csv")) == command.EXIT_EXPORT_FAILED

@@ -65,6 +65,24 @@ def test_all_nine_plots_are_written(tmp_path: Path, n: int) -> None:
         assert_png(path)
 
 
+def test_the_plots_read_only_the_columns_they_declare(tmp_path: Path) -> None:
+    # analyze sends the plotting process plots.BATCH_COLUMNS / REQUEST_COLUMNS alone: every plot is
+    # drawn from them, and no other column is asked for
+    class Recording(dict):  # type: ignore[type-arg]
+        def __init__(self, cols: dict[str, np.ndarray]) -> None:
+            super().__init__(cols)
+            self.asked: set[str] = set()
+
+        def get(self, key: str, default: object = None) -> object:
+            self.asked.add(key)
+            return super().get(key, default)
+
+    b, r = Recording(batch_columns(500)), Recording(request_columns(100))
+    assert set(b) == set(plots.BATCH_COLUMNS) and set(r) == set(plots.REQUEST_COLUMNS)
+    assert {p.name for p in write_plots(b, r, tmp_path)} == ALL
+    assert b.asked <= set(plots.BATCH_COLUMNS) and r.asked <= set(plots.REQUEST_COLUMNS)
+
+
 def test_missing_model_run_skips_only_the_plots_that_need_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -51,8 +51,10 @@ from .steps import fork_context, merge, receive_forked, receive_outcomes, run_st
 
 if TYPE_CHECKING:
     from .db_process import DatabaseProcess
+    from .tables import AnalysisTables
 
 FORMATS = ("csv", "json", "db", "plots", "model")
+MODEL_COLUMNS = ("batch_size", "total_scheduled_tokens", "model_run_ms")  # the latency model's B, S and T
 SIDE_BY_SIDE_PLOTS_MAX_BATCHES = 20_000  # more batches: one plots/model process, not three
 EXIT_OK, EXIT_EXPORT_FAILED, EXIT_NO_DATA = 0, 1, 2
 
@@ -96,6 +98,21 @@ def _optional(module: str) -> ModuleType | None:
         if exc.name and (module == exc.name or module.startswith(exc.name + ".")):
             return None
         raise
+
+
+def _helper_columns(tables: AnalysisTables) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The numeric batch and request columns the plots and the latency model read (every numeric column
+    where the plots module is not installed)."""
+    plots = _optional("service_profiler.analyze.plots")
+    if plots is None:
+        return tables.batches.numeric_columns(), tables.requests.numeric_columns()
+    return (tables.batches.numeric_columns({*plots.BATCH_COLUMNS, *MODEL_COLUMNS}),
+            tables.requests.numeric_columns(plots.REQUEST_COLUMNS))
+
+
+def _long_run(batch_columns: dict[str, np.ndarray]) -> bool:
+    """More batches than SIDE_BY_SIDE_PLOTS_MAX_BATCHES: one process draws the plots, a figure at a time."""
+    return max((len(c) for c in batch_columns.values()), default=0) > SIDE_BY_SIDE_PLOTS_MAX_BATCHES
 
 
 def _finite(*cols: np.ndarray) -> list[np.ndarray]:
@@ -270,17 +287,25 @@ def _run(args: argparse.Namespace) -> int:
         plot_dir.mkdir(parents=True, exist_ok=True)
         # two parts, drawn by two processes: the first five (three wide line charts) and the last four
         names = mod.PLOT_NAMES[:5] if part == 0 else mod.PLOT_NAMES[5:]
-        return list(mod.write_plots(cols[0], cols[1], plot_dir, names))
+        if not _long_run(cols[0]):
+            return list(mod.write_plots(cols[0], cols[1], plot_dir, names))
+        # One process draws every figure (see feed): each is a web of reference cycles holding its
+        # pixel buffers (~10 MB), freed only by the cyclic collector, which analyze turns off.
+        written: list[Path] = []
+        for name in names:
+            written += mod.write_plots(cols[0], cols[1], plot_dir, [name])
+            gc.collect()
+        return written
 
     def model_out(cols: tuple[dict[str, np.ndarray], dict[str, np.ndarray]]) -> list[Path] | str:
         mod = _optional("service_profiler.model.latency")
         if mod is None:
             return "latency model skipped: service_profiler.model.latency is not installed in this build"
         b = cols[0]
-        for name in ("batch_size", "total_scheduled_tokens", "model_run_ms"):
+        for name in MODEL_COLUMNS:
             if name not in b:
                 raise TypeError(f"batch column {name} is not numeric")
-        size, tokens, ms = _finite(b["batch_size"], b["total_scheduled_tokens"], b["model_run_ms"])
+        size, tokens, ms = _finite(*(b[name] for name in MODEL_COLUMNS))
         if len(ms) == 0:
             return "latency model skipped: no batch has a model execution time (modelExec spans)"
         model_dir = out_dir / "model"
@@ -367,13 +392,12 @@ def _analyze_run(args: argparse.Namespace, out_dir: Path, formats: list[str], pr
     tables = build_tables(data)
     progress(f"tables: {len(tables.requests):,} requests, {len(tables.batches):,} batches")
     if helpers:
-        columns = (tables.batches.numeric_columns(), tables.requests.numeric_columns())
+        columns = _helper_columns(tables)
         # Long runs: the plots and the model are drawn and fitted one after another in the helper (seconds,
         # beside this process's tens); two more processes with their own copy of the figures would add
         # ~100 MB to the peak, which comes while the run's records are held here.
-        side_by_side = len(tables.batches) <= SIDE_BY_SIDE_PLOTS_MAX_BATCHES
         for helper in helpers:
-            helper.feed(columns, side_by_side)
+            helper.feed(columns, side_by_side=not _long_run(columns[0]))
         del columns
 
     produced: list[Path] = []

@@ -66,7 +66,7 @@ def _columns(reqs: list[Any]) -> list[list[Any]]:
         return [list(map(g, padded)) for g in _GETTERS]
 
 
-def iter_entry_chunks(tables: AnalysisTables, batches_per_chunk: int = 4096) -> Iterator[EntryChunk]:
+def iter_entry_chunks(tables: AnalysisTables, batches_per_chunk: int = 1024) -> Iterator[EntryChunk]:
     rows = tables.batches.rows
     spans, finished_lists = tables.batch_spans, tables.batch_finished
     # per rid: [iterations so far, tokens generated so far, when its current state began]

@@ -293,3 +293,7 @@ _PLOTS: list[tuple[str, Callable[[Axes, _Columns, _Columns], str | None], tuple[
     ("kv_cache_utilization.png", _kv_cache_utilization, (12, 6)),
 ]
 PLOT_NAMES = tuple(name for name, _, _ in _PLOTS)
+# The table columns the plots read: analyze sends the plotting process these alone.
+BATCH_COLUMNS = ("batch_id", "start_ns", "schedule_ms", "model_run_ms", "num_prefill_reqs", "num_decode_reqs",
+                 "total_scheduled_tokens", "batch_size", "kv_usage")
+REQUEST_COLUMNS = ("ttft_ms",)

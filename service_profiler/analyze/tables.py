@@ -40,7 +40,7 @@ Request table: one row per engine request id (`rid`). Timestamps and which proce
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Any
@@ -84,10 +84,13 @@ class Table:
         out[:] = [r[i] for r in self.rows]
         return out
 
-    def numeric_columns(self) -> dict[str, np.ndarray]:
-        """Every column whose values are numbers (or all missing), as float64 arrays."""
+    def numeric_columns(self, names: Collection[str] | None = None) -> dict[str, np.ndarray]:
+        """Every column (of `names`, when given) whose values are numbers (or all missing), as float64
+        arrays."""
         cols: dict[str, np.ndarray] = {}
         for name in self.columns:
+            if names is not None and name not in names:
+                continue
             arr = self.column(name)
             if arr.dtype == np.float64:
                 cols[name] = arr
