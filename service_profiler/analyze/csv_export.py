@@ -187,7 +187,7 @@ def kvcache_format(labels: Sequence[str], columns: Sequence[str]) -> CsvFormat:
         for r, start in zip(part, starts, strict=True):
             yield [r[domain], r[name], start, *[r[i] for i in ref], r[ts], r[rid], r[dp], labels[r[proc]]]
 
-    return CsvFormat(KVCACHE_REF_COLUMNS + ["ts_ns", "rid", "dp_rank", "process"], rows)
+    return CsvFormat([*KVCACHE_REF_COLUMNS, "ts_ns", "rid", "dp_rank", "process"], rows)
 
 
 def _stat_rows(metrics: list[tuple[str, np.ndarray]]) -> list[list[Any]]:

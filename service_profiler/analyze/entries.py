@@ -2,10 +2,11 @@
 
 A long run holds millions of (batch, request) entries; per_iteration_requests.csv and the SQLite
 batch_req table each need all of them. Building one Python tuple per entry and formatting it in a
-Python loop costs ~2 µs an entry, so instead each chunk of batches is turned into columns with C-level
-`map(itemgetter(k))` / list repetition, and only the per-request sequential state (iteration index,
-tokens generated so far, time in the current state) is a Python loop. Consumers `zip` the columns
-(C-level again) into `executemany` or `%`-format them. Chunks bound the memory (a few MB each).
+Python loop costs ~2 µs an entry, so instead each chunk of batches is turned into columns at once: the
+entry fields by C-level `map(itemgetter(k))` over the chunk's entries, the batch's values repeated over
+its entries by numpy, and the per-request sequential state (iteration index, tokens generated so far,
+time in the current state) by `entry_state`. Consumers `zip` the columns (C-level again) into
+`executemany` or `%`-format them. Chunks bound the memory (a few MB each).
 
 Per entry: the request is "running" in that step, or "completed" when the step's updateFromOutput
 finished it. Requests a step preempted are separate `preempted` rows (few): they carry no entry.
@@ -20,7 +21,10 @@ from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Any
 
-from .tables import MS, AnalysisTables
+import numpy as np
+
+from .entry_state import EntryStates
+from .tables import AnalysisTables
 
 _GETTERS = [itemgetter(k) for k in range(6)]
 _PHASE_NAME = {0: "prefill", 1: "decode"}
@@ -69,69 +73,61 @@ def _columns(reqs: list[Any]) -> list[list[Any]]:
 def iter_entry_chunks(tables: AnalysisTables, batches_per_chunk: int = 1024) -> Iterator[EntryChunk]:
     rows = tables.batches.rows
     spans, finished_lists = tables.batch_spans, tables.batch_finished
-    # per rid: [iterations so far, tokens generated so far, when its current state began]
-    per_rid: dict[Any, list[Any]] = {}
-    get_state = per_rid.get
+    states = EntryStates()  # every request's state, carried from chunk to chunk
+    for lo in range(0, len(spans), batches_per_chunk):
+        yield _chunk(rows, spans, finished_lists, range(lo, min(lo + batches_per_chunk, len(spans))), states)
+
+
+def _chunk(rows: list[tuple[Any, ...]], spans: list[Any], finished_lists: list[list[Any]], batches: range,
+           states: EntryStates) -> EntryChunk:
+    """The entries of `batches` (batch rows), their columns built for the whole chunk at once."""
     chunk = EntryChunk()
-    ms = MS
-    for i, span in enumerate(spans):
-        attrs = span.attrs or {}
-        reqs = attrs.get("reqs") or []
-        bid, dp, proc, start = rows[i][0], rows[i][1], rows[i][2], rows[i][3]
-        n = len(reqs)
-        if n:
-            rid, phase, sched, comp, prompt, resumed = _columns(reqs)
-            chunk.batch_row += [i] * n
-            chunk.batch_id += [bid] * n
-            chunk.dp_rank += [dp] * n
-            chunk.proc += [proc] * n
-            chunk.start_ns += [start] * n
-            chunk.pos += range(n)
-            chunk.rid += rid
-            chunk.phase += phase
-            chunk.scheduled += sched
-            chunk.computed += comp
-            chunk.prompt += prompt
-            chunk.resumed += resumed
-            state = ["running"] * n
-            for item in finished_lists[i]:
-                done = item[0] if isinstance(item, list | tuple) and item else item
-                if done in rid:
-                    state[rid.index(done)] = "completed"
-            chunk.state += state
-            it_add, gen_add = chunk.iteration.append, chunk.generated_before.append
-            t_add = chunk.time_in_state_ms.append
-            for r, ph, sc, co, pr, re in zip(rid, phase, sched, comp, prompt, resumed, strict=True):
-                st = get_state(r)
-                if st is None:
-                    st = per_rid[r] = [1, 0, start]
-                    it = gen = 0
-                    t_add(0.0)
-                else:
-                    it, gen = st[0], st[1]
-                    st[0] = it + 1
-                    if re or not it:  # resumed, or first run after a preemption that came first
-                        st[2] = start
-                        t_add(0.0)
-                    else:
-                        t_add((start - st[2]) / ms)
-                it_add(it)
-                gen_add(gen)
-                if ph or (pr is not None and co is not None and sc is not None and co + sc >= pr + gen):
-                    st[1] = gen + 1
-        chunk.batch_ends.append((i, len(chunk.rid)))
-        for r in attrs.get("preempted") or ():
-            st = get_state(r)
-            if st is None:  # preempted before any batch ran it (never in vLLM): its state starts now
-                st = per_rid[r] = [0, 0, start]
-            st[2] = start
-            chunk.preempted.append((i, (bid, dp, proc, start, r, "preempted", None, 0, None, None, 0,
-                                        st[0], st[1], 0.0)))
-        if len(chunk.batch_ends) >= batches_per_chunk:
-            yield chunk
-            chunk = EntryChunk()
-    if chunk.batch_ends:
-        yield chunk
+    reqs_of = [(spans[i].attrs or {}).get("reqs") or [] for i in batches]
+    lengths = list(map(len, reqs_of))
+    entries: list[Any] = []
+    for reqs in reqs_of:
+        entries += reqs
+    n = len(entries)
+    # per batch -> per entry: the batch's values repeated over its entries
+    per_batch = [rows[i] for i in batches]
+    for name, k in (("batch_id", 0), ("dp_rank", 1), ("proc", 2)):
+        values = np.empty(len(per_batch), dtype=object)
+        values[:] = [r[k] for r in per_batch]
+        setattr(chunk, name, np.repeat(values, lengths).tolist())
+    starts = np.repeat(np.array([r[3] for r in per_batch], dtype=np.int64), lengths)  # epoch ns: int64
+    chunk.start_ns = starts.tolist()
+    chunk.batch_row = np.repeat(np.arange(batches.start, batches.stop), lengths).tolist()
+    ends = np.cumsum(lengths)
+    chunk.pos = (np.arange(n) - np.repeat(ends - lengths, lengths)).tolist()
+    (chunk.rid, chunk.phase, chunk.scheduled, chunk.computed, chunk.prompt, chunk.resumed) = _columns(entries)
+    chunk.batch_ends = list(zip(batches, ends.tolist(), strict=True))
+    state = ["running"] * n
+    rid = chunk.rid
+    preempted: list[tuple[int, Any, int]] = []  # (entries before it in the chunk, rid, batch start)
+    for i, end, length, r in zip(batches, ends.tolist(), lengths, per_batch, strict=True):
+        for item in finished_lists[i]:
+            done = item[0] if isinstance(item, list | tuple) and item else item
+            ids = rid[end - length:end]
+            if done in ids:
+                state[end - length + ids.index(done)] = "completed"
+        for p in (spans[i].attrs or {}).get("preempted") or ():
+            preempted.append((end, p, r[3]))
+            chunk.preempted.append((i, (r[0], r[1], r[2], r[3], p, "preempted", None, 0, None, None, 0)))
+    chunk.state = state
+    return _with_states(chunk, states, starts, preempted)
+
+
+def _with_states(chunk: EntryChunk, states: EntryStates, starts: np.ndarray,
+                 preempted: list[tuple[int, Any, int]]) -> EntryChunk:
+    """The chunk with each entry's iteration, generated_before and time_in_state_ms (`entry_state`), and
+    its preempted rows completed with the request's iteration and generated_before."""
+    done = states.advance(chunk.rid, starts, chunk.phase, chunk.scheduled, chunk.computed, chunk.prompt,
+                          chunk.resumed, preempted)
+    chunk.iteration, chunk.generated_before = done.iteration, done.generated_before
+    chunk.time_in_state_ms = done.time_in_state_ms
+    chunk.preempted = [(i, (*row, it, gen, 0.0)) for (i, row), (it, gen) in
+                       zip(chunk.preempted, done.preempted, strict=True)]
+    return chunk
 
 
 def iter_chunk_rows(chunk: EntryChunk) -> Iterator[tuple[Any, ...]]:

@@ -66,8 +66,9 @@ def read_request_events(life: dict[Any, RequestLifecycle], events: Iterable[Even
             ts = e.ts_ns
             for entry in a.get("reqs") or ():
                 # _hashable inlined: this loop runs once per request per step
-                if (entry.__class__ is tuple or entry.__class__ is list) and len(entry) > 2 and ((rid := entry[0]).__class__ is str
-                                                               or rid.__class__ is int):
+                kind = entry.__class__
+                if (kind is tuple or kind is list) and len(entry) > 2 and ((rid := entry[0]).__class__ is str
+                                                                           or rid.__class__ is int):
                     lc = life[rid]
                     if entry[1] and lc.first_token is None:
                         lc.first_token = ts
