@@ -117,3 +117,29 @@ def test_states_carry_over_chunks(tmp_path: Path) -> None:
         assert it == last_it + 1 and gen >= last_gen
         seen[r] = (it, gen)
     assert times[0] == 0.0 and all(t >= 0 for t in times)
+
+
+@pytest.mark.parametrize("truncate", [False, True])
+def test_iter_entry_chunks_matches_the_definition(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  truncate: bool) -> None:
+    # the whole chunking (columns built per chunk, then the states), against the same with the sequential
+    # states; `truncate`: some batches' entries written without their trailing fields (rid, phase,
+    # scheduled only), which read as computed / prompt None and resumed 0 and take the loop
+    from service_profiler.analyze import entries
+
+    synth = generate_run(tmp_path / "run", SyntheticConfig(requests=120, output_tokens=20, max_num_seqs=12,
+                                                           num_gpu_blocks=100, seed=2))
+    tables = build_tables(read_run([synth.run_dir]))
+    if truncate:
+        for span in tables.batch_spans[::5]:
+            span.attrs["reqs"] = [tuple(e[:3]) for e in span.attrs["reqs"]]
+    names = ("rid", "computed", "prompt", "resumed", "iteration", "generated_before", "time_in_state_ms", "preempted")
+
+    def flat(per_chunk: int) -> list[list[Any]]:
+        chunks = list(iter_entry_chunks(tables, per_chunk))
+        return [list(itertools.chain.from_iterable(getattr(c, name) for c in chunks)) for name in names]
+
+    fast = [flat(n) for n in (3, 64)]
+    monkeypatch.setattr(entries, "EntryStates", SequentialStates)
+    assert fast == [flat(n) for n in (3, 64)]
+    assert (None in fast[0][1]) == truncate and any(fast[0][7])
