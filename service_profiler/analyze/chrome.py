@@ -157,9 +157,9 @@ def _compact(attrs: dict[str, Any] | None) -> dict[str, Any]:
     otherwise be most of the file. Runs once per span and event, hence the C-speed scan first."""
     if not attrs:
         return {}
-    odd = [k for k, v in attrs.items() if type(v) not in _PLAIN]
-    if not odd:
+    if _PLAIN.issuperset(map(type, attrs.values())):
         return attrs  # shared, not copied: the trace only encodes it
+    odd = [k for k, v in attrs.items() if type(v) not in _PLAIN]
     out = dict(attrs)
     for key in odd:
         value = out.pop(key)
@@ -256,7 +256,7 @@ class _TraceBuilder:
         by_thread: dict[tuple[int, int], list[SpanRecord]] = defaultdict(list)
         for span in self.run.spans:
             by_thread[(span.proc, span.tid)].append(span)
-        origin, events, placed = self.origin, self.events, self.placed
+        origin, events, placed, compact = self.origin, self.events, self.placed, _compact
         append = events.append
         for (proc, raw_tid), spans in by_thread.items():
             # (start, -end) order from two C-keyed stable sorts: outer slices before the ones they hold
@@ -266,8 +266,9 @@ class _TraceBuilder:
             stack: list[int] = []  # ends of the slices still open on the thread's own track
             overlaps: list[list[int]] = []  # the same, per overlap lane
             for span in spans:
-                start = span.start_ns
-                end = span.end_ns if span.end_ns > start else start
+                _, domain, name, start, end, _, attrs = span
+                if end < start:
+                    end = start
                 while stack and stack[-1] <= start:
                     stack.pop()
                 if not stack or end <= stack[-1]:
@@ -275,11 +276,11 @@ class _TraceBuilder:
                     tid = main_tid
                 else:
                     tid = self._tid(proc, raw_tid, 1 + _place(overlaps, start, end))
-                if span.name == SCHEDULE_SPAN:
+                if name == SCHEDULE_SPAN:
                     placed[id(span)] = _Placed(pid, tid)
-                append({"ph": "X", "name": span.name, "cat": span.domain, "pid": pid, "tid": tid,
+                append({"ph": "X", "name": name, "cat": domain, "pid": pid, "tid": tid,
                         "ts": (start - origin) / 1000, "dur": (end - start) / 1000,
-                        "args": _compact(span.attrs)})
+                        "args": compact(attrs)})
                 if len(events) >= _CHUNK:
                     self._flush()
             self.overlap_lanes += len(overlaps)

@@ -26,6 +26,7 @@ import csv
 import io
 import math
 from collections.abc import Callable, Iterable, Sequence
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -140,15 +141,18 @@ def write_batch_csv(run: RunData, tables: AnalysisTables, path: Path) -> Path:
                               "blocks_freed", "kv_usage", "num_prefill_reqs", "num_decode_reqs", "prefill_tokens",
                               "decode_tokens", "total_scheduled_tokens", "dp_rank")]
 
+    get_ref, get_mid, get_ext = itemgetter(*ref_idx), itemgetter(*mid_idx), itemgetter(*idx)
+
     def rest_rows(lo: int, hi: int) -> Iterable[list[Any]]:
         # every column after res_list
+        rows = t.rows
         for k in range(lo, hi):
-            r = t.rows[k]
-            ext = [r[i] for i in idx]
+            r = rows[k]
+            ext = list(get_ext(r))
             ext[ext_pi] = labels[r[pi]]
             for i in list_cols:
                 ext[i] = "[" + ",".join(map(str, ext[i])) + "]"
-            yield [starts[k], ends[k], *[r[i] for i in ref_idx], pids[r[pi]], *[r[i] for i in mid_idx], *ext]
+            yield [starts[k], ends[k], *get_ref(r), pids[r[pi]], *get_mid(r), *ext]
 
     spans = tables.batch_spans
     with path.open("w", encoding="utf-8", newline="") as fh:

@@ -4,10 +4,10 @@ Large runs (raw files above STREAM_ABOVE_BYTES): the process is forked before th
 heap stays small. It first writes SQLite's raw tables straight from the raw files
 (`sqlite_export.write_raw_db`, a stream), then waits. Once analyze has built its tables it writes the
 analysis tables and the per-request batch entries (`sqlite_export.analysis_messages`, built a chunk at
-a time) into a spool file of pickles and hands it over. This process then inserts them, writes
-per_iteration_requests.csv from the same entry chunks and the CSVs made from one of those tables alone
-(`csv_export.TABLE_CSVS`: kvcache, events, state transitions), builds the indexes and views, and
-moves profiler.db into place. Meanwhile analyze writes the trace and the other CSVs.
+a time) into a spool file of pickles, which this process reads as it is written (`tail_spool`). It
+inserts them, writes per_iteration_requests.csv from the same entry chunks and the CSVs made from one of
+those tables alone (`csv_export.TABLE_CSVS`: kvcache, events, state transitions), builds the indexes
+and views, and moves profiler.db into place. Meanwhile analyze writes the trace and the other CSVs.
 
 Writing the spool costs analyze a fraction of the inserts and CSV formatting it hands over (pickling
 a row is ~10x cheaper than binding it into SQLite or formatting it), and a file rather than a pipe
@@ -29,13 +29,13 @@ from __future__ import annotations
 import pickle
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from service_profiler.rawfile import RunData
 
 from . import sqlite_export
 from .csv_export import TABLE_CSVS, PerIterationWriter, TableCsvWriter
-from .sqlite_export import Message, SqliteExport, TablePart, analysis_messages
+from .sqlite_export import EntryBuilder, Message, SqliteExport, TablePart, analysis_messages
 from .steps import Outcome, merge, run_step, start_forked
 from .tables import AnalysisTables
 
@@ -48,13 +48,45 @@ _PICKLE_PROTOCOL = 5
 STREAM_ABOVE_BYTES = 32 * 2**20
 
 
-def _spool_messages(path: Path) -> Iterator[Message]:
+_SPOOL_COMPLETE = "spool complete"  # analyze's word on the pipe once the spool holds every message
+_LENGTH_BYTES = 8
+
+
+def write_spool_message(fh: BinaryIO, message: Message) -> None:
+    """One message as a length-prefixed pickle, flushed: the database process reads it at once."""
+    data = pickle.dumps(message, protocol=_PICKLE_PROTOCOL)
+    fh.write(len(data).to_bytes(_LENGTH_BYTES, "little"))
+    fh.write(data)
+    fh.flush()
+
+
+def tail_spool(path: Path, conn: Any, poll_s: float = 0.01) -> Iterator[Message]:
+    """The spool's messages while analyze is still writing it: at the end of what is written so far,
+    wait for more, until analyze says on `conn` that the spool is complete and all of it is read.
+    EOFError when analyze is gone before that (its end of the pipe closed)."""
+    complete = False
     with path.open("rb") as fh:
-        while True:
-            try:
-                yield pickle.load(fh)
-            except EOFError:
-                return
+
+        def read(n: int) -> bytes | None:
+            nonlocal complete
+            data = b""
+            while len(data) < n:
+                more = fh.read(n - len(data))
+                if more:
+                    data += more
+                elif complete:
+                    if data:
+                        raise EOFError(f"{path}: the spool ends inside a message")
+                    return None
+                elif conn.poll(poll_s) and conn.recv() == _SPOOL_COMPLETE:  # recv: EOFError if analyze is gone
+                    complete = True
+            return data
+
+        while (head := read(_LENGTH_BYTES)) is not None:
+            data = read(int.from_bytes(head, "little"))
+            if data is None:
+                raise EOFError(f"{path}: the spool ends inside a message")
+            yield pickle.loads(data)
 
 
 class DatabaseProcess:
@@ -143,9 +175,10 @@ class DatabaseProcess:
         try:
             outcome = run_step(DB_LABEL, database, self.progress)
             if not export:  # the database could not start: the CSVs alone
+                builder = EntryBuilder()
                 for message in tap(messages):
                     if message[0] == "entries" and per_iteration is not None:
-                        per_iteration.feed(message[1])
+                        per_iteration.feed(builder.chunk(message[1])[0])
         except BaseException:
             if per_iteration is not None:
                 per_iteration.close(complete=False)
@@ -186,7 +219,7 @@ class DatabaseProcess:
         if order is not None:
             spool, labels, csv_dir = order
             try:
-                outcome, written = self._complete(_spool_messages(spool), labels, csv_dir)
+                outcome, written = self._complete(tail_spool(spool, conn), labels, csv_dir)
             finally:
                 spool.unlink(missing_ok=True)
             outcomes.append(outcome)
@@ -205,11 +238,13 @@ class DatabaseProcess:
         self.handed_over = True
         if self.streaming:
             try:
+                # the process reads the spool while it is written (it may still be on its raw tables)
                 with self.spool.open("wb") as fh:
+                    self.conn.send((self.spool, labels, csv_dir))
+                    self.sent_tables = True
                     for message in analysis_messages(tables):
-                        pickle.dump(message, fh, protocol=_PICKLE_PROTOCOL)
-                self.conn.send((self.spool, labels, csv_dir))
-                self.sent_tables = True
+                        write_spool_message(fh, message)
+                self.conn.send(_SPOOL_COMPLETE)
             except BaseException:
                 self.spool.unlink(missing_ok=True)
                 self.abandon()

@@ -70,26 +70,46 @@ def _columns(reqs: list[Any]) -> list[list[Any]]:
         return [list(map(g, padded)) for g in _GETTERS]
 
 
-def iter_entry_chunks(tables: AnalysisTables, batches_per_chunk: int = 1024) -> Iterator[EntryChunk]:
-    rows = tables.batches.rows
-    spans, finished_lists = tables.batch_spans, tables.batch_finished
-    states = EntryStates()  # every request's state, carried from chunk to chunk
+@dataclass
+class EntrySource:
+    """What one chunk of entries is made from (`build_chunk`): consecutive batches' values, entries,
+    finished and preempted lists. Small and picklable: analyze hands these to the database process,
+    which builds the chunks itself."""
+
+    first_batch: int  # the batch row of the first batch
+    batches: list[tuple[Any, Any, Any, int]]  # (batch_id, dp_rank, proc, start_ns) per batch
+    reqs: list[Any]  # per batch, its entries as recorded
+    finished: list[Any]  # per batch, the requests its step finished
+    preempted: list[Any]  # per batch, the requests it preempted
+
+
+def iter_entry_sources(tables: AnalysisTables, batches_per_chunk: int = 1024) -> Iterator[EntrySource]:
+    rows, spans, finished = tables.batches.rows, tables.batch_spans, tables.batch_finished
     for lo in range(0, len(spans), batches_per_chunk):
-        yield _chunk(rows, spans, finished_lists, range(lo, min(lo + batches_per_chunk, len(spans))), states)
+        hi = min(lo + batches_per_chunk, len(spans))
+        attrs = [spans[i].attrs or {} for i in range(lo, hi)]
+        yield EntrySource(lo, [rows[i][:4] for i in range(lo, hi)], [a.get("reqs") or [] for a in attrs],
+                          finished[lo:hi], [a.get("preempted") or () for a in attrs])
 
 
-def _chunk(rows: list[tuple[Any, ...]], spans: list[Any], finished_lists: list[list[Any]], batches: range,
-           states: EntryStates) -> EntryChunk:
-    """The entries of `batches` (batch rows), their columns built for the whole chunk at once."""
+def iter_entry_chunks(tables: AnalysisTables, batches_per_chunk: int = 1024) -> Iterator[EntryChunk]:
+    states = EntryStates()  # every request's state, carried from chunk to chunk
+    for source in iter_entry_sources(tables, batches_per_chunk):
+        yield build_chunk(source, states)
+
+
+def build_chunk(source: EntrySource, states: EntryStates) -> EntryChunk:
+    """The entries of the source's batches, their columns built for the whole chunk at once; `states`:
+    every request's state after the chunks before this one (advanced past this one)."""
     chunk = EntryChunk()
-    reqs_of = [(spans[i].attrs or {}).get("reqs") or [] for i in batches]
+    per_batch, reqs_of = source.batches, source.reqs
+    batches = range(source.first_batch, source.first_batch + len(per_batch))
     lengths = list(map(len, reqs_of))
     entries: list[Any] = []
     for reqs in reqs_of:
         entries += reqs
     n = len(entries)
     # per batch -> per entry: the batch's values repeated over its entries
-    per_batch = [rows[i] for i in batches]
     for name, k in (("batch_id", 0), ("dp_rank", 1), ("proc", 2)):
         values = np.empty(len(per_batch), dtype=object)
         values[:] = [r[k] for r in per_batch]
@@ -104,13 +124,14 @@ def _chunk(rows: list[tuple[Any, ...]], spans: list[Any], finished_lists: list[l
     state = ["running"] * n
     rid = chunk.rid
     preempted: list[tuple[int, Any, int]] = []  # (entries before it in the chunk, rid, batch start)
-    for i, end, length, r in zip(batches, ends.tolist(), lengths, per_batch, strict=True):
-        for item in finished_lists[i]:
+    for i, end, length, r, finished, preempted_ids in zip(batches, ends.tolist(), lengths, per_batch,
+                                                          source.finished, source.preempted, strict=True):
+        for item in finished:
             done = item[0] if isinstance(item, list | tuple) and item else item
             ids = rid[end - length:end]
             if done in ids:
                 state[end - length + ids.index(done)] = "completed"
-        for p in (spans[i].attrs or {}).get("preempted") or ():
+        for p in preempted_ids:
             preempted.append((end, p, r[3]))
             chunk.preempted.append((i, (r[0], r[1], r[2], r[3], p, "preempted", None, 0, None, None, 0)))
     chunk.state = state

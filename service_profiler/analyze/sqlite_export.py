@@ -29,7 +29,8 @@ from typing import Any
 from service_profiler.fastjson import json_text
 from service_profiler.rawfile import EventRecord, RunData, SpanRecord, read_run
 
-from .entries import EntryChunk
+from .entries import EntryChunk, EntrySource, build_chunk
+from .entry_state import EntryStates
 from .tables import STORED_TABLES, AnalysisTables, Table
 
 _VIEWS = {
@@ -291,26 +292,45 @@ BATCH_REQ_DDL = (
 _BATCH_REQ_INSERT = "INSERT INTO batch_req VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
 
 # What `SqliteExport.apply` consumes, in order (`analysis_messages`): ("table", TablePart) for each part of
-# each analysis table, ("entries", EntryChunk, req_row of each entry) for each chunk of batch_req. Plain
-# tuples of picklable values: analyze spools them to the process that owns the database file.
+# each analysis table (request first), ("entries", EntrySource) for each chunk of batch_req, which the
+# consumer builds (`entries.build_chunk`). Plain tuples of picklable values: analyze spools them to the
+# process that owns the database file, which thus also does the work of building the entries.
 Message = tuple[Any, ...]
 
 
 def analysis_messages(tables: AnalysisTables) -> Iterator[Message]:
-    """The analysis tables (in parts) and the per-request batch entries, as `SqliteExport` messages; the
-    entries are built a chunk at a time (`entries.iter_entry_chunks`), so memory stays bounded."""
-    from .entries import iter_entry_chunks
+    """The analysis tables (in parts) and the sources of the per-request batch entries, as
+    `SqliteExport` messages; a chunk at a time, so memory stays bounded."""
+    from .entries import iter_entry_sources
 
     for part in table_parts("request", tables.requests, "req_row"):
         yield "table", part
     for part in table_parts("batch", tables.batches, "batch_row"):
         yield "table", part
-    req_row = {rid: i for i, rid in enumerate(tables.requests.values("rid"))}
-    for chunk in iter_entry_chunks(tables):
-        yield "entries", chunk, list(map(req_row.get, chunk.rid))
+    for source in iter_entry_sources(tables):
+        yield "entries", source
     for name, attr in STORED_TABLES.items():
         for part in table_parts(name, getattr(tables, attr)):
             yield "table", part
+
+
+class EntryBuilder:
+    """Builds the entry chunks of `analysis_messages`' entry sources in order, with each entry's req_row
+    (the request table's row of its rid, from the request parts, which come first)."""
+
+    def __init__(self) -> None:
+        self.states = EntryStates()
+        self.req_row: dict[Any, int] = {}
+
+    def see(self, part: TablePart) -> None:
+        if part.name == "request":
+            rid = part.columns.index("rid")
+            for k, row in enumerate(part.rows, part.start):
+                self.req_row[row[rid]] = k
+
+    def chunk(self, source: EntrySource) -> tuple[EntryChunk, list[int | None]]:
+        chunk = build_chunk(source, self.states)
+        return chunk, list(map(self.req_row.get, chunk.rid))
 
 
 class SqliteExport:
@@ -324,6 +344,7 @@ class SqliteExport:
         self.path, self.raw_db = path, raw_db
         self.tmp = path.with_name(path.name + ".tmp")
         self.db: sqlite3.Connection | None = None
+        self.entries = EntryBuilder()
 
     def start(self) -> SqliteExport:
         if not self.raw_db.exists():
@@ -337,10 +358,11 @@ class SqliteExport:
     def apply(self, messages: Iterable[Message], on_entry_chunk: Callable[[EntryChunk], None] | None = None) -> None:
         db = self.db
         assert db is not None, "start() first"
+        builder = self.entries
         try:
             for message in messages:
                 if message[0] == "entries":
-                    chunk, req_rows = message[1], message[2]
+                    chunk, req_rows = builder.chunk(message[1])
                     db.executemany(_BATCH_REQ_INSERT, zip(
                         chunk.batch_row, chunk.pos, req_rows, chunk.rid, chunk.phase, chunk.scheduled,
                         chunk.computed, chunk.prompt, chunk.resumed, chunk.state, chunk.iteration,
@@ -348,6 +370,7 @@ class SqliteExport:
                     if on_entry_chunk is not None:
                         on_entry_chunk(chunk)
                 else:
+                    builder.see(message[1])
                     _write_table_part(db, message[1])
         except BaseException:
             self.abort()
