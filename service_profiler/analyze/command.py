@@ -16,8 +16,9 @@ Processes (where the platform can fork):
   draw its two plots); on long runs (SIDE_BY_SIDE_PLOTS_MAX_BATCHES) it does all three itself, one
   after another, as the two more processes would add to the memory peak;
 - profiler.db (`db_process`): on large runs a process forked before the read that streams the raw
-  files into SQLite's raw tables (a few MB of memory), is then handed the analysis tables through a
-  spool file and also writes the CSVs made from what it inserts (per_iteration_requests.csv,
+  files into SQLite's raw tables (~60 MB of memory), is then handed the analysis tables, in parts, and
+  the batches' entries (it builds the per-request rows itself) through a spool file that it reads while
+  it is written, and also writes the CSVs made from what it inserts (per_iteration_requests.csv,
   kvcache.csv, events.csv, state_transitions.csv); on small runs a process forked after the tables
   are built, which inherits the records and tables. Either works beside this process's trace and CSVs.
 On large runs the records themselves are processed in one process: a child forked after the read

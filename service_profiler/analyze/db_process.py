@@ -3,9 +3,10 @@
 Large runs (raw files above STREAM_ABOVE_BYTES): the process is forked before the run is read, so its
 heap stays small. It first writes SQLite's raw tables straight from the raw files
 (`sqlite_export.write_raw_db`, a stream), then waits. Once analyze has built its tables it writes the
-analysis tables and the per-request batch entries (`sqlite_export.analysis_messages`, built a chunk at
-a time) into a spool file of pickles, which this process reads as it is written (`tail_spool`). It
-inserts them, writes per_iteration_requests.csv from the same entry chunks and the CSVs made from one of
+analysis tables, in parts, and the batches' entries (`sqlite_export.analysis_messages`, a chunk of
+batches at a time) into a spool file of pickles, which this process reads as it is written
+(`tail_spool`). It builds the per-request rows of the entries (`entries.build_chunk`), inserts it all,
+writes per_iteration_requests.csv from the same entry chunks and the CSVs made from one of
 those tables alone (`csv_export.TABLE_CSVS`: kvcache, events, state transitions), builds the indexes
 and views, and moves profiler.db into place. Meanwhile analyze writes the trace and the other CSVs.
 
