@@ -172,7 +172,10 @@ class _Feeder:
         if started is not None:  # else (no fork) the steps run in-process at `collect`
             self.proc, self.conn = started
 
+    in_helper = False  # True in the helper process
+
     def _child(self, conn: Any) -> None:
+        _Feeder.in_helper = True
         for module in self.warm:  # imported while the parent reads the run
             try:
                 importlib.import_module(module)
@@ -288,10 +291,11 @@ def _run(args: argparse.Namespace) -> int:
         plot_dir.mkdir(parents=True, exist_ok=True)
         # two parts, drawn by two processes: the first five (three wide line charts) and the last four
         names = mod.PLOT_NAMES[:5] if part == 0 else mod.PLOT_NAMES[5:]
-        if not _long_run(cols[0]):
+        if not (_long_run(cols[0]) and _Feeder.in_helper):
             return list(mod.write_plots(cols[0], cols[1], plot_dir, names))
-        # One process draws every figure (see feed): each is a web of reference cycles holding its
-        # pixel buffers (~10 MB), freed only by the cyclic collector, which analyze turns off.
+        # The helper draws every figure (see feed): each is a web of reference cycles holding its pixel
+        # buffers (~10 MB), freed only by the cyclic collector, which analyze turns off. Collecting is
+        # cheap in the helper, forked while the heap was small (not in analyze itself, without fork).
         written: list[Path] = []
         for name in names:
             written += mod.write_plots(cols[0], cols[1], plot_dir, [name])
