@@ -332,6 +332,33 @@ def test_database_process_dying_costs_only_the_database(synth: SyntheticRun, tmp
     out = tmp_path / "out"
     assert command.run(_args([synth.run_dir], out, "csv", "db")) == command.EXIT_EXPORT_FAILED
     assert "error: SQLite: the exporter process died (exit code 9)" in capsys.readouterr().err
+    _assert_only_the_database_lost(ref, out)
+
+
+@pytest.mark.skipif(steps.fork_context() is None, reason="the database is written in-process without fork")
+def test_database_process_dying_before_the_spool_costs_only_the_database(
+        synth: SyntheticRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # streaming: the process dies while it writes the raw tables, before analyze hands it the spool;
+    # analyze finds it gone when it tells it to read the spool, and goes on
+    from service_profiler.analyze import db_process
+
+    def killed(self: object, run: object = None) -> str:
+        os._exit(9)
+
+    ref = tmp_path / "ref"
+    assert command.run(_args([synth.run_dir], ref, "csv", "db")) == command.EXIT_OK
+    monkeypatch.setattr(db_process.DatabaseProcess, "_write_raw", killed)
+    _db_mode(monkeypatch, "stream")
+    out = tmp_path / "out"
+    assert command.run(_args([synth.run_dir], out, "csv", "db")) == command.EXIT_EXPORT_FAILED
+    err = capsys.readouterr().err
+    assert "error: SQLite raw tables: the exporter process died (exit code 9)" in err
+    assert "error: SQLite: the exporter process died (exit code 9)" in err
+    _assert_only_the_database_lost(ref, out)
+
+
+def _assert_only_the_database_lost(ref: Path, out: Path) -> None:
     assert not (out / "profiler.db").exists()
     assert sorted(p.name for p in out.iterdir() if p.name.endswith(".tmp")) == []
     for name in ("per_iteration_requests.csv", "kvcache.csv", "events.csv", "state_transitions.csv",

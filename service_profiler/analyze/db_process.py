@@ -241,11 +241,11 @@ class DatabaseProcess:
             try:
                 # the process reads the spool while it is written (it may still be on its raw tables)
                 with self.spool.open("wb") as fh:
-                    self.conn.send((self.spool, labels, csv_dir))
                     self.sent_tables = True
-                    for message in analysis_messages(tables):
-                        write_spool_message(fh, message)
-                self.conn.send(_SPOOL_COMPLETE)
+                    if self._tell((self.spool, labels, csv_dir)):
+                        for message in analysis_messages(tables):
+                            write_spool_message(fh, message)
+                        self._tell(_SPOOL_COMPLETE)
             except BaseException:
                 self.spool.unlink(missing_ok=True)
                 self.abandon()
@@ -258,6 +258,14 @@ class DatabaseProcess:
         outcome, self.csv_written = self._complete(analysis_messages(tables), labels, csv_dir)
         self.outcomes.append(outcome)
         return "SQLite written"
+
+    def _tell(self, message: Any) -> bool:
+        """Send the process a message; False when it is gone (`collect` reports how it ended)."""
+        try:
+            self.conn.send(message)
+        except OSError:
+            return False
+        return True
 
     def collect(self, produced: list[Path], notes: list[str], failures: list[str]) -> None:
         """Wait for the process (when there is one) and merge what its steps produced."""
