@@ -316,7 +316,8 @@ class _FileReader:
         spans, events, counters = self.run.spans, self.run.events, self.run.counters
         n_s, n_e, n_c = len(spans), len(events), len(counters)
         chans, off, pi = self.chans, self.offset, self.proc.index
-        span_new, event_new, counter_new = SpanRecord, EventRecord, CounterRecord
+        # tuple.__new__ straight from C: a NamedTuple's own __new__ is a Python function (~0.15 µs more)
+        new, span_cls, event_cls, counter_cls = tuple.__new__, SpanRecord, EventRecord, CounterRecord
         intern_ids = _intern_ids
         try:
             for rec in records:
@@ -324,13 +325,13 @@ class _FileReader:
                 if code == _SPAN:
                     if ids:
                         intern_ids(rec[4], ids)
-                    spans.append(span_new(pi, domain, name, rec[1] + off, rec[2] + off, rec[3], rec[4]))
+                    spans.append(new(span_cls, (pi, domain, name, rec[1] + off, rec[2] + off, rec[3], rec[4])))
                 elif code == _EVENT:
                     if ids:
                         intern_ids(rec[3], ids)
-                    events.append(event_new(pi, domain, name, rec[1] + off, rec[2], rec[3]))
+                    events.append(new(event_cls, (pi, domain, name, rec[1] + off, rec[2], rec[3])))
                 else:
-                    counters.append(counter_new(pi, domain, name, rec[1] + off, rec[2]))
+                    counters.append(new(counter_cls, (pi, domain, name, rec[1] + off, rec[2])))
         except BaseException:
             del spans[n_s:], events[n_e:], counters[n_c:]
             raise
