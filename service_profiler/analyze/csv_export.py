@@ -108,7 +108,7 @@ def csv_text(rows: Sequence[Sequence[Any]]) -> str:
             if str in kinds:
                 for v in dict.fromkeys(column):
                     if v.__class__ is str and _NEEDS_QUOTES.search(v):
-                        subst[v] = '"' + v.replace('"', '""') + '"'
+                        subst[v] = _csv_line([v])[:-1]  # csv.writer's own quoting, once per distinct string
             cells.append(list(map(subst.get, column, column)))
     except (TypeError, ValueError):  # unhashable or odd cells; rows of unequal length
         buf = io.StringIO()
