@@ -9,10 +9,14 @@ Nothing here raises on bad data. A torn or corrupt line is skipped and listed in
 `RunData.problems` as `file:line: what was wrong`; a file without a header is reported and skipped;
 a second copy of the same process file (same host, pid and clock anchor) is reported and skipped.
 
+Per-request entries (the `reqs` of batch and tokens records) that do not have the documented shape
+are dropped and counted in one problem per file (rawentries.py): every consumer of the entries indexes
+and sums them.
+
 Speed matters (a long run holds millions of records): each line is parsed once (by orjson where it is
-installed, see fastjson.py), and the per-record work is a channel lookup plus a NamedTuple
-construction; the lists are sorted once at the end. A `rec` line that does not fit the fast path is
-re-read record by record so one bad record costs only itself.
+installed, see fastjson.py), and the per-record work (a channel lookup, a NamedTuple, the entries'
+check) is one C call per line (`rawentries.add_records`); the lists are sorted once at the end. A `rec`
+line that does not fit the fast path is re-read record by record so one bad record costs only itself.
 """
 
 from __future__ import annotations
@@ -28,56 +32,29 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from service_profiler.fastjson import loads as fast_loads
+from service_profiler.rawentries import (
+    BATCH_REQS,
+    COUNTER,
+    EVENT,
+    NO_IDS,
+    RID,
+    SPAN,
+    TOKEN_REQS,
+    add_records,
+    clean_attrs,
+    valid_record,
+)
 
 RAW_SUFFIX = ".sprof.jsonl"
 FORMAT_VERSION = 1
 
-_SPAN, _EVENT, _COUNTER = 0, 1, 2
 DRAIN_RECORDS = 5_000  # records a streaming read (`read_run(drain=...)`) holds at most, plus one line
 # (5k rather than 50k: ~80 MB less memory for the database process, and no slower: the rows stay in cache)
-_KIND_CODES = {"span": _SPAN, "event": _EVENT, "counter": _COUNTER}
-
-# Request ids repeat in every batch and output record of a request. json.loads makes a new string
-# for each occurrence; interning them in the records that carry most of them roughly halves the
-# memory of a long run (a rid costs ~90 bytes, its list entry ~120).
-# Batch entries also repeat their token counts: num_computed_tokens and num_prompt_tokens (entry fields
-# 3 and 4) are mostly ints above 256, a new 32-byte object per occurrence; one shared object per value
-# saves ~70 MB per million entries (ints only: True == 1 must not turn into 1). The entries of both are
-# then kept as tuples, 16 bytes less each than a list (~35 MB on a run of 2.3 million entries).
-_NO_IDS, _RID, _REQS, _BATCH_REQS = 0, 1, 2, 3
-_ID_FIELDS = {("BatchSchedule", "batchFrameworkProcessing"): _BATCH_REQS, ("Request", "tokens"): _REQS}
+_KIND_CODES = {"span": SPAN, "event": EVENT, "counter": COUNTER}
+# The records whose per-request entries are checked (and, on a whole read, whose ids are shared: see
+# rawentries.py); events of these domains have their `rid` interned on a whole read.
+_ENTRY_FIELDS = {("BatchSchedule", "batchFrameworkProcessing"): BATCH_REQS, ("Request", "tokens"): TOKEN_REQS}
 _RID_DOMAINS = frozenset({"Request", "KVCache"})
-_SHARED_INTS: dict[int, int] = {}
-
-
-def _intern_ids(attrs: Any, fields: int) -> None:
-    intern = sys.intern
-    try:
-        if fields == _RID:
-            rid = attrs.get("rid")
-            if rid.__class__ is str:
-                attrs["rid"] = intern(rid)
-        elif fields == _BATCH_REQS:
-            share = _SHARED_INTS.setdefault
-            reqs = attrs.get("reqs")
-            for entry in reqs or ():
-                entry[0] = intern(entry[0])
-                if len(entry) > 4:  # entries written without the trailing fields keep theirs
-                    computed, prompt = entry[3], entry[4]
-                    if computed.__class__ is int:
-                        entry[3] = share(computed, computed)
-                    if prompt.__class__ is int:
-                        entry[4] = share(prompt, prompt)
-            if reqs:
-                attrs["reqs"] = list(map(tuple, reqs))
-        else:
-            reqs = attrs.get("reqs")
-            for entry in reqs or ():
-                entry[0] = intern(entry[0])
-            if reqs:
-                attrs["reqs"] = list(map(tuple, reqs))
-    except (TypeError, AttributeError, IndexError):
-        pass  # an odd shape only misses the saving; the analysis copes with it
 
 
 class SpanRecord(NamedTuple):
@@ -105,6 +82,9 @@ class CounterRecord(NamedTuple):
     name: str
     ts_ns: int
     values: dict[str, float]
+
+
+RECORD_CLASSES = (SpanRecord, EventRecord, CounterRecord)  # in rawentries' SPAN, EVENT, COUNTER order
 
 
 @dataclass
@@ -214,16 +194,19 @@ class _FileReader:
     """Reads one raw file into the shared output lists."""
 
     def __init__(self, run: RunData, proc: ProcessInfo, header: dict[str, Any],
-                 drain: Callable[[RunData], None] | None = None) -> None:
+                 drain: Callable[[RunData], None] | None = None, shared: dict[int, int] | None = None) -> None:
+        """`shared`: the ints shared by a whole read (rawentries.clean_attrs); None for a stream."""
         self.run = run
         self.drain = drain
+        self.shared = shared
         self.proc = proc
         self.offset = proc.wall_offset_ns
-        # channel id -> (kind code, domain, name, id fields to intern)
+        # channel id -> (kind code, domain, name, which ids / entries to check: rawentries.clean_attrs)
         self.chans: dict[int, tuple[int, str, str, int]] = {}
         self.unknown_chan: dict[str, int] = {}
         self.warning_slots: dict[str, int] = {}  # warning message -> its index in proc.warnings
         self.bad_records = 0
+        self.dropped = [0]  # malformed per-request entries dropped (rawentries.clean_attrs counts them)
 
     def read(self, path: Path) -> None:
         run = self.run
@@ -266,6 +249,9 @@ class _FileReader:
             problems.append(f"{path}: {count} records of undeclared channel {chan_id}; skipped")
         if self.bad_records:
             problems.append(f"{path}: {self.bad_records} malformed records; skipped")
+        if self.dropped[0]:
+            problems.append(f"{path}: {self.dropped[0]} malformed per-request entries (`reqs` of batch or tokens "
+                            "records; see docs/DESIGN.md for their shape); dropped")
 
     def _channel(self, obj: dict[str, Any], path: Path, lineno: int) -> None:
         code = _KIND_CODES.get(obj.get("kind", ""))
@@ -273,10 +259,9 @@ class _FileReader:
             self.run.problems.append(f"{path}:{lineno}: channel line without a valid id/kind; skipped")
             return
         domain, name = sys.intern(str(obj.get("domain", ""))), sys.intern(str(obj.get("name", "")))
-        if self.drain is not None:
-            ids = _NO_IDS  # a stream's records are dropped at each drain: sharing their ids saves nothing
-        else:
-            ids = _ID_FIELDS.get((domain, name), _RID if code == _EVENT and domain in _RID_DOMAINS else _NO_IDS)
+        ids = _ENTRY_FIELDS.get((domain, name), NO_IDS)
+        if not ids and self.shared is not None and code == EVENT and domain in _RID_DOMAINS:
+            ids = RID  # (a stream's records are dropped at each drain: sharing their ids saves nothing)
         self.chans[obj["id"]] = (code, domain, name, ids)
         self.proc.channels.append(obj)
 
@@ -311,27 +296,14 @@ class _FileReader:
             self.run.problems.append(f"{path}:{lineno}: unknown line type {kind!r}; skipped")
 
     def _records_fast(self, records: list[Any]) -> None:
-        # All-or-nothing for the line: on any exception the caller re-reads it record by record,
-        # so undo what this attempt appended first.
-        spans, events, counters = self.run.spans, self.run.events, self.run.counters
+        # All-or-nothing for the line's records: on any exception the caller re-reads it record by
+        # record, so undo what this attempt appended first (see rawentries.add_records).
+        run = self.run
+        spans, events, counters = run.spans, run.events, run.counters
         n_s, n_e, n_c = len(spans), len(events), len(counters)
-        chans, off, pi = self.chans, self.offset, self.proc.index
-        # tuple.__new__ straight from C: a NamedTuple's own __new__ is a Python function (~0.15 µs more)
-        new, span_cls, event_cls, counter_cls = tuple.__new__, SpanRecord, EventRecord, CounterRecord
-        intern_ids = _intern_ids
         try:
-            for rec in records:
-                code, domain, name, ids = chans[rec[0]]
-                if code == _SPAN:
-                    if ids:
-                        intern_ids(rec[4], ids)
-                    spans.append(new(span_cls, (pi, domain, name, rec[1] + off, rec[2] + off, rec[3], rec[4])))
-                elif code == _EVENT:
-                    if ids:
-                        intern_ids(rec[3], ids)
-                    events.append(new(event_cls, (pi, domain, name, rec[1] + off, rec[2], rec[3])))
-                else:
-                    counters.append(new(counter_cls, (pi, domain, name, rec[1] + off, rec[2])))
+            add_records(records, self.chans, self.offset, self.proc.index, spans, events, counters, RECORD_CLASSES,
+                        self.shared, self.dropped)
         except BaseException:
             del spans[n_s:], events[n_e:], counters[n_c:]
             raise
@@ -349,30 +321,17 @@ class _FileReader:
                 self.unknown_chan[label] = self.unknown_chan.get(label, 0) + 1
                 continue
             code, domain, name, ids = chan
-            if not _valid(code, rec):
+            if not valid_record(code, rec):
                 self.bad_records += 1
                 continue
             if ids:
-                _intern_ids(rec[4] if code == _SPAN else rec[3], ids)
-            if code == _SPAN:
+                clean_attrs(rec[4] if code == SPAN else rec[3], ids, self.shared, self.dropped)
+            if code == SPAN:
                 self.run.spans.append(SpanRecord(pi, domain, name, rec[1] + off, rec[2] + off, rec[3], rec[4]))
-            elif code == _EVENT:
+            elif code == EVENT:
                 self.run.events.append(EventRecord(pi, domain, name, rec[1] + off, rec[2], rec[3]))
             else:
                 self.run.counters.append(CounterRecord(pi, domain, name, rec[1] + off, rec[2]))
-
-
-def _valid(code: int, rec: list[Any]) -> bool:
-    def is_ts(v: Any) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
-
-    if code == _SPAN:
-        return (len(rec) == 5 and is_ts(rec[1]) and is_ts(rec[2]) and isinstance(rec[3], int)
-                and (rec[4] is None or isinstance(rec[4], dict)))
-    if code == _EVENT:
-        return len(rec) == 4 and is_ts(rec[1]) and isinstance(rec[2], int) and (
-            rec[3] is None or isinstance(rec[3], dict))
-    return len(rec) == 3 and is_ts(rec[1]) and isinstance(rec[2], dict)
 
 
 def _process_from_header(index: int, path: Path, header: dict[str, Any]) -> ProcessInfo:
@@ -415,13 +374,13 @@ def read_run(paths: Sequence[Path | str] | Path | str, drain: Callable[[RunData]
     try:
         return _read_run(paths, drain)
     finally:
-        _SHARED_INTS.clear()  # the records keep the objects; the next run starts afresh
         if was_enabled:
             gc.enable()
 
 
 def _read_run(paths: Sequence[Path | str], drain: Callable[[RunData], None] | None) -> RunData:
     run = RunData()
+    shared: dict[int, int] | None = None if drain is not None else {}
     files = discover_files(paths, run.problems)
     for path, header in _dedupe_copies(files, run.problems):
         proc = _process_from_header(len(run.processes), path, header)
@@ -433,7 +392,7 @@ def _read_run(paths: Sequence[Path | str], drain: Callable[[RunData], None] | No
             run.problems.append(f"{path}:1: header has no clock anchor; timestamps left unaligned")
         run.processes.append(proc)
         try:
-            _FileReader(run, proc, header, drain).read(path)
+            _FileReader(run, proc, header, drain, shared).read(path)
         except OSError as exc:
             run.problems.append(f"{path}: read failed ({exc.strerror or exc}); kept what was read")
         # role / dp_rank given as meta override the header (the last value wins, as documented)

@@ -140,3 +140,23 @@ def test_raw_tables_streamed_from_the_files_match_the_read_run(tmp_path: Path, m
     indexes = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
     assert {"ix_span_name", "ix_event_rid", "ix_counter_name"} <= indexes
     assert con.execute("SELECT name FROM sqlite_temp_master").fetchall() == []
+
+
+@pytest.mark.parametrize("count", [0, 1, 63, 64, 65, 129, 500])
+@pytest.mark.parametrize("width", [1, 5, 13, 40])
+def test_insert_rows_writes_every_row_in_order(count: int, width: int) -> None:
+    # Multi-row INSERTs (64 rows, fewer for rows so wide that 64 would pass SQLite's old limit of 999
+    # parameters, as at width 40) plus single rows for the rest: the same table as one statement per
+    # row, rowids included.
+    from service_profiler.analyze.sqlite_export import insert_rows
+
+    rows = [tuple(f"r{i}c{k}" if k % 2 else i * width + k for k in range(width)) for i in range(count)]
+    cols = ", ".join(f"c{k}" for k in range(width))
+    con = sqlite3.connect(":memory:")
+    for name in ("many", "one"):
+        con.execute(f"CREATE TABLE {name} ({cols})")
+    insert_rows(con, "many", width, iter(rows))  # a generator as from the exporters: read once
+    con.executemany(f"INSERT INTO one VALUES ({','.join('?' * width)})", rows)
+    many = con.execute("SELECT rowid, * FROM many ORDER BY rowid").fetchall()
+    assert many == con.execute("SELECT rowid, * FROM one ORDER BY rowid").fetchall()
+    assert [r[1:] for r in many] == rows

@@ -1,0 +1,406 @@
+/*
+ * service_profiler._records: the raw reader's per-record loop in C (see service_profiler/rawentries.py).
+ *
+ * add_records(records, chans, offset, proc, spans, events, counters, classes, shared, dropped)
+ *
+ * does what rawentries.add_records_py does for one `rec` line, at a fraction of its cost (a long run
+ * holds millions of records and, in its batch and tokens records, millions of per-request entries):
+ * each record becomes a SpanRecord / EventRecord / CounterRecord (classes[0..2], tuple subclasses
+ * without a __dict__, allocated here as the tuple type's own tp_new would) appended to its list,
+ * with the file's clock offset added to its timestamps; the per-request entries of the channels that
+ * carry them are checked, made tuples and (with `shared`, a dict) interned / shared, exactly as
+ * rawentries.clean_attrs does; each dropped entry is counted in dropped[0].
+ *
+ * A record that rawentries.valid_record would reject (or an unknown channel) raises ValueError (or
+ * KeyError): the caller removes what this line appended and re-reads it record by record. What was
+ * done to the entries of the records before it stays done, and is counted: cleaning is idempotent.
+ *
+ * chans: {channel id: (kind code 0/1/2, domain, name, entry fields 0..3)} as built by the reader.
+ */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+enum { SPAN = 0, EVENT = 1, COUNTER = 2 };
+enum { NO_IDS = 0, RID = 1, TOKEN_REQS = 2, BATCH_REQS = 3 };
+
+static PyObject *str_rid;  /* "rid" */
+static PyObject *str_reqs; /* "reqs" */
+
+/* Exact int (JSON integer), not bool. */
+#define IS_TS(o) PyLong_CheckExact(o)
+/* int or bool, as JSON gives them. */
+#define IS_INT(o) (PyLong_CheckExact(o) || PyBool_Check(o))
+#define IS_OPT_INT(o) ((o) == Py_None || IS_INT(o))
+#define IS_OPT_NUM(o) ((o) == Py_None || PyLong_CheckExact(o) || PyFloat_CheckExact(o))
+#define IS_OPT_STR(o) ((o) == Py_None || PyUnicode_CheckExact(o))
+#define IS_RID(o) (PyUnicode_CheckExact(o) || PyLong_CheckExact(o))
+
+static int
+valid_entry(PyObject *const *e, Py_ssize_t n, int fields)
+{
+    if (n < 3 || !IS_RID(e[0]) || !IS_INT(e[1])) {
+        return 0;
+    }
+    if (fields == BATCH_REQS) {
+        return IS_INT(e[2]) && (n < 4 || IS_OPT_NUM(e[3])) && (n < 5 || IS_OPT_NUM(e[4]))
+               && (n < 6 || IS_OPT_INT(e[5]));
+    }
+    return IS_OPT_INT(e[2]) && (n < 4 || IS_OPT_STR(e[3]));
+}
+
+/* New reference: `value` itself, or the object shared for its value (dict.setdefault). */
+static PyObject *
+share_int(PyObject *shared, PyObject *value)
+{
+    if (shared != NULL && PyLong_CheckExact(value)) {
+        PyObject *kept = PyDict_SetDefault(shared, value, value); /* borrowed */
+        if (kept == NULL) {
+            return NULL;
+        }
+        value = kept;
+    }
+    Py_INCREF(value);
+    return value;
+}
+
+static int
+add_dropped(PyObject *dropped, Py_ssize_t count)
+{
+    if (count == 0) {
+        return 0;
+    }
+    PyObject *old = PyList_GetItem(dropped, 0); /* borrowed */
+    if (old == NULL) {
+        return -1;
+    }
+    PyObject *delta = PyLong_FromSsize_t(count);
+    if (delta == NULL) {
+        return -1;
+    }
+    PyObject *sum = PyNumber_Add(old, delta);
+    Py_DECREF(delta);
+    if (sum == NULL) {
+        return -1;
+    }
+    return PyList_SetItem(dropped, 0, sum); /* steals sum */
+}
+
+/* rawentries.clean_attrs. `shared`: NULL for a stream (check only). Returns -1 on error. */
+static int
+clean_attrs(PyObject *attrs, int fields, PyObject *shared, PyObject *dropped)
+{
+    if (!PyDict_CheckExact(attrs)) {
+        return 0;
+    }
+    if (fields == RID) {
+        if (shared == NULL) {
+            return 0;
+        }
+        PyObject *rid = PyDict_GetItemWithError(attrs, str_rid); /* borrowed */
+        if (rid == NULL) {
+            return PyErr_Occurred() ? -1 : 0;
+        }
+        if (!PyUnicode_CheckExact(rid)) {
+            return 0;
+        }
+        Py_INCREF(rid);
+        PyUnicode_InternInPlace(&rid);
+        int rc = PyDict_SetItem(attrs, str_rid, rid);
+        Py_DECREF(rid);
+        return rc;
+    }
+    PyObject *reqs = PyDict_GetItemWithError(attrs, str_reqs); /* borrowed */
+    if (reqs == NULL) {
+        return PyErr_Occurred() ? -1 : 0;
+    }
+    if (reqs == Py_None) {
+        return 0;
+    }
+    if (!PyList_CheckExact(reqs)) {
+        PyObject *empty = PyList_New(0);
+        if (empty == NULL) {
+            return -1;
+        }
+        int rc = PyDict_SetItem(attrs, str_reqs, empty);
+        Py_DECREF(empty);
+        return rc < 0 ? -1 : add_dropped(dropped, 1);
+    }
+    Py_ssize_t n = PyList_GET_SIZE(reqs);
+    if (shared == NULL) {
+        /* A stream only checks: a list of good entries stays as it is. */
+        Py_ssize_t i = 0;
+        for (; i < n; i++) {
+            PyObject *entry = PyList_GET_ITEM(reqs, i);
+            if (PyList_CheckExact(entry)) {
+                if (!valid_entry(((PyListObject *)entry)->ob_item, PyList_GET_SIZE(entry), fields)) {
+                    break;
+                }
+            } else if (!PyTuple_CheckExact(entry)
+                       || !valid_entry(((PyTupleObject *)entry)->ob_item, PyTuple_GET_SIZE(entry), fields)) {
+                break;
+            }
+        }
+        if (i == n) {
+            return 0;
+        }
+    }
+    PyObject *out = PyList_New(n);
+    if (out == NULL) {
+        return -1;
+    }
+    Py_ssize_t kept = 0, bad = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *entry = PyList_GET_ITEM(reqs, i);
+        PyObject *const *items;
+        Py_ssize_t size;
+        if (PyList_CheckExact(entry)) {
+            items = ((PyListObject *)entry)->ob_item;
+            size = PyList_GET_SIZE(entry);
+        } else if (PyTuple_CheckExact(entry)) {
+            items = ((PyTupleObject *)entry)->ob_item;
+            size = PyTuple_GET_SIZE(entry);
+        } else {
+            bad++;
+            continue;
+        }
+        if (!valid_entry(items, size, fields)) {
+            bad++;
+            continue;
+        }
+        PyObject *tup = PyTuple_New(size);
+        if (tup == NULL) {
+            goto error;
+        }
+        PyList_SET_ITEM(out, kept++, tup); /* owned by `out` from here on, even if filling fails */
+        for (Py_ssize_t k = 0; k < size; k++) {
+            PyObject *item = items[k];
+            if (shared != NULL && k == 0 && PyUnicode_CheckExact(item)) {
+                Py_INCREF(item);
+                PyUnicode_InternInPlace(&item);
+            } else if (fields == BATCH_REQS && (k == 3 || k == 4) && size > 4) {
+                item = share_int(shared, item);
+                if (item == NULL) {
+                    goto error;
+                }
+            } else {
+                Py_INCREF(item);
+            }
+            PyTuple_SET_ITEM(tup, k, item);
+        }
+    }
+    /* The unused tail holds NULLs: the list ends at what was kept before anyone sees it. */
+    Py_SET_SIZE(out, kept);
+    int rc = PyDict_SetItem(attrs, str_reqs, out);
+    Py_DECREF(out);
+    return rc < 0 ? -1 : add_dropped(dropped, bad);
+error:
+    /* Py_SIZE(out) is n and the unfilled slots (of `out` and of the last tuple) are NULL, which
+     * list and tuple deallocation skip. */
+    Py_DECREF(out);
+    add_dropped(dropped, bad);
+    return -1;
+}
+
+/* A new instance of the tuple subclass `cls` holding the n new references in `items` (stolen, also on
+ * failure). NamedTuple classes have __slots__ = (): the layout is a tuple's, as tuple.__new__ makes it. */
+static PyObject *
+make_record(PyTypeObject *cls, PyObject **items, Py_ssize_t n)
+{
+#if PY_VERSION_HEX >= 0x030E0000
+    /* 3.14 tuples cache their hash in the object: let tuple.__new__ set them up. */
+    PyObject *plain = PyTuple_New(n);
+    if (plain == NULL) {
+        for (Py_ssize_t k = 0; k < n; k++) {
+            Py_XDECREF(items[k]);
+        }
+        return NULL;
+    }
+    for (Py_ssize_t k = 0; k < n; k++) {
+        PyTuple_SET_ITEM(plain, k, items[k]);
+    }
+    PyObject *rec = PyObject_CallMethod((PyObject *)&PyTuple_Type, "__new__", "OO", (PyObject *)cls, plain);
+    Py_DECREF(plain);
+    return rec;
+#else
+    PyObject *rec = cls->tp_alloc(cls, n);
+    if (rec == NULL) {
+        for (Py_ssize_t k = 0; k < n; k++) {
+            Py_XDECREF(items[k]);
+        }
+        return NULL;
+    }
+    for (Py_ssize_t k = 0; k < n; k++) {
+        PyTuple_SET_ITEM(rec, k, items[k]);
+    }
+    return rec;
+#endif
+}
+
+static int
+append_new(PyObject *list, PyObject *rec)
+{
+    if (rec == NULL) {
+        return -1;
+    }
+    int rc = PyList_Append(list, rec);
+    Py_DECREF(rec);
+    return rc;
+}
+
+static PyObject *
+malformed(void)
+{
+    PyErr_SetString(PyExc_ValueError, "malformed record");
+    return NULL;
+}
+
+static PyObject *
+add_records(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 10) {
+        PyErr_SetString(PyExc_TypeError, "add_records() takes 10 arguments");
+        return NULL;
+    }
+    PyObject *records = args[0], *chans = args[1], *offset = args[2], *proc = args[3];
+    PyObject *lists[3] = {args[4], args[5], args[6]};
+    PyObject *classes = args[7], *shared = args[8], *dropped = args[9];
+    if (!PyList_CheckExact(records) || !PyDict_CheckExact(chans) || !PyLong_CheckExact(offset)
+        || !PyList_CheckExact(lists[0]) || !PyList_CheckExact(lists[1]) || !PyList_CheckExact(lists[2])
+        || !PyTuple_CheckExact(classes) || PyTuple_GET_SIZE(classes) != 3
+        || !(shared == Py_None || PyDict_CheckExact(shared)) || !PyList_CheckExact(dropped)
+        || PyList_GET_SIZE(dropped) != 1) {
+        PyErr_SetString(PyExc_TypeError, "add_records(): unexpected argument types");
+        return NULL;
+    }
+    PyTypeObject *cls[3];
+    for (int k = 0; k < 3; k++) {
+        PyObject *c = PyTuple_GET_ITEM(classes, k);
+        if (!PyType_Check(c) || !PyType_IsSubtype((PyTypeObject *)c, &PyTuple_Type)
+            || ((PyTypeObject *)c)->tp_basicsize != PyTuple_Type.tp_basicsize
+            || ((PyTypeObject *)c)->tp_itemsize != PyTuple_Type.tp_itemsize) {
+            PyErr_SetString(PyExc_TypeError, "add_records(): classes must be tuple subclasses without __dict__");
+            return NULL;
+        }
+        cls[k] = (PyTypeObject *)c;
+    }
+    PyObject *shared_or_null = shared == Py_None ? NULL : shared;
+
+    Py_ssize_t n = PyList_GET_SIZE(records);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *rec = PyList_GET_ITEM(records, i);
+        if (!PyList_CheckExact(rec) || PyList_GET_SIZE(rec) < 1) {
+            return malformed();
+        }
+        PyObject **r = ((PyListObject *)rec)->ob_item;
+        Py_ssize_t size = PyList_GET_SIZE(rec);
+        PyObject *chan = PyDict_GetItemWithError(chans, r[0]); /* borrowed */
+        if (chan == NULL) {
+            if (!PyErr_Occurred()) {
+                PyErr_SetObject(PyExc_KeyError, r[0]);
+            }
+            return NULL;
+        }
+        if (!PyTuple_CheckExact(chan) || PyTuple_GET_SIZE(chan) != 4) {
+            PyErr_SetString(PyExc_TypeError, "add_records(): a channel must be (code, domain, name, fields)");
+            return NULL;
+        }
+        long code = PyLong_AsLong(PyTuple_GET_ITEM(chan, 0));
+        long fields = PyLong_AsLong(PyTuple_GET_ITEM(chan, 3));
+        if ((code == -1 || fields == -1) && PyErr_Occurred()) {
+            return NULL;
+        }
+        PyObject *domain = PyTuple_GET_ITEM(chan, 1), *name = PyTuple_GET_ITEM(chan, 2);
+        PyObject *items[7];
+        Py_ssize_t nitems;
+        if (code == SPAN) {
+            if (size != 5 || !IS_TS(r[1]) || !IS_TS(r[2]) || !PyLong_Check(r[3])
+                || !(r[4] == Py_None || PyDict_Check(r[4]))) {
+                return malformed();
+            }
+            if (fields != NO_IDS && clean_attrs(r[4], (int)fields, shared_or_null, dropped) < 0) {
+                return NULL;
+            }
+            items[3] = PyNumber_Add(r[1], offset);
+            items[4] = PyNumber_Add(r[2], offset);
+            if (items[3] == NULL || items[4] == NULL) {
+                Py_XDECREF(items[3]);
+                Py_XDECREF(items[4]);
+                return NULL;
+            }
+            items[5] = Py_NewRef(r[3]);
+            items[6] = Py_NewRef(r[4]);
+            nitems = 7;
+        } else if (code == EVENT) {
+            if (size != 4 || !IS_TS(r[1]) || !PyLong_Check(r[2]) || !(r[3] == Py_None || PyDict_Check(r[3]))) {
+                return malformed();
+            }
+            if (fields != NO_IDS && clean_attrs(r[3], (int)fields, shared_or_null, dropped) < 0) {
+                return NULL;
+            }
+            items[3] = PyNumber_Add(r[1], offset);
+            if (items[3] == NULL) {
+                return NULL;
+            }
+            items[4] = Py_NewRef(r[2]);
+            items[5] = Py_NewRef(r[3]);
+            nitems = 6;
+        } else if (code == COUNTER) {
+            if (size != 3 || !IS_TS(r[1]) || !PyDict_Check(r[2])) {
+                return malformed();
+            }
+            items[3] = PyNumber_Add(r[1], offset);
+            if (items[3] == NULL) {
+                return NULL;
+            }
+            items[4] = Py_NewRef(r[2]);
+            nitems = 5;
+        } else {
+            return malformed();
+        }
+        items[0] = Py_NewRef(proc);
+        items[1] = Py_NewRef(domain);
+        items[2] = Py_NewRef(name);
+        if (append_new(lists[code], make_record(cls[code], items, nitems)) < 0) {
+            return NULL;
+        }
+    }
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef records_methods[] = {
+    {"add_records", (PyCFunction)(void (*)(void))add_records, METH_FASTCALL,
+     "add_records(records, chans, offset, proc, spans, events, counters, classes, shared, dropped)\n--\n\n"
+     "Append one raw line's records to spans/events/counters (see service_profiler/rawentries.py)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static int
+records_exec(PyObject *module)
+{
+    str_rid = PyUnicode_InternFromString("rid");
+    str_reqs = PyUnicode_InternFromString("reqs");
+    return (str_rid == NULL || str_reqs == NULL) ? -1 : 0;
+}
+
+static PyModuleDef_Slot records_slots[] = {
+    {Py_mod_exec, (void *)records_exec},
+    {0, NULL},
+};
+
+PyDoc_STRVAR(records_doc, "C fast path of the raw reader's per-record loop (service_profiler/rawentries.py).");
+
+static struct PyModuleDef records_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "service_profiler._records",
+    .m_doc = records_doc,
+    .m_size = 0,
+    .m_methods = records_methods,
+    .m_slots = records_slots,
+};
+
+PyMODINIT_FUNC
+PyInit__records(void)
+{
+    return PyModuleDef_Init(&records_module);
+}
