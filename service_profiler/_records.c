@@ -24,8 +24,10 @@
 enum { SPAN = 0, EVENT = 1, COUNTER = 2 };
 enum { NO_IDS = 0, RID = 1, TOKEN_REQS = 2, BATCH_REQS = 3 };
 
-static PyObject *str_rid;  /* "rid" */
-static PyObject *str_reqs; /* "reqs" */
+static PyObject *str_rid;           /* "rid" */
+static PyObject *str_reqs;          /* "reqs" */
+static PyObject *str_batch_id;      /* "batch_id" */
+static PyObject *str_schedule_span; /* "batchFrameworkProcessing" */
 
 /* Exact int (JSON integer), not bool. */
 #define IS_TS(o) PyLong_CheckExact(o)
@@ -248,6 +250,125 @@ append_new(PyObject *list, PyObject *rec)
     return rc;
 }
 
+/* ------------------------------------------------------------------------------------------------ */
+/* add_raw_rows: SQLite rows instead of records (sqlite_export._span_rows / _event_rows / _counter_rows). */
+
+typedef struct {
+    PyObject *encode;   /* value -> bytes or str; TypeError when it cannot */
+    PyObject *fallback; /* value -> str, for what `encode` refused */
+    PyObject *scalar;   /* a non-scalar batch_id / rid -> what the column stores */
+} Encoders;
+
+/* New reference: the JSON text of `value`, as fastjson.json_text makes it. */
+static PyObject *
+json_text(Encoders *enc, PyObject *value)
+{
+    PyObject *out = PyObject_CallOneArg(enc->encode, value);
+    if (out == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_TypeError)) {
+            return NULL;
+        }
+        PyErr_Clear();
+        return PyObject_CallOneArg(enc->fallback, value);
+    }
+    if (PyBytes_CheckExact(out)) {
+        PyObject *text = PyUnicode_DecodeUTF8(PyBytes_AS_STRING(out), PyBytes_GET_SIZE(out), NULL);
+        Py_DECREF(out);
+        return text;
+    }
+    return out;
+}
+
+/* New reference: attrs[key] when it is None or a scalar (exact int, float, str, bool), else
+ * scalar(attrs[key]); None when absent. */
+static PyObject *
+scalar_attr(Encoders *enc, PyObject *attrs, PyObject *key)
+{
+    PyObject *v = PyDict_GetItemWithError(attrs, key); /* borrowed */
+    if (v == NULL) {
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
+        Py_RETURN_NONE;
+    }
+    if (v == Py_None || PyLong_CheckExact(v) || PyFloat_CheckExact(v) || PyUnicode_CheckExact(v) || PyBool_Check(v)) {
+        return Py_NewRef(v);
+    }
+    return PyObject_CallOneArg(enc->scalar, v);
+}
+
+static int
+is_schedule_span(PyObject *name)
+{
+    return name == str_schedule_span
+           || (PyUnicode_Check(name) && PyUnicode_Compare(name, str_schedule_span) == 0);
+}
+
+/* The row's text and batch_id / rid columns from `attrs` (items[k] .. new references). */
+static int
+attrs_columns(Encoders *enc, PyObject *attrs, PyObject *name, int code, PyObject **bid, PyObject **rid,
+              PyObject **text)
+{
+    *bid = *rid = *text = NULL;
+    if (attrs == Py_None) {
+        *bid = Py_NewRef(Py_None);
+        *rid = Py_NewRef(Py_None);
+        *text = Py_NewRef(Py_None);
+        return 0;
+    }
+    if (PyDict_GET_SIZE(attrs) == 0) {
+        *bid = Py_NewRef(Py_None);
+        *rid = Py_NewRef(Py_None);
+        *text = json_text(enc, attrs);
+        return *text == NULL ? -1 : 0;
+    }
+    if (code == EVENT && (*rid = scalar_attr(enc, attrs, str_rid)) == NULL) {
+        return -1;
+    }
+    if ((*bid = scalar_attr(enc, attrs, str_batch_id)) == NULL) {
+        return -1;
+    }
+    int strip = 0;
+    if (code == SPAN && is_schedule_span(name)) {
+        /* the per-request entries are the batch_req table, row for row: not stored twice */
+        strip = PyDict_Contains(attrs, str_reqs);
+        if (strip < 0) {
+            return -1;
+        }
+    }
+    if (strip) {
+        PyObject *copy = PyDict_Copy(attrs);
+        if (copy == NULL || PyDict_DelItem(copy, str_reqs) < 0) {
+            Py_XDECREF(copy);
+            return -1;
+        }
+        *text = json_text(enc, copy);
+        Py_DECREF(copy);
+    } else {
+        *text = json_text(enc, attrs);
+    }
+    return *text == NULL ? -1 : 0;
+}
+
+static PyObject *
+make_row(PyObject **items, Py_ssize_t n)
+{
+    PyObject *row = PyTuple_New(n);
+    if (row == NULL) {
+        for (Py_ssize_t k = 0; k < n; k++) {
+            Py_XDECREF(items[k]);
+        }
+        return NULL;
+    }
+    for (Py_ssize_t k = 0; k < n; k++) {
+        PyTuple_SET_ITEM(row, k, items[k]);
+    }
+    return row;
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* The loop, shared: records (classes != NULL) or rows (enc != NULL). */
+
 static PyObject *
 malformed(void)
 {
@@ -256,34 +377,11 @@ malformed(void)
 }
 
 static PyObject *
-add_records(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+build_line(PyObject *const *args, PyTypeObject **cls, Encoders *enc)
 {
-    if (nargs != 10) {
-        PyErr_SetString(PyExc_TypeError, "add_records() takes 10 arguments");
-        return NULL;
-    }
     PyObject *records = args[0], *chans = args[1], *offset = args[2], *proc = args[3];
     PyObject *lists[3] = {args[4], args[5], args[6]};
-    PyObject *classes = args[7], *shared = args[8], *dropped = args[9];
-    if (!PyList_CheckExact(records) || !PyDict_CheckExact(chans) || !PyLong_CheckExact(offset)
-        || !PyList_CheckExact(lists[0]) || !PyList_CheckExact(lists[1]) || !PyList_CheckExact(lists[2])
-        || !PyTuple_CheckExact(classes) || PyTuple_GET_SIZE(classes) != 3
-        || !(shared == Py_None || PyDict_CheckExact(shared)) || !PyList_CheckExact(dropped)
-        || PyList_GET_SIZE(dropped) != 1) {
-        PyErr_SetString(PyExc_TypeError, "add_records(): unexpected argument types");
-        return NULL;
-    }
-    PyTypeObject *cls[3];
-    for (int k = 0; k < 3; k++) {
-        PyObject *c = PyTuple_GET_ITEM(classes, k);
-        if (!PyType_Check(c) || !PyType_IsSubtype((PyTypeObject *)c, &PyTuple_Type)
-            || ((PyTypeObject *)c)->tp_basicsize != PyTuple_Type.tp_basicsize
-            || ((PyTypeObject *)c)->tp_itemsize != PyTuple_Type.tp_itemsize) {
-            PyErr_SetString(PyExc_TypeError, "add_records(): classes must be tuple subclasses without __dict__");
-            return NULL;
-        }
-        cls[k] = (PyTypeObject *)c;
-    }
+    PyObject *shared = args[8], *dropped = args[9];
     PyObject *shared_or_null = shared == Py_None ? NULL : shared;
 
     Py_ssize_t n = PyList_GET_SIZE(records);
@@ -302,7 +400,7 @@ add_records(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             return NULL;
         }
         if (!PyTuple_CheckExact(chan) || PyTuple_GET_SIZE(chan) != 4) {
-            PyErr_SetString(PyExc_TypeError, "add_records(): a channel must be (code, domain, name, fields)");
+            PyErr_SetString(PyExc_TypeError, "a channel must be (code, domain, name, fields)");
             return NULL;
         }
         long code = PyLong_AsLong(PyTuple_GET_ITEM(chan, 0));
@@ -311,67 +409,162 @@ add_records(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             return NULL;
         }
         PyObject *domain = PyTuple_GET_ITEM(chan, 1), *name = PyTuple_GET_ITEM(chan, 2);
-        PyObject *items[7];
-        Py_ssize_t nitems;
+        PyObject *attrs;
         if (code == SPAN) {
             if (size != 5 || !IS_TS(r[1]) || !IS_TS(r[2]) || !PyLong_Check(r[3])
                 || !(r[4] == Py_None || PyDict_Check(r[4]))) {
                 return malformed();
             }
-            if (fields != NO_IDS && clean_attrs(r[4], (int)fields, shared_or_null, dropped) < 0) {
-                return NULL;
-            }
-            items[3] = PyNumber_Add(r[1], offset);
-            items[4] = PyNumber_Add(r[2], offset);
-            if (items[3] == NULL || items[4] == NULL) {
-                Py_XDECREF(items[3]);
-                Py_XDECREF(items[4]);
-                return NULL;
-            }
-            items[5] = Py_NewRef(r[3]);
-            items[6] = Py_NewRef(r[4]);
-            nitems = 7;
+            attrs = r[4];
         } else if (code == EVENT) {
             if (size != 4 || !IS_TS(r[1]) || !PyLong_Check(r[2]) || !(r[3] == Py_None || PyDict_Check(r[3]))) {
                 return malformed();
             }
-            if (fields != NO_IDS && clean_attrs(r[3], (int)fields, shared_or_null, dropped) < 0) {
-                return NULL;
-            }
-            items[3] = PyNumber_Add(r[1], offset);
-            if (items[3] == NULL) {
-                return NULL;
-            }
-            items[4] = Py_NewRef(r[2]);
-            items[5] = Py_NewRef(r[3]);
-            nitems = 6;
+            attrs = r[3];
         } else if (code == COUNTER) {
             if (size != 3 || !IS_TS(r[1]) || !PyDict_Check(r[2])) {
                 return malformed();
             }
-            items[3] = PyNumber_Add(r[1], offset);
-            if (items[3] == NULL) {
-                return NULL;
-            }
-            items[4] = Py_NewRef(r[2]);
-            nitems = 5;
+            attrs = r[2];
         } else {
             return malformed();
         }
-        items[0] = Py_NewRef(proc);
-        items[1] = Py_NewRef(domain);
-        items[2] = Py_NewRef(name);
-        if (append_new(lists[code], make_record(cls[code], items, nitems)) < 0) {
+        if (code != COUNTER && fields != NO_IDS && clean_attrs(attrs, (int)fields, shared_or_null, dropped) < 0) {
             return NULL;
         }
+
+        PyObject *items[9];
+        Py_ssize_t nitems = 0;
+        items[nitems++] = Py_NewRef(proc);
+        items[nitems++] = Py_NewRef(domain);
+        items[nitems++] = Py_NewRef(name);
+        PyObject *start = PyNumber_Add(r[1], offset);
+        if (start == NULL) {
+            goto fail;
+        }
+        items[nitems++] = start;
+        if (code == SPAN) {
+            PyObject *end = PyNumber_Add(r[2], offset);
+            if (end == NULL) {
+                goto fail;
+            }
+            items[nitems++] = end;
+            if (enc != NULL) {
+                PyObject *dur = PyNumber_Subtract(end, start);
+                if (dur == NULL) {
+                    goto fail;
+                }
+                items[nitems++] = dur;
+            }
+            items[nitems++] = Py_NewRef(r[3]);
+        } else if (code == EVENT) {
+            items[nitems++] = Py_NewRef(r[2]);
+        }
+        if (enc == NULL) {
+            items[nitems++] = Py_NewRef(attrs);
+            if (append_new(lists[code], make_record(cls[code], items, nitems)) < 0) {
+                return NULL;
+            }
+            continue;
+        }
+        if (code == COUNTER) {
+            PyObject *text = json_text(enc, attrs);
+            if (text == NULL) {
+                goto fail;
+            }
+            items[nitems++] = text;
+        } else {
+            PyObject *bid, *rid, *text;
+            int rc = attrs_columns(enc, attrs, name, (int)code, &bid, &rid, &text);
+            if (code == EVENT) {
+                items[nitems++] = rid;
+                items[nitems++] = bid;
+            } else {
+                Py_XDECREF(rid);
+                items[nitems++] = bid;
+            }
+            items[nitems++] = text;
+            if (rc < 0) {
+                goto fail;
+            }
+        }
+        if (append_new(lists[code], make_row(items, nitems)) < 0) {
+            return NULL;
+        }
+        continue;
+    fail:
+        for (Py_ssize_t k = 0; k < nitems; k++) {
+            Py_XDECREF(items[k]);
+        }
+        return NULL;
     }
     Py_RETURN_NONE;
+}
+
+static int
+check_common(PyObject *const *args, Py_ssize_t nargs, const char *fname)
+{
+    if (nargs != 10) {
+        PyErr_Format(PyExc_TypeError, "%s() takes 10 arguments", fname);
+        return -1;
+    }
+    if (!PyList_CheckExact(args[0]) || !PyDict_CheckExact(args[1]) || !PyLong_CheckExact(args[2])
+        || !PyList_CheckExact(args[4]) || !PyList_CheckExact(args[5]) || !PyList_CheckExact(args[6])
+        || !(args[8] == Py_None || PyDict_CheckExact(args[8])) || !PyList_CheckExact(args[9])
+        || PyList_GET_SIZE(args[9]) != 1) {
+        PyErr_Format(PyExc_TypeError, "%s(): unexpected argument types", fname);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *
+add_records(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (check_common(args, nargs, "add_records") < 0) {
+        return NULL;
+    }
+    PyObject *classes = args[7];
+    if (!PyTuple_CheckExact(classes) || PyTuple_GET_SIZE(classes) != 3) {
+        PyErr_SetString(PyExc_TypeError, "add_records(): classes must be a tuple of 3 classes");
+        return NULL;
+    }
+    PyTypeObject *cls[3];
+    for (int k = 0; k < 3; k++) {
+        PyObject *c = PyTuple_GET_ITEM(classes, k);
+        if (!PyType_Check(c) || !PyType_IsSubtype((PyTypeObject *)c, &PyTuple_Type)
+            || ((PyTypeObject *)c)->tp_basicsize != PyTuple_Type.tp_basicsize
+            || ((PyTypeObject *)c)->tp_itemsize != PyTuple_Type.tp_itemsize) {
+            PyErr_SetString(PyExc_TypeError, "add_records(): classes must be tuple subclasses without __dict__");
+            return NULL;
+        }
+        cls[k] = (PyTypeObject *)c;
+    }
+    return build_line(args, cls, NULL);
+}
+
+static PyObject *
+add_raw_rows(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (check_common(args, nargs, "add_raw_rows") < 0) {
+        return NULL;
+    }
+    PyObject *encoders = args[7];
+    if (!PyTuple_CheckExact(encoders) || PyTuple_GET_SIZE(encoders) != 3) {
+        PyErr_SetString(PyExc_TypeError, "add_raw_rows(): encoders must be (encode, fallback, scalar)");
+        return NULL;
+    }
+    Encoders enc = {PyTuple_GET_ITEM(encoders, 0), PyTuple_GET_ITEM(encoders, 1), PyTuple_GET_ITEM(encoders, 2)};
+    return build_line(args, NULL, &enc);
 }
 
 static PyMethodDef records_methods[] = {
     {"add_records", (PyCFunction)(void (*)(void))add_records, METH_FASTCALL,
      "add_records(records, chans, offset, proc, spans, events, counters, classes, shared, dropped)\n--\n\n"
      "Append one raw line's records to spans/events/counters (see service_profiler/rawentries.py)."},
+    {"add_raw_rows", (PyCFunction)(void (*)(void))add_raw_rows, METH_FASTCALL,
+     "add_raw_rows(records, chans, offset, proc, spans, events, counters, encoders, shared, dropped)\n--\n\n"
+     "add_records, but SQLite rows of the raw tables (see service_profiler/analyze/sqlite_export.py)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -380,7 +573,9 @@ records_exec(PyObject *module)
 {
     str_rid = PyUnicode_InternFromString("rid");
     str_reqs = PyUnicode_InternFromString("reqs");
-    return (str_rid == NULL || str_reqs == NULL) ? -1 : 0;
+    str_batch_id = PyUnicode_InternFromString("batch_id");
+    str_schedule_span = PyUnicode_InternFromString("batchFrameworkProcessing");
+    return (str_rid == NULL || str_reqs == NULL || str_batch_id == NULL || str_schedule_span == NULL) ? -1 : 0;
 }
 
 static PyModuleDef_Slot records_slots[] = {

@@ -81,6 +81,12 @@ if orjson is not None:
         except _ORJSON_ERRORS:
             return stdlib_text(value)
 
+    # `json_text` as two C-callable halves, for C code that encodes many values (service_profiler/
+    # _records.c): the UTF-8 bytes of the value, TypeError for what orjson cannot encode, and the
+    # standard library's text for those.
+    JSON_ENCODERS: tuple[Callable[[Any], bytes | str], Callable[[Any], str]] = (
+        functools.partial(_dumps, option=_OPTS), stdlib_text)
+
     def loads(data: bytes | str) -> Any:
         """`json.loads`, faster; NaN/Infinity literals still parse."""
         try:
@@ -90,6 +96,7 @@ if orjson is not None:
 
 else:
     json_text = stdlib_text
+    JSON_ENCODERS = (stdlib_text, stdlib_text)
 
     def loads(data: bytes | str) -> Any:
         return json.loads(data)

@@ -28,6 +28,7 @@ and the fallback where the extension was not built.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any
 
 NO_IDS, RID, TOKEN_REQS, BATCH_REQS = 0, 1, 2, 3
@@ -45,6 +46,11 @@ except ImportError:  # no compiler at install time, or a source checkout that wa
     _c_add_records = None
 
 HAVE_C_RECORDS: bool = _c_add_records is not None
+
+# What the reader calls per line with its valid records (rawfile.build_records by default):
+# (records, chans, offset, proc index, spans, events, counters, shared, dropped), appending to the lists.
+LineBuilder = Callable[[list[Any], dict[Any, tuple[int, str, str, int]], int, int, list[Any], list[Any], list[Any],
+                        "dict[int, int] | None", list[int]], None]
 
 
 def valid_batch_entry(e: Any) -> bool:

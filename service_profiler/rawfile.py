@@ -40,8 +40,8 @@ from service_profiler.rawentries import (
     RID,
     SPAN,
     TOKEN_REQS,
+    LineBuilder,
     add_records,
-    clean_attrs,
     valid_record,
 )
 
@@ -193,10 +193,11 @@ def _dedupe_copies(files: list[Path], problems: list[str]) -> list[tuple[Path, d
 class _FileReader:
     """Reads one raw file into the shared output lists."""
 
-    def __init__(self, run: RunData, proc: ProcessInfo, header: dict[str, Any],
+    def __init__(self, run: RunData, proc: ProcessInfo, header: dict[str, Any], build: LineBuilder,
                  drain: Callable[[RunData], None] | None = None, shared: dict[int, int] | None = None) -> None:
         """`shared`: the ints shared by a whole read (rawentries.clean_attrs); None for a stream."""
         self.run = run
+        self.build = build
         self.drain = drain
         self.shared = shared
         self.proc = proc
@@ -302,14 +303,15 @@ class _FileReader:
         spans, events, counters = run.spans, run.events, run.counters
         n_s, n_e, n_c = len(spans), len(events), len(counters)
         try:
-            add_records(records, self.chans, self.offset, self.proc.index, spans, events, counters, RECORD_CLASSES,
-                        self.shared, self.dropped)
+            self.build(records, self.chans, self.offset, self.proc.index, spans, events, counters, self.shared,
+                       self.dropped)
         except BaseException:
             del spans[n_s:], events[n_e:], counters[n_c:]
             raise
 
     def _records_slow(self, records: list[Any], path: Path, lineno: int) -> None:
-        chans, off, pi = self.chans, self.offset, self.proc.index
+        chans = self.chans
+        good = []
         for rec in records:
             if not isinstance(rec, list) or not rec:
                 self.bad_records += 1
@@ -320,18 +322,21 @@ class _FileReader:
                 label = repr(chan_id)
                 self.unknown_chan[label] = self.unknown_chan.get(label, 0) + 1
                 continue
-            code, domain, name, ids = chan
-            if not valid_record(code, rec):
+            if not valid_record(chan[0], rec):
                 self.bad_records += 1
                 continue
-            if ids:
-                clean_attrs(rec[4] if code == SPAN else rec[3], ids, self.shared, self.dropped)
-            if code == SPAN:
-                self.run.spans.append(SpanRecord(pi, domain, name, rec[1] + off, rec[2] + off, rec[3], rec[4]))
-            elif code == EVENT:
-                self.run.events.append(EventRecord(pi, domain, name, rec[1] + off, rec[2], rec[3]))
-            else:
-                self.run.counters.append(CounterRecord(pi, domain, name, rec[1] + off, rec[2]))
+            good.append(rec)
+        run = self.run
+        self.build(good, chans, self.offset, self.proc.index, run.spans, run.events, run.counters, self.shared,
+                   self.dropped)
+
+
+def build_records(records: list[Any], chans: dict[Any, tuple[int, str, str, int]], off: int, pi: int,
+                  spans: list[Any], events: list[Any], counters: list[Any], shared: dict[int, int] | None,
+                  dropped: list[int]) -> None:
+    """What `read_run` makes of a line's records by default (`LineBuilder`): SpanRecord, EventRecord,
+    CounterRecord (`rawentries.add_records`)."""
+    add_records(records, chans, off, pi, spans, events, counters, RECORD_CLASSES, shared, dropped)
 
 
 def _process_from_header(index: int, path: Path, header: dict[str, Any]) -> ProcessInfo:
@@ -358,13 +363,18 @@ def _process_from_header(index: int, path: Path, header: dict[str, Any]) -> Proc
     )
 
 
-def read_run(paths: Sequence[Path | str] | Path | str, drain: Callable[[RunData], None] | None = None) -> RunData:
+def read_run(paths: Sequence[Path | str] | Path | str, drain: Callable[[RunData], None] | None = None,
+             build: LineBuilder | None = None) -> RunData:
     """Read every raw file under `paths` into one clock-aligned, time-sorted `RunData`.
 
     `drain`: read as a stream instead. It is called whenever the record lists hold DRAIN_RECORDS or
     more, and once at the end, and must empty them (`spans`, `events`, `counters`); it sees the
     records in reading order (file by file, line by line), which `RunData`'s lists hold after a
-    stable sort by time. Everything else (processes, states, problems) is kept as usual."""
+    stable sort by time. Everything else (processes, states, problems) is kept as usual.
+
+    `build`: what the valid records of a line become in those lists (default `build_records`); a
+    stream may take them in another form, e.g. the rows of the database's raw tables. Whatever the
+    form, its item 3 is the record's time (the lists are sorted by it)."""
     if isinstance(paths, str | Path):
         paths = [paths]
     # The reader allocates millions of containers and no cycles; with the cyclic collector on, every
@@ -372,13 +382,14 @@ def read_run(paths: Sequence[Path | str] | Path | str, drain: Callable[[RunData]
     was_enabled = gc.isenabled()
     gc.disable()
     try:
-        return _read_run(paths, drain)
+        return _read_run(paths, drain, build or build_records)
     finally:
         if was_enabled:
             gc.enable()
 
 
-def _read_run(paths: Sequence[Path | str], drain: Callable[[RunData], None] | None) -> RunData:
+def _read_run(paths: Sequence[Path | str], drain: Callable[[RunData], None] | None, build: LineBuilder
+              ) -> RunData:
     run = RunData()
     shared: dict[int, int] | None = None if drain is not None else {}
     files = discover_files(paths, run.problems)
@@ -392,7 +403,7 @@ def _read_run(paths: Sequence[Path | str], drain: Callable[[RunData], None] | No
             run.problems.append(f"{path}:1: header has no clock anchor; timestamps left unaligned")
         run.processes.append(proc)
         try:
-            _FileReader(run, proc, header, drain, shared).read(path)
+            _FileReader(run, proc, header, build, drain, shared).read(path)
         except OSError as exc:
             run.problems.append(f"{path}: read failed ({exc.strerror or exc}); kept what was read")
         # role / dp_rank given as meta override the header (the last value wins, as documented)

@@ -295,3 +295,56 @@ def test_analyze_goes_on_past_malformed_entries(tmp_path: Path, capsys: pytest.C
     problems = (tmp_path / "out" / "problems.txt").read_text()
     assert "1 malformed per-request entries" in problems
     assert (tmp_path / "out" / "batch.csv").exists() and (tmp_path / "out" / "profiler.db").exists()
+
+
+def _odd_attrs_lines() -> list[Any]:
+    """Records whose attrs take every branch of the raw rows: empty attrs, a non-scalar batch_id / rid,
+    a batch span's entries (left out of its attrs text), a tokens event's entries (kept), and a value
+    orjson cannot encode: an int above 64 bits, which the reader keeps as an int only on a line that
+    needs the standard library's parser (a NaN), and which the standard library's encoder then writes."""
+    return [
+        _rec([1, 10, 15, 1, {"batch_id": 3, "reqs": [["r1", 1, 1, 5, 5, 0]], "running": 1}],
+             [1, 11, 16, 1, {}], [1, 12, 17, 1, None], [5, 13, 18, 1, {"batch_id": [1, 2]}]),
+        _rec(_tokens(20, [["r1", 1, 1, "stop"]]), [3, 21, 1, {"rid": {"odd": 1}, "batch_id": "b7"}],
+             [3, 22, 1, {}], [3, 23, 1, None], [2, 24, 1, None]),
+        '{"t":"rec","r":[[4,30,{"used_blocks":NaN,"x":1.5,"big":1180591620717411303424}],[4,31,{}]]}',
+    ]
+
+
+def _raw_tables(path: Path) -> dict[str, list[Any]]:
+    import sqlite3
+
+    con = sqlite3.connect(path)
+    return {name: con.execute(f"SELECT * FROM {name} ORDER BY id").fetchall() for name in ("span", "event", "counter")}
+
+
+@pytest.mark.skipif(not rawentries.HAVE_C_RECORDS and not IN_CI, reason=BUILD_HINT)
+@pytest.mark.parametrize("seed", [*range(8), "odd"])
+def test_c_and_python_raw_rows_write_the_same_tables(tmp_path: Path, seed: int | str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # The database's raw tables are streamed from the files (write_raw_db) through the C rows
+    # (_records.add_raw_rows) or the Python definition (build_raw_rows_py): the same tables either way,
+    # and the same as the rows made from a whole read (write_raw_db_from).
+    from service_profiler import rawfile as rawfile_module
+    from service_profiler.analyze import sqlite_export
+
+    _write_run(tmp_path / "run", _odd_attrs_lines() if seed == "odd" else _fuzz_lines(int(seed)))
+    monkeypatch.setattr(rawfile_module, "DRAIN_RECORDS", 5)
+    assert (sqlite_export.build_raw_rows is not sqlite_export.build_raw_rows_py) == rawentries.HAVE_C_RECORDS
+    tables = {}
+    for name, build in (("c", sqlite_export.build_raw_rows), ("python", sqlite_export.build_raw_rows_py)):
+        monkeypatch.setattr(sqlite_export, "build_raw_rows", build)
+        tables[name] = _raw_tables(sqlite_export.write_raw_db([tmp_path / "run"], tmp_path / f"{name}.db"))
+    whole = _raw_tables(sqlite_export.write_raw_db_from(read_run([tmp_path / "run"]), tmp_path / "whole.db"))
+    assert tables["c"] == tables["python"] == whole
+    assert tables["c"]["span"] and tables["c"]["event"] and tables["c"]["counter"]
+    if seed == "odd":
+        spans = {row[4] - 1_000_000: row for row in tables["c"]["span"]}
+        assert json.loads(spans[10][9]) == {"batch_id": 3, "running": 1}  # the entries are batch_req's
+        assert spans[11][8:] == (None, "{}") and spans[12][8:] == (None, None)
+        assert spans[13][8:] == ("[1,2]", '{"batch_id":[1,2]}')
+        events = {row[4] - 1_000_000: row for row in tables["c"]["event"]}
+        assert json.loads(events[20][8]) == {"reqs": [["r1", 1, 1, "stop"]]}
+        assert events[21][6:8] == ('{"odd":1}', "b7")
+        assert [row[5] for row in tables["c"]["counter"]] == [
+            '{"used_blocks":null,"x":1.5,"big":1180591620717411303424}', "{}"]

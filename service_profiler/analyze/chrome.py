@@ -63,6 +63,7 @@ _REQUESTS_SORT, _OTHER_SORT = 1, 4
 _CHUNK = 20_000
 _PLAIN = frozenset({int, str, bool, type(None)})
 _NONE: tuple[Any, ...] = ()
+_NO_ARGS: dict[str, Any] = {}  # shared by every event without attributes: events are only encoded
 _START, _END = itemgetter(3), itemgetter(4)  # SpanRecord.start_ns, .end_ns
 
 
@@ -81,16 +82,17 @@ def write_chrome_trace(run: RunData, tables: object | None, out_path: Path) -> N
     try:
         with _no_cyclic_gc(), spill_path.open("w", encoding="utf-8") as spill:
             trace, builder = _build(run, spill)
-        with out_path.open("w", encoding="utf-8") as out, spill_path.open("r", encoding="utf-8") as spilled:
-            out.write('{"traceEvents":[')
-            out.write(encode_events(trace.pop("traceEvents")))
+        # bytes: the spilled events are copied as they are, not decoded and encoded again
+        with out_path.open("wb") as out, spill_path.open("rb") as spilled:
+            out.write(b'{"traceEvents":[')
+            out.write(encode_events(trace.pop("traceEvents")).encode())
             if builder.spilled:
-                out.write(",")
+                out.write(b",")
                 shutil.copyfileobj(spilled, out, 1 << 20)
             if builder.events:
-                out.write("," + encode_events(builder.events))
-            out.write("],")
-            out.write(json.dumps(trace, separators=(",", ":"))[1:])
+                out.write(("," + encode_events(builder.events)).encode())
+            out.write(b"],")
+            out.write(json.dumps(trace, separators=(",", ":"))[1:].encode())
     finally:
         spill_path.unlink(missing_ok=True)
 
@@ -156,7 +158,7 @@ def _compact(attrs: dict[str, Any] | None) -> dict[str, Any]:
     """Scalar attributes as they are, containers as `n_<key>` lengths: a batch's request list would
     otherwise be most of the file. Runs once per span and event, hence the C-speed scan first."""
     if not attrs:
-        return {}
+        return _NO_ARGS
     if _PLAIN.issuperset(map(type, attrs.values())):
         return attrs  # shared, not copied: the trace only encodes it
     odd = [k for k, v in attrs.items() if type(v) not in _PLAIN]

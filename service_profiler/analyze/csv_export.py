@@ -27,6 +27,7 @@ import io
 import math
 import re
 from collections.abc import Callable, Iterable, Sequence
+from itertools import chain, repeat
 from operator import itemgetter
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -350,7 +351,9 @@ class PerIterationWriter(_FedCsv):
         """`labels`: each process's label (`process_labels`), by process index."""
         super().__init__(path, [("process" if c == "proc" else c) for c in lifecycle.ITERATION_COLUMNS])
         self.labels = [_csv_line([lbl]).rstrip("\n") for lbl in labels]
-        self.fmt = ",".join(["%s"] * len(lifecycle.ITERATION_COLUMNS)) + "\n"
+        # the batch's four columns (batch_id, dp_rank, process, start_ns) are formatted once per batch
+        self.batch_fmt = "%s,%s,%s,%s,"
+        self.fmt = "%s" + ",".join(["%s"] * (len(lifecycle.ITERATION_COLUMNS) - 4)) + "\n"
         self.escaped: dict[Any, str] = {}
 
     def write_chunk(self, chunk: EntryChunk) -> None:
@@ -361,8 +364,15 @@ class PerIterationWriter(_FedCsv):
         computed, prompt = chunk.computed, chunk.prompt
         if None in computed or None in prompt:
             computed, prompt = [_blank(v) for v in computed], [_blank(v) for v in prompt]
+        last_entries = [end for _, end in chunk.batch_ends]
+        firsts = [start for start, end in zip([0, *last_entries[:-1]], last_entries, strict=True) if end > start]
+        lengths = [end - start for start, end in zip(firsts, [*firsts[1:], len(chunk)], strict=True)]
+        batch_text = map(self.batch_fmt.__mod__, zip(
+            map(chunk.batch_id.__getitem__, firsts), map(chunk.dp_rank.__getitem__, firsts),
+            map(labels.__getitem__, map(chunk.proc.__getitem__, firsts)), map(chunk.start_ns.__getitem__, firsts),
+            strict=True))
         lines = list(map(self.fmt.__mod__, zip(
-            chunk.batch_id, chunk.dp_rank, map(labels.__getitem__, chunk.proc), chunk.start_ns,
+            chain.from_iterable(map(repeat, batch_text, lengths)),
             map(escaped.__getitem__, chunk.rid), chunk.state, chunk.phase_names(), chunk.scheduled, computed,
             prompt, chunk.resumed, chunk.iteration, chunk.generated_before, chunk.time_in_state_ms, strict=True)))
         if chunk.preempted:

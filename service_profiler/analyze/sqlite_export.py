@@ -27,8 +27,14 @@ from itertools import chain, islice
 from pathlib import Path
 from typing import Any
 
-from service_profiler.fastjson import json_text
-from service_profiler.rawfile import EventRecord, RunData, SpanRecord, read_run
+from service_profiler.fastjson import JSON_ENCODERS, json_text
+from service_profiler.rawentries import add_records_py
+from service_profiler.rawfile import RECORD_CLASSES, CounterRecord, EventRecord, RunData, SpanRecord, read_run
+
+try:
+    from service_profiler._records import add_raw_rows as _c_add_raw_rows
+except ImportError:  # not built: the pure-Python rows (build_raw_rows_py)
+    _c_add_raw_rows = None
 
 from .entries import EntryChunk, EntrySource, build_chunk
 from .entry_state import EntryStates
@@ -211,11 +217,16 @@ class _RawTables:
         self.widths = {name: columns.count(",") + 1 for name, (columns, _) in _RECORD_TABLES.items()}
 
     def add(self, run: RunData) -> None:
+        """A read run's records."""
+        self.add_rows(_span_rows(run.spans), _event_rows(run.events), _counter_rows(run.counters))
+
+    def add_rows(self, spans: Iterable[Sequence[Any]], events: Iterable[Sequence[Any]],
+                 counters: Iterable[Sequence[Any]]) -> None:
+        """Rows as `build_raw_rows` makes them."""
         db, widths = self.db, self.widths
-        insert_rows(db, "read_span", widths["span"], _span_rows(run.spans))
-        insert_rows(db, "read_event", widths["event"], _event_rows(run.events))
-        insert_rows(db, "read_counter", widths["counter"], (
-            (c.proc, c.domain, c.name, c.ts_ns, json_text(c.values)) for c in run.counters))
+        insert_rows(db, "read_span", widths["span"], spans)
+        insert_rows(db, "read_event", widths["event"], events)
+        insert_rows(db, "read_counter", widths["counter"], counters)
 
     def finish(self, run: RunData) -> Path:
         db = self.db
@@ -251,12 +262,13 @@ def write_raw_db(paths: Sequence[Path | str], path: Path) -> Path:
     raw = _RawTables(path)
     try:
         def drain(run: RunData) -> None:
-            raw.add(run)
+            # the lists hold rows (build_raw_rows), not records
+            raw.add_rows(run.spans, run.events, run.counters)
             run.spans.clear()
             run.events.clear()
             run.counters.clear()
 
-        return raw.finish(read_run(paths, drain))
+        return raw.finish(read_run(paths, drain, build_raw_rows))
     except BaseException:
         raw.abort()
         raise
@@ -311,8 +323,39 @@ def _event_rows(events: list[EventRecord]) -> Iterator[tuple[Any, ...]]:
             yield proc, domain, name, ts, tid, None, None, None if attrs is None else dumps(attrs)
 
 
+def _counter_rows(counters: list[CounterRecord]) -> Iterator[tuple[Any, ...]]:
+    dumps = json_text
+    for proc, domain, name, ts, values in counters:
+        yield proc, domain, name, ts, dumps(values)
+
+
 def _scalar(v: Any) -> Any:
     return v if v is None or isinstance(v, int | float | str) else json_text(v)
+
+
+def build_raw_rows_py(records: list[Any], chans: dict[Any, tuple[int, str, str, int]], off: int, pi: int,
+                      spans: list[Any], events: list[Any], counters: list[Any], shared: dict[int, int] | None,
+                      dropped: list[int]) -> None:
+    """The rows of the raw tables (`_span_rows`, `_event_rows`, `_counter_rows`) straight from a line's
+    records (a `rawentries.LineBuilder`): the definition of service_profiler/_records.c's add_raw_rows,
+    which makes them without the records in between, and the fallback where it was not built."""
+    made: tuple[list[Any], list[Any], list[Any]] = ([], [], [])
+    add_records_py(records, chans, off, pi, *made, RECORD_CLASSES, shared, dropped)
+    spans += _span_rows(made[0])
+    events += _event_rows(made[1])
+    counters += _counter_rows(made[2])
+
+
+if _c_add_raw_rows is not None:
+    _ENCODERS = (*JSON_ENCODERS, _scalar)
+
+    def build_raw_rows(records: list[Any], chans: dict[Any, tuple[int, str, str, int]], off: int, pi: int,
+                       spans: list[Any], events: list[Any], counters: list[Any], shared: dict[int, int] | None,
+                       dropped: list[int]) -> None:
+        """`build_raw_rows_py`, in C."""
+        _c_add_raw_rows(records, chans, off, pi, spans, events, counters, _ENCODERS, shared, dropped)
+else:
+    build_raw_rows = build_raw_rows_py
 
 
 BATCH_REQ_DDL = (

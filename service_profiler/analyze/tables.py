@@ -74,14 +74,15 @@ class Table:
 
     def column(self, column: str) -> np.ndarray:
         """float64 (None -> NaN) for numeric columns; an object array for text and lists."""
-        i = self.columns.index(column)
-        sample = next((r[i] for r in self.rows if r[i] is not None), None)
+        values = list(map(itemgetter(self.columns.index(column)), self.rows))
+        sample = next((v for v in values if v is not None), None)
         if sample is None or isinstance(sample, bool | int | float):
-            nan = math.nan
-            return np.fromiter((nan if r[i] is None else r[i] for r in self.rows), dtype=np.float64,
-                               count=len(self.rows))
-        out = np.empty(len(self.rows), dtype=object)
-        out[:] = [r[i] for r in self.rows]
+            if None in values:
+                nan = math.nan
+                values = [nan if v is None else v for v in values]
+            return np.array(values, dtype=np.float64)  # from the list in C: no generator frame per value
+        out = np.empty(len(values), dtype=object)
+        out[:] = values
         return out
 
     def numeric_columns(self, names: Collection[str] | None = None) -> dict[str, np.ndarray]:
