@@ -19,7 +19,7 @@ Processes (where the platform can fork):
   files into SQLite's raw tables (~60 MB of memory), is then handed the analysis tables, in parts, and
   the batches' entries (it builds the per-request rows itself) through a spool file that it reads while
   it is written, and also writes the CSVs made from what it inserts (per_iteration_requests.csv,
-  kvcache.csv, events.csv, state_transitions.csv); on small runs a process forked after the tables
+  request.csv, kvcache.csv, events.csv, state_transitions.csv); on small runs a process forked after the tables
   are built, which inherits the records and tables. Either works beside this process's trace and CSVs.
 On large runs the records themselves are processed in one process: a child forked after the read
 would end up with its own copy of every page the parent then touches (CPython's reference counts are

@@ -40,7 +40,7 @@ from service_profiler.rawfile import RunData
 from . import lifecycle
 from .entries import EntryChunk
 from .summary import batch_metrics, describe, request_metrics, service_metrics
-from .tables import STORED_TABLES, AnalysisTables, Table
+from .tables import STORED_TABLES, AnalysisTables
 
 REQUEST_REF_COLUMNS = ["http_rid", "start_datetime", "recv_token_size", "reply_token_size", "execution_time(ms)",
                        "queue_wait_time(ms)", "first_token_latency(ms)", "cache_hit_rate"]
@@ -137,35 +137,34 @@ def process_labels(run: RunData) -> list[str]:
     return [p.key for p in run.processes]
 
 
-def _extra(table: Table, skip: set[str]) -> tuple[list[str], list[int]]:
+def _extra(columns: Sequence[str], skip: set[str]) -> tuple[list[str], list[int]]:
     """Our columns after the reference's: the table's columns, `proc` shown as `process` (host:pid)."""
     names, idx = [], []
-    for i, c in enumerate(table.columns):
+    for i, c in enumerate(columns):
         if c not in skip:
             names.append("process" if c == "proc" else c)
             idx.append(i)
     return names, idx
 
 
-def write_request_csv(run: RunData, tables: AnalysisTables, path: Path) -> Path:
-    t = tables.requests
-    c = {n: i for i, n in enumerate(t.columns)}
-    labels = process_labels(run)
-    names, idx = _extra(t, set(REQUEST_REF_COLUMNS))
-    starts = iso_utc(t.values("arrival_ns"))
+def request_format(labels: Sequence[str], columns: Sequence[str]) -> CsvFormat:
+    """request.csv from request table rows: the reference's columns, then ours (`_extra`)."""
+    c = {n: i for i, n in enumerate(columns)}
+    names, idx = _extra(columns, set(REQUEST_REF_COLUMNS))
     pi = c["proc"]
     ext_pi = idx.index(pi)
+    api_rid, rid, arrival = c["api_rid"], c["rid"], c["arrival_ns"]
+    ref = [c[n] for n in ("input_tokens", "output_tokens", "e2e_ms", "queue_ms", "ttft_ms", "cache_hit_rate")]
 
-    def rows() -> Iterable[list[Any]]:
-        for r, start in zip(t.rows, starts, strict=True):
-            ref = [r[c["api_rid"]] or r[c["rid"]], start, r[c["input_tokens"]], r[c["output_tokens"]],
-                   r[c["e2e_ms"]], r[c["queue_ms"]], r[c["ttft_ms"]], r[c["cache_hit_rate"]]]
+    def rows(part: Sequence[tuple[Any, ...]]) -> Iterable[list[Any]]:
+        starts = iso_utc([r[arrival] for r in part])
+        for r, start in zip(part, starts, strict=True):
             ext = [r[i] for i in idx]  # request cells are scalars or None
             if r[pi] is not None:
                 ext[ext_pi] = labels[r[pi]]
-            yield ref + ext
+            yield [r[api_rid] or r[rid], start, *[r[i] for i in ref], *ext]
 
-    return _write(path, REQUEST_REF_COLUMNS + names, rows())
+    return CsvFormat(REQUEST_REF_COLUMNS + names, rows)
 
 
 # batch.csv's reference columns that are exactly one of our batch-table columns: not repeated after them
@@ -185,7 +184,7 @@ def write_batch_csv(run: RunData, tables: AnalysisTables, path: Path) -> Path:
     c = {n: i for i, n in enumerate(t.columns)}
     pids = [p.pid for p in run.processes]
     labels = process_labels(run)
-    names, idx = _extra(t, set(BATCH_REF_COLUMNS) | set(BATCH_ALIASES.values()))
+    names, idx = _extra(t.columns, set(BATCH_REF_COLUMNS) | set(BATCH_ALIASES.values()))
     starts, ends = iso_utc(t.values("start_ns")), iso_utc(t.values("end_ns"))
     pi = c["proc"]
     ext_pi = idx.index(pi)
@@ -406,6 +405,7 @@ def _blank(v: Any) -> Any:
 # process, which is handed those tables anyway (a part at a time), write them. file name -> (table's name
 # in `sqlite_export.analysis_messages`, its CsvFormat(labels, columns)).
 TABLE_CSVS: dict[str, tuple[str, Callable[[Sequence[str], Sequence[str]], CsvFormat]]] = {
+    "request.csv": ("request", request_format),
     "kvcache.csv": ("kvcache", kvcache_format),
     "events.csv": ("lifecycle_event", timed_format),
     "state_transitions.csv": ("state_transition", timed_format),
@@ -415,7 +415,7 @@ TABLE_CSVS: dict[str, tuple[str, Callable[[Sequence[str], Sequence[str]], CsvFor
 def write_table_csv(run: RunData, tables: AnalysisTables, out_dir: Path, name: str) -> Path:
     """One of TABLE_CSVS, from this run's tables."""
     table_name, make_format = TABLE_CSVS[name]
-    table = getattr(tables, STORED_TABLES[table_name])
+    table = getattr(tables, {**STORED_TABLES, "request": "requests"}[table_name])
     fmt = make_format(process_labels(run), table.columns)
     return _write(out_dir / name, fmt.header, fmt.rows(table.rows))
 
@@ -425,7 +425,6 @@ def write_csvs(run: RunData, tables: AnalysisTables, out_dir: Path, delegated: b
     TABLE_CSVS (analyze has the database process write them)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [
-        write_request_csv(run, tables, out_dir / "request.csv"),
         write_batch_csv(run, tables, out_dir / "batch.csv"),
         *write_summaries(run, tables, out_dir),
     ]

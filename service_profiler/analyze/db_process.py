@@ -7,7 +7,7 @@ analysis tables, in parts, and the batches' entries (`sqlite_export.analysis_mes
 batches at a time) into a spool file of pickles, which this process reads as it is written
 (`tail_spool`). It builds the per-request rows of the entries (`entries.build_chunk`), inserts it all,
 writes per_iteration_requests.csv from the same entry chunks and the CSVs made from one of
-those tables alone (`csv_export.TABLE_CSVS`: kvcache, events, state transitions), builds the indexes
+those tables alone (`csv_export.TABLE_CSVS`: request, kvcache, events, state transitions), builds the indexes
 and views, and moves profiler.db into place. Meanwhile analyze writes the trace and the other CSVs.
 
 Writing the spool costs analyze a fraction of the inserts and CSV formatting it hands over (pickling
