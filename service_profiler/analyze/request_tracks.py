@@ -21,6 +21,10 @@ class RequestLifecycle:
     else the end of the step that completed its prefill; completion is the API's finishing `tokens`
     event, else `httpRes`, else the FINISHED state change, else the end of its last step."""
 
+    # slots: the trace's membership loop reads and writes these once per batch entry
+    __slots__ = ("args", "arrival", "first_token", "done", "done_rank", "marks", "first_decode", "phase",
+                 "last_done", "batches", "first_batch")
+
     def __init__(self) -> None:
         self.args: dict[str, Any] = {}
         self.arrival: int | None = None
