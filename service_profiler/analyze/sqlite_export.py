@@ -238,7 +238,8 @@ class _RawTables:
             db.execute(f"CREATE INDEX temp.ix_read_{name} ON read_{name}({time_column})")
             db.execute(f"CREATE TABLE {name} (id INTEGER PRIMARY KEY, {columns})")
             db.execute(f"INSERT INTO {name} SELECT NULL, * FROM read_{name} ORDER BY {time_column}, rowid")
-            db.execute(f"DROP TABLE read_{name}")
+            # (read_* is not dropped: the temporary file goes when the connection closes below; a DROP
+            # would first free its pages one by one, ~0.15 s on a million records)
         for stmt in _RAW_INDEXES:
             db.execute(stmt)
         db.execute("COMMIT")
