@@ -298,7 +298,7 @@ def test_csvs_failing_in_the_database_process_are_written_here(
         def rows(part: list[tuple[object, ...]]) -> list[object]:
             raise OSError("disk full")
 
-        return fmt._replace(rows=rows)
+        return fmt._replace(columns=rows)
 
     ref = tmp_path / "ref"
     assert command.run(_args([synth.run_dir], ref, "csv", "db")) == command.EXIT_OK

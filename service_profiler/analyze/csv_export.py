@@ -87,14 +87,24 @@ def _cell(v: Any) -> Any:
 
 
 def csv_text(rows: Sequence[Sequence[Any]]) -> str:
-    """`rows` as CSV lines, exactly as `csv.writer(lineterminator="\\n")` writes them, but formatted a
-    column at a time: a column's distinct strings are quoted once where they need it and None becomes
-    empty (both by one C-level `map`), then each line is one `%` format. csv.writer formats cell by
-    cell, ~3 µs a row of a dozen cells. Rows holding anything but scalars take csv.writer."""
+    """`rows` as CSV lines, exactly as `csv.writer(lineterminator="\\n")` writes them, formatted a column
+    at a time (`csv_columns_text`)."""
     if not rows:
         return ""
     try:
         columns = list(zip(*rows, strict=True))
+    except ValueError:  # rows of unequal length
+        return _csv_writer_text(rows)
+    return csv_columns_text(columns)
+
+
+def csv_columns_text(columns: Sequence[Sequence[Any]]) -> str:
+    """The rows that `columns` (equally long) make, as CSV lines exactly as `csv.writer(lineterminator=
+    "\\n")` writes them, but formatted a column at a time: a column's distinct strings are quoted once
+    where they need it and None becomes empty (both by one C-level `map`), then each line is one `%`
+    format. csv.writer formats cell by cell, ~3 µs a row of a dozen cells. Columns holding anything but
+    scalars take csv.writer."""
+    try:
         if len(columns) < 2:  # csv.writer writes a lone empty field as ""
             raise TypeError("one column")
         cells: list[Sequence[Any]] = []
@@ -111,12 +121,20 @@ def csv_text(rows: Sequence[Sequence[Any]]) -> str:
                     if v.__class__ is str and _NEEDS_QUOTES.search(v):
                         subst[v] = _csv_line([v])[:-1]  # csv.writer's own quoting, once per distinct string
             cells.append(list(map(subst.get, column, column)))
-    except (TypeError, ValueError):  # unhashable or odd cells; rows of unequal length
-        buf = io.StringIO()
-        csv.writer(buf, lineterminator="\n").writerows(rows)
-        return buf.getvalue()
+    except (TypeError, ValueError):  # unhashable or odd cells
+        return _csv_writer_text(list(zip(*columns, strict=True)))
     line = ",".join(["%s"] * len(columns)) + "\n"
     return "".join(map(line.__mod__, zip(*cells, strict=True)))
+
+
+def _csv_writer_text(rows: Iterable[Sequence[Any]]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(rows)
+    return buf.getvalue()
+
+
+def _column(rows: Sequence[tuple[Any, ...]], i: int) -> list[Any]:
+    return list(map(itemgetter(i), rows))
 
 
 def _write(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> Path:
@@ -151,20 +169,23 @@ def request_format(labels: Sequence[str], columns: Sequence[str]) -> CsvFormat:
     """request.csv from request table rows: the reference's columns, then ours (`_extra`)."""
     c = {n: i for i, n in enumerate(columns)}
     names, idx = _extra(columns, set(REQUEST_REF_COLUMNS))
-    pi = c["proc"]
-    ext_pi = idx.index(pi)
+    ext_pi = idx.index(c["proc"])
     api_rid, rid, arrival = c["api_rid"], c["rid"], c["arrival_ns"]
     ref = [c[n] for n in ("input_tokens", "output_tokens", "e2e_ms", "queue_ms", "ttft_ms", "cache_hit_rate")]
 
-    def rows(part: Sequence[tuple[Any, ...]]) -> Iterable[list[Any]]:
-        starts = iso_utc([r[arrival] for r in part])
-        for r, start in zip(part, starts, strict=True):
-            ext = [r[i] for i in idx]  # request cells are scalars or None
-            if r[pi] is not None:
-                ext[ext_pi] = labels[r[pi]]
-            yield [r[api_rid] or r[rid], start, *[r[i] for i in ref], *ext]
+    def make(part: Sequence[tuple[Any, ...]]) -> list[Sequence[Any]]:
+        # request cells are scalars or None
+        ext = [_column(part, i) for i in idx]
+        ext[ext_pi] = _labelled(labels, ext[ext_pi])
+        return [[a or b for a, b in zip(_column(part, api_rid), _column(part, rid), strict=True)],
+                iso_utc(_column(part, arrival)), *[_column(part, i) for i in ref], *ext]
 
-    return CsvFormat(REQUEST_REF_COLUMNS + names, rows)
+    return CsvFormat(REQUEST_REF_COLUMNS + names, make)
+
+
+def _labelled(labels: Sequence[str], procs: Sequence[Any]) -> list[Any]:
+    """Process indexes as their labels (None stays None)."""
+    return [None if p is None else labels[p] for p in procs]
 
 
 # batch.csv's reference columns that are exactly one of our batch-table columns: not repeated after them
@@ -194,7 +215,6 @@ def write_batch_csv(run: RunData, tables: AnalysisTables, path: Path) -> Path:
                               "blocks_freed", "kv_usage", "num_prefill_reqs", "num_decode_reqs", "prefill_tokens",
                               "decode_tokens", "total_scheduled_tokens", "dp_rank")]
 
-    get_ref, get_mid, get_ext = itemgetter(*ref_idx), itemgetter(*mid_idx), itemgetter(*idx)
     texts: dict[Any, str] = {}  # chunk size lists repeat (a decode step's is (1, 1, ..., 1)): each formatted once
 
     def list_text(sizes: Any) -> str:
@@ -206,16 +226,16 @@ def write_batch_csv(run: RunData, tables: AnalysisTables, path: Path) -> Path:
         except TypeError:  # unhashable (a list inside)
             return "[" + ",".join(map(str, sizes)) + "]"
 
-    def rest_rows(lo: int, hi: int) -> Iterable[list[Any]]:
-        # every column after res_list
-        rows = t.rows
-        for k in range(lo, hi):
-            r = rows[k]
-            ext = list(get_ext(r))
-            ext[ext_pi] = labels[r[pi]]
-            for i in list_cols:
-                ext[i] = list_text(ext[i])
-            yield [starts[k], ends[k], *get_ref(r), pids[r[pi]], *get_mid(r), *ext]
+    def rest_columns(lo: int, hi: int) -> list[Sequence[Any]]:
+        # every column after res_list, a column at a time
+        rows = t.rows[lo:hi]
+        procs = _column(rows, pi)
+        ext = [_column(rows, i) for i in idx]
+        ext[ext_pi] = list(map(labels.__getitem__, procs))
+        for i in list_cols:
+            ext[i] = list(map(list_text, ext[i]))
+        return [starts[lo:hi], ends[lo:hi], *[_column(rows, i) for i in ref_idx],
+                list(map(pids.__getitem__, procs)), *[_column(rows, i) for i in mid_idx], *ext]
 
     spans = tables.batch_spans
     with path.open("w", encoding="utf-8", newline="") as fh:
@@ -225,7 +245,7 @@ def write_batch_csv(run: RunData, tables: AnalysisTables, path: Path) -> Path:
         for lo in range(0, len(t.rows), _BATCH_CSV_BLOCK):
             hi = min(lo + _BATCH_CSV_BLOCK, len(t.rows))
             # no field holds a newline: datetimes, numbers, names, "[..]" lists
-            rest = csv_text(list(rest_rows(lo, hi))).split("\n")
+            rest = csv_columns_text(rest_columns(lo, hi)).split("\n")
             fh.write("".join([
                 'batchFrameworkProcessing,"' + json_text((spans[k].attrs or {}).get("reqs") or []).replace('"', '""')
                 + '",' + rest[k - lo] + "\n" for k in range(lo, hi)]))
@@ -233,11 +253,12 @@ def write_batch_csv(run: RunData, tables: AnalysisTables, path: Path) -> Path:
 
 
 class CsvFormat(NamedTuple):
-    """How one table becomes a CSV: the header, and the CSV rows of any run of its rows (a whole table,
-    or the parts the database process is handed one after another)."""
+    """How one table becomes a CSV: the header, and the CSV's columns for any run of its rows (a whole
+    table, or the parts the database process is handed one after another), for `csv_columns_text`:
+    built a column at a time from the table's rows, with no row in between."""
 
     header: list[str]
-    rows: Callable[[Sequence[tuple[Any, ...]]], Iterable[Sequence[Any]]]
+    columns: Callable[[Sequence[tuple[Any, ...]]], list[Sequence[Any]]]
 
 
 def kvcache_format(labels: Sequence[str], columns: Sequence[str]) -> CsvFormat:
@@ -247,12 +268,12 @@ def kvcache_format(labels: Sequence[str], columns: Sequence[str]) -> CsvFormat:
                                            "blocks_freed", "usage")]
     domain, name, rid, dp, proc = c["domain"], c["name"], c["rid"], c["dp_rank"], c["proc"]
 
-    def rows(part: Sequence[tuple[Any, ...]]) -> Iterable[list[Any]]:
-        starts = iso_utc([r[ts] for r in part])
-        for r, start in zip(part, starts, strict=True):
-            yield [r[domain], r[name], start, *[r[i] for i in ref], r[ts], r[rid], r[dp], labels[r[proc]]]
+    def make(part: Sequence[tuple[Any, ...]]) -> list[Sequence[Any]]:
+        times = _column(part, ts)
+        return [_column(part, domain), _column(part, name), iso_utc(times), *[_column(part, i) for i in ref],
+                times, _column(part, rid), _column(part, dp), list(map(labels.__getitem__, _column(part, proc)))]
 
-    return CsvFormat([*KVCACHE_REF_COLUMNS, "ts_ns", "rid", "dp_rank", "process"], rows)
+    return CsvFormat([*KVCACHE_REF_COLUMNS, "ts_ns", "rid", "dp_rank", "process"], make)
 
 
 def _stat_rows(metrics: list[tuple[str, np.ndarray]]) -> list[list[Any]]:
@@ -283,17 +304,14 @@ def timed_format(labels: Sequence[str], columns: Sequence[str], ts_col: str = "t
         if i == ti:
             header.append(ts_col.removesuffix("_ns") + "_datetime")
 
-    def rows(part: Sequence[tuple[Any, ...]]) -> Iterable[list[Any]]:
+    def make(part: Sequence[tuple[Any, ...]]) -> list[Sequence[Any]]:
         # lifecycle cells are scalars or None (no NaN, no lists): no per-cell conversion needed
-        dts = iso_utc([r[ti] for r in part])
-        for r, dt in zip(part, dts, strict=True):
-            out = list(r)
-            if out[pi] is not None:
-                out[pi] = labels[out[pi]]
-            out.insert(ti + 1, dt)
-            yield out
+        out: list[Sequence[Any]] = [_column(part, i) for i in range(len(columns))]
+        out[pi] = _labelled(labels, out[pi])
+        out.insert(ti + 1, iso_utc(out[ti]))
+        return out
 
-    return CsvFormat(header, rows)
+    return CsvFormat(header, make)
 
 
 def _csv_line(row: Sequence[Any]) -> str:
@@ -330,14 +348,14 @@ class _FedCsv:
 
 
 class TableCsvWriter(_FedCsv):
-    """One of TABLE_CSVS, fed the rows of its table a part at a time (`CsvFormat.rows`)."""
+    """One of TABLE_CSVS, fed the rows of its table a part at a time (`CsvFormat.columns`)."""
 
     def __init__(self, path: Path, fmt: CsvFormat) -> None:
         super().__init__(path, fmt.header)
-        self.rows = fmt.rows
+        self.columns = fmt.columns
 
     def write_chunk(self, part: Sequence[tuple[Any, ...]]) -> None:
-        self.fh.write(csv_text(list(self.rows(part))))
+        self.fh.write(csv_columns_text(self.columns(part)))
 
 
 class PerIterationWriter(_FedCsv):
@@ -417,7 +435,12 @@ def write_table_csv(run: RunData, tables: AnalysisTables, out_dir: Path, name: s
     table_name, make_format = TABLE_CSVS[name]
     table = getattr(tables, {**STORED_TABLES, "request": "requests"}[table_name])
     fmt = make_format(process_labels(run), table.columns)
-    return _write(out_dir / name, fmt.header, fmt.rows(table.rows))
+    path = out_dir / name
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        csv.writer(fh, lineterminator="\n").writerow(fmt.header)
+        for lo in range(0, len(table.rows), _CSV_BLOCK):
+            fh.write(csv_columns_text(fmt.columns(table.rows[lo:lo + _CSV_BLOCK])))
+    return path
 
 
 def write_csvs(run: RunData, tables: AnalysisTables, out_dir: Path, delegated: bool = False) -> list[Path]:

@@ -22,8 +22,8 @@ class RequestLifecycle:
     event, else `httpRes`, else the FINISHED state change, else the end of its last step."""
 
     # slots: the trace's membership loop reads and writes these once per batch entry
-    __slots__ = ("args", "arrival", "first_token", "done", "done_rank", "marks", "first_decode", "phase",
-                 "last_done", "batches", "first_batch")
+    __slots__ = ("args", "arrival", "batches", "done", "done_rank", "first_batch", "first_decode", "first_token",
+                 "last_done", "marks", "phase")
 
     def __init__(self) -> None:
         self.args: dict[str, Any] = {}
