@@ -269,7 +269,7 @@ def test_a_crash_mid_analysis_leaves_no_raw_tables_nor_their_process(
 
     from service_profiler.analyze import tables
 
-    def broken(run: object) -> object:
+    def broken(*args: object) -> object:
         raise MemoryError("out of memory while building the tables")
 
     monkeypatch.setattr(tables, "build_tables", broken)
@@ -280,10 +280,19 @@ def test_a_crash_mid_analysis_leaves_no_raw_tables_nor_their_process(
     assert not (out / "profiler.db.raw.tmp").exists() and not (out / "profiler.db").exists()
     assert multiprocessing.active_children() == []
 
+    # the same once the batch and request tables are built, and (streaming) already being spooled
+    monkeypatch.undo()
+    monkeypatch.setattr(tables, "build_kvcache_table", broken)
+    _db_mode(monkeypatch, mode)
+    with pytest.raises(MemoryError):
+        command.run(_args([synth.run_dir], out, "csv", "db"))
+    assert sorted(p.name for p in out.iterdir() if "profiler.db" in p.name) == []
+    assert multiprocessing.active_children() == []
+
 
 def test_csvs_failing_in_the_database_process_are_written_here(
         synth: SyntheticRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Streaming (large runs), per_iteration_requests.csv (from the entries it inserts) and the CSVs of
+    # Streaming (large runs), per_iteration_requests.csv (from the entries it inserts), batch.csv and the CSVs of
     # one table each are written by the database process; when one of its writers fails, analyze writes
     # that file itself: same bytes, the database and the other files unaffected
     from service_profiler.analyze import csv_export, db_process
@@ -292,8 +301,12 @@ def test_csvs_failing_in_the_database_process_are_written_here(
         def write_chunk(self, chunk: object) -> None:
             raise OSError("disk full")
 
-    def failing_kvcache(labels: list[str], columns: list[str]) -> csv_export.CsvFormat:
-        fmt = csv_export.kvcache_format(labels, columns)
+    class FailingBatchCsv(csv_export.BatchCsvWriter):
+        def write_chunk(self, message: object) -> None:
+            raise OSError("disk full")
+
+    def failing_events(labels: list[str], columns: list[str]) -> csv_export.CsvFormat:
+        fmt = csv_export.timed_format(labels, columns)
 
         def rows(part: list[tuple[object, ...]]) -> list[object]:
             raise OSError("disk full")
@@ -303,12 +316,13 @@ def test_csvs_failing_in_the_database_process_are_written_here(
     ref = tmp_path / "ref"
     assert command.run(_args([synth.run_dir], ref, "csv", "db")) == command.EXIT_OK
     monkeypatch.setattr(db_process, "PerIterationWriter", FailingWriter)
-    failing = {**csv_export.TABLE_CSVS, "kvcache.csv": ("kvcache", failing_kvcache)}
+    monkeypatch.setattr(db_process, "BatchCsvWriter", FailingBatchCsv)
+    failing = {**csv_export.TABLE_CSVS, "events.csv": ("lifecycle_event", failing_events)}
     monkeypatch.setattr(db_process, "TABLE_CSVS", failing)
     _db_mode(monkeypatch, "stream")
     out = tmp_path / "out"
     assert command.run(_args([synth.run_dir], out, "csv", "db")) == command.EXIT_OK
-    for name in ("per_iteration_requests.csv", "kvcache.csv", "events.csv"):
+    for name in ("per_iteration_requests.csv", "batch.csv", "events.csv", "request.csv"):
         assert (out / name).read_bytes() == (ref / name).read_bytes(), name
     dumps = [list(sqlite3.connect(d / "profiler.db").iterdump()) for d in (ref, out)]
     assert dumps[0] == dumps[1]
@@ -364,3 +378,26 @@ def _assert_only_the_database_lost(ref: Path, out: Path) -> None:
     for name in ("per_iteration_requests.csv", "kvcache.csv", "events.csv", "state_transitions.csv",
                  "request.csv", "batch.csv"):  # the first four written here instead
         assert (out / name).read_bytes() == (ref / name).read_bytes(), name
+
+
+def test_spooling_failing_early_costs_only_the_database(synth: SyntheticRun, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    # Streaming, the spool is started while the tables are still being built (start_hand_over): a
+    # failure there is the SQLite step's, reported when it comes; the tables, trace and CSVs go on
+    import multiprocessing
+
+    from service_profiler.analyze import db_process
+
+    def full(fh: object, message: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(db_process, "write_spool_message", full)
+    _db_mode(monkeypatch, "stream")
+    out = tmp_path / "out"
+    assert command.run(_args([synth.run_dir], out, "csv", "json", "db")) == command.EXIT_EXPORT_FAILED
+    assert "error: SQLite: OSError: disk full" in capsys.readouterr().err
+    assert (out / "chrome_tracing.json").exists() and (out / "batch.csv").exists()
+    assert (out / "per_iteration_requests.csv").exists() and (out / "request.csv").exists()
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("profiler")) == []
+    assert multiprocessing.active_children() == []

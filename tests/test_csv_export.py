@@ -200,7 +200,7 @@ def test_per_iteration_fed_by_the_sqlite_export_matches(exported: tuple[Syntheti
     expected = (out / "per_iteration_requests.csv").read_bytes()
     assert (tmp_path / "per_iteration_requests.csv").read_bytes() == expected
     paths = csv_export.write_csvs(run, tables, tmp_path / "csv", delegated=True)
-    delegated = {"per_iteration_requests.csv", *csv_export.TABLE_CSVS}
+    delegated = {"per_iteration_requests.csv", "batch.csv", *csv_export.TABLE_CSVS}
     assert not delegated & {p.name for p in (tmp_path / "csv").iterdir()}
     assert not delegated & {p.name for p in paths}
 
@@ -259,3 +259,40 @@ def test_csv_text_writes_what_csv_writer_writes(seed: int) -> None:
 def test_csv_text_falls_back_to_csv_writer(rows: list[list[object]]) -> None:
     assert csv_export.csv_text(rows) == _csv_writer_text(rows)
     assert csv_export.csv_text([]) == ""
+
+
+@pytest.mark.parametrize(("part_rows", "batches_per_chunk"), [(5, 3), (3, 5), (7, 7), (50, 1), (4, 8)])
+def test_batch_csv_fed_parts_and_entries_matches(exported: tuple[SyntheticRun, Path], tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch, part_rows: int,
+                                                 batches_per_chunk: int) -> None:
+    # analyze's database process writes batch.csv from the batch table's parts and the entry chunks
+    # that follow them (sqlite_export.analysis_messages interleaves them), whatever their sizes
+    import functools
+
+    from service_profiler.analyze import entries, sqlite_export
+
+    synth, out = exported
+    run = read_run([synth.run_dir])
+    tables = build_tables(run)
+    monkeypatch.setattr(sqlite_export, "TABLE_PART_ROWS", part_rows)
+    monkeypatch.setattr(entries, "iter_entry_sources",
+                        functools.partial(entries.iter_entry_sources, batches_per_chunk=batches_per_chunk))
+    fmt = csv_export.BatchCsvFormat(csv_export.process_labels(run), [p.pid for p in run.processes],
+                                    tables.batches.columns)
+    writer = csv_export.BatchCsvWriter(tmp_path / "batch.csv", fmt)
+    held = 0
+    for message in sqlite_export.analysis_messages(tables):
+        if message[0] == "entries" or message[1].name == "batch":
+            writer.feed(message)
+            held = max(held, len(writer.rows))
+    assert writer.done and not writer.failed
+    writer.close()
+    assert writer.complete
+    assert (tmp_path / "batch.csv").read_bytes() == (out / "batch.csv").read_bytes()
+    assert held <= part_rows + batches_per_chunk  # a part or two at a time, never the table
+    assert len(tables.batches) > max(part_rows, batches_per_chunk)
+
+    # entries that do not follow their rows stop the file (analyze then writes it), not the feeder
+    broken = csv_export.BatchCsvWriter(tmp_path / "batch2.csv", fmt)
+    broken.feed(next(m for m in sqlite_export.analysis_messages(tables) if m[0] == "entries"))
+    assert broken.failed

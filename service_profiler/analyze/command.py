@@ -361,7 +361,15 @@ def _analyze_run(args: argparse.Namespace, out_dir: Path, formats: list[str], pr
                  helpers: list[_Feeder], database: DatabaseProcess | None) -> int:
     from service_profiler.rawfile import read_run
 
-    from .csv_export import TABLE_CSVS, process_labels, write_csvs, write_per_iteration, write_table_csv
+    from .csv_export import (
+        BATCH_CSV,
+        TABLE_CSVS,
+        process_labels,
+        write_batch_csv,
+        write_csvs,
+        write_per_iteration,
+        write_table_csv,
+    )
     from .summary import format_summary
     from .tables import build_tables
 
@@ -394,16 +402,28 @@ def _analyze_run(args: argparse.Namespace, out_dir: Path, formats: list[str], pr
     records_side: _Side | None = None
     if getattr(args, "jobs", 1) > 1 and "json" in formats and fork_context() is not None:
         records_side = _Side(progress, [("json", "chrome trace", chrome_out)])
-    tables = build_tables(data)
+    # The database process gets the analysis tables first. Streaming (large runs), it also writes the
+    # CSVs made from what it is handed: batch.csv and per_iteration_requests.csv (from the batch table
+    # and the entries it inserts into batch_req) and TABLE_CSVS; on small runs this process has the time
+    # to write them itself, and the database is done sooner. It works beside the trace and the CSVs below.
+    delegate = database is not None and database.streaming
+    csv_dir = out_dir if "csv" in formats and delegate else None
+
+    def batches_built(tables: AnalysisTables) -> None:
+        """The batch and request tables are built (the rest are being): the helpers and, streaming, the
+        database process get to work on them meanwhile."""
+        if helpers:
+            columns = _helper_columns(tables)
+            # Long runs: the plots and the model are drawn and fitted one after another in the helper
+            # (seconds, beside this process's tens); two more processes with their own copy of the figures
+            # would add ~100 MB to the peak, which comes while the run's records are held here.
+            for helper in helpers:
+                helper.feed(columns, side_by_side=not _long_run(columns[0]))
+        if database is not None and "db" in formats:
+            database.start_hand_over(data, tables, process_labels(data), csv_dir)
+
+    tables = build_tables(data, batches_built)
     progress(f"tables: {len(tables.requests):,} requests, {len(tables.batches):,} batches")
-    if helpers:
-        columns = _helper_columns(tables)
-        # Long runs: the plots and the model are drawn and fitted one after another in the helper (seconds,
-        # beside this process's tens); two more processes with their own copy of the figures would add
-        # ~100 MB to the peak, which comes while the run's records are held here.
-        for helper in helpers:
-            helper.feed(columns, side_by_side=not _long_run(columns[0]))
-        del columns
 
     produced: list[Path] = []
     failures: list[str] = []
@@ -412,13 +432,6 @@ def _analyze_run(args: argparse.Namespace, out_dir: Path, formats: list[str], pr
     def step(fmt: str, label: str, fn: Callable[[], Any]) -> None:
         if fmt in formats:
             merge(run_step(label, fn, progress), produced, notes, failures)
-
-    # The database process gets the analysis tables first. Streaming (large runs), it also writes the
-    # CSVs made from what it is handed: per_iteration_requests.csv (from the entries it inserts into
-    # batch_req) and TABLE_CSVS; on small runs this process has the time to write them itself, and the
-    # database is done sooner. It works beside the trace and the CSVs below.
-    delegate = database is not None and database.streaming
-    csv_dir = out_dir if "csv" in formats and delegate else None
 
     if database is not None:
         step("db", "SQLite", lambda: database.hand_over(data, tables, process_labels(data), csv_dir))
@@ -442,6 +455,8 @@ def _analyze_run(args: argparse.Namespace, out_dir: Path, formats: list[str], pr
             per_iteration = csv_dir / "per_iteration_requests.csv"
             if per_iteration.name not in written:
                 step("csv", "per-iteration CSV", lambda: write_per_iteration(data, tables, per_iteration))
+            if BATCH_CSV not in written:
+                step("csv", BATCH_CSV, lambda: write_batch_csv(data, tables, csv_dir / BATCH_CSV))
             for name in TABLE_CSVS:
                 if name not in written:
                     step("csv", name, functools.partial(write_table_csv, data, tables, csv_dir, name))

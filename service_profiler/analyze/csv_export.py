@@ -54,6 +54,7 @@ SUMMARY_COLUMNS = ["Metric", "Average", "Max", "Min", "P50", "P90", "P99"]
 SERVICE_COLUMNS = ["Metric", "Value"]
 
 _NAT = np.iinfo(np.int64).min
+BATCH_CSV = "batch.csv"
 _BATCH_CSV_BLOCK = 8192  # batch.csv rows formatted at a time
 _CSV_BLOCK = 16_384  # rows of the other CSVs formatted at a time
 _NUMBERS = frozenset({int, float, bool})
@@ -197,58 +198,68 @@ BATCH_ALIASES = {
 }
 
 
-def write_batch_csv(run: RunData, tables: AnalysisTables, path: Path) -> Path:
-    """batch.csv. The reference columns that alias one of ours (BATCH_ALIASES) are not repeated among our
-    columns. res_list is quoted here (one str.replace) and spliced into the line: csv.writer's
-    character-by-character quoting of it was half the cost of the file."""
-    t = tables.batches
-    c = {n: i for i, n in enumerate(t.columns)}
-    pids = [p.pid for p in run.processes]
-    labels = process_labels(run)
-    names, idx = _extra(t.columns, set(BATCH_REF_COLUMNS) | set(BATCH_ALIASES.values()))
-    starts, ends = iso_utc(t.values("start_ns")), iso_utc(t.values("end_ns"))
-    pi = c["proc"]
-    ext_pi = idx.index(pi)
-    list_cols = [idx.index(c[n]) for n in ("prefill_chunk_sizes", "decode_chunk_sizes")]
-    ref_idx = [c[n] for n in ("schedule_ms", "batch_type")]
-    mid_idx = [c[n] for n in ("batch_size", "kv_total_blocks", "kv_used_blocks", "kv_free_blocks", "blocks_allocated",
-                              "blocks_freed", "kv_usage", "num_prefill_reqs", "num_decode_reqs", "prefill_tokens",
-                              "decode_tokens", "total_scheduled_tokens", "dp_rank")]
+class BatchCsvFormat:
+    """batch.csv: its header, and the text of any run of batch table rows given each one's entries (the
+    `reqs` of its schedule span), so the whole table (`write_batch_csv`) or the parts the database
+    process is handed (`BatchCsvWriter`) make the same file. The reference columns that alias one of
+    ours (BATCH_ALIASES) are not repeated among our columns. res_list is quoted here (one str.replace)
+    and spliced into the line: csv.writer's character-by-character quoting of it was half the cost of
+    the file."""
 
-    texts: dict[Any, str] = {}  # chunk size lists repeat (a decode step's is (1, 1, ..., 1)): each formatted once
+    def __init__(self, labels: Sequence[str], pids: Sequence[int], columns: Sequence[str]) -> None:
+        """`labels`, `pids`: each process's label (`process_labels`) and pid, by process index."""
+        self.labels, self.pids = labels, pids
+        c = {n: i for i, n in enumerate(columns)}
+        names, self.idx = _extra(columns, set(BATCH_REF_COLUMNS) | set(BATCH_ALIASES.values()))
+        self.header = BATCH_REF_COLUMNS + names
+        self.start, self.end, self.pi = c["start_ns"], c["end_ns"], c["proc"]
+        self.ext_pi = self.idx.index(self.pi)
+        self.list_cols = [self.idx.index(c[n]) for n in ("prefill_chunk_sizes", "decode_chunk_sizes")]
+        self.ref_idx = [c[n] for n in ("schedule_ms", "batch_type")]
+        self.mid_idx = [c[n] for n in (
+            "batch_size", "kv_total_blocks", "kv_used_blocks", "kv_free_blocks", "blocks_allocated", "blocks_freed",
+            "kv_usage", "num_prefill_reqs", "num_decode_reqs", "prefill_tokens", "decode_tokens",
+            "total_scheduled_tokens", "dp_rank")]
+        self.texts: dict[Any, str] = {}  # chunk size lists repeat (a decode step's is (1, ..., 1)): each formatted once
 
-    def list_text(sizes: Any) -> str:
+    def _list_text(self, sizes: Any) -> str:
         try:
-            return texts[sizes]
+            return self.texts[sizes]
         except KeyError:
-            text = texts[sizes] = "[" + ",".join(map(str, sizes)) + "]"
+            text = self.texts[sizes] = "[" + ",".join(map(str, sizes)) + "]"
             return text
         except TypeError:  # unhashable (a list inside)
             return "[" + ",".join(map(str, sizes)) + "]"
 
-    def rest_columns(lo: int, hi: int) -> list[Sequence[Any]]:
-        # every column after res_list, a column at a time
-        rows = t.rows[lo:hi]
-        procs = _column(rows, pi)
-        ext = [_column(rows, i) for i in idx]
-        ext[ext_pi] = list(map(labels.__getitem__, procs))
-        for i in list_cols:
-            ext[i] = list(map(list_text, ext[i]))
-        return [starts[lo:hi], ends[lo:hi], *[_column(rows, i) for i in ref_idx],
-                list(map(pids.__getitem__, procs)), *[_column(rows, i) for i in mid_idx], *ext]
+    def text(self, rows: Sequence[tuple[Any, ...]], reqs: Sequence[Any]) -> str:
+        """The CSV lines of `rows`; `reqs`: each row's entries (or None / [])."""
+        if not rows:
+            return ""
+        procs = _column(rows, self.pi)
+        ext = [_column(rows, i) for i in self.idx]
+        ext[self.ext_pi] = list(map(self.labels.__getitem__, procs))
+        for i in self.list_cols:
+            ext[i] = list(map(self._list_text, ext[i]))
+        # every column after res_list; no field holds a newline: datetimes, numbers, names, "[..]" lists
+        rest = csv_columns_text([
+            iso_utc(_column(rows, self.start)), iso_utc(_column(rows, self.end)),
+            *[_column(rows, i) for i in self.ref_idx], list(map(self.pids.__getitem__, procs)),
+            *[_column(rows, i) for i in self.mid_idx], *ext]).split("\n")
+        return "".join(['batchFrameworkProcessing,"' + json_text(r or []).replace('"', '""') + '",' + line + "\n"
+                        for r, line in zip(reqs, rest, strict=False)])  # (rest ends with an empty string)
 
-    spans = tables.batch_spans
+
+def write_batch_csv(run: RunData, tables: AnalysisTables, path: Path) -> Path:
+    """batch.csv of the whole batch table (`BatchCsvFormat`)."""
+    t, spans = tables.batches, tables.batch_spans
+    fmt = BatchCsvFormat(process_labels(run), [p.pid for p in run.processes], t.columns)
     with path.open("w", encoding="utf-8", newline="") as fh:
-        fh.write(",".join(BATCH_REF_COLUMNS + names) + "\n")
+        fh.write(",".join(fmt.header) + "\n")
         # a block of rows at a time: the text of a whole long run's file at once would be ~100 MB more
         # memory at analyze's peak
         for lo in range(0, len(t.rows), _BATCH_CSV_BLOCK):
             hi = min(lo + _BATCH_CSV_BLOCK, len(t.rows))
-            # no field holds a newline: datetimes, numbers, names, "[..]" lists
-            rest = csv_columns_text(rest_columns(lo, hi)).split("\n")
-            fh.write("".join([
-                'batchFrameworkProcessing,"' + json_text((spans[k].attrs or {}).get("reqs") or []).replace('"', '""')
-                + '",' + rest[k - lo] + "\n" for k in range(lo, hi)]))
+            fh.write(fmt.text(t.rows[lo:hi], [(spans[k].attrs or {}).get("reqs") for k in range(lo, hi)]))
     return path
 
 
@@ -320,7 +331,7 @@ def _csv_line(row: Sequence[Any]) -> str:
     return buf.getvalue()
 
 
-class _FedCsv:
+class FedCsv:
     """A CSV written a part at a time by another exporter's loop (`feed`): a failure here only stops this
     file (which analyze then writes itself), never the exporter feeding it. `complete` after `close`:
     every part was written."""
@@ -347,7 +358,7 @@ class _FedCsv:
         self.complete = complete and not self.failed
 
 
-class TableCsvWriter(_FedCsv):
+class TableCsvWriter(FedCsv):
     """One of TABLE_CSVS, fed the rows of its table a part at a time (`CsvFormat.columns`)."""
 
     def __init__(self, path: Path, fmt: CsvFormat) -> None:
@@ -358,7 +369,37 @@ class TableCsvWriter(_FedCsv):
         self.fh.write(csv_columns_text(self.columns(part)))
 
 
-class PerIterationWriter(_FedCsv):
+class BatchCsvWriter(FedCsv):
+    """batch.csv, fed the messages of `sqlite_export.analysis_messages`: the batch table's parts, and the
+    entry sources that follow them (each one's `reqs` are res_list). A part is held until the entries of
+    all its batches have passed; `done` once the last part's have."""
+
+    def __init__(self, path: Path, fmt: BatchCsvFormat) -> None:
+        super().__init__(path, fmt.header)
+        self.fmt = fmt
+        self.rows: list[tuple[Any, ...]] = []  # the batch rows received and not yet written
+        self.first = 0  # the batch row of rows[0]
+        self.last_part = False
+
+    @property
+    def done(self) -> bool:
+        return self.last_part and not self.rows
+
+    def write_chunk(self, message: Any) -> None:
+        kind, item = message
+        if kind == "table":
+            self.rows += item.rows
+            self.last_part = item.last
+            return
+        lo, n = item.first_batch - self.first, len(item.batches)
+        if lo != 0 or n > len(self.rows):
+            raise ValueError(f"batch.csv: entries of batches {item.first_batch}+{n} do not follow the rows sent")
+        self.fh.write(self.fmt.text(self.rows[:n], item.reqs))
+        del self.rows[:n]
+        self.first += n
+
+
+class PerIterationWriter(FedCsv):
     """per_iteration_requests.csv, written chunk by chunk (`entries.EntryChunk`), so the SQLite export can
     feed it the chunks it receives for batch_req instead of both building them. Each chunk of rows is
     formatted by `map(format % row, zip(columns))`, all in C; only request ids needing quotes (once per
@@ -419,20 +460,23 @@ def _blank(v: Any) -> Any:
     return "" if v is None else v
 
 
-# The CSVs made from one analysis table alone (no records, no other table): analyze has the database
-# process, which is handed those tables anyway (a part at a time), write them. file name -> (table's name
-# in `sqlite_export.analysis_messages`, its CsvFormat(labels, columns)).
-TABLE_CSVS: dict[str, tuple[str, Callable[[Sequence[str], Sequence[str]], CsvFormat]]] = {
+# The CSVs made from one analysis table alone (no records, no other table): file name -> (table's name in
+# `sqlite_export.analysis_messages`, its CsvFormat(labels, columns)).
+TABLE_FORMATS: dict[str, tuple[str, Callable[[Sequence[str], Sequence[str]], CsvFormat]]] = {
     "request.csv": ("request", request_format),
     "kvcache.csv": ("kvcache", kvcache_format),
     "events.csv": ("lifecycle_event", timed_format),
     "state_transitions.csv": ("state_transition", timed_format),
 }
+# Those the database process writes on large runs, from the parts of their tables it is handed (with
+# batch.csv and per_iteration_requests.csv); analyze writes the others itself: kvcache.csv, the largest,
+# evens out the two processes' work (~12 s each on a million records).
+TABLE_CSVS = {name: TABLE_FORMATS[name] for name in ("request.csv", "events.csv", "state_transitions.csv")}
 
 
 def write_table_csv(run: RunData, tables: AnalysisTables, out_dir: Path, name: str) -> Path:
-    """One of TABLE_CSVS, from this run's tables."""
-    table_name, make_format = TABLE_CSVS[name]
+    """One of TABLE_FORMATS, from this run's tables."""
+    table_name, make_format = TABLE_FORMATS[name]
     table = getattr(tables, {**STORED_TABLES, "request": "requests"}[table_name])
     fmt = make_format(process_labels(run), table.columns)
     path = out_dir / name
@@ -444,14 +488,13 @@ def write_table_csv(run: RunData, tables: AnalysisTables, out_dir: Path, name: s
 
 
 def write_csvs(run: RunData, tables: AnalysisTables, out_dir: Path, delegated: bool = False) -> list[Path]:
-    """Every CSV output; returns the paths written. `delegated`: not per_iteration_requests.csv nor
-    TABLE_CSVS (analyze has the database process write them)."""
+    """Every CSV output; returns the paths written. `delegated`: not batch.csv, per_iteration_requests.csv
+    nor TABLE_CSVS (analyze has the database process write them)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [
-        write_batch_csv(run, tables, out_dir / "batch.csv"),
-        *write_summaries(run, tables, out_dir),
-    ]
+    paths = write_summaries(run, tables, out_dir)
+    paths += [write_table_csv(run, tables, out_dir, name) for name in TABLE_FORMATS if name not in TABLE_CSVS]
     if not delegated:
+        paths.append(write_batch_csv(run, tables, out_dir / BATCH_CSV))
         paths.append(write_per_iteration(run, tables, out_dir / "per_iteration_requests.csv"))
         paths += [write_table_csv(run, tables, out_dir, name) for name in TABLE_CSVS]
     return paths

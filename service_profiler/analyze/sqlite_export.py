@@ -368,23 +368,42 @@ BATCH_REQ_DDL = (
 _BATCH_REQ_WIDTH = 13
 
 # What `SqliteExport.apply` consumes, in order (`analysis_messages`): ("table", TablePart) for each part of
-# each analysis table (request first), ("entries", EntrySource) for each chunk of batch_req, which the
-# consumer builds (`entries.build_chunk`). Plain tuples of picklable values: analyze spools them to the
-# process that owns the database file, which thus also does the work of building the entries.
+# each analysis table (request first), ("entries", EntrySource) for each chunk of batch_req (after the
+# batch table's parts that hold its batches), which the consumer builds (`entries.build_chunk`). Plain
+# tuples of picklable values: analyze spools them to the process that owns the database file, which
+# thus also does the work of building the entries.
 Message = tuple[Any, ...]
 
 
 def analysis_messages(tables: AnalysisTables) -> Iterator[Message]:
     """The analysis tables (in parts) and the sources of the per-request batch entries, as
     `SqliteExport` messages; a chunk at a time, so memory stays bounded."""
+    yield from core_messages(tables)
+    yield from stored_messages(tables)
+
+
+def core_messages(tables: AnalysisTables) -> Iterator[Message]:
+    """The request and batch tables and the batches' entries: the first `analysis_messages`."""
     from .entries import iter_entry_sources
 
     for part in table_parts("request", tables.requests, "req_row"):
         yield "table", part
-    for part in table_parts("batch", tables.batches, "batch_row"):
-        yield "table", part
+    # the batch table's parts and the entries of its batches interleaved, each chunk of entries right
+    # after the parts that hold its batches: batch.csv, written from both, then holds a part or two
+    parts = table_parts("batch", tables.batches, "batch_row")
+    sent = 0  # batch rows sent so far
     for source in iter_entry_sources(tables):
+        while sent < source.first_batch + len(source.batches):
+            part = next(parts)
+            yield "table", part
+            sent = part.start + len(part.rows)
         yield "entries", source
+    for part in parts:
+        yield "table", part
+
+
+def stored_messages(tables: AnalysisTables) -> Iterator[Message]:
+    """The other analysis tables (STORED_TABLES): the rest of `analysis_messages`."""
     for name, attr in STORED_TABLES.items():
         for part in table_parts(name, getattr(tables, attr)):
             yield "table", part

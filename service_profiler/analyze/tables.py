@@ -346,8 +346,9 @@ def build_kvcache_table(idx: RecordIndex) -> Table:
 _TS_ORDER = itemgetter(0, 1)
 
 
-def build_tables(run: RunData) -> AnalysisTables:
-    """Build every analysis table of a run."""
+def build_tables(run: RunData, on_batches: Callable[[AnalysisTables], None] | None = None) -> AnalysisTables:
+    """Build every analysis table of a run. `on_batches` is called once the batch and request tables are
+    built (the others still empty), before the rest: analyze starts handing those over meanwhile."""
     from service_profiler.analyze import lifecycle
     from service_profiler.analyze.request_table import build_request_table
 
@@ -355,11 +356,14 @@ def build_tables(run: RunData) -> AnalysisTables:
     batches, spans, finished = build_batch_table(idx)
     requests = build_request_table(idx, batches, spans, finished)
     tables = AnalysisTables(
-        batches=batches, requests=requests, kvcache=build_kvcache_table(idx),
+        batches=batches, requests=requests, kvcache=Table("kvcache", list(KVCACHE_COLUMNS)),
         events=Table("events", list(lifecycle.EVENT_COLUMNS)),
         state_transitions=Table("state_transitions", list(lifecycle.STATE_COLUMNS)),
         batch_spans=spans, batch_finished=finished,
     )
+    if on_batches is not None:
+        on_batches(tables)
+    tables.kvcache = build_kvcache_table(idx)
     tables.events = lifecycle.build_events(idx, tables)
     tables.state_transitions = lifecycle.build_state_transitions(idx, tables)
     return tables
