@@ -204,6 +204,29 @@ error:
     return -1;
 }
 
+static void
+release(PyObject **items, Py_ssize_t n)
+{
+    for (Py_ssize_t k = 0; k < n; k++) {
+        Py_XDECREF(items[k]);
+    }
+}
+
+/* A new tuple holding the n new references in `items` (stolen, also on failure). */
+static PyObject *
+make_row(PyObject **items, Py_ssize_t n)
+{
+    PyObject *row = PyTuple_New(n);
+    if (row == NULL) {
+        release(items, n);
+        return NULL;
+    }
+    for (Py_ssize_t k = 0; k < n; k++) {
+        PyTuple_SET_ITEM(row, k, items[k]);
+    }
+    return row;
+}
+
 /* A new instance of the tuple subclass `cls` holding the n new references in `items` (stolen, also on
  * failure). NamedTuple classes have __slots__ = (): the layout is a tuple's, as tuple.__new__ makes it. */
 static PyObject *
@@ -211,15 +234,9 @@ make_record(PyTypeObject *cls, PyObject **items, Py_ssize_t n)
 {
 #if PY_VERSION_HEX >= 0x030E0000
     /* 3.14 tuples cache their hash in the object: let tuple.__new__ set them up. */
-    PyObject *plain = PyTuple_New(n);
+    PyObject *plain = make_row(items, n);
     if (plain == NULL) {
-        for (Py_ssize_t k = 0; k < n; k++) {
-            Py_XDECREF(items[k]);
-        }
         return NULL;
-    }
-    for (Py_ssize_t k = 0; k < n; k++) {
-        PyTuple_SET_ITEM(plain, k, items[k]);
     }
     PyObject *rec = PyObject_CallMethod((PyObject *)&PyTuple_Type, "__new__", "OO", (PyObject *)cls, plain);
     Py_DECREF(plain);
@@ -227,9 +244,7 @@ make_record(PyTypeObject *cls, PyObject **items, Py_ssize_t n)
 #else
     PyObject *rec = cls->tp_alloc(cls, n);
     if (rec == NULL) {
-        for (Py_ssize_t k = 0; k < n; k++) {
-            Py_XDECREF(items[k]);
-        }
+        release(items, n);
         return NULL;
     }
     for (Py_ssize_t k = 0; k < n; k++) {
@@ -348,22 +363,6 @@ attrs_columns(Encoders *enc, PyObject *attrs, PyObject *name, int code, PyObject
         *text = json_text(enc, attrs);
     }
     return *text == NULL ? -1 : 0;
-}
-
-static PyObject *
-make_row(PyObject **items, Py_ssize_t n)
-{
-    PyObject *row = PyTuple_New(n);
-    if (row == NULL) {
-        for (Py_ssize_t k = 0; k < n; k++) {
-            Py_XDECREF(items[k]);
-        }
-        return NULL;
-    }
-    for (Py_ssize_t k = 0; k < n; k++) {
-        PyTuple_SET_ITEM(row, k, items[k]);
-    }
-    return row;
 }
 
 /* ------------------------------------------------------------------------------------------------ */
@@ -493,9 +492,7 @@ build_line(PyObject *const *args, PyTypeObject **cls, Encoders *enc)
         }
         continue;
     fail:
-        for (Py_ssize_t k = 0; k < nitems; k++) {
-            Py_XDECREF(items[k]);
-        }
+        release(items, nitems);
         return NULL;
     }
     Py_RETURN_NONE;
