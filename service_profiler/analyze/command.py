@@ -18,9 +18,10 @@ Processes (where the platform can fork):
 - profiler.db (`db_process`): on large runs a process forked before the read that streams the raw
   files into SQLite's raw tables (~60 MB of memory), is then handed the analysis tables, in parts, and
   the batches' entries (it builds the per-request rows itself) through a spool file that it reads while
-  it is written, and also writes the CSVs made from what it inserts (per_iteration_requests.csv,
-  request.csv, kvcache.csv, events.csv, state_transitions.csv); on small runs a process forked after the tables
-  are built, which inherits the records and tables. Either works beside this process's trace and CSVs.
+  it is written (started as soon as the batch and request tables are built), and also writes the CSVs
+  made from what it inserts (batch.csv, per_iteration_requests.csv, request.csv, events.csv,
+  state_transitions.csv); on small runs a process forked after the tables are built, which inherits
+  the records and tables. Either works beside this process's trace and CSVs.
 On large runs the records themselves are processed in one process: a child forked after the read
 would end up with its own copy of every page the parent then touches (CPython's reference counts are
 writes), i.e. a second copy of the run. `--jobs 2` accepts part of that trade for the chrome trace: a

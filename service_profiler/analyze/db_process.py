@@ -1,14 +1,16 @@
-"""profiler.db and per_iteration_requests.csv, written by one process beside the rest of analyze.
+"""profiler.db and the CSVs made from its tables, written by one process beside the rest of analyze.
 
 Large runs (raw files above STREAM_ABOVE_BYTES): the process is forked before the run is read, so its
 heap stays small. It first writes SQLite's raw tables straight from the raw files
-(`sqlite_export.write_raw_db`, a stream), then waits. Once analyze has built its tables it writes the
-analysis tables, in parts, and the batches' entries (`sqlite_export.analysis_messages`, a chunk of
-batches at a time) into a spool file of pickles, which this process reads as it is written
-(`tail_spool`). It builds the per-request rows of the entries (`entries.build_chunk`), inserts it all,
-writes per_iteration_requests.csv from the same entry chunks and the CSVs made from one of
-those tables alone (`csv_export.TABLE_CSVS`: request, events, state transitions), builds the indexes
-and views, and moves profiler.db into place. Meanwhile analyze writes the trace and the other CSVs.
+(`sqlite_export.write_raw_db`, a stream), then waits. Once analyze has built its batch and request
+tables it writes them, in parts, and the batches' entries (`sqlite_export.core_messages`, a chunk of
+batches at a time) into a spool file of pickles (`start_hand_over`), and the other tables once they
+are built (`hand_over`); this process reads the spool as it is written (`tail_spool`). It builds the
+per-request rows of the entries (`entries.build_chunk`), inserts it all, writes
+per_iteration_requests.csv from the same entry chunks, batch.csv from the batch table's parts and the
+entries, and the CSVs made from one of those tables alone (`csv_export.TABLE_CSVS`: request, events,
+state transitions), builds the indexes and views, and moves profiler.db into place. Meanwhile analyze
+writes the trace and the other CSVs.
 
 Writing the spool costs analyze a fraction of the inserts and CSV formatting it hands over (pickling
 a row is ~10x cheaper than binding it into SQLite or formatting it), and a file rather than a pipe
