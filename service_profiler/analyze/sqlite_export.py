@@ -260,8 +260,7 @@ def write_raw_db(paths: Sequence[Path | str], path: Path) -> Path:
     into span / event / counter ordered by (time, reading order): the same rows, ids and order as a
     stable sort of the read run (`read_run`) gives. The analysis tables are added to this file
     afterwards (`SqliteExport`)."""
-    raw = _RawTables(path)
-    try:
+    def fill(raw: _RawTables) -> RunData:
         def drain(run: RunData) -> None:
             # the lists hold rows (build_raw_rows), not records
             raw.add_rows(run.spans, run.events, run.counters)
@@ -269,20 +268,28 @@ def write_raw_db(paths: Sequence[Path | str], path: Path) -> Path:
             run.events.clear()
             run.counters.clear()
 
-        return raw.finish(read_run(paths, drain, build_raw_rows))
-    except BaseException:
-        raw.abort()
-        raise
+        return read_run(paths, drain, build_raw_rows)
+
+    return _write_raw_tables(path, fill)
 
 
 def write_raw_db_from(run: RunData, path: Path) -> Path:
     """`write_raw_db` for a run already read (its lists are time sorted, so the rows come out the same):
     for small runs, where reading the files a second time costs more than the copy-on-write pages of
     a process forked after the read."""
+    def fill(raw: _RawTables) -> RunData:
+        raw.add(run)
+        return run
+
+    return _write_raw_tables(path, fill)
+
+
+def _write_raw_tables(path: Path, fill: Callable[[_RawTables], RunData]) -> Path:
+    """A new file of raw tables at `path`, their records added by `fill`, which returns the run they came
+    from; on any failure the file is removed."""
     raw = _RawTables(path)
     try:
-        raw.add(run)
-        return raw.finish(run)
+        return raw.finish(fill(raw))
     except BaseException:
         raw.abort()
         raise
