@@ -333,12 +333,12 @@ def _csv_line(row: Sequence[Any]) -> str:
 
 class FedCsv:
     """A CSV written a part at a time by another exporter's loop (`feed`): a failure here only stops this
-    file (which analyze then writes itself), never the exporter feeding it. `complete` after `close`:
-    every part was written."""
+    file (which analyze then writes itself), never the exporter feeding it. `done`: it has been fed all
+    it expects (where it can tell); `complete` after `close`: every part was written."""
 
     def __init__(self, path: Path, header: Sequence[str]) -> None:
         self.path = path
-        self.complete = self.failed = False
+        self.complete = self.failed = self.done = False
         self.fh = path.open("w", newline="", encoding="utf-8")
         csv.writer(self.fh, lineterminator="\n").writerow(header)
 
@@ -359,14 +359,20 @@ class FedCsv:
 
 
 class TableCsvWriter(FedCsv):
-    """One of TABLE_CSVS, fed the rows of its table a part at a time (`CsvFormat.columns`)."""
+    """One of TABLE_FORMATS, fed the ("table", part) messages of its table (`sqlite_export.TablePart`),
+    or written rows at a time (`write_rows`)."""
 
     def __init__(self, path: Path, fmt: CsvFormat) -> None:
         super().__init__(path, fmt.header)
         self.columns = fmt.columns
 
-    def write_chunk(self, part: Sequence[tuple[Any, ...]]) -> None:
-        self.fh.write(csv_columns_text(self.columns(part)))
+    def write_rows(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        self.fh.write(csv_columns_text(self.columns(rows)))
+
+    def write_chunk(self, message: Any) -> None:
+        part = message[1]
+        self.write_rows(part.rows)
+        self.done = part.last
 
 
 class BatchCsvWriter(FedCsv):
@@ -381,22 +387,19 @@ class BatchCsvWriter(FedCsv):
         self.first = 0  # the batch row of rows[0]
         self.last_part = False
 
-    @property
-    def done(self) -> bool:
-        return self.last_part and not self.rows
-
     def write_chunk(self, message: Any) -> None:
         kind, item = message
         if kind == "table":
             self.rows += item.rows
             self.last_part = item.last
-            return
-        lo, n = item.first_batch - self.first, len(item.batches)
-        if lo != 0 or n > len(self.rows):
-            raise ValueError(f"batch.csv: entries of batches {item.first_batch}+{n} do not follow the rows sent")
-        self.fh.write(self.fmt.text(self.rows[:n], item.reqs))
-        del self.rows[:n]
-        self.first += n
+        else:
+            lo, n = item.first_batch - self.first, len(item.batches)
+            if lo != 0 or n > len(self.rows):
+                raise ValueError(f"batch.csv: entries of batches {item.first_batch}+{n} do not follow the rows sent")
+            self.fh.write(self.fmt.text(self.rows[:n], item.reqs))
+            del self.rows[:n]
+            self.first += n
+        self.done = self.last_part and not self.rows
 
 
 class PerIterationWriter(FedCsv):
@@ -478,13 +481,13 @@ def write_table_csv(run: RunData, tables: AnalysisTables, out_dir: Path, name: s
     """One of TABLE_FORMATS, from this run's tables."""
     table_name, make_format = TABLE_FORMATS[name]
     table = getattr(tables, {**STORED_TABLES, "request": "requests"}[table_name])
-    fmt = make_format(process_labels(run), table.columns)
-    path = out_dir / name
-    with path.open("w", newline="", encoding="utf-8") as fh:
-        csv.writer(fh, lineterminator="\n").writerow(fmt.header)
+    writer = TableCsvWriter(out_dir / name, make_format(process_labels(run), table.columns))
+    try:
         for lo in range(0, len(table.rows), _CSV_BLOCK):
-            fh.write(csv_columns_text(fmt.columns(table.rows[lo:lo + _CSV_BLOCK])))
-    return path
+            writer.write_rows(table.rows[lo:lo + _CSV_BLOCK])
+    finally:
+        writer.close()
+    return writer.path
 
 
 def write_csvs(run: RunData, tables: AnalysisTables, out_dir: Path, delegated: bool = False) -> list[Path]:

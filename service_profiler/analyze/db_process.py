@@ -50,7 +50,6 @@ from .sqlite_export import (
     EntryBuilder,
     Message,
     SqliteExport,
-    TablePart,
     analysis_messages,
     core_messages,
     stored_messages,
@@ -176,38 +175,35 @@ class DatabaseProcess:
             if writer.complete:
                 written.append(writer.path)
 
+        def start(table: str, columns: list[str]) -> FedCsv | None:
+            """The CSV that starts with this table's first part, if any: batch.csv (fed the batch table's
+            parts and the entries), or one of TABLE_CSVS (fed its table's parts)."""
+            assert csv_dir is not None
+            if table == "batch":
+                return BatchCsvWriter(csv_dir / BATCH_CSV, BatchCsvFormat(labels, pids, columns))
+            if table in table_csvs:
+                name, make_format = table_csvs[table]
+                return TableCsvWriter(csv_dir / name, make_format(labels, columns))
+            return None
+
         def tap(messages: Iterator[Message]) -> Iterator[Message]:
-            """The messages, each table's CSV written a part at a time as they pass (no table is held)."""
+            """The messages, each CSV written a part at a time as they pass (no table is held)."""
             for message in messages:
-                if csv_dir is None:
-                    yield message
-                    continue
-                kind, item = message
-                if kind == "table" and item.name in table_csvs:
-                    part: TablePart = item
-                    name, make_format = table_csvs[part.name]
-                    if part.start == 0:
-                        try:
-                            writers[part.name] = TableCsvWriter(csv_dir / name, make_format(labels, part.columns))
-                        except Exception:  # analyze writes it instead, and reports what fails there
-                            pass
-                    writer = writers.get(part.name)
-                    if isinstance(writer, TableCsvWriter):
-                        writer.feed(part.rows)
-                        if part.last:
-                            finished(writer)
-                elif kind == "entries" or item.name == "batch":
+                if csv_dir is not None:
+                    kind, item = message
+                    table = "batch" if kind == "entries" else item.name
                     if kind == "table" and item.start == 0:
                         try:
-                            writers["batch"] = BatchCsvWriter(csv_dir / BATCH_CSV,
-                                                              BatchCsvFormat(labels, pids, item.columns))
-                        except Exception:  # analyze writes it instead
-                            pass
-                    batch_csv = writers.get("batch")
-                    if isinstance(batch_csv, BatchCsvWriter):
-                        batch_csv.feed(message)
-                        if batch_csv.done and not batch_csv.fh.closed:
-                            finished(batch_csv)
+                            writer = start(table, item.columns)
+                        except Exception:  # analyze writes it instead, and reports what fails there
+                            writer = None
+                        if writer is not None:
+                            writers[table] = writer
+                    writer = writers.get(table)
+                    if writer is not None and not writer.fh.closed:
+                        writer.feed(message)
+                        if writer.done:
+                            finished(writer)
                 yield message
 
         export: list[SqliteExport] = []
