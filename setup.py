@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import os
 
+from typing import Any
+
 from setuptools import Extension, setup
 from setuptools.command.build_py import build_py
+from setuptools.command.editable_wheel import editable_wheel
 
 PTH_NAME = "service_profiler.pth"
 PTH_LINE = (
@@ -33,6 +36,34 @@ class BuildPyWithPth(build_py):
         return [*super().get_outputs(include_bytecode), os.path.join(self.build_lib, PTH_NAME)]
 
 
+class _StrategyWithPth:
+    """Wraps setuptools' editable strategy so the editable wheel carries the start-up line too."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __call__(self, wheel: Any, files: list[str], mapping: dict[str, str]) -> None:
+        self.inner(wheel, files, mapping)
+        wheel.writestr(PTH_NAME, PTH_LINE.encode("utf-8"))
+
+    def __enter__(self) -> _StrategyWithPth:
+        self.inner.__enter__()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.inner.__exit__(*exc_info)
+
+
+class EditableWheelWithPth(editable_wheel):
+    """`pip install -e .` builds an editable wheel without running build_py's output step, so the
+    `.pth` line would be missing and plain Python processes would not be profiled. setuptools has no
+    public hook for extra files in an editable wheel; `_select_strategy` is the narrowest one (present
+    since setuptools 64). Should it ever disappear, the test of the editable wheel fails loudly."""
+
+    def _select_strategy(self, name: str, tag: str, build_lib: Any) -> Any:
+        return _StrategyWithPth(super()._select_strategy(name, tag, build_lib))
+
+
 SPEEDUPS = Extension(
     "service_profiler._speedups",
     ["service_profiler/_speedups.c"],
@@ -48,4 +79,4 @@ RECORDS = Extension(
 )
 
 
-setup(cmdclass={"build_py": BuildPyWithPth}, ext_modules=[SPEEDUPS, RECORDS])
+setup(cmdclass={"build_py": BuildPyWithPth, "editable_wheel": EditableWheelWithPth}, ext_modules=[SPEEDUPS, RECORDS])

@@ -28,3 +28,34 @@ def test_wheel_carries_config_and_handlers() -> None:
         assert shipped.joinpath(name).is_file(), name
     import service_profiler.handlers.vllm_extract
     import service_profiler.handlers.vllm_v1  # noqa: F401
+
+
+def test_editable_install_carries_the_startup_line(tmp_path: Path) -> None:
+    """`pip install -e .` must profile plain Python processes too: its editable wheel carries the
+    same `.pth` line as the regular wheel (pip installs that wheel's files into site-packages)."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    repo = Path(__file__).resolve().parents[1]
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(repo / name, source / name)
+    for name in ("service_profiler", "handlers", "config"):
+        shutil.copytree(repo / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    out = tmp_path / "wheel"
+    out.mkdir()
+    build = (
+        "import sys, setuptools.build_meta as b; "
+        "print(b.build_editable(sys.argv[1]))"
+    )
+    result = subprocess.run([sys.executable, "-c", build, str(out)], cwd=source, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    wheel = out / result.stdout.strip().splitlines()[-1]
+    with zipfile.ZipFile(wheel) as archive:
+        line = archive.read("service_profiler.pth").decode("utf-8")
+    assert line.startswith("import os; os.environ.get('SERVICE_PROF_CONFIG_PATH') and ")
+    assert "activate_from_startup()" in line
