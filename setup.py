@@ -12,7 +12,6 @@ the package falls back to pure Python. For a development checkout, build it in p
 from __future__ import annotations
 
 import os
-
 from typing import Any
 
 from setuptools import Extension, setup
