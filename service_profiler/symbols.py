@@ -233,13 +233,23 @@ def parse_symbols(text: str, source: str) -> SymbolsResult:
         return SymbolsResult([], [f"{source} line {line} column {column}: character {bad.group()!r} is not "
                                   "allowed in YAML (a control character or NUL: remove it); no symbols loaded"])
     try:
-        return _parse_symbols_any(text, source)
+        result = _parse_symbols_any(text, source)
+        # A message quotes what the user wrote; a huge value keeps its start (file, entry, line) and end
+        # (what is expected), not everything in between.
+        result.problems = [_clip(problem) for problem in result.problems]
+        return result
     except RecursionError:
         return SymbolsResult([], [f"{source}: nested too deeply to read (lists or mappings inside each other "
                                   "hundreds of levels deep); an entry needs a few levels; no symbols loaded"])
     except Exception as exc:  # the parser's own failures on hostile input, never a traceback
         return SymbolsResult([], [f"{source}: not readable as YAML ({type(exc).__name__}: {exc}); "
                                   "no symbols loaded"])
+
+
+def _clip(message: str, head: int = 400, tail: int = 300) -> str:
+    if len(message) <= head + tail + 40:
+        return message
+    return f"{message[:head]} ...[{len(message) - head - tail} characters]... {message[-tail:]}"
 
 
 # YAML 1.1's printable set: tab, newlines and the printable ranges (PyYAML's Reader check), which
