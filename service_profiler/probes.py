@@ -333,11 +333,28 @@ def make_handler_wrapper(
 ) -> Callable[..., Any]:
     """Call `handler(original_func, this, *args, **kwargs)`, with the host-first guarantees."""
 
+    # The body of `_call_with_handler`, inlined: this is the path of every vLLM handler, and a helper
+    # call would cost each of them a Python frame.
     @functools.wraps(fn)
     def with_handler(*args: Any, **kwargs: Any) -> Any:
         if not probe.active or (probe.caller_filter is not None and not probe.called_from_filter()):
             return fn(*args, **kwargs)
-        return _call_with_handler(fn, probe, handler, is_method, args, kwargs)
+        original = OriginalCall(fn, is_method)
+        if is_method:
+            this, rest = args[0], args[1:]
+        else:
+            this, rest = None, args
+        try:
+            handler(original, this, *rest, **kwargs)
+        except BaseException as exc:
+            if original.error is not None and exc is original.error:
+                raise
+            probe.note_error(f"handler {getattr(handler, '__name__', handler)!r}", repr(exc))
+        if not original.done:
+            return fn(*args, **kwargs)
+        if original.error is not None:
+            raise original.error
+        return original.result
 
     return with_handler
 
