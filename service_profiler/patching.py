@@ -89,6 +89,10 @@ def _classify(owner: Any, attr: str, raw: Any, inherited: bool) -> ResolvedTarge
     if isinstance(raw, types.FunctionType):
         kind = "method" if in_class else "function"
         return ResolvedTarget(owner, attr, raw, inherited, raw, in_class, kind)
+    if callable(raw) and not hasattr(type(raw), "__get__") and not in_class and _introspected_kind(raw):
+        # e.g. a module-level partial of an `async def`: inspect.iscoroutinefunction sees through a
+        # partial but not through a staticmethod object, so this one is installed as the bare wrapper.
+        return ResolvedTarget(owner, attr, raw, inherited, raw, False, "function")
     if callable(raw) and not hasattr(type(raw), "__get__"):
         # A functools.partial, a builtin function, a callable object: none of them binds to an
         # instance, so the wrapper is installed as a staticmethod (callable, never bound) and
@@ -99,6 +103,10 @@ def _classify(owner: Any, attr: str, raw: Any, inherited: bool) -> ResolvedTarge
                          "function it calls instead")
     raise PatchError(f"{where} is a {type(raw).__name__}, not callable; only functions, methods, "
                      "classmethods, staticmethods and other callables can be wrapped")
+
+
+def _introspected_kind(raw: Any) -> bool:
+    return inspect.iscoroutinefunction(raw) or inspect.isgeneratorfunction(raw) or inspect.isasyncgenfunction(raw)
 
 
 def install(target: ResolvedTarget, wrapper: Callable[..., Any]) -> Any:

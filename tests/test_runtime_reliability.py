@@ -359,3 +359,21 @@ def test_a_reload_that_fails_never_turns_collection_on(ws: Workspace) -> None:
     assert '"timelimit" = 999999999999... (an integer of 5000 digits) is out of range' in proc.stderr
     assert "contains a NUL or control character" in proc.stderr
     assert "keeping the settings read before (collection on)" in proc.stderr
+
+
+def test_a_partial_of_an_async_function_stays_a_coroutine_function(ws: Workspace) -> None:
+    (ws.root / "asynctargets.py").write_text(
+        "import functools\n"
+        "async def _fetch(base, n):\n    return base + n\n"
+        "fetch = functools.partial(_fetch, 10)\n"
+        "class Holder:\n    fetch = functools.partial(_fetch, 20)\n")
+    ws.write_symbols("- symbol: asynctargets:fetch\n- symbol: asynctargets:Holder.fetch\n")
+    ws.write_config()
+    proc = ws.run_python("""
+        import asyncio, inspect, json, asynctargets as t
+        out = [inspect.iscoroutinefunction(t.fetch), inspect.iscoroutinefunction(t.Holder.fetch),
+               inspect.iscoroutinefunction(t.Holder().fetch), asyncio.run(t.fetch(1)), asyncio.run(t.Holder().fetch(1))]
+        print(json.dumps(out))
+    """)
+    assert json.loads(proc.stdout.splitlines()[-1]) == [True, True, True, 11, 21]
+    assert len(ws.single_run().spans("fetch")) == 2
