@@ -66,14 +66,21 @@ def encode_records(batch: list[tuple[Any, ...]], per_line: int, encode: Callable
             kept = [_encodable(record, encode, problems) for record in chunk]
             good = [record for record in kept if record is not None]
             if good:
-                lines.append(encode({"t": "rec", "r": good}))
+                try:
+                    lines.append(encode({"t": "rec", "r": good}))
+                except Exception as exc:  # each encoded alone: a combination failing is not expected
+                    for record in good:
+                        problems.note(record, exc)
+                    problems.lost += len(good)
     return lines, problems
 
 
 def _encodable(record: tuple[Any, ...], encode: Callable[[object], str],
                problems: EncodeProblems) -> tuple[Any, ...] | None:
+    # Tried at the depth it will be written at: nesting just under the encoder's limit on its own
+    # could still fail two levels down inside the line.
     try:
-        encode(record)
+        encode({"t": "rec", "r": [record]})
         return record
     except Exception as exc:
         problems.note(record, exc)
@@ -81,7 +88,7 @@ def _encodable(record: tuple[Any, ...], encode: Callable[[object], str],
     try:
         # Every record kind keeps its attributes (or counter values) last.
         replaced = (*record[:-1], {UNENCODABLE: f"{type(failure).__name__}: {failure}"[:300]})
-        encode(replaced)
+        encode({"t": "rec", "r": [replaced]})
     except Exception:
         problems.lost += 1
         return None

@@ -225,36 +225,36 @@ class Recorder:
         if idle and not must_close and (not self._file_started or self._closed_written
                                         or until - self._flushed_at < _IDLE_FLUSHED_EVERY_NS):
             return
-        parts = [] if self._file_started else [self._header()]
-        parts += [*channel_lines, *pending]
-        role = guess_role(sys.argv)
-        if role != self._role:
-            self._role = role
-            parts.append(_encode({"t": "meta", "key": "role", "value": role}))
-        if dropped_new:
-            parts.append(_encode({"t": "dropped", "count": dropped_new, "ts": time.perf_counter_ns()}))
-        records, problems = encode_records(batch, _RECORDS_PER_LINE, _encode, _pause)
-        parts += records
-        if problems.replaced:
-            self._unencodable += problems.replaced
-            self._unencodable_first = self._unencodable_first or problems.first_error
-            parts.append(_encode({"t": "warn", "count": self._unencodable, "msg": (
-                f"records whose attributes the encoder cannot write (first: {self._unencodable_first}) are "
-                f'written with {{"{UNENCODABLE}": "<why>"}} as their attributes')}))
-        if problems.lost:
-            parts.append(_encode({"t": "lost", "count": problems.lost, "reason": "encode_error",
-                                  "from_ts": problems.from_ts, "to_ts": problems.to_ts,
-                                  "msg": problems.first_error}))
-        if self._lost.count:
-            parts.append(_encode(self._lost.line("write_error")))
-        parts.append(_encode({"t": "flushed", "until": until}))
-        if final:
-            parts.append(_encode({"t": "close", "ts": time.perf_counter_ns(), "reason": reason}))
-        data = ("\n".join(parts) + "\n").encode("utf-8", "backslashreplace")  # lone surrogates
         try:
+            parts = [] if self._file_started else [self._header()]
+            parts += [*channel_lines, *pending]
+            role = guess_role(sys.argv)
+            if role != self._role:
+                self._role = role
+                parts.append(_encode({"t": "meta", "key": "role", "value": role}))
+            if dropped_new:
+                parts.append(_encode({"t": "dropped", "count": dropped_new, "ts": time.perf_counter_ns()}))
+            records, problems = encode_records(batch, _RECORDS_PER_LINE, _encode, _pause)
+            parts += records
+            if problems.replaced:
+                self._unencodable += problems.replaced
+                self._unencodable_first = self._unencodable_first or problems.first_error
+                parts.append(_encode({"t": "warn", "count": self._unencodable, "msg": (
+                    f"records whose attributes the encoder cannot write (first: {self._unencodable_first}) are "
+                    f'written with {{"{UNENCODABLE}": "<why>"}} as their attributes')}))
+            if problems.lost:
+                parts.append(_encode({"t": "lost", "count": problems.lost, "reason": "encode_error",
+                                      "from_ts": problems.from_ts, "to_ts": problems.to_ts,
+                                      "msg": problems.first_error}))
+            if self._lost.count:
+                parts.append(_encode(self._lost.line("write_error")))
+            parts.append(_encode({"t": "flushed", "until": until}))
+            if final:
+                parts.append(_encode({"t": "close", "ts": time.perf_counter_ns(), "reason": reason}))
+            data = ("\n".join(parts) + "\n").encode("utf-8", "backslashreplace")  # lone surrogates
             self._file.open()
             self._file.write(data)
-        except OSError as exc:
+        except Exception as exc:  # OSError: disk full, I/O error; anything else: the batch is counted too
             # Channel declarations and control lines are written again next time; the records are
             # counted, and said to be lost as soon as a write works again.
             with self._lock:
