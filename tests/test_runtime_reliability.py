@@ -377,3 +377,20 @@ def test_a_partial_of_an_async_function_stays_a_coroutine_function(ws: Workspace
     """)
     assert json.loads(proc.stdout.splitlines()[-1]) == [True, True, True, 11, 21]
     assert len(ws.single_run().spans("fetch")) == 2
+
+
+@pytest.mark.vllm
+def test_naming_vllms_scheduler_class_leaves_get_scheduler_cls_working(ws: Workspace) -> None:
+    ws.write_symbols("- symbol: vllm.v1.core.sched.scheduler:Scheduler\n"
+                     "- symbol: vllm.v1.core.sched.scheduler:Scheduler.__init__\n")
+    ws.write_config()  # the symbol is patched (or refused) whether collection is on or off
+    proc = ws.run_python("""
+        from vllm.config import SchedulerConfig
+        from vllm.v1.core.sched.scheduler import Scheduler
+        config = SchedulerConfig.__new__(SchedulerConfig)
+        config.scheduler_cls, config.async_scheduling = None, True
+        cls = config.get_scheduler_cls()  # imports AsyncScheduler, a subclass of Scheduler
+        print(cls.__name__, issubclass(cls, Scheduler), isinstance(Scheduler, type))
+    """, timeout=240)
+    assert proc.stdout.split()[-3:] == ["AsyncScheduler", "True", "True"], proc.stderr[-2000:]
+    assert "Scheduler is a class, which cannot be wrapped" in proc.stderr
