@@ -37,6 +37,8 @@ from service_profiler.symbols import (
 )
 
 OK, MISSING, GATED, HANDLER_ERROR = "ok", "missing", "gated", "handler_error"
+NOT_WRAPPABLE = "not_wrappable"
+"""A class: the runtime refuses to wrap one (a function in its place breaks isinstance/subclassing)."""
 _MAX_DEPTH = 12  # import/inheritance hops; also breaks import cycles
 
 
@@ -44,7 +46,8 @@ _MAX_DEPTH = 12  # import/inheritance hops; also breaks import cycles
 class CheckEntry:
     symbol: str
     status: str
-    """ok, missing, gated (outside its version window: skipped by design) or handler_error."""
+    """ok, missing, gated (outside its version window: skipped by design), handler_error or
+    not_wrappable."""
     detail: str
     source: str
 
@@ -71,7 +74,9 @@ class CheckReport:
         if self.problems:
             lines += ["", "Problems in the YAML:"] + [f"  {problem}" for problem in self.problems]
         counts = {status: sum(e.status == status for e in self.entries)
-                  for status in (OK, MISSING, GATED, HANDLER_ERROR)}
+                  for status in (OK, MISSING, GATED, HANDLER_ERROR, NOT_WRAPPABLE)}
+        if not counts[NOT_WRAPPABLE]:
+            del counts[NOT_WRAPPABLE]
         lines += ["", ", ".join(f"{n} {status.replace('_', ' ')}" for status, n in counts.items())
                   + f", {len(self.problems)} YAML problem(s): " + ("OK" if self.ok else "FAILED")]
         return "\n".join(lines)
@@ -448,8 +453,6 @@ def _describe(target: _Target) -> str:
         decorators = {ast.unparse(d) for d in node.decorator_list}
         if "property" in decorators or "cached_property" in decorators:
             text += " (a property: its getter is what gets wrapped)"
-    elif target.kind == "class":
-        text += " (a class: calls construct instances)"
     elif target.kind == "value":
         text += " (assigned, not a def: checked at patch time)"
     return text + (f" ({target.via})" if target.via else "")
@@ -516,6 +519,12 @@ def _check_one(spec: SymbolSpec, tree: SourceTree, resolver: Resolver, engine_ve
                           spec.source)
     if handler_error is not None:
         return CheckEntry(spec.symbol, HANDLER_ERROR, handler_error, spec.source)
+    if target.kind == "class":
+        name = ".".join(spec.qualname)
+        return CheckEntry(spec.symbol, NOT_WRAPPABLE, (
+            f"{target.path}:{_lineno(target)}: {name} is a class, which the profiler does not wrap (a function "
+            f"in its place breaks isinstance and subclassing); name {spec.module}:{name}.__init__ or one of "
+            "its methods instead"), spec.source)
     return CheckEntry(spec.symbol, OK, _describe(target) + note, spec.source)
 
 

@@ -41,6 +41,7 @@ from typing import Any, Final
 __all__ = ["MISSING", "CompiledExpression", "ExpressionError", "ExpressionEvalError", "compile_expression"]
 
 STR_LIMIT: Final = 4096
+_MAX_INT_DIGITS: Final = 30  # far above any index or constant; Python refuses int() past 4300 digits
 _MAX_DEPTH: Final = 32  # parenthesis/call nesting; keeps the recursive parser far from RecursionError
 
 # One compiled node: (args, kwargs, result) -> value.
@@ -65,7 +66,8 @@ class ExpressionError(ValueError):
         self.source = source
         self.column = column
         self.hint = hint
-        text = f'{message} at column {column} in "{source}"'
+        shown = source if len(source) <= 200 else source[:200] + "..."  # a message, not a dump
+        text = f'{message} at column {column} in "{shown}"'
         super().__init__(f"{text}; {hint}" if hint else text)
 
 
@@ -149,7 +151,11 @@ def _tokenize(source: str) -> list[_Token]:
             i += 1
             while i < n and source[i] in _DIGITS:
                 i += 1
-            tokens.append(_Token("int", int(source[start:i]), start + 1))
+            digits = source[start:i]
+            if len(digits.lstrip("-")) > _MAX_INT_DIGITS:
+                raise ExpressionError(f"integer of {len(digits.lstrip('-'))} digits (at most {_MAX_INT_DIGITS})",
+                                      source, start + 1, "an index or constant is a short number")
+            tokens.append(_Token("int", int(digits), start + 1))
         elif ch in "'\"":
             i, text = _read_string(source, i)
             tokens.append(_Token("str", text, start + 1))

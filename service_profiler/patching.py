@@ -38,7 +38,7 @@ class ResolvedTarget:
     inherited: bool  # the raw object lives on a base class, not on `owner`
     function: Callable[..., Any]  # the plain function inside `raw`
     is_method: bool  # the wrapper receives self/cls as args[0]
-    kind: str  # "function", "method", "classmethod", "staticmethod"
+    kind: str  # "function", "method", "classmethod", "staticmethod", "callable" (does not bind)
 
 
 def resolve(module: types.ModuleType, qualname: Sequence[str],
@@ -76,6 +76,12 @@ def resolve(module: types.ModuleType, qualname: Sequence[str],
 
 def _classify(owner: Any, attr: str, raw: Any, inherited: bool) -> ResolvedTarget:
     in_class = isinstance(owner, type)
+    where = f"{owner.__qualname__ if in_class else owner.__name__}.{attr}"
+    if isinstance(raw, type):
+        # A function in a class's place would break isinstance(), subclassing and every caller that
+        # expects a class (vLLM's get_scheduler_cls, for one).
+        raise PatchError(f"{where} is a class, which cannot be wrapped; name its constructor "
+                         f"({where}.__init__) or one of its methods instead")
     if isinstance(raw, classmethod):
         return ResolvedTarget(owner, attr, raw, inherited, raw.__func__, True, "classmethod")
     if isinstance(raw, staticmethod):
@@ -83,18 +89,31 @@ def _classify(owner: Any, attr: str, raw: Any, inherited: bool) -> ResolvedTarge
     if isinstance(raw, types.FunctionType):
         kind = "method" if in_class else "function"
         return ResolvedTarget(owner, attr, raw, inherited, raw, in_class, kind)
-    if callable(raw) and not in_class:
-        # e.g. a module-level functools.partial or a C function: wrap it as an opaque callable.
+    if callable(raw) and not hasattr(type(raw), "__get__") and not in_class and _introspected_kind(raw):
+        # e.g. a module-level partial of an `async def`: inspect.iscoroutinefunction sees through a
+        # partial but not through a staticmethod object, so this one is installed as the bare wrapper.
         return ResolvedTarget(owner, attr, raw, inherited, raw, False, "function")
-    raise PatchError(f"{attr!r} is a {type(raw).__name__}; only functions, methods, classmethods "
-                     "and staticmethods can be wrapped")
+    if callable(raw) and not hasattr(type(raw), "__get__"):
+        # A functools.partial, a builtin function, a callable object: none of them binds to an
+        # instance, so the wrapper is installed as a staticmethod (callable, never bound) and
+        # `obj.attr(...)`, `module.attr(...)` or a copy put on another class pass the same arguments.
+        return ResolvedTarget(owner, attr, raw, inherited, raw, False, "callable")
+    if callable(raw):
+        raise PatchError(f"{where} is a {type(raw).__name__}, which binds in its own way; name the "
+                         "function it calls instead")
+    raise PatchError(f"{where} is a {type(raw).__name__}, not callable; only functions, methods, "
+                     "classmethods, staticmethods and other callables can be wrapped")
+
+
+def _introspected_kind(raw: Any) -> bool:
+    return inspect.iscoroutinefunction(raw) or inspect.isgeneratorfunction(raw) or inspect.isasyncgenfunction(raw)
 
 
 def install(target: ResolvedTarget, wrapper: Callable[..., Any]) -> Any:
     """Put `wrapper` in place of the target; returns what was installed (for `uninstall`)."""
     if target.kind == "classmethod":
         installed: Any = classmethod(wrapper)
-    elif target.kind == "staticmethod":
+    elif target.kind in ("staticmethod", "callable"):
         installed = staticmethod(wrapper)
     else:
         installed = wrapper

@@ -11,7 +11,9 @@ counted and reported, never raised into the engine.
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import inspect
 import sys
 import threading
 import time
@@ -251,11 +253,19 @@ def make_generator_timer(fn: Callable[..., Any], probe: Probe) -> Callable[..., 
 
 def make_async_generator_timer(fn: Callable[..., Any], probe: Probe) -> Callable[..., Any]:
     """Forwards asend/athrow/aclose to the wrapped async generator; one span for the iteration."""
+    return _async_generator_forwarder(fn, fn, probe)
+
+
+def _async_generator_forwarder(fn: Callable[..., Any], start: Callable[..., Any],
+                               probe: Probe | None) -> Callable[..., Any]:
+    """An async generator function that iterates what `start(*args, **kwargs)` returns, forwarding
+    asend/athrow/aclose; with `probe`, one span covers the iteration."""
 
     @functools.wraps(fn)
-    async def async_generator_timer(*args: Any, **kwargs: Any) -> Any:
-        agen = fn(*args, **kwargs)
-        recording = probe.active and (probe.caller_filter is None or probe.called_from_filter())
+    async def async_generator_wrapper(*args: Any, **kwargs: Any) -> Any:
+        agen = start(*args, **kwargs)
+        recording = probe is not None and probe.active and (
+            probe.caller_filter is None or probe.called_from_filter())
         t0 = _clock()
         error: BaseException | None = None
         try:
@@ -282,10 +292,10 @@ def make_async_generator_timer(fn: Callable[..., Any], probe: Probe) -> Callable
             error = exc
             raise
         finally:
-            if recording:
+            if recording and probe is not None:
                 _record(probe, t0, _clock(), None if error is None else _error_attrs(probe, error))
 
-    return async_generator_timer
+    return async_generator_wrapper
 
 
 class OriginalCall:
@@ -323,6 +333,8 @@ def make_handler_wrapper(
 ) -> Callable[..., Any]:
     """Call `handler(original_func, this, *args, **kwargs)`, with the host-first guarantees."""
 
+    # The body of `_call_with_handler`, inlined: this is the path of every vLLM handler, and a helper
+    # call would cost each of them a Python frame.
     @functools.wraps(fn)
     def with_handler(*args: Any, **kwargs: Any) -> Any:
         if not probe.active or (probe.caller_filter is not None and not probe.called_from_filter()):
@@ -334,18 +346,75 @@ def make_handler_wrapper(
             this, rest = None, args
         try:
             handler(original, this, *rest, **kwargs)
-        except Exception as exc:
+        except BaseException as exc:
             if original.error is not None and exc is original.error:
-                raise  # the engine's own exception, unchanged
+                raise
             probe.note_error(f"handler {getattr(handler, '__name__', handler)!r}", repr(exc))
         if not original.done:
-            # The handler failed before (or forgot) calling the original: run it now, once.
             return fn(*args, **kwargs)
         if original.error is not None:
-            raise original.error  # a handler that swallowed the engine's exception must not hide it
+            raise original.error
         return original.result
 
     return with_handler
+
+
+def _call_with_handler(fn: Callable[..., Any], probe: Probe, handler: Callable[..., Any], is_method: bool,
+                       args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    original = OriginalCall(fn, is_method)
+    if is_method:
+        this, rest = args[0], args[1:]
+    else:
+        this, rest = None, args
+    try:
+        handler(original, this, *rest, **kwargs)
+    except BaseException as exc:
+        # Whatever the handler raises (SystemExit and KeyboardInterrupt included) is the profiler's
+        # problem, never the host's; only the original's own exception reaches the host.
+        if original.error is not None and exc is original.error:
+            raise  # the engine's own exception, unchanged
+        probe.note_error(f"handler {getattr(handler, '__name__', handler)!r}", repr(exc))
+    if not original.done:
+        # The handler failed before (or forgot) calling the original: run it now, once.
+        return fn(*args, **kwargs)
+    if original.error is not None:
+        raise original.error  # a handler that swallowed the engine's exception must not hide it
+    return original.result
+
+
+def make_sync_handler_wrapper_for_kind(
+    fn: Callable[..., Any], probe: Probe, handler: Callable[..., Any], is_method: bool
+) -> Callable[..., Any]:
+    """A sync handler on an `async def`, generator or async generator target: the handler runs when
+    the wrapper is called (it gets the coroutine / generator the original returns), and the wrapper is
+    of the original's kind, so `inspect.iscoroutinefunction` & co. answer as they did."""
+    if inspect.iscoroutinefunction(fn):
+
+        @functools.wraps(fn)
+        async def coroutine_with_handler(*args: Any, **kwargs: Any) -> Any:
+            if not probe.active or (probe.caller_filter is not None and not probe.called_from_filter()):
+                return await fn(*args, **kwargs)
+            return await _call_with_handler(fn, probe, handler, is_method, args, kwargs)
+
+        return coroutine_with_handler
+    if inspect.isgeneratorfunction(fn):
+
+        @functools.wraps(fn)
+        def generator_with_handler(*args: Any, **kwargs: Any) -> Any:
+            if not probe.active or (probe.caller_filter is not None and not probe.called_from_filter()):
+                return (yield from fn(*args, **kwargs))
+            return (yield from _call_with_handler(fn, probe, handler, is_method, args, kwargs))
+
+        return generator_with_handler
+    if inspect.isasyncgenfunction(fn):
+
+        def start(*args: Any, **kwargs: Any) -> Any:
+            if not probe.active or (probe.caller_filter is not None and not probe.called_from_filter()):
+                return fn(*args, **kwargs)
+            return _call_with_handler(fn, probe, handler, is_method, args, kwargs)
+
+        return _async_generator_forwarder(fn, start, None)
+    return make_handler_wrapper(fn, probe, handler, is_method)
 
 
 def make_async_handler_wrapper(
@@ -375,9 +444,9 @@ def make_async_handler_wrapper(
         this, rest = (args[0], args[1:]) if is_method else (None, args)
         try:
             await handler(original, this, *rest, **kwargs)
-        except Exception as exc:
-            if exc is state.get("error"):
-                raise
+        except BaseException as exc:
+            if exc is state.get("error") or (isinstance(exc, asyncio.CancelledError) and _being_cancelled()):
+                raise  # the engine's own exception, or its task being cancelled
             probe.note_error(f"handler {getattr(handler, '__name__', handler)!r}", repr(exc))
         if "done" not in state:
             return await fn(*args, **kwargs)
@@ -386,3 +455,11 @@ def make_async_handler_wrapper(
         return state["result"]
 
     return with_async_handler
+
+
+def _being_cancelled() -> bool:
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:
+        return False
+    return task is not None and task.cancelling() > 0

@@ -276,10 +276,12 @@ class _FileReader:
             ts = obj.get("ts")
             ts_wall = ts + self.offset if isinstance(ts, int) else 0
             self.run.states.append((proc.index, ts_wall, bool(obj.get("enabled")), str(obj.get("reason", ""))))
-        elif kind == "dropped":
+        elif kind in ("dropped", "lost"):  # `lost`: a failed write or the encoder took them
             count = obj.get("count")
             if isinstance(count, int):
                 proc.dropped += count
+        elif kind in ("flushed", "close"):
+            pass  # completeness markers of the runtime; read by the analysis of complete ranges
         elif kind == "warn":
             # A process writes a warning when it first happens and re-writes it with its running total
             # later (at exit at the latest): one entry per message, with the last total.

@@ -8,6 +8,7 @@ record.span("BatchSchedule", "batchFrameworkProcessing", t0, record.now_ns(), {"
 record.event("Request", "enqueue", {"rid": "r1"})
 record.counter("KVCache", "kvcache", {"usage": 0.42})
 record.meta("role", "EngineCore")
+record.process_ending("engine_shutdown")   # on the engine's shutdown path: flush now, with `close`
 ```
 
 Every call is a cheap no-op while collection is off or its domain is filtered out, and none ever
@@ -98,6 +99,20 @@ def meta(key: str, value: object) -> None:
         pass
 
 
+def process_ending(reason: str) -> None:
+    """The process is about to end (`reason`, e.g. "engine_shutdown"): write everything recorded so far,
+    with a `close` line, now, before a supervisor that force-kills slow shutdowns can cut it off.
+    Blocks for one flush; call it from the engine's own shutdown path, not a hot path. Never raises."""
+    sink = _sink
+    flush_final = getattr(sink, "flush_final", None)
+    if flush_final is None:
+        return
+    try:
+        flush_final(reason)
+    except Exception:
+        pass
+
+
 class CapturedRecords(list):
     """What `capture()` collected: `(kind, domain, name, payload)` tuples, in order."""
 
@@ -126,6 +141,9 @@ class _ListSink:
 
     def meta(self, key: str, value: object) -> None:
         self._into.append(("meta", "", key, {"value": value}))
+
+    def flush_final(self, reason: str) -> None:
+        self._into.append(("close", "", reason, {}))
 
 
 @contextmanager

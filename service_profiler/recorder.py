@@ -14,7 +14,6 @@ import json
 import multiprocessing
 import multiprocessing.util as mp_util
 import os
-import signal
 import socket
 import sys
 import threading
@@ -23,7 +22,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .rawwriter import UNENCODABLE, LostRecords, RawFile, encode_records
+from .signalsafe import GuardedLock, install_sigterm_flush, reset_after_fork
 from .threads import start_daemon
+
+__all__ = ["COUNTER", "EVENT", "SPAN", "Recorder", "guess_role", "install_sigterm_flush"]
 
 FORMAT_VERSION = 1
 _MAX_STR = 4096
@@ -31,6 +34,12 @@ _MAX_STR = 4096
 # for 256 scheduler records), so an engine thread never waits behind a whole second's worth of encoding.
 _RECORDS_PER_LINE = 256
 _GIL_BREAK_S = 50e-6
+# The writer looks at the buffer this often, and flushes before the interval is up once it holds this
+# many records (a burst is on disk sooner, and encoding it stays short).
+_WRITER_TICK_S = 0.1
+_EARLY_FLUSH_RECORDS = 20_000
+# An idle process still says every so often that its file is complete up to now.
+_IDLE_FLUSHED_EVERY_NS = 10_000_000_000
 
 SPAN, EVENT, COUNTER = "span", "event", "counter"
 
@@ -86,16 +95,23 @@ class Recorder:
         self._channels: dict[tuple[str, str, str], int] = {}
         self._channel_lines: list[str] = []  # every declaration, re-written into a child's new file
         self._pending_lines: list[str] = []
-        self._lock = threading.Lock()
+        # Guarded: the SIGTERM handler runs on the main thread and must never wait on a lock the
+        # main thread holds (see signalsafe).
+        self._lock = GuardedLock()
         # Serialises whole flushes (open, encode, write): the writer thread and close() at exit may both
         # flush, and two first flushes would each open the file and write a header.
-        self._io_lock = threading.Lock()
+        self._io_lock = GuardedLock()
         self._wake = threading.Event()
         self._stopped = False
         self._closed = False  # for good: a fork no longer restarts the writer in the child
         self._thread: threading.Thread | None = None
-        self._file: Any = None
-        self._path: Path | None = None
+        self._file = RawFile(self.path)
+        self._lost = LostRecords()  # records a failed write took with it, until a write works again
+        self._file_started = False  # the header is written
+        self._unencodable = 0  # records written with their attributes replaced by a marker
+        self._unencodable_first = ""
+        self._flushed_at = 0  # `until` of the last `flushed` line
+        self._closed_written = False  # the last thing written is a `close` line
         self._role = ""
         self._declared_upto = 0
         # A process that never declares a channel nor reports anything writes no file at all (vLLM's
@@ -137,7 +153,12 @@ class Recorder:
 
         `substantive=False` lines (collection on/off) do not by themselves create the process's file.
         """
-        encoded = _encode(line)
+        try:
+            encoded = _encode(line)
+        except Exception as exc:  # e.g. a meta value nested too deep: keep the line, mark the value
+            encoded = _encode({key: value if isinstance(value, str | int | float | bool | None)
+                               else {UNENCODABLE: f"{type(exc).__name__}: {exc}"[:300]}
+                               for key, value in line.items()})
         with self._lock:
             self._pending_lines.append(encoded)
             self._has_content = self._has_content or substantive
@@ -148,85 +169,120 @@ class Recorder:
     def path(self) -> Path:
         return self.run_dir / f"{socket.gethostname()}-{os.getpid()}.sprof.jsonl"
 
-    def _open(self) -> Any:
-        if self._file is None:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            self._path = self.path
-            self._file = open(self._path, "a", encoding="utf-8")  # noqa: SIM115 - lives until close()
-            self._role = guess_role(sys.argv)
-            header = {
-                "t": "header",
-                "format": FORMAT_VERSION,
-                "hostname": socket.gethostname(),
-                "pid": os.getpid(),
-                "ppid": os.getppid(),
-                "role": self._role,
-                "argv": sys.argv[:32],
-                "profiler_version": self.profiler_version,
-                "engine": self.engine,
-                "clock": {"wall_ns": time.time_ns(), "mono_ns": time.perf_counter_ns()},
-            }
-            self._file.write(_encode(header) + "\n")
-        return self._file
+    def _header(self) -> str:
+        self._role = guess_role(sys.argv)
+        return _encode({
+            "t": "header",
+            "format": FORMAT_VERSION,
+            "hostname": socket.gethostname(),
+            "pid": os.getpid(),
+            "ppid": os.getppid(),
+            "role": self._role,
+            "argv": sys.argv[:32],
+            "profiler_version": self.profiler_version,
+            "engine": self.engine,
+            "clock": {"wall_ns": time.time_ns(), "mono_ns": time.perf_counter_ns()},
+        })
 
-    def flush(self, final: bool = False) -> None:
+    def flush(self, final: bool = False, reason: str | None = None) -> None:
         """Write everything buffered so far. Safe to call from any thread; never raises.
 
-        `final`: the process is ending (exit, SIGTERM); passed on to `flush_hooks`."""
+        `final`: the process is ending (exit, SIGTERM, the engine's shutdown); passed on to
+        `flush_hooks`, and a `close` line with `reason` (default "exit") ends what is written."""
         for hook in self.flush_hooks:
             try:
                 hook(final)
             except Exception as exc:
                 _warn_once(f"service-profiler: flush hook {hook!r} failed: {exc!r}")
         try:
-            self._flush()
-        except Exception as exc:  # the host comes first: a full disk must not crash the engine
-            _warn_once(f"service-profiler: could not write records to {self.run_dir}: {exc}")
+            with self._io_lock:
+                self._flush_locked(final, reason or "exit")
+        except Exception as exc:  # the host comes first: nothing here may crash the engine
+            _warn_once(f"service-profiler: could not write records to {self.run_dir}: {exc!r}")
 
-    def _flush(self) -> None:
-        with self._io_lock:
-            self._flush_locked()
-
-    def _flush_locked(self) -> None:
+    def _flush_locked(self, final: bool, reason: str) -> None:
+        # Every record handed over before this point and ending by it is in the file once this flush
+        # succeeds: the `flushed` line says so.
+        until = time.perf_counter_ns()
         with self._lock:
-            if self._file is None and not self._has_content and not self.buffer:
+            if not self._file_started and not self._has_content and not self.buffer:
                 return
             count = len(self.buffer)
             batch = self.buffer[:count]
             # Appends racing with this slice land after index `count` and survive the delete.
             del self.buffer[:count]
-            channel_lines = self._channel_lines[self._declared_upto :]
-            self._declared_upto = len(self._channel_lines)
+            declared_upto = len(self._channel_lines)
+            channel_lines = self._channel_lines[self._declared_upto : declared_upto]
             pending, self._pending_lines = self._pending_lines, []
             # Each flush consumes one value of the counter: subtract those reads to get the drops.
             dropped_total = next(self._dropped) - self._dropped_reads
             self._dropped_reads += 1
         dropped_new = dropped_total - self._dropped_written
-        if not (batch or channel_lines or pending or dropped_new):
+        idle = not (batch or channel_lines or pending or dropped_new or self._lost.count)
+        # Nothing new: a final flush still closes a file that has no `close` yet, and an idle file says
+        # now and then that it is complete up to now.
+        must_close = final and self._file_started and not self._closed_written
+        if idle and not must_close and (not self._file_started or self._closed_written
+                                        or until - self._flushed_at < _IDLE_FLUSHED_EVERY_NS):
             return
-        out = self._open()
-        parts = [*channel_lines, *pending]
-        role = guess_role(sys.argv)
-        if role != self._role:
-            self._role = role
-            parts.append(_encode({"t": "meta", "key": "role", "value": role}))
-        if dropped_new:
-            self._dropped_written = dropped_total
-            parts.append(_encode({"t": "dropped", "count": dropped_new, "ts": time.perf_counter_ns()}))
-        for start in range(0, len(batch), _RECORDS_PER_LINE):
-            if start:
-                # The C encoder holds the GIL for a whole call: between chunks, let the engine's threads
-                # in (a bare sleep(0) would usually win the GIL straight back).
-                time.sleep(_GIL_BREAK_S)
-            parts.append(_encode({"t": "rec", "r": batch[start : start + _RECORDS_PER_LINE]}))
-        out.write("\n".join(parts) + "\n")
-        out.flush()
+        try:
+            parts = [] if self._file_started else [self._header()]
+            parts += [*channel_lines, *pending]
+            role = guess_role(sys.argv)
+            if role != self._role:
+                self._role = role
+                parts.append(_encode({"t": "meta", "key": "role", "value": role}))
+            if dropped_new:
+                parts.append(_encode({"t": "dropped", "count": dropped_new, "ts": time.perf_counter_ns()}))
+            records, problems = encode_records(batch, _RECORDS_PER_LINE, _encode, _pause)
+            parts += records
+            if problems.replaced:
+                self._unencodable += problems.replaced
+                self._unencodable_first = self._unencodable_first or problems.first_error
+                parts.append(_encode({"t": "warn", "count": self._unencodable, "msg": (
+                    f"records whose attributes the encoder cannot write (first: {self._unencodable_first}) are "
+                    f'written with {{"{UNENCODABLE}": "<why>"}} as their attributes')}))
+            if problems.lost:
+                parts.append(_encode({"t": "lost", "count": problems.lost, "reason": "encode_error",
+                                      "from_ts": problems.from_ts, "to_ts": problems.to_ts,
+                                      "msg": problems.first_error}))
+            if self._lost.count:
+                parts.append(_encode(self._lost.line("write_error")))
+            parts.append(_encode({"t": "flushed", "until": until}))
+            if final:
+                parts.append(_encode({"t": "close", "ts": time.perf_counter_ns(), "reason": reason}))
+            data = ("\n".join(parts) + "\n").encode("utf-8", "backslashreplace")  # lone surrogates
+            self._file.open()
+            self._file.write(data)
+        except Exception as exc:  # OSError: disk full, I/O error; anything else: the batch is counted too
+            # Channel declarations and control lines are written again next time; the records are
+            # counted, and said to be lost as soon as a write works again.
+            with self._lock:
+                self._pending_lines[:0] = pending
+            self._lost.add(batch, f"{type(exc).__name__}: {exc}")
+            _warn_once(f"service-profiler: cannot write to {self._file.path} ({exc}); records are counted as "
+                       "lost until writing works again")
+            return
+        self._declared_upto = declared_upto
+        self._dropped_written = dropped_total
+        if self._lost.count:
+            self._lost = LostRecords()
+        self._file_started = True
+        self._flushed_at = until
+        self._closed_written = final
 
     def _run(self) -> None:
+        # Wakes often but flushes only every `flush_interval_s`, or sooner once the buffer holds
+        # `_EARLY_FLUSH_RECORDS`: a process killed outright (SIGKILL) loses at most about one interval.
+        last = time.monotonic()
         while not self._stopped:
-            self._wake.wait(self.flush_interval_s)
+            self._wake.wait(min(_WRITER_TICK_S, self.flush_interval_s))
+            woken = self._wake.is_set()
             self._wake.clear()
-            self.flush()
+            now = time.monotonic()
+            if woken or now - last >= self.flush_interval_s or len(self.buffer) >= _EARLY_FLUSH_RECORDS:
+                last = now
+                self.flush()
 
     def start(self) -> None:
         """Start the writer thread and register exit / SIGTERM / fork hooks (once per process)."""
@@ -234,17 +290,13 @@ class Recorder:
             return
         self._thread = start_daemon(self._run, "writer")
 
-    def close(self) -> None:
+    def close(self, reason: str = "exit") -> None:
         self._stopped = True
         self._closed = True
         self._wake.set()
-        self.flush(final=True)
-        if self._file is not None:
-            try:
-                self._file.close()
-            except Exception:
-                pass
-            self._file = None
+        self.flush(final=True, reason=reason)
+        with self._io_lock:
+            self._file.close()  # a later flush (a second close, atexit after close) re-opens it
 
     # -- process lifecycle ------------------------------------------------------------------------
 
@@ -268,15 +320,22 @@ class Recorder:
     def _after_fork_in_child(self) -> None:
         # Threads do not survive fork and the parent's records belong to the parent's file: start a
         # fresh file for this pid, re-declare every channel in it and restart the writer.
-        self._lock = threading.Lock()
-        self._io_lock = threading.Lock()
+        reset_after_fork()
+        self._lock = GuardedLock()
+        self._io_lock = GuardedLock()
         self.buffer.clear()
         self._pending_lines = []
         self._declared_upto = 0
         self._dropped = itertools.count()
         self._dropped_reads = 0
         self._dropped_written = 0
-        self._file = None
+        self._file = RawFile(self.path)  # the parent's descriptor stays the parent's (not closed here)
+        self._lost = LostRecords()
+        self._file_started = False
+        self._unencodable = 0
+        self._unencodable_first = ""
+        self._flushed_at = 0
+        self._closed_written = False
         # The parent's channels are re-declared in this file only once the child records something:
         # a forked helper that never does (a pool worker, a resource tracker) leaves no file behind.
         self._has_content = False
@@ -291,33 +350,16 @@ _warned: set[str] = set()
 
 
 def _warn_once(message: str) -> None:
+    """Say it once in the process's log (stderr); never raises, also inside a signal handler."""
     if message not in _warned:
         _warned.add(message)
-        print(message, file=sys.stderr)
+        try:
+            print(message, file=sys.stderr)
+        except Exception:
+            pass
 
 
-def install_sigterm_flush(flush: Callable[[], None]) -> bool:
-    """Flush on SIGTERM, where the process would otherwise die without running atexit.
-
-    Installed only when SIGTERM still has its default action and only from the main thread; the
-    handler flushes, restores the default action and re-sends the signal, so the process ends exactly
-    as it would have (same signal, same exit status). Engines that install their own handler exit
-    through atexit, which flushes too.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        return False
-    try:
-        if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-            return False
-
-        def _on_sigterm(signum: int, frame: object) -> None:
-            try:
-                flush()
-            finally:
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                os.kill(os.getpid(), signal.SIGTERM)
-
-        signal.signal(signal.SIGTERM, _on_sigterm)
-        return True
-    except (ValueError, OSError):
-        return False
+def _pause() -> None:
+    # Between two encoded lines let the engine's threads in (a bare sleep(0) would usually win the GIL
+    # straight back).
+    time.sleep(_GIL_BREAK_S)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import logging
 import os
 import threading
@@ -138,7 +139,7 @@ class Runtime:
         self.recorder.flush_hooks.append(self.write_error_counts)
         self.recorder.start()
         recorder = self.recorder
-        install_sigterm_flush(lambda: recorder.flush(final=True))
+        install_sigterm_flush(lambda reason: recorder.flush(final=True, reason=reason))
         self._apply(self.settings, "startup")
         self._start_control_thread()
         if hasattr(os, "register_at_fork"):
@@ -250,11 +251,17 @@ class Runtime:
     ) -> Callable[..., Any]:
         fn = target.function
         handler = self._load_handler(spec) if spec.handler != "timer" else None
+        if handler is not None and inspect.iscoroutinefunction(handler) and not inspect.iscoroutinefunction(fn):
+            # It could only return an un-awaited coroutine: the original would never run inside it.
+            self.problem(f"{spec.source}: handler {spec.handler} is an async function but {spec.symbol} is "
+                         "not: write a plain (def) handler for it; using the timer instead")
+            handler = None
         if handler is not None:
             state.records_itself = True
             if inspect.iscoroutinefunction(fn) and inspect.iscoroutinefunction(handler):
                 return probes.make_async_handler_wrapper(fn, probe, handler, target.is_method)
-            return probes.make_handler_wrapper(fn, probe, handler, target.is_method)
+            # Of the original's kind (coroutine, generator, ...): inspect answers as it did.
+            return probes.make_sync_handler_wrapper_for_kind(fn, probe, handler, target.is_method)
         if inspect.isasyncgenfunction(fn):
             return probes.make_async_generator_timer(fn, probe)
         if inspect.iscoroutinefunction(fn):
@@ -323,12 +330,31 @@ class Runtime:
         if state.set_switch is not None:
             state.set_switch(active)
 
+    def _writable_run_dir(self) -> bool:
+        """Whether this process can write its raw file; when it cannot, collection stays off and the
+        problem says why (records collected there would all be lost)."""
+        recorder = self.recorder
+        if recorder is None:
+            return True
+        run_dir = recorder.run_dir
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            writable = os.access(run_dir, os.W_OK | os.X_OK)
+            reason = "it is not writable by this user"
+        except (OSError, ValueError) as exc:
+            writable, reason = False, f"{type(exc).__name__}: {exc}"
+        if not writable:
+            self.problem(f"{self.config_path}: \"prof_dir\" = {json.dumps(self.settings.prof_dir)}: cannot "
+                         f"write the run directory {run_dir} ({reason}); collection stays off; set "
+                         "\"prof_dir\" to a directory this service's user can write")
+        return writable
+
     def _apply(self, settings: ProfilerSettings, reason: str) -> None:
         with self._lock:
             was_enabled = self.enabled
             self.settings = settings
             self.domains = settings.domain
-            self.enabled = settings.enable
+            self.enabled = settings.enable and (was_enabled or self._writable_run_dir())
             if self.enabled and (not was_enabled or reason == "startup"):
                 self._deadline = time.monotonic() + settings.timelimit if settings.timelimit > 0 else None
             elif not self.enabled:
@@ -378,6 +404,12 @@ class Runtime:
             result = load_settings(self.config_path)
             for problem in result.problems:
                 self.problem(problem)
+            if result.failed:
+                # Unreadable as a whole: what `enable` says is unknown. Keep the last good settings
+                # (a failed reload never switches collection on, nor anything else).
+                self.problem(f"{self.config_path}: keeping the settings read before (collection "
+                             f"{'on' if self.enabled else 'off'}) until the file can be read")
+                return
             self._report_unsupported(result.settings)
             self._apply(result.settings, "config")
         if self._deadline is not None and time.monotonic() >= self._deadline:
@@ -518,3 +550,9 @@ class Runtime:
     def meta(self, key: str, value: object) -> None:
         if self.recorder is not None:
             self.recorder.control({"t": "meta", "key": key, "value": value})
+
+    def flush_final(self, reason: str) -> None:
+        """`record.process_ending`: flush now, ending with a `close` line (later records, if any, are
+        still written by the writer thread and at exit)."""
+        if self.recorder is not None:
+            self.recorder.flush(final=True, reason=reason)

@@ -83,6 +83,26 @@ class SettingsResult:
     problems: list[str] = field(default_factory=list)
     created: bool = False
     """True when this call created the missing config file from the shipped defaults."""
+    failed: bool = False
+    """The file as a whole could not be read or parsed (`settings` are the defaults): a reload keeps
+    the settings it had instead."""
+
+
+class _HugeInt:
+    """An integer literal too long to be any setting (and past Python's int() limit): kept as its
+    text so the key it belongs to gets the usual message instead of the whole file failing."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+_MAX_INT_DIGITS = 30
+
+
+def _parse_int(text: str) -> object:
+    return _HugeInt(text) if len(text) > _MAX_INT_DIGITS else int(text)
 
 
 class _Invalid(ValueError):
@@ -112,6 +132,8 @@ def _as_int(value: object) -> int:
     # bool is an int subclass; `"timelimit": true` is a mistake, not 1.
     if isinstance(value, bool):
         raise _Invalid("is not an integer")
+    if isinstance(value, _HugeInt):
+        raise _Invalid("is out of range")
     if isinstance(value, float) and value.is_integer():
         return int(value)
     if not isinstance(value, int):
@@ -131,6 +153,8 @@ def _int_range(lo: int, hi: int, also: tuple[int, ...] = ()) -> Callable[[object
 
 def _float_range(lo: float, hi: float) -> Callable[[object], object]:
     def convert(value: object) -> object:
+        if isinstance(value, _HugeInt):
+            raise _Invalid("is out of range")
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise _Invalid("is not a number")
         if not lo <= value <= hi:
@@ -226,7 +250,13 @@ def _shipped_default_values() -> dict[str, object]:
 
 
 def _show(value: object) -> str:
-    return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, _HugeInt):
+        return f"{value.text[:12]}... (an integer of {len(value.text.lstrip('-'))} digits)"
+    try:
+        shown = json.dumps(value, ensure_ascii=False)
+    except (ValueError, TypeError, RecursionError):
+        shown = f"<{type(value).__name__} nested too deeply to show>"
+    return shown if len(shown) <= 200 else shown[:200] + "..."
 
 
 def settings_from_mapping(data: Mapping[str, object], source: str) -> SettingsResult:
@@ -250,6 +280,11 @@ def settings_from_mapping(data: Mapping[str, object], source: str) -> SettingsRe
             if not isinstance(raw, str) or not raw.strip():
                 problems.append(f"{source}: {_show(key)} = {_show(raw)} is not a path; expected {expected}; "
                                 f"using {_show(shipped.get(key, '$HOME/.ms_service_profiler'))}")
+                continue
+            if any(ord(ch) < 32 for ch in raw):
+                problems.append(f"{source}: {_show(key)} = {_show(raw)} contains a NUL or control character, "
+                                f"which no directory name can hold; write the path without it; using "
+                                f"{_show(shipped.get(key, '$HOME/.ms_service_profiler'))}")
                 continue
             value, unset = _expand_path(raw.strip())
             if unset:
@@ -336,21 +371,30 @@ def load_settings(path: str | Path) -> SettingsResult:
                     f"{envvars.SERVICE_PROF_CONFIG_PATH} at a writable path"])
         except (OSError, UnicodeDecodeError) as exc:
             return SettingsResult(ProfilerSettings(), [
-                f"{source}: cannot read the config file ({exc}); collection stays off until it can be read"])
+                f"{source}: cannot read the config file ({exc}); collection stays off until it can be read"],
+                failed=True)
     else:  # created, then deleted again before we could read it: treat as the defaults
         return SettingsResult(ProfilerSettings(), [], created=created)
 
     problems: list[str] = []
     try:
-        data = json.loads(text, object_pairs_hook=_reject_duplicates(source, problems))
+        data = json.loads(text, object_pairs_hook=_reject_duplicates(source, problems), parse_int=_parse_int)
     except json.JSONDecodeError as exc:
         return SettingsResult(ProfilerSettings(), [
             f"{source} line {exc.lineno} column {exc.colno}: invalid JSON ({exc.msg}); using the defaults "
-            f"(collection off) until the file is fixed"])
+            f"(collection off) until the file is fixed"], failed=True)
+    except RecursionError:
+        return SettingsResult(ProfilerSettings(), [
+            f"{source}: values nested too deeply to read (the config is one flat object of keys and values); "
+            f"using the defaults (collection off) until the file is fixed"], failed=True)
+    except (ValueError, TypeError) as exc:  # whatever else the parser trips on: never a traceback
+        return SettingsResult(ProfilerSettings(), [
+            f"{source}: cannot read the config ({type(exc).__name__}: {exc}); using the defaults (collection "
+            f"off) until the file is fixed"], failed=True)
     if not isinstance(data, dict):
         return SettingsResult(ProfilerSettings(), [
             f"{source}: the config must be a JSON object ({{\"enable\": 1, ...}}), not "
-            f"{type(data).__name__}; using the defaults (collection off)"])
+            f"{type(data).__name__}; using the defaults (collection off)"], failed=True)
     result = settings_from_mapping(data, source)
     result.problems[:0] = problems
     result.created = created

@@ -222,7 +222,42 @@ _FAST_LOADER = getattr(yaml, "CSafeLoader", None)
 
 
 def parse_symbols(text: str, source: str) -> SymbolsResult:
-    """Parse YAML text; `source` (normally the file name) starts every problem and `SymbolSpec.source`."""
+    """Parse YAML text; `source` (normally the file name) starts every problem and `SymbolSpec.source`.
+
+    Never raises for any text: characters YAML does not allow, nesting too deep to compose, anything
+    else the parser trips on become one problem naming the file (and line where known)."""
+    bad = _UNPRINTABLE.search(text)
+    if bad is not None:
+        line = text.count("\n", 0, bad.start()) + 1
+        column = bad.start() - (text.rfind("\n", 0, bad.start()) + 1) + 1
+        return SymbolsResult([], [f"{source} line {line} column {column}: character {bad.group()!r} is not "
+                                  "allowed in YAML (a control character or NUL: remove it); no symbols loaded"])
+    try:
+        result = _parse_symbols_any(text, source)
+        # A message quotes what the user wrote; a huge value keeps its start (file, entry, line) and end
+        # (what is expected), not everything in between.
+        result.problems = [_clip(problem) for problem in result.problems]
+        return result
+    except RecursionError:
+        return SymbolsResult([], [f"{source}: nested too deeply to read (lists or mappings inside each other "
+                                  "hundreds of levels deep); an entry needs a few levels; no symbols loaded"])
+    except Exception as exc:  # the parser's own failures on hostile input, never a traceback
+        return SymbolsResult([], [f"{source}: not readable as YAML ({type(exc).__name__}: {exc}); "
+                                  "no symbols loaded"])
+
+
+def _clip(message: str, head: int = 400, tail: int = 300) -> str:
+    if len(message) <= head + tail + 40:
+        return message
+    return f"{message[:head]} ...[{len(message) - head - tail} characters]... {message[-tail:]}"
+
+
+# YAML 1.1's printable set: tab, newlines and the printable ranges (PyYAML's Reader check), which
+# libyaml enforces with a less precise message.
+_UNPRINTABLE = re.compile("[^\x09\x0A\x0D\x20-\x7E\x85\xA0-\uD7FF\uE000-\uFFFD\U00010000-\U0010FFFF]")
+
+
+def _parse_symbols_any(text: str, source: str) -> SymbolsResult:
     # libyaml composes the same nodes with the same marks ~10x faster (this runs at start-up in every
     # process of the service); a file it rejects is parsed again by PyYAML's own loader, whose syntax
     # error messages are the clearer ones.
@@ -315,6 +350,8 @@ class Version:
 
     @classmethod
     def parse(cls, text: str) -> Version:
+        if len(text) > 64:  # also keeps int() below its limit on digits
+            raise ValueError(f"{text[:24]!r}... ({len(text)} characters) is not a version number (e.g. 0.9.1)")
         match = _VERSION.fullmatch(text.strip())
         if match is None:
             raise ValueError(f"{text!r} is not a version number (e.g. 0.9.1, 0.11.0rc1)")
