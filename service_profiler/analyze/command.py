@@ -436,6 +436,9 @@ def _analyze_run(args: argparse.Namespace, out_dir: Path, formats: list[str], pr
 
     if database is not None:
         step("db", "SQLite", lambda: database.hand_over(data, tables, process_labels(data), csv_dir))
+    # The front doors' JSONL and CSVs (scheduler_profiling.jsonl, scheduler_logs/), replayed from the
+    # records before they are released below.
+    step("csv", "front-door files", functools.partial(_front_door_outputs, data, out_dir))
     if records_side is None:
         step("json", "chrome trace", chrome_out)
         # The records' last consumer was the trace (SQLite's raw tables come from the files, or from the
@@ -484,6 +487,12 @@ def _analyze_run(args: argparse.Namespace, out_dir: Path, formats: list[str], pr
     for f in failures:
         print(f"error: {f}", file=sys.stderr)
     return EXIT_EXPORT_FAILED if failures else EXIT_OK
+
+
+def _front_door_outputs(data: Any, out_dir: Path) -> list[Path]:
+    from service_profiler.frontdoors.offline import write_front_door_outputs
+
+    return write_front_door_outputs(data, out_dir)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
