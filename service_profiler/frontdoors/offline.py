@@ -89,7 +89,7 @@ def write_front_door_outputs(data: RunData, out_dir: Path) -> list[Path]:
         jsonl.close()
         csvs = CsvTablesWriter(out_dir / DEFAULT_LOG_DIR, COLUMNS, problems.append)
         csvs.write(tables.take(), dp_rank)
-        written += [jsonl.path, *(Path(handle.name) for handle, _ in csvs.files.values())]
+        written += [jsonl.path, *csvs.paths]
         csvs.close()
     if problems:
         raise OSError("; ".join(problems))

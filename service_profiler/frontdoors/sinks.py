@@ -85,6 +85,7 @@ class CsvTablesWriter(_Writer):
         self.directory = directory
         self.columns = columns
         self.files: dict[str, tuple[TextIO, Any]] = {}
+        self.paths: list[Path] = []
 
     def write(self, rows: Mapping[str, Sequence[Sequence[Any]]], dp_rank: int | None) -> None:
         count = sum(len(r) for r in rows.values())
@@ -97,6 +98,7 @@ class CsvTablesWriter(_Writer):
                 self.what = str(directory)
                 for name, columns in self.columns.items():
                     handle = open_new(directory / name)
+                    self.paths.append(directory / name)
                     writer = csv.writer(handle, lineterminator="\n")
                     writer.writerow(columns)
                     self.files[name] = (handle, writer)
