@@ -6,7 +6,7 @@ For each waiting-queue length it fills a Scheduler (max_num_seqs 8, all 8 runnin
 that many more requests that cannot be admitted, then times, per step, in µs (median and P90 over
 `--steps` steps; both are timed in the same steps, so the machine's drift hits both alike):
   schedule()        the engine's own Scheduler.schedule (the queue is scanned by vLLM itself too)
-  snapshot          `vllm_waiting.waiting_snapshot` alone (what the opt-in adds: one list entry per request)
+  snapshot          `vllm_waiting.waiting_snapshot` alone (what the opt-in adds: two list entries per request)
   snapshot / req    its cost per waiting request: flat across lengths means O(queue)
 The front door's own per-row work (CSV rows on the recorder's writer thread) is not on the engine's thread.
 """
@@ -51,12 +51,12 @@ def measure(queue: int, steps: int) -> dict[str, float]:
         t0 = time.perf_counter_ns()
         out = scheduler.schedule()
         t1 = time.perf_counter_ns()
-        entries = vllm_waiting.waiting_snapshot(scheduler, out)
+        rids, _ = vllm_waiting.waiting_snapshot(scheduler, out)
         t2 = time.perf_counter_ns()
         scheduler.update_from_output(out, made_up_output(scheduler, out))
         schedule_us.append((t1 - t0) / 1e3)
         snapshot_us.append((t2 - t1) / 1e3)
-        assert len(entries) == queue, (len(entries), queue)
+        assert len(rids) == queue, (len(rids), queue)
     sched_med, sched_p90 = _us(schedule_us)
     snap_med, snap_p90 = _us(snapshot_us)
     return {"queue": queue, "schedule_med": sched_med, "schedule_p90": sched_p90, "snapshot_med": snap_med,

@@ -190,8 +190,8 @@ def _after_schedule(state: VllmProbeState, scheduler: Scheduler, out: SchedulerO
             record.event("Request", "state", {"rid": rid, "from": before, "to": after, "batch_id": batch_id},
                          end)
         if vllm_waiting.ENABLED:  # opt-in: walks the waiting queue
-            record.event("Request", "waiting",
-                         {"batch_id": batch_id, "reqs": vllm_waiting.waiting_snapshot(scheduler, out)}, end)
+            rids, reasons = vllm_waiting.waiting_snapshot(scheduler, out)
+            record.event("Request", "waiting", {"batch_id": batch_id, "rids": rids, "reasons": reasons}, end)
     if console:
         state.console.on_schedule(batch_id, dp_rank, attrs["reqs"], attrs["running"], attrs["waiting"],
                                   attrs["kv_used_blocks"], attrs["kv_total_blocks"], attrs["kv_usage"],

@@ -42,10 +42,24 @@ _STATUS_REASONS = {
     "WAITING_FOR_REMOTE_KVS": WaitingReason.REMOTE_KV,
     "WAITING_FOR_STREAMING_REQ": WaitingReason.STREAMING_INPUT,
 }
+_by_status: dict[Any, str] = {}
 
 
-def waiting_snapshot(scheduler: Scheduler, out: SchedulerOutput) -> list[list[Any]]:
-    """[[rid, queue position, reason], ...] for every request left waiting by this step."""
+def _reasons_by_status(request: Any) -> dict[Any, str]:
+    """The reasons keyed by the status enum members themselves: a dict lookup per request, no `.name`."""
+    if not _by_status:
+        for status in type(request.status):
+            reason = _STATUS_REASONS.get(status.name)
+            if reason is not None:
+                _by_status[status] = reason
+    return _by_status
+
+
+def waiting_snapshot(scheduler: Scheduler, out: SchedulerOutput) -> tuple[list[str], list[str]]:
+    """(request ids, reasons) of every request left waiting by this step, in queue order: a request's
+    position is its index. Two lists of objects that already exist (the ids, the reason constants), so
+    the walk allocates nothing per request: with tens of thousands waiting, per-request tuples would set
+    off the garbage collector inside the engine's step."""
     if len(scheduler.running) >= scheduler.max_num_running_reqs:
         blocked = WaitingReason.MAX_NUM_SEQS
     elif out.total_num_scheduled_tokens >= scheduler.max_num_scheduled_tokens:
@@ -53,17 +67,21 @@ def waiting_snapshot(scheduler: Scheduler, out: SchedulerOutput) -> list[list[An
     else:
         blocked = ""
     holding = getattr(scheduler, "kv_holding_waiting", ())
-    entries: list[list[Any]] = []
-    head_seen = False
-    for position, request in enumerate(chain(holding, scheduler.waiting)):
-        reason = _STATUS_REASONS.get(request.status.name)
+    rids: list[str] = []
+    reasons: list[str] = []
+    by_status: dict[Any, str] | None = None
+    plain = blocked or WaitingReason.BEHIND_HEAD
+    head_seen = bool(blocked)  # with a batch-wide limit every plain waiting request has that reason
+    for request in chain(holding, scheduler.waiting):
+        if by_status is None:
+            by_status = _reasons_by_status(request)
+        reason = by_status.get(request.status)
         if reason is None:
-            if blocked:
-                reason = blocked
-            elif not head_seen:
-                reason = WaitingReason.KV_CACHE
+            if head_seen:
+                reason = plain
             else:
-                reason = WaitingReason.BEHIND_HEAD
-            head_seen = True
-        entries.append([request.request_id, position, reason])
-    return entries
+                reason = WaitingReason.KV_CACHE
+                head_seen = True
+        rids.append(request.request_id)
+        reasons.append(reason)
+    return rids, reasons

@@ -11,7 +11,7 @@ collection started in that process (its first `state` line), as they do live; `t
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import math
 import sys
@@ -40,7 +41,7 @@ def read_jsonl(path: Path, problems: list[str]) -> list[dict[str, Any]]:
                 continue
             try:
                 row = json.loads(line)
-            except ValueError as exc:
+            except json.JSONDecodeError as exc:
                 problems.append(f"{path}:{number}: not JSON ({exc.msg}); line skipped")
                 continue
             if not isinstance(row, dict):
@@ -157,7 +158,7 @@ def logging_summary(requests: Sequence[dict[str, Any]], iterations: Sequence[dic
     util = column(iterations, "kv_cache_used") / column(iterations, "kv_cache_total")
     lines = [f"requests: {len(requests)}, iterations: {len(iterations)}"]
     for q in (50, 90, 99):
-        lines.append(f"P{q} TTFT: {_fmt(_stat(ttft, lambda v, q=q: np.percentile(v, q)), ' s')}")
+        lines.append(f"P{q} TTFT: {_fmt(_stat(ttft, functools.partial(np.percentile, q=q)), ' s')}")
     lines += [f"average TTFT: {_fmt(_stat(ttft, np.mean), ' s')}",
               f"average TPOT: {_fmt(_stat(tpot, np.mean), ' s')}",
               f"preemption rate: {_fmt(_stat(preempted, lambda v: np.mean(v > 0) * 100), ' %')}",
@@ -190,7 +191,8 @@ def run(args: argparse.Namespace) -> int:
                   "(VLLM_SCHEDULER_LOG_DIR) or a scheduler-profiling JSONL", file=sys.stderr)
             return EXIT_BAD_INPUT
         summary = logging_summary(requests, iterations)
-        draw: Callable[[Path], list[Path]] = lambda out: logging_charts(requests, iterations, out)  # noqa: E731
+        def draw(out: Path) -> list[Path]:
+            return logging_charts(requests, iterations, out)
     elif path.is_file():
         rows = read_jsonl(path, problems)
         if not rows:
@@ -199,7 +201,8 @@ def run(args: argparse.Namespace) -> int:
                 print(f"  {problem}", file=sys.stderr)
             return EXIT_BAD_INPUT
         summary = profiling_summary(rows)
-        draw = lambda out: profiling_charts(rows, out)  # noqa: E731
+        def draw(out: Path) -> list[Path]:
+            return profiling_charts(rows, out)
     else:
         print(f"error: {path} does not exist", file=sys.stderr)
         return EXIT_BAD_INPUT

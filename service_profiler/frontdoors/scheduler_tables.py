@@ -191,8 +191,8 @@ class SchedulerTables:
         if batch is None:
             return
         preempted_now = set(batch.attrs.get("preempted") or ())
-        for entry in a.get("reqs") or ():
-            rid, position, reason = entry[0], entry[1], entry[2]
+        rids, reasons = a.get("rids") or (), a.get("reasons") or ()
+        for position, (rid, reason) in enumerate(zip(rids, reasons, strict=False)):
             if rid in preempted_now:
                 continue  # listed by the schedule span already
             request = self.requests.get(rid)
