@@ -62,7 +62,7 @@ def _analyze(raw_root: Path, out: Path) -> None:
     runs = [p for p in raw_root.iterdir() if p.is_dir()]
     assert len(runs) == 1, runs
     proc = subprocess.run([*CLI, "analyze", "--input-path", str(runs[0]), "--output-path", str(out), "--format",
-                           "csv", "--quiet"], capture_output=True, text=True, timeout=300)
+                           "csv", "--scheduler-logs", "--quiet"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
 
 
