@@ -1,6 +1,6 @@
 """The front doors' files from a raw run, by the same code the engine runs live.
 
-`analyze` calls `write_front_door_outputs`: `<out>/scheduler_profiling.jsonl` and the five CSVs under
+`analyze --scheduler-logs` calls `write_front_door_outputs`: `<out>/scheduler_profiling.jsonl` and the five CSVs under
 `<out>/scheduler_logs/`, so a run recorded the msserviceprofiler way (`SERVICE_PROF_CONFIG_PATH`) gives
 the same tables as the environment-variable front doors. Records are replayed per engine process in the
 order the handlers emitted them (a record's end time; at equal times spans before events, as each handler
