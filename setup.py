@@ -1,7 +1,7 @@
 """Build glue that pyproject.toml cannot express: install `service_profiler.pth` into site-packages.
 
-The .pth line runs at every interpreter start-up and costs one dictionary lookup when
-SERVICE_PROF_CONFIG_PATH is unset (see service_profiler/bootstrap.py).
+The .pth line runs at every interpreter start-up and costs three dictionary lookups when
+SERVICE_PROF_CONFIG_PATH and the front doors' switches are unset (see service_profiler/bootstrap.py).
 
 It also declares the optional C extension `service_profiler._speedups` (ProbeSwitch, see
 service_profiler/speedups.py). `optional=True`: without a working compiler the build only warns and
@@ -20,7 +20,8 @@ from setuptools.command.editable_wheel import editable_wheel
 
 PTH_NAME = "service_profiler.pth"
 PTH_LINE = (
-    "import os; os.environ.get('SERVICE_PROF_CONFIG_PATH') and "
+    "import os; (os.environ.get('SERVICE_PROF_CONFIG_PATH') or os.environ.get('VLLM_SCHEDULER_LOGGING') or "
+    "os.environ.get('VLLM_ENABLE_SCHEDULER_PROFILING')) and "
     "__import__('service_profiler.bootstrap').bootstrap.activate_from_startup()\n"
 )
 

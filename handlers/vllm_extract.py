@@ -194,7 +194,15 @@ def statuses(scheduler: Scheduler, request_ids: Iterable[str]) -> dict[str, str]
 def engine_request(request: Any) -> dict[str, Any]:
     """`enqueue` attributes of a `vllm.v1.request.Request` entering the scheduler."""
     return {"rid": request.request_id, "prompt_tokens": request.num_prompt_tokens,
-            "arrival_time": request.arrival_time}
+            "arrival_time": request.arrival_time, "priority": request.priority}
+
+
+def kv_block_bytes(scheduler: Scheduler) -> int | None:
+    """Bytes of one KV cache block across all layers (the KV tensors' size over the block count)."""
+    config = getattr(scheduler, "kv_cache_config", None)
+    if config is None or not config.num_blocks:
+        return None
+    return sum(int(tensor.size) for tensor in config.kv_cache_tensors) // int(config.num_blocks)
 
 
 def prompt_length(request: EngineCoreRequest) -> int:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from service_profiler import record
 
 from . import vllm_extract as extract
+from . import vllm_waiting
 from .console import ConsoleWindow
 
 if TYPE_CHECKING:
@@ -82,6 +83,9 @@ class VllmProbeState:
         rank = extract.data_parallel_rank(scheduler)
         self.dp_rank_of = (scheduler, rank)
         record.meta("dp_rank", rank)
+        block_bytes = extract.kv_block_bytes(scheduler)
+        if block_bytes is not None:
+            record.meta("kv_block_bytes", block_bytes)
         return rank
 
     def kv_batch(self) -> int | None:
@@ -185,6 +189,9 @@ def _after_schedule(state: VllmProbeState, scheduler: Scheduler, out: SchedulerO
         for rid, before, after in extract.schedule_transitions(attrs["reqs"], out):
             record.event("Request", "state", {"rid": rid, "from": before, "to": after, "batch_id": batch_id},
                          end)
+        if vllm_waiting.ENABLED:  # opt-in: walks the waiting queue
+            rids, reasons = vllm_waiting.waiting_snapshot(scheduler, out)
+            record.event("Request", "waiting", {"batch_id": batch_id, "rids": rids, "reasons": reasons}, end)
     if console:
         state.console.on_schedule(batch_id, dp_rank, attrs["reqs"], attrs["running"], attrs["waiting"],
                                   attrs["kv_used_blocks"], attrs["kv_total_blocks"], attrs["kv_usage"],

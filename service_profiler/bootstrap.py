@@ -5,8 +5,9 @@
   (put `python -c "import service_profiler.bootstrap as b; print(b.SITECUSTOMIZE_DIR)"` on PYTHONPATH),
 - vLLM's `vllm.general_plugins` entry point (vLLM calls it in every process it starts, maybe twice).
 
-`activate()` is idempotent, does nothing unless `SERVICE_PROF_CONFIG_PATH` is set, and never raises
-into the host: a profiler that cannot start logs why and leaves the engine alone.
+`activate()` is idempotent, does nothing unless `SERVICE_PROF_CONFIG_PATH` is set or a front door is
+switched on (`VLLM_ENABLE_SCHEDULER_PROFILING`, `VLLM_SCHEDULER_LOGGING`: docs/FRONT_DOORS.md), and never
+raises into the host: a profiler that cannot start logs why and leaves the engine alone.
 """
 
 from __future__ import annotations
@@ -60,7 +61,9 @@ def activate(source: str = "api") -> Any:
     """Start the profiler in this process if the environment asks for it; returns the runtime or None."""
     global _runtime, _activated_pid, _failed_pid
     config_path = os.environ.get(envvars.SERVICE_PROF_CONFIG_PATH)
-    if not config_path or os.environ.get(envvars.SERVICE_PROF_DISABLE, "0") not in ("", "0"):
+    if os.environ.get(envvars.SERVICE_PROF_DISABLE, "0") not in ("", "0"):
+        return None
+    if not config_path and not _front_door_requested():
         return None
     with _lock:
         # A forked child inherits the parent's runtime (its recorder re-opens a file for the new pid).
@@ -71,8 +74,17 @@ def activate(source: str = "api") -> Any:
             _configure_logging()
             from .runtime import Runtime
 
-            runtime = Runtime(config_path, dict(os.environ))
+            front_doors: Any = None
+            builtin: Any = None
+            if _front_door_requested():
+                from .frontdoors import activation
+
+                front_doors = activation.options_for_process(os.environ)
+                builtin = None if config_path else activation.builtin_settings(front_doors)
+            runtime = Runtime(config_path, dict(os.environ), builtin)
             runtime.start()
+            if front_doors is not None:
+                activation.install(runtime, front_doors)
         except Exception as exc:
             if runtime is not None:
                 runtime.abort()  # nothing half-installed stays behind
@@ -81,6 +93,13 @@ def activate(source: str = "api") -> Any:
             return None
         _runtime, _activated_pid = runtime, os.getpid()
         return runtime
+
+
+def _front_door_requested() -> bool:
+    # Inline and cheap: this runs at every interpreter start-up.
+    env = os.environ
+    return any(env.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+               for name in (envvars.VLLM_ENABLE_SCHEDULER_PROFILING, envvars.VLLM_SCHEDULER_LOGGING))
 
 
 def current_runtime() -> Any:

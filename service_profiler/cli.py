@@ -20,6 +20,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("service_profiler.inspect_run", "first look at a run: processes, record counts, patch reports"),
     "check": ("service_profiler.checker", "check a symbols YAML against an engine's source without importing it"),
     "model": ("service_profiler.model.command", "fit the batch latency model or predict with it"),
+    "scheduler-report": ("service_profiler.frontdoors.report",
+                         "statistics and charts of a scheduler-profiling JSONL or a scheduler-logging directory"),
 }
 
 

@@ -24,7 +24,7 @@ from typing import Any
 from . import __version__, envvars, patching, probes, record
 from .expressions import CompiledExpression, ExpressionError, compile_expression
 from .recorder import COUNTER, EVENT, SPAN, Recorder, install_sigterm_flush
-from .settings import ProfilerSettings, load_settings, unsupported_options
+from .settings import ProfilerSettings, SettingsResult, load_settings, unsupported_options
 from .speedups import make_switch
 from .symbols import SymbolSpec, installed_version, load_symbols, resolve_symbols_path, version_gate
 from .threads import start_daemon
@@ -85,8 +85,12 @@ def new_run_dir(prof_dir: str) -> Path:
 class Runtime:
     """One per process. Implements `record.RecordSink` for handlers."""
 
-    def __init__(self, config_path: str, env: Mapping[str, str]) -> None:
-        self.config_path = Path(config_path)
+    def __init__(self, config_path: str | None, env: Mapping[str, str],
+                 settings: ProfilerSettings | None = None) -> None:
+        # No config path: `settings` hold for the life of the process (a front door started without a
+        # config file, see `frontdoors.options`); there is nothing to watch.
+        self.config_path = Path(config_path) if config_path else None
+        self._fixed_settings = settings or ProfilerSettings()
         self.env = env
         self.settings = ProfilerSettings()
         self.enabled = False
@@ -113,7 +117,8 @@ class Runtime:
     # -- start-up ---------------------------------------------------------------------------------
 
     def start(self) -> None:
-        result = load_settings(self.config_path)
+        result = (load_settings(self.config_path) if self.config_path is not None
+                  else SettingsResult(self._fixed_settings))
         self.settings = result.settings
         self._config_stamp = self._stamp()
         run_dir = self.env.get(envvars.SERVICE_PROF_RUN_DIR) or str(new_run_dir(self.settings.prof_dir))
@@ -390,6 +395,8 @@ class Runtime:
         self._samplers.update(self.settings if self.enabled else None, host=self.is_root)
 
     def _stamp(self) -> tuple[int, int] | None:
+        if self.config_path is None:
+            return None
         try:
             st = os.stat(self.config_path)
         except OSError:
@@ -399,7 +406,7 @@ class Runtime:
     def poll(self) -> None:
         """One control-thread tick: reload a changed config, enforce the time limit."""
         stamp = self._stamp()
-        if stamp != self._config_stamp:
+        if stamp != self._config_stamp and self.config_path is not None:
             self._config_stamp = stamp
             result = load_settings(self.config_path)
             for problem in result.problems:

@@ -57,5 +57,6 @@ def test_editable_install_carries_the_startup_line(tmp_path: Path) -> None:
     wheel = out / result.stdout.strip().splitlines()[-1]
     with zipfile.ZipFile(wheel) as archive:
         line = archive.read("service_profiler.pth").decode("utf-8")
-    assert line.startswith("import os; os.environ.get('SERVICE_PROF_CONFIG_PATH') and ")
-    assert "activate_from_startup()" in line
+    assert line.startswith("import os; ")
+    assert "os.environ.get('SERVICE_PROF_CONFIG_PATH')" in line
+    assert line.rstrip().endswith("bootstrap.activate_from_startup()")

@@ -70,6 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", nargs="+", choices=FORMATS, default=list(FORMATS), metavar="FMT",
                         help=f"outputs to write, any of: {' '.join(FORMATS)} (default: all)")
     parser.add_argument("--quiet", action="store_true", help="no console summary, only errors")
+    parser.add_argument("--scheduler-logs", action="store_true",
+                        help="also write the front doors' files from the run: scheduler_profiling.jsonl and "
+                             "scheduler_logs/*.csv (docs/FRONT_DOORS.md); with csv in --format")
     parser.add_argument("--jobs", type=int, default=1, metavar="N",
                         help="N > 1: the chrome trace is written by a process forked after the read, next to "
                              "the tables / CSVs (the records then exist partly twice: more memory; it pays off "
@@ -436,6 +439,11 @@ def _analyze_run(args: argparse.Namespace, out_dir: Path, formats: list[str], pr
 
     if database is not None:
         step("db", "SQLite", lambda: database.hand_over(data, tables, process_labels(data), csv_dir))
+    # The front doors' JSONL and CSVs (scheduler_profiling.jsonl, scheduler_logs/), replayed from the
+    # records before they are released below; on request, as the replay is a Python loop over the
+    # batches' entries.
+    if getattr(args, "scheduler_logs", False):
+        step("csv", "front-door files", functools.partial(_front_door_outputs, data, out_dir))
     if records_side is None:
         step("json", "chrome trace", chrome_out)
         # The records' last consumer was the trace (SQLite's raw tables come from the files, or from the
@@ -484,6 +492,12 @@ def _analyze_run(args: argparse.Namespace, out_dir: Path, formats: list[str], pr
     for f in failures:
         print(f"error: {f}", file=sys.stderr)
     return EXIT_EXPORT_FAILED if failures else EXIT_OK
+
+
+def _front_door_outputs(data: Any, out_dir: Path) -> list[Path]:
+    from service_profiler.frontdoors.offline import write_front_door_outputs
+
+    return write_front_door_outputs(data, out_dir)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,7 +9,8 @@ import importlib.util
 import os
 import sys
 
-if os.environ.get("SERVICE_PROF_CONFIG_PATH"):
+if (os.environ.get("SERVICE_PROF_CONFIG_PATH") or os.environ.get("VLLM_SCHEDULER_LOGGING")
+        or os.environ.get("VLLM_ENABLE_SCHEDULER_PROFILING")):
     try:
         from service_profiler.bootstrap import activate_from_startup
 

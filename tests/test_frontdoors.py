@@ -1,0 +1,157 @@
+"""The front doors without vLLM: activation from the environment alone (real subprocesses), the tap's
+files at exit, the builders' joins, the report command's handling of bad input, and symlink safety."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from runtime_harness import Workspace
+
+from service_profiler.frontdoors.batch_join import MAX_PENDING, BatchJoiner
+from service_profiler.frontdoors.scheduler_tables import PER_ITERATION, PER_REQUEST, SchedulerTables
+from service_profiler.frontdoors.sinks import JsonlWriter
+
+CLI = [sys.executable, "-m", "service_profiler.cli"]
+
+# One scheduler step as the vLLM handlers record it: a request arrives, is scheduled (prefill of 4 tokens),
+# runs, and is finished by the step's update after its first (and only) token.
+ONE_STEP = """
+import os
+from service_profiler import bootstrap, record
+runtime = bootstrap.current_runtime()
+print("runtime", runtime is not None)
+t = record.now_ns()
+record.event("Request", "enqueue", {"rid": "r1", "prompt_tokens": 4, "priority": 0}, t)
+record.span("BatchSchedule", "batchFrameworkProcessing", t + 1000, t + 2000,
+            {"batch_id": 0, "dp_rank": 0, "reqs": [["r1", 0, 4, 0, 4, 0]], "running": 1, "waiting": 0,
+             "preempted": [], "finished": [], "total_tokens": 4, "kv_total_blocks": 10, "kv_used_blocks": 1,
+             "kv_usage": 0.1})
+record.event("Request", "state", {"rid": "r1", "from": "WAITING", "to": "RUNNING", "batch_id": 0}, t + 2000)
+record.span("ModelExecute", "modelExec", t + 2000, t + 9000, {"batch_id": 0, "dp_rank": 0})
+record.span("BatchSchedule", "updateFromOutput", t + 9000, t + 9500, {"batch_id": 0, "finished": [["r1", "length"]]})
+record.event("Request", "state", {"rid": "r1", "from": "RUNNING", "to": "FINISHED_LENGTH_CAPPED",
+                                  "reason": "length", "batch_id": 0}, t + 9500)
+record.span("EngineCore", "step", t + 500, t + 10000, {"batch_id": 0, "dp_rank": 0})
+"""
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_environment_alone_starts_both_front_doors(workspace: Workspace) -> None:
+    proc = workspace.run_python(ONE_STEP, SERVICE_PROF_CONFIG_PATH="", VLLM_SCHEDULER_LOGGING="1",
+                                VLLM_ENABLE_SCHEDULER_PROFILING="true", VLLM_SCHEDULER_PROFILING_LOG="sched.jsonl")
+    assert "runtime True" in proc.stdout
+    logs = workspace.root / "scheduler_logs"
+    (request,) = _rows(logs / PER_REQUEST)
+    assert (request["e2e_latency"], request["ttft"], request["waiting_time"], request["output_tokens"]) == \
+        ("9500", "9000", "1000", "1")
+    (iteration,) = _rows(logs / PER_ITERATION)
+    assert (iteration["iteration_duration"], iteration["scheduling_overhead"], iteration["forward_pass_duration"]) \
+        == ("9500", "1000", "7000")
+    (line,) = [json.loads(x) for x in (workspace.root / "sched.jsonl").read_text().splitlines()]
+    assert (line["schedule_duration_ms"], line["model_run_duration_ms"], line["total_step_duration_ms"]) == \
+        (0.001, 0.007, 0.0095)
+    # The raw run goes inside the CSV directory, for `analyze`.
+    assert list((logs / "raw").glob("*/*.sprof.jsonl"))
+
+
+def test_front_doors_stay_off_without_their_variables_or_when_disabled(workspace: Workspace) -> None:
+    proc = workspace.run_python(ONE_STEP, SERVICE_PROF_CONFIG_PATH="", VLLM_SCHEDULER_LOGGING="0")
+    assert "runtime False" in proc.stdout
+    proc = workspace.run_python(ONE_STEP, SERVICE_PROF_CONFIG_PATH="", VLLM_SCHEDULER_LOGGING="1",
+                                SERVICE_PROF_DISABLE="1")
+    assert "runtime False" in proc.stdout
+    assert not (workspace.root / "scheduler_logs").exists()
+
+
+def test_a_config_file_decides_when_collection_runs(workspace: Workspace) -> None:
+    workspace.write_config(enable=0)
+    proc = workspace.run_python(ONE_STEP, VLLM_SCHEDULER_LOGGING="1")
+    assert "runtime True" in proc.stdout
+    assert not (workspace.root / "scheduler_logs").exists()  # collection off: nothing scheduled was seen
+
+
+def _schedule(joiner: BatchJoiner, batch_id: int, t: int, tokens: int = 1) -> None:
+    joiner.schedule(t, t + 1, {"batch_id": batch_id, "total_tokens": tokens, "reqs": []})
+
+
+def test_batches_are_released_in_order_once_complete_also_with_a_batch_queue() -> None:
+    joiner = BatchJoiner()
+    # Batch queue: step 0 schedules batch 0; step 1 schedules batch 1 and processes batch 0's output.
+    _schedule(joiner, 0, 0)
+    joiner.step(0, 5, {"batch_id": 0})
+    _schedule(joiner, 1, 10)
+    assert joiner.release() == []  # batch 0's output has not been processed yet
+    joiner.model(2, 12, {"batch_id": 0})
+    joiner.update(12, 13, {"batch_id": 0, "finished": []})
+    joiner.step(10, 14, {"batch_id": 1, "output_batch_id": 0})
+    assert [b.batch_id for b in joiner.release()] == [0]
+    # A batch whose parts never come holds the rest back only up to MAX_PENDING batches.
+    for batch_id in range(2, MAX_PENDING + 3):
+        _schedule(joiner, batch_id, batch_id * 10)
+        joiner.step(batch_id * 10, batch_id * 10 + 5, {"batch_id": batch_id})
+        joiner.update(0, 1, {"batch_id": batch_id})
+    assert next(b.batch_id for b in joiner.release()) == 1
+    assert [b.batch_id for b in joiner.release(final=True)] == []
+
+
+def test_tables_count_tokens_through_a_preemption() -> None:
+    tables = SchedulerTables(t0=0, wall_offset_ns=0)
+    tables.feed("Request", "enqueue", 0, 0, {"rid": "r", "prompt_tokens": 4})
+    batches = [  # (rid, phase, scheduled, computed before, prompt): prefill, 2 decodes, preempted, recompute
+        [["r", 0, 4, 0, 4]], [["r", 1, 1, 4, 4]], [["r", 1, 1, 5, 4]], [], [["r", 0, 7, 0, 4, 1]]]
+    for batch_id, reqs in enumerate(batches):
+        t = 100 * (batch_id + 1)
+        tables.feed("BatchSchedule", "batchFrameworkProcessing", t, t + 10,
+                    {"batch_id": batch_id, "reqs": reqs, "total_tokens": sum(r[2] for r in reqs),
+                     "preempted": ["r"] if batch_id == 3 else []})
+        tables.feed("ModelExecute", "modelExec", t + 10, t + 50, {"batch_id": batch_id})
+        tables.feed("BatchSchedule", "updateFromOutput", t + 50, t + 60, {"batch_id": batch_id, "finished": []})
+        tables.feed("EngineCore", "step", t, t + 70, {"batch_id": batch_id})
+    tables.feed("Request", "state", 360, 360, {"rid": "r", "from": "RUNNING", "to": "PREEMPTED", "batch_id": 3})
+    tables.feed("Request", "state", 560, 560, {"rid": "r", "from": "RUNNING", "to": "FINISHED_LENGTH_CAPPED",
+                                               "reason": "length", "batch_id": 4})
+    tables.release(final=True)
+    rows = tables.take()
+    (request,) = rows[PER_REQUEST]
+    # 1 token from the prefill, 1 per decode step, 1 after the recompute of all 7 known tokens.
+    assert request[9] == 4 and request[13] == 1  # output_tokens, preemption_count
+    assert request[3] == 150 and request[10] == 150  # first token: end of batch 0's model run
+
+
+def test_report_skips_bad_lines_and_rejects_files_without_any(tmp_path: Path) -> None:
+    good = {"batch_id": 0, "schedule_duration_ms": 0.2, "model_run_duration_ms": 5.0, "total_step_duration_ms": 5.5,
+            "num_prefill_reqs": 1, "num_decode_reqs": 0, "total_scheduled_tokens": 8, "prefill_chunk_sizes": [8],
+            "decode_chunk_sizes": []}
+    path = tmp_path / "s.jsonl"
+    path.write_text(json.dumps(good) + "\n" + '{"batch_id": 1, "sched' + "\n" + json.dumps({**good, "batch_id": 2}))
+    proc = subprocess.run([*CLI, "scheduler-report", str(path), "-o", str(tmp_path / "r")], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and "batches: 2" in proc.stdout
+    assert f"{path}:2: not JSON" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(list((tmp_path / "r").glob("*.png"))) == 6
+    path.write_text("not json\n")
+    proc = subprocess.run([*CLI, "scheduler-report", str(path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and f"{path} has no scheduler-profiling lines" in proc.stderr
+    proc = subprocess.run([*CLI, "scheduler-report", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "no per_iteration.csv" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_writers_never_follow_a_symlink(tmp_path: Path) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    os.symlink(victim, tmp_path / "scheduler_profiling.jsonl")
+    problems: list[str] = []
+    writer = JsonlWriter(tmp_path / "scheduler_profiling.jsonl", problems.append)
+    writer.write(["{}", "{}"], 0)
+    writer.write(["{}"], 0)
+    assert victim.read_text() == "keep me"
+    assert writer.lost == 3 and len(problems) == 1 and "cannot write" in problems[0]
