@@ -94,8 +94,10 @@ def build_batches(con: duckdb.DuckDBPyConnection) -> None:
         WITH src AS (
             SELECT b.batch_row, coalesce(u.fin, b.finished) AS fin
             FROM batch_span b LEFT JOIN upd_finished u ON u.proc = b.proc AND u.bid = b.bid),
-        item AS (SELECT batch_row, unnest(CAST(fin AS JSON[])) AS x FROM src WHERE json_type(fin) = 'ARRAY')
-        SELECT batch_row,
+        item AS (SELECT batch_row, unnest(CAST(fin AS JSON[])) AS x,
+                        unnest(generate_series(1, json_array_length(fin)::BIGINT)) AS pos
+                 FROM src WHERE json_type(fin) = 'ARRAY')
+        SELECT batch_row, pos::INTEGER AS pos,
                CASE WHEN json_type(x) = 'ARRAY' THEN x->>0 ELSE x->>'$' END AS rid,
                CASE WHEN json_type(x) = 'ARRAY' THEN x->>1 END AS reason
         FROM item""")
@@ -149,5 +151,4 @@ def build_batches(con: duckdb.DuckDBPyConnection) -> None:
         FROM batch_span b
         LEFT JOIN batch_reqs r USING (batch_row) LEFT JOIN f USING (batch_row)
         LEFT JOIN m_model m USING (batch_row) LEFT JOIN m_step st USING (batch_row)
-        LEFT JOIN m_update u USING (batch_row) LEFT JOIN batch_kv kv USING (batch_row)
-        ORDER BY b.batch_row""")
+        LEFT JOIN m_update u USING (batch_row) LEFT JOIN batch_kv kv USING (batch_row)""")

@@ -42,7 +42,7 @@ _KVCACHE = """
         SELECT *, first_value(total) OVER w AS s_total, first_value(used) OVER w AS s_used,
                first_value(free) OVER w AS s_free, first_value(usage) OVER w AS s_usage
         FROM grouped WINDOW w AS (PARTITION BY proc, status_no ORDER BY ts_ns, ord, pos))
-    SELECT f.ts_ns, f.proc, p.dp_rank, 'KVCache' AS domain, f.name, f.rid,
+    SELECT row_number() OVER (ORDER BY f.ts_ns, f.ord, f.proc, f.pos) AS row_no, f.ts_ns, f.proc, p.dp_rank, 'KVCache' AS domain, f.name, f.rid,
            CASE WHEN f.status_no > 0 THEN f.s_total END AS total_blocks,
            CASE WHEN f.status_no > 0 THEN f.s_used END AS used_blocks,
            CASE WHEN f.status_no > 0 THEN f.s_free END AS free_blocks,
@@ -50,7 +50,6 @@ _KVCACHE = """
            CASE WHEN f.name = 'free' THEN f.blocks ELSE 0 END AS blocks_freed,
            CASE WHEN f.status_no > 0 THEN f.s_usage END AS usage
     FROM filled f JOIN process p USING (proc)
-    ORDER BY f.ts_ns, f.ord, f.proc, f.pos
 """
 
 

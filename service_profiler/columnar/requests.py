@@ -6,7 +6,7 @@ timing (`httpReq`, `tokens`, `httpRes`) where the run has it, else engine timing
 first token / finished the request). "First" of several records means earliest in time.
 
 Tables made: `token_entry` (one row per entry of the API `tokens` events), `request` (columns as
-REQUEST_COLUMNS, in arrival order).
+REQUEST_COLUMNS, and `row_no`: the position in arrival order).
 """
 
 from __future__ import annotations
@@ -123,7 +123,9 @@ _REQUEST = f"""
                         nullif(done_reason, ''), fin_state) AS reason,
                coalesce(http_prompt, enq_prompt, entry_prompt) AS input_tokens
         FROM r)
-    SELECT rid, api_rid, arrival AS arrival_ns, enq_ts AS engine_arrival_ns, first_sched AS first_scheduled_ns,
+    SELECT row_number() OVER (ORDER BY coalesce(arrival, enq_ts, first_sched) IS NULL,
+                              coalesce(arrival, enq_ts, first_sched), rid) AS row_no,
+           rid, api_rid, arrival AS arrival_ns, enq_ts AS engine_arrival_ns, first_sched AS first_scheduled_ns,
            first_tok AS first_token_ns, completion AS completion_ns,
            (first_sched - enq_ts) / 1e6 AS queue_ms, (first_tok - first_sched) / 1e6 AS prefill_ms,
            (completion - first_tok) / 1e6 AS decode_ms, (first_tok - arrival) / 1e6 AS ttft_ms,
@@ -136,7 +138,6 @@ _REQUEST = f"""
            coalesce(iterations, 0) AS num_iterations, first_batch_id, b_dp AS dp_rank,
            coalesce(b_proc, enq_proc) AS proc, CASE WHEN api THEN 'api' ELSE 'engine' END AS timing_source
     FROM t
-    ORDER BY coalesce(arrival, enq_ts, first_sched) IS NULL, coalesce(arrival, enq_ts, first_sched), rid
 """
 
 
