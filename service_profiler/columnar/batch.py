@@ -67,7 +67,8 @@ def build_batches(con: duckdb.DuckDBPyConnection) -> None:
                TRY_CAST(a.total_tokens AS BIGINT) AS total_tokens, TRY_CAST(a.running AS BIGINT) AS running,
                TRY_CAST(a.waiting AS BIGINT) AS waiting, TRY_CAST(a.kv_total_blocks AS BIGINT) AS kv_total_blocks,
                TRY_CAST(a.kv_used_blocks AS BIGINT) AS kv_used_blocks, TRY_CAST(a.kv_usage AS DOUBLE) AS kv_usage,
-               len(a.preempted) AS num_preempted, a.preempted, s.attrs->'finished' AS finished
+               len(a.preempted) AS num_preempted, a.preempted, s.attrs->'finished' AS finished,
+               CAST(s.attrs->'reqs' AS VARCHAR) AS res_list
         FROM s JOIN process p USING (proc)""")
     con.execute("""
         CREATE OR REPLACE TABLE batch_entry AS

@@ -22,7 +22,7 @@ _KVCACHE = """
                TRY_CAST(vals->>'used_blocks' AS BIGINT) AS used, TRY_CAST(vals->>'usage' AS DOUBLE) AS usage
         FROM counter WHERE domain = 'KVCache' AND name = 'kvcache'
         UNION ALL
-        SELECT proc, end_ns, kv_total_blocks, kv_used_blocks, kv_usage, batch_row FROM batch_span
+        SELECT proc, end_ns, batch_row, kv_total_blocks, kv_used_blocks, kv_usage FROM batch_span
         WHERE kv_total_blocks IS NOT NULL AND proc NOT IN (
             SELECT proc FROM counter WHERE domain = 'KVCache' AND name = 'kvcache')),
     item AS (
