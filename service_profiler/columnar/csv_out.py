@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .iterations import ITERATION_COLUMNS
 from .run import AnalysisRun
 
 REQUEST_REF = {  # reference column -> expression over the request table `r`
@@ -55,6 +56,9 @@ STATE_COLUMNS = {
     "from_state": "t.from_state", "to_state": "t.to_state", "batch_id": "t.batch_id", "process": "p.key",
     "time_in_from_state_ms": "t.time_in_from_state_ms", "source": "t.source",
 }
+
+ITERATION_CSV = {("process" if name == "proc" else name): ("p.key" if name == "proc" else f"i.{name}")
+                 for name in ITERATION_COLUMNS}
 
 
 def iso(column: str) -> str:
@@ -103,6 +107,9 @@ TABLE_QUERIES = {
     "events.csv": lambda: f"""
         SELECT {_select(EVENT_COLUMNS)} FROM lifecycle_event e LEFT JOIN process p ON p.proc = e.proc
         ORDER BY e.row_no""",
+    "per_iteration_requests.csv": lambda: f"""
+        SELECT {_select(ITERATION_CSV)} FROM iteration i LEFT JOIN process p ON p.proc = i.proc
+        ORDER BY i.batch_row, i.kind, i.pos""",
     "state_transitions.csv": lambda: f"""
         SELECT {_select(STATE_COLUMNS)} FROM state_transition t LEFT JOIN process p ON p.proc = t.proc
         ORDER BY t.row_no""",
@@ -110,7 +117,7 @@ TABLE_QUERIES = {
 
 
 class CsvExporter:
-    """batch.csv, request.csv, kvcache.csv, events.csv, state_transitions.csv."""
+    """batch.csv, request.csv, kvcache.csv, events.csv, per_iteration_requests.csv, state_transitions.csv."""
 
     name = "csv"
 

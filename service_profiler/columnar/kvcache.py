@@ -17,39 +17,33 @@ KVCACHE_COLUMNS = [
 
 _KVCACHE = """
     CREATE OR REPLACE TABLE kvcache AS
-    WITH status AS (
+    WITH counted AS (SELECT DISTINCT proc FROM counter WHERE domain = 'KVCache' AND name = 'kvcache'),
+    status AS (
         SELECT proc, ts_ns, pos, TRY_CAST(vals->>'total_blocks' AS BIGINT) AS total,
                TRY_CAST(vals->>'used_blocks' AS BIGINT) AS used, TRY_CAST(vals->>'usage' AS DOUBLE) AS usage
         FROM counter WHERE domain = 'KVCache' AND name = 'kvcache'
         UNION ALL
         SELECT proc, end_ns, batch_row, kv_total_blocks, kv_used_blocks, kv_usage FROM batch_span
-        WHERE kv_total_blocks IS NOT NULL AND proc NOT IN (
-            SELECT proc FROM counter WHERE domain = 'KVCache' AND name = 'kvcache')),
-    item AS (
-        SELECT proc, ts_ns, 0 AS ord, pos, 'kvcache' AS name, NULL AS rid, total, used,
-               total - used AS free, coalesce(usage, CASE WHEN total <> 0 THEN used::DOUBLE / total END) AS usage,
-               0 AS blocks
-        FROM status
-        UNION ALL
-        SELECT proc, ts_ns, CASE name WHEN 'allocate' THEN 1 ELSE 2 END, pos, name, attrs->>'rid', NULL, NULL, NULL, NULL,
-               coalesce(TRY_CAST(attrs->>'blocks' AS BIGINT), 0)
+        WHERE kv_total_blocks IS NOT NULL AND proc NOT IN (SELECT proc FROM counted)),
+    full_status AS (
+        SELECT proc, ts_ns, pos, total, used, total - used AS free,
+               coalesce(usage, CASE WHEN total <> 0 THEN used::DOUBLE / total END) AS usage
+        FROM status),
+    ev AS (
+        SELECT proc, ts_ns, CASE name WHEN 'allocate' THEN 1 ELSE 2 END AS ord, pos, name, attrs->>'rid' AS rid,
+               coalesce(TRY_CAST(attrs->>'blocks' AS BIGINT), 0) AS blocks
         FROM event WHERE domain = 'KVCache' AND name IN ('allocate', 'free')),
-    grouped AS (  -- each row with the number of status rows of its process up to it
-        SELECT *, count(*) FILTER (WHERE ord = 0)
-                      OVER (PARTITION BY proc ORDER BY ts_ns, ord, pos ROWS UNBOUNDED PRECEDING) AS status_no
-        FROM item),
-    filled AS (
-        SELECT *, first_value(total) OVER w AS s_total, first_value(used) OVER w AS s_used,
-               first_value(free) OVER w AS s_free, first_value(usage) OVER w AS s_usage
-        FROM grouped WINDOW w AS (PARTITION BY proc, status_no ORDER BY ts_ns, ord, pos))
-    SELECT row_number() OVER (ORDER BY f.ts_ns, f.ord, f.proc, f.pos) AS row_no, f.ts_ns, f.proc, p.dp_rank, 'KVCache' AS domain, f.name, f.rid,
-           CASE WHEN f.status_no > 0 THEN f.s_total END AS total_blocks,
-           CASE WHEN f.status_no > 0 THEN f.s_used END AS used_blocks,
-           CASE WHEN f.status_no > 0 THEN f.s_free END AS free_blocks,
-           CASE WHEN f.name = 'allocate' THEN f.blocks ELSE 0 END AS blocks_allocated,
-           CASE WHEN f.name = 'free' THEN f.blocks ELSE 0 END AS blocks_freed,
-           CASE WHEN f.status_no > 0 THEN f.s_usage END AS usage
-    FROM filled f JOIN process p USING (proc)
+    item AS (
+        SELECT proc, ts_ns, 0 AS ord, pos, 'kvcache' AS name, NULL AS rid, total, used, free, usage, 0 AS blocks
+        FROM full_status
+        UNION ALL  -- an event carries its process's latest status at or before it (a status comes first at one time)
+        SELECT ev.proc, ev.ts_ns, ev.ord, ev.pos, ev.name, ev.rid, s.total, s.used, s.free, s.usage, ev.blocks
+        FROM ev ASOF LEFT JOIN full_status s ON s.proc = ev.proc AND ev.ts_ns >= s.ts_ns)
+    SELECT row_number() OVER (ORDER BY i.ts_ns, i.ord, i.proc, i.pos) AS row_no, i.ts_ns, i.proc, p.dp_rank,
+           'KVCache' AS domain, i.name, i.rid, i.total AS total_blocks, i.used AS used_blocks, i.free AS free_blocks,
+           CASE WHEN i.name = 'allocate' THEN i.blocks ELSE 0 END AS blocks_allocated,
+           CASE WHEN i.name = 'free' THEN i.blocks ELSE 0 END AS blocks_freed, i.usage
+    FROM item i JOIN process p USING (proc)
 """
 
 

@@ -149,16 +149,15 @@ def load_raw(con: duckdb.DuckDBPyConnection, paths: Sequence[Path | str]) -> Raw
 
 
 def _load_records(con: duckdb.DuckDBPyConnection, processes: list[Process]) -> None:
-    """One pass: each record with its channel's kind/domain/name, its epoch times, attrs, batch_id.
-    Records without a declared channel or an integer time are left out (counted by `_count_bad_records`)."""
+    """One pass: each record with its channel's kind/domain/name, its epoch times, attrs, a span's batch_id.
+    Records without a declared channel or an integer time stay out of the views (`_count_bad_records`)."""
     con.execute("CREATE OR REPLACE TABLE record (proc INTEGER, kind VARCHAR, domain VARCHAR, name VARCHAR, "
                 "ts_ns BIGINT, end_ns BIGINT, tid BIGINT, attrs JSON, pos INTEGER, batch_id VARCHAR)")
-    con.execute("CREATE OR REPLACE TABLE bad_record (proc INTEGER, n BIGINT)")
     with_recs = [p for p in processes if p.rec_lines]
     if with_recs:
         files = ", ".join("'" + p.path.replace("'", "''") + "'" for p in with_recs)
         con.execute(f"""
-            CREATE OR REPLACE TEMP TABLE rec AS
+            INSERT INTO record
             WITH line AS (
                 -- one parse per line: the records as lists of JSON values
                 SELECT p.proc, p.wall_offset, json_transform(l.json, '{{"r": [["JSON"]]}}').r AS r
@@ -171,27 +170,23 @@ def _load_records(con: duckdb.DuckDBPyConnection, processes: list[Process]) -> N
                    CASE WHEN c.kind = 'span' THEN TRY_CAST(x[3] AS BIGINT) + i.wall_offset END AS end_ns,
                    TRY_CAST(CASE c.kind WHEN 'span' THEN x[4] WHEN 'event' THEN x[3] END AS BIGINT) AS tid,
                    CASE c.kind WHEN 'span' THEN x[5] WHEN 'event' THEN x[4] ELSE x[3] END AS attrs,
-                   i.pos::INTEGER AS pos
+                   i.pos::INTEGER AS pos, CASE WHEN c.kind = 'span' THEN x[5]->>'batch_id' END AS batch_id
             FROM item i LEFT JOIN channel c ON c.proc = i.proc AND c.id = TRY_CAST(x[1] AS INTEGER)
         """)
-        con.execute("""
-            INSERT INTO bad_record SELECT proc, count(*) FROM rec
-            WHERE kind IS NULL OR ts_ns IS NULL OR (kind = 'span' AND end_ns IS NULL) GROUP BY proc""")
-        con.execute("""
-            INSERT INTO record SELECT *, attrs->>'batch_id' FROM rec
-            WHERE kind IS NOT NULL AND ts_ns IS NOT NULL AND (kind <> 'span' OR end_ns IS NOT NULL)""")
-        con.execute("DROP TABLE rec")
+    # a record without a declared channel, an integer time, or (a span) an integer end is kept out of the views
+    valid = "kind IS NOT NULL AND ts_ns IS NOT NULL AND (kind <> 'span' OR end_ns IS NOT NULL)"
     con.execute("""CREATE OR REPLACE VIEW span AS SELECT proc, domain, name, ts_ns AS start_ns, end_ns, tid, attrs,
-                   pos, batch_id FROM record WHERE kind = 'span'""")
+                   pos, batch_id FROM record WHERE kind = 'span' AND """ + valid)
     con.execute("CREATE OR REPLACE VIEW event AS SELECT proc, domain, name, ts_ns, tid, attrs, pos FROM record "
-                "WHERE kind = 'event'")
+                "WHERE kind = 'event' AND " + valid)
     con.execute("CREATE OR REPLACE VIEW counter AS SELECT proc, domain, name, ts_ns, attrs AS vals, pos FROM record "
-                "WHERE kind = 'counter'")
+                "WHERE kind = 'counter' AND " + valid)
 
 
 def _count_bad_records(con: duckdb.DuckDBPyConnection, processes: list[Process], problems: list[str]) -> None:
     """Records without a declared channel or an integer time: one problem line per file with the count."""
-    bad = dict(con.execute("SELECT proc, n FROM bad_record").fetchall())
+    bad = dict(con.execute("SELECT proc, count(*) FROM record WHERE kind IS NULL OR ts_ns IS NULL "
+                           "OR (kind = 'span' AND end_ns IS NULL) GROUP BY proc").fetchall())
     for proc in processes:
         if bad.get(proc.index):
             problems.append(f"{proc.path}: {bad[proc.index]} malformed records (undeclared channel or "

@@ -17,6 +17,7 @@ from pathlib import Path
 import duckdb
 
 from .batch import build_batches
+from .iterations import build_iterations
 from .kvcache import build_kvcache
 from .lifecycle import build_lifecycle
 from .raw import Process, load_raw
@@ -85,6 +86,7 @@ def analyze_run(paths: Sequence[Path | str], *, memory_limit: str = DEFAULT_MEMO
             progress(f"tables: {run.count('request'):,} requests, {run.count('batch'):,} batches")
         build_kvcache(con)
         build_lifecycle(con)
+        build_iterations(con)
         con.execute("CHECKPOINT")
     except BaseException:
         run.close()
