@@ -49,6 +49,12 @@ class Process:
     closed: str | None = None  # the `close` line's reason; None: ended without a final flush
     flushed_until_ns: int | None = None
     rec_lines: int = 0
+    ppid: int = 0
+    argv: list[str] = field(default_factory=list)
+    engine: dict[str, Any] | None = None
+    profiler_version: str = ""
+    warnings: dict[str, str] = field(default_factory=dict)  # message -> "message (xN)" with the last total
+    patch: dict[str, Any] | None = None
 
     @property
     def dp_rank(self) -> int:
@@ -84,6 +90,12 @@ def _control(proc: Process, obj: dict[str, Any], chans: list[tuple[Any, ...]],
         proc.flushed_until_ns = obj["until"] + proc.wall_offset_ns
     elif kind == "close":
         proc.closed = str(obj.get("reason", ""))
+    elif kind == "warn":
+        # written when a problem first happens and again with its running total: the last total wins
+        msg, count = str(obj.get("msg", "")), obj.get("count", 1)
+        proc.warnings[msg] = f"{msg} (x{count})" if count != 1 else msg
+    elif kind == "patch":
+        proc.patch = {k: obj.get(k, []) for k in ("applied", "pending", "skipped", "failed")}
 
 
 def _scan_file(proc: Process, chans: list[tuple[Any, ...]], states: list[tuple[int, int, bool, str]],
@@ -125,7 +137,8 @@ def load_raw(con: duckdb.DuckDBPyConnection, paths: Sequence[Path | str]) -> Raw
     states: list[tuple[int, int, bool, str]] = []
     for path, header in _dedupe_copies(files, problems):
         info = _process_from_header(len(processes), path, header)
-        proc = Process(info.index, info.key, info.hostname, info.pid, info.role, str(path), info.wall_offset_ns)
+        proc = Process(info.index, info.key, info.hostname, info.pid, info.role, str(path), info.wall_offset_ns,
+                       ppid=info.ppid, argv=info.argv, engine=info.engine, profiler_version=info.profiler_version)
         processes.append(proc)
         try:
             _scan_file(proc, chans, states, problems)
