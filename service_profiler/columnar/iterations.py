@@ -47,7 +47,8 @@ _PREFILLS = """
         FROM entry_numbered WHERE prefill_no = 1
         UNION ALL
         SELECT n.rid, n.prefill_no, n.k,
-               n.computed + n.scheduled >= n.prompt + n.decodes_before + p.done_before + (CASE WHEN p.done THEN 1 ELSE 0 END),
+               n.computed + n.scheduled
+                   >= n.prompt + n.decodes_before + p.done_before + (CASE WHEN p.done THEN 1 ELSE 0 END),
                p.done_before + (CASE WHEN p.done THEN 1 ELSE 0 END)
         FROM p JOIN entry_numbered n ON n.rid = p.rid AND n.prefill_no = p.prefill_no + 1)
     SELECT rid, k, coalesce(done, false) AS done FROM p

@@ -67,7 +67,8 @@ def _transitions(con: duckdb.DuckDBPyConnection) -> str:
                   FROM state_event"""
     con.execute(_DERIVED)
     return """SELECT d.rid, d.ts_ns, d."from", d."to", b.batch_id::VARCHAR AS batch_id, b.proc, 'derived' AS source,
-                     d.batch_row * 3 + d.part AS k1, d.pos AS k2 FROM derived_transition d JOIN batch b USING (batch_row)"""
+                     d.batch_row * 3 + d.part AS k1, d.pos AS k2
+              FROM derived_transition d JOIN batch b USING (batch_row)"""
 
 
 def build_lifecycle(con: duckdb.DuckDBPyConnection) -> None:
@@ -86,7 +87,8 @@ def build_lifecycle(con: duckdb.DuckDBPyConnection) -> None:
             FROM t LEFT JOIN req ON req.rid = t.rid AND req.engine_arrival_ns IS NOT NULL)
         SELECT row_number() OVER (ORDER BY rid_order, rid, ts_ns, k0, k1, k2) AS row_no,
                rid, (row_number() OVER w - 1)::BIGINT AS seq, ts_ns, "from" AS from_state, "to" AS to_state,
-               TRY_CAST(batch_id AS BIGINT) AS batch_id, proc, (ts_ns - lag(ts_ns) OVER w) / 1e6 AS time_in_from_state_ms,
+               TRY_CAST(batch_id AS BIGINT) AS batch_id, proc,
+               (ts_ns - lag(ts_ns) OVER w) / 1e6 AS time_in_from_state_ms,
                source
         FROM ordered WINDOW w AS (PARTITION BY rid ORDER BY ts_ns, k0, k1, k2)""")
     con.execute(f"""

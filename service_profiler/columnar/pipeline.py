@@ -36,7 +36,8 @@ EXPORTERS: dict[str, tuple[str, str]] = {
 
 def exporter(fmt: str) -> Exporter:
     module, cls = EXPORTERS[fmt]
-    return getattr(importlib.import_module(module), cls)()  # type: ignore[no-any-return]
+    found: Exporter = getattr(importlib.import_module(module), cls)()
+    return found
 
 
 @dataclass

@@ -59,7 +59,7 @@ class Process:
     @property
     def dp_rank(self) -> int:
         try:
-            return int(self.meta.get("dp_rank", 0))  # type: ignore[call-overload]
+            return int(self.meta.get("dp_rank", 0))
         except (TypeError, ValueError):
             return 0
 

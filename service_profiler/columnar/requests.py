@@ -131,7 +131,8 @@ _REQUEST = f"""
            (completion - first_tok) / 1e6 AS decode_ms, (first_tok - arrival) / 1e6 AS ttft_ms,
            CASE WHEN out_tokens > 1 THEN (completion - first_tok) / 1e6 / (out_tokens - 1) END AS tpot_ms,
            (completion - arrival) / 1e6 AS e2e_ms, input_tokens, out_tokens AS output_tokens,
-           greatest(st_preempted, b_preempted) AS preemptions, CASE WHEN hit = round(hit) THEN hit::BIGINT END AS prefix_hit_tokens, peak AS kv_blocks,
+           greatest(st_preempted, b_preempted) AS preemptions,
+           CASE WHEN hit = round(hit) THEN hit::BIGINT END AS prefix_hit_tokens, peak AS kv_blocks,
            reason AS finish_reason,
            CASE WHEN coalesce(nullif(query, 0), nullif(input_tokens, 0)) IS NOT NULL
                 THEN hit / coalesce(nullif(query, 0), nullif(input_tokens, 0)) END AS cache_hit_rate,

@@ -128,7 +128,8 @@ def format_summary(run: AnalysisRun) -> str:
         _, mean, mx, _, p50, p90, p99 = stats[metric]
         lines.append(f"  {label:<12}" + "".join(f"{_fmt(v):>10}" for v in (mean, p50, p90, p99, mx)))
     lines.append(f"batches    {svc['batch_num']:,}: prefill {svc['prefill_batch_count']:,}, decode "
-                 f"{svc['decode_batch_count']:,}, mixed {svc['mixed_batch_count']:,}, empty {svc['empty_batch_count']:,}")
+                 f"{svc['decode_batch_count']:,}, mixed {svc['mixed_batch_count']:,}, "
+                 f"empty {svc['empty_batch_count']:,}")
     if svc["dropped_records"]:
         lines.append(f"WARNING    {svc['dropped_records']:,} records were dropped by the bounded buffer")
     return "\n".join(lines)
