@@ -20,7 +20,7 @@ from .pipeline import EXPORTERS, export_all
 from .run import DEFAULT_MEMORY_LIMIT, analyze_run
 
 EXIT_OK, EXIT_EXPORT_FAILED, EXIT_NO_DATA = 0, 1, 2
-FORMATS = ("csv", "db")
+FORMATS = ("csv", "db", "plots", "model")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -31,6 +31,8 @@ EXPORTERS: dict[str, tuple[str, str]] = {
     "csv": ("service_profiler.columnar.csv_out", "CsvExporter"),
     "summary": ("service_profiler.columnar.summary", "SummaryExporter"),
     "db": ("service_profiler.columnar.sqlite_out", "SqliteExporter"),
+    "plots": ("service_profiler.columnar.plots_out", "PlotsExporter"),
+    "model": ("service_profiler.columnar.model_out", "ModelExporter"),
 }
 
 
