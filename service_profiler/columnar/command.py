@@ -18,9 +18,10 @@ from typing import TextIO
 
 from .pipeline import EXPORTERS, export_all
 from .run import DEFAULT_MEMORY_LIMIT, analyze_run
+from .trace_out import DEFAULT_MAX_PER_SECOND
 
 EXIT_OK, EXIT_EXPORT_FAILED, EXIT_NO_DATA = 0, 1, 2
-FORMATS = ("csv", "db", "plots", "model")
+FORMATS = ("csv", "json", "db", "plots", "model")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,7 +38,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where the work directory is made (default: the system's temporary directory)")
     parser.add_argument("--jobs", type=int, default=1, metavar="N",
                         help="N > 1: the outputs are written by a pool of N processes")
+    parser.add_argument("--window", type=_window, default=None, metavar="START:END",
+                        help="the trace holds only this window, seconds since the run's first record (e.g. 60:90)")
+    parser.add_argument("--trace-max-per-second", type=int, default=DEFAULT_MAX_PER_SECOND, metavar="N",
+                        help="the trace keeps at most N events of one name per process per second "
+                             f"(default {DEFAULT_MAX_PER_SECOND}); the counts are in its metadata")
     parser.add_argument("--quiet", action="store_true", help="no console summary, only errors")
+
+
+def _window(text: str) -> tuple[float, float]:
+    try:
+        start, end = (float(part) for part in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not START:END in seconds, e.g. 60:90") from None
+    if end <= start:
+        raise argparse.ArgumentTypeError(f"{text!r}: END must be after START")
+    return start, end
 
 
 class _Progress:
@@ -77,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
         if not args.quiet:
             from .summary import format_summary
             print(format_summary(analysis))
-        outcomes = export_all(analysis, formats, out, jobs=args.jobs, progress=progress)
+        options = {"json": {"window": args.window, "max_per_second": args.trace_max_per_second}}
+        outcomes = export_all(analysis, formats, out, jobs=args.jobs, progress=progress, options=options)
     finally:
         analysis.close()
     status = EXIT_OK

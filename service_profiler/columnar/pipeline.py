@@ -15,7 +15,7 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from .run import AnalysisRun
 
@@ -33,12 +33,14 @@ EXPORTERS: dict[str, tuple[str, str]] = {
     "db": ("service_profiler.columnar.sqlite_out", "SqliteExporter"),
     "plots": ("service_profiler.columnar.plots_out", "PlotsExporter"),
     "model": ("service_profiler.columnar.model_out", "ModelExporter"),
+    "json": ("service_profiler.columnar.trace_out", "TraceExporter"),
 }
 
 
-def exporter(fmt: str) -> Exporter:
+def exporter(fmt: str, options: dict[str, Any]) -> Exporter:
+    """The exporter of `fmt`, made with its own options (e.g. the trace's window)."""
     module, cls = EXPORTERS[fmt]
-    found: Exporter = getattr(importlib.import_module(module), cls)()
+    found: Exporter = getattr(importlib.import_module(module), cls)(**options)
     return found
 
 
@@ -49,35 +51,38 @@ class Outcome:
     error: str | None = None
 
 
-def _run_one(run: AnalysisRun, fmt: str, out_dir: Path) -> Outcome:
+def _run_one(run: AnalysisRun, fmt: str, options: dict[str, Any], out_dir: Path) -> Outcome:
     try:
-        return Outcome(fmt, exporter(fmt).export(run, out_dir))
+        return Outcome(fmt, exporter(fmt, options).export(run, out_dir))
     except Exception as exc:  # one exporter's failure is reported, the others still run
         return Outcome(fmt, error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}")
 
 
-def _in_worker(run: AnalysisRun, fmt: str, out_dir: Path) -> Outcome:
+def _in_worker(run: AnalysisRun, fmt: str, options: dict[str, Any], out_dir: Path) -> Outcome:
     own = run.reopen_read_only()
     try:
-        return _run_one(own, fmt, out_dir)
+        return _run_one(own, fmt, options, out_dir)
     finally:
         own.con.close()
 
 
 def export_all(run: AnalysisRun, formats: list[str], out_dir: Path, jobs: int = 1,
-               progress: Callable[[str], None] | None = None) -> list[Outcome]:
+               progress: Callable[[str], None] | None = None,
+               options: dict[str, dict[str, Any]] | None = None) -> list[Outcome]:
+    """Run the exporters of `formats`; `options`: per format, its exporter's keyword arguments."""
+    options = options or {}
     out_dir.mkdir(parents=True, exist_ok=True)
     outcomes: list[Outcome] = []
     if jobs <= 1 or len(formats) < 2:
         for fmt in formats:
-            outcomes.append(_run_one(run, fmt, out_dir))
+            outcomes.append(_run_one(run, fmt, options.get(fmt, {}), out_dir))
             if progress:
                 progress(f"{fmt} {'failed' if outcomes[-1].error else 'done'}")
         return outcomes
     run.con.close()  # the workers open the database file read-only: DuckDB allows no writer beside them
     # spawned, not forked: a fork would copy DuckDB's threads' locks in whatever state they are
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(_in_worker, run, fmt, out_dir) for fmt in formats]
+        futures = [pool.submit(_in_worker, run, fmt, options.get(fmt, {}), out_dir) for fmt in formats]
         for future in futures:
             outcomes.append(future.result())
             if progress:
