@@ -9,6 +9,7 @@ lifecycle events and the raw span/event/counter tables are compared as multisets
 from __future__ import annotations
 
 import csv
+import json
 import math
 import sqlite3
 import subprocess
@@ -22,6 +23,7 @@ from service_profiler.analyze.lifecycle import iter_request_states
 from service_profiler.analyze.synthetic import SyntheticConfig, SyntheticRun, generate_run
 from service_profiler.analyze.tables import Table, build_tables
 from service_profiler.columnar.iterations import ITERATION_COLUMNS
+from service_profiler.columnar.plots_out import PLOTS
 from service_profiler.columnar.run import AnalysisRun, analyze_run
 from service_profiler.rawfile import read_run
 
@@ -177,6 +179,49 @@ def test_profiler_db_has_the_same_tables_and_rows(both_outputs: tuple[Path, Path
         assert len(got) == len(want), name
         for g, w in zip(got, want, strict=True):
             assert all(_same(x, y) for x, y in zip(w, g, strict=True)), (name, w, g)
+
+
+def test_every_output_of_a_real_run(tmp_path: Path) -> None:
+    """All formats on the real run: a trace the strict validator accepts, the nine plots, the model."""
+    from service_profiler.analyze.trace_check import validate_trace
+
+    done = _cli("analyze2", "--input-path", str(REAL_RUN), "--output-path", str(tmp_path), "--quiet")
+    assert done.returncode == 0, done.stderr
+    trace = json.loads((tmp_path / "chrome_tracing.json").read_text(encoding="utf-8"))
+    assert validate_trace(trace) == []
+    assert trace["metadata"]["events"]["request"] == 4 * 40  # each request: request, queued, prefill, decode
+    assert {p.name for p in (tmp_path / "plots").iterdir()} == {name for name, _, _ in PLOTS}
+    assert all(p.stat().st_size > 10_000 for p in (tmp_path / "plots").iterdir())
+    model = json.loads((tmp_path / "model" / "latency_model.json").read_text(encoding="utf-8"))
+    assert model["n_train"] + model["n_test"] > 20
+
+
+def test_trace_is_bounded(tmp_path: Path, busy: SyntheticRun) -> None:
+    """--trace-max-per-second caps each name per process per second; --window keeps only that window."""
+    from service_profiler.analyze.trace_check import validate_trace
+
+    full, capped, window = tmp_path / "full", tmp_path / "capped", tmp_path / "window"
+    for out, extra in ((full, []), (capped, ["--trace-max-per-second", "5"]), (window, ["--window", "1:2"])):
+        done = _cli("analyze2", "--input-path", str(busy.run_dir), "--output-path", str(out), "--format", "json",
+                    "--quiet", *extra)
+        assert done.returncode == 0, done.stderr
+    traces = {out.name: json.loads((out / "chrome_tracing.json").read_text(encoding="utf-8"))
+              for out in (full, capped, window)}
+    for trace in traces.values():
+        assert validate_trace(trace) == []
+    origin = traces["full"]["metadata"]["origin_epoch_ns"]
+    per_second: dict[tuple[Any, ...], int] = {}
+    for e in traces["capped"]["traceEvents"]:
+        if e["ph"] in "XiC" and e.get("cat") != "Request":
+            key = (e["pid"], e["name"], int(e["ts"] // 1e6))
+            per_second[key] = per_second.get(key, 0) + 1
+    assert per_second and max(per_second.values()) <= 5
+    full_spans = traces["full"]["metadata"]["events"]["span"]
+    assert traces["capped"]["metadata"]["events"]["span"] < full_spans
+    spans = [e for e in traces["window"]["traceEvents"] if e["ph"] == "X" and e.get("cat") != "Request"]
+    assert spans and all(e["ts"] + e["dur"] >= 1e6 and e["ts"] <= 2e6 for e in spans)
+    assert len(spans) < full_spans
+    assert traces["window"]["metadata"]["origin_epoch_ns"] == origin
 
 
 def test_bad_lines_cost_only_themselves(tmp_path: Path) -> None:
