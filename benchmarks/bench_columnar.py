@@ -1,7 +1,7 @@
 """Time and memory of `service-profiler analyze2` (the DuckDB pipeline) on synthetic and real runs.
 
     python benchmarks/bench_columnar.py [--case 1m 10m 100m] [--real DIR ...] [--format csv db]
-                                        [--repeat N] [--memory-limit 1GB] [--old] [--work DIR]
+                                        [--repeat N] [--memory-limit 1GB] [--old] [--work DIR] [--engines]
 
 Cases: synthetic runs with the vocabulary and mix of bench_analyze.py's case b (max_num_seqs 16, 30 req/s,
 prompts 64-1024 tokens, runner timer spans), 18,000 requests per million records; made once under
@@ -36,6 +36,51 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from proctree import descendants  # noqa: E402
 
 REQUESTS_PER_MILLION = 18_000
+
+# `--engines`: the core work (read the raw files, the batch table's per-step sizes, percentiles, a CSV) in
+# DuckDB and in Polars. Polars cannot decode a `rec` line's `r` (arrays of mixed types: ints and an attrs
+# object), so its records are parsed by Python's json (the only way short of changing the raw format).
+_ENGINE_CORE = {
+    "duckdb": """
+import sys, duckdb
+run, out = sys.argv[1], sys.argv[2]
+con = duckdb.connect(config={"memory_limit": "1GB", "temp_directory": out + ".spill"})
+con.execute(f\"\"\"CREATE TABLE rec AS WITH line AS (
+    SELECT filename AS file, json_transform(json, '{{"r": [["JSON"]]}}').r AS r
+    FROM read_json_objects('{run}/**/*.sprof.jsonl', format='newline_delimited', filename=true, ignore_errors=true)
+    WHERE starts_with(json, '{{"t":"rec"')), item AS (SELECT file, unnest(r) AS x FROM line)
+    SELECT file, CAST(x[1] AS INTEGER) AS chan, CAST(x[2] AS BIGINT) AS t1, x[3] AS f2, x[5] AS f4 FROM item\"\"\")
+chan = con.execute(f\"\"\"SELECT filename, json->>'id' FROM read_json_objects('{run}/**/*.sprof.jsonl', filename=true)
+    WHERE json->>'t' = 'chan' AND json->>'name' = 'batchFrameworkProcessing'\"\"\").fetchall()
+cond = " OR ".join(f"(file = '{f}' AND chan = {c})" for f, c in chan)
+con.execute(f\"\"\"CREATE TABLE batch AS SELECT t1 AS start_ns, (CAST(f2 AS BIGINT) - t1) / 1e6 AS schedule_ms,
+    json_array_length(f4, '$.reqs') AS batch_size FROM rec WHERE {cond}\"\"\")
+print(con.execute("SELECT count(*), quantile_cont(schedule_ms, [0.5, 0.9, 0.99]) FROM batch").fetchall())
+con.execute(f"COPY batch TO '{out}' (HEADER)")
+""",
+    "polars": """
+import glob, json, sys, polars as pl
+run, out = sys.argv[1], sys.argv[2]
+rows = {"start_ns": [], "schedule_ms": [], "batch_size": []}
+for path in sorted(glob.glob(run + "/**/*.sprof.jsonl", recursive=True)):
+    chans = set()
+    with open(path, "rb") as fh:
+        for line in fh:
+            if line.startswith(b'{"t":"rec"'):
+                for r in json.loads(line)["r"]:
+                    if r[0] in chans:
+                        rows["start_ns"].append(r[1])
+                        rows["schedule_ms"].append((r[2] - r[1]) / 1e6)
+                        rows["batch_size"].append(len((r[4] or {}).get("reqs") or ()))
+            elif line.startswith(b'{"t":"chan"'):
+                c = json.loads(line)
+                if c["name"] == "batchFrameworkProcessing":
+                    chans.add(c["id"])
+batch = pl.DataFrame(rows)
+print(batch.height, [batch["schedule_ms"].quantile(q, "linear") for q in (0.5, 0.9, 0.99)])
+batch.write_csv(out)
+""",
+}
 CASES = {"1m": 1, "10m": 10, "100m": 100}
 
 
@@ -121,6 +166,20 @@ def bench(name: str, run_dir: Path, args: argparse.Namespace) -> dict[str, objec
     return {"case": name, "raw_mb": raw_mb, "runs": runs}
 
 
+def bench_engines(name: str, run_dir: Path, args: argparse.Namespace) -> None:
+    """The core work in each engine, alternating, each in a fresh interpreter."""
+    runs: dict[str, list[dict[str, float]]] = {engine: [] for engine in _ENGINE_CORE}
+    for _ in range(args.repeat):
+        for engine, code in _ENGINE_CORE.items():
+            out = Path(args.work) / f"engine-{engine}.csv"
+            runs[engine].append(measure([sys.executable, "-c", code, str(run_dir), str(out)]))
+    print(f"\n== engines, core work on {name}: median [min-max] of {args.repeat}")
+    for engine, results in runs.items():
+        print(f"  {engine:7s} wall {_summary([r['wall_s'] for r in results])} s   CPU "
+              f"{_summary([r['cpu_s'] for r in results])} s   tree RSS "
+              f"{_summary([r['tree_rss_mb'] for r in results])} MB")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", nargs="*", choices=sorted(CASES), default=["1m"])
@@ -131,8 +190,13 @@ def main() -> int:
     parser.add_argument("--old", action="store_true", help="also time the current analyze, alternating")
     parser.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "bench-columnar")
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--engines", action="store_true", help="compare DuckDB and Polars on the core work instead")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.engines:
+        for run_dir in [*args.real, *(synthetic_run(args.work, CASES[case]) for case in args.case)]:
+            bench_engines(str(run_dir), run_dir, args)
+        return 0
     results = [bench(str(real), real, args) for real in args.real]
     results += [bench(case, synthetic_run(args.work, CASES[case]), args) for case in args.case]
     if args.json:
