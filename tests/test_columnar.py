@@ -233,6 +233,7 @@ def test_bad_lines_cost_only_themselves(tmp_path: Path) -> None:
     # line, and a torn last line
     lines[rec[0]] = lines[rec[0]].replace('{"t":"rec","r":[', '{"t":"rec","r":[[999,1,2,{}],[4,"x",1,{}],', 1)
     lines.insert(rec[0], '{"t":"meta","key": oops}\n')
+    lines.insert(rec[0], '{"t":"bogus"}\n')
     lines.append('{"t":"rec","r":[[1,2')
     engine.write_text("".join(lines), encoding="utf-8")
     run = analyze_run([synth.run_dir])
@@ -240,6 +241,7 @@ def test_bad_lines_cost_only_themselves(tmp_path: Path) -> None:
         problems = "\n".join(run.problems)
         assert "2 malformed records" in problems
         assert "not valid JSON" in problems and "torn or corrupt record line" in problems
+        assert "unknown line type 'bogus'" in problems
         assert run.count("request") == 20  # everything else is kept
     finally:
         run.close()

@@ -32,6 +32,7 @@ _REC_PREFIXES = (b'{"t":"rec"', b'{"t": "rec"')
 # The longest `rec` line read. DuckDB's JSON reader holds a buffer of twice this per thread; the writer
 # flushes at least every second, so a line this long would be a second of several hundred thousand records.
 MAX_LINE_BYTES = 16 << 20
+_CONTROL_LINES = frozenset({"chan", "meta", "state", "dropped", "lost", "flushed", "close", "warn", "patch"})
 
 
 @dataclass
@@ -118,8 +119,10 @@ def _scan_file(proc: Process, chans: list[tuple[Any, ...]], states: list[tuple[i
             except ValueError:
                 problems.append(f"{path}:{lineno}: not valid JSON (torn or corrupt line); skipped")
                 continue
-            if isinstance(obj, dict):
+            if isinstance(obj, dict) and obj.get("t") in _CONTROL_LINES:
                 _control(proc, obj, chans, states)
+            elif isinstance(obj, dict):
+                problems.append(f"{path}:{lineno}: unknown line type {obj.get('t')!r}; skipped")
             else:
                 problems.append(f"{path}:{lineno}: not a JSON object; skipped")
     role = proc.meta.get("role")

@@ -132,4 +132,10 @@ def format_summary(run: AnalysisRun) -> str:
                  f"empty {svc['empty_batch_count']:,}")
     if svc["dropped_records"]:
         lines.append(f"WARNING    {svc['dropped_records']:,} records were dropped by the bounded buffer")
+    lost = sum(p.lost for p in run.processes)
+    if lost:
+        lines.append(f"WARNING    {lost:,} records could not be written (disk full, unencodable values)")
+    unclosed = [p.key for p in run.processes if p.closed is None and p.flushed_until_ns is not None]
+    if unclosed:
+        lines.append(f"WARNING    {len(unclosed)} process(es) ended without a final flush: {', '.join(unclosed[:5])}")
     return "\n".join(lines)
