@@ -62,9 +62,10 @@ class _Progress:
 
     def __call__(self, message: str) -> None:
         if not self.quiet:
-            peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            print(f"[analyze2 {time.perf_counter() - self.t0:6.2f}s {peak_mb:5.0f} MB] {message}",
-                  file=self.stream, flush=True)
+            usage = resource.getrusage(resource.RUSAGE_SELF)
+            cpu = usage.ru_utime + usage.ru_stime
+            print(f"[analyze2 {time.perf_counter() - self.t0:6.2f}s cpu {cpu:6.2f}s {usage.ru_maxrss / 1024:5.0f} MB] "
+                  f"{message}", file=self.stream, flush=True)
 
 
 def _safe_out_dir(out: Path) -> Path:
