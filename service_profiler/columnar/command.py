@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import signal
 import sys
 import time
 from pathlib import Path
@@ -80,6 +81,8 @@ def _safe_out_dir(out: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    # SIGTERM ends the command through SystemExit, so the work directory (the run's database) is removed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     progress = _Progress(sys.stderr, args.quiet)
     out = _safe_out_dir(args.output_path)
     analysis = analyze_run(args.input_path, memory_limit=args.memory_limit, threads=args.threads,
