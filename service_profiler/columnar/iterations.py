@@ -1,0 +1,107 @@
+"""Per-iteration request states: one row per entry of every batch (state "running", or "completed" when
+that step finished the request) and one per request a step preempted ("preempted", after the step's
+entries). Table `iteration` (columns ITERATION_COLUMNS + batch_row, pos, row kind), ordered by
+(batch_row, kind, pos).
+
+Per entry of request r (in batch order):
+  - iteration: r's entries before this one;
+  - generated_tokens_before: r's entries before this one that produced a token: a decode step, or the
+    step where its prefill (or its recompute after a preemption) completed, i.e. computed + scheduled >=
+    prompt + tokens generated so far. Whether a prefill entry completed depends on the prefill entries
+    before it, so those (a few per request) are walked by a recursive query, one per request at a time;
+  - time_in_state_ms: 0 at r's first entry and at an entry flagged resumed; otherwise the time since r's
+    state last began: its first entry, a resumed entry, or the start of the batch that preempted it
+    (a preemption counts after the entries of its batch).
+A preempted row carries r's iteration and generated tokens just after that batch.
+"""
+
+from __future__ import annotations
+
+import duckdb
+
+ITERATION_COLUMNS = ["batch_id", "dp_rank", "proc", "batch_start_ns", "rid", "state", "phase",
+                     "scheduled_tokens", "computed_tokens_before", "prompt_tokens", "resumed", "iteration",
+                     "generated_tokens_before", "time_in_state_ms"]
+
+# entries get a key ordering them within a request: batch_row * _SLOT + pos; a preemption sorts after
+# every entry of its batch
+_SLOT = 1 << 24
+
+_NUMBERED = f"""
+    CREATE OR REPLACE TEMP TABLE entry_numbered AS
+    SELECT e.*, b.start_ns, e.batch_row::BIGINT * {_SLOT} + e.pos AS k,
+           (row_number() OVER w - 1) AS iteration,
+           coalesce(sum(CASE WHEN e.phase <> 0 THEN 1 ELSE 0 END) OVER (w ROWS BETWEEN UNBOUNDED PRECEDING
+                                                                       AND 1 PRECEDING), 0) AS decodes_before,
+           CASE WHEN e.phase = 0 THEN row_number() OVER (PARTITION BY e.rid, e.phase = 0 ORDER BY e.batch_row, e.pos)
+           END AS prefill_no
+    FROM batch_entry e JOIN batch_span b USING (batch_row)
+    WINDOW w AS (PARTITION BY e.rid ORDER BY e.batch_row, e.pos)
+"""
+
+# prefill entries in order per request; `done_before`: those before it that completed (walked recursively)
+_PREFILLS = """
+    CREATE OR REPLACE TEMP TABLE prefill_done AS
+    WITH RECURSIVE p AS (
+        SELECT rid, prefill_no, k, computed + scheduled >= prompt + decodes_before AS done, 0::BIGINT AS done_before
+        FROM entry_numbered WHERE prefill_no = 1
+        UNION ALL
+        SELECT n.rid, n.prefill_no, n.k,
+               n.computed + n.scheduled
+                   >= n.prompt + n.decodes_before + p.done_before + (CASE WHEN p.done THEN 1 ELSE 0 END),
+               p.done_before + (CASE WHEN p.done THEN 1 ELSE 0 END)
+        FROM p JOIN entry_numbered n ON n.rid = p.rid AND n.prefill_no = p.prefill_no + 1)
+    SELECT rid, k, coalesce(done, false) AS done FROM p
+"""
+
+_ENTRY_STATE = f"""
+    CREATE OR REPLACE TEMP TABLE entry_state AS
+    WITH produced AS (
+        SELECT n.*, CASE WHEN n.phase <> 0 OR coalesce(d.done, false) THEN 1 ELSE 0 END AS produced
+        FROM entry_numbered n LEFT JOIN prefill_done d ON d.rid = n.rid AND d.k = n.k),
+    counted AS (
+        SELECT *, coalesce(sum(produced) OVER (PARTITION BY rid ORDER BY k ROWS BETWEEN UNBOUNDED PRECEDING
+                                                                            AND 1 PRECEDING), 0) AS generated_before
+        FROM produced),
+    began AS (  -- when a request's state began: its first and resumed entries, and the batches preempting it
+        SELECT rid, k, start_ns FROM entry_numbered WHERE iteration = 0 OR resumed <> 0
+        UNION ALL
+        SELECT rid, batch_row::BIGINT * {_SLOT} + {_SLOT - 1}, start_ns
+        FROM (SELECT batch_row, start_ns, unnest(preempted) AS rid FROM batch_span WHERE preempted IS NOT NULL))
+    SELECT c.*, CASE WHEN c.iteration = 0 OR c.resumed <> 0 THEN 0.0
+                     ELSE (c.start_ns - g.start_ns) / 1e6 END AS time_in_state_ms
+    FROM counted c ASOF LEFT JOIN began g ON g.rid = c.rid AND c.k > g.k
+"""
+
+_ITERATION = f"""
+    CREATE OR REPLACE TABLE iteration AS
+    WITH finished AS (SELECT batch_row, rid, min(pos) AS pos FROM batch_finished GROUP BY batch_row, rid),
+    first_of AS (  -- a request listed twice in one batch is "completed" at its first entry only
+        SELECT batch_row, rid, min(pos) AS pos FROM batch_entry GROUP BY batch_row, rid),
+    preempted AS (
+        SELECT batch_row, unnest(preempted) AS rid, unnest(generate_series(1, len(preempted))) AS pos
+        FROM batch_span WHERE preempted IS NOT NULL),
+    after_batch AS (  -- each preempted request's iteration and generated tokens just after its batch
+        SELECT p.batch_row, p.pos, p.rid, coalesce(s.iteration + 1, 0) AS iteration,
+               coalesce(s.generated_before + s.produced, 0) AS generated
+        FROM preempted p ASOF LEFT JOIN entry_state s ON s.rid = p.rid
+                                              AND p.batch_row::BIGINT * {_SLOT} + {_SLOT - 1} >= s.k)
+    SELECT s.batch_row, 0 AS kind, s.pos, b.batch_id, b.dp_rank, b.proc, s.start_ns AS batch_start_ns, s.rid,
+           CASE WHEN f.rid IS NOT NULL AND fo.pos = s.pos THEN 'completed' ELSE 'running' END AS state,
+           CASE s.phase WHEN 0 THEN 'prefill' WHEN 1 THEN 'decode' END AS phase, s.scheduled AS scheduled_tokens,
+           s.computed AS computed_tokens_before, s.prompt AS prompt_tokens, s.resumed, s.iteration,
+           s.generated_before AS generated_tokens_before, s.time_in_state_ms
+    FROM entry_state s JOIN batch b USING (batch_row)
+    LEFT JOIN finished f ON f.batch_row = s.batch_row AND f.rid = s.rid
+    LEFT JOIN first_of fo ON fo.batch_row = s.batch_row AND fo.rid = s.rid
+    UNION ALL
+    SELECT a.batch_row, 1, a.pos, b.batch_id, b.dp_rank, b.proc, b.start_ns, a.rid, 'preempted', NULL, 0, NULL, NULL,
+           0, a.iteration, a.generated, 0.0
+    FROM after_batch a JOIN batch b USING (batch_row)
+"""
+
+
+def build_iterations(con: duckdb.DuckDBPyConnection) -> None:
+    """`iteration` (batch.build_batches first)."""
+    for statement in (_NUMBERED, _PREFILLS, _ENTRY_STATE, _ITERATION):
+        con.execute(statement)

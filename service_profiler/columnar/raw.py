@@ -1,0 +1,209 @@
+"""Raw files (docs/DESIGN.md "Raw file format") into DuckDB relations.
+
+Two passes per file, each doing what it is good at:
+- Python reads the few control lines (header, chan, meta, state, dropped, lost, flushed, close, warn)
+  and only counts the `rec` lines (a prefix test per line, no parse);
+- DuckDB parses the `rec` lines (its JSON reader, in parallel, out of core) and unnests each line's
+  records into `rec(proc, chan, t1, f2, f3, f4)`.
+The views `span`, `event`, `counter` then give every record its channel's kind/domain/name and an epoch
+timestamp (the process's clock anchor added), as docs/DESIGN.md's reader output describes. `pos` is a
+record's position in its line: records of one process with the same time are ordered by it (records of
+one time in two different lines are ordered arbitrarily: DuckDB's reader gives no line number).
+
+Bad input costs only itself: a corrupt control line is listed in `problems`; a `rec` line DuckDB cannot
+parse is skipped (a line that does not end as a `rec` line ends, e.g. the torn last line of a killed
+process, is listed; a corrupt line that ends well is skipped unlisted); a record whose channel
+is undeclared or whose timestamp is not an integer is dropped and counted per file.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from service_profiler.rawfile import _dedupe_copies, _process_from_header, discover_files
+
+_REC_PREFIXES = (b'{"t":"rec"', b'{"t": "rec"')
+# The longest `rec` line read. DuckDB's JSON reader holds a buffer of twice this per thread; the writer
+# flushes at least every second, so a line this long would be a second of several hundred thousand records.
+MAX_LINE_BYTES = 16 << 20
+_CONTROL_LINES = frozenset({"chan", "meta", "state", "dropped", "lost", "flushed", "close", "warn", "patch"})
+
+
+@dataclass
+class Process:
+    index: int
+    key: str  # host:pid, how the CSVs name a process
+    hostname: str
+    pid: int
+    role: str
+    path: str
+    wall_offset_ns: int
+    meta: dict[str, Any] = field(default_factory=dict)
+    dropped: int = 0
+    lost: int = 0
+    closed: str | None = None  # the `close` line's reason; None: ended without a final flush
+    flushed_until_ns: int | None = None
+    rec_lines: int = 0
+    ppid: int = 0
+    argv: list[str] = field(default_factory=list)
+    engine: dict[str, Any] | None = None
+    profiler_version: str = ""
+    warnings: dict[str, str] = field(default_factory=dict)  # message -> "message (xN)" with the last total
+    patch: dict[str, Any] | None = None
+
+    @property
+    def dp_rank(self) -> int:
+        try:
+            return int(self.meta.get("dp_rank", 0))
+        except (TypeError, ValueError):
+            return 0
+
+
+@dataclass
+class RawRun:
+    processes: list[Process]
+    states: list[tuple[int, int, bool, str]]  # (proc, epoch ns, enabled, reason)
+    problems: list[str]
+
+
+def _control(proc: Process, obj: dict[str, Any], chans: list[tuple[Any, ...]],
+             states: list[tuple[int, int, bool, str]]) -> None:
+    kind = obj.get("t")
+    if kind == "chan" and isinstance(obj.get("id"), int):
+        chans.append((proc.index, obj["id"], str(obj.get("kind", "")), str(obj.get("domain", "")),
+                      str(obj.get("name", ""))))
+    elif kind == "meta" and isinstance(obj.get("key"), str):
+        proc.meta[obj["key"]] = obj.get("value")
+    elif kind == "state" and isinstance(obj.get("ts"), int):
+        states.append((proc.index, obj["ts"] + proc.wall_offset_ns, bool(obj.get("enabled")),
+                       str(obj.get("reason", ""))))
+    elif kind == "dropped" and isinstance(obj.get("count"), int):
+        proc.dropped += obj["count"]
+    elif kind == "lost" and isinstance(obj.get("count"), int):
+        proc.lost += obj["count"]
+    elif kind == "flushed" and isinstance(obj.get("until"), int):
+        proc.flushed_until_ns = obj["until"] + proc.wall_offset_ns
+    elif kind == "close":
+        proc.closed = str(obj.get("reason", ""))
+    elif kind == "warn":
+        # written when a problem first happens and again with its running total: the last total wins
+        msg, count = str(obj.get("msg", "")), obj.get("count", 1)
+        proc.warnings[msg] = f"{msg} (x{count})" if count != 1 else msg
+    elif kind == "patch":
+        proc.patch = {k: obj.get(k, []) for k in ("applied", "pending", "skipped", "failed")}
+
+
+def _scan_file(proc: Process, chans: list[tuple[Any, ...]], states: list[tuple[int, int, bool, str]],
+               problems: list[str]) -> None:
+    """The control lines of one file; `rec` lines are only counted (DuckDB parses them)."""
+    path = proc.path
+    with open(path, "rb") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if line.startswith(_REC_PREFIXES):
+                proc.rec_lines += 1
+                if len(line) > MAX_LINE_BYTES:
+                    problems.append(f"{path}:{lineno}: record line longer than {MAX_LINE_BYTES} bytes; skipped")
+                elif not line.rstrip().endswith(b"]}"):  # DuckDB's reader skips it (ignore_errors)
+                    problems.append(f"{path}:{lineno}: torn or corrupt record line; skipped")
+                continue
+            if lineno == 1 or not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                problems.append(f"{path}:{lineno}: not valid JSON (torn or corrupt line); skipped")
+                continue
+            if isinstance(obj, dict) and obj.get("t") in _CONTROL_LINES:
+                _control(proc, obj, chans, states)
+            elif isinstance(obj, dict):
+                problems.append(f"{path}:{lineno}: unknown line type {obj.get('t')!r}; skipped")
+            else:
+                problems.append(f"{path}:{lineno}: not a JSON object; skipped")
+    role = proc.meta.get("role")
+    if isinstance(role, str) and role:
+        proc.role = role
+
+
+def load_raw(con: duckdb.DuckDBPyConnection, paths: Sequence[Path | str]) -> RawRun:
+    """Read the run under `paths` (run dirs, dirs of runs, files) into `con`: tables `process`,
+    `channel`, `rec`, and the views `span`, `event`, `counter` (epoch ns)."""
+    problems: list[str] = []
+    files = discover_files(paths, problems)
+    processes: list[Process] = []
+    chans: list[tuple[Any, ...]] = []
+    states: list[tuple[int, int, bool, str]] = []
+    for path, header in _dedupe_copies(files, problems):
+        info = _process_from_header(len(processes), path, header)
+        proc = Process(info.index, info.key, info.hostname, info.pid, info.role, str(path), info.wall_offset_ns,
+                       ppid=info.ppid, argv=info.argv, engine=info.engine, profiler_version=info.profiler_version)
+        processes.append(proc)
+        try:
+            _scan_file(proc, chans, states, problems)
+        except OSError as exc:
+            problems.append(f"{path}: read failed ({exc.strerror or exc}); kept what was read")
+    states.sort(key=lambda s: s[1])
+    con.execute("CREATE OR REPLACE TABLE process (proc INTEGER, key VARCHAR, hostname VARCHAR, pid BIGINT, "
+                "role VARCHAR, dp_rank INTEGER, wall_offset BIGINT, path VARCHAR)")
+    if processes:
+        con.executemany("INSERT INTO process VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        [(p.index, p.key, p.hostname, p.pid, p.role, p.dp_rank, p.wall_offset_ns, p.path)
+                         for p in processes])
+    con.execute("CREATE OR REPLACE TABLE channel (proc INTEGER, id INTEGER, kind VARCHAR, domain VARCHAR, "
+                "name VARCHAR)")
+    if chans:
+        # a channel declared twice in one file: the last declaration wins, as in the reader
+        con.executemany("INSERT INTO channel VALUES (?, ?, ?, ?, ?)", list({c[:2]: c for c in chans}.values()))
+    _load_records(con, processes)
+    _count_bad_records(con, processes, problems)
+    return RawRun(processes, states, problems)
+
+
+def _load_records(con: duckdb.DuckDBPyConnection, processes: list[Process]) -> None:
+    """One pass: each record with its channel's kind/domain/name, its epoch times, attrs, a span's batch_id.
+    Records without a declared channel or an integer time stay out of the views (`_count_bad_records`)."""
+    con.execute("CREATE OR REPLACE TABLE record (proc INTEGER, kind VARCHAR, domain VARCHAR, name VARCHAR, "
+                "ts_ns BIGINT, end_ns BIGINT, tid BIGINT, attrs JSON, pos INTEGER, batch_id VARCHAR)")
+    with_recs = [p for p in processes if p.rec_lines]
+    if with_recs:
+        files = ", ".join("'" + p.path.replace("'", "''") + "'" for p in with_recs)
+        con.execute(f"""
+            INSERT INTO record
+            WITH line AS (
+                -- one parse per line: the records as lists of JSON values
+                SELECT p.proc, p.wall_offset, json_transform(l.json, '{{"r": [["JSON"]]}}').r AS r
+                FROM read_json_objects([{files}], format='newline_delimited', filename=true,
+                                       ignore_errors=true, maximum_object_size={MAX_LINE_BYTES}) AS l
+                JOIN process AS p ON p.path = l.filename
+                WHERE starts_with(l.json, '{{"t":"rec"') OR starts_with(l.json, '{{"t": "rec"')),
+            item AS (SELECT proc, wall_offset, unnest(r) AS x, unnest(generate_series(1, len(r))) AS pos FROM line)
+            SELECT i.proc, c.kind, c.domain, c.name, TRY_CAST(x[2] AS BIGINT) + i.wall_offset AS ts_ns,
+                   CASE WHEN c.kind = 'span' THEN TRY_CAST(x[3] AS BIGINT) + i.wall_offset END AS end_ns,
+                   TRY_CAST(CASE c.kind WHEN 'span' THEN x[4] WHEN 'event' THEN x[3] END AS BIGINT) AS tid,
+                   CASE c.kind WHEN 'span' THEN x[5] WHEN 'event' THEN x[4] ELSE x[3] END AS attrs,
+                   i.pos::INTEGER AS pos, CASE WHEN c.kind = 'span' THEN x[5]->>'batch_id' END AS batch_id
+            FROM item i LEFT JOIN channel c ON c.proc = i.proc AND c.id = TRY_CAST(x[1] AS INTEGER)
+        """)
+    # a record without a declared channel, an integer time, or (a span) an integer end is kept out of the views
+    valid = "kind IS NOT NULL AND ts_ns IS NOT NULL AND (kind <> 'span' OR end_ns IS NOT NULL)"
+    con.execute("""CREATE OR REPLACE VIEW span AS SELECT proc, domain, name, ts_ns AS start_ns, end_ns, tid, attrs,
+                   pos, batch_id FROM record WHERE kind = 'span' AND """ + valid)
+    con.execute("CREATE OR REPLACE VIEW event AS SELECT proc, domain, name, ts_ns, tid, attrs, pos FROM record "
+                "WHERE kind = 'event' AND " + valid)
+    con.execute("CREATE OR REPLACE VIEW counter AS SELECT proc, domain, name, ts_ns, attrs AS vals, pos FROM record "
+                "WHERE kind = 'counter' AND " + valid)
+
+
+def _count_bad_records(con: duckdb.DuckDBPyConnection, processes: list[Process], problems: list[str]) -> None:
+    """Records without a declared channel or an integer time: one problem line per file with the count."""
+    bad = dict(con.execute("SELECT proc, count(*) FROM record WHERE kind IS NULL OR ts_ns IS NULL "
+                           "OR (kind = 'span' AND end_ns IS NULL) GROUP BY proc").fetchall())
+    for proc in processes:
+        if bad.get(proc.index):
+            problems.append(f"{proc.path}: {bad[proc.index]} malformed records (undeclared channel or "
+                            "non-integer time) skipped")

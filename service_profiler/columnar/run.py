@@ -1,0 +1,94 @@
+"""One analysis: a DuckDB database holding the run's records and its analysis tables.
+
+The database lives in a fresh private directory (`work_dir`, removed by `close`); DuckDB keeps at most
+`memory_limit` of it in memory and spills the rest there, so memory is bounded by that setting, not by
+the run. Exporters read the tables through `con` (one at a time), or, in a process pool, by opening the
+database file read-only once this process has closed it (`reopen_read_only`).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import duckdb
+
+from .batch import build_batches
+from .iterations import build_iterations
+from .kvcache import build_kvcache
+from .lifecycle import build_lifecycle
+from .raw import Process, load_raw
+from .requests import build_requests
+
+DEFAULT_MEMORY_LIMIT = "1GB"
+DB_NAME = "analysis.duckdb"
+
+
+@dataclass
+class AnalysisRun:
+    con: duckdb.DuckDBPyConnection
+    work_dir: Path
+    processes: list[Process] = field(default_factory=list)
+    states: list[tuple[int, int, bool, str]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    memory_limit: str = DEFAULT_MEMORY_LIMIT
+    threads: int | None = None
+
+    def __getstate__(self) -> dict[str, object]:
+        """Everything but the connection (a pool's worker opens its own, `reopen_read_only`)."""
+        return {k: v for k, v in self.__dict__.items() if k != "con"}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+
+    def count(self, table: str) -> int:
+        row = self.con.execute(f"SELECT count(*) FROM {table}").fetchone()
+        return int(row[0]) if row else 0
+
+    def close(self) -> None:
+        """Close the database and remove the work directory."""
+        self.con.close()
+        shutil.rmtree(self.work_dir, ignore_errors=True)
+
+    def reopen_read_only(self) -> AnalysisRun:
+        """This run's tables through a read-only connection (in a pool's worker process)."""
+        con = connect(self.work_dir, self.memory_limit, self.threads, read_only=True)
+        return AnalysisRun(con, self.work_dir, self.processes, self.states, self.problems, self.memory_limit,
+                           self.threads)
+
+
+def connect(work_dir: Path, memory_limit: str, threads: int | None, read_only: bool = False
+            ) -> duckdb.DuckDBPyConnection:
+    config: dict[str, str | int | bool] = {"memory_limit": memory_limit, "temp_directory": str(work_dir / "spill"),
+                                           "preserve_insertion_order": False}
+    if threads:
+        config["threads"] = threads
+    return duckdb.connect(str(work_dir / DB_NAME), read_only=read_only, config=config)  # type: ignore[arg-type]
+
+
+def analyze_run(paths: Sequence[Path | str], *, memory_limit: str = DEFAULT_MEMORY_LIMIT, threads: int | None = None,
+                temp_root: Path | None = None, progress: Callable[[str], None] | None = None) -> AnalysisRun:
+    """Read the raw files under `paths` and build every analysis table."""
+    work_dir = Path(tempfile.mkdtemp(prefix="sprof-analysis-", dir=temp_root))
+    con = connect(work_dir, memory_limit, threads)
+    run = AnalysisRun(con, work_dir, memory_limit=memory_limit, threads=threads)
+    try:
+        raw = load_raw(con, paths)
+        run.processes, run.states, run.problems = raw.processes, raw.states, raw.problems
+        if progress:
+            progress(f"read {len(raw.processes)} process file(s), {run.count('record'):,} records")
+        build_batches(con)
+        build_requests(con)
+        if progress:
+            progress(f"tables: {run.count('request'):,} requests, {run.count('batch'):,} batches")
+        build_kvcache(con)
+        build_lifecycle(con)
+        build_iterations(con)
+        con.execute("CHECKPOINT")
+    except BaseException:
+        run.close()
+        raise
+    return run

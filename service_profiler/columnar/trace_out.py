@@ -1,0 +1,159 @@
+"""Chrome / Perfetto trace (chrome_tracing.json), bounded: at most `max_per_second` events of one name per
+process per second of the run (the rest are counted in metadata.capped_events), and optionally only a
+time window (`window`, seconds since the run's first timestamp).
+
+Timestamps: `ts`/`dur` in microseconds relative to `metadata.origin_epoch_ns` (the run's first timestamp
+floored to a whole second), so ns precision survives in a double. Layout:
+- one process per raw file (pid = file index + 1), named "<role> <host>:<pid>", API server first;
+- small tids unique in the trace, each named after the recorded thread id; spans are `X` slices, and a
+  span partly overlapping an earlier one on its thread goes to that thread's "overlap" lane;
+- events are thread-scoped instants (except per-request KVCache.allocate: the kvcache counter shows it);
+- counters are `C` events, one series per numeric value;
+- a "Requests" process, one thread per request: a `request` slice (arrival to completion) holding its
+  `queued` / `prefill` / `decode` slices.
+DuckDB writes each kind of event as a JSON array file; they are concatenated into the trace.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from .run import AnalysisRun
+
+DEFAULT_MAX_PER_SECOND = 2_000
+OVERLAP_LANE = 1 << 20  # added to a tid for its overlap lane
+FOLDED = "NOT (domain = 'KVCache' AND name = 'allocate')"
+
+
+def _us(column: str) -> str:
+    return f"round(({column} - getvariable('origin')) / 1000.0, 3)"
+
+
+def _window_filter(column: str, end_column: str | None = None) -> str:
+    end = end_column or column
+    return f"{end} >= getvariable('lo') AND {column} <= getvariable('hi')"
+
+
+def _queries(cap: int) -> dict[str, str]:
+    """kind -> query whose rows are trace events (columns named as the trace's keys)."""
+    capped = "row_number() OVER (PARTITION BY proc, name, (ts_ns - getvariable('origin')) // 1000000000 ORDER BY ts_ns)"
+    return {
+        "span": f"""
+            WITH s AS (
+                SELECT proc, tid, domain, name, start_ns AS ts_ns, end_ns, attrs,
+                       max(end_ns) OVER (PARTITION BY proc, tid ORDER BY start_ns, end_ns DESC
+                                         ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS earlier_end
+                FROM span WHERE {_window_filter('start_ns', 'end_ns')}),
+            c AS (SELECT *, {capped} AS n FROM s)
+            SELECT 'X' AS ph, name, domain AS cat, {_us('ts_ns')} AS ts, round((end_ns - ts_ns) / 1000.0, 3) AS dur,
+                   c.proc + 1 AS pid,
+                   t.tid + CASE WHEN earlier_end > ts_ns AND earlier_end < end_ns THEN {OVERLAP_LANE} ELSE 0 END AS tid,
+                   coalesce(CAST(json_merge_patch(attrs, '{{"reqs": null}}') AS JSON), '{{}}') AS args
+            FROM c JOIN trace_thread t ON t.proc = c.proc AND t.raw_tid IS NOT DISTINCT FROM c.tid
+            WHERE n <= {cap}""",
+        "instant": f"""
+            WITH c AS (SELECT *, {capped} AS n FROM event WHERE {FOLDED} AND {_window_filter('ts_ns')})
+            SELECT 'i' AS ph, name, domain AS cat, {_us('ts_ns')} AS ts, 't' AS s, c.proc + 1 AS pid, t.tid,
+                   coalesce(attrs, '{{}}') AS args
+            FROM c JOIN trace_thread t ON t.proc = c.proc AND t.raw_tid IS NOT DISTINCT FROM c.tid
+            WHERE n <= {cap}""",
+        "counter": f"""
+            WITH c AS (SELECT *, {capped} AS n FROM counter WHERE {_window_filter('ts_ns')})
+            SELECT 'C' AS ph, name, {_us('ts_ns')} AS ts, proc + 1 AS pid, 0 AS tid, vals AS args
+            FROM c WHERE n <= {cap}""",
+        "request": f"""
+            WITH r AS (
+                SELECT row_no AS tid, rid, arrival_ns, first_scheduled_ns, first_token_ns, completion_ns FROM request
+                WHERE arrival_ns IS NOT NULL AND completion_ns >= arrival_ns
+                  AND {_window_filter('arrival_ns', 'completion_ns')}),
+            phase AS (
+                SELECT tid, rid, 'request' AS name, arrival_ns AS a, completion_ns AS b, 0 AS k FROM r
+                UNION ALL SELECT tid, rid, 'queued', arrival_ns, first_scheduled_ns, 1 FROM r
+                UNION ALL SELECT tid, rid, 'prefill', first_scheduled_ns, first_token_ns, 2 FROM r
+                UNION ALL SELECT tid, rid, 'decode', first_token_ns, completion_ns, 3 FROM r)
+            SELECT 'X' AS ph, name, 'Request' AS cat, {_us('a')} AS ts, round((b - a) / 1000.0, 3) AS dur,
+                   getvariable('requests_pid') AS pid, tid, json_object('rid', rid) AS args
+            FROM phase p JOIN r USING (tid, rid)
+            WHERE a IS NOT NULL AND b IS NOT NULL AND b >= a AND a >= r.arrival_ns AND b <= r.completion_ns
+              AND (k = 0 OR (r.first_scheduled_ns >= r.arrival_ns AND r.first_token_ns >= r.first_scheduled_ns
+                             AND r.completion_ns >= r.first_token_ns))""",
+    }
+
+
+def _metadata_events(run: AnalysisRun, requests_pid: int) -> list[dict[str, object]]:
+    sort_of = {"api_server": 0, "engine_core": 2}
+    events: list[dict[str, object]] = []
+    for p in run.processes:
+        events.append({"ph": "M", "name": "process_name", "pid": p.index + 1, "tid": 0,
+                       "args": {"name": f"{p.role or 'process'} {p.key}"}})
+        events.append({"ph": "M", "name": "process_sort_index", "pid": p.index + 1, "tid": 0,
+                       "args": {"sort_index": sort_of.get(p.role, 3)}})
+    for proc, tid, raw_tid in run.con.execute("SELECT proc, tid, raw_tid FROM trace_thread").fetchall():
+        for lane, suffix in ((0, ""), (OVERLAP_LANE, " overlap")):
+            events.append({"ph": "M", "name": "thread_name", "pid": proc + 1, "tid": tid + lane,
+                           "args": {"name": f"thread {raw_tid}{suffix}"}})
+    events.append({"ph": "M", "name": "process_name", "pid": requests_pid, "tid": 0, "args": {"name": "Requests"}})
+    events.append({"ph": "M", "name": "process_sort_index", "pid": requests_pid, "tid": 0, "args": {"sort_index": 1}})
+    for tid, rid in run.con.execute(f"""SELECT row_no, rid FROM request WHERE arrival_ns IS NOT NULL
+                                        AND completion_ns >= arrival_ns
+                                        AND {_window_filter('arrival_ns', 'completion_ns')}""").fetchall():
+        events.append({"ph": "M", "name": "thread_name", "pid": requests_pid, "tid": tid,
+                       "args": {"name": f"req {rid}"}})
+    return events
+
+
+def write_trace(run: AnalysisRun, path: Path, window: tuple[float, float] | None = None,
+                max_per_second: int = DEFAULT_MAX_PER_SECOND) -> Path:
+    con = run.con
+    first = con.execute("SELECT min(ts_ns) FROM record WHERE ts_ns IS NOT NULL").fetchone()
+    origin = (int(first[0]) // 1_000_000_000) * 1_000_000_000 if first and first[0] is not None else 0
+    lo, hi = (origin + int(window[0] * 1e9), origin + int(window[1] * 1e9)) if window else (-(2 ** 62), 2 ** 62)
+    requests_pid = len(run.processes) + 1
+    con.execute(f"SET VARIABLE origin = {origin}")
+    con.execute(f"SET VARIABLE lo = {lo}")
+    con.execute(f"SET VARIABLE hi = {hi}")
+    con.execute(f"SET VARIABLE requests_pid = {requests_pid}")
+    con.execute("""CREATE OR REPLACE TEMP TABLE trace_thread AS
+                   SELECT proc, tid AS raw_tid, (row_number() OVER (ORDER BY proc, tid))::INTEGER AS tid
+                   FROM (SELECT DISTINCT proc, tid FROM record WHERE kind IN ('span', 'event'))""")
+    parts = path.with_name(f".{path.name}.parts")
+    shutil.rmtree(parts, ignore_errors=True)
+    parts.mkdir()
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        queries = _queries(max_per_second)
+        for kind, query in queries.items():
+            con.execute(f"COPY ({query}) TO '{parts / kind}.json' (FORMAT json, ARRAY true)")
+        counts = dict.fromkeys(queries, 0)
+        with partial.open("w", encoding="utf-8") as out:
+            out.write('{"traceEvents":[')
+            out.write(",".join(json.dumps(e, separators=(",", ":")) for e in _metadata_events(run, requests_pid)))
+            for kind in queries:
+                with (parts / f"{kind}.json").open(encoding="utf-8") as fh:
+                    for line in fh:  # "[", then one event per line (ending "," but the last), then "]"
+                        line = line.strip()
+                        if line not in ("[", "]", ""):
+                            out.write("," + line.rstrip(","))
+                            counts[kind] += 1
+            metadata = {"generator": "service-profiler", "origin_epoch_ns": origin,
+                        "time_convention": "ts/dur: microseconds since origin_epoch_ns",
+                        "processes": [p.key for p in run.processes], "max_events_per_name_per_second": max_per_second,
+                        "window_s": list(window) if window else None, "events": counts}
+            out.write('],"displayTimeUnit":"ms","metadata":' + json.dumps(metadata) + "}")
+        partial.replace(path)
+    finally:
+        shutil.rmtree(parts, ignore_errors=True)
+        partial.unlink(missing_ok=True)
+    return path
+
+
+class TraceExporter:
+    name = "json"
+
+    def __init__(self, window: tuple[float, float] | None = None, max_per_second: int = DEFAULT_MAX_PER_SECOND) -> None:
+        self.window, self.max_per_second = window, max_per_second
+
+    def export(self, run: AnalysisRun, out_dir: Path) -> list[Path]:
+        return [write_trace(run, out_dir / "chrome_tracing.json", self.window, self.max_per_second)]
