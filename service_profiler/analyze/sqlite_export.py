@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from service_profiler.fastjson import JSON_ENCODERS, json_text
+from service_profiler.outputs import private_dir, remove_private_dir
 from service_profiler.rawentries import add_records_py
 from service_profiler.rawfile import RECORD_CLASSES, CounterRecord, EventRecord, RunData, SpanRecord, read_run
 
@@ -443,8 +444,10 @@ class SqliteExport:
     export never leaves a half-written database behind."""
 
     def __init__(self, path: Path, raw_db: Path) -> None:
+        """`raw_db`: in a directory of this process's own (outputs.private_dir), where the database is
+        also completed; `finish` then replaces whatever is at `path` (a link is replaced, never followed)."""
         self.path, self.raw_db = path, raw_db
-        self.tmp = path.with_name(path.name + ".tmp")
+        self.tmp = raw_db.with_name(path.name + ".tmp")
         self.db: sqlite3.Connection | None = None
         self.entries = EntryBuilder()
 
@@ -517,8 +520,12 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 def write_sqlite(paths: Sequence[Path | str], tables: AnalysisTables, path: Path) -> Path:
     """Write `profiler.db` at `path` (replaced if it exists) for the run read from `paths`."""
-    raw_db = path.with_name(path.name + ".raw.tmp")
-    write_raw_db(paths, raw_db)
-    export = SqliteExport(path, raw_db).start()
-    export.apply(analysis_messages(tables))
-    return export.finish()
+    work = private_dir(path.parent, path.name)
+    try:
+        raw_db = work / (path.name + ".raw.tmp")
+        write_raw_db(paths, raw_db)
+        export = SqliteExport(path, raw_db).start()
+        export.apply(analysis_messages(tables))
+        return export.finish()
+    finally:
+        remove_private_dir(work)
