@@ -92,9 +92,11 @@ class OutputFile:
     `path` (replacing whatever is there, a link included, never writing through it); `discard()`
     removes it. Used as a context manager it commits on success and discards on an exception."""
 
-    def __init__(self, path: Path | str, mode: str = "w", **open_kwargs: Any) -> None:
+    def __init__(self, path: Path | str, mode: str = "w", temp_dir: Path | None = None, **open_kwargs: Any) -> None:
+        """`temp_dir`: where the file is written until `commit` (same file system as `path`), e.g. a
+        `private_dir` its owner removes should this process die before it commits."""
         self.path = Path(path)
-        fd, self.temp = create_temp(self.path.parent, self.path.name)
+        fd, self.temp = create_temp(temp_dir or self.path.parent, self.path.name)
         try:
             self.fh: IO[Any] = os.fdopen(fd, mode, **open_kwargs)
         except BaseException:

@@ -338,11 +338,12 @@ class FedCsv:
     it expects (where it can tell); `complete` after `close`: every part was written, and the file is
     in place (an incomplete one is removed: see outputs.OutputFile)."""
 
-    def __init__(self, path: Path, header: Sequence[str]) -> None:
+    def __init__(self, path: Path, header: Sequence[str], temp_dir: Path | None = None) -> None:
+        """`temp_dir`: see outputs.OutputFile."""
         self.path = path
         self.complete = self.failed = self.done = False
         self.error: OSError | None = None
-        self.out = OutputFile(path, "w", newline="", encoding="utf-8")
+        self.out = OutputFile(path, "w", temp_dir, newline="", encoding="utf-8")
         self.fh = self.out.fh
         csv.writer(self.fh, lineterminator="\n").writerow(header)
 
@@ -372,8 +373,8 @@ class TableCsvWriter(FedCsv):
     """One of TABLE_FORMATS, fed the ("table", part) messages of its table (`sqlite_export.TablePart`),
     or written rows at a time (`write_rows`)."""
 
-    def __init__(self, path: Path, fmt: CsvFormat) -> None:
-        super().__init__(path, fmt.header)
+    def __init__(self, path: Path, fmt: CsvFormat, temp_dir: Path | None = None) -> None:
+        super().__init__(path, fmt.header, temp_dir)
         self.columns = fmt.columns
 
     def write_rows(self, rows: Sequence[tuple[Any, ...]]) -> None:
@@ -390,8 +391,8 @@ class BatchCsvWriter(FedCsv):
     entry sources that follow them (each one's `reqs` are res_list). A part is held until the entries of
     all its batches have passed; `done` once the last part's have."""
 
-    def __init__(self, path: Path, fmt: BatchCsvFormat) -> None:
-        super().__init__(path, fmt.header)
+    def __init__(self, path: Path, fmt: BatchCsvFormat, temp_dir: Path | None = None) -> None:
+        super().__init__(path, fmt.header, temp_dir)
         self.fmt = fmt
         self.rows: list[tuple[Any, ...]] = []  # the batch rows received and not yet written
         self.first = 0  # the batch row of rows[0]
@@ -418,9 +419,9 @@ class PerIterationWriter(FedCsv):
     formatted by `map(format % row, zip(columns))`, all in C; only request ids needing quotes (once per
     id), missing values and preempted rows take the csv.writer path."""
 
-    def __init__(self, labels: Sequence[str], path: Path) -> None:
+    def __init__(self, labels: Sequence[str], path: Path, temp_dir: Path | None = None) -> None:
         """`labels`: each process's label (`process_labels`), by process index."""
-        super().__init__(path, [("process" if c == "proc" else c) for c in lifecycle.ITERATION_COLUMNS])
+        super().__init__(path, [("process" if c == "proc" else c) for c in lifecycle.ITERATION_COLUMNS], temp_dir)
         self.labels = [_csv_line([lbl]).rstrip("\n") for lbl in labels]
         # the batch's four columns (batch_id, dp_rank, process, start_ns) are formatted once per batch
         self.batch_fmt = "%s,%s,%s,%s,"

@@ -171,7 +171,10 @@ class DatabaseProcess:
         from the entry chunks, batch.csv from the batch table's parts and the entries, and TABLE_CSVS
         from their tables there. (The SQLite step's outcome, the CSVs written.) Without the raw tables the
         database fails but the CSVs are still written. `labels`, `pids`: each process's, by index."""
-        per_iteration = PerIterationWriter(labels, csv_dir / PER_ITERATION_CSV) if csv_dir is not None else None
+        # the CSVs are written in the working directory until complete: a process killed mid-way leaves
+        # nothing in the output directory (analyze removes the working directory)
+        work = self.work_dir
+        per_iteration = PerIterationWriter(labels, csv_dir / PER_ITERATION_CSV, work) if csv_dir is not None else None
         table_csvs = {table_name: (name, make_format) for name, (table_name, make_format) in TABLE_CSVS.items()}
         writers: dict[str, FedCsv] = {}  # table name -> its CSV, while its parts pass
         written: list[Path] = []
@@ -186,10 +189,10 @@ class DatabaseProcess:
             parts and the entries), or one of TABLE_CSVS (fed its table's parts)."""
             assert csv_dir is not None
             if table == "batch":
-                return BatchCsvWriter(csv_dir / BATCH_CSV, BatchCsvFormat(labels, pids, columns))
+                return BatchCsvWriter(csv_dir / BATCH_CSV, BatchCsvFormat(labels, pids, columns), work)
             if table in table_csvs:
                 name, make_format = table_csvs[table]
-                return TableCsvWriter(csv_dir / name, make_format(labels, columns))
+                return TableCsvWriter(csv_dir / name, make_format(labels, columns), work)
             return None
 
         def tap(messages: Iterator[Message]) -> Iterator[Message]:

@@ -194,6 +194,16 @@ def _write_process_tables(db: sqlite3.Connection, run: RunData) -> None:
     db.executemany("INSERT INTO process VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", [
         (p.index, p.key, p.hostname, p.pid, p.ppid, p.role, dumps(p.argv), dumps(p.engine), p.profiler_version,
          p.wall_offset_ns, p.dropped, dumps(p.warnings), dumps(p.patch), p.path) for p in run.processes])
+    # what each file says about its completeness (losses.py): closed / not closed / unknown, and the
+    # time ranges whose records are missing or uncertain (end_ns NULL: to the end of the run)
+    db.execute("CREATE TABLE process_completeness (proc INTEGER PRIMARY KEY, status TEXT, close_reason TEXT, "
+               "flushed_until_ns INTEGER)")
+    db.executemany("INSERT INTO process_completeness VALUES (?,?,?,?)", [
+        (p.index, p.loss.status, p.loss.close_reason, p.loss.flushed_until_ns) for p in run.processes])
+    db.execute("CREATE TABLE process_gap (proc INTEGER, start_ns INTEGER, end_ns INTEGER, reason TEXT, "
+               "count INTEGER)")
+    db.executemany("INSERT INTO process_gap VALUES (?,?,?,?,?)", [
+        (p.index, *g.as_dict().values()) for p in run.processes for g in p.loss.all_gaps()])
     db.execute("CREATE TABLE process_meta (proc INTEGER, key TEXT, value TEXT)")
     db.executemany("INSERT INTO process_meta VALUES (?,?,?)",
                    [(p.index, k, dumps(v)) for p in run.processes for k, v in p.meta.items()])
