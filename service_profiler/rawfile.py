@@ -368,7 +368,8 @@ class _FileReader:
             count = obj.get("count")
             if count.__class__ is int and 0 <= count < MAX_TS:
                 proc.dropped += count
-                self.losses.dropped(count, obj.get("ts"))
+                if count:
+                    self.losses.dropped(count, obj.get("ts"))
             else:
                 self.run.problems.append(f"{path}:{lineno}: dropped line without a valid count; skipped")
         elif kind in LOSS_LINES:

@@ -111,6 +111,7 @@ def _run_fit(args: argparse.Namespace) -> int:
     if not 0.0 <= args.test_fraction < 1.0:
         raise InputError(f"--test-fraction must be in [0, 1), got {args.test_fraction}")
     cols = read_fit_columns(args.input)
+    created = not args.output_dir.exists()
     check_output_dir(args.output_dir)
     try:
         model = fit_and_save(
@@ -121,6 +122,8 @@ def _run_fit(args: argparse.Namespace) -> int:
     except OSError as exc:  # e.g. the disk filled up, or the directory changed under us
         raise describe_os_error(args.output_dir, exc) from None
     if model is None:
+        if created and not any(args.output_dir.iterdir()):
+            args.output_dir.rmdir()  # nothing was written: leave no empty directory behind
         return 1
     print(_fit_summary(model, args.output_dir))
     return 0
