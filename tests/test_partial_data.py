@@ -141,7 +141,7 @@ def test_switching_collection_marks_partial_requests_and_no_duration_is_negative
 
 def test_process_without_close_marks_what_follows_its_last_flush(synth: SyntheticRun, tmp_path: Path,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
-    lo, hi = _mono_range(synth.run_dir)
+    _, hi = _mono_range(synth.run_dir)
     files = _files(synth.run_dir)
     whole, _ = _analyze(synth.run_dir, tmp_path / "whole")
     done = sorted(int(r["completion_ns"]) - _offset(files["engine"]) for r in whole)

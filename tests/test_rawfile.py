@@ -81,7 +81,8 @@ def test_corrupt_middle_line_is_skipped_and_reading_goes_on(synth: SyntheticRun)
     path.write_bytes(b"".join(lines))
     run = read_run([synth.run_dir])
     assert run.num_records == synth.num_records - lost
-    assert run.problems == [f"{path}:{victim + 1}: corrupt line (not a JSON object with \"t\", or nested too deep); skipped"]
+    assert run.problems == [
+        f"{path}:{victim + 1}: corrupt line (not a JSON object with \"t\", or nested too deep); skipped"]
     # records after the corrupt line are there: the last batch of the run is still read
     last_batch = max(b.batch_id for b in synth.batches)
     assert any(s.attrs and s.attrs.get("batch_id") == last_batch for s in run.spans if s.name == "step")
