@@ -269,6 +269,7 @@ class _FileReader:
         self.warning_slots: dict[str, int] = {}  # warning message -> its index in proc.warnings
         self.bad_records = 0
         self.bad_lines: list[int] = []  # the first few lines holding malformed records
+        self.bad_line_count = 0
         self.seen_recs: set[int] = set()  # hashes of the rec lines read: a repeated line counts once
         self.repeated: list[int] = [0, 0]  # repeated rec lines skipped, the first one's line number
         self.dropped = [0]  # malformed per-request entries dropped (rawentries.clean_attrs counts them)
@@ -327,7 +328,7 @@ class _FileReader:
         for chan_id, count in self.unknown_chan.items():
             problems.append(f"{path}: {count} records of undeclared channel {chan_id}; skipped")
         if self.bad_records:
-            where = ", ".join(map(str, self.bad_lines)) + (", ..." if self.bad_records > len(self.bad_lines) else "")
+            where = ", ".join(map(str, self.bad_lines)) + (", ..." if self.bad_line_count > len(self.bad_lines) else "")
             problems.append(f"{path}: {self.bad_records} malformed records (line {where}; a record is [channel id, "
                             "timestamps (ints in [0, 2^62), end >= start), tid, attrs], see docs/DESIGN.md); skipped")
         if self.repeated[0]:
@@ -356,7 +357,13 @@ class _FileReader:
         if kind == "meta":
             proc.meta[str(obj.get("key"))] = obj.get("value")
         elif kind == "patch":
-            proc.patch = {k: _patch_items(obj.get(k)) for k in ("applied", "pending", "skipped", "failed")}
+            fields = ("applied", "pending", "skipped", "failed")
+            proc.patch = {k: _patch_items(obj.get(k)) for k in fields}
+            odd = [k for k in fields if obj.get(k) is not None and (not isinstance(obj[k], list) or any(
+                not isinstance(v, str | dict) for v in obj[k]))]
+            if odd:
+                self.run.problems.append(f"{path}:{lineno}: patch line: {', '.join(odd)} not a list of symbol names "
+                                         "or {symbol, reason} objects; read as text")
         elif kind == "state":
             ts = _ts(obj.get("ts"))
             if ts is None:
@@ -423,8 +430,10 @@ class _FileReader:
                 self.bad_records += 1
                 continue
             good.append(rec)
-        if self.bad_records > bad and len(self.bad_lines) < 5:
-            self.bad_lines.append(lineno)
+        if self.bad_records > bad:
+            self.bad_line_count += 1
+            if len(self.bad_lines) < 5:
+                self.bad_lines.append(lineno)
         run = self.run
         self.build(good, chans, self.offset, self.proc.index, run.spans, run.events, run.counters, self.shared,
                    self.dropped)
