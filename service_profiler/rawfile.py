@@ -24,7 +24,6 @@ from __future__ import annotations
 import gc
 import json
 import os
-import re
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +33,18 @@ from typing import Any, NamedTuple
 
 from service_profiler.fastjson import loads as fast_loads
 from service_profiler.losses import LOSS_LINES, LossReader, ProcessLoss
+from service_profiler.rawcheck import (
+    FORMAT_VERSION,
+    MAX_TS,
+    clock_anchor,
+    header_problems,
+    int_or_none,
+    lone_surrogates_replaced,
+    patch_items,
+    process_identity,
+    short_text,
+    valid_ts,
+)
 from service_profiler.rawentries import (
     BATCH_REQS,
     COUNTER,
@@ -48,7 +59,6 @@ from service_profiler.rawentries import (
 )
 
 RAW_SUFFIX = ".sprof.jsonl"
-FORMAT_VERSION = 1
 
 DRAIN_RECORDS = 5_000  # records a streaming read (`read_run(drain=...)`) holds at most, plus one line
 # (5k rather than 50k: ~80 MB less memory for the database process, and no slower: the rows stay in cache)
@@ -180,7 +190,7 @@ def _dedupe_copies(files: list[Path], problems: list[str]) -> list[tuple[Path, d
                 f"{path}:1: no valid header line (expected a JSON object with \"t\": \"header\"); file skipped"
             )
             continue
-        key = _identity(header)
+        key = process_identity(header)
         if key in best:
             kept, _, kept_size = best[key]
             if size > kept_size:
@@ -192,63 +202,6 @@ def _dedupe_copies(files: list[Path], problems: list[str]) -> list[tuple[Path, d
         best[key] = (path, header, size)
         order.append(key)
     return [(best[k][0], best[k][1]) for k in order]
-
-
-# A \uD800-\uDFFF escape that is not half of a pair: text no UTF-8 file, CSV or database can hold
-_LONE_SURROGATE = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
-                             rb"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}")
-
-
-def lone_surrogates_replaced(line: bytes) -> bytes:
-    """The line with each lone surrogate escape replaced by U+FFFD (only such lines are decoded slowly)."""
-    return _LONE_SURROGATE.sub(rb"\\ufffd", line)
-
-
-MAX_TS = 2**62  # timestamps (ns) and clock anchors are in [0, MAX_TS): epoch ns stay within int64
-
-
-def _int(value: Any) -> int | None:
-    return value if value.__class__ is int else None
-
-
-def _clock(header: dict[str, Any]) -> tuple[int, int] | None:
-    """The header's (wall_ns, mono_ns) anchor, None when missing or malformed."""
-    clock = header.get("clock")
-    if not isinstance(clock, dict):
-        return None
-    wall, mono = _int(clock.get("wall_ns")), _int(clock.get("mono_ns"))
-    if wall is None or mono is None or not (0 <= wall < MAX_TS and 0 <= mono < MAX_TS):
-        return None
-    return wall, mono
-
-
-def _identity(header: dict[str, Any]) -> tuple[Any, ...]:
-    """What makes two raw files copies of one process's file: host, pid and clock anchor (hashable
-    whatever the header holds)."""
-    host, pid = header.get("hostname"), header.get("pid")
-    return (host if isinstance(host, str) else repr(host), pid if isinstance(pid, int) else repr(pid),
-            _clock(header) or repr(header.get("clock")))
-
-
-def header_problems(path: Path, header: dict[str, Any]) -> list[str]:
-    """What is wrong with a header's fields (each is then read as unknown, the file still is read)."""
-    out = []
-    for key, kind, what in (("hostname", str, "a string"), ("pid", int, "an integer"), ("ppid", int, "an integer"),
-                            ("role", str, "a string"), ("profiler_version", str, "a string")):
-        value = header.get(key)
-        if value is not None and (value.__class__ is not kind):
-            out.append(f"{path}:1: header {key} {_short(value)} is not {what}; read as unknown")
-    if header.get("format") != FORMAT_VERSION:
-        out.append(f"{path}:1: format {_short(header.get('format'))} is not {FORMAT_VERSION}; read as version 1")
-    if _clock(header) is None:
-        out.append(f"{path}:1: header has no valid clock anchor (clock.wall_ns, clock.mono_ns: integers in "
-                   f"[0, 2^62)); timestamps left unaligned")
-    return out
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    text = ascii(value) if not isinstance(value, list | dict) else ascii(value)[:limit]
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 class _FileReader:
@@ -358,14 +311,14 @@ class _FileReader:
             proc.meta[str(obj.get("key"))] = obj.get("value")
         elif kind == "patch":
             fields = ("applied", "pending", "skipped", "failed")
-            proc.patch = {k: _patch_items(obj.get(k)) for k in fields}
+            proc.patch = {k: patch_items(obj.get(k)) for k in fields}
             odd = [k for k in fields if obj.get(k) is not None and (not isinstance(obj[k], list) or any(
                 not isinstance(v, str | dict) for v in obj[k]))]
             if odd:
                 self.run.problems.append(f"{path}:{lineno}: patch line: {', '.join(odd)} not a list of symbol names "
                                          "or {symbol, reason} objects; read as text")
         elif kind == "state":
-            ts = _ts(obj.get("ts"))
+            ts = valid_ts(obj.get("ts"))
             if ts is None:
                 self.run.problems.append(f"{path}:{lineno}: state line without a valid ts; skipped")
                 return
@@ -423,7 +376,7 @@ class _FileReader:
             chan_id = rec[0]
             chan = chans.get(chan_id) if chan_id.__class__ is int else None
             if chan is None:
-                label = _short(chan_id)
+                label = short_text(chan_id)
                 self.unknown_chan[label] = self.unknown_chan.get(label, 0) + 1
                 continue
             if not valid_record(chan[0], rec):
@@ -439,23 +392,6 @@ class _FileReader:
                    self.dropped)
 
 
-def _ts(value: Any) -> int | None:
-    return value if value.__class__ is int and 0 <= value < MAX_TS else None
-
-
-def _patch_items(value: Any) -> list[Any]:
-    """A patch report's list: symbol names, or {symbol, reason} objects; anything else as its text."""
-    if not isinstance(value, list):
-        return [] if value is None else [_short(value)]
-    out: list[Any] = []
-    for item in value:
-        if isinstance(item, dict):
-            out.append({"symbol": str(item.get("symbol", "?")), "reason": str(item.get("reason", ""))})
-        else:
-            out.append(item if isinstance(item, str) else _short(item))
-    return out
-
-
 def build_records(records: list[Any], chans: dict[Any, tuple[int, str, str, int]], off: int, pi: int,
                   spans: list[Any], events: list[Any], counters: list[Any], shared: dict[int, int] | None,
                   dropped: list[int]) -> None:
@@ -466,13 +402,13 @@ def build_records(records: list[Any], chans: dict[Any, tuple[int, str, str, int]
 
 def _process_from_header(index: int, path: Path, header: dict[str, Any]) -> ProcessInfo:
     """Every field checked: a malformed one reads as unknown (`header_problems` says which)."""
-    clock = _clock(header)
+    clock = clock_anchor(header)
     offset = clock[0] - clock[1] if clock is not None else 0
     host = header.get("hostname")
     hostname = host if isinstance(host, str) else "?"
-    pid = _int(header.get("pid"))
+    pid = int_or_none(header.get("pid"))
     pid = pid if pid is not None and -MAX_TS < pid < MAX_TS else 0
-    ppid = _int(header.get("ppid"))
+    ppid = int_or_none(header.get("ppid"))
     argv = header.get("argv")
     engine = header.get("engine")
     role, version = header.get("role"), header.get("profiler_version")
