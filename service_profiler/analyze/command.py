@@ -106,12 +106,15 @@ def _optional(module: str) -> ModuleType | None:
 
 def _helper_columns(tables: AnalysisTables) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """The numeric batch and request columns the plots and the latency model read (every numeric column
-    where the plots module is not installed)."""
+    where the plots module is not installed); complete requests only."""
+    from .summary import complete_rows
+
+    requests = complete_rows(tables.requests)  # latency plots, like the statistics, show whole requests only
     plots = _optional("service_profiler.analyze.plots")
     if plots is None:
-        return tables.batches.numeric_columns(), tables.requests.numeric_columns()
+        return tables.batches.numeric_columns(), requests.numeric_columns()
     return (tables.batches.numeric_columns({*plots.BATCH_COLUMNS, *MODEL_COLUMNS}),
-            tables.requests.numeric_columns(plots.REQUEST_COLUMNS))
+            requests.numeric_columns(plots.REQUEST_COLUMNS))
 
 
 def _long_run(batch_columns: dict[str, np.ndarray]) -> bool:
