@@ -82,3 +82,28 @@ def patch_items(value: Any) -> list[Any]:
         else:
             out.append(item if isinstance(item, str) else short_text(item))
     return out
+
+
+SAME_CLOCK_NS = 1_000_000_000  # processes of one host whose anchors agree this well share one clock
+
+
+def same_host_offsets(headers: list[dict[str, Any]]) -> dict[str, int]:
+    """hostname -> the one wall-minus-monotonic offset for all of that host's processes.
+
+    Processes of one machine share CLOCK_MONOTONIC, but each anchors it to the wall clock when it
+    starts: a wall-clock adjustment between two starts (NTP) would shift one process's records against
+    the other's by that much (tens of ms seen), putting a first token before its scheduling. So the
+    processes of a host are aligned with one offset, the most recent anchor's. Only when their offsets
+    agree within SAME_CLOCK_NS: machines that merely share a hostname (containers on different nodes)
+    have unrelated monotonic clocks, whose offsets differ by far more."""
+    by_host: dict[str, list[tuple[int, int]]] = {}
+    for header in headers:
+        host, clock = header.get("hostname"), clock_anchor(header)
+        if isinstance(host, str) and clock is not None:
+            by_host.setdefault(host, []).append((clock[1], clock[0] - clock[1]))
+    out = {}
+    for host, anchors in by_host.items():
+        offsets = [off for _, off in anchors]
+        if max(offsets) - min(offsets) <= SAME_CLOCK_NS:
+            out[host] = max(anchors)[1]
+    return out

@@ -42,6 +42,7 @@ from service_profiler.rawcheck import (
     lone_surrogates_replaced,
     patch_items,
     process_identity,
+    same_host_offsets,
     short_text,
     valid_ts,
 )
@@ -459,8 +460,11 @@ def _read_run(paths: Sequence[Path | str], drain: Callable[[RunData], None] | No
     run = RunData()
     shared: dict[int, int] | None = None if drain is not None else {}
     files = discover_files(paths, run.problems)
-    for path, header in _dedupe_copies(files, run.problems):
+    kept = _dedupe_copies(files, run.problems)
+    host_offsets = same_host_offsets([h for _, h in kept])
+    for path, header in kept:
         proc = _process_from_header(len(run.processes), path, header)
+        proc.wall_offset_ns = host_offsets.get(proc.hostname, proc.wall_offset_ns)
         run.problems += header_problems(path, header)
         run.processes.append(proc)
         try:
