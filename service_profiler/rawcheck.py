@@ -4,7 +4,9 @@ reported; nothing here raises on bad data."""
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +18,28 @@ _LONE_SURROGATE = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][
 
 
 def lone_surrogates_replaced(line: bytes) -> bytes:
-    """The line with each lone surrogate escape replaced by U+FFFD (only such lines are decoded slowly)."""
-    return _LONE_SURROGATE.sub(rb"\\ufffd", line)
+    """The line with each lone surrogate escape replaced by U+FFFD."""
+    return _LONE_SURROGATE.sub(rb"\\ufffd", line) if b"\\u" in line else line
+
+
+_fast_loads: Callable[[bytes], Any] | None
+try:
+    from orjson import JSONDecodeError as _FastDecodeError
+    from orjson import loads as _fast_loads
+except ImportError:  # the standard library alone: every line takes the checked path
+    _fast_loads = None
+
+
+def parse_line(line: bytes) -> Any:
+    """One raw line as JSON: by orjson where installed; a line it rejects (a lone surrogate escape,
+    NaN / Infinity, nesting past its limit) by the standard library, lone surrogates replaced first
+    (text no UTF-8 CSV or database can hold). Raises ValueError / RecursionError on a corrupt line."""
+    if _fast_loads is not None:
+        try:
+            return _fast_loads(line)
+        except _FastDecodeError:
+            pass
+    return json.loads(lone_surrogates_replaced(line))
 
 
 MAX_TS = 2**62  # timestamps (ns) and clock anchors are in [0, MAX_TS): epoch ns stay within int64
