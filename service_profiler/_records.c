@@ -30,7 +30,33 @@ static PyObject *str_batch_id;      /* "batch_id" */
 static PyObject *str_schedule_span; /* "batchFrameworkProcessing" */
 
 /* Exact int (JSON integer), not bool. */
-#define IS_TS(o) PyLong_CheckExact(o)
+/* a timestamp: an int (not a bool) in [0, 2^62) (rawentries.MAX_TS); a tid: an int64 */
+static int
+ts_value(PyObject *o, long long *out)
+{
+    int overflow = 0;
+    if (!PyLong_CheckExact(o)) {
+        return 0;
+    }
+    long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
+    if (overflow != 0 || v < 0 || v >= (1LL << 62)) {
+        return 0;
+    }
+    *out = v;
+    return 1;
+}
+
+static int
+is_tid(PyObject *o)
+{
+    int overflow = 0;
+    if (!PyLong_Check(o)) {
+        return 0;
+    }
+    (void)PyLong_AsLongLongAndOverflow(o, &overflow);
+    return overflow == 0;
+}
+
 /* int or bool, as JSON gives them. */
 #define IS_INT(o) (PyLong_CheckExact(o) || PyBool_Check(o))
 #define IS_OPT_INT(o) ((o) == Py_None || IS_INT(o))
@@ -409,19 +435,20 @@ build_line(PyObject *const *args, PyTypeObject **cls, Encoders *enc)
         }
         PyObject *domain = PyTuple_GET_ITEM(chan, 1), *name = PyTuple_GET_ITEM(chan, 2);
         PyObject *attrs;
+        long long t0, t1;
         if (code == SPAN) {
-            if (size != 5 || !IS_TS(r[1]) || !IS_TS(r[2]) || !PyLong_Check(r[3])
+            if (size != 5 || !ts_value(r[1], &t0) || !ts_value(r[2], &t1) || t1 < t0 || !is_tid(r[3])
                 || !(r[4] == Py_None || PyDict_Check(r[4]))) {
                 return malformed();
             }
             attrs = r[4];
         } else if (code == EVENT) {
-            if (size != 4 || !IS_TS(r[1]) || !PyLong_Check(r[2]) || !(r[3] == Py_None || PyDict_Check(r[3]))) {
+            if (size != 4 || !ts_value(r[1], &t0) || !is_tid(r[2]) || !(r[3] == Py_None || PyDict_Check(r[3]))) {
                 return malformed();
             }
             attrs = r[3];
         } else if (code == COUNTER) {
-            if (size != 3 || !IS_TS(r[1]) || !PyDict_Check(r[2])) {
+            if (size != 3 || !ts_value(r[1], &t0) || !PyDict_Check(r[2])) {
                 return malformed();
             }
             attrs = r[2];

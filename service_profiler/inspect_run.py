@@ -30,7 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _utc(ns: int | None) -> str:
     if ns is None:
         return "-"
-    return datetime.fromtimestamp(ns / 1e9, tz=timezone.utc).isoformat(timespec="milliseconds")
+    try:
+        return datetime.fromtimestamp(ns / 1e9, tz=timezone.utc).isoformat(timespec="milliseconds")
+    except (ValueError, OverflowError, OSError):  # outside the calendar: shown as it is
+        return f"{ns} ns"
 
 
 def describe_run(run: RunData) -> dict[str, Any]:
@@ -65,6 +68,11 @@ def describe_run(run: RunData) -> dict[str, Any]:
             "duration_s": (last[p.index] - first[p.index]) / 1e9 if p.index in first else None,
             "wall_offset_ns": p.wall_offset_ns, "meta": p.meta, "dropped": p.dropped,
             "warnings": p.warnings, "channels": len(p.channels),
+            "completeness": p.loss.status, "close_reason": p.loss.close_reason or None,
+            "flushed_until_utc": _utc(p.loss.flushed_until_ns),
+            "gaps": [{**g.as_dict(), "start_utc": _utc(g.start_ns),
+                      "end_utc": "end of run" if g.as_dict()["end_ns"] is None else _utc(g.end_ns)}
+                     for g in p.loss.all_gaps()],
             "patch": None if p.patch is None else {
                 "applied": list(patch.get("applied") or []),
                 "pending": list(patch.get("pending") or []),
@@ -135,6 +143,7 @@ def format_report(info: dict[str, Any]) -> str:
     warnings += [(p["key"], w) for p in procs for w in p["warnings"]]
     out.append(f"\nwarnings ({len(warnings)}):" if warnings else "\nwarnings: none")
     out.extend(f"  {key}: {w}" for key, w in warnings)
+    out.extend(completeness_lines(procs))
     switches = [s for s in info["states"] if s["reason"] != "startup"]
     if switches:
         out.append(f"\ncollection switched ({len(switches)}):")
@@ -146,9 +155,33 @@ def format_report(info: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def completeness_lines(procs: list[dict[str, Any]]) -> list[str]:
+    """Per process: closed cleanly or not, and the time ranges whose records are missing or uncertain."""
+    out = ["\ncompleteness:"]
+    unknown = [p["key"] for p in procs if p["completeness"] == "unknown"]
+    for p in procs:
+        if p["completeness"] == "unknown" and not p["gaps"]:
+            continue
+        state = {"closed": f"closed cleanly ({p['close_reason'] or 'no reason given'})",
+                 "not closed": f"NOT CLOSED: no final flush; complete up to {p['flushed_until_utc']}",
+                 "unknown": "unknown"}[p["completeness"]]
+        out.append(f"  {p['key']}: {state}")
+        for g in p["gaps"]:
+            count = f"{g['count']:,} records, " if g["count"] is not None else ""
+            out.append(f"    missing or uncertain {g['start_utc']} .. {g['end_utc']} ({count}{g['reason']})")
+    if unknown:
+        out.append(f"  {len(unknown)} file(s) without completeness markers (written by an older profiler): "
+                   "whether they closed cleanly is unknown")
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     data = read_run(args.path)
     info = describe_run(data)
+    # text from the raw files may hold what the console cannot encode (a lone surrogate): escape it
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:
+        reconfigure(errors="backslashreplace")
     if args.json:
         print(json.dumps(info, indent=1, default=str))
     else:

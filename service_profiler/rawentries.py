@@ -66,17 +66,24 @@ def valid_token_entry(e: Any) -> bool:
             and e[2].__class__ in _OPT_INT and (n < 4 or e[3].__class__ in _OPT_STR))
 
 
+MAX_TS = 2**62  # timestamps are monotonic ns in [0, MAX_TS): shifted to epoch ns they stay within int64
+_INT64 = 2**63
+
+
 def valid_record(code: int, rec: list[Any]) -> bool:
-    """A span [chan, start, end, tid, attrs|null], event [chan, ts, tid, attrs|null] or counter
-    [chan, ts, {values}]; timestamps are ints (not bools)."""
+    """A span [chan, start, end, tid, attrs|null] (end >= start), event [chan, ts, tid, attrs|null] or
+    counter [chan, ts, {values}]; timestamps are ints (not bools) in [0, MAX_TS), tids int64."""
     def is_ts(v: Any) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
+        return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < MAX_TS
+
+    def is_tid(v: Any) -> bool:
+        return isinstance(v, int) and -_INT64 <= v < _INT64
 
     if code == SPAN:
-        return (len(rec) == 5 and is_ts(rec[1]) and is_ts(rec[2]) and isinstance(rec[3], int)
+        return (len(rec) == 5 and is_ts(rec[1]) and is_ts(rec[2]) and rec[2] >= rec[1] and is_tid(rec[3])
                 and (rec[4] is None or isinstance(rec[4], dict)))
     if code == EVENT:
-        return len(rec) == 4 and is_ts(rec[1]) and isinstance(rec[2], int) and (
+        return len(rec) == 4 and is_ts(rec[1]) and is_tid(rec[2]) and (
             rec[3] is None or isinstance(rec[3], dict))
     return len(rec) == 3 and is_ts(rec[1]) and isinstance(rec[2], dict)
 

@@ -31,7 +31,21 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from service_profiler.fastjson import loads as fast_loads
+from service_profiler.losses import LOSS_LINES, LossReader, ProcessLoss
+from service_profiler.rawcheck import (
+    FORMAT_VERSION,
+    MAX_TS,
+    clock_anchor,
+    header_problems,
+    int_or_none,
+    lone_surrogates_replaced,
+    parse_line,
+    patch_items,
+    process_identity,
+    same_host_offsets,
+    short_text,
+    valid_ts,
+)
 from service_profiler.rawentries import (
     BATCH_REQS,
     COUNTER,
@@ -46,7 +60,6 @@ from service_profiler.rawentries import (
 )
 
 RAW_SUFFIX = ".sprof.jsonl"
-FORMAT_VERSION = 1
 
 DRAIN_RECORDS = 5_000  # records a streaming read (`read_run(drain=...)`) holds at most, plus one line
 # (5k rather than 50k: ~80 MB less memory for the database process, and no slower: the rows stay in cache)
@@ -55,6 +68,9 @@ _KIND_CODES = {"span": SPAN, "event": EVENT, "counter": COUNTER}
 # rawentries.py); events of these domains have their `rid` interned on a whole read.
 _ENTRY_FIELDS = {("BatchSchedule", "batchFrameworkProcessing"): BATCH_REQS, ("Request", "tokens"): TOKEN_REQS}
 _RID_DOMAINS = frozenset({"Request", "KVCache"})
+# lines whose repetition would count something twice (records, losses, switches): a repeat is skipped
+_COUNTED_LINES = frozenset({"rec", "dropped", "lost", "state", "flushed", "close"})
+_LINE_END_BYTES = 4096
 
 
 class SpanRecord(NamedTuple):
@@ -108,6 +124,7 @@ class ProcessInfo:
     path: str = ""
     format: int = FORMAT_VERSION
     channels: list[dict[str, Any]] = field(default_factory=list)
+    loss: ProcessLoss = field(default_factory=ProcessLoss)  # closed cleanly? what is missing (losses.py)
 
 
 @dataclass
@@ -151,8 +168,8 @@ def _read_header(path: Path) -> dict[str, Any] | None:
     with path.open("rb") as fh:
         first = fh.readline()
     try:
-        obj = json.loads(first)
-    except ValueError:
+        obj = json.loads(lone_surrogates_replaced(first))
+    except (ValueError, RecursionError):
         return None
     if isinstance(obj, dict) and obj.get("t") == "header":
         return obj
@@ -175,8 +192,7 @@ def _dedupe_copies(files: list[Path], problems: list[str]) -> list[tuple[Path, d
                 f"{path}:1: no valid header line (expected a JSON object with \"t\": \"header\"); file skipped"
             )
             continue
-        clock = header.get("clock") or {}
-        key = (header.get("hostname"), header.get("pid"), clock.get("wall_ns"), clock.get("mono_ns"))
+        key = process_identity(header)
         if key in best:
             kept, _, kept_size = best[key]
             if size > kept_size:
@@ -207,12 +223,17 @@ class _FileReader:
         self.unknown_chan: dict[str, int] = {}
         self.warning_slots: dict[str, int] = {}  # warning message -> its index in proc.warnings
         self.bad_records = 0
+        self.bad_lines: list[int] = []  # the first few lines holding malformed records
+        self.bad_line_count = 0
+        self.seen_recs: set[int] = set()  # hashes of the rec lines read: a repeated line counts once
+        self.repeated: list[int] = [0, 0]  # repeated rec lines skipped, the first one's line number
         self.dropped = [0]  # malformed per-request entries dropped (rawentries.clean_attrs counts them)
+        self.losses = LossReader(proc.loss, self.offset, run.problems)
 
     def read(self, path: Path) -> None:
         run = self.run
         problems = run.problems
-        loads = fast_loads
+        loads = parse_line
         with path.open("rb") as fh:
             lines = iter(fh)
             next(lines, None)  # header, already parsed
@@ -222,15 +243,27 @@ class _FileReader:
                 try:
                     obj = loads(line)
                     kind = obj["t"]
-                except (ValueError, TypeError, KeyError):
+                    hash(kind)
+                except (ValueError, TypeError, KeyError, RecursionError):
                     if not line.strip():
                         continue
                     if not line.endswith(b"\n"):
                         problems.append(f"{path}:{lineno}: torn last line ({len(line)} bytes, cut mid-record)"
                                         "; skipped")
                     else:
-                        problems.append(f"{path}:{lineno}: corrupt line (not a JSON object with \"t\"); skipped")
+                        problems.append(f"{path}:{lineno}: corrupt line (not a JSON object with \"t\", or nested "
+                                        "too deep); skipped")
                     continue
+                if kind in _COUNTED_LINES:
+                    # These lines carry ns timestamps: the same line twice is a copy (a file concatenated
+                    # with itself, a line written twice), not new data. Its length and both ends (a few
+                    # dozen records each) identify a line; hashing all of it would cost ~3 % of a read.
+                    key = hash((len(line), line[:_LINE_END_BYTES], line[-_LINE_END_BYTES:]))
+                    if key in self.seen_recs:
+                        self.repeated[0] += 1
+                        self.repeated[1] = self.repeated[1] or lineno
+                        continue
+                    self.seen_recs.add(key)
                 if kind == "rec":
                     r = obj.get("r")
                     if isinstance(r, list):
@@ -249,15 +282,22 @@ class _FileReader:
         for chan_id, count in self.unknown_chan.items():
             problems.append(f"{path}: {count} records of undeclared channel {chan_id}; skipped")
         if self.bad_records:
-            problems.append(f"{path}: {self.bad_records} malformed records; skipped")
+            where = ", ".join(map(str, self.bad_lines)) + (", ..." if self.bad_line_count > len(self.bad_lines) else "")
+            problems.append(f"{path}: {self.bad_records} malformed records (line {where}; a record is [channel id, "
+                            "timestamps (ints in [0, 2^62), end >= start), tid, attrs], see docs/DESIGN.md); skipped")
+        if self.repeated[0]:
+            problems.append(f"{path}:{self.repeated[1]}: {self.repeated[0]} line(s) repeating an earlier line "
+                            "of this file (a copy); counted once")
         if self.dropped[0]:
             problems.append(f"{path}: {self.dropped[0]} malformed per-request entries (`reqs` of batch or tokens "
                             "records; see docs/DESIGN.md for their shape); dropped")
 
     def _channel(self, obj: dict[str, Any], path: Path, lineno: int) -> None:
-        code = _KIND_CODES.get(obj.get("kind", ""))
-        if code is None or "id" not in obj:
-            self.run.problems.append(f"{path}:{lineno}: channel line without a valid id/kind; skipped")
+        kind = obj.get("kind")
+        code = _KIND_CODES.get(kind) if isinstance(kind, str) else None
+        if code is None or obj.get("id").__class__ is not int:
+            self.run.problems.append(f"{path}:{lineno}: channel line without a valid id (an integer) and kind "
+                                     "(span, event or counter); skipped")
             return
         domain, name = sys.intern(str(obj.get("domain", ""))), sys.intern(str(obj.get("name", "")))
         ids = _ENTRY_FIELDS.get((domain, name), NO_IDS)
@@ -271,21 +311,36 @@ class _FileReader:
         if kind == "meta":
             proc.meta[str(obj.get("key"))] = obj.get("value")
         elif kind == "patch":
-            proc.patch = {k: obj.get(k, []) for k in ("applied", "pending", "skipped", "failed")}
+            fields = ("applied", "pending", "skipped", "failed")
+            proc.patch = {k: patch_items(obj.get(k)) for k in fields}
+            odd = [k for k in fields if obj.get(k) is not None and (not isinstance(obj[k], list) or any(
+                not isinstance(v, str | dict) for v in obj[k]))]
+            if odd:
+                self.run.problems.append(f"{path}:{lineno}: patch line: {', '.join(odd)} not a list of symbol names "
+                                         "or {symbol, reason} objects; read as text")
         elif kind == "state":
-            ts = obj.get("ts")
-            ts_wall = ts + self.offset if isinstance(ts, int) else 0
-            self.run.states.append((proc.index, ts_wall, bool(obj.get("enabled")), str(obj.get("reason", ""))))
-        elif kind in ("dropped", "lost"):  # `lost`: a failed write or the encoder took them
+            ts = valid_ts(obj.get("ts"))
+            if ts is None:
+                self.run.problems.append(f"{path}:{lineno}: state line without a valid ts; skipped")
+                return
+            self.run.states.append((proc.index, ts + self.offset, bool(obj.get("enabled")),
+                                    str(obj.get("reason", ""))))
+        elif kind == "dropped":
             count = obj.get("count")
-            if isinstance(count, int):
+            if count.__class__ is int and 0 <= count < MAX_TS:
                 proc.dropped += count
-        elif kind in ("flushed", "close"):
-            pass  # completeness markers of the runtime; read by the analysis of complete ranges
+                if count:
+                    self.losses.dropped(count, obj.get("ts"))
+            else:
+                self.run.problems.append(f"{path}:{lineno}: dropped line without a valid count; skipped")
+        elif kind in LOSS_LINES:
+            self.losses.line(kind, obj, path, lineno)
         elif kind == "warn":
             # A process writes a warning when it first happens and re-writes it with its running total
             # later (at exit at the latest): one entry per message, with the last total.
             msg, count = str(obj.get("msg", "")), obj.get("count", 1)
+            if count.__class__ is not int:
+                count = "?"
             text = f"{msg} (x{count})" if count != 1 else msg
             slot = self.warning_slots.get(msg)
             if slot is None:
@@ -314,20 +369,25 @@ class _FileReader:
     def _records_slow(self, records: list[Any], path: Path, lineno: int) -> None:
         chans = self.chans
         good = []
+        bad = self.bad_records
         for rec in records:
             if not isinstance(rec, list) or not rec:
                 self.bad_records += 1
                 continue
             chan_id = rec[0]
-            chan = chans.get(chan_id) if isinstance(chan_id, int) else None
+            chan = chans.get(chan_id) if chan_id.__class__ is int else None
             if chan is None:
-                label = repr(chan_id)
+                label = short_text(chan_id)
                 self.unknown_chan[label] = self.unknown_chan.get(label, 0) + 1
                 continue
             if not valid_record(chan[0], rec):
                 self.bad_records += 1
                 continue
             good.append(rec)
+        if self.bad_records > bad:
+            self.bad_line_count += 1
+            if len(self.bad_lines) < 5:
+                self.bad_lines.append(lineno)
         run = self.run
         self.build(good, chans, self.offset, self.proc.index, run.spans, run.events, run.counters, self.shared,
                    self.dropped)
@@ -342,26 +402,31 @@ def build_records(records: list[Any], chans: dict[Any, tuple[int, str, str, int]
 
 
 def _process_from_header(index: int, path: Path, header: dict[str, Any]) -> ProcessInfo:
-    clock = header.get("clock") or {}
-    wall, mono = clock.get("wall_ns"), clock.get("mono_ns")
-    offset = wall - mono if isinstance(wall, int) and isinstance(mono, int) else 0
-    hostname = str(header.get("hostname", "?"))
-    pid = int(header.get("pid") or 0)
+    """Every field checked: a malformed one reads as unknown (`header_problems` says which)."""
+    clock = clock_anchor(header)
+    offset = clock[0] - clock[1] if clock is not None else 0
+    host = header.get("hostname")
+    hostname = host if isinstance(host, str) else "?"
+    pid = int_or_none(header.get("pid"))
+    pid = pid if pid is not None and -MAX_TS < pid < MAX_TS else 0
+    ppid = int_or_none(header.get("ppid"))
     argv = header.get("argv")
     engine = header.get("engine")
+    role, version = header.get("role"), header.get("profiler_version")
+    fmt = header.get("format")
     return ProcessInfo(
         index=index,
         key=f"{hostname}:{pid}",
         hostname=hostname,
         pid=pid,
-        ppid=int(header.get("ppid") or 0),
-        role=str(header.get("role") or ""),
+        ppid=ppid if ppid is not None and -MAX_TS < ppid < MAX_TS else 0,
+        role=role if isinstance(role, str) else "",
         argv=[str(a) for a in argv] if isinstance(argv, list) else [],
         engine=engine if isinstance(engine, dict) else None,
-        profiler_version=str(header.get("profiler_version", "")),
+        profiler_version=version if isinstance(version, str) else "",
         wall_offset_ns=offset,
         path=str(path),
-        format=int(header.get("format") or 0),
+        format=fmt if fmt.__class__ is int and abs(fmt) < MAX_TS else 0,
     )
 
 
@@ -395,14 +460,12 @@ def _read_run(paths: Sequence[Path | str], drain: Callable[[RunData], None] | No
     run = RunData()
     shared: dict[int, int] | None = None if drain is not None else {}
     files = discover_files(paths, run.problems)
-    for path, header in _dedupe_copies(files, run.problems):
+    kept = _dedupe_copies(files, run.problems)
+    host_offsets = same_host_offsets([h for _, h in kept])
+    for path, header in kept:
         proc = _process_from_header(len(run.processes), path, header)
-        if proc.format != FORMAT_VERSION:
-            run.problems.append(f"{path}:1: format {header.get('format')!r} is not {FORMAT_VERSION}; "
-                                "read as version 1")
-        clock = header.get("clock") or {}
-        if not isinstance(clock.get("wall_ns"), int) or not isinstance(clock.get("mono_ns"), int):
-            run.problems.append(f"{path}:1: header has no clock anchor; timestamps left unaligned")
+        proc.wall_offset_ns = host_offsets.get(proc.hostname, proc.wall_offset_ns)
+        run.problems += header_problems(path, header)
         run.processes.append(proc)
         try:
             _FileReader(run, proc, header, build, drain, shared).read(path)

@@ -374,7 +374,7 @@ def test_database_process_dying_before_the_spool_costs_only_the_database(
 
 def _assert_only_the_database_lost(ref: Path, out: Path) -> None:
     assert not (out / "profiler.db").exists()
-    assert sorted(p.name for p in out.iterdir() if p.name.endswith(".tmp")) == []
+    assert sorted(p.name for p in out.iterdir() if p.name.endswith(".tmp") or p.name.startswith(".")) == []
     for name in ("per_iteration_requests.csv", "kvcache.csv", "events.csv", "state_transitions.csv",
                  "request.csv", "batch.csv"):  # the first four written here instead
         assert (out / name).read_bytes() == (ref / name).read_bytes(), name

@@ -151,9 +151,11 @@ def test_a_bad_record_after_cleaned_entries_counts_each_entry_once(tmp_path: Pat
                                        _batch(20, [["r2", 1, 1]]))])
     run = read_run([tmp_path / "run"])
     assert [s.attrs["reqs"] for s in run.spans] == [[("r1", 1, 1)], [("r2", 1, 1)]]  # type: ignore[index]
-    assert sorted(p.split(": ", 1)[1] for p in run.problems) == [
-        "1 malformed per-request entries (`reqs` of batch or tokens records; see docs/DESIGN.md for their shape); "
-        "dropped", "1 malformed records; skipped"]
+    found = sorted(p.split(": ", 1)[1] for p in run.problems)
+    assert found[0] == ("1 malformed per-request entries (`reqs` of batch or tokens records; see docs/DESIGN.md for "
+                        "their shape); dropped")
+    assert found[1].startswith("1 malformed records (line 7; ") and found[1].endswith("; skipped")
+    assert len(found) == 2
 
 
 def _fuzz_value(rng: random.Random) -> Any:
@@ -191,7 +193,9 @@ def _fuzz_record(rng: random.Random, ts: int) -> Any:
         rec = [rng.choice([1, 2, 3, 4, 5]), ts, ts + 1, 1, None]  # right or wrong length for its channel
     if rng.random() < 0.05:  # a malformed record: its line goes to the slow path
         rec = rng.choice([[rec[0], float(ts), *rec[2:]], [rec[0], True, *rec[2:]], rec[:2], [99, ts, 1, None],
-                          "rec", [], [[1]], {"r": 1}])
+                          "rec", [], [[1]], {"r": 1}, [rec[0], 2**63, *rec[2:]], [rec[0], -1, *rec[2:]],
+                          [5, ts + 9, ts, 1, None], [5, ts, ts + 1, 2**64, None], [3, ts, -2**64, None],
+                          [[rec[0]], ts, 1, None]])
     return rec
 
 
@@ -263,6 +267,9 @@ def test_c_loop_builds_records_and_keeps_references_balanced() -> None:
 @pytest.mark.parametrize("bad", [
     [[1, 5.0, 9, 3, None]], [[1, True, 9, 3, None]], [[1, 5, 9, 3]], [[2, 5, 3, []]], [[3, 5, None]],
     [[1, 5, 9, "tid", None]], ["rec"], [[]],
+    # out of range (timestamps in [0, 2^62), tids int64) or a span ending before it starts
+    [[1, 2**62, 2**62 + 1, 3, None]], [[1, -1, 9, 3, None]], [[1, 9, 5, 3, None]], [[1, 5, 9, 2**63, None]],
+    [[2, 2**70, 3, None]], [[2, 5, -2**63 - 1, None]], [[3, 2**64, {}]],
 ])
 def test_c_loop_rejects_what_the_slow_path_rejects(bad: list[Any]) -> None:
     add = rawentries._c_add_records

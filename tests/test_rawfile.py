@@ -57,6 +57,42 @@ def test_clock_anchor_aligns_processes_from_different_hosts(tmp_path: Path) -> N
     assert {p.hostname for p in run.processes} == {SMALL.hostname, "host-b"}
 
 
+def _shift_wall_anchor(path: Path, shift_ns: int) -> None:
+    lines = path.read_text().splitlines(keepends=True)
+    header = json.loads(lines[0])
+    header["clock"]["wall_ns"] += shift_ns
+    lines[0] = json.dumps(header) + "\n"
+    path.write_text("".join(lines))
+
+
+def test_processes_of_one_host_share_its_monotonic_clock(synth: SyntheticRun) -> None:
+    # The wall clock was stepped 100 ms (NTP) between the API server's start and the engine's: each
+    # process's own anchor would put every engine record 100 ms late, scheduling after the first token.
+    _shift_wall_anchor(_engine_file(synth), 100_000_000)
+    run = read_run([synth.run_dir])
+    enqueue = {e.attrs["rid"]: e.ts_ns for e in run.events if e.name == "enqueue" and e.attrs}
+    truth = {rid: t.engine_arrival_ns for rid, t in synth.requests.items()}
+    # one clock for both, anchored by the newest anchor (the engine's): everything moves by the step alike
+    assert {enqueue[rid] - truth[rid] for rid in truth} == {100_000_000}
+    api = next(p for p in run.processes if p.role == "api_server")
+    engine = next(p for p in run.processes if p.role == "engine_core")
+    assert api.wall_offset_ns == engine.wall_offset_ns
+    arrival = {e.attrs["rid"]: e.ts_ns for e in run.events if e.name == "httpReq" and e.attrs}
+    assert {enqueue[rid] - arrival[rid] for rid in truth} == {t.engine_arrival_ns - t.arrival_ns
+                                                               for t in synth.requests.values()}
+
+
+def test_same_hostname_on_unrelated_clocks_keeps_each_anchor(tmp_path: Path) -> None:
+    # two machines that share a hostname (e.g. containers): their monotonic clocks are unrelated, so each
+    # file keeps its own anchor
+    cfg = SyntheticConfig(requests=10, output_tokens=4, engine_mono_offset_ns=5_000 * 10**9)
+    synth = generate_run(tmp_path / "run", cfg)
+    run = read_run([synth.run_dir])
+    enqueue = {e.attrs["rid"]: e.ts_ns for e in run.events if e.name == "enqueue" and e.attrs}
+    assert enqueue == {rid: t.engine_arrival_ns for rid, t in synth.requests.items()}
+    assert len({p.wall_offset_ns for p in run.processes}) == 2
+
+
 def test_torn_last_line_keeps_everything_before_it(synth: SyntheticRun) -> None:
     path = _engine_file(synth)
     lines = path.read_bytes().splitlines(keepends=True)
@@ -81,7 +117,8 @@ def test_corrupt_middle_line_is_skipped_and_reading_goes_on(synth: SyntheticRun)
     path.write_bytes(b"".join(lines))
     run = read_run([synth.run_dir])
     assert run.num_records == synth.num_records - lost
-    assert run.problems == [f"{path}:{victim + 1}: corrupt line (not a JSON object with \"t\"); skipped"]
+    assert run.problems == [
+        f"{path}:{victim + 1}: corrupt line (not a JSON object with \"t\", or nested too deep); skipped"]
     # records after the corrupt line are there: the last batch of the run is still read
     last_batch = max(b.batch_id for b in synth.batches)
     assert any(s.attrs and s.attrs.get("batch_id") == last_batch for s in run.spans if s.name == "step")

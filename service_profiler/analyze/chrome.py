@@ -46,6 +46,7 @@ from service_profiler.analyze.request_tracks import (
     request_phases,
 )
 from service_profiler.fastjson import encode_events
+from service_profiler.outputs import create_temp, open_output
 
 if TYPE_CHECKING:
     from service_profiler.rawfile import RunData, SpanRecord
@@ -78,12 +79,13 @@ def write_chrome_trace(run: RunData, tables: object | None, out_path: Path) -> N
     at the end): a long run's million event dicts never exist at once.
     """
     out_path = Path(out_path)
-    spill_path = out_path.with_name(out_path.name + ".events.tmp")
+    # the spill is read back: a file of our own (O_EXCL, mode 0600), never one found at a known name
+    spill_fd, spill_path = create_temp(out_path.parent, out_path.name + ".events", 0o600)
     try:
-        with _no_cyclic_gc(), spill_path.open("w", encoding="utf-8") as spill:
+        with _no_cyclic_gc(), open(spill_fd, "w", encoding="utf-8") as spill:
             trace, builder = _build(run, spill)
         # bytes: the spilled events are copied as they are, not decoded and encoded again
-        with out_path.open("wb") as out, spill_path.open("rb") as spilled:
+        with open_output(out_path, "wb") as out, spill_path.open("rb") as spilled:
             out.write(b'{"traceEvents":[')
             out.write(encode_events(trace.pop("traceEvents")).encode())
             if builder.spilled:

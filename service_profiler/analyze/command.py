@@ -49,6 +49,8 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
 
+from service_profiler.outputs import OutputPathError, check_output_dir, output_dir, write_output_text
+
 from .steps import fork_context, merge, receive_forked, receive_outcomes, run_step, start_forked
 
 if TYPE_CHECKING:
@@ -107,12 +109,15 @@ def _optional(module: str) -> ModuleType | None:
 
 def _helper_columns(tables: AnalysisTables) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """The numeric batch and request columns the plots and the latency model read (every numeric column
-    where the plots module is not installed)."""
+    where the plots module is not installed); complete requests only."""
+    from .summary import complete_rows
+
+    requests = complete_rows(tables.requests)  # latency plots, like the statistics, show whole requests only
     plots = _optional("service_profiler.analyze.plots")
     if plots is None:
-        return tables.batches.numeric_columns(), tables.requests.numeric_columns()
+        return tables.batches.numeric_columns(), requests.numeric_columns()
     return (tables.batches.numeric_columns({*plots.BATCH_COLUMNS, *MODEL_COLUMNS}),
-            tables.requests.numeric_columns(plots.REQUEST_COLUMNS))
+            requests.numeric_columns(plots.REQUEST_COLUMNS))
 
 
 def _long_run(batch_columns: dict[str, np.ndarray]) -> bool:
@@ -286,13 +291,18 @@ def _run(args: argparse.Namespace) -> int:
     out_dir: Path = args.output_path
     formats: list[str] = list(dict.fromkeys(args.format))
     progress = _Progress(sys.stderr, args.quiet)
+    created = not out_dir.exists()
+    try:  # before any work: an output path that cannot be used is the user's to fix, not a traceback
+        check_output_dir(out_dir)
+    except OutputPathError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_NO_DATA
 
     def plots_out(cols: tuple[dict[str, np.ndarray], dict[str, np.ndarray]], part: int) -> list[Path] | str:
         mod = _optional("service_profiler.analyze.plots")
         if mod is None:
             return "plots skipped: service_profiler.analyze.plots is not installed in this build"
-        plot_dir = out_dir / "plots"
-        plot_dir.mkdir(parents=True, exist_ok=True)
+        plot_dir = output_dir(out_dir / "plots")
         # two parts, drawn by two processes: the first five (three wide line charts) and the last four
         names = mod.PLOT_NAMES[:5] if part == 0 else mod.PLOT_NAMES[5:]
         if not (_long_run(cols[0]) and _Feeder.in_helper):
@@ -317,8 +327,7 @@ def _run(args: argparse.Namespace) -> int:
         size, tokens, ms = _finite(*(b[name] for name in MODEL_COLUMNS))
         if len(ms) == 0:
             return "latency model skipped: no batch has a model execution time (modelExec spans)"
-        model_dir = out_dir / "model"
-        model_dir.mkdir(parents=True, exist_ok=True)
+        model_dir = output_dir(out_dir / "model")
         mod.fit_and_save(size, tokens, ms, model_dir)
         return sorted(p for p in model_dir.rglob("*") if p.is_file())
 
@@ -334,10 +343,13 @@ def _run(args: argparse.Namespace) -> int:
     warm = ("matplotlib.figure", "matplotlib.backends.backend_agg")
     helpers = [_Feeder(progress, steps, warm)] if steps else []
     try:
-        return _analyze(args, out_dir, formats, progress, helpers)
+        status = _analyze(args, out_dir, formats, progress, helpers)
     finally:
         for helper in helpers:
             helper.cancel()
+    if created and status == EXIT_NO_DATA and out_dir.is_dir() and not any(out_dir.iterdir()):
+        out_dir.rmdir()  # nothing was analysed: leave no empty directory behind
+    return status
 
 
 def _analyze(args: argparse.Namespace, out_dir: Path, formats: list[str], progress: _Progress,
@@ -383,8 +395,6 @@ def _analyze_run(args: argparse.Namespace, out_dir: Path, formats: list[str], pr
         if database is not None:
             database.cancel()
             database.collect([], [], [])
-            if out_dir.is_dir() and not any(out_dir.iterdir()):
-                out_dir.rmdir()
         print("error: no readable raw files (*.sprof.jsonl) in " + " ".join(map(str, args.input_path)),
               file=sys.stderr)
         for p in data.problems:
@@ -471,8 +481,8 @@ def _analyze_run(args: argparse.Namespace, out_dir: Path, formats: list[str], pr
                     step("csv", name, functools.partial(write_table_csv, data, tables, csv_dir, name))
     if data.problems:
         problems_path = out_dir / "problems.txt"
-        problems_path.write_text("\n".join(data.problems) + "\n", encoding="utf-8")
-        produced.append(problems_path)
+        merge(run_step("problems.txt", lambda: write_output_text(problems_path, "\n".join(data.problems) + "\n"),
+                       progress), produced, notes, failures)
 
     if not args.quiet:
         print(format_summary(data, tables))

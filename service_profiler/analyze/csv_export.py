@@ -35,6 +35,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from service_profiler.fastjson import json_text
+from service_profiler.outputs import OutputFile, open_output
 from service_profiler.rawfile import RunData
 
 from . import lifecycle
@@ -139,7 +140,7 @@ def _column(rows: Sequence[tuple[Any, ...]], i: int) -> list[Any]:
 
 
 def _write(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> Path:
-    with path.open("w", newline="", encoding="utf-8") as fh:
+    with open_output(path, "w", newline="", encoding="utf-8") as fh:
         csv.writer(fh, lineterminator="\n").writerow(header)
         block: list[Sequence[Any]] = []
         for row in rows:
@@ -253,7 +254,7 @@ def write_batch_csv(run: RunData, tables: AnalysisTables, path: Path) -> Path:
     """batch.csv of the whole batch table (`BatchCsvFormat`)."""
     t, spans = tables.batches, tables.batch_spans
     fmt = BatchCsvFormat(process_labels(run), [p.pid for p in run.processes], t.columns)
-    with path.open("w", encoding="utf-8", newline="") as fh:
+    with open_output(path, "w", encoding="utf-8", newline="") as fh:
         fh.write(",".join(fmt.header) + "\n")
         # a block of rows at a time: the text of a whole long run's file at once would be ~100 MB more
         # memory at analyze's peak
@@ -334,12 +335,16 @@ def _csv_line(row: Sequence[Any]) -> str:
 class FedCsv:
     """A CSV written a part at a time by another exporter's loop (`feed`): a failure here only stops this
     file (which analyze then writes itself), never the exporter feeding it. `done`: it has been fed all
-    it expects (where it can tell); `complete` after `close`: every part was written."""
+    it expects (where it can tell); `complete` after `close`: every part was written, and the file is
+    in place (an incomplete one is removed: see outputs.OutputFile)."""
 
-    def __init__(self, path: Path, header: Sequence[str]) -> None:
+    def __init__(self, path: Path, header: Sequence[str], temp_dir: Path | None = None) -> None:
+        """`temp_dir`: see outputs.OutputFile."""
         self.path = path
         self.complete = self.failed = self.done = False
-        self.fh = path.open("w", newline="", encoding="utf-8")
+        self.error: OSError | None = None
+        self.out = OutputFile(path, "w", temp_dir, newline="", encoding="utf-8")
+        self.fh = self.out.fh
         csv.writer(self.fh, lineterminator="\n").writerow(header)
 
     def write_chunk(self, part: Any) -> None:
@@ -354,16 +359,22 @@ class FedCsv:
             self.failed = True
 
     def close(self, complete: bool = True) -> None:
-        self.fh.close()
         self.complete = complete and not self.failed
+        if self.complete:
+            try:
+                self.out.commit()
+            except OSError as exc:  # the caller learns it from `complete` (and `error`)
+                self.complete, self.failed, self.error = False, True, exc
+        else:
+            self.out.discard()
 
 
 class TableCsvWriter(FedCsv):
     """One of TABLE_FORMATS, fed the ("table", part) messages of its table (`sqlite_export.TablePart`),
     or written rows at a time (`write_rows`)."""
 
-    def __init__(self, path: Path, fmt: CsvFormat) -> None:
-        super().__init__(path, fmt.header)
+    def __init__(self, path: Path, fmt: CsvFormat, temp_dir: Path | None = None) -> None:
+        super().__init__(path, fmt.header, temp_dir)
         self.columns = fmt.columns
 
     def write_rows(self, rows: Sequence[tuple[Any, ...]]) -> None:
@@ -380,8 +391,8 @@ class BatchCsvWriter(FedCsv):
     entry sources that follow them (each one's `reqs` are res_list). A part is held until the entries of
     all its batches have passed; `done` once the last part's have."""
 
-    def __init__(self, path: Path, fmt: BatchCsvFormat) -> None:
-        super().__init__(path, fmt.header)
+    def __init__(self, path: Path, fmt: BatchCsvFormat, temp_dir: Path | None = None) -> None:
+        super().__init__(path, fmt.header, temp_dir)
         self.fmt = fmt
         self.rows: list[tuple[Any, ...]] = []  # the batch rows received and not yet written
         self.first = 0  # the batch row of rows[0]
@@ -408,9 +419,9 @@ class PerIterationWriter(FedCsv):
     formatted by `map(format % row, zip(columns))`, all in C; only request ids needing quotes (once per
     id), missing values and preempted rows take the csv.writer path."""
 
-    def __init__(self, labels: Sequence[str], path: Path) -> None:
+    def __init__(self, labels: Sequence[str], path: Path, temp_dir: Path | None = None) -> None:
         """`labels`: each process's label (`process_labels`), by process index."""
-        super().__init__(path, [("process" if c == "proc" else c) for c in lifecycle.ITERATION_COLUMNS])
+        super().__init__(path, [("process" if c == "proc" else c) for c in lifecycle.ITERATION_COLUMNS], temp_dir)
         self.labels = [_csv_line([lbl]).rstrip("\n") for lbl in labels]
         # the batch's four columns (batch_id, dp_rank, process, start_ns) are formatted once per batch
         self.batch_fmt = "%s,%s,%s,%s,"
@@ -454,8 +465,12 @@ def write_per_iteration(run: RunData, tables: AnalysisTables, path: Path) -> Pat
     try:
         for chunk in iter_entry_chunks(tables):
             writer.write_chunk(chunk)
-    finally:
-        writer.close()
+    except BaseException:
+        writer.close(complete=False)
+        raise
+    writer.close()
+    if writer.error is not None:
+        raise writer.error
     return path
 
 
@@ -485,8 +500,12 @@ def write_table_csv(run: RunData, tables: AnalysisTables, out_dir: Path, name: s
     try:
         for lo in range(0, len(table.rows), _CSV_BLOCK):
             writer.write_rows(table.rows[lo:lo + _CSV_BLOCK])
-    finally:
-        writer.close()
+    except BaseException:
+        writer.close(complete=False)
+        raise
+    writer.close()
+    if writer.error is not None:
+        raise writer.error
     return writer.path
 
 

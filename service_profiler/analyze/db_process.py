@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from service_profiler.outputs import private_dir, remove_private_dir
 from service_profiler.rawfile import RunData
 
 from . import sqlite_export
@@ -120,8 +121,13 @@ class DatabaseProcess:
         """`paths`: analyze's input paths; `raw_files`: the raw files found under them."""
         self.progress, self.paths, self.out_dir = progress, list(paths), out_dir
         self.db_path = out_dir / "profiler.db"
-        self.raw_db = out_dir / "profiler.db.raw.tmp"
-        self.spool = out_dir / "profiler.db.spool.tmp"
+        # Its working files (the raw tables' file, the database being completed, the spool of pickles
+        # it reads back) are in a directory only this user can enter: nothing another user planted (a
+        # link, a crafted spool) is ever written through or unpickled. profiler.db is moved into place.
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.work_dir: Path | None = private_dir(out_dir, "profiler.db")
+        self.raw_db = self.work_dir / "profiler.db.raw.tmp"
+        self.spool = self.work_dir / "profiler.db.spool.tmp"
         self.csv_written: list[Path] = []  # the CSVs this process wrote (analyze writes the others)
         self.proc: Any = None
         self.conn: Any = None
@@ -165,7 +171,10 @@ class DatabaseProcess:
         from the entry chunks, batch.csv from the batch table's parts and the entries, and TABLE_CSVS
         from their tables there. (The SQLite step's outcome, the CSVs written.) Without the raw tables the
         database fails but the CSVs are still written. `labels`, `pids`: each process's, by index."""
-        per_iteration = PerIterationWriter(labels, csv_dir / PER_ITERATION_CSV) if csv_dir is not None else None
+        # the CSVs are written in the working directory until complete: a process killed mid-way leaves
+        # nothing in the output directory (analyze removes the working directory)
+        work = self.work_dir
+        per_iteration = PerIterationWriter(labels, csv_dir / PER_ITERATION_CSV, work) if csv_dir is not None else None
         table_csvs = {table_name: (name, make_format) for name, (table_name, make_format) in TABLE_CSVS.items()}
         writers: dict[str, FedCsv] = {}  # table name -> its CSV, while its parts pass
         written: list[Path] = []
@@ -180,10 +189,10 @@ class DatabaseProcess:
             parts and the entries), or one of TABLE_CSVS (fed its table's parts)."""
             assert csv_dir is not None
             if table == "batch":
-                return BatchCsvWriter(csv_dir / BATCH_CSV, BatchCsvFormat(labels, pids, columns))
+                return BatchCsvWriter(csv_dir / BATCH_CSV, BatchCsvFormat(labels, pids, columns), work)
             if table in table_csvs:
                 name, make_format = table_csvs[table]
-                return TableCsvWriter(csv_dir / name, make_format(labels, columns))
+                return TableCsvWriter(csv_dir / name, make_format(labels, columns), work)
             return None
 
         def tap(messages: Iterator[Message]) -> Iterator[Message]:
@@ -353,7 +362,7 @@ class DatabaseProcess:
             outcomes += [([], [], [f"{label}: the exporter process died (exit code {self.proc.exitcode})"])
                          for label in labels[len(outcomes):]]
             self.proc = None
-            self._remove_leftovers()  # a process that died left them
+        self._remove_leftovers()  # what a process that died left, and the working directory
         for outcome in outcomes:
             merge(outcome, produced, notes, failures)
 
@@ -376,5 +385,5 @@ class DatabaseProcess:
         self._remove_leftovers()
 
     def _remove_leftovers(self) -> None:
-        for path in (self.spool, self.raw_db, self.db_path.with_name(self.db_path.name + ".tmp")):
-            path.unlink(missing_ok=True)
+        remove_private_dir(self.work_dir)
+        self.work_dir = None

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from service_profiler.fastjson import JSON_ENCODERS, json_text
+from service_profiler.outputs import private_dir, remove_private_dir
 from service_profiler.rawentries import add_records_py
 from service_profiler.rawfile import RECORD_CLASSES, CounterRecord, EventRecord, RunData, SpanRecord, read_run
 
@@ -193,6 +194,16 @@ def _write_process_tables(db: sqlite3.Connection, run: RunData) -> None:
     db.executemany("INSERT INTO process VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", [
         (p.index, p.key, p.hostname, p.pid, p.ppid, p.role, dumps(p.argv), dumps(p.engine), p.profiler_version,
          p.wall_offset_ns, p.dropped, dumps(p.warnings), dumps(p.patch), p.path) for p in run.processes])
+    # what each file says about its completeness (losses.py): closed / not closed / unknown, and the
+    # time ranges whose records are missing or uncertain (end_ns NULL: to the end of the run)
+    db.execute("CREATE TABLE process_completeness (proc INTEGER PRIMARY KEY, status TEXT, close_reason TEXT, "
+               "flushed_until_ns INTEGER)")
+    db.executemany("INSERT INTO process_completeness VALUES (?,?,?,?)", [
+        (p.index, p.loss.status, p.loss.close_reason, p.loss.flushed_until_ns) for p in run.processes])
+    db.execute("CREATE TABLE process_gap (proc INTEGER, start_ns INTEGER, end_ns INTEGER, reason TEXT, "
+               "count INTEGER)")
+    db.executemany("INSERT INTO process_gap VALUES (?,?,?,?,?)", [
+        (p.index, *g.as_dict().values()) for p in run.processes for g in p.loss.all_gaps()])
     db.execute("CREATE TABLE process_meta (proc INTEGER, key TEXT, value TEXT)")
     db.executemany("INSERT INTO process_meta VALUES (?,?,?)",
                    [(p.index, k, dumps(v)) for p in run.processes for k, v in p.meta.items()])
@@ -443,8 +454,10 @@ class SqliteExport:
     export never leaves a half-written database behind."""
 
     def __init__(self, path: Path, raw_db: Path) -> None:
+        """`raw_db`: in a directory of this process's own (outputs.private_dir), where the database is
+        also completed; `finish` then replaces whatever is at `path` (a link is replaced, never followed)."""
         self.path, self.raw_db = path, raw_db
-        self.tmp = path.with_name(path.name + ".tmp")
+        self.tmp = raw_db.with_name(path.name + ".tmp")
         self.db: sqlite3.Connection | None = None
         self.entries = EntryBuilder()
 
@@ -517,8 +530,12 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 def write_sqlite(paths: Sequence[Path | str], tables: AnalysisTables, path: Path) -> Path:
     """Write `profiler.db` at `path` (replaced if it exists) for the run read from `paths`."""
-    raw_db = path.with_name(path.name + ".raw.tmp")
-    write_raw_db(paths, raw_db)
-    export = SqliteExport(path, raw_db).start()
-    export.apply(analysis_messages(tables))
-    return export.finish()
+    work = private_dir(path.parent, path.name)
+    try:
+        raw_db = work / (path.name + ".raw.tmp")
+        write_raw_db(paths, raw_db)
+        export = SqliteExport(path, raw_db).start()
+        export.apply(analysis_messages(tables))
+        return export.finish()
+    finally:
+        remove_private_dir(work)

@@ -11,6 +11,11 @@ Which rows a batch metric covers:
 Every batch counts, identical ones included (the reference collapsed identical batches).
 
 Service throughput: tokens over the served window, first request arrival to last completion.
+
+Latency statistics (request_summary, batch_summary, the percentiles of service_summary) cover complete
+rows only (`completeness`: requests and batches only partly observed are left out); service_summary
+counts those left out (incomplete_request_num, incomplete_batch_num). Token totals and counts cover
+every row.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ import numpy as np
 
 from service_profiler.rawfile import RunData
 
-from .tables import AnalysisTables
+from .completeness import complete_mask, reason_counts
+from .tables import AnalysisTables, Table
 
 
 @dataclass
@@ -49,9 +55,18 @@ def describe(values: np.ndarray | Sequence[float]) -> Stats:
                  float(p99))
 
 
+def complete_rows(table: Table) -> Table:
+    """The table's complete rows (see completeness.py)."""
+    mask = complete_mask(table)
+    if all(mask):
+        return table
+    return Table(table.name, table.columns, [r for r, ok in zip(table.rows, mask, strict=True) if ok])
+
+
 def request_metrics(tables: AnalysisTables) -> list[tuple[str, np.ndarray]]:
-    """(metric, values): the reference's request_summary rows first (ms / tokens), then ours."""
-    r = tables.requests
+    """(metric, values): the reference's request_summary rows first (ms / tokens), then ours; complete
+    requests only."""
+    r = complete_rows(tables.requests)
     exec_ms = (r.column("completion_ns") - r.column("first_scheduled_ns")) / 1e6
     return [
         ("first_token_latency", r.column("ttft_ms")),
@@ -72,7 +87,7 @@ def request_metrics(tables: AnalysisTables) -> list[tuple[str, np.ndarray]]:
 
 
 def batch_metrics(tables: AnalysisTables) -> list[tuple[str, np.ndarray]]:
-    b = tables.batches
+    b = complete_rows(tables.batches)
     n_pf, n_dc = b.column("num_prefill_reqs"), b.column("num_decode_reqs")
     model = b.column("model_run_ms")
     has_pf = n_pf > 0
@@ -110,7 +125,9 @@ def service_metrics(run: RunData, tables: AnalysisTables) -> list[tuple[str, Any
     ok = window_s > 0
     btype = b.values("batch_type")
     finished = int(np.count_nonzero(~np.isnan(completion))) if len(r) else 0
-    ttft, tpot, e2e = describe(r.column("ttft_ms")), describe(r.column("tpot_ms")), describe(r.column("e2e_ms"))
+    whole = complete_rows(r)
+    ttft, tpot, e2e = (describe(whole.column(c)) if len(whole) else describe([])
+                       for c in ("ttft_ms", "tpot_ms", "e2e_ms"))
     return [
         ("total_input_token_num", int(total_in)),
         ("total_generated_token_num", int(total_out)),
@@ -134,6 +151,10 @@ def service_metrics(run: RunData, tables: AnalysisTables) -> list[tuple[str, Any
         ("process_num", len(run.processes)),
         ("dropped_records", sum(p.dropped for p in run.processes)),
         ("problem_num", len(run.problems)),
+        ("complete_request_num", len(whole)),
+        ("incomplete_request_num", len(r) - len(whole)),
+        ("incomplete_batch_num", len(b) - sum(complete_mask(b))),
+        ("processes_not_closed", sum(p.loss.status == "not closed" for p in run.processes)),
     ]
 
 
@@ -154,7 +175,7 @@ def format_summary(run: RunData, tables: AnalysisTables) -> str:
         f"tokens     in {svc['total_input_token_num']:,}  out {svc['total_generated_token_num']:,}  "
         f"output {_fmt(svc['generate_token_speed'], ' tok/s')}  all {_fmt(svc['generate_all_token_speed'], ' tok/s')}",
     ]
-    r = tables.requests
+    r = complete_rows(tables.requests)
     lines.append(f"{'latency ms':<14}{'mean':>10}{'p50':>10}{'p90':>10}{'p99':>10}{'max':>10}")
     for label, col in (("TTFT", "ttft_ms"), ("TPOT", "tpot_ms"), ("e2e", "e2e_ms"), ("queue", "queue_ms")):
         s = describe(r.column(col)) if len(r) else describe([])
@@ -172,4 +193,31 @@ def format_summary(run: RunData, tables: AnalysisTables) -> str:
                  f"preemptions {svc['total_preemptions']:,}")
     if svc["dropped_records"]:
         lines.append(f"WARNING    {svc['dropped_records']:,} records were dropped by the bounded buffer")
+    lines += completeness_lines(run, tables)
     return "\n".join(lines)
+
+
+def completeness_lines(run: RunData, tables: AnalysisTables) -> list[str]:
+    """Partly observed requests and batches, and each process that did not close cleanly or lost records."""
+    lines = []
+    for label, table in (("requests", tables.requests), ("batches", tables.batches)):
+        left = len(table) - sum(complete_mask(table))
+        if left:
+            why = ", ".join(f"{k} {v:,}" for k, v in sorted(reason_counts(table).items(), key=lambda kv: -kv[1]))
+            lines.append(f"PARTIAL    {left:,} of {len(table):,} {label} only partly observed, left out of the "
+                         f"latency statistics ({why}; column incomplete_reason)")
+    unknown = 0
+    for p in run.processes:
+        loss = p.loss
+        unknown += loss.status == "unknown"
+        gaps = loss.all_gaps()
+        if loss.status == "not closed" or gaps:
+            state = {"closed": "closed cleanly", "not closed": "NOT CLOSED (no final flush)",
+                     "unknown": "closing unknown"}[loss.status]
+            lost = sum(g.count or 0 for g in gaps)
+            lines.append(f"LOSS       {p.key}: {state}; {len(gaps)} time range(s) missing or uncertain"
+                         + (f", {lost:,} records known lost" if lost else "") + " (see `service-profiler inspect`)")
+    if unknown:
+        lines.append(f"note       {unknown} raw file(s) have no completeness markers (older profiler): whether "
+                     "their processes closed cleanly is unknown")
+    return lines

@@ -350,6 +350,7 @@ def build_tables(run: RunData, on_batches: Callable[[AnalysisTables], None] | No
     """Build every analysis table of a run. `on_batches` is called once the batch and request tables are
     built (the others still empty), before the rest: analyze starts handing those over meanwhile."""
     from service_profiler.analyze import lifecycle
+    from service_profiler.analyze.completeness import mark_tables
     from service_profiler.analyze.request_table import build_request_table
 
     idx = RecordIndex(run)
@@ -361,6 +362,7 @@ def build_tables(run: RunData, on_batches: Callable[[AnalysisTables], None] | No
         state_transitions=Table("state_transitions", list(lifecycle.STATE_COLUMNS)),
         batch_spans=spans, batch_finished=finished,
     )
+    mark_tables(run, idx, tables)  # partly observed requests and batches: `complete`, `incomplete_reason`
     if on_batches is not None:
         on_batches(tables)
     tables.kvcache = build_kvcache_table(idx)

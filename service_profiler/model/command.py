@@ -20,8 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from service_profiler.model.latency import SEED_MAX_MS, LatencyModel, fit_and_save
+from service_profiler.outputs import OutputPathError, check_output_dir, describe_os_error
 
 FIT_COLUMNS = ("batch_size", "total_scheduled_tokens", "model_run_ms")
+_ALIASES = {"batch_size": "total_batch_size"}
 
 
 class InputError(Exception):
@@ -61,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         if args.model_command == "fit":
             return _run_fit(args)
         return _run_predict(args)
-    except InputError as exc:
+    except (InputError, OutputPathError) as exc:
         print(f"service-profiler model: error: {exc}", file=sys.stderr)
         return 2
 
@@ -78,8 +80,10 @@ def read_fit_columns(path: Path) -> dict[str, np.ndarray]:
         raise InputError(f"{path}: cannot open ({exc.strerror})") from None
     with handle:
         reader = csv.DictReader(handle)
-        header = reader.fieldnames or []
-        missing = [c for c in FIT_COLUMNS if c not in header]
+        header = list(reader.fieldnames or [])
+        # analyze's batch.csv names the batch size by the reference's column (total_batch_size) only
+        source = {c: c if c in header or c not in _ALIASES else _ALIASES[c] for c in FIT_COLUMNS}
+        missing = [c for c in FIT_COLUMNS if source[c] not in header]
         if missing:
             raise InputError(
                 f"{path}: missing column(s) {', '.join(missing)}; expected a batch table with "
@@ -88,7 +92,7 @@ def read_fit_columns(path: Path) -> dict[str, np.ndarray]:
         cols: dict[str, list[float]] = {c: [] for c in FIT_COLUMNS}
         for row in reader:
             for c in FIT_COLUMNS:
-                cols[c].append(_parse_cell(row.get(c), path, reader.line_num, c))
+                cols[c].append(_parse_cell(row.get(source[c]), path, reader.line_num, source[c]))
     return {c: np.asarray(v, dtype=float) for c, v in cols.items()}
 
 
@@ -107,12 +111,19 @@ def _run_fit(args: argparse.Namespace) -> int:
     if not 0.0 <= args.test_fraction < 1.0:
         raise InputError(f"--test-fraction must be in [0, 1), got {args.test_fraction}")
     cols = read_fit_columns(args.input)
-    model = fit_and_save(
-        cols["batch_size"], cols["total_scheduled_tokens"], cols["model_run_ms"], args.output_dir,
-        loss=args.loss, min_ms=args.min_ms, max_ms=args.max_ms,
-        test_fraction=args.test_fraction, seed=args.seed,
-    )  # fmt: skip
+    created = not args.output_dir.exists()
+    check_output_dir(args.output_dir)
+    try:
+        model = fit_and_save(
+            cols["batch_size"], cols["total_scheduled_tokens"], cols["model_run_ms"], args.output_dir,
+            loss=args.loss, min_ms=args.min_ms, max_ms=args.max_ms,
+            test_fraction=args.test_fraction, seed=args.seed,
+        )  # fmt: skip
+    except OSError as exc:  # e.g. the disk filled up, or the directory changed under us
+        raise describe_os_error(args.output_dir, exc) from None
     if model is None:
+        if created and not any(args.output_dir.iterdir()):
+            args.output_dir.rmdir()  # nothing was written: leave no empty directory behind
         return 1
     print(_fit_summary(model, args.output_dir))
     return 0

@@ -35,6 +35,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from service_profiler.outputs import output_dir, write_output_text
+
 PARAM_NAMES: tuple[str, ...] = ("P_max", "k_B", "k_S", "w_0", "w_1", "tau_0", "tau_B", "tau_S")
 FORMULA = "T = tau_0 + (w_0 + w_1*S) / (P_max*(1-exp(-k_B*B))*(1-exp(-k_S*S))) + tau_B*B + tau_S*S"
 MIN_SAMPLES = 10
@@ -99,7 +101,7 @@ class LatencyModel:
         """The model as JSON text; also written to ``path`` when given."""
         text = json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
         if path is not None:
-            Path(path).write_text(text, encoding="utf-8")
+            write_output_text(path, text)
         return text
 
     @classmethod
@@ -358,8 +360,7 @@ def fit_and_save(
         )
         print(f"latency model: {model.notes[-1]}", file=sys.stderr)
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = output_dir(Path(out_dir))
     model.to_json(out_dir / "latency_model.json")
     b = np.asarray(batch_size, dtype=float).ravel()
     s = np.asarray(total_tokens, dtype=float).ravel()
