@@ -1,0 +1,150 @@
+"""TTFT and e2e as a client sees them, on a real `vllm serve` (CPU build, tiny model) under load.
+
+A client measures each request itself (examples/timed_client.py: one thread, every read stamped as it
+arrives) while more requests are in flight than vLLM runs at once (--max-num-seqs), streamed and not,
+completions and chat. request.csv and the trace must give, for every request, a TTFT and an e2e within
+10 ms of the client's, and never more than 2 ms above it (a server cannot see the first token leave
+after the client received it; 2 ms allows for the two processes' reads of one clock), and the
+breakdown's parts must add up to them.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from timed_client import TimedRequest, TimedResponse, run_timed
+from vllm_service import PROMPTS, running_server
+
+from service_profiler.analyze.request_breakdown import PART_COLUMNS
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+MAX_NUM_SEQS = 4
+CONCURRENCY = 12
+REQUESTS = 32
+BELOW_MS, ABOVE_MS = 10.0, 2.0
+
+
+@dataclass
+class Measured:
+    responses: list[TimedResponse]
+    rows: dict[str, dict[str, str]]  # api_rid -> request.csv row
+    trace: dict[str, Any]
+
+
+def _requests(model: str) -> list[TimedRequest]:
+    out = []
+    for i in range(REQUESTS):
+        prompt = PROMPTS[i % len(PROMPTS)] + f" {i}"
+        stream = i % 2 == 0
+        body: dict[str, Any] = {"model": model, "max_tokens": 4 + (i * 7) % 28, "temperature": 0,
+                                "ignore_eos": True, "stream": stream}
+        if i % 4 < 2:
+            out.append(TimedRequest("/v1/completions", {**body, "prompt": prompt}))
+        else:
+            out.append(TimedRequest("/v1/chat/completions",
+                                    {**body, "messages": [{"role": "user", "content": prompt}]}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def measured(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Measured:
+    root = tmp_path_factory.mktemp("http-timing")
+    config = root / "ms_service_profiler_config.json"
+    config.write_text(json.dumps({"enable": 1, "prof_dir": str(root / "prof")}))
+    env = {"SERVICE_PROF_CONFIG_PATH": str(config), "PROFILING_SYMBOLS_PATH": str(root / "symbols.yaml")}
+    with running_server(tiny_model, root / "server.log", profiler_env=env,
+                        extra_args=["--max-num-seqs", str(MAX_NUM_SEQS)]) as server:
+        run_timed(server.port, _requests(server.model)[:2], 2)  # warm-up, not measured
+        responses = run_timed(server.port, _requests(server.model), CONCURRENCY)
+        time.sleep(2.0)  # every process flushes
+    bad = [(r.status(), r.body()[:200]) for r in responses if r.status() != 200]
+    assert not bad, bad
+    (run_dir,) = list((root / "prof").iterdir())
+    out = root / "analysis"
+    proc = subprocess.run([sys.executable, "-m", "service_profiler.cli", "analyze", "--input-path", str(run_dir),
+                           "--output-path", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with open(out / "request.csv", newline="") as handle:
+        rows = {row["api_rid"]: row for row in csv.DictReader(handle)}
+    trace = json.loads((out / "chrome_tracing.json").read_text())
+    return Measured(responses, rows, trace)
+
+
+def _row(measured: Measured, response: TimedResponse) -> dict[str, str]:
+    response_id = response.response_id()
+    found = [row for api_rid, row in measured.rows.items() if api_rid.startswith(response_id)]
+    assert len(found) == 1, (response_id, found)
+    return found[0]
+
+
+def _check_gaps(label: str, gaps: list[float], responses: list[TimedResponse]) -> None:
+    ordered = sorted(gaps)
+    print(f"\n{label}: client - server, ms: min {ordered[0]:.2f} median {statistics.median(ordered):.2f} "
+          f"p90 {ordered[int(0.9 * (len(ordered) - 1))]:.2f} max {ordered[-1]:.2f} (n={len(ordered)})")
+    wrong = [(round(gap, 2), r.request.path, r.request.stream, round(r.ttft_ms, 2), round(r.e2e_ms, 2))
+             for gap, r in zip(gaps, responses, strict=True) if not -ABOVE_MS <= gap <= BELOW_MS]
+    assert not wrong, (label, wrong)
+
+
+def test_the_load_queued_requests_in_the_engine(measured: Measured) -> None:
+    queued = [float(r["engine_queue_ms"]) for r in measured.rows.values() if r["engine_queue_ms"]]
+    assert len(queued) == REQUESTS + 2 and max(queued) > 20.0
+    assert {r["stream"] for r in measured.rows.values()} == {"True", "False"}
+    assert {r["arrival_source"] for r in measured.rows.values()} == {"http"}
+    assert {e["args"]["arrival_source"] for e in measured.trace["traceEvents"]
+            if e.get("name") == "httpExchange"} == {"kernel"}
+
+
+def test_request_csv_ttft_and_e2e_match_the_client(measured: Measured) -> None:
+    ttft, e2e = [], []
+    for response in measured.responses:
+        row = _row(measured, response)
+        ttft.append(response.ttft_ms - float(row["ttft_ms"]))
+        e2e.append(response.e2e_ms - float(row["e2e_ms"]))
+        # the reference's columns carry the same numbers
+        assert float(row["first_token_latency(ms)"]) == float(row["ttft_ms"])
+        assert float(row["execution_time(ms)"]) == float(row["e2e_ms"])
+    _check_gaps("TTFT", ttft, measured.responses)
+    _check_gaps("e2e", e2e, measured.responses)
+
+
+def test_breakdown_adds_up_to_ttft_and_e2e(measured: Measured) -> None:
+    for response in measured.responses:
+        row = _row(measured, response)
+        parts = [float(row[name]) for name in PART_COLUMNS]
+        assert all(p >= 0.0 for p in parts), row
+        assert sum(parts[:5]) == pytest.approx(float(row["ttft_ms"]), abs=1e-3)
+        assert sum(parts) == pytest.approx(float(row["e2e_ms"]), abs=1e-3)
+        assert int(row["http_arrival_ns"]) == int(row["arrival_ns"]) <= int(row["handoff_ns"])
+        # vLLM's own TTFT starts later (its renderer's start) and ends earlier (output processed, not sent)
+        assert float(row["engine_ttft_ms"]) <= float(row["ttft_ms"])
+        assert row["stream"] == str(response.request.stream)
+        if not response.request.stream:  # nothing is sent before the whole response
+            assert float(row["decode_delivery_ms"]) < 5.0
+
+
+def test_trace_request_tracks_match_the_client(measured: Measured) -> None:
+    slices = {e["args"]["rid"]: e for e in measured.trace["traceEvents"]
+              if e.get("ph") == "X" and e.get("name") == "request" and e.get("cat") == "request"}
+    ttft, e2e = [], []
+    for response in measured.responses:
+        row = _row(measured, response)
+        event = slices[row["rid"]]
+        args = event["args"]
+        assert args["arrival"] == "http"
+        assert args["ttft_ms"] == pytest.approx(float(row["ttft_ms"]), abs=1e-3)
+        assert event["dur"] / 1e3 == pytest.approx(float(row["e2e_ms"]), abs=1e-3)
+        ttft.append(response.ttft_ms - args["ttft_ms"])
+        e2e.append(response.e2e_ms - event["dur"] / 1e3)
+    _check_gaps("trace TTFT", ttft, measured.responses)
+    _check_gaps("trace e2e", e2e, measured.responses)
