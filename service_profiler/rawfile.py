@@ -3,7 +3,9 @@
 `read_run(paths)` accepts run directories, directories of runs (searched recursively for
 `*.sprof.jsonl`), single files, or several hosts' copies of a run, and returns one `RunData` whose
 timestamps are all epoch ns: each process's monotonic timestamps are shifted by its own header
-anchor (`wall_offset_ns = clock.wall_ns - clock.mono_ns`), so processes from different hosts line up.
+anchor (`wall_offset_ns = clock.wall_ns - clock.mono_ns`), so processes from different hosts line up;
+processes of one host and boot (header `boot_id`) share one monotonic clock and take the anchor of the
+first of them to start (`shared_clock_offsets`).
 
 Nothing here raises on bad data. A torn or corrupt line is skipped and listed in
 `RunData.problems` as `file:line: what was wrong`; a file without a header is reported and skipped;
@@ -339,6 +341,31 @@ def build_records(records: list[Any], chans: dict[Any, tuple[int, str, str, int]
     add_records(records, chans, off, pi, spans, events, counters, RECORD_CLASSES, shared, dropped)
 
 
+def _clock_key(header: dict[str, Any]) -> tuple[str, str] | None:
+    """(hostname, boot id): the processes that share one monotonic clock; None when not recorded."""
+    boot_id, hostname = header.get("boot_id"), header.get("hostname")
+    return (hostname, boot_id) if isinstance(boot_id, str) and boot_id and isinstance(hostname, str) else None
+
+
+def shared_clock_offsets(headers: Sequence[dict[str, Any]]) -> dict[tuple[str, str], int]:
+    """One wall-clock offset per monotonic clock: the anchor of the process that started first.
+
+    Each process anchors its monotonic timestamps to the wall clock once, when it starts. A wall
+    clock that is slewed or stepped meanwhile (seen: a VM stepping it 0.5 ms every 0.1 s) would
+    shift processes started at different times against each other, though their timestamps come
+    from one clock; processes of one host and boot therefore share the first one's anchor."""
+    first: dict[tuple[str, str], tuple[int, int]] = {}
+    for header in headers:
+        key = _clock_key(header)
+        clock = header.get("clock") or {}
+        wall, mono = clock.get("wall_ns"), clock.get("mono_ns")
+        if key is None or not isinstance(wall, int) or not isinstance(mono, int):
+            continue
+        if key not in first or mono < first[key][0]:
+            first[key] = (mono, wall - mono)
+    return {key: offset for key, (_, offset) in first.items()}
+
+
 def _process_from_header(index: int, path: Path, header: dict[str, Any]) -> ProcessInfo:
     clock = header.get("clock") or {}
     wall, mono = clock.get("wall_ns"), clock.get("mono_ns")
@@ -393,8 +420,13 @@ def _read_run(paths: Sequence[Path | str], drain: Callable[[RunData], None] | No
     run = RunData()
     shared: dict[int, int] | None = None if drain is not None else {}
     files = discover_files(paths, run.problems)
-    for path, header in _dedupe_copies(files, run.problems):
+    copies = _dedupe_copies(files, run.problems)
+    clock_offsets = shared_clock_offsets([header for _, header in copies])
+    for path, header in copies:
         proc = _process_from_header(len(run.processes), path, header)
+        clock_key = _clock_key(header)
+        if clock_key is not None:
+            proc.wall_offset_ns = clock_offsets.get(clock_key, proc.wall_offset_ns)
         if proc.format != FORMAT_VERSION:
             run.problems.append(f"{path}:1: format {header.get('format')!r} is not {FORMAT_VERSION}; "
                                 "read as version 1")

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,7 +68,8 @@ def measured(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Meas
     with running_server(tiny_model, root / "server.log", profiler_env=env,
                         extra_args=["--max-num-seqs", str(MAX_NUM_SEQS)]) as server:
         run_timed(server.port, _requests(server.model)[:2], 2)  # warm-up, not measured
-        responses = run_timed(server.port, _requests(server.model), CONCURRENCY)
+        with _client_first(server.process.pid):
+            responses = run_timed(server.port, _requests(server.model), CONCURRENCY)
         time.sleep(2.0)  # every process flushes
     bad = [(r.status(), r.body()[:200]) for r in responses if r.status() != 200]
     assert not bad, bad
@@ -78,6 +82,25 @@ def measured(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Meas
         rows = {row["api_rid"]: row for row in csv.DictReader(handle)}
     trace = json.loads((out / "chrome_tracing.json").read_text())
     return Measured(responses, rows, trace)
+
+
+@contextmanager
+def _client_first(server_pgid: int) -> Iterator[None]:
+    """The reference client reads each segment as it arrives. Kernel receive stamps make it immune to
+    waiting for a CPU only while it keeps up: segments left unread are merged, and a merged segment
+    carries the newest stamp. On a machine with more busy processes than cores (the server's EngineCore
+    busy-polls), the server runs at a lower priority than the client, and the client at a higher one
+    where it may (CAP_SYS_NICE)."""
+    os.setpriority(os.PRIO_PGRP, server_pgid, 10)
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, -10)
+    except PermissionError:
+        pass
+    try:
+        yield
+    finally:
+        os.setpriority(os.PRIO_PROCESS, 0, before)
 
 
 def _row(measured: Measured, response: TimedResponse) -> dict[str, str]:

@@ -161,9 +161,9 @@ def add_breakdown(idx: RecordIndex, requests: Table, batches: Table, spans: list
         new[arrival_i] = times.arrival
         new[ttft_i] = _ms(times.arrival, first_sent)
         new[e2e_i] = _ms(times.arrival, times.last_body)
-        rows.append(tuple(new) + (
-            "http", stream, times.status, times.arrival, times.body_received, handoff, engine_first.get(rid),
-            first_sent, times.last_body, vllm_arrival, *parts, engine_ttft, engine_e2e))
+        rows.append((*new, "http", stream, times.status, times.arrival, times.body_received, handoff,
+                     engine_first.get(rid), first_sent, times.last_body, vllm_arrival, *parts, engine_ttft,
+                     engine_e2e))
     return Table(requests.name, [*requests.columns, *BREAKDOWN_COLUMNS], rows)
 
 
