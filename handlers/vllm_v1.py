@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from service_profiler import record
 
 from . import vllm_extract as extract
+from . import vllm_http
 from . import vllm_waiting
 from .console import ConsoleWindow
 
@@ -389,6 +390,7 @@ def api_add_request_handler(original_func: Original, this: Any, *args: Any, **kw
             STATE.track_api_request(request.request_id)
             if record.enabled("Request"):
                 record.event("Request", "httpReq", extract.http_request(request))
+            vllm_http.note_engine_request(request.request_id)  # joins the HTTP exchange (vllm_http)
         except Exception as exc:
             STATE.failed("api_add_request", exc)
     return result

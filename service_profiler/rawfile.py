@@ -3,7 +3,9 @@
 `read_run(paths)` accepts run directories, directories of runs (searched recursively for
 `*.sprof.jsonl`), single files, or several hosts' copies of a run, and returns one `RunData` whose
 timestamps are all epoch ns: each process's monotonic timestamps are shifted by its own header
-anchor (`wall_offset_ns = clock.wall_ns - clock.mono_ns`), so processes from different hosts line up.
+anchor (`wall_offset_ns = clock.wall_ns - clock.mono_ns`), so processes from different hosts line up;
+processes of one host and boot (header `boot_id`) share one monotonic clock and take the anchor of the
+first of them to start (`shared_clock_offsets`).
 
 Nothing here raises on bad data. A torn or corrupt line is skipped and listed in
 `RunData.problems` as `file:line: what was wrong`; a file without a header is reported and skipped;
@@ -401,6 +403,30 @@ def build_records(records: list[Any], chans: dict[Any, tuple[int, str, str, int]
     add_records(records, chans, off, pi, spans, events, counters, RECORD_CLASSES, shared, dropped)
 
 
+def _clock_key(header: dict[str, Any]) -> tuple[str, str] | None:
+    """(hostname, boot id): the processes that share one monotonic clock; None when not recorded."""
+    boot_id, hostname = header.get("boot_id"), header.get("hostname")
+    return (hostname, boot_id) if isinstance(boot_id, str) and boot_id and isinstance(hostname, str) else None
+
+
+def shared_clock_offsets(headers: Sequence[dict[str, Any]]) -> dict[tuple[str, str], int]:
+    """One wall-clock offset per monotonic clock: the anchor of the process that started first.
+
+    Each process anchors its monotonic timestamps to the wall clock once, when it starts. A wall
+    clock that is slewed or stepped meanwhile (seen: a VM stepping it 0.5 ms every 0.1 s) would
+    shift processes started at different times against each other, though their timestamps come
+    from one clock; processes of one host and boot therefore share the first one's anchor."""
+    first: dict[tuple[str, str], tuple[int, int]] = {}
+    for header in headers:
+        key, clock = _clock_key(header), clock_anchor(header)
+        if key is None or clock is None:
+            continue
+        wall, mono = clock
+        if key not in first or mono < first[key][0]:
+            first[key] = (mono, wall - mono)
+    return {key: offset for key, (_, offset) in first.items()}
+
+
 def _process_from_header(index: int, path: Path, header: dict[str, Any]) -> ProcessInfo:
     """Every field checked: a malformed one reads as unknown (`header_problems` says which)."""
     clock = clock_anchor(header)
@@ -461,10 +487,16 @@ def _read_run(paths: Sequence[Path | str], drain: Callable[[RunData], None] | No
     shared: dict[int, int] | None = None if drain is not None else {}
     files = discover_files(paths, run.problems)
     kept = _dedupe_copies(files, run.problems)
-    host_offsets = same_host_offsets([h for _, h in kept])
+    headers = [h for _, h in kept]
+    boot_offsets = shared_clock_offsets(headers)
+    host_offsets = same_host_offsets([h for h in headers if _clock_key(h) is None])
     for path, header in kept:
         proc = _process_from_header(len(run.processes), path, header)
-        proc.wall_offset_ns = host_offsets.get(proc.hostname, proc.wall_offset_ns)
+        clock_key = _clock_key(header)
+        if clock_key is not None:
+            proc.wall_offset_ns = boot_offsets.get(clock_key, proc.wall_offset_ns)
+        else:  # files written before headers carried the boot id
+            proc.wall_offset_ns = host_offsets.get(proc.hostname, proc.wall_offset_ns)
         run.problems += header_problems(path, header)
         run.processes.append(proc)
         try:

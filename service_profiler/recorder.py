@@ -182,6 +182,7 @@ class Recorder:
             "profiler_version": self.profiler_version,
             "engine": self.engine,
             "clock": {"wall_ns": time.time_ns(), "mono_ns": time.perf_counter_ns()},
+            "boot_id": _boot_id(),
         })
 
     def flush(self, final: bool = False, reason: str | None = None) -> None:
@@ -363,3 +364,13 @@ def _pause() -> None:
     # Between two encoded lines let the engine's threads in (a bare sleep(0) would usually win the GIL
     # straight back).
     time.sleep(_GIL_BREAK_S)
+
+
+def _boot_id() -> str | None:
+    """This boot of this host (Linux): processes with the same hostname and boot id share one
+    monotonic clock, so the reader lines them up with one anchor. None where it cannot be read."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as handle:
+            return handle.read(64).strip() or None
+    except OSError:
+        return None

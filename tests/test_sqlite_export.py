@@ -32,7 +32,8 @@ def test_schema_tables_views_indexes(db: tuple[SyntheticRun, RunData, sqlite3.Co
     for table in ("process", "process_meta", "span", "event", "counter", "run_state", "problem", "request", "batch",
                   "batch_req", "kvcache", "state_transition", "lifecycle_event"):
         assert ("table", table) in objects, table
-    for view in ("v_batch_size_curve", "v_batch_exec", "v_ttft", "v_request_latency", "v_kv_usage", "v_queue_curve"):
+    for view in ("v_batch_size_curve", "v_batch_exec", "v_ttft", "v_request_latency", "v_request_breakdown",
+                 "v_kv_usage", "v_queue_curve"):
         assert ("view", view) in objects, view
     indexed = {row[0] for row in con.execute("SELECT tbl_name FROM sqlite_master WHERE type = 'index'")}
     assert {"span", "event", "batch", "batch_req", "request", "kvcache"} <= indexed

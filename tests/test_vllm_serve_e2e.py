@@ -37,6 +37,7 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 MAX_NUM_SEQS = 4
 CONCURRENCY = 8
 DISCONNECT_PROMPT = "a client that leaves early"
+ARRIVAL_TICK_MS = 2.0  # how far before the truth the recorded HTTP arrival may be (half a 4 ms tick)
 
 
 @dataclass
@@ -154,13 +155,15 @@ def _request_row(rows: dict[str, dict[str, str]], completion: Completion) -> dic
 def test_server_ttft_matches_what_the_client_measured(served: Served) -> None:
     with open(served.analysis / "request.csv", newline="") as handle:
         by_api_rid = {row["api_rid"]: row for row in csv.DictReader(handle)}
-    # Under concurrency the client's own threads add delay: the server's view can only be shorter.
+    # Under concurrency the client's own threads add delay: the server's view can only be shorter, but
+    # for the arrival, the kernel's receive time, known to half a clock tick (2 ms at HZ=250;
+    # docs/METRICS.md). tests/test_vllm_http_timing.py holds it to a precise client.
     concurrent = [c for c in served.completions if c.stream and not c.disconnected]
     assert len(concurrent) == 8
     for completion in concurrent:
         row = _request_row(by_api_rid, completion)
-        assert completion.ttft_ms is not None and float(row["ttft_ms"]) <= completion.ttft_ms
-        assert float(row["e2e_ms"]) <= completion.e2e_ms
+        assert completion.ttft_ms is not None and float(row["ttft_ms"]) <= completion.ttft_ms + ARRIVAL_TICK_MS
+        assert float(row["e2e_ms"]) <= completion.e2e_ms + ARRIVAL_TICK_MS
     # One request at a time on loopback: the server's TTFT and e2e are the client's less the transport,
     # typically a few ms. The client can never see the token before the server sent it; on this shared
     # 2-core machine one request in a few can wait tens of ms for the CPU (the engine busy-polls), so
@@ -172,7 +175,7 @@ def test_server_ttft_matches_what_the_client_measured(served: Served) -> None:
         ttft_gaps.append(completion.ttft_ms - float(row["ttft_ms"]))
         e2e_gaps.append(completion.e2e_ms - float(row["e2e_ms"]))
     for gaps in (ttft_gaps, e2e_gaps):
-        assert min(gaps) >= 0.0 and max(gaps) <= 100.0 and statistics.median(gaps) <= 20.0, gaps
+        assert min(gaps) >= -ARRIVAL_TICK_MS and max(gaps) <= 100.0 and statistics.median(gaps) <= 20.0, gaps
 
 
 def test_batches_join_model_runs_and_steps(served: Served) -> None:

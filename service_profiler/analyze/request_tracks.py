@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from service_profiler.analyze.request_breakdown import HTTP_EVENT, HttpTimes
+
 if TYPE_CHECKING:
     from service_profiler.rawfile import EventRecord
 
@@ -23,7 +25,7 @@ class RequestLifecycle:
 
     # slots: the trace's membership loop reads and writes these once per batch entry
     __slots__ = ("args", "arrival", "batches", "done", "done_rank", "first_batch", "first_decode", "first_token",
-                 "last_done", "marks", "phase")
+                 "http", "last_done", "marks", "phase", "stream")
 
     def __init__(self) -> None:
         self.args: dict[str, Any] = {}
@@ -37,6 +39,8 @@ class RequestLifecycle:
         self.last_done = 0  # when the step of that batch ended
         self.batches = 0
         self.first_batch: tuple[int, int, int, int] | None = None  # pid, tid, start, end
+        self.http: HttpTimes | None = None  # the HTTP server's view (handlers/vllm_http.py)
+        self.stream = False
 
     def changed(self, start: int, phase: int) -> None:
         """A batch starting at `start` runs it in a new phase (or resumes its prefill)."""
@@ -79,12 +83,16 @@ def read_request_events(life: dict[Any, RequestLifecycle], events: Iterable[Even
                     if entry[2]:
                         lc.finished_at(ts, 0)
             continue
+        if e.name == HTTP_EVENT:
+            _read_http(life, e.ts_ns, a)
+            continue
         if not _hashable(a.get("rid")):
             continue
         lc = life[a["rid"]]
         to = str(a.get("to", "")).upper()
         if e.name == "httpReq":
             lc.arrival = e.ts_ns
+            lc.stream = a.get("stream") is True
             lc.args.update(api_rid=a.get("api_rid"), prompt_tokens=a.get("prompt_tokens"))
         elif e.name == "enqueue":
             lc.arrival = e.ts_ns if lc.arrival is None else lc.arrival
@@ -96,6 +104,24 @@ def read_request_events(life: dict[Any, RequestLifecycle], events: Iterable[Even
         elif e.name == "httpRes":
             lc.finished_at(e.ts_ns, 1)
             lc.args.update(output_tokens=a.get("output_tokens"), finish_reason=a.get("finish_reason"))
+
+
+def _read_http(life: dict[Any, RequestLifecycle], ts: int, attrs: dict[str, Any]) -> None:
+    rids = attrs.get("rids")
+    if not isinstance(rids, list):
+        return
+    times = HttpTimes(ts, attrs)
+    for rid in rids:
+        if _hashable(rid) and life[rid].http is None:
+            life[rid].http = times
+
+
+def http_marks(lc: RequestLifecycle) -> tuple[int, int | None, int | None] | None:
+    """(HTTP arrival, first token sent, last byte sent) of a request the HTTP server recorded."""
+    http = lc.http
+    if http is None:
+        return None
+    return http.arrival, http.first_token_sent(lc.stream), http.last_body
 
 
 def _hashable(rid: Any) -> bool:
@@ -132,4 +158,17 @@ def request_phases(lc: RequestLifecycle) -> list[tuple[str, int, int]]:
             states.append((state, ts))
     end = max(end, states[-1][1])
     bounds: Sequence[int] = [s for _, s in states[1:]] + [end]
-    return [(state, start, stop) for (state, start), stop in zip(states, bounds, strict=True)]
+    phases = [(state, start, stop) for (state, start), stop in zip(states, bounds, strict=True)]
+    return _with_http(lc.http, phases) if lc.http is not None else phases
+
+
+def _with_http(http: HttpTimes, phases: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
+    """The HTTP server's part before the engine's phases (`http receive`: until the body was read;
+    `preprocess`: until the hand-off to the engine) and after them (`respond`: until the last byte was
+    written). Slices stay adjacent and in order; an empty one is left out."""
+    first, last = phases[0][1], phases[-1][2]
+    arrival = min(http.arrival, first)
+    body = min(max(http.body_received or arrival, arrival), first)
+    before = [("http receive", arrival, body), ("preprocess", body, first)]
+    after = [("respond", last, http.last_body)] if http.last_body is not None and http.last_body > last else []
+    return [p for p in before if p[2] > p[1]] + phases + after

@@ -8,7 +8,8 @@ Analysis tables (columns as in `tables`; list cells as JSON text):
   pos in the batch, req_row, rid, the batch entry and the request's state / iteration / tokens generated
   so far, as in per_iteration_requests.csv; clustered by (batch_row, pos), indexed by req_row),
   kvcache, state_transition, lifecycle_event.
-Views: v_batch_size_curve, v_batch_exec, v_ttft, v_request_latency, v_kv_usage, v_queue_curve.
+Views: v_batch_size_curve, v_batch_exec, v_ttft, v_request_latency, v_request_breakdown, v_kv_usage,
+v_queue_curve.
 
 The raw tables are written straight from the raw files by `write_raw_db` (a stream); `SqliteExport`
 adds the analysis tables to that file from `analysis_messages` (analyze runs both in a process of its
@@ -52,6 +53,10 @@ _VIEWS = {
               "WHERE ttft_ms IS NOT NULL ORDER BY arrival_ns",
     "v_request_latency": "SELECT rid, arrival_ns, completion_ns, queue_ms, prefill_ms, decode_ms, ttft_ms, tpot_ms, "
                          "e2e_ms, input_tokens, output_tokens FROM request ORDER BY arrival_ns",
+    # docs/METRICS.md: the parts add up to e2e_ms, the first five to ttft_ms
+    "v_request_breakdown": "SELECT rid, api_rid, arrival_ns, arrival_source, stream, ttft_ms, e2e_ms, http_receive_ms, "
+                           "preprocess_ms, engine_queue_ms, engine_prefill_ms, first_token_delivery_ms, "
+                           "decode_delivery_ms, engine_ttft_ms, engine_e2e_ms FROM request ORDER BY arrival_ns",
     "v_kv_usage": "SELECT ts_ns, proc, dp_rank, total_blocks, used_blocks, free_blocks, usage FROM kvcache "
                   "WHERE name = 'kvcache' ORDER BY ts_ns",
     "v_queue_curve": "SELECT start_ns, dp_rank, running, waiting FROM batch ORDER BY start_ns",

@@ -29,6 +29,10 @@ Request table: one row per engine request id (`rid`). Timestamps and which proce
   - `queue_ms` = first_scheduled − engine_arrival; `ttft_ms` = first_token − arrival;
     `prefill_ms` = first_token − first_scheduled; `decode_ms` = completion − first_token;
     `e2e_ms` = completion − arrival; `tpot_ms` = decode_ms / (output_tokens − 1) when output_tokens > 1.
+  - except where the HTTP server was recorded (`Request/httpExchange`): there `arrival_ns` is when the
+    request's first bytes were read, `ttft_ms` runs from it to the first token's bytes written and
+    `e2e_ms` to the response's last byte written; the breakdown columns are appended
+    (`request_breakdown`; definitions in docs/METRICS.md).
   - `input_tokens`: httpReq prompt_tokens, else enqueue prompt_tokens, else the batch entry's.
   - `output_tokens`: httpRes output_tokens, else the sum of new_tokens over the API tokens events.
   - `preemptions`: transitions to PREEMPTED (state events), or batch `preempted` lists when larger.
@@ -351,11 +355,12 @@ def build_tables(run: RunData, on_batches: Callable[[AnalysisTables], None] | No
     built (the others still empty), before the rest: analyze starts handing those over meanwhile."""
     from service_profiler.analyze import lifecycle
     from service_profiler.analyze.completeness import mark_tables
+    from service_profiler.analyze.request_breakdown import add_breakdown
     from service_profiler.analyze.request_table import build_request_table
 
     idx = RecordIndex(run)
     batches, spans, finished = build_batch_table(idx)
-    requests = build_request_table(idx, batches, spans, finished)
+    requests = add_breakdown(idx, build_request_table(idx, batches, spans, finished), batches, spans)
     tables = AnalysisTables(
         batches=batches, requests=requests, kvcache=Table("kvcache", list(KVCACHE_COLUMNS)),
         events=Table("events", list(lifecycle.EVENT_COLUMNS)),
