@@ -29,8 +29,7 @@ from typing import TYPE_CHECKING, Any
 from service_profiler import record
 
 from . import vllm_extract as extract
-from . import vllm_http
-from . import vllm_waiting
+from . import vllm_http, vllm_waiting
 from .console import ConsoleWindow
 
 if TYPE_CHECKING:
