@@ -57,7 +57,8 @@ def _run(*, first_body_ms: float = 40.0, stream: bool = True, with_http: bool = 
 
 def _rows(run: RunData) -> dict[str, dict[str, Any]]:
     table = build_tables(run).requests
-    assert table.columns[-len(BREAKDOWN_COLUMNS):] == BREAKDOWN_COLUMNS
+    # the breakdown, then the completeness marks last
+    assert table.columns[-len(BREAKDOWN_COLUMNS) - 2:] == [*BREAKDOWN_COLUMNS, "complete", "incomplete_reason"]
     return {r["rid"]: r for r in table.dicts()}
 
 
