@@ -1,4 +1,4 @@
-"""`service-profiler` command line: analyze, inspect, check, model.
+"""`service-profiler` command line: analyze, inspect, check, model, twin.
 
 Each subcommand lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`;
 this file only wires them, importing a subcommand's module when that subcommand runs.
@@ -20,6 +20,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("service_profiler.inspect_run", "first look at a run: processes, record counts, patch reports"),
     "check": ("service_profiler.checker", "check a symbols YAML against an engine's source without importing it"),
     "model": ("service_profiler.model.command", "fit the batch latency model or predict with it"),
+    "twin": ("service_profiler.twin.command",
+             "predict a captured workload under other engine settings with vLLM's real scheduler"),
 }
 
 

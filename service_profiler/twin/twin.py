@@ -65,10 +65,12 @@ def fit_from_steps(steps: Sequence[StepRecord]) -> StepTimeModel:
 
 
 class MeasuredStepTimes:
-    """The captured run's own step durations, step by step; steps beyond them from `fallback`."""
+    """The captured run's own steps: each replayed step starts no earlier than the captured one did and
+    lasts its measured cycle; steps beyond the captured ones come from `fallback`."""
 
-    def __init__(self, steps: Sequence[StepRecord], fallback: StepTimer) -> None:
+    def __init__(self, steps: Sequence[StepRecord], fallback: StepTimer, origin_ns: int) -> None:
         self.cycles = [s.cycle_ns for s in steps]
+        self.starts = [s.start_ns - origin_ns for s in steps]
         self.fallback = fallback
 
     def __call__(self, index: int, f: StepFeatures) -> int:
@@ -175,7 +177,7 @@ class Twin:
         if measured and self.captured is None:
             raise ValueError("step_times='measured' needs a twin loaded from a run (Twin.from_run)")
         model = self.step_model
-        timer: StepTimer = MeasuredStepTimes(self.captured.steps, model) if measured and self.captured else model
+        timer: StepTimer = MeasuredStepTimes(self.captured.steps, model, self.captured.origin_ns) if measured and self.captured else model
         sims, notes = self._sim_requests(measured, seed)
         depth = int(self.base_settings.get("batch_queue_size") or 2) if settings.async_scheduling else 1
         result = Simulation(scheduler, sims, timer, block_size=settings.block_size,
