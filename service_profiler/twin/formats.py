@@ -48,7 +48,8 @@ def _csv_rows(path: Path, required: Sequence[str]) -> list[tuple[str, dict[str, 
             header = [h.strip() for h in reader.fieldnames or []]
             missing = [c for c in required if c not in header]
             if missing:
-                raise TraceError(f"{path}: missing column(s) {', '.join(missing)} (found {', '.join(header) or 'none'})")
+                found = ", ".join(header) or "none"
+                raise TraceError(f"{path}: missing column(s) {', '.join(missing)} (found {found})")
             return [(f"{path}:{n}", {k.strip(): (v or "").strip() for k, v in row.items() if k})
                     for n, row in enumerate(reader, start=2)]
     except FileNotFoundError:
@@ -116,7 +117,8 @@ def read_mooncake(path: str | Path) -> list[TraceRequest]:
             raise TraceError(f"{where}: 'hash_ids' must be a list of integers")
         full = prompt // MOONCAKE_BLOCK
         out.append(TraceRequest(rid=f"mooncake-{n}", arrival_s=_number(row, "timestamp", where) / 1000.0,
-                                prompt_tokens=prompt, output_tokens=int(_number(row, "output_length", where, minimum=1)),
+                                prompt_tokens=prompt,
+                                output_tokens=int(_number(row, "output_length", where, minimum=1)),
                                 hash_block=MOONCAKE_BLOCK if hashes[:full] else None,
                                 block_hashes=_chained(hashes[:full]) if hashes[:full] else None))
     return _finish(out, p)

@@ -177,7 +177,9 @@ class Twin:
         if measured and self.captured is None:
             raise ValueError("step_times='measured' needs a twin loaded from a run (Twin.from_run)")
         model = self.step_model
-        timer: StepTimer = MeasuredStepTimes(self.captured.steps, model, self.captured.origin_ns) if measured and self.captured else model
+        timer: StepTimer = model
+        if measured and self.captured is not None:
+            timer = MeasuredStepTimes(self.captured.steps, model, self.captured.origin_ns)
         sims, notes = self._sim_requests(measured, seed)
         depth = int(self.base_settings.get("batch_queue_size") or 2) if settings.async_scheduling else 1
         result = Simulation(scheduler, sims, timer, block_size=settings.block_size,
