@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -34,7 +35,7 @@ TARGETS = {
 KEYS = ("ttft_ms_p50", "tpot_ms_p50", "ttft_ms_p99", "output_throughput_tok_s")
 
 
-def _real_metrics(analysis: Path) -> dict[str, float]:
+def _real_metrics(analysis: Path) -> dict[str, object]:
     from service_profiler.twin import Twin
 
     metrics = Twin.from_run(analysis).captured_metrics
@@ -70,7 +71,7 @@ def fidelity(out: Path, n: int, repeats: int, rate: float) -> list[dict[str, obj
     return rows
 
 
-def speed(analysis: Path | None) -> dict[str, float]:
+def speed(sweep_configs: int = 100, workers: int = 2) -> dict[str, object]:
     from service_profiler.model.step_model import StepModelV2
     from service_profiler.twin import TraceRequest, Twin
     from service_profiler.twin.twin import StepTimeModel
@@ -83,15 +84,20 @@ def speed(analysis: Path | None) -> dict[str, float]:
                 "pool_blocks": 4000, "enable_prefix_caching": True}
     twin = Twin.from_trace(requests, base_settings=settings, step_model=model)
     twin.run({})  # imports and first-call costs
-    t0 = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     pred = twin.run({})
-    replay_s = time.perf_counter() - t0
+    replay_wall, replay_cpu = time.perf_counter() - wall, time.process_time() - cpu
     steps = len(pred.batches)
-    t0 = time.perf_counter()
-    for i in range(100):
-        twin.run({"max_num_seqs": 8 + (i % 10) * 8, "max_num_batched_tokens": 512 + (i // 10) * 256})
-    sweep_s = time.perf_counter() - t0
-    return {"replay_1000_s": replay_s, "steps": steps, "steps_per_s": steps / replay_s, "sweep_100_s": sweep_s}
+    configs = [(f"c{i}", {"max_num_seqs": 8 + (i % 10) * 8, "max_num_batched_tokens": 512 + (i // 10) * 256})
+               for i in range(sweep_configs)]
+    wall = time.perf_counter()
+    twin.sweep(configs, workers=workers)
+    sweep_wall = time.perf_counter() - wall
+    # CPU seconds are what one core spends; wall seconds depend on what else runs on the machine.
+    return {"replay_1000_wall_s": round(replay_wall, 3), "replay_1000_cpu_s": round(replay_cpu, 3), "steps": steps,
+            "steps_per_cpu_s": round(steps / replay_cpu), "steps_per_wall_s": round(steps / replay_wall),
+            f"sweep_{sweep_configs}_wall_s": round(sweep_wall, 1), "sweep_workers": workers,
+            "load_avg_1m": os.getloadavg()[0]}
 
 
 def main() -> None:
@@ -100,13 +106,15 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=6.0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--speed-only", action="store_true")
+    parser.add_argument("--speed-only", action="store_true", help="only the speed figures")
+    parser.add_argument("--sweep-configs", type=int, default=100)
     args = parser.parse_args()
-    print(json.dumps(speed(None)), flush=True)
     if args.speed_only:
+        print(json.dumps(speed(args.sweep_configs)), flush=True)
         return
     out = args.out or Path(tempfile.mkdtemp(prefix="bench-twin-"))
     rows = fidelity(out, args.requests, args.repeats, args.rate)
+    print(json.dumps(speed(args.sweep_configs)), flush=True)
     print(f"{'config':34} {'metric':24} {'twin':>10} {'real med':>10} {'real min..max':>22} {'err %':>7} "
           f"{'spread %':>8}")
     for r in rows:

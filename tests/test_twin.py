@@ -239,3 +239,37 @@ def test_capture_handler_records_hashes_and_settings() -> None:
     assert [len(f["block_hashes"]) for f in facts] == [2, 2, 0]
     assert facts[0]["block_hashes"] == facts[1]["block_hashes"]
     assert facts[0]["max_tokens"] == 4 and facts[0]["prompt_tokens"] == 40
+
+
+def test_parallel_sweep_equals_serial_runs() -> None:
+    twin = _twin()
+    configs = [("four", ["--max-num-seqs", "4"]), ("mbt", {"max_num_batched_tokens": 128}), ("base", [])]
+    swept = twin.sweep(configs, workers=2)
+    assert [name for name, _ in swept] == ["four", "mbt", "base"]
+    for (_, pred), (_, args) in zip(swept, configs, strict=True):
+        assert pred.metrics == twin.run(args).metrics
+    with pytest.raises(EngineArgsError, match="vLLM rejected"):
+        twin.sweep([("bad", ["--max-num-seqs", "x"])])
+
+
+def test_sweep_file_errors_name_the_key(tmp_path: Path) -> None:
+    from service_profiler.twin.command import sweep_configs
+
+    path = tmp_path / "sweep.yaml"
+    path.write_text("grid:\n  max_num_seqs: [4, 8]\n  enable_prefix_caching: [true]\nconfigs:\n"
+                    "  - {name: small, engine_args: '--max-num-seqs 2'}\n")
+    assert [n for n, _ in sweep_configs(path)] == ["small", "enable_prefix_caching=True-max_num_seqs=4",
+                                                   "enable_prefix_caching=True-max_num_seqs=8"]
+    path.write_text("configs:\n  - {name: x}\n")
+    with pytest.raises(ValueError, match=r"configs\[0\] needs 'engine_args'"):
+        sweep_configs(path)
+
+
+def test_wheel_carries_the_twin() -> None:
+    from importlib.resources import files
+
+    import service_profiler.twin.command
+    import service_profiler.twin.formats  # noqa: F401
+
+    yaml_text = files("service_profiler.shipped_config").joinpath("vllm_v1.yaml").read_text()
+    assert "vllm_twin_capture:engine_add_request_handler" in yaml_text

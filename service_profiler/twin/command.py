@@ -38,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--step-times", choices=("model", "measured"), default="model",
                         help="fitted step-time model (default) or the captured run's own step durations")
     parser.add_argument("--sweep", type=Path, help="YAML of configs and/or a grid to predict in one go")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="processes for --sweep (default: one per CPU)")
     parser.add_argument("--trace", type=Path, help="replay this workload instead of the captured one")
     parser.add_argument("--trace-format", choices=("twin", *IMPORTERS), default="twin",
                         help="format of --trace (default: the twin's JSONL)")
@@ -140,8 +142,7 @@ def _sweep(twin: Twin, args: argparse.Namespace) -> int:
         raise ValueError("--output-path is required with --sweep")
     configs = sweep_configs(args.sweep)
     table = []
-    for name, engine_args in configs:
-        prediction = twin.run(engine_args, step_times=args.step_times)
+    for name, prediction in twin.sweep(configs, step_times=args.step_times, workers=args.workers):
         prediction.write(args.output_path / _safe(name))
         table.append({"config": name, **{k: prediction.metrics.get(k) for k in COMPARED}})
     if twin.captured_metrics is not None:

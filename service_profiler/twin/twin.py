@@ -4,6 +4,7 @@ engine configuration."""
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -14,7 +15,7 @@ import numpy as np
 from ..model.step_model import StepModelV2, fit_step_model
 from . import engine_config
 from .capture import CapturedRun, StepRecord, read_run
-from .prediction import Prediction, batch_rows, captured_metrics, metrics_of, request_rows
+from .prediction import Prediction, captured_metrics, metrics_of
 from .simulator import SimRequest, Simulation, StepFeatures, StepTimer
 from .trace import TraceRequest, rebased
 
@@ -164,6 +165,11 @@ class Twin:
                                   reply_delay_ns=round(reply_ms * 1e6)))
         return out, notes
 
+    def sweep(self, configs: Sequence[tuple[str, EngineArgs]], *, step_times: str = "model",
+              workers: int | None = None) -> list[tuple[str, Prediction]]:
+        """Predict several configurations: [(name, Prediction)] in the order given (see `sweep`)."""
+        return sweep(self, configs, step_times=step_times, workers=workers)
+
     def run(self, engine_args: EngineArgs = None, *, step_times: str = "model", seed: int = 0) -> Prediction:
         """Predict the workload under `engine_args`. `step_times="measured"` replays the captured run's
         own step durations (for checking the twin against the run it came from); "model" uses the fitted
@@ -186,10 +192,41 @@ class Twin:
                             prefix_caching=settings.enable_prefix_caching, batch_queue_size=depth).run()
         origin = self.captured.origin_ns if self.captured is not None else 0
         return Prediction(
-            metrics=metrics_of(result), requests=request_rows(result, origin, settings.block_size),
-            batches=batch_rows(result, origin), settings=settings.to_dict(),
+            metrics=metrics_of(result), result=result, origin_ns=origin, settings=settings.to_dict(),
             step_times="measured" if measured else model.use, step_model=model.describe(),
             notes=self.notes + notes + result.notes, captured_metrics=self.captured_metrics)
+
+
+_SWEEP_TWIN: Twin | None = None
+
+
+def _sweep_one(job: tuple[str, Any, str, int]) -> tuple[str, Prediction]:
+    name, engine_args, step_times, seed = job
+    assert _SWEEP_TWIN is not None
+    return name, _SWEEP_TWIN.run(engine_args, step_times=step_times, seed=seed)
+
+
+def sweep(twin: Twin, configs: Sequence[tuple[str, EngineArgs]], *, step_times: str = "model", seed: int = 0,
+          workers: int | None = None) -> list[tuple[str, Prediction]]:
+    """`twin.run` for each (name, engine_args), in order; with several workers the configs run in forked
+    processes (each replay is independent and deterministic, so the results equal a serial sweep).
+    Engine args are checked first, so a bad config fails before any replay."""
+    global _SWEEP_TWIN
+    for _, engine_args in configs:
+        engine_config.resolve_settings(twin.base_settings, engine_config.parse_engine_args(engine_args))
+    twin.step_model  # noqa: B018  (fitted once, before forking)
+    jobs = [(name, engine_args, step_times, seed) for name, engine_args in configs]
+    count = min(workers if workers is not None else (os.cpu_count() or 1), len(jobs))
+    _SWEEP_TWIN = twin
+    try:
+        if count <= 1:
+            return [_sweep_one(job) for job in jobs]
+        import multiprocessing
+
+        with multiprocessing.get_context("fork").Pool(count) as pool:
+            return pool.map(_sweep_one, jobs, chunksize=1)
+    finally:
+        _SWEEP_TWIN = None
 
 
 def replace_settings(base: Mapping[str, Any], **changes: Any) -> dict[str, Any]:
@@ -199,4 +236,4 @@ def replace_settings(base: Mapping[str, Any], **changes: Any) -> dict[str, Any]:
     return out
 
 
-__all__ = ["MeasuredStepTimes", "StepTimeModel", "Twin", "fit_from_steps", "replace", "replace_settings"]
+__all__ = ["MeasuredStepTimes", "StepTimeModel", "Twin", "fit_from_steps", "replace", "replace_settings", "sweep"]
