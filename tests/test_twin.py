@@ -273,3 +273,10 @@ def test_wheel_carries_the_twin() -> None:
 
     yaml_text = files("service_profiler.shipped_config").joinpath("vllm_v1.yaml").read_text()
     assert "vllm_twin_capture:engine_add_request_handler" in yaml_text
+
+
+def test_measured_step_times_need_the_captured_workload() -> None:
+    with pytest.raises(ValueError, match="needs the captured workload"):
+        _twin().run({}, step_times="measured")
+    with pytest.raises(ValueError, match="step_times must be"):
+        _twin().run({}, step_times="fast")

@@ -105,6 +105,7 @@ class Twin:
         self.notes = list(notes)
         self._step_model = step_model
         self._captured_metrics: dict[str, Any] | None = None
+        self._own_workload = captured is not None  # the requests are the captured run's
 
     @classmethod
     def from_run(cls, path: str | Path) -> Twin:
@@ -127,7 +128,7 @@ class Twin:
 
     @property
     def captured_metrics(self) -> dict[str, Any] | None:
-        if self._captured_metrics is None and self.captured is not None:
+        if self._captured_metrics is None and self.captured is not None and self._own_workload:
             preempted = sum(s.num_preempted for s in self.captured.steps)
             self._captured_metrics = captured_metrics(self.captured.truth, preempted)
         return self._captured_metrics
@@ -136,7 +137,7 @@ class Twin:
         """The same engine knowledge (settings, step-time model, front-end delays) with another workload."""
         twin = Twin(requests, base_settings=self.base_settings, step_model=self.step_model, captured=self.captured,
                     notes=self.notes)
-        twin._captured_metrics = None
+        twin._own_workload = False
         return twin
 
     def _sim_requests(self, measured: bool, seed: int) -> tuple[list[SimRequest], list[str]]:
@@ -180,8 +181,9 @@ class Twin:
         settings = engine_config.resolve_settings(self.base_settings, overrides)
         scheduler = engine_config.build_scheduler(settings)
         measured = step_times == "measured"
-        if measured and self.captured is None:
-            raise ValueError("step_times='measured' needs a twin loaded from a run (Twin.from_run)")
+        if measured and not self._own_workload:
+            raise ValueError("step_times='measured' replays the captured run's own steps: it needs the captured "
+                             "workload (Twin.from_run without another trace)")
         model = self.step_model
         timer: StepTimer = model
         if measured and self.captured is not None:
