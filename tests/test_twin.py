@@ -199,6 +199,7 @@ def test_step_model_recovers_known_costs_and_reports_regimes() -> None:
     assert test["all"]["mape_pct"] < 4.0
     assert {"decode_only", "prefill_only", "mixed"} <= set(test)
     assert model.coefficients["c_0"] == pytest.approx(1.0, rel=0.1)
+    assert model.time_scale == pytest.approx(1.0, abs=0.02)  # no host stalls in these steps
     assert all(v >= 0 for v in model.coefficients.values())
     assert model.metrics["noise_floor"]["mape_pct"] is not None
     assert StepModelV2.from_dict(json.loads(json.dumps(model.to_dict()))).coefficients == model.coefficients

@@ -16,6 +16,11 @@ prefill-only, mixed), beside the same split scored by the T(B,S) form of `latenc
 same target, so a caller can use whichever predicts better. The noise floor is the error of an oracle
 that predicts each step by the median of steps with the very same (B, P, D): no model of these features
 can do better on average.
+
+`time_scale` (>= 1 when the host stalled the engine) is the measured total step time over the predicted
+total on the training steps, outliers included: the relative fit describes a typical step, and the
+scale spreads the host's stalls over all steps, so that replayed durations add up to what the run took.
+The twin multiplies by it; the held-out report gives the error with and without it.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ class StepModelV2:
     coefficients: dict[str, float]
     metrics: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    time_scale: float = 1.0
 
     def predict_ms(self, batch_size: float, prefill_tokens: float, decode_tokens: float, prefill_context: float,
                    decode_context: float) -> float:
@@ -56,14 +62,16 @@ class StepModelV2:
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": "step_time_v2", "formula": FORMULA, "units": {"T": "ms"},
-                "coefficients": self.coefficients, "metrics": self.metrics, "notes": self.notes}
+                "coefficients": self.coefficients, "time_scale": self.time_scale, "metrics": self.metrics,
+                "notes": self.notes}
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> StepModelV2:
         coefficients = doc.get("coefficients") if isinstance(doc, dict) else None
         if not isinstance(coefficients, dict) or any(n not in coefficients for n in COEFFICIENTS):
             raise ValueError(f"not a step_time_v2 model: expected coefficients {', '.join(COEFFICIENTS)}")
-        return cls({n: float(coefficients[n]) for n in COEFFICIENTS}, doc.get("metrics", {}), doc.get("notes", []))
+        return cls({n: float(coefficients[n]) for n in COEFFICIENTS}, doc.get("metrics", {}), doc.get("notes", []),
+                   float(doc.get("time_scale", 1.0)))
 
 
 def _design(x: Float) -> Float:
@@ -141,10 +149,16 @@ def fit_step_model(x: Any, y_ms: Any, *, test_fraction: float = 0.2, seed: int =
                      "left out of the refit")
         coef = _nnls_relative(xa[train][inliers], ya[train][inliers])
     model = StepModelV2({n: float(v) for n, v in zip(COEFFICIENTS, coef, strict=True)}, notes=notes)
+    predicted_train = model.predict_many(xa[train])
+    total = float(predicted_train.sum())
+    model.time_scale = max(float(ya[train].sum()) / total, 1e-3) if total > 0 else 1.0
     metrics: dict[str, Any] = {"n_train": int(train.size), "n_test": int(test.size),
-                               "train": _report(xa[train], ya[train], model.predict_many(xa[train]))}
+                               "train": _report(xa[train], ya[train], predicted_train)}
     if test.size:
         metrics["test"] = _report(xa[test], ya[test], model.predict_many(xa[test]))
+        metrics["test_scaled"] = _report(xa[test], ya[test], model.predict_many(xa[test]) * model.time_scale)
+        metrics["test_total_time_error_pct"] = float(
+            (model.predict_many(xa[test]).sum() * model.time_scale / ya[test].sum() - 1.0) * 100.0)
         metrics["baseline_tbs_test"] = _baseline(xa[train], ya[train], xa[test], ya[test])
     metrics["noise_floor"] = noise_floor(xa, ya)
     model.metrics = metrics

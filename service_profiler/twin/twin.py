@@ -31,7 +31,8 @@ class StepTimeModel:
         self.use = use
         self.tbs_params = tbs_params
         c = v2.coefficients
-        self._coef = (c["c_0"], c["c_req"], c["c_p"], c["c_d"], c["c_pc"], c["c_dc"])
+        scale = v2.time_scale
+        self._coef = tuple(c[name] * scale for name in ("c_0", "c_req", "c_p", "c_d", "c_pc", "c_dc"))
 
     def __call__(self, index: int, f: StepFeatures) -> int:
         b = f.num_prefill_reqs + f.num_decode_reqs
