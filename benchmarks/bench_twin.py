@@ -44,7 +44,10 @@ def _real_metrics(analysis: Path) -> dict[str, object]:
     return {k: float(metrics[k]) for k in KEYS}
 
 
-def fidelity(out: Path, n: int, repeats: int, rate: float) -> list[dict[str, object]]:
+def fidelity(out: Path, n: int, repeats: int, rate: float, targets: list[str]) -> list[dict[str, object]]:
+    """For each target config: capture the base config and run the target `repeats` times, all side by
+    side (a shared machine's load drifts by several times within minutes: a base captured at another
+    moment would measure another machine), then predict the target from that base capture."""
     from tiny_model import make_model
     from twin_engine_run import capture, workload
 
@@ -52,18 +55,15 @@ def fidelity(out: Path, n: int, repeats: int, rate: float) -> list[dict[str, obj
 
     model = make_model(out / "model")
     requests = workload(n, rate, shared_prefix=128)
-    base = out / "base" / "analysis"
-    if not (base / "request.csv").is_file():  # reuse a capture of an earlier, interrupted run
-        base = capture(model, out / "base", requests, BASE)
-    twin = Twin.from_run(base)
     rows = []
-    for name, change in TARGETS.items():
+    for name in targets:
+        change = TARGETS[name]
+        jobs = [("base", BASE)] + [(f"real-{i}", {**BASE, **change}) for i in range(repeats)]
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            dirs = list(pool.map(lambda job, name=name: capture(model, out / name / job[0], requests, job[1]), jobs))
+        twin = Twin.from_run(dirs[0])
         predicted = twin.run(change).metrics
-        # The repeats run side by side: on a shared machine that keeps their conditions alike (and the
-        # benchmark short); the spread they show is the one the twin is judged against.
-        with ThreadPoolExecutor(repeats) as pool:
-            reals = list(pool.map(lambda i, name=name, change=change: _real_metrics(
-                capture(model, out / f"{name}-{i}", requests, {**BASE, **change})), range(repeats)))
+        reals = [_real_metrics(d) for d in dirs[1:]]
         for key in KEYS:
             values = [r[key] for r in reals]
             median = statistics.median(values)
@@ -71,9 +71,11 @@ def fidelity(out: Path, n: int, repeats: int, rate: float) -> list[dict[str, obj
             rows.append({"config": name, "metric": key, "predicted": pred, "real_median": median,
                          "real_min": min(values), "real_max": max(values),
                          "error_pct": (pred - median) / median * 100.0 if median else None,
-                         "spread_pct": (max(values) - min(values)) / median * 100.0 if median else None})
+                         "spread_pct": (max(values) - min(values)) / median * 100.0 if median else None,
+                         "base_captured": twin.captured_metrics.get(key) if twin.captured_metrics else None})
         print(json.dumps(rows[-len(KEYS):]), flush=True)
-    print(f"step model: {twin.step_model.use}; {json.dumps(twin.step_model.v2.metrics)}")
+        print(f"step model: {twin.step_model.use}, time_scale {twin.step_model.v2.time_scale:.2f}; "
+              f"{json.dumps(twin.step_model.v2.metrics)}", flush=True)
     return rows
 
 
@@ -96,13 +98,19 @@ def speed(sweep_configs: int = 100, workers: int = 2) -> dict[str, object]:
     steps = len(pred.batches)
     configs = [(f"c{i}", {"max_num_seqs": 8 + (i % 10) * 8, "max_num_batched_tokens": 512 + (i // 10) * 256})
                for i in range(sweep_configs)]
+    import resource
+
     wall = time.perf_counter()
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
     twin.sweep(configs, workers=workers)
     sweep_wall = time.perf_counter() - wall
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    sweep_cpu = (after.ru_utime + after.ru_stime) - (children.ru_utime + children.ru_stime)
     # CPU seconds are what one core spends; wall seconds depend on what else runs on the machine.
     return {"replay_1000_wall_s": round(replay_wall, 3), "replay_1000_cpu_s": round(replay_cpu, 3), "steps": steps,
             "steps_per_cpu_s": round(steps / replay_cpu), "steps_per_wall_s": round(steps / replay_wall),
-            f"sweep_{sweep_configs}_wall_s": round(sweep_wall, 1), "sweep_workers": workers,
+            f"sweep_{sweep_configs}_wall_s": round(sweep_wall, 1), f"sweep_{sweep_configs}_cpu_s": round(sweep_cpu, 1),
+            "sweep_workers": workers,
             "load_avg_1m": os.getloadavg()[0]}
 
 
@@ -114,13 +122,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--speed-only", action="store_true", help="only the speed figures")
     parser.add_argument("--sweep-configs", type=int, default=100)
+    parser.add_argument("--targets", default=",".join(TARGETS), help=f"comma-separated, of {', '.join(TARGETS)}")
     args = parser.parse_args()
     if args.speed_only:
         print(json.dumps(speed(args.sweep_configs)), flush=True)
         return
     out = args.out or Path(tempfile.mkdtemp(prefix="bench-twin-"))
-    rows = fidelity(out, args.requests, args.repeats, args.rate)
-    print(json.dumps(speed(args.sweep_configs)), flush=True)
+    rows = fidelity(out, args.requests, args.repeats, args.rate, args.targets.split(","))
     print(f"{'config':34} {'metric':24} {'twin':>10} {'real med':>10} {'real min..max':>22} {'err %':>7} "
           f"{'spread %':>8}")
     for r in rows:
