@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -232,11 +231,4 @@ def sweep(twin: Twin, configs: Sequence[tuple[str, EngineArgs]], *, step_times: 
         _SWEEP_TWIN = None
 
 
-def replace_settings(base: Mapping[str, Any], **changes: Any) -> dict[str, Any]:
-    """A copy of captured settings with some changed (a helper for callers building base settings)."""
-    out = dict(base)
-    out.update(changes)
-    return out
-
-
-__all__ = ["MeasuredStepTimes", "StepTimeModel", "Twin", "fit_from_steps", "replace", "replace_settings", "sweep"]
+__all__ = ["MeasuredStepTimes", "StepTimeModel", "Twin", "fit_from_steps", "sweep"]
