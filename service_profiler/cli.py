@@ -1,4 +1,4 @@
-"""`service-profiler` command line: analyze, inspect, check, model.
+"""`service-profiler` command line: analyze, inspect, check, model, twin.
 
 Each subcommand lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`;
 this file only wires them, importing a subcommand's module when that subcommand runs.
@@ -24,6 +24,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "model": ("service_profiler.model.command", "fit the batch latency model or predict with it"),
     "scheduler-report": ("service_profiler.frontdoors.report",
                          "statistics and charts of a scheduler-profiling JSONL or a scheduler-logging directory"),
+    "twin": ("service_profiler.twin.command",
+             "predict a captured workload under other engine settings with vLLM's real scheduler"),
 }
 
 
