@@ -20,6 +20,13 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("service_profiler.inspect_run", "first look at a run: processes, record counts, patch reports"),
     "check": ("service_profiler.checker", "check a symbols YAML against an engine's source without importing it"),
     "model": ("service_profiler.model.command", "fit the batch latency model or predict with it"),
+    "workload": ("service_profiler.workload.command",
+                 "run profiling cells (C, M, B, block_size) or a request workload on a real engine under the profiler"),
+    "diagnose": ("service_profiler.diagnose.command",
+                 "classify what limits a run: compute, memory, scheduling, cache or front end"),
+    "plan": ("service_profiler.planner.command", "search engine settings for an objective with the digital twin"),
+    "workflow": ("service_profiler.planner.workflow",
+                 "generate -> profile -> analyze -> diagnose -> plan -> confirm, in one command"),
 }
 
 
