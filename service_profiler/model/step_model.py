@@ -1,0 +1,162 @@
+"""Step-time model v2: one engine step's duration from what the step computes.
+
+    T = c_0 + c_req·B + c_p·P + c_d·D + c_pc·C_p + c_dc·C_d          (ms)
+
+B requests in the step, P prefill tokens, D decode tokens, C_p the prefill attention work (Σ chunk ×
+(tokens before + chunk/2): each new token attends to the context before it), C_d the decode context
+(Σ tokens attended). c_0 and c_req are the per-step and per-request fixed costs (schedule, input
+preparation, sampling, update); the token terms the model's work. All coefficients are >= 0
+(scipy's non-negative least squares). The fit minimises relative error (rows weighted by 1/T), since the
+twin's errors compound in relative terms, and is refitted once without steps whose relative residual is
+beyond 5 MADs (host hiccups: a GC pause, another process on the core).
+
+The target is the step's cycle: schedule start to the next schedule start while the engine has work, so
+the engine's own loop overheads are in it. Held-out error is reported per regime (decode-only,
+prefill-only, mixed), beside the same split scored by the T(B,S) form of `latency.py` fitted to the
+same target, so a caller can use whichever predicts better. The noise floor is the error of an oracle
+that predicts each step by the median of steps with the very same (B, P, D): no model of these features
+can do better on average.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+FEATURES: tuple[str, ...] = ("batch_size", "prefill_tokens", "decode_tokens", "prefill_context", "decode_context")
+COEFFICIENTS: tuple[str, ...] = ("c_0", "c_req", "c_p", "c_d", "c_pc", "c_dc")
+FORMULA = "T = c_0 + c_req*B + c_p*P + c_d*D + c_pc*C_p + c_dc*C_d"
+MIN_SAMPLES = 20
+_OUTLIER_MADS = 5.0
+
+Float = NDArray[np.float64]
+
+
+@dataclass
+class StepModelV2:
+    """Fitted coefficients (ms per unit) and the held-out report."""
+
+    coefficients: dict[str, float]
+    metrics: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def predict_ms(self, batch_size: float, prefill_tokens: float, decode_tokens: float, prefill_context: float,
+                   decode_context: float) -> float:
+        c = self.coefficients
+        return (c["c_0"] + c["c_req"] * batch_size + c["c_p"] * prefill_tokens + c["c_d"] * decode_tokens
+                + c["c_pc"] * prefill_context + c["c_dc"] * decode_context)
+
+    def predict_many(self, x: Float) -> Float:
+        """x: rows of FEATURES; returns ms."""
+        coef = np.array([self.coefficients[n] for n in COEFFICIENTS])
+        return np.asarray(_design(x) @ coef, dtype=float)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": "step_time_v2", "formula": FORMULA, "units": {"T": "ms"},
+                "coefficients": self.coefficients, "metrics": self.metrics, "notes": self.notes}
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> StepModelV2:
+        coefficients = doc.get("coefficients") if isinstance(doc, dict) else None
+        if not isinstance(coefficients, dict) or any(n not in coefficients for n in COEFFICIENTS):
+            raise ValueError(f"not a step_time_v2 model: expected coefficients {', '.join(COEFFICIENTS)}")
+        return cls({n: float(coefficients[n]) for n in COEFFICIENTS}, doc.get("metrics", {}), doc.get("notes", []))
+
+
+def _design(x: Float) -> Float:
+    return np.column_stack([np.ones(len(x)), x])
+
+
+def _mape(y: Float, pred: Float) -> float | None:
+    return float(np.mean(np.abs(pred - y) / y) * 100.0) if y.size else None
+
+
+def _nnls_relative(x: Float, y: Float) -> Float:
+    from scipy.optimize import nnls
+
+    a = _design(x) / y[:, None]
+    scale = np.maximum(np.abs(a).max(axis=0), 1e-300)
+    coef, _ = nnls(a / scale, np.ones_like(y), maxiter=50 * a.shape[1])
+    return np.asarray(coef / scale, dtype=float)
+
+
+def _regimes(x: Float) -> dict[str, NDArray[np.bool_]]:
+    prefill, decode = x[:, 1] > 0, x[:, 2] > 0
+    return {"decode_only": decode & ~prefill, "prefill_only": prefill & ~decode, "mixed": prefill & decode}
+
+
+def _report(x: Float, y: Float, pred: Float) -> dict[str, Any]:
+    out: dict[str, Any] = {"all": {"n": int(y.size), "mape_pct": _mape(y, pred)}}
+    for name, mask in _regimes(x).items():
+        out[name] = {"n": int(mask.sum()), "mape_pct": _mape(y[mask], pred[mask])}
+    return out
+
+
+def noise_floor(x: Float, y: Float, min_group: int = 5) -> dict[str, Any]:
+    """MAPE of predicting each step by the median of the steps with identical (B, P, D)."""
+    groups: dict[tuple[float, float, float], list[int]] = {}
+    for i, row in enumerate(x[:, :3]):
+        groups.setdefault((row[0], row[1], row[2]), []).append(i)
+    errors: list[Float] = []
+    for members in groups.values():
+        if len(members) >= min_group:
+            values = y[members]
+            errors.append(np.abs(values - np.median(values)) / values)
+    if not errors:
+        return {"mape_pct": None, "n": 0}
+    flat = np.concatenate(errors)
+    return {"mape_pct": float(flat.mean() * 100.0), "n": int(flat.size), "groups": len(errors)}
+
+
+def fit_step_model(x: Any, y_ms: Any, *, test_fraction: float = 0.2, seed: int = 0) -> StepModelV2:
+    """Fit on rows of FEATURES and step times (ms); a seeded `test_fraction` is held out and scored,
+    beside the T(B,S) form fitted to the same training rows. Raises ValueError with too few steps."""
+    xa = np.asarray(x, dtype=float).reshape(-1, len(FEATURES))
+    ya = np.asarray(y_ms, dtype=float).ravel()
+    keep = np.isfinite(ya) & (ya > 0) & np.all(np.isfinite(xa), axis=1) & (xa[:, 0] > 0)
+    xa, ya = xa[keep], ya[keep]
+    if ya.size < MIN_SAMPLES:
+        raise ValueError(f"only {ya.size} usable steps (need {MIN_SAMPLES}) to fit the step-time model; "
+                         "capture a longer run")
+    order = np.random.default_rng(seed).permutation(ya.size)
+    n_test = round(test_fraction * ya.size)
+    test, train = order[:n_test], order[n_test:]
+    coef = _nnls_relative(xa[train], ya[train])
+    rel = (_design(xa[train]) @ coef - ya[train]) / ya[train]
+    mad = float(np.median(np.abs(rel - np.median(rel)))) or 1e-9
+    inliers = np.abs(rel - np.median(rel)) <= _OUTLIER_MADS * mad
+    notes = []
+    if (~inliers).any():
+        notes.append(f"{int((~inliers).sum())} of {train.size} training steps beyond {_OUTLIER_MADS:g} MADs "
+                     "left out of the refit")
+        coef = _nnls_relative(xa[train][inliers], ya[train][inliers])
+    model = StepModelV2({n: float(v) for n, v in zip(COEFFICIENTS, coef, strict=True)}, notes=notes)
+    metrics: dict[str, Any] = {"n_train": int(train.size), "n_test": int(test.size),
+                               "train": _report(xa[train], ya[train], model.predict_many(xa[train]))}
+    if test.size:
+        metrics["test"] = _report(xa[test], ya[test], model.predict_many(xa[test]))
+        metrics["baseline_tbs_test"] = _baseline(xa[train], ya[train], xa[test], ya[test])
+    metrics["noise_floor"] = noise_floor(xa, ya)
+    model.metrics = metrics
+    return model
+
+
+def _baseline(x_tr: Float, y_tr: Float, x_te: Float, y_te: Float) -> dict[str, Any]:
+    """The T(B,S) model of latency.py fitted to the same training steps, scored on the same test steps."""
+    from .latency import RELAXED_MIN_MS, fit_latency_model
+
+    s_tr = x_tr[:, 1] + x_tr[:, 2]
+    s_te = x_te[:, 1] + x_te[:, 2]
+    try:
+        base = fit_latency_model(x_tr[:, 0], s_tr, y_tr, min_ms=min(RELAXED_MIN_MS, float(y_tr.min())),
+                                 max_ms=float(y_tr.max()) + 1.0, test_fraction=0.0)
+    except ValueError as exc:
+        return {"error": str(exc)}
+    ok = s_te > 0
+    pred = np.asarray(base.predict(x_te[ok, 0], s_te[ok]), dtype=float)
+    report = _report(x_te[ok], y_te[ok], pred)
+    report["params"] = base.params
+    return report

@@ -1,0 +1,198 @@
+"""`Twin`: a captured workload plus a step-time source, replayed through vLLM's real scheduler for any
+engine configuration."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..model.step_model import StepModelV2, fit_step_model
+from . import engine_config
+from .capture import CapturedRun, StepRecord, read_run
+from .prediction import Prediction, batch_rows, captured_metrics, metrics_of, request_rows
+from .simulator import SimRequest, Simulation, StepFeatures, StepTimer
+from .trace import TraceRequest, rebased
+
+EngineArgs = Sequence[str] | Mapping[str, Any] | str | None
+
+
+class StepTimeModel:
+    """Step durations from a fitted model: v2 (tokens, context, fixed costs) or the T(B,S) baseline,
+    whichever predicted the captured run's held-out steps better."""
+
+    def __init__(self, v2: StepModelV2, use: str = "v2", tbs_params: dict[str, float] | None = None) -> None:
+        self.v2 = v2
+        self.use = use
+        self.tbs_params = tbs_params
+        c = v2.coefficients
+        self._coef = (c["c_0"], c["c_req"], c["c_p"], c["c_d"], c["c_pc"], c["c_dc"])
+
+    def __call__(self, index: int, f: StepFeatures) -> int:
+        b = f.num_prefill_reqs + f.num_decode_reqs
+        s = f.prefill_tokens + f.decode_tokens
+        if self.use == "tbs" and self.tbs_params is not None and b > 0 and s > 0:
+            p = self.tbs_params
+            thr = p["P_max"] * -math.expm1(-p["k_B"] * b) * -math.expm1(-p["k_S"] * s)
+            ms = p["tau_0"] + (p["w_0"] + p["w_1"] * s) / thr + p["tau_B"] * b + p["tau_S"] * s
+        else:
+            c0, creq, cp, cd, cpc, cdc = self._coef
+            ms = (c0 + creq * b + cp * f.prefill_tokens + cd * f.decode_tokens + cpc * f.prefill_context
+                  + cdc * f.decode_context)
+        return int(ms * 1e6)
+
+    def describe(self) -> dict[str, Any]:
+        return {"used": self.use, "v2": self.v2.to_dict()}
+
+
+def fit_from_steps(steps: Sequence[StepRecord]) -> StepTimeModel:
+    """Fit v2 (and score T(B,S)) on the steps whose cycle ended with the next step starting at once."""
+    busy = [s for s in steps if s.followed_by_work and s.num_prefill_reqs + s.num_decode_reqs > 0]
+    x = np.array([[s.num_prefill_reqs + s.num_decode_reqs, s.prefill_tokens, s.decode_tokens, s.prefill_context,
+                   s.decode_context] for s in busy], dtype=float).reshape(-1, 5)
+    y = np.array([s.cycle_ns / 1e6 for s in busy], dtype=float)
+    v2 = fit_step_model(x, y)
+    test = v2.metrics.get("test", {}).get("all", {}).get("mape_pct")
+    base = v2.metrics.get("baseline_tbs_test", {})
+    base_mape = base.get("all", {}).get("mape_pct") if isinstance(base, dict) else None
+    if test is not None and base_mape is not None and base_mape < test:
+        return StepTimeModel(v2, "tbs", base.get("params"))
+    return StepTimeModel(v2, "v2")
+
+
+class MeasuredStepTimes:
+    """The captured run's own step durations, step by step; steps beyond them from `fallback`."""
+
+    def __init__(self, steps: Sequence[StepRecord], fallback: StepTimer) -> None:
+        self.cycles = [s.cycle_ns for s in steps]
+        self.fallback = fallback
+
+    def __call__(self, index: int, f: StepFeatures) -> int:
+        return self.cycles[index] if index < len(self.cycles) else self.fallback(index, f)
+
+
+def _lognormal(values: Sequence[float]) -> tuple[float, float] | None:
+    positive = np.array([v for v in values if v > 0], dtype=float)
+    if positive.size < 5:
+        return None
+    logs = np.log(positive)
+    return float(logs.mean()), float(logs.std())
+
+
+class Twin:
+    """A workload and what the twin knows of the engine that ran it.
+
+    `Twin.from_run(dir)` loads an analyzed run (the output directory of `service-profiler analyze`);
+    `Twin.from_trace(requests, base_settings=..., step_model=...)` starts from a trace.
+    `run(engine_args)` replays the workload through vLLM's real scheduler configured by `engine_args`
+    (a list or string of `vllm serve` arguments, or a dict of EngineArgs fields, on top of the captured
+    run's settings) and returns a `Prediction`.
+    """
+
+    def __init__(self, requests: Sequence[TraceRequest], *, base_settings: Mapping[str, Any],
+                 step_model: StepTimeModel | None = None, captured: CapturedRun | None = None,
+                 notes: Sequence[str] = ()) -> None:
+        self.requests = rebased(requests)
+        self.base_settings = dict(base_settings)
+        self.captured = captured
+        self.notes = list(notes)
+        self._step_model = step_model
+        self._captured_metrics: dict[str, Any] | None = None
+
+    @classmethod
+    def from_run(cls, path: str | Path) -> Twin:
+        """Load an analyzed run; raises capture.CaptureError naming what is missing."""
+        run = read_run(path)
+        return cls(run.requests, base_settings=run.settings, captured=run, notes=run.notes)
+
+    @classmethod
+    def from_trace(cls, requests: Sequence[TraceRequest], *, base_settings: Mapping[str, Any],
+                   step_model: StepTimeModel) -> Twin:
+        return cls(requests, base_settings=base_settings, step_model=step_model)
+
+    @property
+    def step_model(self) -> StepTimeModel:
+        if self._step_model is None:
+            if self.captured is None:
+                raise ValueError("no step-time model: pass step_model= or load the twin from a run")
+            self._step_model = fit_from_steps(self.captured.steps)
+        return self._step_model
+
+    @property
+    def captured_metrics(self) -> dict[str, Any] | None:
+        if self._captured_metrics is None and self.captured is not None:
+            preempted = sum(s.num_preempted for s in self.captured.steps)
+            self._captured_metrics = captured_metrics(self.captured.truth, preempted)
+        return self._captured_metrics
+
+    def with_requests(self, requests: Sequence[TraceRequest]) -> Twin:
+        """The same engine knowledge (settings, step-time model, front-end delays) with another workload."""
+        twin = Twin(requests, base_settings=self.base_settings, step_model=self.step_model, captured=self.captured,
+                    notes=self.notes)
+        twin._captured_metrics = None
+        return twin
+
+    def _sim_requests(self, measured: bool, seed: int) -> tuple[list[SimRequest], list[str]]:
+        notes = []
+        engine_fit = _lognormal([r.engine_delay_ms for r in (self.captured.requests if self.captured else [])
+                                 if r.engine_delay_ms is not None])
+        reply_fit = _lognormal([r.reply_delay_ms for r in (self.captured.requests if self.captured else [])
+                                if r.reply_delay_ms is not None])
+        if not measured and (engine_fit is None or reply_fit is None):
+            notes.append("front-end delays (HTTP arrival -> engine, engine output -> client) not in the run: "
+                         "taken as zero where missing")
+        rng = np.random.default_rng(seed)
+        draws = rng.standard_normal((len(self.requests), 2))
+        out = []
+        for i, r in enumerate(self.requests):
+            if measured and r.engine_delay_ms is not None:
+                engine_ms = r.engine_delay_ms
+            else:
+                engine_ms = math.exp(engine_fit[0] + engine_fit[1] * draws[i, 0]) if engine_fit else 0.0
+            if measured and r.reply_delay_ms is not None:
+                reply_ms = r.reply_delay_ms
+            else:
+                reply_ms = math.exp(reply_fit[0] + reply_fit[1] * draws[i, 1]) if reply_fit else 0.0
+            arrival = round(r.arrival_s * 1e9)
+            out.append(SimRequest(trace=r, arrival_ns=arrival, engine_arrival_ns=arrival + round(engine_ms * 1e6),
+                                  reply_delay_ns=round(reply_ms * 1e6)))
+        return out, notes
+
+    def run(self, engine_args: EngineArgs = None, *, step_times: str = "model", seed: int = 0) -> Prediction:
+        """Predict the workload under `engine_args`. `step_times="measured"` replays the captured run's
+        own step durations (for checking the twin against the run it came from); "model" uses the fitted
+        step-time model. Raises engine_config.EngineArgsError for arguments vLLM or the twin rejects."""
+        if step_times not in ("model", "measured"):
+            raise ValueError(f"step_times must be 'model' or 'measured', got {step_times!r}")
+        overrides = engine_config.parse_engine_args(engine_args)
+        settings = engine_config.resolve_settings(self.base_settings, overrides)
+        scheduler = engine_config.build_scheduler(settings)
+        measured = step_times == "measured"
+        if measured and self.captured is None:
+            raise ValueError("step_times='measured' needs a twin loaded from a run (Twin.from_run)")
+        model = self.step_model
+        timer: StepTimer = MeasuredStepTimes(self.captured.steps, model) if measured and self.captured else model
+        sims, notes = self._sim_requests(measured, seed)
+        depth = int(self.base_settings.get("batch_queue_size") or 2) if settings.async_scheduling else 1
+        result = Simulation(scheduler, sims, timer, block_size=settings.block_size,
+                            prefix_caching=settings.enable_prefix_caching, batch_queue_size=depth).run()
+        origin = self.captured.origin_ns if self.captured is not None else 0
+        return Prediction(
+            metrics=metrics_of(result), requests=request_rows(result, origin, settings.block_size),
+            batches=batch_rows(result, origin), settings=settings.to_dict(),
+            step_times="measured" if measured else model.use, step_model=model.describe(),
+            notes=self.notes + notes + result.notes, captured_metrics=self.captured_metrics)
+
+
+def replace_settings(base: Mapping[str, Any], **changes: Any) -> dict[str, Any]:
+    """A copy of captured settings with some changed (a helper for callers building base settings)."""
+    out = dict(base)
+    out.update(changes)
+    return out
+
+
+__all__ = ["MeasuredStepTimes", "StepTimeModel", "Twin", "fit_from_steps", "replace", "replace_settings"]
