@@ -31,8 +31,8 @@ SCENARIOS = {
     "memory": Scenario("memory", "memory-bound", RequestMix(24, (128, 224), (48, 64), seed=1),
                        ArrivalSpec("burst"), {"num_gpu_blocks_override": 24, "max_model_len": 512}),
     # Two sequence slots under a request rate the engine could otherwise serve with room to spare.
-    "scheduling": Scenario("scheduling", "scheduling-bound", RequestMix(30, (64, 256), (8, 32), seed=2),
-                           ArrivalSpec("poisson", rate=20.0), {"max_num_seqs": 2}),
+    "scheduling": Scenario("scheduling", "scheduling-bound", RequestMix(40, (64, 256), (16, 48), seed=2),
+                           ArrivalSpec("poisson", rate=40.0), {"max_num_seqs": 2}),
     # Long prompts and a token budget that takes them whole: steps are long model runs, no limit binds.
     "compute": Scenario("compute", "compute-bound", RequestMix(24, (1200, 1800), (4, 8), seed=3),
                         ArrivalSpec("poisson", rate=40.0), {"max_num_batched_tokens": 16384, "max_num_seqs": 64}),

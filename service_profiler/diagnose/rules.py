@@ -25,6 +25,9 @@ THRESHOLDS = {
     "busy_share": 0.60,               # step time / wall time: "the engine is busy"
     "model_share": 0.60,              # model run / step time: "the model dominates the step"
     "front_end_share": 0.30,          # median (front-end time / end-to-end latency)
+    # The engine takes new requests in between steps: a front-end time under a couple of steps is the
+    # engine loop finishing its step, not the front end.
+    "front_end_steps": 2.0,           # median front-end time / median step time
 }
 
 
@@ -37,12 +40,37 @@ def _share(flags: Sequence[bool]) -> float:
     return float(sum(flags)) / len(flags) if flags else 0.0
 
 
-def front_end_ms(request: dict[str, Any]) -> tuple[float | None, float | None]:
-    """(before, after): time from the API server receiving a request to the engine enqueuing it, and from the
+class BusyIntervals:
+    """The engine's step intervals, to take the time spent waiting for a running step out of the front end."""
+
+    def __init__(self, batches: Sequence[dict[str, Any]]) -> None:
+        # A step runs from its schedule call to the end of its output update (step_ms covers both).
+        spans = sorted((float(b["start_ns"]), float(b["start_ns"]) + float(b["step_ms"]) * 1e6) for b in batches
+                       if isinstance(b.get("start_ns"), int | float) and isinstance(b.get("step_ms"), int | float))
+        self.starts = np.asarray([a for a, _ in spans], dtype=float)
+        self.ends = np.asarray([b for _, b in spans], dtype=float)
+
+    def overlap_ns(self, lo: float, hi: float) -> float:
+        if hi <= lo or not self.starts.size:
+            return 0.0
+        first = max(0, int(np.searchsorted(self.ends, lo)))
+        last = int(np.searchsorted(self.starts, hi))
+        if last <= first:
+            return 0.0
+        a = np.maximum(self.starts[first:last], lo)
+        b = np.minimum(self.ends[first:last], hi)
+        return float(np.clip(b - a, 0, None).sum())
+
+
+def front_end_ms(request: dict[str, Any], busy: BusyIntervals | None = None) -> tuple[float | None, float | None]:
+    """(before, after): time from the API server receiving a request to the engine enqueuing it, less the
+    time the engine spent finishing a step meanwhile (it takes new requests between steps), and from the
     engine's last token to the client's reply, when the run recorded them."""
     before = None
-    if isinstance(request.get("arrival_ns"), int | float) and isinstance(request.get("engine_arrival_ns"), int | float):
-        before = max(0.0, (request["engine_arrival_ns"] - request["arrival_ns"]) / 1e6)
+    arrival, engine_arrival = request.get("arrival_ns"), request.get("engine_arrival_ns")
+    if isinstance(arrival, int | float) and isinstance(engine_arrival, int | float):
+        waited = busy.overlap_ns(float(arrival), float(engine_arrival)) if busy is not None else 0.0
+        before = max(0.0, (engine_arrival - arrival - waited) / 1e6)
     after = None
     for key in ("reply_delay_ms", "response_ms", "api_out_ms", "detokenize_ms"):
         if isinstance(request.get(key), int | float):
@@ -70,7 +98,9 @@ def window_signals(batches: Sequence[dict[str, Any]], requests: Sequence[dict[st
                   for r in waiting_rows] if budget else [])
     prompt = sum(int(r.get("input_tokens") or 0) for r in requests)
     hits = sum(int(r.get("prefix_hit_tokens") or 0) for r in requests)
-    fe = [front_end_ms(r) for r in requests]
+    busy = BusyIntervals(batches)
+    fe = [front_end_ms(r, busy) for r in requests]
+    fe_ms = [(b or 0.0) + (a or 0.0) for b, a in fe if b is not None or a is not None]
     e2e = [float(r["e2e_ms"]) for r in requests if isinstance(r.get("e2e_ms"), int | float)]
     fe_share = [((b or 0.0) + (a or 0.0)) / float(r["e2e_ms"]) for (b, a), r in zip(fe, requests, strict=True)
                 if isinstance(r.get("e2e_ms"), int | float) and r["e2e_ms"] > 0 and (b is not None or a is not None)]
@@ -94,6 +124,7 @@ def window_signals(batches: Sequence[dict[str, Any]], requests: Sequence[dict[st
         "prefix_caching": engine.get("enable_prefix_caching"),
         "requests": len(requests), "e2e_ms_p50": float(np.median(e2e)) if e2e else None,
         "front_end_share_p50": float(np.median(fe_share)) if fe_share else None,
+        "front_end_ms_p50": float(np.median(fe_ms)) if fe_ms else None,
     }
 
 
@@ -133,11 +164,13 @@ def classify(s: dict[str, Any]) -> list[dict[str, Any]]:
             f"allow {overlap:.0%}" + (" (prefix caching is off)" if s["prefix_caching"] is False else ""),
             {"prefix_hit_rate": hit, "prefix_overlap": overlap, "prefix_caching": s["prefix_caching"]},
             {"overlap - hit_rate >=": t["cache_gap"], "overlap >=": t["cache_overlap_min"]})
-    fe = s["front_end_share_p50"]
-    if fe is not None and fe >= t["front_end_share"]:
-        add("front-end-bound", f"time outside the engine is {fe:.0%} of a request's end-to-end latency (median)",
-            {"front_end_share_p50": fe, "e2e_ms_p50": s["e2e_ms_p50"]},
-            {"front_end_share_p50 >=": t["front_end_share"]})
+    fe, fe_ms, step = s["front_end_share_p50"], s["front_end_ms_p50"], s["step_ms_p50"] or 0.0
+    if fe is not None and fe >= t["front_end_share"] and fe_ms is not None and fe_ms >= t["front_end_steps"] * step:
+        add("front-end-bound", f"time outside the engine is {fe:.0%} of a request's end-to-end latency (median "
+            f"{fe_ms:.1f} ms, {fe_ms / step if step else float('inf'):.1f} steps)",
+            {"front_end_share_p50": fe, "front_end_ms_p50": fe_ms, "step_ms_p50": s["step_ms_p50"],
+             "e2e_ms_p50": s["e2e_ms_p50"]},
+            {"front_end_share_p50 >=": t["front_end_share"], "front_end_ms_p50 / step_ms_p50 >=": t["front_end_steps"]})
     limited = any(v["kind"] in ("memory-bound", "scheduling-bound", "cache-bound") for v in verdicts)
     if not limited and s["busy_share"] >= t["busy_share"] and s["model_share"] >= t["model_share"]:
         add("compute-bound", f"the engine is busy {s['busy_share']:.0%} of the time, {s['model_share']:.0%} of it "

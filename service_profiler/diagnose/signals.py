@@ -62,6 +62,10 @@ def parse_serve_args(argv: Sequence[str]) -> dict[str, Any]:
                 out[_INT_FLAGS[flag]] = int(value)
             except ValueError:
                 continue
+        if flag == "--scheduling-policy":
+            value = inline if eq else (items[i + 1] if i + 1 < len(items) else "")
+            if value in ("fcfs", "priority"):
+                out["scheduling_policy"] = value
         for name, key in _BOOL_FLAGS.items():
             if flag == f"--{name}":
                 out[key] = inline.lower() not in ("false", "0") if eq else True

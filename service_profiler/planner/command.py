@@ -11,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..diagnose.signals import parse_serve_args
 from .plans import PARETO_FILE, PLANS_FILE, SWEEP_FILE, pareto_table, plan_run
 from .search import OBJECTIVES, Slo
 
@@ -23,6 +24,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-path", type=Path, default=Path("plans"))
     parser.add_argument("--top", type=int, default=10, help="plans to keep")
     parser.add_argument("--budget-s", type=float, default=300.0, help="stop the search after this many seconds")
+    parser.add_argument("--load-multiplier", type=float, default=1.0,
+                        help="plan for the captured workload's arrivals compressed by this factor")
+    parser.add_argument("--engine-args", nargs=argparse.REMAINDER, default=[],
+                        help="the captured run's `vllm serve` arguments, where its records lack them")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -30,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
 
     slo = Slo(args.slo_ttft_ms, args.slo_tpot_ms)
     try:
-        doc = plan_run(args.run, args.objective, args.output_path, slo, args.top, args.budget_s)
+        doc = plan_run(args.run, args.objective, args.output_path, slo, args.top, args.budget_s,
+                       engine=parse_serve_args(args.engine_args), load_multiplier=args.load_multiplier)
     except (CaptureError, FileNotFoundError) as exc:
         print(f"service-profiler plan: {exc}", file=sys.stderr)
         return 2
@@ -47,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
               + (f", SLO rate x{top['slo_rate_multiplier']:.2f} of the captured load" if top["slo_rate_multiplier"]
                  is not None else ""))
         print("  vllm serve <model> " + " ".join(top["vllm_serve_args"]))
+    for note in doc["notes"]:
+        print(f"note: {note}")
     print("\nPareto (throughput, p50 TTFT, KV size):\n" + pareto_table(doc))
     out = args.output_path
     print(f"wrote {out / PLANS_FILE}, {out / PARETO_FILE}, {out / SWEEP_FILE} "

@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,13 +78,37 @@ def _plan_doc(rank: int, e: Evaluation, base: Plan) -> dict[str, Any]:
                                                                    "e2e_ms_p90", "duration_s")}}
 
 
+def apply_engine_settings(twin: Any, engine: Mapping[str, Any]) -> list[str]:
+    """Tell the twin the settings the captured run used when its records lack them (EngineArgs names)."""
+    from ..twin import engine_config
+
+    known = {k: v for k, v in engine.items() if k in engine_config.SCHEDULER_KNOBS and v is not None}
+    for key, value in known.items():
+        twin.base_settings[engine_config.SCHEDULER_KNOBS[key]] = value
+    return sorted(known)
+
+
+def _quiet_vllm() -> None:
+    # Building a scheduler config per candidate logs the same platform notes hundreds of times.
+    logging.getLogger("vllm").setLevel(logging.ERROR)
+
+
 def plan_run(run: Path, objective: str, out_dir: Path, slo: Slo | None = None, top: int = 10,
-             budget_s: float = 300.0, twin: Any = None) -> dict[str, Any]:
-    """Search plans for the workload of an analyzed run and write the output files into `out_dir`."""
+             budget_s: float = 300.0, twin: Any = None, engine: Mapping[str, Any] | None = None,
+             load_multiplier: float = 1.0) -> dict[str, Any]:
+    """Search plans for the workload of an analyzed run and write the output files into `out_dir`.
+
+    `engine`: the captured run's engine settings (EngineArgs names) where its records lack them;
+    `load_multiplier`: the workload's arrivals compressed by this factor (throughput is only telling
+    when the load reaches the engine's capacity)."""
     from ..twin import Twin
 
+    _quiet_vllm()
     started = time.monotonic()
     twin = twin or Twin.from_run(run)
+    told = apply_engine_settings(twin, engine or {})
+    if load_multiplier != 1.0:
+        twin = twin.with_requests(scaled_arrivals(twin.requests, load_multiplier))
     start, max_model_len = captured_plan(twin)
     predictor = TwinPredictor(twin)
     space = SearchSpace.around(start, max_model_len=max_model_len,
@@ -94,7 +119,7 @@ def plan_run(run: Path, objective: str, out_dir: Path, slo: Slo | None = None, t
     valid = [e for e in ranked if e.metrics is not None]
     invalid = [e for e in ranked if e.metrics is None]
     base = search.evaluations[start.key()]
-    doc = {
+    doc: dict[str, Any] = {
         "objective": objective if not (slo and slo.active) else "slo",
         "slo": {"ttft_ms_p90": slo.ttft_ms, "tpot_ms_p90": slo.tpot_ms} if slo and slo.active else None,
         "run": str(run),
@@ -109,7 +134,12 @@ def plan_run(run: Path, objective: str, out_dir: Path, slo: Slo | None = None, t
                    "seconds": round(time.monotonic() - started, 2),
                    "rejected_examples": [{"settings": e.plan.to_dict(), "reason": e.error} for e in invalid[:5]]},
         "notes": list(getattr(twin, "notes", [])),
+        "engine_settings_given": told, "load_multiplier": load_multiplier,
     }
+    rates = [(e.metrics or {}).get("output_throughput_tok_s") or 0.0 for e in valid]
+    if objective == "throughput" and rates and max(rates) < 1.02 * min(rates):
+        doc["notes"].append("throughput hardly differs between configurations: the captured load is below the "
+                            "engine's capacity (raise --load-multiplier to plan for a heavier load)")
     write_outputs(doc, out_dir)
     return doc
 
