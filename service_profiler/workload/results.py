@@ -39,14 +39,25 @@ def _requests_by_client_id(tables: AnalysisTables) -> dict[str, dict[str, Any]]:
     return rows
 
 
-def _measured_steps(batches: list[dict[str, Any]], windows: list[tuple[int, int]], profiling_type: str
+def steps_with_requests(tables: AnalysisTables) -> list[tuple[dict[str, Any], set[str]]]:
+    """Each non-empty step with the client ids of the requests it scheduled. Steps are matched to a
+    repetition by the requests they ran, not by clocks: the driver's and the engine's processes are
+    aligned to wall time only approximately."""
+    client_of = {str(r["rid"]): str(r.get("api_rid") or r["rid"]) for r in tables.requests.dicts()}
+    out = []
+    for row, span in zip(tables.batches.dicts(), tables.batch_spans, strict=False):
+        reqs = (span.attrs or {}).get("reqs") or []
+        ids = {client_of.get(str(entry[0]), str(entry[0])) for entry in reqs if isinstance(entry, list) and entry}
+        if row.get("batch_size") and ids:
+            out.append((row, ids))
+    return out
+
+
+def _measured_steps(steps: list[tuple[dict[str, Any], set[str]]], rids: set[str], profiling_type: str
                     ) -> list[dict[str, Any]]:
     out = []
-    for row in batches:
-        start = row.get("start_ns")
-        if not row.get("batch_size") or start is None:
-            continue  # empty steps (nothing scheduled) are the engine idling, not the workload
-        if not any(lo <= start <= hi for lo, hi in windows):
+    for row, ids in steps:
+        if not ids <= rids:
             continue
         prefill = (row.get("num_prefill_reqs") or 0) > 0
         if (profiling_type == "prefill" and not prefill) or (profiling_type == "decode" and prefill):
@@ -66,7 +77,7 @@ def _memory(steps: list[dict[str, Any]]) -> dict[str, Any]:
 
 def cell_results(run_dir: Path, manifest: dict[str, Any]) -> list[dict[str, Any]]:
     tables = load_tables(run_dir)
-    batches = tables.batches.dicts()
+    all_steps = steps_with_requests(tables)
     by_id = _requests_by_client_id(tables)
     out = []
     for cell in manifest.get("cells", []):
@@ -74,8 +85,8 @@ def cell_results(run_dir: Path, manifest: dict[str, Any]) -> list[dict[str, Any]
         block, prefix, batch = int(config["block_size"]), int(config["M"]) * int(config["block_size"]), int(config["B"])
         measured = [r for r in cell["reps"] if r["kind"] == "measure"]
         windows = [(r["start_ns"], r["end_ns"]) for r in measured]
-        steps = _measured_steps(batches, windows, config["profiling_type"])
         rids = [rid for r in measured for rid in r["rids"]]
+        steps = _measured_steps(all_steps, set(rids), config["profiling_type"])
         reqs = [by_id[rid] for rid in rids if rid in by_id]
         hits = [int(r.get("prefix_hit_tokens") or 0) for r in reqs]
         hits_ok = sum(1 for h in hits if abs(h - prefix) <= block)
@@ -144,8 +155,7 @@ def request_results(run_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     by_id = _requests_by_client_id(tables)
     wanted = [str(rid) for rid in section.get("rids", [])]
     reqs = [by_id[rid] for rid in wanted if rid in by_id]
-    lo, hi = section.get("start_ns", 0), section.get("end_ns", 2**63)
-    steps = [b for b in tables.batches.dicts() if b.get("batch_size") and lo <= (b.get("start_ns") or 0) <= hi]
+    steps = [row for row, ids in steps_with_requests(tables) if ids & set(wanted)]
     return {"metrics": latency_summary(reqs), "requests_missing": len(wanted) - len(reqs),
             "step_time_ms": _stats([s["step_ms"] for s in steps]), "memory": _memory(steps),
             "arrival": section.get("arrival")}
