@@ -47,7 +47,8 @@ def steps_with_requests(tables: AnalysisTables) -> list[tuple[dict[str, Any], se
     out = []
     for row, span in zip(tables.batches.dicts(), tables.batch_spans, strict=False):
         reqs = (span.attrs or {}).get("reqs") or []
-        ids = {client_of.get(str(entry[0]), str(entry[0])) for entry in reqs if isinstance(entry, list) and entry}
+        ids = {client_of.get(str(entry[0]), str(entry[0]))
+               for entry in reqs if isinstance(entry, list | tuple) and entry}
         if row.get("batch_size") and ids:
             out.append((row, ids))
     return out
