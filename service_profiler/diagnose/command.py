@@ -36,7 +36,13 @@ def twin_predictor(analyze_dir: Path, engine: dict[str, Any]) -> Predictor | Non
         from ..twin import Twin  # type: ignore[attr-defined,unused-ignore]
     except ImportError:
         return None
-    twin = Twin.from_run(analyze_dir)
+    from ..planner.plans import apply_engine_settings
+
+    try:
+        twin = Twin.from_run(analyze_dir)
+    except Exception:  # a run the twin cannot load still gets its diagnosis
+        return None
+    apply_engine_settings(twin, engine)
 
     def predict(changes: dict[str, Any]) -> dict[str, Any]:
         return dict(twin.run(dict(changes)).metrics)

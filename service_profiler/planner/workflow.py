@@ -82,11 +82,14 @@ def run(args: argparse.Namespace) -> int:
                     "--output-path", str(analysis), "--quiet"], check=True)
 
     progress.stage("diagnose")
-    diag = diagnose(load_run(run_dir, workload=Path(captured["workload"])))
+    from ..diagnose.command import twin_predictor
+
+    view = load_run(run_dir, workload=Path(captured["workload"]))
+    diag = diagnose(view, twin_predictor(analysis, view.engine))
     write_analysis(diag, out)
     from ..diagnose.figure import write_figure
 
-    write_figure(load_run(run_dir).batches, diag, out / "vllm_performance_analysis.png")
+    write_figure(view.batches, diag, out / "vllm_performance_analysis.png")
 
     progress.stage("plan", f"objective {args.target_optimization}")
     plans = plan_run(analysis, args.target_optimization, out, budget_s=60 if quick else 240, engine=engine)
