@@ -34,12 +34,16 @@ _configured_engines: set[int] = set()
 
 def engine_add_request_handler(original_func: Original, this: Any, *args: Any, **kwargs: Any) -> Any:
     result = original_func(this, *args, **kwargs)
+    if not record.enabled("Request"):
+        return result
+    if id(this) not in _configured_engines:
+        _configured_engines.add(id(this))
+        try:
+            record.event("Request", "twinConfig", engine_settings(this))
+        except Exception as exc:
+            STATE.failed("twin_capture_config", exc)
     try:
-        if record.enabled("Request"):
-            if id(this) not in _configured_engines:
-                _configured_engines.add(id(this))
-                record.event("Request", "twinConfig", engine_settings(this))
-            record.event("Request", "twinRequest", request_facts(_arg(args, kwargs, "request")))
+        record.event("Request", "twinRequest", request_facts(_arg(args, kwargs, "request")))
     except Exception as exc:
         STATE.failed("twin_capture", exc)
     return result
@@ -82,7 +86,7 @@ def engine_settings(engine: Any) -> dict[str, Any]:
         "batch_queue_size": int(getattr(engine, "batch_queue_size", 1) or 1),
         "max_num_seqs": config.max_num_seqs,
         "max_num_batched_tokens": config.max_num_batched_tokens,
-        "max_model_len": config.max_model_len,
+        "max_model_len": scheduler.vllm_config.model_config.max_model_len,
         "enable_chunked_prefill": bool(config.enable_chunked_prefill),
         "long_prefill_token_threshold": config.long_prefill_token_threshold,
         "watermark": getattr(config, "watermark", 0.0),

@@ -1,4 +1,4 @@
-"""`service-profiler` command line: analyze, inspect, check, model.
+"""`service-profiler` command line: analyze, inspect, check, model, twin.
 
 Each subcommand lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`;
 this file only wires them, importing a subcommand's module when that subcommand runs.
@@ -27,6 +27,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("service_profiler.planner.command", "search engine settings for an objective with the digital twin"),
     "workflow": ("service_profiler.planner.workflow",
                  "generate -> profile -> analyze -> diagnose -> plan -> confirm, in one command"),
+    "twin": ("service_profiler.twin.command",
+             "predict a captured workload under other engine settings with vLLM's real scheduler"),
 }
 
 

