@@ -93,14 +93,14 @@ def test_the_plan_for_a_slot_bound_run_lowers_ttft_on_the_real_engine(tiny_model
     from service_profiler.workload.runner import model_vocab_size
 
     arrival = ArrivalSpec("poisson", rate=40.0)
-    requests = RequestMix(32, (64, 256), (16, 40), seed=5).build(arrival, model_vocab_size(str(tiny_model)))
+    requests = RequestMix(24, (64, 256), (16, 40), seed=5).build(arrival, model_vocab_size(str(tiny_model)))
     engine: dict[str, Any] = {"block_size": 32, "max_num_seqs": 2, "max_num_batched_tokens": 2048}
     captured = ProfilingRunner(tiny_model, tmp_path / "captured").run_requests(
         requests, arrival, EngineSettings(model=str(tiny_model), **engine))
     analysis = tmp_path / "analysis"
     subprocess.run([sys.executable, "-m", "service_profiler.cli", "analyze", "--input-path", captured["run_dirs"][0],
                     "--output-path", str(analysis), "--quiet"], check=True, timeout=300)
-    doc = plan_run(analysis, "latency", tmp_path / "plans", budget_s=90,
+    doc = plan_run(analysis, "latency", tmp_path / "plans", budget_s=45,
                    engine=engine | {"enable_prefix_caching": True})
     saved = json.loads((tmp_path / "plans" / "custom_schedule_plans.json").read_text())
     assert saved["plans"][0]["vllm_serve_args"] == doc["plans"][0]["vllm_serve_args"]
