@@ -36,7 +36,9 @@ def twin_predictor(analyze_dir: Path, engine: dict[str, Any]) -> Predictor | Non
         from ..twin import Twin  # type: ignore[attr-defined,unused-ignore]
     except ImportError:
         return None
-    from ..planner.plans import apply_engine_settings
+    from ..planner.plans import apply_engine_settings, quiet_vllm
+
+    quiet_vllm()
 
     try:
         twin = Twin.from_run(analyze_dir)

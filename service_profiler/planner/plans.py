@@ -88,7 +88,7 @@ def apply_engine_settings(twin: Any, engine: Mapping[str, Any]) -> list[str]:
     return sorted(known)
 
 
-def _quiet_vllm() -> None:
+def quiet_vllm() -> None:
     # Building a scheduler config per candidate logs the same platform notes hundreds of times.
     logging.getLogger("vllm").setLevel(logging.ERROR)
 
@@ -103,7 +103,7 @@ def plan_run(run: Path, objective: str, out_dir: Path, slo: Slo | None = None, t
     when the load reaches the engine's capacity)."""
     from ..twin import Twin
 
-    _quiet_vllm()
+    quiet_vllm()
     started = time.monotonic()
     twin = twin or Twin.from_run(run)
     told = apply_engine_settings(twin, engine or {})
