@@ -107,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
     (out / "workflow_report.json").write_text(json.dumps(report, indent=2, default=str))
     print(console_report(diag))
     print(f"\ntop plan ({args.target_optimization}): vllm serve <model> {' '.join(top['vllm_serve_args'])}")
+    if not top["changed_from_captured"]:
+        print("(the captured settings are already the best the twin predicts for this workload)")
     print(f"{'':<22}" + "".join(f"{k:>14}" for k in ("tok/s", "TTFT p50", "TTFT p90", "TPOT p50", "E2E p50",
                                                        "preempt")))
     print(_row("captured, measured", captured["metrics"]))
