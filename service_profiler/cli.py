@@ -24,6 +24,13 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "model": ("service_profiler.model.command", "fit the batch latency model or predict with it"),
     "scheduler-report": ("service_profiler.frontdoors.report",
                          "statistics and charts of a scheduler-profiling JSONL or a scheduler-logging directory"),
+    "workload": ("service_profiler.workload.command",
+                 "run profiling cells (C, M, B, block_size) or a request workload on a real engine under the profiler"),
+    "diagnose": ("service_profiler.diagnose.command",
+                 "classify what limits a run: compute, memory, scheduling, cache or front end"),
+    "plan": ("service_profiler.planner.command", "search engine settings for an objective with the digital twin"),
+    "workflow": ("service_profiler.planner.workflow",
+                 "generate -> profile -> analyze -> diagnose -> plan -> confirm, in one command"),
     "twin": ("service_profiler.twin.command",
              "predict a captured workload under other engine settings with vLLM's real scheduler"),
 }

@@ -1,0 +1,113 @@
+"""The planner against the real engine: capture one workload, plan with the twin, then run several of the
+configurations the search scored on vLLM's CPU build (the same requests, the same arrival times) and
+compare the predicted ranking with the measured one.
+
+    python benchmarks/bench_planner.py OUT [--configs 6] [--repeats 1]
+
+Prints the table (predicted vs measured throughput and p50 TTFT per configuration), Spearman's rho on
+both, whether the top pick is within 5 % of the best measured, and the margin over the captured
+(default) settings against the run-to-run spread of repeated captured runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from scipy.stats import spearmanr
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "examples"))
+
+from service_profiler.planner.plans import plan_run
+from service_profiler.planner.space import Plan
+from service_profiler.workload import ArrivalSpec, EngineSettings, ProfilingRunner, RequestMix
+from service_profiler.workload.runner import model_vocab_size
+
+MIX = RequestMix(48, (64, 384), (16, 48), seed=11)
+ARRIVAL = ArrivalSpec("poisson", rate=30.0)
+MAX_MODEL_LEN = 2048
+
+
+def measure(model: Path, out: Path, requests: list[Any], engine: dict[str, Any]) -> dict[str, Any]:
+    settings = EngineSettings(model=str(model), max_model_len=MAX_MODEL_LEN, **engine)
+    return ProfilingRunner(model, out, name=out.name).run_requests(requests, ARRIVAL, settings, warmup_requests=2)
+
+
+def plan_engine(plan: Plan) -> dict[str, Any]:
+    d = plan.to_dict()
+    return {k: d[k] for k in ("max_num_seqs", "max_num_batched_tokens", "enable_chunked_prefill",
+                              "long_prefill_token_threshold", "enable_prefix_caching", "block_size",
+                              "num_gpu_blocks_override", "scheduling_policy")}
+
+
+def pick_configs(doc: dict[str, Any], n: int) -> list[dict[str, Any]]:
+    """The captured settings, the top plan, and plans spread over the predicted throughput range."""
+    chosen = [doc["captured"], doc["plans"][0]]
+    rest = sorted((p for p in doc["all"] if p not in chosen), key=lambda p: p["predicted"]["output_throughput_tok_s"])
+    step = max(1, len(rest) // max(1, n - 2))
+    chosen += rest[::step][: n - 2]
+    return chosen
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--configs", type=int, default=6)
+    parser.add_argument("--objective", default="latency")
+    parser.add_argument("--repeats", type=int, default=2, help="captured-settings runs (for the spread)")
+    args = parser.parse_args()
+    from tiny_model import make_model
+
+    model = make_model(args.out / "tiny-llama")
+    requests = MIX.build(ARRIVAL, model_vocab_size(str(model)))
+    base_engine = {"block_size": 32, "max_num_seqs": 16, "max_num_batched_tokens": 2048}
+    t0 = time.monotonic()
+    captured = measure(model, args.out / "captured0", requests, base_engine)
+    analysis = args.out / "captured0" / "analysis"
+    subprocess.run([sys.executable, "-m", "service_profiler.cli", "analyze", "--input-path",
+                    captured["run_dirs"][0], "--output-path", str(analysis), "--quiet"], check=True)
+    started = time.monotonic()
+    doc = plan_run(analysis, args.objective, args.out / "plans", top=200, budget_s=600,
+                   engine={**base_engine, "enable_prefix_caching": True})
+    plan_s = time.monotonic() - started
+    doc["all"] = doc["plans"]
+    configs = pick_configs(doc, args.configs)
+    rows = []
+    for i, cfg in enumerate(configs):
+        engine = {k: cfg["settings"][k] for k in cfg["settings"]}
+        measured = measure(model, args.out / f"config{i}", requests, engine)["metrics"]
+        rows.append({"name": cfg["name"], "changed": cfg["changed_from_captured"], "predicted": cfg["predicted"],
+                     "measured": measured})
+        print(f"{cfg['name']:<9} pred {cfg['predicted']['output_throughput_tok_s']:7.1f} tok/s "
+              f"TTFT {cfg['predicted']['ttft_ms_p50']:7.1f} | meas {measured['output_throughput_tok_s']:7.1f} tok/s "
+              f"TTFT {measured['ttft_ms_p50']:7.1f}  {cfg['changed_from_captured']}", flush=True)
+    spread = [captured["metrics"]]
+    for r in range(1, args.repeats):
+        spread.append(measure(model, args.out / f"captured{r}", requests, base_engine)["metrics"])
+    rho_thr = spearmanr([r["predicted"]["output_throughput_tok_s"] for r in rows],
+                        [r["measured"]["output_throughput_tok_s"] for r in rows]).statistic
+    rho_ttft = spearmanr([r["predicted"]["ttft_ms_p50"] for r in rows],
+                         [r["measured"]["ttft_ms_p50"] for r in rows]).statistic
+    key = "ttft_ms_p50" if args.objective == "latency" else "output_throughput_tok_s"
+    sign = -1 if args.objective == "latency" else 1
+    best = max(rows, key=lambda r: sign * r["measured"][key])
+    top = rows[1]
+    within = abs(top["measured"][key] - best["measured"][key]) / abs(best["measured"][key])
+    cap_values = [m[key] for m in spread] + [rows[0]["measured"][key]]
+    summary = {"objective": args.objective, "configs": len(rows), "spearman_throughput": rho_thr,
+               "spearman_ttft_p50": rho_ttft, "top_pick_gap_to_best_measured": within,
+               "captured_runs": cap_values, "captured_spread": max(cap_values) - min(cap_values),
+               "top_pick_measured": top["measured"][key], "plan_search_s": plan_s,
+               "search": doc["search"] | {"candidates": None}, "wall_s": time.monotonic() - t0, "rows": rows}
+    (args.out / "bench_planner.json").write_text(json.dumps(summary, indent=2, default=str))
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("rows", "search")}, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
