@@ -42,12 +42,12 @@ class ProfilerSettings:
     enable: bool = False
     prof_dir: str = field(default_factory=_default_prof_dir)
     """Absolute: `~` and `$VARS` expanded; a relative path is resolved against the current directory of
-    the process reading the config, as the reference does (all processes of one `vllm serve` share it)."""
+    the process reading the config, as msserviceprofiler does (all processes of one `vllm serve` share it)."""
     profiler_level: str = "INFO"
     host_system_usage_freq: int = -1
     """Host CPU/memory sampling rate in Hz, 1..50; -1 is off."""
     npu_memory_usage_freq: int = -1
-    """Device memory sampling rate in Hz, 1..50; -1 is off. The name is the reference's; on CUDA it
+    """Device memory sampling rate in Hz, 1..50; -1 is off. The name is msserviceprofiler's; on CUDA it
     samples GPU memory, on CPU it has nothing to sample (see `unsupported_options`)."""
     acl_task_time: int = 0
     acl_prof_task_time_level: str = ""
@@ -405,7 +405,7 @@ _CANN_ONLY = "it drives Ascend CANN operator profiling, available on NPU only"
 _CANN_NOT_DRIVEN = ("service-profiler does not drive CANN operator profiling (use msprof or torch_npu.profiler for "
                     "operator timings)")
 _UNSUPPORTED: dict[str, dict[str, str]] = {
-    # key -> {backend: why it has no effect there}. The reference hands these to its closed Ascend
+    # key -> {backend: why it has no effect there}. msserviceprofiler hands these to its closed Ascend
     # library; we implement none of the ACL operator profiling, so on NPU they are reported too.
     "profiler_level": dict.fromkeys(BACKENDS, "service-profiler records at one level: what is recorded is set "
                                               "by the symbols YAML and \"domain\""),

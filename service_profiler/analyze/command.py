@@ -1,7 +1,7 @@
 """`service-profiler analyze --input-path P [P ...] --output-path OUT [--format ...]`.
 
 Reads the raw files (tolerantly), builds the analysis tables once, and runs each requested exporter:
-  csv    request/batch/kvcache CSVs (reference columns first), summaries, seed-001 lifecycle CSVs
+  csv    request/batch/kvcache CSVs (msserviceprofiler's columns first), summaries, scheduler-logging lifecycle CSVs
   db     profiler.db (SQLite)
   json   chrome_tracing.json (Perfetto / chrome://tracing)
   plots  PNG charts under plots/

@@ -1,7 +1,7 @@
 """CSV outputs.
 
-`request.csv`, `batch.csv` and `kvcache.csv` start with the reference tool's columns in its exact order
-(docs: REFERENCE §1), so existing scripts keep working, followed by ours. The reference columns mean:
+`request.csv`, `batch.csv` and `kvcache.csv` start with msserviceprofiler's columns in its exact order
+so existing scripts keep working, followed by ours. Those columns mean:
 
 - request.csv: http_rid = the API server's id (else the engine rid); start_datetime = arrival at the
   API server (UTC ISO); recv_token_size / reply_token_size = input / output tokens;
@@ -158,7 +158,7 @@ def process_labels(run: RunData) -> list[str]:
 
 
 def _extra(columns: Sequence[str], skip: set[str]) -> tuple[list[str], list[int]]:
-    """Our columns after the reference's: the table's columns, `proc` shown as `process` (host:pid)."""
+    """Our columns after msserviceprofiler's: the table's columns, `proc` shown as `process` (host:pid)."""
     names, idx = [], []
     for i, c in enumerate(columns):
         if c not in skip:
@@ -168,7 +168,7 @@ def _extra(columns: Sequence[str], skip: set[str]) -> tuple[list[str], list[int]
 
 
 def request_format(labels: Sequence[str], columns: Sequence[str]) -> CsvFormat:
-    """request.csv from request table rows: the reference's columns, then ours (`_extra`)."""
+    """request.csv from request table rows: msserviceprofiler's columns, then ours (`_extra`)."""
     c = {n: i for i, n in enumerate(columns)}
     names, idx = _extra(columns, set(REQUEST_REF_COLUMNS))
     ext_pi = idx.index(c["proc"])
@@ -202,7 +202,7 @@ BATCH_ALIASES = {
 class BatchCsvFormat:
     """batch.csv: its header, and the text of any run of batch table rows given each one's entries (the
     `reqs` of its schedule span), so the whole table (`write_batch_csv`) or the parts the database
-    process is handed (`BatchCsvWriter`) make the same file. The reference columns that alias one of
+    process is handed (`BatchCsvWriter`) make the same file. The msserviceprofiler columns that alias one of
     ours (BATCH_ALIASES) are not repeated among our columns. res_list is quoted here (one str.replace)
     and spliced into the line: csv.writer's character-by-character quoting of it was half the cost of
     the file."""

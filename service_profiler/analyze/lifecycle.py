@@ -1,4 +1,4 @@
-"""Request lifecycle tables (seed 001): events, state transitions, per-iteration request states.
+"""Request lifecycle tables (the scheduler-logging tables): events, state transitions, per-iteration request states.
 
 - events: one row per lifecycle moment, time ordered: request_arrived (`httpReq`, API server),
   request_enqueued (`enqueue`, EngineCore), request_scheduled (first batch), request_preempted,

@@ -1,4 +1,4 @@
-"""PNG plots of the batch and request tables (seed 000's six, seed 001's three).
+"""PNG plots of the batch and request tables (six scheduler-profiling plots, three request plots).
 
 ``write_plots`` takes columns as arrays (NaN = missing), writes what the data supports and
 skips, with a note on stderr, any plot whose data is entirely missing. matplotlib is imported

@@ -8,7 +8,7 @@ Which rows a batch metric covers:
   - prefill_batch_num: the number of prefill requests, over batches that contain any prefill;
   - decode_batch_num: the number of decode requests, over batches that contain any decode;
   - prefill_exec_time / decode_exec_time: model_run_ms over batches with any prefill / decode only.
-Every batch counts, identical ones included (the reference collapsed identical batches).
+Every batch counts, identical ones included.
 
 Service throughput: tokens over the served window, first request arrival to last completion.
 
@@ -64,7 +64,7 @@ def complete_rows(table: Table) -> Table:
 
 
 def request_metrics(tables: AnalysisTables) -> list[tuple[str, np.ndarray]]:
-    """(metric, values): the reference's request_summary rows first (ms / tokens), then ours; complete
+    """(metric, values): msserviceprofiler's request_summary rows first (ms / tokens), then ours; complete
     requests only."""
     r = complete_rows(tables.requests)
     exec_ms = (r.column("completion_ns") - r.column("first_scheduled_ns")) / 1e6
@@ -113,7 +113,7 @@ def batch_metrics(tables: AnalysisTables) -> list[tuple[str, np.ndarray]]:
 
 
 def service_metrics(run: RunData, tables: AnalysisTables) -> list[tuple[str, Any]]:
-    """(metric, value): the reference's service_summary rows first, then ours."""
+    """(metric, value): msserviceprofiler's service_summary rows first, then ours."""
     r, b = tables.requests, tables.batches
     inp, out = r.column("input_tokens"), r.column("output_tokens")
     arrival, completion = r.column("arrival_ns"), r.column("completion_ns")

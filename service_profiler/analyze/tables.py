@@ -14,7 +14,7 @@ Batch table: one row per `BatchSchedule/batchFrameworkProcessing` span (one sche
   - `num_finished`: requests the step's `updateFromOutput` reported finished (else the span's `finished`).
   - `blocks_allocated`/`blocks_freed`: `KVCache/allocate`/`free` blocks of the same process whose time
     falls in [this batch's start, the next batch's start).
-  - `batch_type`: "Prefill", "Decode", "Prefill,Decode" (the reference's spelling), or "" when empty.
+  - `batch_type`: "Prefill", "Decode", "Prefill,Decode" (msserviceprofiler's spelling), or "" when empty.
 
 Request table: one row per engine request id (`rid`). Timestamps and which process records them:
   - `arrival_ns`: `Request/httpReq` event (API server); falls back to `engine_arrival_ns`.
@@ -309,7 +309,7 @@ def build_kvcache_table(idx: RecordIndex) -> Table:
     """KV rows: allocate/free events and `kvcache` counters, time ordered. Every row carries the
     process's latest known status (total/used/free/usage, forward-filled from the counter or, when a
     process has no counter, from its batch spans' kv_* attributes) next to its own allocated/freed
-    blocks, so a mix of event kinds never zeroes the status (the reference's bug)."""
+    blocks, so a mix of event kinds never zeroes the status."""
     run = idx.run
     items: list[tuple[int, int, int, str, Any, Any]] = []  # (ts, order, proc, name, rid, payload)
     procs_with_counter: set[int] = set()

@@ -1,7 +1,7 @@
 """The table CSVs, written by DuckDB's COPY (minimal quoting, NULL as an empty cell).
 
-`request.csv`, `batch.csv` and `kvcache.csv` start with the reference tool's columns in its exact order,
-followed by ours (see docs/COLUMNAR.md); the reference columns that are exactly one of ours are not
+`request.csv`, `batch.csv` and `kvcache.csv` start with msserviceprofiler's columns in its exact order,
+followed by ours (see docs/COLUMNAR.md); the msserviceprofiler columns that are exactly one of ours are not
 repeated. Our column names carry their unit (`_ms`, `_ns` = epoch ns); timestamps also appear as UTC
 ISO datetimes; `proc` is shown as `process` (host:pid).
 """

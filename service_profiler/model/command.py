@@ -1,4 +1,4 @@
-"""`service-profiler model fit | predict`: fit the seed-002 latency model and query it.
+"""`service-profiler model fit | predict`: fit the batch-latency model and query it.
 
     service-profiler model fit --input batch.csv --output-dir D [--loss huber] [--min-ms X] [--max-ms Y]
     service-profiler model predict --model D/latency_model.json --batch-size 16 32 --tokens 512 [--json]
@@ -81,7 +81,7 @@ def read_fit_columns(path: Path) -> dict[str, np.ndarray]:
     with handle:
         reader = csv.DictReader(handle)
         header = list(reader.fieldnames or [])
-        # analyze's batch.csv names the batch size by the reference's column (total_batch_size) only
+        # analyze's batch.csv names the batch size by msserviceprofiler's column (total_batch_size) only
         source = {c: c if c in header or c not in _ALIASES else _ALIASES[c] for c in FIT_COLUMNS}
         missing = [c for c in FIT_COLUMNS if source[c] not in header]
         if missing:

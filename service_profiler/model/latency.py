@@ -1,13 +1,13 @@
-"""The seed-002 throughput-saturation latency model for one scheduler step's model run.
+"""The throughput-saturation batch-latency model for one scheduler step's model run.
 
     Thr(B, S)  = P_max · (1 − e^(−k_B·B)) · (1 − e^(−k_S·S))
     Work(B, S) = w_0 + w_1·S
     T(B, S)    = τ_0 + Work / Thr + τ_B·B + τ_S·S          (ms)
 
-B is the batch size (requests), S the total scheduled tokens. Fitting follows the seed exactly:
+B is the batch size (requests), S the total scheduled tokens. Fitting follows the model's specification:
 drop steps with T > max_ms or T < min_ms (300 ms / 1 ms by default), keep B > 0, S > 0, T > 0,
 divide B and S by their medians, and solve a bounded non-linear least-squares problem (all
-parameters > 0) from the seed's heuristic start. The seed names scipy.optimize.curve_fit; the solver
+parameters > 0) from a heuristic start. The specification names scipy.optimize.curve_fit; the solver
 is `solver.least_squares_bounded` (Levenberg–Marquardt in numpy), which reaches the same optimum
 (tests/test_latency_solver.py compares the two) without scipy's ~0.35 s import. ``params`` are
 always stored in original units (B in requests, S in tokens, T in ms), so ``predict`` needs no
@@ -42,9 +42,9 @@ FORMULA = "T = tau_0 + (w_0 + w_1*S) / (P_max*(1-exp(-k_B*B))*(1-exp(-k_S*S))) +
 MIN_SAMPLES = 10
 SEED_MIN_MS = 1.0
 SEED_MAX_MS = 300.0
-# Real steps of a tiny model on CPU run well under 1 ms; the seed's 1 ms floor would drop them all.
+# Real steps of a tiny model on CPU run well under 1 ms; a 1 ms floor would drop them all.
 RELAXED_MIN_MS = 0.05
-# Strictly positive lower bound: the seed demands every parameter > 0.
+# Strictly positive lower bound: the model needs every parameter > 0.
 _LOWER_BOUND = 1e-12
 _MAX_PLOT_POINTS = 5000
 MAX_FIT_SAMPLES = 50_000
@@ -210,7 +210,7 @@ def fit_latency_model(
 ) -> LatencyModel:
     """Fit T(B, S) to per-step samples.
 
-    ``min_ms``/``max_ms`` are the seed's outlier thresholds (1 ms and 300 ms); steps outside them,
+    ``min_ms``/``max_ms`` are the outlier thresholds (1 ms and 300 ms); steps outside them,
     and steps with a missing or non-positive B, S or T, are dropped. Pass a smaller ``min_ms``
     (e.g. 0.05) for tiny models whose real steps are sub-millisecond. ``loss`` is ``"linear"``
     (squared error) or ``"huber"``; ``huber_scale_ms`` is the residual where Huber turns linear
@@ -267,7 +267,7 @@ def fit_latency_model(
     sb, ss = float(np.median(b_tr)), float(np.median(s_tr))
     bx, sx = b_tr / sb, s_tr / ss
 
-    # The seed's start, stated in original units, then moved into the scaled parameterisation.
+    # The heuristic start, stated in original units, then moved into the scaled parameterisation.
     slope = float(np.polyfit(s_tr, t_tr, 1)[0]) if np.ptp(s_tr) > 0 else 0.0
     start = {
         "P_max": float(np.percentile(s_tr / t_tr, 95)),
@@ -329,7 +329,7 @@ def fit_and_save(
 ) -> LatencyModel | None:
     """Fit, then write latency_model.json, latency_residuals.png and latency_contour.png.
 
-    With ``min_ms=None`` the seed's 1 ms floor is tried first and, when fewer than 10 samples
+    With ``min_ms=None`` the 1 ms floor is tried first and, when fewer than 10 samples
     survive it, relaxed to 0.05 ms (recorded in the JSON). An explicit ``min_ms`` is never
     relaxed. When the data cannot support a fit, a note is printed, nothing is written and None is
     returned, so `analyze` carries on.
@@ -355,7 +355,7 @@ def fit_and_save(
     if len(reasons) > 0:
         model.filtering["relaxed"] = True
         model.notes.append(
-            f"fewer than {MIN_SAMPLES} steps within the seed's {SEED_MIN_MS}-{max_ms} ms window; "
+            f"fewer than {MIN_SAMPLES} steps within the {SEED_MIN_MS}-{max_ms} ms window; "
             f"min_ms relaxed to {model.filtering['min_ms']} ms (sub-millisecond steps: a small CPU model?)"
         )
         print(f"latency model: {model.notes[-1]}", file=sys.stderr)
