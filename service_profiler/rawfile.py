@@ -427,6 +427,23 @@ def shared_clock_offsets(headers: Sequence[dict[str, Any]]) -> dict[tuple[str, s
     return {key: offset for key, (_, offset) in first.items()}
 
 
+def shared_wall_offsets(headers: Sequence[dict[str, Any]]) -> list[int | None]:
+    """Each file's wall-clock offset as shared with the processes on its monotonic clock
+    (`shared_clock_offsets`; by hostname for files written before headers carried the boot id);
+    None where there is none to share (the process's own anchor applies)."""
+    boot_offsets = shared_clock_offsets(headers)
+    host_offsets = same_host_offsets([h for h in headers if _clock_key(h) is None])
+    offsets: list[int | None] = []
+    for header in headers:
+        clock_key = _clock_key(header)
+        if clock_key is not None:
+            offsets.append(boot_offsets.get(clock_key))
+        else:
+            hostname = header.get("hostname")
+            offsets.append(host_offsets.get(hostname) if isinstance(hostname, str) else None)
+    return offsets
+
+
 def _process_from_header(index: int, path: Path, header: dict[str, Any]) -> ProcessInfo:
     """Every field checked: a malformed one reads as unknown (`header_problems` says which)."""
     clock = clock_anchor(header)
@@ -487,16 +504,10 @@ def _read_run(paths: Sequence[Path | str], drain: Callable[[RunData], None] | No
     shared: dict[int, int] | None = None if drain is not None else {}
     files = discover_files(paths, run.problems)
     kept = _dedupe_copies(files, run.problems)
-    headers = [h for _, h in kept]
-    boot_offsets = shared_clock_offsets(headers)
-    host_offsets = same_host_offsets([h for h in headers if _clock_key(h) is None])
-    for path, header in kept:
+    offsets = shared_wall_offsets([h for _, h in kept])
+    for (path, header), offset in zip(kept, offsets, strict=True):
         proc = _process_from_header(len(run.processes), path, header)
-        clock_key = _clock_key(header)
-        if clock_key is not None:
-            proc.wall_offset_ns = boot_offsets.get(clock_key, proc.wall_offset_ns)
-        else:  # files written before headers carried the boot id
-            proc.wall_offset_ns = host_offsets.get(proc.hostname, proc.wall_offset_ns)
+        proc.wall_offset_ns = proc.wall_offset_ns if offset is None else offset
         run.problems += header_problems(path, header)
         run.processes.append(proc)
         try:

@@ -4,6 +4,11 @@ analysis (`service_profiler.analyze`) on the same raw files: same tables, same C
 Known, documented difference (docs/COLUMNAR.md): rows with the same timestamp that were written in two
 different `rec` lines may come in another order (DuckDB's reader gives no line number), so kvcache,
 lifecycle events and the raw span/event/counter tables are compared as multisets.
+
+What analyze2 does not produce yet is listed once, in NOT_YET_PORTED; every comparison checks everything
+else exactly, and test_the_gap_is_exactly_what_is_not_yet_ported fails if the difference between the two
+pipelines' outputs is anything other than that list (so it cannot grow silently, and must shrink as
+outputs get ported).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import sqlite3
 import subprocess
 import sys
@@ -19,13 +25,28 @@ from typing import Any
 
 import pytest
 
+from service_profiler.analyze.completeness import COMPLETE_COLUMNS
 from service_profiler.analyze.lifecycle import iter_request_states
+from service_profiler.analyze.request_breakdown import BREAKDOWN_COLUMNS
 from service_profiler.analyze.synthetic import SyntheticConfig, SyntheticRun, generate_run
 from service_profiler.analyze.tables import Table, build_tables
 from service_profiler.columnar.iterations import ITERATION_COLUMNS
 from service_profiler.columnar.plots_out import PLOTS
 from service_profiler.columnar.run import AnalysisRun, analyze_run
 from service_profiler.rawfile import read_run
+
+# What the current analysis produces and analyze2 does not yet (docs/COLUMNAR.md). Table entries are the
+# columns the current analysis appends at the end of that table (in memory, in its CSV file and in
+# profiler.db), in order; "service_summary.csv" the rows it appends at the end; "profiler.db" the tables and
+# views analyze2's database lacks.
+NOT_YET_PORTED: dict[str, list[str]] = {
+    "request": [*BREAKDOWN_COLUMNS, *COMPLETE_COLUMNS],
+    "batch": [*COMPLETE_COLUMNS],
+    "service_summary.csv": ["complete_request_num", "incomplete_request_num", "incomplete_batch_num",
+                            "processes_not_closed"],
+    "profiler.db": ["process_completeness", "process_gap", "v_request_breakdown"],
+}
+CSV_TABLE = {"request.csv": "request", "batch.csv": "batch"}
 
 ORDERED = {"batch": "batch_row", "request": "row_no", "state_transition": "row_no",
            "iteration": "batch_row, kind, pos"}
@@ -81,14 +102,17 @@ def _compare_tables(path: Path) -> None:
         old_tables: dict[str, Table] = {name: getattr(old, attr) for name, attr in OLD_TABLE.items()}
         old_tables["iteration"] = Table("iteration", list(ITERATION_COLUMNS), list(iter_request_states(old)))
         for name, table in old_tables.items():
-            got = _rows(new, name, table.columns, ORDERED.get(name) or AS_SETS[name])
-            assert len(got) == len(table.rows), name
+            ported = [i for i, c in enumerate(table.columns) if c not in NOT_YET_PORTED.get(name, [])]
+            columns = [table.columns[i] for i in ported]
+            old_rows = [tuple(row[i] for i in ported) for row in table.rows]
+            got = _rows(new, name, columns, ORDERED.get(name) or AS_SETS[name])
+            assert len(got) == len(old_rows), name
             if name in AS_SETS:
-                got, want = sorted(got, key=repr), sorted(table.rows, key=repr)
+                got, want = sorted(got, key=repr), sorted(old_rows, key=repr)
             else:
-                want = table.rows
+                want = old_rows
             for i, (g, w) in enumerate(zip(got, want, strict=True)):
-                bad = [c for c, x, y in zip(table.columns, w, g, strict=True) if not _same(x, y)]
+                bad = [c for c, x, y in zip(columns, w, g, strict=True) if not _same(x, y)]
                 assert not bad, f"{name} row {i}: {bad}: old {w} new {g}"
         assert len(old.requests) > 0 and len(old.batches) > 0
     finally:
@@ -138,8 +162,20 @@ def both_outputs(tmp_path_factory: pytest.TempPathFactory, busy: SyntheticRun) -
 @pytest.mark.parametrize("name", ["batch.csv", "request.csv", "per_iteration_requests.csv",
                                   "state_transitions.csv"])
 def test_csv_files_are_identical(both_outputs: tuple[Path, Path], name: str) -> None:
+    """Byte for byte, but for the not yet ported cells at the end of each line of request/batch.csv."""
     old, new = both_outputs
-    assert (new / name).read_bytes() == (old / name).read_bytes()
+    old_bytes, new_bytes = (old / name).read_bytes(), (new / name).read_bytes()
+    unported = NOT_YET_PORTED.get(CSV_TABLE.get(name, ""), [])
+    if not unported:
+        assert new_bytes == old_bytes
+        return
+    old_lines, new_lines = old_bytes.split(b"\n"), new_bytes.split(b"\n")
+    assert len(new_lines) == len(old_lines)
+    assert old_lines[-1] == new_lines[-1] == b""
+    for o, n in zip(old_lines[:-1], new_lines[:-1], strict=True):
+        assert o.startswith(n + b","), (o, n)
+        tail = next(csv.reader([o[len(n) + 1:].decode("utf-8")]))
+        assert len(tail) == len(unported), (o, n)
 
 
 @pytest.mark.parametrize("name", ["kvcache.csv", "events.csv"])
@@ -157,6 +193,7 @@ def test_summaries_agree(both_outputs: tuple[Path, Path], name: str) -> None:
     old, new = both_outputs
     with (old / name).open() as a, (new / name).open() as b:
         old_rows, new_rows = list(csv.reader(a)), list(csv.reader(b))
+    old_rows = [r for r in old_rows if r[0] not in NOT_YET_PORTED.get(name, [])]
     assert [r[0] for r in new_rows] == [r[0] for r in old_rows]
     for o, n in zip(old_rows[1:], new_rows[1:], strict=True):
         for x, y in zip(o[1:], n[1:], strict=True):
@@ -169,9 +206,14 @@ def test_profiler_db_has_the_same_tables_and_rows(both_outputs: tuple[Path, Path
     old_dir, new_dir = both_outputs
     old, new = sqlite3.connect(old_dir / "profiler.db"), sqlite3.connect(new_dir / "profiler.db")
     schema = "SELECT type, name, sql FROM sqlite_master ORDER BY name"
-    assert new.execute(schema).fetchall() == old.execute(schema).fetchall()
+    want_schema = [(kind, name, _without_unported_columns(name, sql)) for kind, name, sql in old.execute(schema)
+                   if name not in NOT_YET_PORTED["profiler.db"]]
+    assert new.execute(schema).fetchall() == want_schema
     for (name,) in old.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'view')"):
-        cols = [r[1] for r in old.execute(f"PRAGMA table_info({name})") if r[1] != "id"]
+        if name in NOT_YET_PORTED["profiler.db"]:
+            continue
+        cols = [r[1] for r in old.execute(f"PRAGMA table_info({name})")
+                if r[1] != "id" and r[1] not in NOT_YET_PORTED.get(name, [])]
         query = f"SELECT {', '.join(chr(34) + c + chr(34) for c in cols)} FROM {name}"
         want, got = old.execute(query).fetchall(), new.execute(query).fetchall()
         if name in ("span", "event", "counter", "kvcache", "lifecycle_event", "v_kv_usage"):
@@ -179,6 +221,48 @@ def test_profiler_db_has_the_same_tables_and_rows(both_outputs: tuple[Path, Path
         assert len(got) == len(want), name
         for g, w in zip(got, want, strict=True):
             assert all(_same(x, y) for x, y in zip(w, g, strict=True)), (name, w, g)
+
+
+def _without_unported_columns(table: str, sql: str | None) -> str | None:
+    """The current analysis's CREATE TABLE statement less the definitions of the not yet ported columns."""
+    for column in NOT_YET_PORTED.get(table, []) if sql else []:
+        assert sql is not None
+        sql, found = re.subn(rf', "{re.escape(column)}"(?: [A-Z]+)?(?=[,)])', "", sql)
+        assert found == 1, (table, column, sql)
+    return sql
+
+
+def _db_columns(db: sqlite3.Connection) -> dict[str, list[str]]:
+    names = [n for (n,) in db.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'view')")]
+    return {n: [r[1] for r in db.execute(f"PRAGMA table_info({n})")] for n in names}
+
+
+def test_the_gap_is_exactly_what_is_not_yet_ported(busy: SyntheticRun, both_outputs: tuple[Path, Path]) -> None:
+    """The current analysis's outputs are analyze2's plus exactly NOT_YET_PORTED, each at the end."""
+    old = build_tables(read_run([busy.run_dir]))
+    new = analyze_run([busy.run_dir])
+    try:
+        for name, attr in OLD_TABLE.items():
+            new_columns = [d[0] for d in new.con.execute(f"SELECT * FROM {name} LIMIT 0").description]
+            old_columns = getattr(old, attr).columns
+            assert old_columns == [c for c in new_columns if c in old_columns] + NOT_YET_PORTED.get(name, []), name
+            assert not set(NOT_YET_PORTED.get(name, [])) & set(new_columns), name
+    finally:
+        new.close()
+    old_dir, new_dir = both_outputs
+    assert sorted(p.name for p in new_dir.iterdir()) == sorted(p.name for p in old_dir.iterdir())
+    for path in sorted(old_dir.glob("*.csv")):
+        with path.open() as a, (new_dir / path.name).open() as b:
+            old_header, new_header = next(csv.reader(a)), next(csv.reader(b))
+            old_names, new_names = [r[0] for r in csv.reader(a)], [r[0] for r in csv.reader(b)]
+        assert old_header == new_header + NOT_YET_PORTED.get(CSV_TABLE.get(path.name, ""), []), path.name
+        if "summary" in path.name:
+            assert old_names == new_names + NOT_YET_PORTED.get(path.name, []), path.name
+    old_db, new_db = (_db_columns(sqlite3.connect(d / "profiler.db")) for d in both_outputs)
+    assert sorted(set(old_db) - set(new_db)) == sorted(NOT_YET_PORTED["profiler.db"])
+    assert set(new_db) <= set(old_db)
+    for name, columns in new_db.items():
+        assert old_db[name] == columns + NOT_YET_PORTED.get(name, []), name
 
 
 def test_every_output_of_a_real_run(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 
 import duckdb
 
-from service_profiler.rawfile import _dedupe_copies, _process_from_header, discover_files
+from service_profiler.rawfile import _dedupe_copies, _process_from_header, discover_files, shared_wall_offsets
 
 _REC_PREFIXES = (b'{"t":"rec"', b'{"t": "rec"')
 # The longest `rec` line read. DuckDB's JSON reader holds a buffer of twice this per thread; the writer
@@ -138,9 +138,11 @@ def load_raw(con: duckdb.DuckDBPyConnection, paths: Sequence[Path | str]) -> Raw
     processes: list[Process] = []
     chans: list[tuple[Any, ...]] = []
     states: list[tuple[int, int, bool, str]] = []
-    for path, header in _dedupe_copies(files, problems):
+    kept = _dedupe_copies(files, problems)
+    for (path, header), offset in zip(kept, shared_wall_offsets([h for _, h in kept]), strict=True):
         info = _process_from_header(len(processes), path, header)
-        proc = Process(info.index, info.key, info.hostname, info.pid, info.role, str(path), info.wall_offset_ns,
+        wall_offset_ns = info.wall_offset_ns if offset is None else offset
+        proc = Process(info.index, info.key, info.hostname, info.pid, info.role, str(path), wall_offset_ns,
                        ppid=info.ppid, argv=info.argv, engine=info.engine, profiler_version=info.profiler_version)
         processes.append(proc)
         try:

@@ -62,8 +62,8 @@ class AnalysisRun:
 
 def connect(work_dir: Path, memory_limit: str, threads: int | None, read_only: bool = False
             ) -> duckdb.DuckDBPyConnection:
-    config: dict[str, str | int | bool] = {"memory_limit": memory_limit, "temp_directory": str(work_dir / "spill"),
-                                           "preserve_insertion_order": False}
+    config: dict[str, str | bool | int | float | list[str]] = {
+        "memory_limit": memory_limit, "temp_directory": str(work_dir / "spill"), "preserve_insertion_order": False}
     if threads:
         config["threads"] = threads
     return duckdb.connect(str(work_dir / DB_NAME), read_only=read_only, config=config)  # type: ignore[arg-type]
