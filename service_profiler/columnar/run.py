@@ -66,7 +66,7 @@ def connect(work_dir: Path, memory_limit: str, threads: int | None, read_only: b
         "memory_limit": memory_limit, "temp_directory": str(work_dir / "spill"), "preserve_insertion_order": False}
     if threads:
         config["threads"] = threads
-    return duckdb.connect(str(work_dir / DB_NAME), read_only=read_only, config=config)  # type: ignore[arg-type]
+    return duckdb.connect(str(work_dir / DB_NAME), read_only=read_only, config=config)
 
 
 def analyze_run(paths: Sequence[Path | str], *, memory_limit: str = DEFAULT_MEMORY_LIMIT, threads: int | None = None,
