@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from service_profiler.analyze.request_breakdown import BREAKDOWN_COLUMNS
+
 from .simulator import SimResult
 
 REQUEST_COLUMNS = (
@@ -21,7 +23,8 @@ REQUEST_COLUMNS = (
     "engine_arrival_ns", "first_scheduled_ns", "first_token_ns", "completion_ns", "queue_ms", "prefill_ms",
     "decode_ms", "ttft_ms", "tpot_ms", "e2e_ms", "input_tokens", "output_tokens", "preemptions",
     "prefix_hit_tokens", "kv_blocks", "finish_reason", "num_iterations", "first_batch_id", "dp_rank", "process",
-    "timing_source", "complete", "incomplete_reason")
+    # the per-request HTTP breakdown is not simulated part by part: its columns are there, empty
+    "timing_source", *BREAKDOWN_COLUMNS, "complete", "incomplete_reason")
 BATCH_COLUMNS = (
     "name", "res_list", "start_time", "end_time", "during_time(ms)", "batch_type", "prof_id", "total_batch_size",
     "total_blocks", "used_blocks", "free_blocks", "blocks_allocated", "blocks_freed", "kvcache_usage_rate",
