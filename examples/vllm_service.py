@@ -162,7 +162,12 @@ def stop(server: Server, grace_s: float = 30.0) -> None:
             process.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
             pass
-    # Whatever vLLM left behind in the group we created (EngineCore, workers): kill by group id.
+    # The API server's exit does not wait for its children's: give the EngineCore the rest of the grace
+    # period to finish its own shutdown (and the profiler its final flush) before killing what vLLM
+    # left behind in the group we created (EngineCore, workers), by group id.
+    deadline = time.monotonic() + grace_s
+    while _group_alive(process.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
     try:
         os.killpg(process.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
@@ -170,6 +175,22 @@ def stop(server: Server, grace_s: float = 30.0) -> None:
     if process.poll() is None:
         process.kill()
         process.wait(timeout=30)
+
+
+def _group_alive(group_id: int) -> bool:
+    """Whether any process of the group still runs (zombies count as gone)."""
+    try:
+        os.killpg(group_id, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == group_id and fields[0] != "Z":
+            return True
+    return False
 
 
 @dataclass
@@ -256,8 +277,9 @@ PROMPTS = [
 
 
 def run_workload(server: Server, requests: Sequence[tuple[str, int, bool, int | None]],
-                 concurrency: int) -> list[Completion]:
-    """Send (prompt, max_tokens, stream, disconnect_after_chunks) requests with `concurrency` clients."""
+                 concurrency: int, timeout_s: float = 120.0) -> list[Completion]:
+    """Send (prompt, max_tokens, stream, disconnect_after_chunks) requests with `concurrency` clients,
+    each request given up after `timeout_s` without a byte from the server."""
     results: list[Completion | None] = [None] * len(requests)
     errors: list[BaseException] = []
     next_index = iter(range(len(requests)))
@@ -272,7 +294,7 @@ def run_workload(server: Server, requests: Sequence[tuple[str, int, bool, int | 
             prompt, max_tokens, stream, disconnect = requests[index]
             try:
                 results[index] = complete(server, prompt, max_tokens, stream=stream,
-                                          disconnect_after_chunks=disconnect)
+                                          disconnect_after_chunks=disconnect, timeout_s=timeout_s)
             except BaseException as exc:
                 errors.append(exc)
                 return
