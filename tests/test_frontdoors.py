@@ -63,6 +63,22 @@ def test_environment_alone_starts_both_front_doors(workspace: Workspace) -> None
     assert list((logs / "raw").glob("*/*.sprof.jsonl"))
 
 
+def test_the_engines_shutdown_writes_the_front_door_files_before_a_kill(workspace: Workspace) -> None:
+    # `EngineCore.shutdown`'s handler calls `record.process_ending`; vLLM's process manager may kill the
+    # process right after, so no exit hook runs (os._exit here): the files must be complete already.
+    ending = ONE_STEP + 'record.process_ending("engine_shutdown")\nos._exit(0)\n'
+    workspace.run_python(ending, SERVICE_PROF_CONFIG_PATH="", VLLM_SCHEDULER_LOGGING="1",
+                         VLLM_ENABLE_SCHEDULER_PROFILING="true", VLLM_SCHEDULER_PROFILING_LOG="sched.jsonl")
+    logs = workspace.root / "scheduler_logs"
+    (request,) = _rows(logs / PER_REQUEST)
+    assert request["e2e_latency"] == "9500"
+    assert len(_rows(logs / PER_ITERATION)) == 1
+    assert len((workspace.root / "sched.jsonl").read_text().splitlines()) == 1
+    (raw,) = (logs / "raw").glob("*/*.sprof.jsonl")
+    last = json.loads(raw.read_text().splitlines()[-1])
+    assert (last["t"], last["reason"]) == ("close", "engine_shutdown")
+
+
 def test_front_doors_stay_off_without_their_variables_or_when_disabled(workspace: Workspace) -> None:
     proc = workspace.run_python(ONE_STEP, SERVICE_PROF_CONFIG_PATH="", VLLM_SCHEDULER_LOGGING="0")
     assert "runtime False" in proc.stdout

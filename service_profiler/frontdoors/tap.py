@@ -104,6 +104,11 @@ class FrontDoorTap:
             self.block_bytes = value
         self.runtime.meta(key, value)
 
+    def flush_final(self, reason: str) -> None:
+        """`record.process_ending` (the engine's own shutdown): the runtime's final flush, which drains
+        this tap too (`on_flush(final=True)`), before a supervisor can cut the teardown short."""
+        self.runtime.flush_final(reason)
+
     # -- recorder flush hook (writer thread) --------------------------------------------------------
 
     def on_flush(self, final: bool) -> None:
