@@ -44,10 +44,12 @@ def _real_metrics(analysis: Path) -> dict[str, object]:
     return {k: float(metrics[k]) for k in KEYS}
 
 
-def fidelity(out: Path, n: int, repeats: int, rate: float, targets: list[str]) -> list[dict[str, object]]:
-    """For each target config: capture the base config and run the target `repeats` times, all side by
-    side (a shared machine's load drifts by several times within minutes: a base captured at another
-    moment would measure another machine), then predict the target from that base capture."""
+def fidelity(out: Path, n: int, repeats: int, rate: float, targets: list[str],
+             concurrent_runs: int = 1) -> list[dict[str, object]]:
+    """For each target config: capture the base config, then run the target `repeats` times, and predict
+    the target from that base capture (a base captured at another moment would describe another machine:
+    a shared machine's load drifts). `concurrent_runs` > 1 runs them side by side instead, which cancels
+    drift but puts several engines on the same cores, a contention that no single capture describes."""
     from tiny_model import make_model
     from twin_engine_run import capture, workload
 
@@ -59,7 +61,7 @@ def fidelity(out: Path, n: int, repeats: int, rate: float, targets: list[str]) -
     for name in targets:
         change = TARGETS[name]
         jobs = [("base", BASE)] + [(f"real-{i}", {**BASE, **change}) for i in range(repeats)]
-        with ThreadPoolExecutor(len(jobs)) as pool:
+        with ThreadPoolExecutor(concurrent_runs) as pool:
             dirs = list(pool.map(lambda job, name=name: capture(model, out / name / job[0], requests, job[1]), jobs))
         twin = Twin.from_run(dirs[0])
         predicted = twin.run(change).metrics
@@ -122,13 +124,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--speed-only", action="store_true", help="only the speed figures")
     parser.add_argument("--sweep-configs", type=int, default=100)
+    parser.add_argument("--concurrent-runs", type=int, default=1,
+                        help="run base and repeats side by side (drift cancels, contention added)")
     parser.add_argument("--targets", default=",".join(TARGETS), help=f"comma-separated, of {', '.join(TARGETS)}")
     args = parser.parse_args()
     if args.speed_only:
         print(json.dumps(speed(args.sweep_configs)), flush=True)
         return
     out = args.out or Path(tempfile.mkdtemp(prefix="bench-twin-"))
-    rows = fidelity(out, args.requests, args.repeats, args.rate, args.targets.split(","))
+    rows = fidelity(out, args.requests, args.repeats, args.rate, args.targets.split(","), args.concurrent_runs)
     print(f"{'config':34} {'metric':24} {'twin':>10} {'real med':>10} {'real min..max':>22} {'err %':>7} "
           f"{'spread %':>8}")
     for r in rows:
