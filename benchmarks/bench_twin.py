@@ -2,10 +2,11 @@
 
     python benchmarks/bench_twin.py [--requests 40] [--repeats 3] [--out DIR] [--speed-only]
 
-Fidelity: capture one configuration, predict others that differ in max_num_seqs, max_num_batched_tokens,
-long_prefill_token_threshold and prefix caching, run each for real `--repeats` times on the same
-workload, and print p50 TTFT, p50 TPOT, p99 TTFT and output throughput: the twin's prediction, the real
-median, the real spread (min..max) and the error against the median.
+Fidelity: for each of four configurations that differ from a base in max_num_seqs, max_num_batched_tokens,
+long_prefill_token_threshold and prefix caching, `--repeats` pairs of real runs back to back (capture the
+base, run the target, predict the target from that capture) on the same workload; prints p50 TTFT, p50
+TPOT, p99 TTFT and output throughput: the twin's median prediction, the real median, the real spread
+(min..max), the error against the median and the median per-pair error.
 Speed: simulated steps/s (model step times), a 1,000-request replay, a 100-config sweep over it.
 """
 
@@ -18,7 +19,6 @@ import statistics
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,12 +44,11 @@ def _real_metrics(analysis: Path) -> dict[str, object]:
     return {k: float(metrics[k]) for k in KEYS}
 
 
-def fidelity(out: Path, n: int, repeats: int, rate: float, targets: list[str],
-             concurrent_runs: int = 1) -> list[dict[str, object]]:
-    """For each target config: capture the base config, then run the target `repeats` times, and predict
-    the target from that base capture (a base captured at another moment would describe another machine:
-    a shared machine's load drifts). `concurrent_runs` > 1 runs them side by side instead, which cancels
-    drift but puts several engines on the same cores, a contention that no single capture describes."""
+def fidelity(out: Path, n: int, repeats: int, rate: float, targets: list[str]) -> list[dict[str, object]]:
+    """For each target config, `repeats` pairs run back to back: capture the base config, run the target,
+    predict the target from that pair's base capture (a shared machine's load drifts within minutes: a
+    base captured at another moment describes another machine). Reports the median prediction against
+    the median real run, the real runs' spread, and the median of the per-pair errors."""
     from tiny_model import make_model
     from twin_engine_run import capture, workload
 
@@ -60,24 +59,29 @@ def fidelity(out: Path, n: int, repeats: int, rate: float, targets: list[str],
     rows = []
     for name in targets:
         change = TARGETS[name]
-        jobs = [("base", BASE)] + [(f"real-{i}", {**BASE, **change}) for i in range(repeats)]
-        with ThreadPoolExecutor(concurrent_runs) as pool:
-            dirs = list(pool.map(lambda job, name=name: capture(model, out / name / job[0], requests, job[1]), jobs))
-        twin = Twin.from_run(dirs[0])
-        predicted = twin.run(change).metrics
-        reals = [_real_metrics(d) for d in dirs[1:]]
+        predictions, reals, bases = [], [], []
+        for i in range(repeats):
+            base_dir = capture(model, out / name / f"base-{i}", requests, BASE)
+            real_dir = capture(model, out / name / f"real-{i}", requests, {**BASE, **change})
+            twin = Twin.from_run(base_dir)
+            predictions.append({k: float(twin.run(change).metrics[k]) for k in KEYS})
+            bases.append(_real_metrics(base_dir))
+            reals.append(_real_metrics(real_dir))
+            print(f"{name} pair {i}: step model {twin.step_model.use}, "
+                  f"{json.dumps(twin.step_model.v2.metrics.get('test', {}).get('all'))}", flush=True)
         for key in KEYS:
             values = [r[key] for r in reals]
             median = statistics.median(values)
-            pred = float(predicted[key])
+            pred = statistics.median(p[key] for p in predictions)
+            pair_errors = [(p[key] - r[key]) / r[key] * 100.0
+                           for p, r in zip(predictions, reals, strict=True) if r[key]]
             rows.append({"config": name, "metric": key, "predicted": pred, "real_median": median,
                          "real_min": min(values), "real_max": max(values),
                          "error_pct": (pred - median) / median * 100.0 if median else None,
                          "spread_pct": (max(values) - min(values)) / median * 100.0 if median else None,
-                         "base_captured": twin.captured_metrics.get(key) if twin.captured_metrics else None})
+                         "pair_error_median_pct": statistics.median(pair_errors) if pair_errors else None,
+                         "base_captured_median": statistics.median(b[key] for b in bases)})
         print(json.dumps(rows[-len(KEYS):]), flush=True)
-        print(f"step model: {twin.step_model.use}, time_scale {twin.step_model.v2.time_scale:.2f}; "
-              f"{json.dumps(twin.step_model.v2.metrics)}", flush=True)
     return rows
 
 
@@ -124,20 +128,19 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--speed-only", action="store_true", help="only the speed figures")
     parser.add_argument("--sweep-configs", type=int, default=100)
-    parser.add_argument("--concurrent-runs", type=int, default=1,
-                        help="run base and repeats side by side (drift cancels, contention added)")
     parser.add_argument("--targets", default=",".join(TARGETS), help=f"comma-separated, of {', '.join(TARGETS)}")
     args = parser.parse_args()
     if args.speed_only:
         print(json.dumps(speed(args.sweep_configs)), flush=True)
         return
     out = args.out or Path(tempfile.mkdtemp(prefix="bench-twin-"))
-    rows = fidelity(out, args.requests, args.repeats, args.rate, args.targets.split(","), args.concurrent_runs)
+    rows = fidelity(out, args.requests, args.repeats, args.rate, args.targets.split(","))
     print(f"{'config':34} {'metric':24} {'twin':>10} {'real med':>10} {'real min..max':>22} {'err %':>7} "
-          f"{'spread %':>8}")
+          f"{'spread %':>8} {'pair err %':>10}")
     for r in rows:
         print(f"{r['config']:34} {r['metric']:24} {r['predicted']:10.2f} {r['real_median']:10.2f} "
-              f"{r['real_min']:10.2f}..{r['real_max']:<10.2f} {r['error_pct']:7.1f} {r['spread_pct']:8.1f}")
+              f"{r['real_min']:10.2f}..{r['real_max']:<10.2f} {r['error_pct']:7.1f} {r['spread_pct']:8.1f} "
+              f"{r['pair_error_median_pct']:10.1f}")
 
 
 if __name__ == "__main__":
