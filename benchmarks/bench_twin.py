@@ -20,14 +20,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "examples"))
 
-BASE = {"max_num_seqs": 8, "max_num_batched_tokens": 256, "async_scheduling": False, "enable_prefix_caching": True,
-        "max_model_len": 1024, "block_size": 32}
-TARGETS = {
+BASE: dict[str, Any] = {"max_num_seqs": 8, "max_num_batched_tokens": 256, "async_scheduling": False,
+                        "enable_prefix_caching": True, "max_model_len": 1024, "block_size": 32}
+TARGETS: dict[str, dict[str, Any]] = {
     "max_num_seqs=4": {"max_num_seqs": 4},
     "max_num_batched_tokens=512": {"max_num_batched_tokens": 512},
     "long_prefill_token_threshold=64": {"long_prefill_token_threshold": 64},
@@ -36,7 +37,7 @@ TARGETS = {
 KEYS = ("ttft_ms_p50", "tpot_ms_p50", "ttft_ms_p99", "output_throughput_tok_s")
 
 
-def _real_metrics(analysis: Path) -> dict[str, object]:
+def _real_metrics(analysis: Path) -> dict[str, float]:
     from service_profiler.twin import Twin
 
     metrics = Twin.from_run(analysis).captured_metrics
