@@ -205,6 +205,26 @@ def test_step_model_recovers_known_costs_and_reports_regimes() -> None:
     assert StepModelV2.from_dict(json.loads(json.dumps(model.to_dict()))).coefficients == model.coefficients
 
 
+def test_a_few_host_stalls_are_reported_not_spread_over_every_step() -> None:
+    # A short capture on a shared machine: 1 % of the steps take 100x longer (a new shape's first step,
+    # the engine descheduled) and hold half of the busy time. Spread over every step, they would double
+    # every predicted step; they are host events, and are reported instead.
+    rng = np.random.default_rng(2)
+    n = 1000
+    b = rng.integers(1, 9, n)
+    p = np.where(rng.random(n) < 0.2, rng.integers(16, 200, n), 0)
+    d = np.where(p > 0, rng.integers(0, 4, n), b)
+    truth = 1.0 + 0.1 * b + 0.01 * p
+    measured = truth * rng.normal(1.0, 0.03, n)
+    stalled = rng.choice(n, 10, replace=False)
+    measured[stalled] += 150.0
+    model = fit_step_model(np.column_stack([b, p, d, np.zeros(n), np.zeros(n)]), measured)
+    assert model.time_scale == pytest.approx(1.0, abs=0.03)
+    stalls = model.metrics["stalls"]
+    assert 5 <= stalls["count"] <= 10  # those in the training split
+    assert stalls["share_of_busy_time"] > 0.3
+
+
 def test_runs_without_the_needed_records_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(CaptureError, match=r"request\.csv: missing"):
         Twin.from_run(tmp_path)

@@ -19,6 +19,8 @@ from .simulator import SimRequest, Simulation, StepFeatures, StepTimer
 from .trace import TraceRequest, rebased
 
 EngineArgs = Sequence[str] | Mapping[str, Any] | str | None
+# Stalls below this share of the captured busy time are not worth a note in the prediction.
+STALL_NOTE_SHARE = 0.05
 
 
 class StepTimeModel:
@@ -193,6 +195,10 @@ class Twin:
         result = Simulation(scheduler, sims, timer, block_size=settings.block_size,
                             prefix_caching=settings.enable_prefix_caching, batch_queue_size=depth).run()
         origin = self.captured.origin_ns if self.captured is not None else 0
+        stalls = model.v2.metrics.get("stalls") or {}
+        if not measured and float(stalls.get("share_of_busy_time") or 0.0) >= STALL_NOTE_SHARE:
+            notes.append(f"{stalls['count']} captured steps were host stalls (beyond 5 MADs of the model) holding "
+                         f"{stalls['share_of_busy_time']:.0%} of the busy time; predicted steps leave them out")
         return Prediction(
             metrics=metrics_of(result), result=result, origin_ns=origin, settings=settings.to_dict(),
             step_times="measured" if measured else model.use, step_model=model.describe(),
