@@ -153,12 +153,14 @@ def fit_step_model(x: Any, y_ms: Any, *, test_fraction: float = 0.2, seed: int =
         coef = _nnls_relative(xa[train][inliers], ya[train][inliers])
     model = StepModelV2({n: float(v) for n, v in zip(COEFFICIENTS, coef, strict=True)}, notes=notes)
     predicted_train = model.predict_many(xa[train])
-    total = float(predicted_train[inliers].sum())
-    model.time_scale = max(float(ya[train][inliers].sum()) / total, 1e-3) if total > 0 else 1.0
-    stall_excess = ya[train][~inliers] - predicted_train[~inliers] * model.time_scale
+    # Stalls: outliers on the slow side (rel is (predicted - measured) / measured, so a stall is far below).
+    stalls = ~inliers & (rel < np.median(rel))
+    total = float(predicted_train[~stalls].sum())
+    model.time_scale = max(float(ya[train][~stalls].sum()) / total, 1e-3) if total > 0 else 1.0
+    stall_excess = np.maximum(ya[train][stalls] - predicted_train[stalls] * model.time_scale, 0.0)
     metrics: dict[str, Any] = {"n_train": int(train.size), "n_test": int(test.size),
                                "train": _report(xa[train], ya[train], predicted_train),
-                               "stalls": {"count": int((~inliers).sum()),
+                               "stalls": {"count": int(stalls.sum()),
                                           "excess_ms": float(stall_excess.sum()),
                                           "share_of_busy_time": float(stall_excess.sum() / ya[train].sum())}}
     if test.size:
