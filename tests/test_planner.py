@@ -111,3 +111,25 @@ def test_the_plan_for_a_slot_bound_run_lowers_ttft_on_the_real_engine(tiny_model
         requests, arrival, EngineSettings(model=str(tiny_model), **top["settings"]))
     # Two slots under 40 req/s queue most requests; the plan's TTFT gain is far beyond this machine's noise.
     assert confirmed["metrics"]["ttft_ms_p50"] < 0.8 * captured["metrics"]["ttft_ms_p50"]
+
+
+@pytest.mark.vllm
+def test_the_workflow_needs_no_model_it_builds_the_embedded_default(tiny_model: Path, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+
+    from service_profiler.planner.workflow import add_arguments, resolve_model
+    from service_profiler.workload.runner import model_vocab_size
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--target-optimization", "latency", "--quick-test", "--output-dir", str(tmp_path)])
+    assert args.model is None
+    model = resolve_model(args.model, args.output_dir)
+    assert model == (tmp_path / "model_cache" / "tiny-llama").resolve()
+    assert "no --model: building the embedded default, a tiny Llama" in capsys.readouterr().err
+    assert model_vocab_size(str(model)) == 512 and (model / "tokenizer.json").is_file()
+    # the same model every vLLM test runs on (the tests' fixture uses this maker): identical weights
+    assert (model / "model.safetensors").read_bytes() == (tiny_model / "model.safetensors").read_bytes()
+    assert resolve_model(None, tmp_path) == model and "reusing" in capsys.readouterr().err
+    assert resolve_model(tiny_model, tmp_path) == tiny_model.resolve()

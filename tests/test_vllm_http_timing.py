@@ -42,6 +42,7 @@ class Measured:
     responses: list[TimedResponse]
     rows: dict[str, dict[str, str]]  # api_rid -> request.csv row
     trace: dict[str, Any]
+    analysis: Path
 
 
 def _requests(model: str) -> list[TimedRequest]:
@@ -81,7 +82,7 @@ def measured(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Meas
     with open(out / "request.csv", newline="") as handle:
         rows = {row["api_rid"]: row for row in csv.DictReader(handle)}
     trace = json.loads((out / "chrome_tracing.json").read_text())
-    return Measured(responses, rows, trace)
+    return Measured(responses, rows, trace, out)
 
 
 @contextmanager
@@ -197,3 +198,30 @@ def test_trace_request_tracks_match_the_client(measured: Measured) -> None:
     ttft, timed = _ttft_gaps(measured, {rid: e["args"]["ttft_ms"] for rid, e in slices.items()})
     _check_gaps("trace TTFT", ttft, timed)
     _check_gaps("trace e2e", e2e, measured.responses)
+
+
+def test_diagnose_measures_front_end_time_from_the_http_columns(measured: Measured) -> None:
+    """The bottleneck analyzer on this run's analyze output (batch.csv by its msserviceprofiler column
+    names, request.csv with the HTTP breakdown). Front-end time: from the HTTP arrival to the
+    scheduler accepting the request (less engine steps after the hand-off) and from the engine's output
+    to the last byte, every request measured, each within the bounds its own breakdown sets."""
+    from service_profiler.diagnose import diagnose, load_run
+    from service_profiler.diagnose.rules import FRONT_END_BASIS, BusyIntervals, front_end_ms
+
+    view = load_run(measured.analysis)
+    doc = diagnose(view)
+    s = doc["signals"]
+    print(f"\nfront end: median {s['front_end_ms_p50']:.2f} ms ({s['front_end_share_p50']:.1%} of e2e; before "
+          f"{s['front_end_before_ms_p50']:.2f}, after {s['front_end_after_ms_p50']:.2f}), step p50 "
+          f"{s['step_ms_p50']:.2f} ms; verdicts {[v['kind'] for v in doc['verdicts']]}")
+    assert s["front_end_requests"] == REQUESTS + 2 and s["front_end_basis"] == FRONT_END_BASIS
+    # more requests than sequence slots: the slots hold them back, not the front end
+    assert doc["primary"] == "scheduling-bound" and "front-end-bound" not in [v["kind"] for v in doc["verdicts"]]
+    busy = BusyIntervals(view.batches)
+    for row in view.requests:
+        before, after = front_end_ms(row, busy)
+        assert before is not None and after is not None
+        to_handoff = row["http_receive_ms"] + row["preprocess_ms"]
+        to_engine = (row["engine_arrival_ns"] - row["http_arrival_ns"]) / 1e6
+        assert to_handoff - 0.01 <= before <= to_engine + 0.01, (row["rid"], before, to_handoff, to_engine)
+        assert before + after <= row["e2e_ms"] + 0.01

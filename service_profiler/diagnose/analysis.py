@@ -64,6 +64,8 @@ def diagnose(view: RunView, predictor: Predictor | None = None) -> dict[str, Any
     if not verdicts:
         notes.append(f"no bottleneck: the engine was busy {signals['busy_share']:.0%} of the time and requests "
                      f"waited in {signals['waiting_share']:.0%} of steps (below the thresholds: the load is light)")
+    if not signals["front_end_requests"]:
+        notes.append(f"front-end time {signals['front_end_basis']}: front-end-bound is not assessed")
     if overlap is None:
         notes.append("prefix overlap unknown (no workload with token ids next to the run; pass --workload): "
                      "cache-bound is not assessed")

@@ -62,21 +62,76 @@ class BusyIntervals:
         return float(np.clip(b - a, 0, None).sum())
 
 
+# The request.csv columns the front-end time is measured from (docs/METRICS.md defines each).
+FRONT_END_COLUMNS = ("http_arrival_ns", "handoff_ns", "engine_arrival_ns", "engine_first_token_ns",
+                     "first_token_ns", "completion_ns", "last_byte_sent_ns")
+FRONT_END_BASIS = ("before the engine: engine_arrival_ns - http_arrival_ns, less the engine steps running "
+                   "between handoff_ns and engine_arrival_ns; after the engine: (first_token_ns - "
+                   "engine_first_token_ns) + (last_byte_sent_ns - completion_ns); share of e2e_ms (from the "
+                   "HTTP arrival)")
+
+
+def _ns(request: dict[str, Any], key: str) -> float | None:
+    value = request.get(key)
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
 def front_end_ms(request: dict[str, Any], busy: BusyIntervals | None = None) -> tuple[float | None, float | None]:
-    """(before, after): time from the API server receiving a request to the engine enqueuing it, less the
-    time the engine spent finishing a step meanwhile (it takes new requests between steps), and from the
-    engine's last token to the client's reply, when the run recorded them."""
-    before = None
-    arrival, engine_arrival = request.get("arrival_ns"), request.get("engine_arrival_ns")
-    if isinstance(arrival, int | float) and isinstance(engine_arrival, int | float):
-        waited = busy.overlap_ns(float(arrival), float(engine_arrival)) if busy is not None else 0.0
-        before = max(0.0, (engine_arrival - arrival - waited) / 1e6)
-    after = None
-    for key in ("reply_delay_ms", "response_ms", "api_out_ms", "detokenize_ms"):
-        if isinstance(request.get(key), int | float):
-            after = float(request[key])
-            break
+    """(before, after) in ms, from the HTTP timings analyze puts in request.csv; None where the run did not
+    record them (no HTTP server seen: older runs, the offline engine, another front end).
+
+    before: from the HTTP arrival to the engine's scheduler accepting the request (reading the body,
+    preprocessing, the hand-off), less the time an engine step was running after the hand-off: the engine
+    takes new requests between steps, so that wait belongs to the engine, not to the front end.
+    after: the output's way from the engine to the API server, measured on the first token (engine step
+    end -> the API server's output processor), plus the last token's way out (the API server's last token
+    -> the response's last byte written)."""
+    arrival = _ns(request, "http_arrival_ns")
+    before = after = None
+    engine_seen = _ns(request, "engine_arrival_ns") or _ns(request, "handoff_ns")
+    if arrival is not None and engine_seen is not None:
+        handoff = _ns(request, "handoff_ns")
+        waited = busy.overlap_ns(handoff, engine_seen) if busy is not None and handoff is not None else 0.0
+        before = max(0.0, (engine_seen - arrival - waited) / 1e6)
+    completion, last_byte = _ns(request, "completion_ns"), _ns(request, "last_byte_sent_ns")
+    if arrival is not None and completion is not None and last_byte is not None:
+        after = max(0.0, last_byte - completion) / 1e6
+        engine_first, api_first = _ns(request, "engine_first_token_ns"), _ns(request, "first_token_ns")
+        if engine_first is not None and api_first is not None:
+            after += max(0.0, api_first - engine_first) / 1e6
     return before, after
+
+
+def front_end_signals(requests: Sequence[dict[str, Any]], busy: BusyIntervals) -> dict[str, Any]:
+    """Median front-end time and its share of e2e over the complete requests the HTTP server recorded."""
+    measured = [r for r in requests if r.get("complete") != 0 and isinstance(r.get("e2e_ms"), int | float)
+                and r["e2e_ms"] > 0]
+    before, after, total, share = [], [], [], []
+    for r in measured:
+        b, a = front_end_ms(r, busy)
+        if b is None and a is None:
+            continue
+        before.append(b or 0.0)
+        after.append(a or 0.0)
+        total.append((b or 0.0) + (a or 0.0))
+        share.append(total[-1] / float(r["e2e_ms"]))
+
+    def median(values: list[float]) -> float | None:
+        return float(np.median(values)) if values else None
+
+    if share:
+        basis = FRONT_END_BASIS
+    elif not requests:
+        basis = "not measured: no request in this window"
+    elif "http_arrival_ns" not in requests[0]:
+        basis = ("not measured: request.csv has no HTTP timing columns (http_arrival_ns, last_byte_sent_ns, ...): "
+                 "analyzed by a profiler version without them; run `service-profiler analyze` again on the raw run")
+    else:
+        basis = ("not measured: no request has HTTP timings (http_arrival_ns empty: the run had no HTTP server "
+                 "recorded, e.g. the offline engine, another front end, or a capture without the Request domain)")
+    return {"front_end_requests": len(share), "front_end_basis": basis,
+            "front_end_share_p50": median(share), "front_end_ms_p50": median(total),
+            "front_end_before_ms_p50": median(before), "front_end_after_ms_p50": median(after)}
 
 
 def window_signals(batches: Sequence[dict[str, Any]], requests: Sequence[dict[str, Any]],
@@ -98,12 +153,7 @@ def window_signals(batches: Sequence[dict[str, Any]], requests: Sequence[dict[st
                   for r in waiting_rows] if budget else [])
     prompt = sum(int(r.get("input_tokens") or 0) for r in requests)
     hits = sum(int(r.get("prefix_hit_tokens") or 0) for r in requests)
-    busy = BusyIntervals(batches)
-    fe = [front_end_ms(r, busy) for r in requests]
-    fe_ms = [(b or 0.0) + (a or 0.0) for b, a in fe if b is not None or a is not None]
     e2e = [float(r["e2e_ms"]) for r in requests if isinstance(r.get("e2e_ms"), int | float)]
-    fe_share = [((b or 0.0) + (a or 0.0)) / float(r["e2e_ms"]) for (b, a), r in zip(fe, requests, strict=True)
-                if isinstance(r.get("e2e_ms"), int | float) and r["e2e_ms"] > 0 and (b is not None or a is not None)]
     return {
         "steps": len(rows), "wall_ms": wall_ms,
         "busy_share": float(step_ms.sum() / wall_ms) if wall_ms else 0.0,
@@ -123,9 +173,7 @@ def window_signals(batches: Sequence[dict[str, Any]], requests: Sequence[dict[st
         "prefix_overlap": overlap,
         "prefix_caching": engine.get("enable_prefix_caching"),
         "requests": len(requests), "e2e_ms_p50": float(np.median(e2e)) if e2e else None,
-        "front_end_share_p50": float(np.median(fe_share)) if fe_share else None,
-        "front_end_ms_p50": float(np.median(fe_ms)) if fe_ms else None,
-    }
+    } | front_end_signals(requests, BusyIntervals(batches))
 
 
 def classify(s: dict[str, Any]) -> list[dict[str, Any]]:
@@ -168,8 +216,11 @@ def classify(s: dict[str, Any]) -> list[dict[str, Any]]:
     if fe is not None and fe >= t["front_end_share"] and fe_ms is not None and fe_ms >= t["front_end_steps"] * step:
         add("front-end-bound", f"time outside the engine is {fe:.0%} of a request's end-to-end latency (median "
             f"{fe_ms:.1f} ms, {fe_ms / step if step else float('inf'):.1f} steps)",
-            {"front_end_share_p50": fe, "front_end_ms_p50": fe_ms, "step_ms_p50": s["step_ms_p50"],
-             "e2e_ms_p50": s["e2e_ms_p50"]},
+            {"front_end_share_p50": fe, "front_end_ms_p50": fe_ms,
+             "front_end_before_ms_p50": s.get("front_end_before_ms_p50"),
+             "front_end_after_ms_p50": s.get("front_end_after_ms_p50"), "step_ms_p50": s["step_ms_p50"],
+             "e2e_ms_p50": s["e2e_ms_p50"], "front_end_requests": s.get("front_end_requests"),
+             "front_end_columns": list(FRONT_END_COLUMNS), "front_end_basis": s.get("front_end_basis")},
             {"front_end_share_p50 >=": t["front_end_share"], "front_end_ms_p50 / step_ms_p50 >=": t["front_end_steps"]})
     limited = any(v["kind"] in ("memory-bound", "scheduling-bound", "cache-bound") for v in verdicts)
     if not limited and s["busy_share"] >= t["busy_share"] and s["model_share"] >= t["model_share"]:

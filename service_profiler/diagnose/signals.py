@@ -45,9 +45,16 @@ def _number(text: str) -> Any:
     return int(value) if value.is_integer() and "." not in text and "e" not in text.lower() else value
 
 
-def _read_csv(path: Path) -> list[dict[str, Any]]:
+def _read_csv(path: Path, aliases: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Rows of an analyze CSV; `aliases` (CSV column -> table column) also gives each aliased value under
+    the analysis table's name, which the rules use."""
     with open(path, newline="") as fh:
-        return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+        rows = [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+    for row in rows:
+        for column, name in (aliases or {}).items():
+            if column in row and name not in row:
+                row[name] = row[column]
+    return rows
 
 
 def parse_serve_args(argv: Sequence[str]) -> dict[str, Any]:
@@ -118,7 +125,11 @@ def load_run(path: Path, engine_args: Sequence[str] | None = None, workload: Pat
         raise DiagnoseError(f"{path}: not a directory; pass an `analyze` output directory or a run directory")
     run_dir = _find_run_dir(path)
     if (path / "batch.csv").is_file() and (path / "request.csv").is_file():
-        batches, requests, source = _read_csv(path / "batch.csv"), _read_csv(path / "request.csv"), "analyze CSVs"
+        from ..analyze.csv_export import BATCH_ALIASES
+
+        # batch.csv names the columns it shares with msserviceprofiler by that tool's names
+        batches, requests = _read_csv(path / "batch.csv", BATCH_ALIASES), _read_csv(path / "request.csv")
+        source = "analyze CSVs"
     elif run_dir is not None:
         from ..analyze.tables import build_tables
         from ..rawfile import read_run

@@ -1,10 +1,11 @@
 """`service-profiler workflow`: generate -> profile -> analyze -> diagnose -> plan -> confirm, in one command.
 
-    service-profiler workflow --model DIR --target-optimization balanced [--quick-test] --output-dir OUT
+    service-profiler workflow --target-optimization balanced [--quick-test] [--model DIR] --output-dir OUT
 
 Profiles C/M/B cells and a request workload on the real engine under the profiler, analyzes and diagnoses
 the workload run, plans engine settings with the twin for the target, runs the top plan on the same
-workload for real, and reports predicted against measured.
+workload for real, and reports predicted against measured. Without --model it runs on the embedded
+default, a tiny local Llama built on the spot in OUT/model_cache (no model hub), on vLLM's CPU build.
 """
 
 from __future__ import annotations
@@ -40,12 +41,25 @@ class Progress:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, type=Path,
-                        help="model directory (the tiny local model: python examples/tiny_model.py DIR)")
+    parser.add_argument("--model", type=Path,
+                        help="model directory; default: a tiny local Llama built in OUTPUT_DIR/model_cache")
     parser.add_argument("--target-optimization", choices=OBJECTIVES, default="balanced")
     parser.add_argument("--quick-test", action="store_true", help="fewer cells and requests: a few minutes")
     parser.add_argument("--output-dir", type=Path, default=Path("profiling_results"))
     parser.add_argument("--rate", type=float, default=20.0, help="request rate of the profiled workload (req/s)")
+
+
+def resolve_model(model: Path | None, out: Path) -> Path:
+    """The model to run: the one given, else the embedded default built (or reused) under `out`."""
+    from ..workload.tiny_model import describe, make_model
+
+    if model is not None:
+        return model.resolve()
+    cache = (out / "model_cache" / "tiny-llama").resolve()
+    reused = (cache / "config.json").exists() and (cache / "tokenizer.json").exists()
+    print(f"no --model: {'reusing' if reused else 'building'} the embedded default, {describe()}, in {cache}",
+          file=sys.stderr, flush=True)
+    return make_model(cache)
 
 
 def _row(name: str, metrics: dict[str, Any]) -> str:
@@ -58,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
 
     out: Path = args.output_dir
     out.mkdir(parents=True, exist_ok=True)
-    model = args.model.resolve()
+    model = resolve_model(args.model, out)
     progress = Progress()
     quick = args.quick_test
     progress.stage("generate", "C/M/B cells and a Poisson request workload")

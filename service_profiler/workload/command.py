@@ -3,6 +3,8 @@
     service-profiler workload --model DIR --C 256 512 --M 0 2 --B 8 16 --profiling-type mixed --output-dir out
     service-profiler workload --model DIR --arrival poisson --rate 6 --num-requests 64 --output-dir out
     service-profiler workload --model DIR --trace trace.jsonl --output-dir out
+    service-profiler workload --server http://127.0.0.1:8000 --arrival gamma --rate 8 --burstiness 0.5 ...
+    service-profiler workload --server http://127.0.0.1:8000 --trace trace.jsonl [--server-run-dir PROF_RUN]
 """
 
 from __future__ import annotations
@@ -10,15 +12,23 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from .config import PROFILING_TYPES, ProfilingConfig, WorkloadConfigError, expand_sweep
-from .requests import ARRIVALS, ArrivalSpec, RequestMix, WorkloadError, read_requests
+from .http_client import HttpTarget, served_model
+from .requests import ARRIVALS, ArrivalSpec, RequestMix, WorkloadError, WorkloadRequest, read_requests, retime
 from .runner import ProfilingRunner, WorkloadRunError, model_vocab_size
+
+# Token ids every tokenizer of a served LLM has: generated prompts stay below it when the vocabulary is unknown.
+SAFE_VOCAB_SIZE = 1000
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="model directory or name vLLM can load")
+    parser.add_argument("--model", help="model directory or name vLLM can load (with --server: optional, the "
+                        "served model's directory, for its vocabulary size)")
     parser.add_argument("--output-dir", type=Path, default=Path("workload_out"))
     parser.add_argument("--name", default="profiling", help="results file: <name>_results.json")
     parser.add_argument("--C", type=int, nargs="+", default=[256], help="prompt tokens per request (sweepable)")
@@ -42,6 +52,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     req.add_argument("--prompt-tokens", type=int, nargs=2, default=[64, 256], metavar=("MIN", "MAX"))
     req.add_argument("--output-tokens", type=int, nargs=2, default=[8, 32], metavar=("MIN", "MAX"))
     req.add_argument("--prefix-tokens", type=int, default=0, help="shared prefix length for request workloads")
+    req.add_argument("--seed", type=int, default=0, help="seed of the prompts and the arrival schedule")
+    http = parser.add_argument_group("a running server over HTTP (instead of the in-process engine)")
+    http.add_argument("--server", metavar="URL", help="e.g. http://127.0.0.1:8000 (a running `vllm serve`)")
+    http.add_argument("--server-run-dir", type=Path,
+                      help="the server's profiler run directory: step times, memory, preemptions, prefix hits")
+    http.add_argument("--vocab-size", type=int, help="token ids of generated prompts stay below it (default: "
+                      "the served model's config.json when local, else 1000)")
+    http.add_argument("--request-timeout", type=float, default=300.0, help="seconds for the whole workload")
 
 
 def parse_engine_args(items: list[str]) -> dict[str, object]:
@@ -67,21 +85,52 @@ def _print_cells(doc: dict[str, object]) -> None:
               f"{'ok' if cell['checks']['passed'] else 'FAILED (see checks)'}")
 
 
+def _request_workload(args: argparse.Namespace, vocab: int) -> tuple[list[WorkloadRequest], ArrivalSpec]:
+    """The requests and their arrival process: a trace (its own times unless --arrival re-times it) or a
+    generated mix; the schedule is computed here, before anything is sent, from --seed."""
+    if args.trace:
+        arrival = ArrivalSpec(args.arrival or "trace", args.rate, args.burstiness, args.concurrency)
+        return retime(read_requests(args.trace, vocab, args.seed), arrival, args.seed + 1), arrival
+    arrival = ArrivalSpec(args.arrival or "burst", args.rate, args.burstiness, args.concurrency)
+    mix = RequestMix(args.num_requests, tuple(args.prompt_tokens), tuple(args.output_tokens), args.prefix_tokens,
+                     seed=args.seed)
+    return mix.build(arrival, vocab), arrival
+
+
+def _run_server(args: argparse.Namespace, progress: Callable[[str], None]) -> dict[str, Any]:
+    target = HttpTarget.from_url(args.server)
+    served, root = served_model(target)
+    target = replace(target, model=served)
+    vocab = args.vocab_size or model_vocab_size(args.model or root, default=0)
+    if not vocab:
+        vocab = SAFE_VOCAB_SIZE
+        progress(f"vocabulary of {served!r} unknown (not a local directory): prompt token ids below {vocab}; "
+                 "pass --vocab-size or --model DIR to use the whole vocabulary")
+    if args.server_run_dir is not None and not args.server_run_dir.is_dir():
+        raise WorkloadError(f"--server-run-dir {args.server_run_dir}: not a directory; pass the profiler's run "
+                            "directory of the server (under its prof_dir)")
+    requests, arrival = _request_workload(args, vocab)
+    runner = ProfilingRunner(served, args.output_dir, args.name, timeout_s=args.request_timeout, progress=progress)
+    return runner.run_over_http(target, requests, arrival, args.server_run_dir)
+
+
 def run(args: argparse.Namespace) -> int:
+    def progress(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
     try:
+        if args.server:
+            doc = _run_server(args, progress)
+            print(json.dumps(doc["metrics"], indent=1))
+            print(f"results: {args.output_dir / (args.name + '_results.json')}")
+            return 0 if doc["metrics"]["requests"] else 1
+        if not args.model:
+            raise WorkloadConfigError("--model is required (or --server URL to drive a running server)")
         overrides = parse_engine_args(args.engine_arg)
         runner = ProfilingRunner(args.model, args.output_dir, args.name, engine_overrides=overrides,
-                                 progress=lambda m: print(m, file=sys.stderr, flush=True))
+                                 progress=progress)
         if args.arrival or args.trace:
-            arrival = ArrivalSpec(args.arrival or "burst", args.rate, args.burstiness, args.concurrency)
-            vocab = model_vocab_size(args.model)
-            if args.trace:
-                requests = read_requests(args.trace, vocab)
-                if not args.arrival:  # replay keeps the trace's own arrival times
-                    arrival = ArrivalSpec("poisson", 1.0)
-            else:
-                requests = RequestMix(args.num_requests, tuple(args.prompt_tokens), tuple(args.output_tokens),
-                                      args.prefix_tokens).build(arrival, vocab)
+            requests, arrival = _request_workload(args, model_vocab_size(args.model))
             doc = runner.run_requests(requests, arrival)
             print(json.dumps(doc["metrics"], indent=1))
         else:

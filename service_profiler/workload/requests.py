@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 # Token ids below this are the tiny tokenizers' special tokens (<unk>, <s>, </s>); prompts avoid them.
 FIRST_PLAIN_TOKEN = 3
-ARRIVALS = ("closed", "poisson", "gamma", "burst")
+ARRIVALS = ("closed", "poisson", "gamma", "burst", "trace")
 
 
 class WorkloadError(ValueError):
@@ -57,7 +57,7 @@ def shared_prefix_prompts(count: int, prompt_tokens: int, prefix_tokens: int, vo
 class ArrivalSpec:
     """When requests arrive: `closed` (a fixed number in flight), `poisson` (rate req/s),
     `gamma` (rate req/s with burstiness: shape of the gamma inter-arrival; 1 = Poisson, < 1 burstier),
-    `burst` (all at time 0)."""
+    `burst` (all at time 0), `trace` (each request's own `arrival_s`, as a replayed trace gives them)."""
 
     process: str = "poisson"
     rate: float = 4.0
@@ -73,7 +73,10 @@ class ArrivalSpec:
             raise WorkloadError("burstiness must be > 0 and concurrency >= 1")
 
     def arrival_times(self, count: int, seed: int) -> list[float]:
-        """Seconds from the start; a closed loop has no schedule (all zero: the driver paces it)."""
+        """Seconds from the start, computed up front from `seed` (the same seed gives the same schedule); a
+        closed loop has no schedule (all zero: the clients pace it)."""
+        if self.process == "trace":
+            raise WorkloadError("arrival process 'trace' takes the times from the trace; replay one with --trace")
         if self.process in ("closed", "burst"):
             return [0.0] * count
         rng = random.Random(seed)
@@ -115,6 +118,15 @@ class RequestMix:
             ids = shared + token_block(rng, length - len(shared), vocab_size)
             out.append(WorkloadRequest(f"w{i}", at, length, rng.randint(*self.output_tokens), tuple(ids)))
         return out
+
+
+def retime(requests: Sequence[WorkloadRequest], arrivals: ArrivalSpec, seed: int) -> list[WorkloadRequest]:
+    """The requests in their order with arrival times from `arrivals` (a trace replayed at another rate or
+    burstiness); unchanged for `trace`."""
+    if arrivals.process == "trace":
+        return list(requests)
+    times = arrivals.arrival_times(len(requests), seed)
+    return [replace(r, arrival_s=at) for r, at in zip(requests, times, strict=True)]
 
 
 def write_requests(requests: Sequence[WorkloadRequest], path: Path) -> Path:

@@ -160,3 +160,37 @@ def request_results(run_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     return {"metrics": latency_summary(reqs), "requests_missing": len(wanted) - len(reqs),
             "step_time_ms": _stats([s["step_ms"] for s in steps]), "memory": _memory(steps),
             "arrival": section.get("arrival")}
+
+
+def client_results(rows: Sequence[dict[str, Any]], server_run_dir: Path | None, window_ns: tuple[int, int]
+                   ) -> dict[str, Any]:
+    """A workload sent over HTTP: latency metrics as the client measured them (`rows`: ClientTiming.to_dict),
+    in the twin's names; step times, memory, preemptions and prefix hits from the server's profiler run
+    directory when given (its steps and requests inside the client's wall-clock `window_ns`)."""
+    ok = [r for r in rows if r["status"] == 200 and r["error"] is None]
+    metrics: dict[str, Any] = {}
+    for key in ("ttft_ms", "tpot_ms", "e2e_ms", "queue_ms"):
+        stats = _stats([r.get(key) for r in ok])
+        for q in ("p50", "p90", "p99", "mean"):
+            metrics[f"{key}_{q}"] = stats[q]
+    span_s = (max(r["sent_s"] + r["e2e_ms"] / 1e3 for r in ok) - min(r["sent_s"] for r in ok)) if ok else 0.0
+    out_tokens = sum(int(r["output_tokens"] or 0) for r in ok)
+    metrics.update({"output_throughput_tok_s": out_tokens / span_s if span_s else None,
+                    "request_throughput_req_s": len(ok) / span_s if span_s else None,
+                    "preemptions": None, "prefix_cache_hit_rate": None, "requests": len(ok),
+                    "failed": len(rows) - len(ok), "duration_s": span_s})
+    doc: dict[str, Any] = {"metrics": metrics, "requests_missing": len(rows) - len(ok),
+                           "step_time_ms": _stats([]), "memory": _memory([]), "timing": "client"}
+    if server_run_dir is not None:
+        lo, hi = window_ns
+        tables = load_tables(server_run_dir)
+        steps = [b for b in tables.batches.dicts() if b.get("batch_size") and lo <= (b.get("start_ns") or 0) <= hi]
+        reqs = [r for r in tables.requests.dicts()
+                if lo <= (r.get("arrival_ns") or r.get("engine_arrival_ns") or 0) <= hi]
+        hits = sum(int(r.get("prefix_hit_tokens") or 0) for r in reqs)
+        prompt = sum(int(r.get("input_tokens") or 0) for r in reqs)
+        metrics.update({"preemptions": sum(int(r.get("preemptions") or 0) for r in reqs),
+                        "prefix_cache_hit_rate": hits / prompt if prompt else None})
+        doc.update({"step_time_ms": _stats([s["step_ms"] for s in steps]), "memory": _memory(steps),
+                    "server_requests_recorded": len(reqs)})
+    return doc

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,8 +19,9 @@ from typing import Any
 
 from .. import envvars
 from .config import EngineSettings, ProfilingConfig, engine_for_cells
+from .http_client import HttpTarget, run_over_http
 from .requests import ArrivalSpec, WorkloadRequest, write_requests
-from .results import cell_results, request_results
+from .results import cell_results, client_results, request_results
 
 DEFAULT_TIMEOUT_S = 1800.0
 
@@ -137,6 +139,25 @@ class ProfilingRunner:
                                                       "warmup_requests": warmup_requests}, self.timeout_s)
         doc = {"name": self.name, "model": self.model, "run_dirs": [str(run.run_dir)], "workload": str(trace),
                "engine": settings.to_dict(), **request_results(run.run_dir, run.manifest)}
+        self._write(doc)
+        return doc
+
+    def run_over_http(self, target: HttpTarget, requests: Sequence[WorkloadRequest], arrival: ArrivalSpec,
+                      server_run_dir: Path | None = None, flush_wait_s: float = 2.5) -> dict[str, Any]:
+        """A request-level workload sent to a running server; latencies as the client measured them, and
+        the server's step times from its profiler run directory when given."""
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        trace = write_requests(requests, self.output_dir / f"{self.name}_workload.jsonl")
+        self.progress(f"{len(requests)} requests, {arrival.process} arrivals, to {target.url} ({target.model})")
+        started = time.time_ns()
+        timings, origin = run_over_http(target, requests, arrival, self.timeout_s, self.progress)
+        ended = time.time_ns()
+        rows = [t.to_dict(origin) for t in timings]
+        if server_run_dir is not None:
+            time.sleep(flush_wait_s)  # the server's profiler writes its records at least once a second
+        doc = {"name": self.name, "model": target.model, "run_dirs": [str(server_run_dir)] if server_run_dir else [],
+               "workload": str(trace), "engine": None, "server": target.url, "arrival": arrival.to_dict(),
+               **client_results(rows, server_run_dir, (started, ended)), "client_requests": rows}
         self._write(doc)
         return doc
 
