@@ -59,6 +59,24 @@ def test_coordinate_descent_finds_the_peak_of_a_known_surface_without_the_whole_
     assert len(search.evaluations) < grid / 20
 
 
+def test_a_change_predicted_to_gain_less_than_the_minimum_ranks_after_the_captured_settings() -> None:
+    gains = {4: 0.0, 8: 0.02, 16: 0.08}  # predicted throughput gain by max_num_seqs (BASE has 4)
+
+    def predictor(plan: Plan, rate: float) -> dict[str, Any]:
+        thr = 1000 * (1 + gains.get(plan.max_num_seqs, -0.5))
+        return {"output_throughput_tok_s": thr, "ttft_ms_p50": 10.0, "tpot_ms_p50": 1.0, "preemptions": 0}
+
+    ranked = Search(predictor, space(), "throughput", 2048).run(BASE)
+    at = [e.plan for e in ranked].index(BASE)
+    assert at > 0 and {e.plan.max_num_seqs for e in ranked[:at]} == {16}  # +8 % (with any neutral knob)
+    assert ranked[at + 1].plan.max_num_seqs == 8  # +2 %: after the captured settings
+    gains[16] = 0.03
+    ranked = Search(predictor, space(), "throughput", 2048).run(BASE)
+    assert ranked[0].plan == BASE  # nothing clears 5 %: keep what runs
+    ranked = Search(predictor, space(), "throughput", 2048, min_gain=0.0).run(BASE)
+    assert ranked[0].plan.max_num_seqs == 16
+
+
 def test_slo_mode_bisects_to_the_highest_rate_meeting_the_limits() -> None:
     def predictor(plan: Plan, rate: float) -> dict[str, Any]:
         return {"ttft_ms_p90": 10.0 * rate * (4 / plan.max_num_seqs), "tpot_ms_p90": 1.0,

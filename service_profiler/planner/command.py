@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..diagnose.signals import parse_serve_args
 from .plans import PARETO_FILE, PLANS_FILE, SWEEP_FILE, pareto_table, plan_run
-from .search import OBJECTIVES, Slo
+from .search import MIN_GAIN, OBJECTIVES, Slo
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget-s", type=float, default=300.0, help="stop the search after this many seconds")
     parser.add_argument("--load-multiplier", type=float, default=1.0,
                         help="plan for the captured workload's arrivals compressed by this factor")
+    parser.add_argument("--min-gain", type=float, default=MIN_GAIN,
+                        help="a plan ranks above the captured settings only if predicted to gain at least this "
+                             "fraction on the objective (default %(default)s; 0 ranks by prediction alone)")
     parser.add_argument("--engine-args", nargs=argparse.REMAINDER, default=[],
                         help="the captured run's `vllm serve` arguments, where its records lack them")
 
@@ -36,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
     slo = Slo(args.slo_ttft_ms, args.slo_tpot_ms)
     try:
         doc = plan_run(args.run, args.objective, args.output_path, slo, args.top, args.budget_s,
-                       engine=parse_serve_args(args.engine_args), load_multiplier=args.load_multiplier)
+                       engine=parse_serve_args(args.engine_args), load_multiplier=args.load_multiplier,
+                       min_gain=args.min_gain)
     except (CaptureError, FileNotFoundError) as exc:
         print(f"service-profiler plan: {exc}", file=sys.stderr)
         return 2

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .search import Evaluation, Search, Slo, hit_rate, scaled_arrivals
+from .search import MIN_GAIN, Evaluation, Search, Slo, hit_rate, scaled_arrivals
 from .space import Plan, SearchSpace, plan_from_settings
 
 PLANS_FILE = "custom_schedule_plans.json"
@@ -95,7 +95,7 @@ def quiet_vllm() -> None:
 
 def plan_run(run: Path, objective: str, out_dir: Path, slo: Slo | None = None, top: int = 10,
              budget_s: float = 300.0, twin: Any = None, engine: Mapping[str, Any] | None = None,
-             load_multiplier: float = 1.0) -> dict[str, Any]:
+             load_multiplier: float = 1.0, min_gain: float = MIN_GAIN) -> dict[str, Any]:
     """Search plans for the workload of an analyzed run and write the output files into `out_dir`.
 
     `engine`: the captured run's engine settings (EngineArgs names) where its records lack them;
@@ -114,7 +114,7 @@ def plan_run(run: Path, objective: str, out_dir: Path, slo: Slo | None = None, t
     space = SearchSpace.around(start, max_model_len=max_model_len,
                                longest_prompt=max((r.prompt_tokens for r in twin.requests), default=1),
                                peak_concurrency=_peak_concurrency(twin.requests), pool_tokens=start.kv_tokens())
-    search = Search(predictor, space, objective, max_model_len, slo or Slo())
+    search = Search(predictor, space, objective, max_model_len, slo or Slo(), min_gain=min_gain)
     ranked = search.run(start, budget_s)
     valid = [e for e in ranked if e.metrics is not None]
     invalid = [e for e in ranked if e.metrics is None]
@@ -136,6 +136,11 @@ def plan_run(run: Path, objective: str, out_dir: Path, slo: Slo | None = None, t
         "notes": list(getattr(twin, "notes", [])),
         "engine_settings_given": told, "load_multiplier": load_multiplier,
     }
+    if valid and valid[0] is base and not (slo and slo.active) and len(valid) > 1:
+        doc["notes"].append(f"no configuration is predicted to beat the captured settings by {min_gain:.0%} or more "
+                            f"on the {objective} objective: keep them (smaller predicted gains are within the "
+                            "step model's error; the plans after the captured one list them)")
+    doc["min_gain"] = min_gain
     rates = [(e.metrics or {}).get("output_throughput_tok_s") or 0.0 for e in valid]
     if objective == "throughput" and rates and max(rates) < 1.02 * min(rates):
         doc["notes"].append("throughput hardly differs between configurations: the captured load is below the "

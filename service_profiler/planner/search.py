@@ -20,6 +20,10 @@ from .space import KNOBS, Plan, SearchSpace, structurally_valid
 
 OBJECTIVES = ("throughput", "latency", "memory", "cache", "balanced")
 INFEASIBLE = -1e18
+# A change the twin predicts to gain less than this on the objective (relative to the captured settings)
+# is within the error of a step model fitted on a shared machine: ranked above the captured settings it
+# would recommend noise. Such plans are still listed, after the captured settings.
+MIN_GAIN = 0.05
 
 
 @dataclass
@@ -69,12 +73,34 @@ def score(objective: str, metrics: dict[str, Any], plan: Plan, base: dict[str, A
     if objective == "cache":
         return float(metrics.get("prefix_hit_rate") or 0.0) + 1e-9 * thr
     if objective == "balanced":
-        thr0 = float(base.get("output_throughput_tok_s") or 1.0) or 1.0
-        ttft0 = float(base.get("ttft_ms_p50") or 1.0) or 1.0
-        tpot0 = float(base.get("tpot_ms_p50") or 1.0) or 1.0
-        return (math.log(max(thr, 1e-9) / thr0) - 0.5 * math.log(max(ttft, 1e-9) / ttft0)
-                - 0.5 * math.log(max(tpot, 1e-9) / tpot0))
+        return _balanced(metrics, base)
     raise ValueError(f"objective {objective!r}: use one of {', '.join(OBJECTIVES)}")
+
+
+def _balanced(metrics: dict[str, Any], base: dict[str, Any]) -> float:
+    """log(throughput ratio) - (log(TTFT ratio) + log(TPOT ratio)) / 2, against the captured settings."""
+    thr = float(metrics.get("output_throughput_tok_s") or 0.0)
+    ttft = float(metrics.get("ttft_ms_p50") or math.inf)
+    tpot = float(metrics.get("tpot_ms_p50") or 0.0)
+    thr0 = float(base.get("output_throughput_tok_s") or 1.0) or 1.0
+    ttft0 = float(base.get("ttft_ms_p50") or 1.0) or 1.0
+    tpot0 = float(base.get("tpot_ms_p50") or 1.0) or 1.0
+    return (math.log(max(thr, 1e-9) / thr0) - 0.5 * math.log(max(ttft, 1e-9) / ttft0)
+            - 0.5 * math.log(max(tpot, 1e-9) / tpot0))
+
+
+def relative_gain(objective: str, metrics: dict[str, Any], base: dict[str, Any]) -> float | None:
+    """The predicted gain over the captured settings as a fraction; None for the objectives whose score
+    has its own floor (memory keeps 95 % of the throughput; cache is a hit rate)."""
+    if objective == "throughput":
+        thr0 = float(base.get("output_throughput_tok_s") or 0.0)
+        return float(metrics.get("output_throughput_tok_s") or 0.0) / thr0 - 1.0 if thr0 else None
+    if objective == "latency":
+        ttft0 = float(base.get("ttft_ms_p50") or 0.0)
+        return 1.0 - float(metrics.get("ttft_ms_p50") or math.inf) / ttft0 if ttft0 else None
+    if objective == "balanced":
+        return math.expm1(_balanced(metrics, base))
+    return None
 
 
 Predictor = Callable[[Plan, float], dict[str, Any]]
@@ -93,6 +119,7 @@ class Search:
     evaluations: dict[tuple[Any, ...], Evaluation] = field(default_factory=dict)
     base_metrics: dict[str, Any] = field(default_factory=dict)
     twin_runs: int = 0
+    min_gain: float = MIN_GAIN
 
     def _predict(self, plan: Plan, rate: float = 1.0) -> dict[str, Any]:
         self.twin_runs += 1
@@ -154,7 +181,23 @@ class Search:
                         best, moved = ev, True
             if not moved:
                 break
-        return sorted(self.evaluations.values(), key=lambda e: e.score, reverse=True)
+        return self.ranked(start)
+
+    def ranked(self, start: Plan) -> list[Evaluation]:
+        """Best first; plans predicted to gain less than `min_gain` come after the captured settings."""
+        ranked = sorted(self.evaluations.values(), key=lambda e: e.score, reverse=True)
+        captured = self.evaluations[start.key()]
+        if self.slo.active or self.min_gain <= 0 or captured.metrics is None:
+            return ranked
+
+        def significant(e: Evaluation) -> bool:
+            if e is captured or e.metrics is None:
+                return False
+            gain = relative_gain(self.objective, e.metrics, self.base_metrics)
+            return gain is None or gain >= self.min_gain
+
+        first = [e for e in ranked if significant(e)]
+        return first + [captured] + [e for e in ranked if e is not captured and not significant(e)]
 
 
 def scaled_arrivals(requests: Sequence[Any], rate: float) -> list[Any]:
