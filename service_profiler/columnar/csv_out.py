@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .breakdown import BREAKDOWN_COLUMNS
+from .completeness import COMPLETE_COLUMNS
 from .iterations import ITERATION_COLUMNS
 from .run import AnalysisRun
 
@@ -52,6 +54,12 @@ BATCH_OURS = [
     "running", "waiting", "num_preempted", "num_finished", "model_start_ns", "model_end_ns", "update_ms",
     "update_end_ns", "num_resumed",
 ]
+# the HTTP breakdown and completeness columns at the end (as the current analysis writes them: a bool as
+# True/False, an empty reason as an empty cell)
+REQUEST_TAIL = {**{c: f"r.{c}" for c in BREAKDOWN_COLUMNS}, **{c: f"r.{c}" for c in COMPLETE_COLUMNS},
+                "stream": "CASE WHEN r.stream THEN 'True' WHEN NOT r.stream THEN 'False' END",
+                "incomplete_reason": "nullif(r.incomplete_reason, '')"}
+BATCH_TAIL = {"complete": "b.complete", "incomplete_reason": "nullif(b.incomplete_reason, '')"}
 KVCACHE_COLUMNS = {
     "domain": "k.domain", "name": "k.name", "start_time": iso("k.ts_ns"), "total_blocks": "k.total_blocks",
     "used_blocks": "k.used_blocks", "free_blocks": "k.free_blocks", "blocks_allocated": "k.blocks_allocated",
@@ -92,10 +100,11 @@ def _quoted(path: Path) -> str:
 
 TABLE_QUERIES = {
     "request.csv": f"""
-        SELECT {_select({**REQUEST_REF, **_ours('r', REQUEST_OURS)})}
+        SELECT {_select({**REQUEST_REF, **_ours('r', REQUEST_OURS), **REQUEST_TAIL})}
         FROM request r LEFT JOIN process p ON p.proc = r.proc ORDER BY r.row_no""",
     "batch.csv": f"""
-        SELECT {_select({**BATCH_REF, **_ours('b', BATCH_OURS, ('prefill_chunk_sizes', 'decode_chunk_sizes'))})}
+        SELECT {_select({**BATCH_REF, **_ours('b', BATCH_OURS, ('prefill_chunk_sizes', 'decode_chunk_sizes')),
+                         **BATCH_TAIL})}
         FROM batch b JOIN batch_span s USING (batch_row) LEFT JOIN process p ON p.proc = b.proc
         ORDER BY b.batch_row""",
     "kvcache.csv": f"""

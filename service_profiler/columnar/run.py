@@ -17,6 +17,7 @@ from pathlib import Path
 import duckdb
 
 from .batch import build_batches
+from .completeness import load_losses
 from .iterations import build_iterations
 from .kvcache import build_kvcache
 from .lifecycle import build_lifecycle
@@ -80,6 +81,7 @@ def analyze_run(paths: Sequence[Path | str], *, memory_limit: str = DEFAULT_MEMO
         run.processes, run.states, run.problems = raw.processes, raw.states, raw.problems
         if progress:
             progress(f"read {len(raw.processes)} process file(s), {run.count('record'):,} records")
+        load_losses(con, raw.processes, raw.states)
         build_batches(con)
         build_requests(con)
         if progress:
