@@ -85,15 +85,15 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     progress = _Progress(sys.stderr, args.quiet)
     out = _safe_out_dir(args.output_path)
+    formats = [f for f in EXPORTERS if f in args.format or (f == "summary" and "csv" in args.format)]
     analysis = analyze_run(args.input_path, memory_limit=args.memory_limit, threads=args.threads,
-                           temp_root=args.temp_dir, progress=progress)
+                           temp_root=args.temp_dir, progress=progress, shared=args.jobs > 1 and len(formats) > 1)
     try:
         if not analysis.processes:
             print("analyze2: no readable raw files under " + " ".join(map(str, args.input_path)), file=sys.stderr)
             for problem in analysis.problems:
                 print(f"  {problem}", file=sys.stderr)
             return EXIT_NO_DATA
-        formats = [f for f in EXPORTERS if f in args.format or (f == "summary" and "csv" in args.format)]
         if not args.quiet:
             from .summary import format_summary
             print(format_summary(analysis))

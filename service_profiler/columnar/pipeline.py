@@ -2,7 +2,8 @@
 
 An exporter is a small class with a `name` and `export(run, out_dir) -> list[Path]`; it reads the
 tables through `run.con` and writes its files into `out_dir`. Exporters run one after another in this
-process, or (`jobs` > 1) in a process pool whose workers open the analysis database read-only. One
+process, or (`jobs` > 1, a `shared` analysis) in a process pool whose workers open the analysis database
+read-only. One
 exporter failing does not stop the others: it is reported and the pipeline's result says so.
 """
 
@@ -73,7 +74,7 @@ def export_all(run: AnalysisRun, formats: list[str], out_dir: Path, jobs: int = 
     options = options or {}
     out_dir.mkdir(parents=True, exist_ok=True)
     outcomes: list[Outcome] = []
-    if jobs <= 1 or len(formats) < 2:
+    if jobs <= 1 or len(formats) < 2 or not run.shared:  # an in-memory database: this process only
         for fmt in formats:
             outcomes.append(_run_one(run, fmt, options.get(fmt, {}), out_dir))
             if progress:
