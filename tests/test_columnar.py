@@ -239,7 +239,7 @@ def both_outputs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
                 "--quiet")
     assert done.returncode == 0, done.stderr
     done = _cli("analyze2", "--input-path", str(run_dir), "--output-path", str(new), "--format", "csv", "db",
-                "--quiet", "--memory-limit", "256MB", "--jobs", "2")
+                "--quiet", "--memory-limit", "256MB", "--jobs", "2", "--processes")
     assert done.returncode == 0, done.stderr
     return old, new
 
