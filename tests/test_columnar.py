@@ -206,6 +206,11 @@ def partial(tmp_path_factory: pytest.TempPathFactory, busy: SyntheticRun) -> Pat
     for a, b in off:
         kept += [{"t": "state", "enabled": False, "ts": a, "reason": "reload"},
                  {"t": "state", "enabled": True, "ts": b, "reason": "reload"}]
+    # a step that scheduled nothing (batch.csv quotes its empty res_list, its batch_type is an empty cell)
+    sched = next(obj["id"] for obj in engine1
+                 if obj.get("t") == "chan" and obj.get("name") == "batchFrameworkProcessing")
+    kept.append({"t": "rec", "r": [[sched, hi - 10_000, hi - 9_000, 1, {"batch_id": 999_999, "dp_rank": 1, "reqs": [],
+                                                                       "running": 0, "waiting": 0}]]})
     kept += [{"t": "flushed", "until": hi + 1}, {"t": "close", "ts": hi + 2, "reason": "exit"}]
     _write_lines(out / next(n for n in files if "4201" in n), kept)
     return out
