@@ -5,10 +5,10 @@ Known, documented difference (docs/COLUMNAR.md): rows with the same timestamp th
 different `rec` lines may come in another order (DuckDB's reader gives no line number), so kvcache,
 lifecycle events and the raw span/event/counter tables are compared as multisets.
 
-What analyze2 does not produce yet is listed once, in NOT_YET_PORTED; every comparison checks everything
-else exactly, and test_the_gap_is_exactly_what_is_not_yet_ported fails if the difference between the two
-pipelines' outputs is anything other than that list (so it cannot grow silently, and must shrink as
-outputs get ported).
+Everything else is compared exactly, columns and rows, on runs whose requests and batches are all
+complete and on one only partly observed (collection switched, a process killed, records lost, the HTTP
+server's exchanges with out-of-order milestones): test_outputs_have_the_same_columns fails if either
+pipeline's outputs gain a column, row or table the other lacks.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import re
 import sqlite3
 import subprocess
 import sys
@@ -25,28 +24,13 @@ from typing import Any
 
 import pytest
 
-from service_profiler.analyze.completeness import COMPLETE_COLUMNS
 from service_profiler.analyze.lifecycle import iter_request_states
-from service_profiler.analyze.request_breakdown import BREAKDOWN_COLUMNS
 from service_profiler.analyze.synthetic import SyntheticConfig, SyntheticRun, generate_run
 from service_profiler.analyze.tables import Table, build_tables
 from service_profiler.columnar.iterations import ITERATION_COLUMNS
 from service_profiler.columnar.plots_out import PLOTS
 from service_profiler.columnar.run import AnalysisRun, analyze_run
 from service_profiler.rawfile import read_run
-
-# What the current analysis produces and analyze2 does not yet (docs/COLUMNAR.md). Table entries are the
-# columns the current analysis appends at the end of that table (in memory, in its CSV file and in
-# profiler.db), in order; "service_summary.csv" the rows it appends at the end; "profiler.db" the tables and
-# views analyze2's database lacks.
-NOT_YET_PORTED: dict[str, list[str]] = {
-    "request": [*BREAKDOWN_COLUMNS, *COMPLETE_COLUMNS],
-    "batch": [*COMPLETE_COLUMNS],
-    "service_summary.csv": ["complete_request_num", "incomplete_request_num", "incomplete_batch_num",
-                            "processes_not_closed"],
-    "profiler.db": ["process_completeness", "process_gap", "v_request_breakdown"],
-}
-CSV_TABLE = {"request.csv": "request", "batch.csv": "batch"}
 
 ORDERED = {"batch": "batch_row", "request": "row_no", "state_transition": "row_no",
            "iteration": "batch_row, kind, pos"}
@@ -102,9 +86,7 @@ def _compare_tables(path: Path) -> None:
         old_tables: dict[str, Table] = {name: getattr(old, attr) for name, attr in OLD_TABLE.items()}
         old_tables["iteration"] = Table("iteration", list(ITERATION_COLUMNS), list(iter_request_states(old)))
         for name, table in old_tables.items():
-            ported = [i for i, c in enumerate(table.columns) if c not in NOT_YET_PORTED.get(name, [])]
-            columns = [table.columns[i] for i in ported]
-            old_rows = [tuple(row[i] for i in ported) for row in table.rows]
+            columns, old_rows = table.columns, table.rows
             got = _rows(new, name, columns, ORDERED.get(name) or AS_SETS[name])
             assert len(got) == len(old_rows), name
             if name in AS_SETS:
@@ -147,14 +129,122 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
                           timeout=300)
 
 
+def _lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def _write_lines(path: Path, lines: list[dict[str, Any]]) -> None:
+    path.write_text("".join(json.dumps(obj) + "\n" for obj in lines), encoding="utf-8")
+
+
+def _mono_range(lines: list[dict[str, Any]]) -> tuple[int, int]:
+    times = [rec[1] for obj in lines if obj.get("t") == "rec" for rec in obj["r"]]
+    return min(times), max(times)
+
+
+def _with_http_exchanges(lines: list[dict[str, Any]], wall_offset: int) -> list[dict[str, Any]]:
+    """The API server's file with an `httpExchange` event for most requests (as handlers/vllm_http.py
+    writes it), vLLM's arrival_time on most `httpReq`, some requests not streamed, and milestones in and
+    out of order: a first body before the hand-off (its part is then 0), a missing or malformed offset."""
+    chan = next(obj["id"] for obj in lines if obj.get("t") == "chan" and obj.get("name") == "httpReq")
+    exchanges: list[list[Any]] = []
+    k = 0
+    for obj in lines:
+        for rec in obj.get("r", []) if obj.get("t") == "rec" else []:
+            if rec[0] != chan:
+                continue
+            attrs, ts, ms = rec[3], rec[1], 1_000_000
+            if k % 5:
+                attrs["arrival_time"] = (ts + wall_offset - 3 * ms) / 1e9
+            if k % 4 == 1:
+                attrs["stream"] = False
+            if k % 6 != 5:
+                http: dict[str, Any] = {"rids": [attrs["rid"]], "status": 200 if k % 9 else 500,
+                                        "body_received": ms, "response_start": 9 * ms,
+                                        "first_body": ms if k % 3 == 0 else 300 * ms, "last_body": 2_000 * ms}
+                if k % 7 == 0:
+                    del http["response_start"]
+                if k % 8 == 3:
+                    http["body_received"] = "soon"
+                exchanges.append([99, ts - 2 * ms, 1, http])
+            k += 1
+    chan_line = {"t": "chan", "id": 99, "kind": "event", "domain": "Request", "name": "httpExchange"}
+    return [*lines[:3], chan_line, *lines[3:], {"t": "rec", "r": exchanges}]
+
+
 @pytest.fixture(scope="module")
-def both_outputs(tmp_path_factory: pytest.TempPathFactory, busy: SyntheticRun) -> tuple[Path, Path]:
+def partial(tmp_path_factory: pytest.TempPathFactory, busy: SyntheticRun) -> Path:
+    """The busy run only partly observed, with the HTTP server's exchanges: the API server lost records
+    (`lost`, `dropped`) and closed; engine 0 was killed half-way (flushed, never closed); engine 1
+    switched collection off twice (its records then are missing) and closed."""
+    out = tmp_path_factory.mktemp("partial")
+    files = {p.name: p for p in busy.run_dir.iterdir()}
+    api_name = next(n for n in files if "4100" in n)
+    api = _lines(files[api_name])
+    lo, hi = _mono_range(api)
+    clock = api[0]["clock"]
+    api = _with_http_exchanges(api, clock["wall_ns"] - clock["mono_ns"])
+    span = hi - lo
+    api += [{"t": "lost", "count": 5, "reason": "write_error", "from_ts": lo + span // 3,
+             "to_ts": lo + span // 3 + span // 50, "msg": "No space left on device"},
+            {"t": "flushed", "until": lo + span // 2},
+            {"t": "dropped", "count": 3, "ts": lo + span // 2 + span // 40},
+            {"t": "flushed", "until": hi + 1}, {"t": "close", "ts": hi + 2, "reason": "exit"}]
+    _write_lines(out / api_name, api)
+    engine0 = _lines(files[next(n for n in files if "4200" in n)])
+    lo, hi = _mono_range(engine0)
+    _write_lines(out / next(n for n in files if "4200" in n), [*engine0, {"t": "flushed", "until": (lo + hi) // 2}])
+    engine1 = _lines(files[next(n for n in files if "4201" in n)])
+    lo, hi = _mono_range(engine1)
+    span = hi - lo
+    off = [(lo + span // 5, lo + span // 5 + span // 30), (lo + 3 * span // 5, lo + 3 * span // 5 + span // 20)]
+    kept: list[dict[str, Any]] = []
+    for obj in engine1:
+        if obj.get("t") == "rec":
+            obj = {"t": "rec", "r": [r for r in obj["r"] if not any(a <= r[1] < b for a, b in off)]}
+        kept.append(obj)
+    for a, b in off:
+        kept += [{"t": "state", "enabled": False, "ts": a, "reason": "reload"},
+                 {"t": "state", "enabled": True, "ts": b, "reason": "reload"}]
+    # a step that scheduled nothing (batch.csv quotes its empty res_list, its batch_type is an empty cell)
+    sched = next(obj["id"] for obj in engine1
+                 if obj.get("t") == "chan" and obj.get("name") == "batchFrameworkProcessing")
+    kept.append({"t": "rec", "r": [[sched, hi - 10_000, hi - 9_000, 1, {"batch_id": 999_999, "dp_rank": 1, "reqs": [],
+                                                                       "running": 0, "waiting": 0}]]})
+    kept += [{"t": "flushed", "until": hi + 1}, {"t": "close", "ts": hi + 2, "reason": "exit"}]
+    _write_lines(out / next(n for n in files if "4201" in n), kept)
+    return out
+
+
+def test_tables_equal_on_a_partly_observed_run(partial: Path) -> None:
+    _compare_tables(partial)
+    run = analyze_run([partial])
+    try:
+        reasons = {why for (text,) in run.con.execute("SELECT incomplete_reason FROM request UNION ALL "
+                                                       "SELECT incomplete_reason FROM batch").fetchall()
+                   for why in text.split(";") if why}
+        # every kind of mark the scenario is meant to exercise
+        assert {"collection_switched", "records_missing:not closed: no final flush",
+                "records_missing:lost:write_error", "records_missing:dropped"} <= reasons, reasons
+        assert any(r.startswith("negative_") for r in reasons), reasons
+        assert run.count("request WHERE complete = 1") > 10
+        assert run.count("request WHERE arrival_source = 'http'") > 100
+        assert run.count("request WHERE NOT stream") > 20
+        assert run.count("request WHERE engine_prefill_ms = 0 OR first_token_delivery_ms = 0") > 0
+        assert run.count("request WHERE http_receive_ms IS NULL AND arrival_source = 'http'") > 0
+    finally:
+        run.close()
+
+
+@pytest.fixture(scope="module", params=["busy", "partial"])
+def both_outputs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    run_dir = request.getfixturevalue("busy").run_dir if request.param == "busy" else request.getfixturevalue("partial")
     old, new = tmp_path_factory.mktemp("old"), tmp_path_factory.mktemp("new")
-    done = _cli("analyze", "--input-path", str(busy.run_dir), "--output-path", str(old), "--format", "csv", "db",
+    done = _cli("analyze", "--input-path", str(run_dir), "--output-path", str(old), "--format", "csv", "db",
                 "--quiet")
     assert done.returncode == 0, done.stderr
-    done = _cli("analyze2", "--input-path", str(busy.run_dir), "--output-path", str(new), "--format", "csv", "db",
-                "--quiet", "--memory-limit", "256MB", "--jobs", "2")
+    done = _cli("analyze2", "--input-path", str(run_dir), "--output-path", str(new), "--format", "csv", "db",
+                "--quiet", "--memory-limit", "256MB", "--jobs", "2", "--processes")
     assert done.returncode == 0, done.stderr
     return old, new
 
@@ -162,20 +252,8 @@ def both_outputs(tmp_path_factory: pytest.TempPathFactory, busy: SyntheticRun) -
 @pytest.mark.parametrize("name", ["batch.csv", "request.csv", "per_iteration_requests.csv",
                                   "state_transitions.csv"])
 def test_csv_files_are_identical(both_outputs: tuple[Path, Path], name: str) -> None:
-    """Byte for byte, but for the not yet ported cells at the end of each line of request/batch.csv."""
     old, new = both_outputs
-    old_bytes, new_bytes = (old / name).read_bytes(), (new / name).read_bytes()
-    unported = NOT_YET_PORTED.get(CSV_TABLE.get(name, ""), [])
-    if not unported:
-        assert new_bytes == old_bytes
-        return
-    old_lines, new_lines = old_bytes.split(b"\n"), new_bytes.split(b"\n")
-    assert len(new_lines) == len(old_lines)
-    assert old_lines[-1] == new_lines[-1] == b""
-    for o, n in zip(old_lines[:-1], new_lines[:-1], strict=True):
-        assert o.startswith(n + b","), (o, n)
-        tail = next(csv.reader([o[len(n) + 1:].decode("utf-8")]))
-        assert len(tail) == len(unported), (o, n)
+    assert (new / name).read_bytes() == (old / name).read_bytes()
 
 
 @pytest.mark.parametrize("name", ["kvcache.csv", "events.csv"])
@@ -193,7 +271,6 @@ def test_summaries_agree(both_outputs: tuple[Path, Path], name: str) -> None:
     old, new = both_outputs
     with (old / name).open() as a, (new / name).open() as b:
         old_rows, new_rows = list(csv.reader(a)), list(csv.reader(b))
-    old_rows = [r for r in old_rows if r[0] not in NOT_YET_PORTED.get(name, [])]
     assert [r[0] for r in new_rows] == [r[0] for r in old_rows]
     for o, n in zip(old_rows[1:], new_rows[1:], strict=True):
         for x, y in zip(o[1:], n[1:], strict=True):
@@ -206,14 +283,9 @@ def test_profiler_db_has_the_same_tables_and_rows(both_outputs: tuple[Path, Path
     old_dir, new_dir = both_outputs
     old, new = sqlite3.connect(old_dir / "profiler.db"), sqlite3.connect(new_dir / "profiler.db")
     schema = "SELECT type, name, sql FROM sqlite_master ORDER BY name"
-    want_schema = [(kind, name, _without_unported_columns(name, sql)) for kind, name, sql in old.execute(schema)
-                   if name not in NOT_YET_PORTED["profiler.db"]]
-    assert new.execute(schema).fetchall() == want_schema
+    assert new.execute(schema).fetchall() == old.execute(schema).fetchall()
     for (name,) in old.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'view')"):
-        if name in NOT_YET_PORTED["profiler.db"]:
-            continue
-        cols = [r[1] for r in old.execute(f"PRAGMA table_info({name})")
-                if r[1] != "id" and r[1] not in NOT_YET_PORTED.get(name, [])]
+        cols = [r[1] for r in old.execute(f"PRAGMA table_info({name})") if r[1] != "id"]
         query = f"SELECT {', '.join(chr(34) + c + chr(34) for c in cols)} FROM {name}"
         want, got = old.execute(query).fetchall(), new.execute(query).fetchall()
         if name in ("span", "event", "counter", "kvcache", "lifecycle_event", "v_kv_usage"):
@@ -223,30 +295,23 @@ def test_profiler_db_has_the_same_tables_and_rows(both_outputs: tuple[Path, Path
             assert all(_same(x, y) for x, y in zip(w, g, strict=True)), (name, w, g)
 
 
-def _without_unported_columns(table: str, sql: str | None) -> str | None:
-    """The current analysis's CREATE TABLE statement less the definitions of the not yet ported columns."""
-    for column in NOT_YET_PORTED.get(table, []) if sql else []:
-        assert sql is not None
-        sql, found = re.subn(rf', "{re.escape(column)}"(?: [A-Z]+)?(?=[,)])', "", sql)
-        assert found == 1, (table, column, sql)
-    return sql
-
-
 def _db_columns(db: sqlite3.Connection) -> dict[str, list[str]]:
     names = [n for (n,) in db.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'view')")]
     return {n: [r[1] for r in db.execute(f"PRAGMA table_info({n})")] for n in names}
 
 
-def test_the_gap_is_exactly_what_is_not_yet_ported(busy: SyntheticRun, both_outputs: tuple[Path, Path]) -> None:
-    """The current analysis's outputs are analyze2's plus exactly NOT_YET_PORTED, each at the end."""
+def test_outputs_have_the_same_columns(busy: SyntheticRun, both_outputs: tuple[Path, Path]) -> None:
+    """Same tables with the same columns in the same order, same files, same CSV headers and summary
+    metrics, same profiler.db tables and views: nothing of the current analysis is missing."""
     old = build_tables(read_run([busy.run_dir]))
     new = analyze_run([busy.run_dir])
     try:
         for name, attr in OLD_TABLE.items():
             new_columns = [d[0] for d in new.con.execute(f"SELECT * FROM {name} LIMIT 0").description]
             old_columns = getattr(old, attr).columns
-            assert old_columns == [c for c in new_columns if c in old_columns] + NOT_YET_PORTED.get(name, []), name
-            assert not set(NOT_YET_PORTED.get(name, [])) & set(new_columns), name
+            # analyze2's tables may carry helper columns first (row_no, batch_row), nothing else
+            assert [c for c in new_columns if c in old_columns] == old_columns, name
+            assert set(new_columns) - set(old_columns) <= {"row_no", "batch_row"}, name
     finally:
         new.close()
     old_dir, new_dir = both_outputs
@@ -255,14 +320,11 @@ def test_the_gap_is_exactly_what_is_not_yet_ported(busy: SyntheticRun, both_outp
         with path.open() as a, (new_dir / path.name).open() as b:
             old_header, new_header = next(csv.reader(a)), next(csv.reader(b))
             old_names, new_names = [r[0] for r in csv.reader(a)], [r[0] for r in csv.reader(b)]
-        assert old_header == new_header + NOT_YET_PORTED.get(CSV_TABLE.get(path.name, ""), []), path.name
+        assert old_header == new_header, path.name
         if "summary" in path.name:
-            assert old_names == new_names + NOT_YET_PORTED.get(path.name, []), path.name
+            assert old_names == new_names, path.name
     old_db, new_db = (_db_columns(sqlite3.connect(d / "profiler.db")) for d in both_outputs)
-    assert sorted(set(old_db) - set(new_db)) == sorted(NOT_YET_PORTED["profiler.db"])
-    assert set(new_db) <= set(old_db)
-    for name, columns in new_db.items():
-        assert old_db[name] == columns + NOT_YET_PORTED.get(name, []), name
+    assert new_db == old_db
 
 
 def test_every_output_of_a_real_run(tmp_path: Path) -> None:

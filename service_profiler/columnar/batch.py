@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import duckdb
 
+from .completeness import mark_batches
+
 BATCH_COLUMNS = [
     "batch_id", "dp_rank", "proc", "start_ns", "end_ns", "schedule_ms", "model_run_ms", "step_ms",
     "batch_size", "num_prefill_reqs", "num_decode_reqs", "prefill_tokens", "decode_tokens",
@@ -124,7 +126,7 @@ def build_batches(con: duckdb.DuckDBPyConnection) -> None:
                sum(resumed) AS resumed
         FROM batch_entry GROUP BY batch_row""")
     con.execute("""
-        CREATE OR REPLACE TABLE batch AS
+        CREATE OR REPLACE TEMP TABLE batch_timing AS
         WITH f AS (SELECT batch_row, count(*) AS n FROM batch_finished GROUP BY batch_row)
         SELECT b.batch_row,
                TRY_CAST(b.bid AS BIGINT) AS batch_id, b.dp_rank, b.proc, b.start_ns, b.end_ns,
@@ -153,3 +155,5 @@ def build_batches(con: duckdb.DuckDBPyConnection) -> None:
         LEFT JOIN batch_reqs r USING (batch_row) LEFT JOIN f USING (batch_row)
         LEFT JOIN m_model m USING (batch_row) LEFT JOIN m_step st USING (batch_row)
         LEFT JOIN m_update u USING (batch_row) LEFT JOIN batch_kv kv USING (batch_row)""")
+    mark_batches(con, "batch_timing", "batch")
+    con.execute("DROP TABLE batch_timing")

@@ -22,6 +22,7 @@ from .run import DEFAULT_MEMORY_LIMIT, analyze_run
 from .trace_out import DEFAULT_MAX_PER_SECOND
 
 EXIT_OK, EXIT_EXPORT_FAILED, EXIT_NO_DATA = 0, 1, 2
+DEFAULT_JOBS = 2
 FORMATS = ("csv", "json", "db", "plots", "model")
 
 
@@ -37,8 +38,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, metavar="N", help="DuckDB threads (default: all cores)")
     parser.add_argument("--temp-dir", type=Path, default=None, metavar="DIR",
                         help="where the work directory is made (default: the system's temporary directory)")
-    parser.add_argument("--jobs", type=int, default=1, metavar="N",
-                        help="N > 1: the outputs are written by a pool of N processes")
+    parser.add_argument("--jobs", type=int, default=DEFAULT_JOBS, metavar="N",
+                        help=f"outputs written N at a time, by threads of this process (default {DEFAULT_JOBS}; "
+                             "1: one after another)")
+    parser.add_argument("--processes", action="store_true",
+                        help="with --jobs N > 1: by a pool of N processes instead, which open the analysis "
+                             "database as a file (building that file costs more CPU)")
     parser.add_argument("--window", type=_window, default=None, metavar="START:END",
                         help="the trace holds only this window, seconds since the run's first record (e.g. 60:90)")
     parser.add_argument("--trace-max-per-second", type=int, default=DEFAULT_MAX_PER_SECOND, metavar="N",
@@ -85,15 +90,16 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     progress = _Progress(sys.stderr, args.quiet)
     out = _safe_out_dir(args.output_path)
+    formats = [f for f in EXPORTERS if f in args.format or (f == "summary" and "csv" in args.format)]
+    pool = args.processes and args.jobs > 1 and len(formats) > 1
     analysis = analyze_run(args.input_path, memory_limit=args.memory_limit, threads=args.threads,
-                           temp_root=args.temp_dir, progress=progress)
+                           temp_root=args.temp_dir, progress=progress, shared=pool)
     try:
         if not analysis.processes:
             print("analyze2: no readable raw files under " + " ".join(map(str, args.input_path)), file=sys.stderr)
             for problem in analysis.problems:
                 print(f"  {problem}", file=sys.stderr)
             return EXIT_NO_DATA
-        formats = [f for f in EXPORTERS if f in args.format or (f == "summary" and "csv" in args.format)]
         if not args.quiet:
             from .summary import format_summary
             print(format_summary(analysis))

@@ -8,8 +8,13 @@ ISO datetimes; `proc` is shown as `process` (host:pid).
 
 from __future__ import annotations
 
+import csv
+import os
+import shutil
 from pathlib import Path
 
+from .breakdown import BREAKDOWN_COLUMNS
+from .completeness import COMPLETE_COLUMNS
 from .iterations import ITERATION_COLUMNS
 from .run import AnalysisRun
 
@@ -52,6 +57,11 @@ BATCH_OURS = [
     "running", "waiting", "num_preempted", "num_finished", "model_start_ns", "model_end_ns", "update_ms",
     "update_end_ns", "num_resumed",
 ]
+# the HTTP breakdown and completeness columns at the end (a bool as the current analysis writes it: True/False)
+REQUEST_TAIL = {**{c: f"r.{c}" for c in BREAKDOWN_COLUMNS}, **{c: f"r.{c}" for c in COMPLETE_COLUMNS},
+                "stream": "CASE WHEN r.stream THEN 'True' WHEN NOT r.stream THEN 'False' END",
+}
+BATCH_TAIL = {"complete": "b.complete", "incomplete_reason": "b.incomplete_reason"}
 KVCACHE_COLUMNS = {
     "domain": "k.domain", "name": "k.name", "start_time": iso("k.ts_ns"), "total_blocks": "k.total_blocks",
     "used_blocks": "k.used_blocks", "free_blocks": "k.free_blocks", "blocks_allocated": "k.blocks_allocated",
@@ -72,17 +82,37 @@ ITERATION_CSV = {("process" if name == "proc" else name): ("p.key" if name == "p
                  for name in ITERATION_COLUMNS}
 
 
-def _select(columns: dict[str, str]) -> str:
-    return ", ".join(f'{expr} AS "{name}"' for name, expr in columns.items())
-
-
 def _ours(alias: str, names: list[str], lists: tuple[str, ...] = ()) -> dict[str, str]:
     return {name: "p.key" if name == "process" else _list_text(f"{alias}.{name}") if name in lists
             else f"{alias}.{name}" for name in names}
 
 
-def copy_csv(run: AnalysisRun, query: str, path: Path) -> Path:
-    run.con.execute(f"COPY ({query}) TO '{_quoted(path)}' (FORMAT csv, HEADER, QUOTE '\"', NULLSTR '')")
+def copy_csv(run: AnalysisRun, columns: dict[str, str], source: str, path: Path,
+             force_quote: tuple[str, ...] = ()) -> Path:
+    """`SELECT columns FROM source` (its FROM ... ORDER BY clause) into the CSV file `path`, as the current
+    analysis writes it: an empty text is an empty cell like NULL (DuckDB would quote it: `""`), and the
+    `force_quote` columns are always quoted."""
+    select = ", ".join(f'{expr} AS "{name}"' for name, expr in columns.items())
+    types = [row[1] for row in run.con.execute(f"DESCRIBE SELECT {select} {source}").fetchall()]
+    exprs = [f"nullif({expr}, '')" if kind == "VARCHAR" else expr
+             for expr, kind in zip(columns.values(), types, strict=True)]
+    select = ", ".join(f'{expr} AS "{name}"' for name, expr in zip(columns, exprs, strict=True))
+    if not force_quote:
+        run.con.execute(f"COPY (SELECT {select} {source}) TO '{_quoted(path)}' "
+                        f"(FORMAT csv, HEADER, QUOTE '\"', NULLSTR '')")
+        return path
+    # FORCE_QUOTE quotes the header's name too: the header is written here, the rows after it
+    body = path.with_name(f".{path.name}.{os.getpid()}.rows")
+    quoted = ", ".join(f'"{name}"' for name in force_quote)
+    try:
+        run.con.execute(f"COPY (SELECT {select} {source}) TO '{_quoted(body)}' "
+                        f"(FORMAT csv, HEADER false, QUOTE '\"', NULLSTR '', FORCE_QUOTE ({quoted}))")
+        with path.open("w", newline="", encoding="utf-8") as out, body.open("rb") as rows:
+            csv.writer(out, lineterminator="\n").writerow(columns)
+            out.flush()
+            shutil.copyfileobj(rows, out.buffer)
+    finally:
+        body.unlink(missing_ok=True)
     return path
 
 
@@ -90,26 +120,22 @@ def _quoted(path: Path) -> str:
     return str(path).replace("'", "''")
 
 
-TABLE_QUERIES = {
-    "request.csv": f"""
-        SELECT {_select({**REQUEST_REF, **_ours('r', REQUEST_OURS)})}
-        FROM request r LEFT JOIN process p ON p.proc = r.proc ORDER BY r.row_no""",
-    "batch.csv": f"""
-        SELECT {_select({**BATCH_REF, **_ours('b', BATCH_OURS, ('prefill_chunk_sizes', 'decode_chunk_sizes'))})}
-        FROM batch b JOIN batch_span s USING (batch_row) LEFT JOIN process p ON p.proc = b.proc
-        ORDER BY b.batch_row""",
-    "kvcache.csv": f"""
-        SELECT {_select(KVCACHE_COLUMNS)} FROM kvcache k LEFT JOIN process p ON p.proc = k.proc ORDER BY k.row_no""",
-    "events.csv": f"""
-        SELECT {_select(EVENT_COLUMNS)} FROM lifecycle_event e LEFT JOIN process p ON p.proc = e.proc
-        ORDER BY e.row_no""",
-    "per_iteration_requests.csv": f"""
-        SELECT {_select(ITERATION_CSV)} FROM iteration i LEFT JOIN process p ON p.proc = i.proc
-        ORDER BY i.batch_row, i.kind, i.pos""",
-    "state_transitions.csv": f"""
-        SELECT {_select(STATE_COLUMNS)} FROM state_transition t LEFT JOIN process p ON p.proc = t.proc
-        ORDER BY t.row_no""",
+# file -> (its columns: name -> expression, the FROM ... ORDER BY clause)
+TABLE_QUERIES: dict[str, tuple[dict[str, str], str]] = {
+    "request.csv": ({**REQUEST_REF, **_ours("r", REQUEST_OURS), **REQUEST_TAIL},
+                    "FROM request r LEFT JOIN process p ON p.proc = r.proc ORDER BY r.row_no"),
+    "batch.csv": ({**BATCH_REF, **_ours("b", BATCH_OURS, ("prefill_chunk_sizes", "decode_chunk_sizes")), **BATCH_TAIL},
+                  "FROM batch b JOIN batch_span s USING (batch_row) LEFT JOIN process p ON p.proc = b.proc "
+                  "ORDER BY b.batch_row"),
+    "kvcache.csv": (KVCACHE_COLUMNS, "FROM kvcache k LEFT JOIN process p ON p.proc = k.proc ORDER BY k.row_no"),
+    "events.csv": (EVENT_COLUMNS, "FROM lifecycle_event e LEFT JOIN process p ON p.proc = e.proc ORDER BY e.row_no"),
+    "per_iteration_requests.csv": (ITERATION_CSV, "FROM iteration i LEFT JOIN process p ON p.proc = i.proc "
+                                                  "ORDER BY i.batch_row, i.kind, i.pos"),
+    "state_transitions.csv": (STATE_COLUMNS, "FROM state_transition t LEFT JOIN process p ON p.proc = t.proc "
+                                             "ORDER BY t.row_no"),
 }
+# the current analysis always quotes res_list (a JSON list: `"[]"` for a step that scheduled nothing)
+FORCE_QUOTE = {"batch.csv": ("res_list",)}
 
 
 class CsvExporter:
@@ -118,4 +144,5 @@ class CsvExporter:
     name = "csv"
 
     def export(self, run: AnalysisRun, out_dir: Path) -> list[Path]:
-        return [copy_csv(run, query, out_dir / name) for name, query in TABLE_QUERIES.items()]
+        return [copy_csv(run, columns, source, out_dir / name, FORCE_QUOTE.get(name, ()))
+                for name, (columns, source) in TABLE_QUERIES.items()]

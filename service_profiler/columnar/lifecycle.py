@@ -83,9 +83,11 @@ def build_lifecycle(con: duckdb.DuckDBPyConnection) -> None:
             FROM req WHERE engine_arrival_ns IS NOT NULL
             UNION ALL SELECT rid, ts_ns, "from", "to", batch_id, proc, source, 0, k1, k2 FROM ({transitions})),
         ordered AS (  -- requests in the request table's order, then the others by their first transition
-            SELECT t.*, coalesce(req.n, 1e15 + min(t.k1) OVER (PARTITION BY t.rid)) AS rid_order
-            FROM t LEFT JOIN req ON req.rid = t.rid AND req.engine_arrival_ns IS NOT NULL)
-        SELECT row_number() OVER (ORDER BY rid_order, rid, ts_ns, k0, k1, k2) AS row_no,
+            SELECT t.*, coalesce(req.n, 1e15 + min(t.k1) OVER (PARTITION BY t.rid)) AS rid_order,
+                   first_value(t.proc) OVER first AS first_proc, first_value(t.k2) OVER first AS first_k2
+            FROM t LEFT JOIN req ON req.rid = t.rid AND req.engine_arrival_ns IS NOT NULL
+            WINDOW first AS (PARTITION BY t.rid ORDER BY t.k1, t.proc, t.k2))
+        SELECT row_number() OVER (ORDER BY rid_order, first_proc, first_k2, rid, ts_ns, k0, k1, k2) AS row_no,
                rid, (row_number() OVER w - 1)::BIGINT AS seq, ts_ns, "from" AS from_state, "to" AS to_state,
                TRY_CAST(batch_id AS BIGINT) AS batch_id, proc,
                (ts_ns - lag(ts_ns) OVER w) / 1e6 AS time_in_from_state_ms,

@@ -2,7 +2,8 @@
 
 An exporter is a small class with a `name` and `export(run, out_dir) -> list[Path]`; it reads the
 tables through `run.con` and writes its files into `out_dir`. Exporters run one after another in this
-process, or (`jobs` > 1) in a process pool whose workers open the analysis database read-only. One
+process, or (`jobs` > 1, a `shared` analysis) in a process pool whose workers open the analysis database
+read-only. One
 exporter failing does not stop the others: it is reported and the pipeline's result says so.
 """
 
@@ -12,8 +13,8 @@ import importlib
 import multiprocessing
 import traceback
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -44,6 +45,10 @@ def exporter(fmt: str, options: dict[str, Any]) -> Exporter:
     return found
 
 
+# the order exporters start in when they run side by side: the longest first
+_LONGEST_FIRST = ["db", "plots", "csv", "json", "model", "summary"]
+
+
 @dataclass
 class Outcome:
     fmt: str
@@ -66,6 +71,14 @@ def _in_worker(run: AnalysisRun, fmt: str, options: dict[str, Any], out_dir: Pat
         own.con.close()
 
 
+def _in_thread(run: AnalysisRun, fmt: str, options: dict[str, Any], out_dir: Path) -> Outcome:
+    own = replace(run, con=run.con.cursor())  # a connection of its own to the same database
+    try:
+        return _run_one(own, fmt, options, out_dir)
+    finally:
+        own.con.close()
+
+
 def export_all(run: AnalysisRun, formats: list[str], out_dir: Path, jobs: int = 1,
                progress: Callable[[str], None] | None = None,
                options: dict[str, dict[str, Any]] | None = None) -> list[Outcome]:
@@ -79,6 +92,17 @@ def export_all(run: AnalysisRun, formats: list[str], out_dir: Path, jobs: int = 
             if progress:
                 progress(f"{fmt} {'failed' if outcomes[-1].error else 'done'}")
         return outcomes
+    if not run.shared:
+        # threads of this process: DuckDB's queries and SQLite's inserts run without the GIL, so an
+        # exporter spending its time in Python (profiler.db's rows, the plots) overlaps with the others
+        with ThreadPoolExecutor(max_workers=jobs) as threads:
+            futures = [threads.submit(_in_thread, run, fmt, options.get(fmt, {}), out_dir)
+                       for fmt in sorted(formats, key=_LONGEST_FIRST.index)]
+            for future in as_completed(futures):
+                outcomes.append(future.result())
+                if progress:
+                    progress(f"{outcomes[-1].fmt} {'failed' if outcomes[-1].error else 'done'}")
+        return sorted(outcomes, key=lambda o: formats.index(o.fmt))
     run.con.close()  # the workers open the database file read-only: DuckDB allows no writer beside them
     # spawned, not forked: a fork would copy DuckDB's threads' locks in whatever state they are
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:

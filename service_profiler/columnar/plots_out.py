@@ -57,7 +57,7 @@ def _lines(pairs: list[tuple[str, str]], x: str, xlabel: str, ylabel: str, title
         ax.set_ylabel(ylabel)
         ax.set_title(title)
         if len(pairs) > 1:
-            ax.legend()
+            ax.legend(loc="upper right")  # "best" searches the data for a free spot: slow on long series
         return None
     return draw
 
@@ -80,7 +80,7 @@ def _hist(table: str, column: str, color: str, xlabel: str, title: str, quantile
         ax.set_xlabel(xlabel)
         ax.set_ylabel("count")
         ax.set_title(f"{title} (n={n})")
-        ax.legend()
+        ax.legend(loc="upper right")
         return None
     return draw
 

@@ -26,6 +26,8 @@ from typing import Any
 
 import duckdb
 
+from service_profiler.losses import LOSS_LINES, LossReader, ProcessLoss
+from service_profiler.rawcheck import MAX_TS
 from service_profiler.rawfile import _dedupe_copies, _process_from_header, discover_files, shared_wall_offsets
 
 _REC_PREFIXES = (b'{"t":"rec"', b'{"t": "rec"')
@@ -46,9 +48,7 @@ class Process:
     wall_offset_ns: int
     meta: dict[str, Any] = field(default_factory=dict)
     dropped: int = 0
-    lost: int = 0
-    closed: str | None = None  # the `close` line's reason; None: ended without a final flush
-    flushed_until_ns: int | None = None
+    loss: ProcessLoss = field(default_factory=ProcessLoss)  # closed cleanly? what is missing (losses.py)
     rec_lines: int = 0
     ppid: int = 0
     argv: list[str] = field(default_factory=list)
@@ -73,7 +73,7 @@ class RawRun:
 
 
 def _control(proc: Process, obj: dict[str, Any], chans: list[tuple[Any, ...]],
-             states: list[tuple[int, int, bool, str]]) -> None:
+             states: list[tuple[int, int, bool, str]], losses: LossReader, lineno: int) -> None:
     kind = obj.get("t")
     if kind == "chan" and isinstance(obj.get("id"), int):
         chans.append((proc.index, obj["id"], str(obj.get("kind", "")), str(obj.get("domain", "")),
@@ -83,14 +83,16 @@ def _control(proc: Process, obj: dict[str, Any], chans: list[tuple[Any, ...]],
     elif kind == "state" and isinstance(obj.get("ts"), int):
         states.append((proc.index, obj["ts"] + proc.wall_offset_ns, bool(obj.get("enabled")),
                        str(obj.get("reason", ""))))
-    elif kind == "dropped" and isinstance(obj.get("count"), int):
-        proc.dropped += obj["count"]
-    elif kind == "lost" and isinstance(obj.get("count"), int):
-        proc.lost += obj["count"]
-    elif kind == "flushed" and isinstance(obj.get("until"), int):
-        proc.flushed_until_ns = obj["until"] + proc.wall_offset_ns
-    elif kind == "close":
-        proc.closed = str(obj.get("reason", ""))
+    elif kind == "dropped":
+        count = obj.get("count")
+        if count.__class__ is int and 0 <= count < MAX_TS:
+            proc.dropped += count
+            if count:
+                losses.dropped(count, obj.get("ts"))
+        else:
+            losses.problems.append(f"{proc.path}:{lineno}: dropped line without a valid count; skipped")
+    elif kind in LOSS_LINES:  # flushed, close, lost: the file's completeness (losses.py)
+        losses.line(kind, obj, Path(proc.path), lineno)
     elif kind == "warn":
         # written when a problem first happens and again with its running total: the last total wins
         msg, count = str(obj.get("msg", "")), obj.get("count", 1)
@@ -103,6 +105,7 @@ def _scan_file(proc: Process, chans: list[tuple[Any, ...]], states: list[tuple[i
                problems: list[str]) -> None:
     """The control lines of one file; `rec` lines are only counted (DuckDB parses them)."""
     path = proc.path
+    losses = LossReader(proc.loss, proc.wall_offset_ns, problems)
     with open(path, "rb") as fh:
         for lineno, line in enumerate(fh, 1):
             if line.startswith(_REC_PREFIXES):
@@ -120,7 +123,7 @@ def _scan_file(proc: Process, chans: list[tuple[Any, ...]], states: list[tuple[i
                 problems.append(f"{path}:{lineno}: not valid JSON (torn or corrupt line); skipped")
                 continue
             if isinstance(obj, dict) and obj.get("t") in _CONTROL_LINES:
-                _control(proc, obj, chans, states)
+                _control(proc, obj, chans, states, losses, lineno)
             elif isinstance(obj, dict):
                 problems.append(f"{path}:{lineno}: unknown line type {obj.get('t')!r}; skipped")
             else:

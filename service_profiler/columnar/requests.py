@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import duckdb
 
+from .breakdown import build_breakdown
+from .completeness import mark_requests
+
 REQUEST_COLUMNS = [
     "rid", "api_rid", "arrival_ns", "engine_arrival_ns", "first_scheduled_ns", "first_token_ns",
     "completion_ns", "queue_ms", "prefill_ms", "decode_ms", "ttft_ms", "tpot_ms", "e2e_ms", "input_tokens",
@@ -102,7 +105,7 @@ _PER_RID = """
 _OUT_NS = "coalesce(nullif({b}.update_end_ns, 0), nullif({b}.model_end_ns, 0), {b}.end_ns)"
 
 _REQUEST = f"""
-    CREATE OR REPLACE TABLE request AS
+    CREATE OR REPLACE TEMP TABLE request_timing AS
     WITH r AS (
         SELECT f.*, fb.start_ns AS first_sched, fb.batch_id AS first_batch_id, fb.dp_rank AS b_dp, fb.proc AS b_proc,
                f.http_ts IS NOT NULL AS api,
@@ -143,6 +146,12 @@ _REQUEST = f"""
 
 
 def build_requests(con: duckdb.DuckDBPyConnection) -> None:
-    """`request` from the batch tables (batch.build_batches first) and the Request / KVCache events."""
+    """`request` from the batch tables (batch.build_batches first) and the Request / KVCache events: the
+    timings above, then the HTTP breakdown (breakdown.py), then `complete` / `incomplete_reason`
+    (completeness.py; needs its tables `process_gap`, `run_switch`)."""
     for statement in (_REQUEST_EVENTS, _TOKEN_ENTRIES, _PER_RID, _REQUEST):
         con.execute(statement)
+    build_breakdown(con, "request_timing", "request_http")
+    mark_requests(con, "request_http", "request")
+    con.execute("DROP TABLE request_timing")
+    con.execute("DROP TABLE request_http")

@@ -1,9 +1,13 @@
 """One analysis: a DuckDB database holding the run's records and its analysis tables.
 
-The database lives in a fresh private directory (`work_dir`, removed by `close`); DuckDB keeps at most
-`memory_limit` of it in memory and spills the rest there, so memory is bounded by that setting, not by
-the run. Exporters read the tables through `con` (one at a time), or, in a process pool, by opening the
+DuckDB keeps at most `memory_limit` of the database in memory and spills the rest to a fresh private
+directory (`work_dir`, removed by `close`), so memory is bounded by that setting, not by the run.
+Exporters read the tables through `con` (one at a time), or (`shared`), in a process pool, by opening the
 database file read-only once this process has closed it (`reopen_read_only`).
+
+The database is in memory (spilling to `work_dir`) unless it is `shared`: then it is a file there, which
+the pool's workers open. Writing a table into a database file costs about twice the CPU of building it
+(DuckDB compresses it at each checkpoint), so a file is made only when another process needs it.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from pathlib import Path
 import duckdb
 
 from .batch import build_batches
+from .completeness import load_losses
 from .iterations import build_iterations
 from .kvcache import build_kvcache
 from .lifecycle import build_lifecycle
@@ -36,6 +41,7 @@ class AnalysisRun:
     problems: list[str] = field(default_factory=list)
     memory_limit: str = DEFAULT_MEMORY_LIMIT
     threads: int | None = None
+    shared: bool = False  # a database file other processes can open (`reopen_read_only`)
 
     def __getstate__(self) -> dict[str, object]:
         """Everything but the connection (a pool's worker opens its own, `reopen_read_only`)."""
@@ -55,31 +61,36 @@ class AnalysisRun:
 
     def reopen_read_only(self) -> AnalysisRun:
         """This run's tables through a read-only connection (in a pool's worker process)."""
+        if not self.shared:
+            raise ValueError("this analysis's database is in memory: make it with analyze_run(shared=True)")
         con = connect(self.work_dir, self.memory_limit, self.threads, read_only=True)
         return AnalysisRun(con, self.work_dir, self.processes, self.states, self.problems, self.memory_limit,
-                           self.threads)
+                           self.threads, shared=True)
 
 
-def connect(work_dir: Path, memory_limit: str, threads: int | None, read_only: bool = False
+def connect(work_dir: Path, memory_limit: str, threads: int | None, read_only: bool = False, in_memory: bool = False
             ) -> duckdb.DuckDBPyConnection:
     config: dict[str, str | bool | int | float | list[str]] = {
         "memory_limit": memory_limit, "temp_directory": str(work_dir / "spill"), "preserve_insertion_order": False}
     if threads:
         config["threads"] = threads
-    return duckdb.connect(str(work_dir / DB_NAME), read_only=read_only, config=config)
+    return duckdb.connect(":memory:" if in_memory else str(work_dir / DB_NAME), read_only=read_only, config=config)
 
 
 def analyze_run(paths: Sequence[Path | str], *, memory_limit: str = DEFAULT_MEMORY_LIMIT, threads: int | None = None,
-                temp_root: Path | None = None, progress: Callable[[str], None] | None = None) -> AnalysisRun:
-    """Read the raw files under `paths` and build every analysis table."""
+                temp_root: Path | None = None, progress: Callable[[str], None] | None = None,
+                shared: bool = False) -> AnalysisRun:
+    """Read the raw files under `paths` and build every analysis table (`shared`: in a database file that
+    a process pool's workers can open)."""
     work_dir = Path(tempfile.mkdtemp(prefix="sprof-analysis-", dir=temp_root))
-    con = connect(work_dir, memory_limit, threads)
-    run = AnalysisRun(con, work_dir, memory_limit=memory_limit, threads=threads)
+    con = connect(work_dir, memory_limit, threads, in_memory=not shared)
+    run = AnalysisRun(con, work_dir, memory_limit=memory_limit, threads=threads, shared=shared)
     try:
         raw = load_raw(con, paths)
         run.processes, run.states, run.problems = raw.processes, raw.states, raw.problems
         if progress:
             progress(f"read {len(raw.processes)} process file(s), {run.count('record'):,} records")
+        load_losses(con, raw.processes, raw.states)
         build_batches(con)
         build_requests(con)
         if progress:
@@ -87,7 +98,8 @@ def analyze_run(paths: Sequence[Path | str], *, memory_limit: str = DEFAULT_MEMO
         build_kvcache(con)
         build_lifecycle(con)
         build_iterations(con)
-        con.execute("CHECKPOINT")
+        if shared:
+            con.execute("CHECKPOINT")
     except BaseException:
         run.close()
         raise

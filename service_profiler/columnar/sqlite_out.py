@@ -15,7 +15,11 @@ import os
 import sqlite3
 from pathlib import Path
 
+from service_profiler.losses import OPEN_END
+
 from .batch import BATCH_COLUMNS
+from .breakdown import BREAKDOWN_COLUMNS
+from .completeness import COMPLETE_COLUMNS
 from .kvcache import KVCACHE_COLUMNS
 from .lifecycle import EVENT_COLUMNS, STATE_COLUMNS
 from .requests import REQUEST_COLUMNS
@@ -34,6 +38,10 @@ VIEWS = {
               "WHERE ttft_ms IS NOT NULL ORDER BY arrival_ns",
     "v_request_latency": "SELECT rid, arrival_ns, completion_ns, queue_ms, prefill_ms, decode_ms, ttft_ms, tpot_ms, "
                          "e2e_ms, input_tokens, output_tokens FROM request ORDER BY arrival_ns",
+    # docs/METRICS.md: the parts add up to e2e_ms, the first five to ttft_ms
+    "v_request_breakdown": "SELECT rid, api_rid, arrival_ns, arrival_source, stream, ttft_ms, e2e_ms, http_receive_ms, "
+                           "preprocess_ms, engine_queue_ms, engine_prefill_ms, first_token_delivery_ms, "
+                           "decode_delivery_ms, engine_ttft_ms, engine_e2e_ms FROM request ORDER BY arrival_ns",
     "v_kv_usage": "SELECT ts_ns, proc, dp_rank, total_blocks, used_blocks, free_blocks, usage FROM kvcache "
                   "WHERE name = 'kvcache' ORDER BY ts_ns",
     "v_queue_curve": "SELECT start_ns, dp_rank, running, waiting FROM batch ORDER BY start_ns",
@@ -88,8 +96,9 @@ RAW_TABLES = {
 }
 # analysis tables: (DuckDB table, leading row-number column or None, its order, list columns)
 ANALYSIS_TABLES = {
-    "request": ("request", "req_row", "row_no", REQUEST_COLUMNS, ()),
-    "batch": ("batch", "batch_row", "batch_row", BATCH_COLUMNS, ("prefill_chunk_sizes", "decode_chunk_sizes")),
+    "request": ("request", "req_row", "row_no", [*REQUEST_COLUMNS, *BREAKDOWN_COLUMNS, *COMPLETE_COLUMNS], ()),
+    "batch": ("batch", "batch_row", "batch_row", [*BATCH_COLUMNS, *COMPLETE_COLUMNS],
+              ("prefill_chunk_sizes", "decode_chunk_sizes")),
     "kvcache": ("kvcache", None, "row_no", KVCACHE_COLUMNS, ()),
     "state_transition": ("state_transition", None, "row_no", STATE_COLUMNS, ()),
     "lifecycle_event": ("lifecycle_event", None, "row_no", EVENT_COLUMNS, ()),
@@ -108,6 +117,9 @@ def _analysis_table(run: AnalysisRun, db: sqlite3.Connection, name: str) -> None
     source, first, order, columns, lists = ANALYSIS_TABLES[name]
     types = dict(run.con.execute(f"SELECT column_name, data_type FROM information_schema.columns "
                                  f"WHERE table_name = '{source}'").fetchall())
+    # a column without any value has no type (as the current analysis writes it)
+    counts = run.con.execute(f"SELECT {', '.join(f'count({c})' for c in columns)} FROM {source}").fetchone() or ()
+    types.update({c: "" for c, n in zip(columns, counts, strict=True) if not n})
     defs = [f'"{c}" {"TEXT" if c in lists else _SQLITE_TYPES.get(str(types[c]), "")}'.strip() for c in columns]
     select = [_LIST.format(c) if c in lists else f'"{c}"' for c in columns]
     if first:
@@ -127,6 +139,17 @@ def _process_tables(run: AnalysisRun, db: sqlite3.Connection) -> None:
     db.executemany("INSERT INTO process VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", [
         (p.index, p.key, p.hostname, p.pid, p.ppid, p.role, dumps(p.argv), dumps(p.engine), p.profiler_version,
          p.wall_offset_ns, p.dropped, dumps(list(p.warnings.values())), dumps(p.patch), p.path) for p in run.processes])
+    # what each file says about its completeness (losses.py): closed / not closed / unknown, and the
+    # time ranges whose records are missing or uncertain (end_ns NULL: to the end of the run)
+    db.execute("CREATE TABLE process_completeness (proc INTEGER PRIMARY KEY, status TEXT, close_reason TEXT, "
+               "flushed_until_ns INTEGER)")
+    db.executemany("INSERT INTO process_completeness VALUES (?,?,?,?)", [
+        (p.index, p.loss.status, p.loss.close_reason, p.loss.flushed_until_ns) for p in run.processes])
+    db.execute("CREATE TABLE process_gap (proc INTEGER, start_ns INTEGER, end_ns INTEGER, reason TEXT, "
+               "count INTEGER)")
+    db.executemany("INSERT INTO process_gap VALUES (?,?,?,?,?)", [
+        (p.index, g.start_ns, None if g.end_ns == OPEN_END else g.end_ns, g.reason, g.count)
+        for p in run.processes for g in p.loss.all_gaps()])
     db.execute("CREATE TABLE process_meta (proc INTEGER, key TEXT, value TEXT)")
     db.executemany("INSERT INTO process_meta VALUES (?,?,?)",
                    [(p.index, k, dumps(v)) for p in run.processes for k, v in p.meta.items()])

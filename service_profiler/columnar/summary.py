@@ -6,6 +6,10 @@ as numpy's default, Excel PERCENTILE.INC and pandas `quantile`). Missing values 
 with no values has empty statistics. Batch metrics: prefill_batch_num / prefill_exec_time over batches
 with any prefill, decode_batch_num over batches with any decode, decode_exec_time over decode-only ones.
 Service throughput: tokens over the served window, first request arrival to last completion.
+
+Latency statistics (request_summary, batch_summary, the percentiles of service_summary) cover complete
+rows only (completeness.py: requests and batches only partly observed are left out); service_summary
+counts those left out. Token totals and counts cover every row.
 """
 
 from __future__ import annotations
@@ -48,26 +52,27 @@ def _stats(run: AnalysisRun, table: str, metrics: list[tuple[str, str, str]]) ->
 
 
 def request_stats(run: AnalysisRun) -> list[list[Any]]:
-    return _stats(run, "request", [(n, e, "true") for n, e in REQUEST_METRICS])
+    return _stats(run, "request", [(n, e, "complete = 1") for n, e in REQUEST_METRICS])
 
 
 def batch_stats(run: AnalysisRun) -> list[list[Any]]:
-    return _stats(run, "batch", BATCH_METRICS)
+    return _stats(run, "batch", [(n, e, f"complete = 1 AND {where}") for n, e, where in BATCH_METRICS])
 
 
 def service_metrics(run: AnalysisRun) -> list[tuple[str, Any]]:
-    r = run.con.execute("""
+    r = run.con.execute(f"""
         SELECT count(*), coalesce(sum(input_tokens), 0), coalesce(sum(output_tokens), 0),
                (max(completion_ns) - min(arrival_ns)) / 1e9, count(completion_ns), coalesce(sum(preemptions), 0),
-               quantile_cont(ttft_ms, 0.5), quantile_cont(ttft_ms, 0.99), quantile_cont(tpot_ms, 0.5),
-               quantile_cont(tpot_ms, 0.99), quantile_cont(e2e_ms, 0.5), quantile_cont(e2e_ms, 0.99)
+               count(*) FILTER (WHERE complete = 1),
+               {", ".join(f"quantile_cont({c}, {q}) FILTER (WHERE complete = 1)"
+                          for c in ("ttft_ms", "tpot_ms", "e2e_ms") for q in (0.5, 0.99))}
         FROM request""").fetchone()
     b = run.con.execute("""
         SELECT count(*), count(*) FILTER (WHERE batch_type = 'Prefill'), count(*) FILTER (WHERE batch_type = 'Decode'),
                count(*) FILTER (WHERE batch_type = 'Prefill,Decode'), count(*) FILTER (WHERE batch_type = ''),
-               avg(batch_size), max(kv_usage) FROM batch""").fetchone()
+               avg(batch_size), max(kv_usage), count(*) FILTER (WHERE complete = 0) FROM batch""").fetchone()
     assert r is not None and b is not None
-    n, total_in, total_out, window_s, finished, preemptions, *lat = r
+    n, total_in, total_out, window_s, finished, preemptions, whole, *lat = r
     ok = window_s is not None and window_s > 0
     return [
         ("total_input_token_num", int(total_in)), ("total_generated_token_num", int(total_out)),
@@ -82,6 +87,8 @@ def service_metrics(run: AnalysisRun) -> list[tuple[str, Any]]:
         ("e2e_p50_ms", lat[4]), ("e2e_p99_ms", lat[5]), ("max_kv_usage", b[6]),
         ("total_preemptions", int(preemptions)), ("process_num", len(run.processes)),
         ("dropped_records", sum(p.dropped for p in run.processes)), ("problem_num", len(run.problems)),
+        ("complete_request_num", whole), ("incomplete_request_num", n - whole), ("incomplete_batch_num", b[7]),
+        ("processes_not_closed", sum(p.loss.status == "not closed" for p in run.processes)),
     ]
 
 
@@ -132,10 +139,35 @@ def format_summary(run: AnalysisRun) -> str:
                  f"empty {svc['empty_batch_count']:,}")
     if svc["dropped_records"]:
         lines.append(f"WARNING    {svc['dropped_records']:,} records were dropped by the bounded buffer")
-    lost = sum(p.lost for p in run.processes)
-    if lost:
-        lines.append(f"WARNING    {lost:,} records could not be written (disk full, unencodable values)")
-    unclosed = [p.key for p in run.processes if p.closed is None and p.flushed_until_ns is not None]
-    if unclosed:
-        lines.append(f"WARNING    {len(unclosed)} process(es) ended without a final flush: {', '.join(unclosed[:5])}")
-    return "\n".join(lines)
+    return "\n".join(lines + completeness_lines(run))
+
+
+def completeness_lines(run: AnalysisRun) -> list[str]:
+    """Partly observed requests and batches, and each process that did not close cleanly or lost records."""
+    lines = []
+    for label, table in (("requests", "request"), ("batches", "batch")):
+        row = run.con.execute(f"SELECT count(*), count(*) FILTER (WHERE complete = 0) FROM {table}").fetchone()
+        total, left = row if row else (0, 0)
+        if left:
+            counts = run.con.execute(f"""
+                SELECT why, count(*) AS n FROM (SELECT unnest(string_split(incomplete_reason, ';')) AS why
+                                               FROM {table} WHERE complete = 0)
+                GROUP BY why ORDER BY n DESC, why""").fetchall()
+            why = ", ".join(f"{k} {v:,}" for k, v in counts)
+            lines.append(f"PARTIAL    {left:,} of {total:,} {label} only partly observed, left out of the "
+                         f"latency statistics ({why}; column incomplete_reason)")
+    unknown = 0
+    for p in run.processes:
+        loss = p.loss
+        unknown += loss.status == "unknown"
+        gaps = loss.all_gaps()
+        if loss.status == "not closed" or gaps:
+            state = {"closed": "closed cleanly", "not closed": "NOT CLOSED (no final flush)",
+                     "unknown": "closing unknown"}[loss.status]
+            lost = sum(g.count or 0 for g in gaps)
+            lines.append(f"LOSS       {p.key}: {state}; {len(gaps)} time range(s) missing or uncertain"
+                         + (f", {lost:,} records known lost" if lost else "") + " (see `service-profiler inspect`)")
+    if unknown:
+        lines.append(f"note       {unknown} raw file(s) have no completeness markers (older profiler): whether "
+                     "their processes closed cleanly is unknown")
+    return lines
