@@ -1,10 +1,10 @@
 """Build glue that pyproject.toml cannot express: install `service_profiler.pth` into site-packages.
 
 The .pth line runs at every interpreter start-up and costs three dictionary lookups when
-SERVICE_PROF_CONFIG_PATH and the front doors' switches are unset (see service_profiler/bootstrap.py).
+SERVICE_PROF_CONFIG_PATH and the front doors' switches are unset (see service_profiler/runtime/bootstrap.py).
 
-It also declares the optional C extension `service_profiler._speedups` (ProbeSwitch, see
-service_profiler/speedups.py). `optional=True`: without a working compiler the build only warns and
+It also declares the optional C extension `service_profiler.runtime._speedups` (ProbeSwitch, see
+service_profiler/runtime/speedups.py). `optional=True`: without a working compiler the build only warns and
 the package falls back to pure Python. For a development checkout, build it in place with
 `python setup.py build_ext --inplace`.
 """
@@ -22,7 +22,7 @@ PTH_NAME = "service_profiler.pth"
 PTH_LINE = (
     "import os; (os.environ.get('SERVICE_PROF_CONFIG_PATH') or os.environ.get('VLLM_SCHEDULER_LOGGING') or "
     "os.environ.get('VLLM_ENABLE_SCHEDULER_PROFILING')) and "
-    "__import__('service_profiler.bootstrap').bootstrap.activate_from_startup()\n"
+    "__import__('service_profiler.runtime.bootstrap').runtime.bootstrap.activate_from_startup()\n"
 )
 
 
@@ -65,16 +65,16 @@ class EditableWheelWithPth(editable_wheel):
 
 
 SPEEDUPS = Extension(
-    "service_profiler._speedups",
-    ["service_profiler/_speedups.c"],
+    "service_profiler.runtime._speedups",
+    ["service_profiler/runtime/_speedups.c"],
     optional=True,  # no compiler: install anyway, speedups.HAVE_SPEEDUPS is False
 )
 
-# The raw reader's per-record loop (service_profiler/rawentries.py); optional likewise: without it the
+# The raw reader's per-record loop (service_profiler/rawdata/rawentries.py); optional likewise: without it the
 # reader runs its pure-Python loop, ~3x slower per record.
 RECORDS = Extension(
-    "service_profiler._records",
-    ["service_profiler/_records.c"],
+    "service_profiler.rawdata._records",
+    ["service_profiler/rawdata/_records.c"],
     optional=True,
 )
 

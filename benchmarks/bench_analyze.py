@@ -37,7 +37,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from service_profiler.analyze.synthetic import SyntheticConfig  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from synthetic import SyntheticConfig  # noqa: E402
 
 _CHILD = """
 import json, os, resource, sys, threading, time
@@ -102,7 +103,7 @@ def compile_sources() -> None:
     compiled bytecode as from an installed wheel (pip compiles it), even where PYTHONDONTWRITEBYTECODE
     is set: compiling the analyzer's modules from source costs ~60 ms a run. (Not PYTHONPYCACHEPREFIX:
     that would hide the installed packages' bytecode and make the first run compile matplotlib.)"""
-    subprocess.run([sys.executable, "-m", "compileall", "-q", "service_profiler", "handlers"], cwd=ROOT, check=True)
+    subprocess.run([sys.executable, "-m", "compileall", "-q", "service_profiler"], cwd=ROOT, check=True)
 
 
 def analyze(run_dir: Path, out_dir: Path, formats: list[str], extra: list[str]
@@ -128,8 +129,8 @@ _PREPARE = """
 import json, sys
 from dataclasses import asdict
 from pathlib import Path
-from service_profiler.analyze.synthetic import SyntheticConfig, generate_run
-from service_profiler.rawfile import read_run
+sys.path.insert(0, 'tests'); from synthetic import SyntheticConfig, generate_run
+from service_profiler.rawdata.rawfile import read_run
 cfg = SyntheticConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(sys.argv[1]).items()})
 run_dir = Path(sys.argv[2])
 generate_run(run_dir, cfg)

@@ -130,7 +130,7 @@ def synthetic_run(work: Path, millions: int) -> Path:
     run_dir = work / f"synthetic-{millions}m"
     if not (run_dir / ".complete").exists():
         shutil.rmtree(run_dir, ignore_errors=True)
-        code = ("import sys; from service_profiler.analyze.synthetic import SyntheticConfig, generate_run; "
+        code = ("import sys; sys.path.insert(0, 'tests'); from synthetic import SyntheticConfig, generate_run; "
                 "generate_run(sys.argv[1], SyntheticConfig(requests=int(sys.argv[2]), output_tokens=64, "
                 "max_num_seqs=16, arrival_rate_per_s=30.0, prompt_tokens=(64, 1024), runner_timer_spans=True))")
         subprocess.run([sys.executable, "-c", code, str(run_dir), str(millions * REQUESTS_PER_MILLION)], cwd=ROOT,

@@ -10,7 +10,7 @@ import inspect
 import timeit
 from dataclasses import dataclass, field
 
-from service_profiler.expressions import CompiledExpression, compile_expression
+from service_profiler.runtime.expressions import CompiledExpression, compile_expression
 
 
 @dataclass

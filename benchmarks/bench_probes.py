@@ -13,10 +13,10 @@ import tempfile
 import timeit
 from pathlib import Path
 
-from service_profiler import probes
-from service_profiler.expressions import compile_expression
-from service_profiler.recorder import SPAN, Recorder
-from service_profiler.speedups import HAVE_SPEEDUPS, make_switch
+from service_profiler.runtime import probes
+from service_profiler.runtime.expressions import compile_expression
+from service_profiler.runtime.recorder import SPAN, Recorder
+from service_profiler.runtime.speedups import HAVE_SPEEDUPS, make_switch
 
 CALLS = 200_000
 REPEATS = 9
@@ -80,7 +80,7 @@ def main() -> None:
     recorder.buffer.clear()
     Target.step = original  # type: ignore[method-assign]
 
-    print(f"C fast path (service_profiler._speedups): {'built' if HAVE_SPEEDUPS else 'NOT built'}")
+    print(f"C fast path (service_profiler.runtime._speedups): {'built' if HAVE_SPEEDUPS else 'NOT built'}")
     bare = results["bare call"]
     targets = {"installed, disabled": 100, "timer, enabled": 800, "timer + 2 attributes": 1500}
     print(f"{'case':<24}{'ns/call':>10}{'overhead':>10}{'target':>10}")

@@ -16,7 +16,7 @@ import timeit
 from collections.abc import Callable
 from typing import Any
 
-from service_profiler.speedups import HAVE_SPEEDUPS, make_switch
+from service_profiler.runtime.speedups import HAVE_SPEEDUPS, make_switch
 
 CALLS = 500_000
 REPEATS = 15

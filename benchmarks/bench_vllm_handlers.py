@@ -29,11 +29,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import vllm_scheduler_harness as h
-from service_profiler.handlers import console, vllm_v1
 from vllm.v1.core.sched.scheduler import Scheduler
 
 from service_profiler import record
-from service_profiler.recorder import COUNTER, EVENT, SPAN, Recorder
+from service_profiler.engines.vllm import console, vllm_v1
+from service_profiler.runtime.recorder import COUNTER, EVENT, SPAN, Recorder
 
 BATCH_SIZES = (8, 64, 256)
 PROMPT = 32

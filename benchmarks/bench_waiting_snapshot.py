@@ -22,9 +22,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from service_profiler.handlers import vllm_waiting
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm_scheduler_harness import made_up_output, make_request, make_scheduler, prompt_of
+
+from service_profiler.engines.vllm import vllm_waiting
 
 RUNNING = 8
 

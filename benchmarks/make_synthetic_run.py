@@ -5,7 +5,7 @@
 writes `<out>/<host>-<pid>.sprof.jsonl` for the API server and each EngineCore, and `<out>.truth.json`
 (or --truth PATH): the true arrival / first scheduled / first token / completion times and the TTFT,
 queue, prefill, decode, e2e, TPOT of every request, and the true per-batch times. The generator is
-`service_profiler.analyze.synthetic` (importable by tests); this is its command line.
+`tests/synthetic.py` (importable by tests); this is its command line.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from service_profiler.analyze.synthetic import SyntheticConfig, generate_run, write_truth  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from synthetic import SyntheticConfig, generate_run, write_truth  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

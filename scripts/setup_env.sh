@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything on a fresh machine (idempotent): a virtualenv with PyTorch (CPU), vLLM's CPU
 # build, the dev tools, and service-profiler itself installed from a freshly built wheel, so tests
-# and the demo exercise what `pip install` delivers (config/ and handlers/ included).
+# and the demo exercise what `pip install` delivers (service_profiler/engines/ and the default config included).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv}"

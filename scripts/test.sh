@@ -5,8 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 VENV="${VENV:-.venv}"
-"$VENV/bin/ruff" check service_profiler handlers tests benchmarks examples
-"$VENV/bin/mypy" service_profiler handlers
+"$VENV/bin/ruff" check service_profiler tests benchmarks examples
+"$VENV/bin/mypy" service_profiler
 # Tests import the installed wheel, never the source tree: the `pytest` script (not `python -m pytest`)
 # runs from a scratch directory, so neither pytest nor the Python subprocesses the tests start
 # (`python -c ...` puts the working directory first on sys.path) can pick up ./service_profiler.

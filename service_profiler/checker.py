@@ -25,8 +25,8 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service_profiler import envvars
-from service_profiler.symbols import (
+from service_profiler.runtime import envvars
+from service_profiler.runtime.symbols import (
     TIMER,
     SymbolSpec,
     installed_version,

@@ -12,9 +12,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from synthetic import SyntheticConfig, SyntheticRun, generate_run
 
 from service_profiler.analyze import command, steps
-from service_profiler.analyze.synthetic import SyntheticConfig, SyntheticRun, generate_run
 
 ROOT = Path(__file__).resolve().parent.parent
 

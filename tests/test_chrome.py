@@ -1,4 +1,4 @@
-"""Chrome trace export (`analyze/chrome.py`) and the strict validator (`analyze/trace_check.py`).
+"""Chrome trace export (`analyze/chrome.py`) and the strict validator (`tests/trace_check.py`).
 
 Every exported trace is checked twice: by `validate_trace`, and by `_independent_check`, which re-reads
 the written file with ijson's streaming parser (a different JSON parser, exact Decimal numbers) and
@@ -17,11 +17,11 @@ from typing import Any
 
 import ijson
 import pytest
+from synthetic import SyntheticConfig, generate_run
+from trace_check import validate_trace
 
 from service_profiler.analyze.chrome import build_chrome_trace, write_chrome_trace
-from service_profiler.analyze.synthetic import SyntheticConfig, generate_run
-from service_profiler.analyze.trace_check import validate_trace
-from service_profiler.rawfile import CounterRecord, EventRecord, ProcessInfo, RunData, SpanRecord, read_run
+from service_profiler.rawdata.rawfile import CounterRecord, EventRecord, ProcessInfo, RunData, SpanRecord, read_run
 
 MS = 1_000_000
 BASE = 1_750_000_000_123_456_789  # epoch ns, deliberately not on a second

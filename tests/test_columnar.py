@@ -23,14 +23,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from synthetic import SyntheticConfig, SyntheticRun, generate_run
 
 from service_profiler.analyze.lifecycle import iter_request_states
-from service_profiler.analyze.synthetic import SyntheticConfig, SyntheticRun, generate_run
 from service_profiler.analyze.tables import Table, build_tables
 from service_profiler.columnar.iterations import ITERATION_COLUMNS
 from service_profiler.columnar.plots_out import PLOTS
 from service_profiler.columnar.run import AnalysisRun, analyze_run
-from service_profiler.rawfile import read_run
+from service_profiler.rawdata.rawfile import read_run
 
 ORDERED = {"batch": "batch_row", "request": "row_no", "state_transition": "row_no",
            "iteration": "batch_row, kind, pos"}
@@ -143,7 +143,7 @@ def _mono_range(lines: list[dict[str, Any]]) -> tuple[int, int]:
 
 
 def _with_http_exchanges(lines: list[dict[str, Any]], wall_offset: int) -> list[dict[str, Any]]:
-    """The API server's file with an `httpExchange` event for most requests (as handlers/vllm_http.py
+    """The API server's file with an `httpExchange` event for most requests (as engines/vllm/vllm_http.py
     writes it), vLLM's arrival_time on most `httpReq`, some requests not streamed, and milestones in and
     out of order: a first body before the hand-off (its part is then 0), a missing or malformed offset."""
     chan = next(obj["id"] for obj in lines if obj.get("t") == "chan" and obj.get("name") == "httpReq")
@@ -329,7 +329,7 @@ def test_outputs_have_the_same_columns(busy: SyntheticRun, both_outputs: tuple[P
 
 def test_every_output_of_a_real_run(tmp_path: Path) -> None:
     """All formats on the real run: a trace the strict validator accepts, the nine plots, the model."""
-    from service_profiler.analyze.trace_check import validate_trace
+    from trace_check import validate_trace
 
     done = _cli("analyze2", "--input-path", str(REAL_RUN), "--output-path", str(tmp_path), "--quiet")
     assert done.returncode == 0, done.stderr
@@ -344,7 +344,7 @@ def test_every_output_of_a_real_run(tmp_path: Path) -> None:
 
 def test_trace_is_bounded(tmp_path: Path, busy: SyntheticRun) -> None:
     """--trace-max-per-second caps each name per process per second; --window keeps only that window."""
-    from service_profiler.analyze.trace_check import validate_trace
+    from trace_check import validate_trace
 
     full, capped, window = tmp_path / "full", tmp_path / "capped", tmp_path / "window"
     for out, extra in ((full, []), (capped, ["--trace-max-per-second", "5"]), (window, ["--window", "1:2"])):

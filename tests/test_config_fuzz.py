@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from service_profiler.settings import ProfilerSettings, load_settings, shipped_default_text
-from service_profiler.shipped import shipped_config_dir
-from service_profiler.symbols import SymbolSpec, parse_symbols
+from service_profiler.runtime.settings import ProfilerSettings, load_settings, shipped_default_text
+from service_profiler.runtime.shipped import engines_dir
+from service_profiler.runtime.symbols import SymbolSpec, parse_symbols
 
 HOSTILE = ["\x00", "\x0c", "\x1b", "\ud800", "9" * 5000, "-" + "9" * 5000, "[" * 100_000, "{" * 50_000,
            "\"a\\u0000b\"", "1e999", "NaN", "-Infinity", "\ufeff", "\u2028", "!!python/object:os.system",
@@ -93,7 +93,7 @@ def test_known_shapes_name_the_key_and_keep_the_rest(tmp_path: Path) -> None:
 
 def _symbols_cases() -> list[str]:
     rng = random.Random(61206)
-    base = (shipped_config_dir() / "vllm_v1.yaml").read_text(encoding="utf-8")
+    base = (engines_dir() / "vllm" / "vllm_v1.yaml").read_text(encoding="utf-8")
     cases = [
         "- symbol: a.b:c\x00\n",
         "- symbol: a.b:c\n  domain: x\x0cy\n",

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from synthetic import SyntheticConfig, SyntheticRun, generate_run
 
 from service_profiler.analyze import csv_export
 from service_profiler.analyze.summary import describe
-from service_profiler.analyze.synthetic import SyntheticConfig, SyntheticRun, generate_run
 from service_profiler.analyze.tables import build_tables
-from service_profiler.rawfile import EventRecord, ProcessInfo, RunData, SpanRecord, read_run
+from service_profiler.rawdata.rawfile import EventRecord, ProcessInfo, RunData, SpanRecord, read_run
 
 # The reference's header lines, verbatim (REFERENCE.md section 1).
 REQUEST_HEADER = ("http_rid,start_datetime,recv_token_size,reply_token_size,execution_time(ms),queue_wait_time(ms),"

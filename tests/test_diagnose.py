@@ -113,7 +113,7 @@ def _served_run(count: int, *, preprocess_ms: float, handoff_wait_ms: float, rep
     the scheduler `handoff_wait_ms` later (during another request's step when `engine_busy_in_handoff`),
     prefilled in a 5 ms step that yields its only token, and its last byte is written `reply_ms` after
     the API server has that token."""
-    from service_profiler.rawfile import EventRecord, ProcessInfo, RunData, SpanRecord
+    from service_profiler.rawdata.rawfile import EventRecord, ProcessInfo, RunData, SpanRecord
 
     def proc(index: int, role: str) -> ProcessInfo:
         return ProcessInfo(index=index, key=f"h:{index}", hostname="h", pid=100 + index, ppid=1, role=role,

@@ -11,12 +11,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+from synthetic import SyntheticConfig, generate_run
 
 from service_profiler.analyze.entries import iter_entry_chunks
 from service_profiler.analyze.entry_state import ChunkStates, EntryStates
-from service_profiler.analyze.synthetic import SyntheticConfig, generate_run
 from service_profiler.analyze.tables import build_tables
-from service_profiler.rawfile import read_run
+from service_profiler.rawdata.rawfile import read_run
 
 
 class SequentialStates(EntryStates):

@@ -1,4 +1,4 @@
-"""Tests for service_profiler.expressions: parsing, binding, safety, evaluation errors."""
+"""Tests for service_profiler.runtime.expressions: parsing, binding, safety, evaluation errors."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service_profiler.expressions import (
+from service_profiler.runtime.expressions import (
     MISSING,
     STR_LIMIT,
     CompiledExpression,

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from service_profiler import fastjson
+from service_profiler.rawdata import fastjson
 
 VALUES = [
     {"rid": "cmpl-1", "reqs": [["a", 0, 16, 0, 16], ["b", 1, 1, 17, 16]], "kv_usage": 0.25, "ok": True, "x": None},
@@ -67,7 +67,7 @@ def test_orjson_is_installed_where_the_suite_runs() -> None:
 def test_without_orjson_the_standard_library_gives_the_same_results() -> None:
     code = (
         "import sys, json, pickle; sys.modules['orjson'] = None\n"
-        "from service_profiler import fastjson\n"
+        "from service_profiler.rawdata import fastjson\n"
         "assert fastjson.orjson is None\n"
         "values = pickle.loads(sys.stdin.buffer.read())\n"
         "print(json.dumps([fastjson.json_text(v) for v in values]))\n"

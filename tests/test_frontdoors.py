@@ -12,9 +12,9 @@ from pathlib import Path
 
 from runtime_harness import Workspace
 
-from service_profiler.frontdoors.batch_join import MAX_PENDING, BatchJoiner
-from service_profiler.frontdoors.scheduler_tables import PER_ITERATION, PER_REQUEST, SchedulerTables
-from service_profiler.frontdoors.sinks import JsonlWriter
+from service_profiler.runtime.frontdoors.batch_join import MAX_PENDING, BatchJoiner
+from service_profiler.runtime.frontdoors.scheduler_tables import PER_ITERATION, PER_REQUEST, SchedulerTables
+from service_profiler.runtime.frontdoors.sinks import JsonlWriter
 
 CLI = [sys.executable, "-m", "service_profiler.cli"]
 
@@ -22,7 +22,8 @@ CLI = [sys.executable, "-m", "service_profiler.cli"]
 # runs, and is finished by the step's update after its first (and only) token.
 ONE_STEP = """
 import os
-from service_profiler import bootstrap, record
+from service_profiler.runtime import bootstrap
+from service_profiler import record
 runtime = bootstrap.current_runtime()
 print("runtime", runtime is not None)
 t = record.now_ns()

@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 from frontdoor_harness import run_llm_live
 
-from service_profiler.frontdoors.batch_lines import FIELDS
-from service_profiler.frontdoors.scheduler_tables import COLUMNS
+from service_profiler.runtime.frontdoors.batch_lines import FIELDS
+from service_profiler.runtime.frontdoors.scheduler_tables import COLUMNS
 
 pytestmark = [pytest.mark.vllm]
 

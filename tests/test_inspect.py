@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 from runtime_harness import Workspace
+from synthetic import SyntheticConfig, SyntheticRun, generate_run
 
-from service_profiler import inspect_run
-from service_profiler.analyze.synthetic import SyntheticConfig, SyntheticRun, generate_run
-from service_profiler.rawfile import read_run
+from service_profiler.rawdata import inspect_run
+from service_profiler.rawdata.rawfile import read_run
 
 
 @pytest.fixture

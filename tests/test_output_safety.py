@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from synthetic import SyntheticConfig, SyntheticRun, generate_run
 
 from service_profiler.analyze import command
-from service_profiler.analyze.synthetic import SyntheticConfig, SyntheticRun, generate_run
 from service_profiler.outputs import OutputFile, OutputPathError, check_output_dir
 
 # scratch names analyze used to write (or read back) at fixed names in the output directory

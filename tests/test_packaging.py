@@ -23,11 +23,11 @@ def test_tests_import_the_installed_wheel() -> None:
 
 
 def test_wheel_carries_config_and_handlers() -> None:
-    shipped = files("service_profiler.shipped_config")
+    shipped = files("service_profiler.engines.vllm")
     for name in ("default_config.json", "engines.json", "vllm_v1.yaml", "vllm_ascend.yaml"):
         assert shipped.joinpath(name).is_file(), name
-    import service_profiler.handlers.vllm_extract
-    import service_profiler.handlers.vllm_v1  # noqa: F401
+    import service_profiler.engines.vllm.vllm_extract
+    import service_profiler.engines.vllm.vllm_v1  # noqa: F401
 
 
 def test_editable_install_carries_the_startup_line(tmp_path: Path) -> None:
@@ -43,7 +43,7 @@ def test_editable_install_carries_the_startup_line(tmp_path: Path) -> None:
     source.mkdir()
     for name in ("setup.py", "pyproject.toml", "README.md"):
         shutil.copy(repo / name, source / name)
-    for name in ("service_profiler", "handlers", "config"):
+    for name in ("service_profiler",):
         shutil.copytree(repo / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
     out = tmp_path / "wheel"
     out.mkdir()

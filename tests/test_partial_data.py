@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from synthetic import SyntheticConfig, SyntheticRun, generate_run
 
-from service_profiler import inspect_run
 from service_profiler.analyze import command
-from service_profiler.analyze.synthetic import SyntheticConfig, SyntheticRun, generate_run
+from service_profiler.rawdata import inspect_run
 
 OUTPUT_TOKENS = 8
 DURATIONS = ("queue_ms", "prefill_ms", "decode_ms", "ttft_ms", "tpot_ms", "e2e_ms")

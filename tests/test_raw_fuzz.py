@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from synthetic import SyntheticConfig, SyntheticRun, generate_run
 
-from service_profiler import inspect_run
 from service_profiler.analyze import command
-from service_profiler.analyze.synthetic import SyntheticConfig, SyntheticRun, generate_run
-from service_profiler.rawfile import read_run
+from service_profiler.rawdata import inspect_run
+from service_profiler.rawdata.rawfile import read_run
 
 DEEP = '{"a":' * 5000 + "1" + "}" * 5000
 MID_DEEP = '{"a":' * 600 + "1" + "}" * 600  # past orjson's nesting limit, within the standard library's

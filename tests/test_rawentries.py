@@ -1,4 +1,4 @@
-"""The reader's per-record loop (service_profiler/rawentries.py) and its C version (service_profiler/_records.c).
+"""The reader's per-record loop (rawdata/rawentries.py) and its C version (rawdata/_records.c).
 
 Every test that reads runs against both the C loop and the pure-Python one (`impl`), and the fuzz test
 reads the same random files (valid and malformed records, malformed per-request entries) with both,
@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from synthetic import SyntheticConfig, generate_run
 
-from service_profiler import rawentries, rawfile
 from service_profiler.analyze.command import main as analyze_main
-from service_profiler.analyze.synthetic import SyntheticConfig, generate_run
-from service_profiler.rawfile import RECORD_CLASSES, CounterRecord, EventRecord, RunData, SpanRecord, read_run
+from service_profiler.rawdata import rawentries, rawfile
+from service_profiler.rawdata.rawfile import RECORD_CLASSES, CounterRecord, EventRecord, RunData, SpanRecord, read_run
 
 IN_CI = os.environ.get("CI", "").strip().lower() in {"true", "1", "yes"}
 BUILD_HINT = "C extension not built: run `.venv/bin/python setup.py build_ext --inplace`"
@@ -51,7 +51,7 @@ def impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str
 def test_c_extension_is_built() -> None:
     if not rawentries.HAVE_C_RECORDS and not IN_CI:
         pytest.skip(BUILD_HINT)
-    assert rawentries.HAVE_C_RECORDS, "CI must build service_profiler._records (gcc is present there)"
+    assert rawentries.HAVE_C_RECORDS, "CI must build service_profiler.rawdata._records (gcc is present there)"
     assert rawentries.add_records is rawentries._c_add_records
 
 
@@ -332,8 +332,8 @@ def test_c_and_python_raw_rows_write_the_same_tables(tmp_path: Path, seed: int |
     # The database's raw tables are streamed from the files (write_raw_db) through the C rows
     # (_records.add_raw_rows) or the Python definition (build_raw_rows_py): the same tables either way,
     # and the same as the rows made from a whole read (write_raw_db_from).
-    from service_profiler import rawfile as rawfile_module
     from service_profiler.analyze import sqlite_export
+    from service_profiler.rawdata import rawfile as rawfile_module
 
     _write_run(tmp_path / "run", _odd_attrs_lines() if seed == "odd" else _fuzz_lines(int(seed)))
     monkeypatch.setattr(rawfile_module, "DRAIN_RECORDS", 5)

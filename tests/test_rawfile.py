@@ -5,9 +5,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from synthetic import SyntheticConfig, SyntheticRun, generate_run
 
-from service_profiler.analyze.synthetic import SyntheticConfig, SyntheticRun, generate_run
-from service_profiler.rawfile import read_run
+from service_profiler.rawdata.rawfile import read_run
 
 SMALL = SyntheticConfig(requests=20, output_tokens=6, max_num_seqs=8, seed=3, flush_every=16)
 

@@ -13,7 +13,7 @@ import time
 import pytest
 from runtime_harness import Workspace, read_records
 
-from service_profiler import recorder
+from service_profiler.runtime import recorder
 
 ALL_KINDS = """
 - symbol: toymod:Engine.schedule
@@ -81,7 +81,7 @@ def test_import_then_patch_and_idempotent_activation(workspace: Workspace) -> No
     # second activation (vLLM calls its plugins more than once) changes nothing.
     code = """
     import toymod
-    from service_profiler import bootstrap
+    from service_profiler.runtime import bootstrap
     first = bootstrap.activate("test")
     assert bootstrap.activate("again") is first
     e = toymod.Engine()
@@ -90,9 +90,9 @@ def test_import_then_patch_and_idempotent_activation(workspace: Workspace) -> No
     workspace.run_python(code, SERVICE_PROF_CONFIG_PATH="")
     assert workspace.runs() == {}
     proc = workspace.run_python(code.replace("import toymod\n", "import toymod, os\n").replace(
-        "from service_profiler import bootstrap",
+        "from service_profiler.runtime import bootstrap",
         f"os.environ['SERVICE_PROF_CONFIG_PATH'] = {str(workspace.config)!r}\n    "
-        "from service_profiler import bootstrap"), SERVICE_PROF_CONFIG_PATH="")
+        "from service_profiler.runtime import bootstrap"), SERVICE_PROF_CONFIG_PATH="")
     assert proc.stdout.split() == ["3", "3"]
     run = workspace.single_run()
     assert len(run.spans("schedule")) == 2
@@ -103,7 +103,7 @@ def test_patch_unpatch_patch(workspace: Workspace) -> None:
     workspace.write_symbols(ALL_KINDS)
     code = """
     import toymod
-    from service_profiler import bootstrap
+    from service_profiler.runtime import bootstrap
     rt = bootstrap.current_runtime()
     original = toymod.Engine.__dict__["schedule"]
     e = toymod.Engine()
@@ -415,7 +415,7 @@ def test_missing_config_is_created_with_defaults_and_collection_off(workspace: W
 
 
 def test_sitecustomize_dir_activates_and_chains_user_sitecustomize(workspace: Workspace) -> None:
-    from service_profiler.bootstrap import SITECUSTOMIZE_DIR
+    from service_profiler.runtime.bootstrap import SITECUSTOMIZE_DIR
 
     user_dir = workspace.root / "usersite"
     user_dir.mkdir()

@@ -25,9 +25,9 @@ def test_vllm_plugin_entry_point_activates_like_the_pth(workspace: Workspace) ->
     # Started without the variable, so the .pth line stays dormant: only the entry point can activate.
     proc = workspace.run_python(ENTRY_POINT + f"""
 import os, sys, toymod
-assert "service_profiler.runtime" not in sys.modules
+assert "service_profiler.runtime.core" not in sys.modules
 plugin = ENTRY.load()
-from service_profiler import bootstrap
+from service_profiler.runtime import bootstrap
 assert plugin is bootstrap.vllm_plugin
 os.environ["SERVICE_PROF_CONFIG_PATH"] = {str(workspace.config)!r}
 plugin()
@@ -38,7 +38,7 @@ assert runtime is not None and bootstrap.current_runtime() is runtime
 e = toymod.Engine()
 print(ENTRY.value, e.schedule(1), e.schedule(2))
 """, SERVICE_PROF_CONFIG_PATH="")
-    assert proc.stdout.split() == ["service_profiler.bootstrap:vllm_plugin", "1", "2"]
+    assert proc.stdout.split() == ["service_profiler.runtime.bootstrap:vllm_plugin", "1", "2"]
     run = workspace.single_run()
     assert len(run.spans("schedule")) == 2  # wrapped once, whatever the number of activations
 
@@ -48,7 +48,7 @@ def test_vllm_plugin_after_pth_activation_changes_nothing(workspace: Workspace) 
     workspace.write_symbols("- symbol: toymod:Engine.schedule\n")
     proc = workspace.run_python(ENTRY_POINT + """
 import toymod
-from service_profiler import bootstrap
+from service_profiler.runtime import bootstrap
 runtime = bootstrap.current_runtime()
 assert runtime is not None            # activated by the .pth line at start-up
 ENTRY.load()()
@@ -92,7 +92,7 @@ def test_a_start_that_fails_inside_leaves_nothing_behind(workspace: Workspace) -
     workspace.write_symbols("- symbol: toymod:Engine.schedule\n- symbol: toymod:forward\n")
     proc = workspace.run_python(ENTRY_POINT + f"""
 import os, sys, types, toymod
-from service_profiler import bootstrap, patching, runtime
+from service_profiler.runtime import bootstrap, patching, core as runtime
 
 def broken(self):
     raise RuntimeError("simulated failure late in start()")
@@ -142,8 +142,9 @@ def test_importing_the_profiler_or_a_parent_package_never_imports_the_target(wor
     workspace.write_symbols("- symbol: tinypkg.sub:f\n")
     proc = workspace.run_python("""
     import sys
-    import service_profiler, service_profiler.runtime, service_profiler.patching, service_profiler.probes
-    from service_profiler import bootstrap
+    import service_profiler, service_profiler.runtime.core
+    import service_profiler.runtime.patching, service_profiler.runtime.probes
+    from service_profiler.runtime import bootstrap
     runtime = bootstrap.current_runtime()
     assert runtime is not None and runtime.report.pending == ["tinypkg.sub:f"]
     print("profiler", "tinypkg" in sys.modules, "tinypkg.sub" in sys.modules)

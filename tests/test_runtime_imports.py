@@ -19,7 +19,7 @@ def test_an_active_runtime_imports_no_heavy_package(workspace: Workspace) -> Non
     """)
     proc = workspace.run_python("""
     import json, sys, time, toymod
-    from service_profiler import bootstrap
+    from service_profiler.runtime import bootstrap
     rt = bootstrap.current_runtime()
     assert rt is not None and rt.enabled
     print(toymod.Engine().schedule(3))
@@ -34,6 +34,6 @@ def test_an_active_runtime_imports_no_heavy_package(workspace: Workspace) -> Non
     modules = json.loads(modules_json)
     loaded = sorted({name.split(".")[0] for name in modules} & set(HEAVY))
     assert loaded == [], loaded
-    assert "yaml" in modules and "service_profiler.runtime" in modules
+    assert "yaml" in modules and "service_profiler.runtime.core" in modules
     run = next(iter(workspace.runs().values()))
     assert [record[4] for record in run.spans("schedule")] == [{"n": 3}]

@@ -7,8 +7,8 @@ import json
 
 from runtime_harness import Workspace
 
-from service_profiler.runtime import detect_backend
-from service_profiler.settings import shipped_default_text
+from service_profiler.runtime.core import detect_backend
+from service_profiler.runtime.settings import shipped_default_text
 
 
 def test_option_switched_on_while_running_is_reported_once(workspace: Workspace) -> None:
@@ -18,7 +18,7 @@ def test_option_switched_on_while_running_is_reported_once(workspace: Workspace)
     workspace.write_symbols("- symbol: toymod:Engine.schedule\n")
     proc = workspace.run_python(f"""
     import json, os, time, toymod
-    from service_profiler import bootstrap
+    from service_profiler.runtime import bootstrap
     rt = bootstrap.current_runtime()
     defaults = {defaults!r}
     e = toymod.Engine()

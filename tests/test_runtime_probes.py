@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from runtime_harness import Workspace
 
-from service_profiler.inspect_run import describe_run, format_report
-from service_profiler.rawfile import read_run
+from service_profiler.rawdata.inspect_run import describe_run, format_report
+from service_profiler.rawdata.rawfile import read_run
 
 
 def test_caller_filter_matches_the_direct_caller_and_never_raises(workspace: Workspace) -> None:

@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 from runtime_harness import Workspace, read_records
 
-from service_profiler import patching, probes
-from service_profiler.recorder import SPAN, Recorder
+from service_profiler.runtime import patching, probes
+from service_profiler.runtime.recorder import SPAN, Recorder
 
 
 @pytest.fixture
@@ -34,7 +34,8 @@ def ws(tmp_path: Path) -> Workspace:
 
 SIGTERM_PROGRAM = """
 import os, sys, time
-from service_profiler import bootstrap, record
+from service_profiler.runtime import bootstrap
+from service_profiler import record
 rt = bootstrap.current_runtime()
 assert rt is not None and rt.enabled
 rec = rt.recorder
@@ -286,7 +287,8 @@ def test_a_failed_write_is_counted_said_once_and_leaves_no_torn_line(ws: Workspa
     # RLIMIT_FSIZE stands in for a full disk: writes past it fail (EFBIG) exactly as ENOSPC would.
     proc = ws.run_python("""
         import resource, signal, json
-        from service_profiler import bootstrap, record
+        from service_profiler.runtime import bootstrap
+        from service_profiler import record
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         rt = bootstrap.current_runtime()
         rec = rt.recorder
@@ -322,7 +324,7 @@ def test_an_unwritable_prof_dir_keeps_collection_off_and_says_why(ws: Workspace)
     ws.write_symbols("- symbol: toymod:forward\n")
     ws.config.write_text(json.dumps({"enable": 1, "prof_dir": str(blocker / "prof")}))
     proc = ws.run_python("""
-        from service_profiler import bootstrap
+        from service_profiler.runtime import bootstrap
         import toymod
         toymod.forward([1])
         print(bootstrap.current_runtime().enabled)
@@ -337,7 +339,7 @@ def test_a_reload_that_fails_never_turns_collection_on(ws: Workspace) -> None:
     ws.write_config(enable=0)
     proc = ws.run_python(f"""
         import json, time, os
-        from service_profiler import bootstrap
+        from service_profiler.runtime import bootstrap
         rt = bootstrap.current_runtime()
         config = {str(ws.config)!r}
         seen = []

@@ -79,7 +79,7 @@ def test_failing_device_reader_never_reaches_the_host_and_is_reported_once(works
     proc = workspace.run_python(f"""
     import json, os, time, toymod
     from fake_torch import install_fake_torch, wait_until
-    from service_profiler import bootstrap
+    from service_profiler.runtime import bootstrap
     rt = bootstrap.current_runtime()
     device = install_fake_torch("cuda", fail=True)
     e = toymod.Engine()

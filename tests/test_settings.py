@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from service_profiler.settings import (
+from service_profiler.runtime.settings import (
     ProfilerSettings,
     load_settings,
     settings_from_mapping,
@@ -241,7 +241,7 @@ def test_uncreatable_config_names_the_variable(tmp_path: Path) -> None:
 
 def test_processes_racing_to_create_the_config_all_read_it_whole(tmp_path: Path) -> None:
     path = tmp_path / "race" / "cfg.json"
-    code = ("import sys; from service_profiler.settings import load_settings; r = load_settings(sys.argv[1]);"
+    code = ("import sys; from service_profiler.runtime.settings import load_settings; r = load_settings(sys.argv[1]);"
             "print(int(r.created), len(r.problems))")
     procs = [subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
              for _ in range(8)]
@@ -298,24 +298,3 @@ def test_unsupported_reason_does_not_depend_on_the_value() -> None:
     # The runtime reports each (key, reason) once per process, so another value must not look new.
     one, three = (unsupported_options(ProfilerSettings(acl_task_time=n), "cpu")[0] for n in (1, 3))
     assert (one.key, one.reason) == (three.key, three.reason) and one.message != three.message
-
-
-def test_shipped_config_falls_back_to_a_source_checkout(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Installed, config/ is the package service_profiler.shipped_config; from a source checkout on
-    # PYTHONPATH (no install) that package does not exist and the checkout's config/ is used.
-    from service_profiler import shipped
-
-    def missing(package: str) -> object:
-        raise ModuleNotFoundError(f"No module named {package!r}")
-
-    monkeypatch.setattr(shipped.resources, "files", missing)
-    shipped.shipped_config_dir.cache_clear()
-    try:
-        checkout = Path(shipped.__file__).resolve().parent.parent / "config"
-        if (checkout / "default_config.json").is_file():  # running from the source tree
-            assert shipped.shipped_config_dir() == checkout
-        else:  # an installed wheel: nothing to fall back to, the real error stands
-            with pytest.raises(ModuleNotFoundError):
-                shipped.shipped_config_dir()
-    finally:
-        shipped.shipped_config_dir.cache_clear()

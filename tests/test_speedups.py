@@ -1,4 +1,4 @@
-"""service_profiler._speedups.ProbeSwitch and service_profiler.speedups.make_switch.
+"""service_profiler.runtime._speedups.ProbeSwitch and service_profiler.runtime.speedups.make_switch.
 
 The C extension is built in place for a development checkout (`python setup.py build_ext --inplace`)
 and by the wheel build in CI. Outside CI the C-specific tests skip when it is missing; in CI
@@ -22,8 +22,8 @@ from typing import Any
 
 import pytest
 
-from service_profiler import speedups
-from service_profiler.speedups import HAVE_SPEEDUPS, make_switch
+from service_profiler.runtime import speedups
+from service_profiler.runtime.speedups import HAVE_SPEEDUPS, make_switch
 
 IN_CI = os.environ.get("CI", "").strip().lower() in {"true", "1", "yes"}
 BUILD_HINT = "C extension not built: run `.venv/bin/python setup.py build_ext --inplace`"
@@ -40,11 +40,11 @@ def _switch_type() -> Any:
 def test_extension_is_built() -> None:
     if not HAVE_SPEEDUPS and not IN_CI:
         pytest.skip(BUILD_HINT)
-    assert HAVE_SPEEDUPS, "CI must build service_profiler._speedups (gcc is present there)"
-    from service_profiler._speedups import ProbeSwitch
+    assert HAVE_SPEEDUPS, "CI must build service_profiler.runtime._speedups (gcc is present there)"
+    from service_profiler.runtime._speedups import ProbeSwitch
 
     assert ProbeSwitch is speedups.ProbeSwitch
-    assert ProbeSwitch.__module__ == "service_profiler._speedups"
+    assert ProbeSwitch.__module__ == "service_profiler.runtime._speedups"
 
 
 # ------------------------------------------------------------------------------------------------

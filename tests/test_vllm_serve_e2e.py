@@ -30,7 +30,7 @@ from vllm_service import (
     wait_idle,
 )
 
-from service_profiler.rawfile import RunData, read_run
+from service_profiler.rawdata.rawfile import RunData, read_run
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -92,7 +92,7 @@ def _finished(served: Served) -> dict[str, dict[str, Any]]:
 def test_the_shipped_default_was_copied_for_the_user_to_edit(served: Served) -> None:
     from importlib.resources import files
 
-    shipped = files("service_profiler.shipped_config").joinpath("vllm_v1.yaml").read_text()
+    shipped = files("service_profiler.engines.vllm").joinpath("vllm_v1.yaml").read_text()
     assert served.symbols_path.read_text() == shipped
     assert served.run.problems == []
     assert all(not (p.patch or {}).get("failed") for p in served.run.processes)

@@ -1,7 +1,7 @@
 """A real `vllm serve` stopped under load keeps every EngineCore step up to its shutdown.
 
 vLLM's process manager SIGTERMs the EngineCore and force-kills it a few seconds later, usually in the
-middle of its teardown: without the `EngineCore.shutdown` flush (handlers/lifecycle.py) the steps of the
+middle of its teardown: without the `EngineCore.shutdown` flush (engines/vllm/lifecycle.py) the steps of the
 last second(s) were lost and the file did not say so. Ground truth is a side file that a test handler
 appends to (unbuffered) after every step it hands to the recorder.
 
@@ -51,7 +51,7 @@ SYMBOLS = """
   domain: EngineCore
   name: step
 - symbol: vllm.v1.engine.core:EngineCore.shutdown
-  handler: service_profiler.handlers.lifecycle:engine_shutdown_handler
+  handler: service_profiler.engines.vllm.lifecycle:engine_shutdown_handler
   domain: EngineCore
   name: shutdown
 """

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from service_profiler.handlers import vllm_v1
 from vllm.config import CacheConfig, ModelConfig, SchedulerConfig, VllmConfig
 from vllm.sampling_params import SamplingParams
 from vllm.utils.hashing import sha256
@@ -36,7 +35,8 @@ from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.request import Request, RequestStatus
 from vllm.v1.structured_output import StructuredOutputManager
 
-from service_profiler import patching, probes
+from service_profiler.engines.vllm import vllm_v1
+from service_profiler.runtime import patching, probes
 
 BLOCK_SIZE = 16
 TOKEN = 7

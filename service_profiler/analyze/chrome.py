@@ -49,11 +49,11 @@ from service_profiler.analyze.request_tracks import (
     read_request_events,
     request_phases,
 )
-from service_profiler.fastjson import encode_events
 from service_profiler.outputs import create_temp, open_output
+from service_profiler.rawdata.fastjson import encode_events
 
 if TYPE_CHECKING:
-    from service_profiler.rawfile import RunData, SpanRecord
+    from service_profiler.rawdata.rawfile import RunData, SpanRecord
 
 TraceEvent = dict[str, Any]
 

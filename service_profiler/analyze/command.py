@@ -354,7 +354,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _analyze(args: argparse.Namespace, out_dir: Path, formats: list[str], progress: _Progress,
              helpers: list[_Feeder]) -> int:
-    from service_profiler.rawfile import discover_files
+    from service_profiler.rawdata.rawfile import discover_files
 
     from .db_process import DatabaseProcess
 
@@ -375,7 +375,7 @@ def _analyze(args: argparse.Namespace, out_dir: Path, formats: list[str], progre
 
 def _analyze_run(args: argparse.Namespace, out_dir: Path, formats: list[str], progress: _Progress,
                  helpers: list[_Feeder], database: DatabaseProcess | None) -> int:
-    from service_profiler.rawfile import read_run
+    from service_profiler.rawdata.rawfile import read_run
 
     from .csv_export import (
         BATCH_CSV,

@@ -21,8 +21,8 @@ from bisect import bisect_right
 from collections.abc import Sequence
 from typing import Any
 
-from service_profiler.losses import Gap
-from service_profiler.rawfile import RunData
+from service_profiler.rawdata.losses import Gap
+from service_profiler.rawdata.rawfile import RunData
 
 from .tables import AnalysisTables, RecordIndex, Table
 

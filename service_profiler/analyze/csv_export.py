@@ -34,9 +34,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from service_profiler.fastjson import json_text
 from service_profiler.outputs import OutputFile, open_output
-from service_profiler.rawfile import RunData
+from service_profiler.rawdata.fastjson import json_text
+from service_profiler.rawdata.rawfile import RunData
 
 from . import lifecycle
 from .entries import EntryChunk

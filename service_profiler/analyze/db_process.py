@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from service_profiler.outputs import private_dir, remove_private_dir
-from service_profiler.rawfile import RunData
+from service_profiler.rawdata.rawfile import RunData
 
 from . import sqlite_export
 from .csv_export import (

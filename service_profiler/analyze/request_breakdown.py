@@ -1,7 +1,7 @@
 """Request timings as the client sees them, and their breakdown (docs/METRICS.md has the definitions).
 
 `add_breakdown` takes the request table (`request_table.build_request_table`) and, for the requests the
-HTTP server recorded (`Request/httpExchange`, see handlers/vllm_http.py), measures TTFT and e2e from
+HTTP server recorded (`Request/httpExchange`, see engines/vllm/vllm_http.py), measures TTFT and e2e from
 the HTTP arrival to the bytes written; it appends the milestones and a breakdown whose parts add up to
 `e2e_ms`:
 
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from service_profiler.rawfile import SpanRecord
+from service_profiler.rawdata.rawfile import SpanRecord
 
 from .tables import MS, RecordIndex, Table
 

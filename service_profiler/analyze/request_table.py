@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from service_profiler.rawfile import EventRecord, SpanRecord
+from service_profiler.rawdata.rawfile import EventRecord, SpanRecord
 
 from .tables import MS, REQUEST_COLUMNS, RecordIndex, Table
 

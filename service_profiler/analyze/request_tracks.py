@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from service_profiler.analyze.request_breakdown import HTTP_EVENT, HttpTimes
 
 if TYPE_CHECKING:
-    from service_profiler.rawfile import EventRecord
+    from service_profiler.rawdata.rawfile import EventRecord
 
 
 class RequestLifecycle:
@@ -39,7 +39,7 @@ class RequestLifecycle:
         self.last_done = 0  # when the step of that batch ended
         self.batches = 0
         self.first_batch: tuple[int, int, int, int] | None = None  # pid, tid, start, end
-        self.http: HttpTimes | None = None  # the HTTP server's view (handlers/vllm_http.py)
+        self.http: HttpTimes | None = None  # the HTTP server's view (service_profiler/engines/vllm/vllm_http.py)
         self.stream = False
 
     def changed(self, start: int, phase: int) -> None:

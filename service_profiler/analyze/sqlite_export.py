@@ -28,13 +28,13 @@ from itertools import chain, islice
 from pathlib import Path
 from typing import Any
 
-from service_profiler.fastjson import JSON_ENCODERS, json_text
 from service_profiler.outputs import private_dir, remove_private_dir
-from service_profiler.rawentries import add_records_py
-from service_profiler.rawfile import RECORD_CLASSES, CounterRecord, EventRecord, RunData, SpanRecord, read_run
+from service_profiler.rawdata.fastjson import JSON_ENCODERS, json_text
+from service_profiler.rawdata.rawentries import add_records_py
+from service_profiler.rawdata.rawfile import RECORD_CLASSES, CounterRecord, EventRecord, RunData, SpanRecord, read_run
 
 try:
-    from service_profiler._records import add_raw_rows as _c_add_raw_rows
+    from service_profiler.rawdata._records import add_raw_rows as _c_add_raw_rows
 except ImportError:  # not built: the pure-Python rows (build_raw_rows_py)
     _c_add_raw_rows = None
 
@@ -361,7 +361,7 @@ def build_raw_rows_py(records: list[Any], chans: dict[Any, tuple[int, str, str, 
                       spans: list[Any], events: list[Any], counters: list[Any], shared: dict[int, int] | None,
                       dropped: list[int]) -> None:
     """The rows of the raw tables (`_span_rows`, `_event_rows`, `_counter_rows`) straight from a line's
-    records (a `rawentries.LineBuilder`): the definition of service_profiler/_records.c's add_raw_rows,
+    records (a `rawentries.LineBuilder`): the definition of service_profiler/rawdata/_records.c's add_raw_rows,
     which makes them without the records in between, and the fallback where it was not built."""
     made: tuple[list[Any], list[Any], list[Any]] = ([], [], [])
     add_records_py(records, chans, off, pi, *made, RECORD_CLASSES, shared, dropped)

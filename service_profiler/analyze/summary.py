@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from service_profiler.rawfile import RunData
+from service_profiler.rawdata.rawfile import RunData
 
 from .completeness import complete_mask, reason_counts
 from .tables import AnalysisTables, Table

@@ -51,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from service_profiler.rawfile import CounterRecord, EventRecord, RunData, SpanRecord
+from service_profiler.rawdata.rawfile import CounterRecord, EventRecord, RunData, SpanRecord
 
 MS = 1e6
 

@@ -26,9 +26,9 @@ from typing import Any
 
 import duckdb
 
-from service_profiler.losses import LOSS_LINES, LossReader, ProcessLoss
-from service_profiler.rawcheck import MAX_TS
-from service_profiler.rawfile import _dedupe_copies, _process_from_header, discover_files, shared_wall_offsets
+from service_profiler.rawdata.losses import LOSS_LINES, LossReader, ProcessLoss
+from service_profiler.rawdata.rawcheck import MAX_TS
+from service_profiler.rawdata.rawfile import _dedupe_copies, _process_from_header, discover_files, shared_wall_offsets
 
 _REC_PREFIXES = (b'{"t":"rec"', b'{"t": "rec"')
 # The longest `rec` line read. DuckDB's JSON reader holds a buffer of twice this per thread; the writer

@@ -15,7 +15,7 @@ import os
 import sqlite3
 from pathlib import Path
 
-from service_profiler.losses import OPEN_END
+from service_profiler.rawdata.losses import OPEN_END
 
 from .batch import BATCH_COLUMNS
 from .breakdown import BREAKDOWN_COLUMNS

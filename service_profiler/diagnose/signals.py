@@ -132,7 +132,7 @@ def load_run(path: Path, engine_args: Sequence[str] | None = None, workload: Pat
         source = "analyze CSVs"
     elif run_dir is not None:
         from ..analyze.tables import build_tables
-        from ..rawfile import read_run
+        from ..rawdata.rawfile import read_run
 
         tables = build_tables(read_run([run_dir]))
         batches, requests, source = tables.batches.dicts(), tables.requests.dicts(), "raw run"

@@ -15,13 +15,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from service_profiler.rawfile import RunData
+from service_profiler.rawdata.rawfile import RunData
 
-from .batch_join import BatchJoiner
-from .batch_lines import batch_line, encode
-from .options import DEFAULT_LOG_DIR, DEFAULT_PROFILING_LOG
-from .scheduler_tables import COLUMNS, SchedulerTables
-from .sinks import CsvTablesWriter, JsonlWriter
+from ..runtime.frontdoors.batch_join import BatchJoiner
+from ..runtime.frontdoors.batch_lines import batch_line, encode
+from ..runtime.frontdoors.options import DEFAULT_LOG_DIR, DEFAULT_PROFILING_LOG
+from ..runtime.frontdoors.scheduler_tables import COLUMNS, SchedulerTables
+from ..runtime.frontdoors.sinks import CsvTablesWriter, JsonlWriter
 
 _SPAN, _EVENT = 0, 1
 _LINE_PARTS = {"batchFrameworkProcessing": "schedule", "modelExec": "model", "updateFromOutput": "update",

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..analyze.tables import AnalysisTables, build_tables
-from ..rawfile import read_run
+from ..rawdata.rawfile import read_run
 
 BATCH_EQUAL_SHARE = 0.95
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .. import envvars
+from ..runtime import envvars
 from .config import EngineSettings, ProfilingConfig, engine_for_cells
 from .http_client import HttpTarget, run_over_http
 from .requests import ArrivalSpec, WorkloadRequest, write_requests

@@ -1,8 +1,8 @@
 """The one entry point behind every way the profiler is loaded into a process.
 
 - the `service_profiler.pth` line installed with the package (every interpreter start-up),
-- `sitecustomize_dir/sitecustomize.py` for environments where .pth files are not processed
-  (put `python -c "import service_profiler.bootstrap as b; print(b.SITECUSTOMIZE_DIR)"` on PYTHONPATH),
+- `runtime/sitecustomize_dir/sitecustomize.py` for environments where .pth files are not processed
+  (put `python -c "import service_profiler.runtime.bootstrap as b; print(b.SITECUSTOMIZE_DIR)"` on PYTHONPATH),
 - vLLM's `vllm.general_plugins` entry point (vLLM calls it in every process it starts, maybe twice).
 
 `activate()` is idempotent, does nothing unless `SERVICE_PROF_CONFIG_PATH` is set or a front door is
@@ -72,7 +72,7 @@ def activate(source: str = "api") -> Any:
         runtime: Any = None
         try:
             _configure_logging()
-            from .runtime import Runtime
+            from .core import Runtime
 
             front_doors: Any = None
             builtin: Any = None

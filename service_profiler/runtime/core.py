@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import __version__, envvars, patching, probes, record
+from .. import __version__, record
+from . import envvars, patching, probes
 from .expressions import CompiledExpression, ExpressionError, compile_expression
 from .recorder import COUNTER, EVENT, SPAN, Recorder, install_sigterm_flush
 from .settings import ProfilerSettings, SettingsResult, load_settings, unsupported_options

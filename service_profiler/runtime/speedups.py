@@ -3,7 +3,7 @@
 A probe wrapper has to stay installed while collection is off, because vLLM caches bound methods at
 start-up and would keep calling the wrapper anyway. The pure-Python wrapper
 ``def w(*args, **kwargs): if not probe.active: return fn(*args, **kwargs)`` costs one extra Python
-frame plus packing ``*args``/``**kwargs`` on every call. ``ProbeSwitch`` (service_profiler/_speedups.c)
+frame plus packing ``*args``/``**kwargs`` on every call. ``ProbeSwitch`` (service_profiler/runtime/_speedups.c)
 is installed in the wrapper's place instead: a C callable that forwards each call, arguments
 untouched, via vectorcall to ``wrapper`` while its ``active`` flag is set and to ``original``
 otherwise. It binds like a function when stored on a class, so ``Cls.method = switch`` works as an
@@ -39,7 +39,7 @@ from collections.abc import Callable
 from typing import Any
 
 try:
-    from service_profiler._speedups import ProbeSwitch
+    from service_profiler.runtime._speedups import ProbeSwitch
 except ImportError:  # no compiler at install time, or a source checkout that was never built
     ProbeSwitch = None
 

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 Original = Callable[..., Any]
 
-_log = logging.getLogger("service_profiler.handlers")
+_log = logging.getLogger("service_profiler.engines.vllm")
 _now = record.now_ns
 
 _MAX_PENDING_BATCHES = 64

@@ -12,8 +12,8 @@ import os
 from itertools import chain
 from typing import TYPE_CHECKING, Any
 
-from service_profiler import envvars
-from service_profiler.frontdoors.options import is_true
+from service_profiler.runtime import envvars
+from service_profiler.runtime.frontdoors.options import is_true
 
 if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from . import record
+from .. import record
 from .threads import start_daemon
 
 _DEVICE_LOOKUP_INTERVAL_S = 1.0

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from service_profiler import bootstrap
+from service_profiler.runtime import bootstrap
 
 PREFIX = "[service-profiler]"
 

@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
-from .. import record
+from ... import record
 from .batch_join import BatchJoiner
 from .batch_lines import batch_line, encode
 from .options import FrontDoorOptions

@@ -20,7 +20,7 @@ entries are all good as it is.
 on the first record that `valid_record` rejects (or of an unknown channel) it raises, and the caller
 removes what this line appended and re-reads it record by record. What it did to the entries of the
 records before that stays done: cleaning is idempotent (tuples pass again, already-dropped entries
-are gone) and `dropped` counts each bad entry once. The C version (service_profiler/_records.c,
+are gone) and `dropped` counts each bad entry once. The C version (service_profiler/rawdata/_records.c,
 `HAVE_C_RECORDS`) does exactly the same at a fraction of the cost; `add_records_py` is the definition
 and the fallback where the extension was not built.
 """
@@ -41,7 +41,7 @@ _OPT_NUM = frozenset({int, float, type(None)})
 _OPT_STR = frozenset({str, type(None)})
 
 try:
-    from service_profiler._records import add_records as _c_add_records
+    from service_profiler.rawdata._records import add_records as _c_add_records
 except ImportError:  # no compiler at install time, or a source checkout that was never built
     _c_add_records = None
 

@@ -1,5 +1,5 @@
 /*
- * service_profiler._speedups: a C dispatcher that makes an installed-but-inactive probe almost free.
+ * service_profiler.runtime._speedups: a C dispatcher that makes an installed-but-inactive probe almost free.
  *
  * ProbeSwitch(original, wrapper, *, active=False) is a callable that forwards every call, with the
  * exact same positional arguments and keyword names, to `wrapper` while `active` is true and to
@@ -217,7 +217,7 @@ PyDoc_STRVAR(ProbeSwitch_doc,
 
 static PyTypeObject ProbeSwitch_Type = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "service_profiler._speedups.ProbeSwitch",
+    .tp_name = "service_profiler.runtime._speedups.ProbeSwitch",
     .tp_basicsize = sizeof(ProbeSwitch),
     .tp_itemsize = 0,
     .tp_dealloc = ProbeSwitch_dealloc,
@@ -259,7 +259,7 @@ PyDoc_STRVAR(speedups_doc, "C helpers for service_profiler: ProbeSwitch, a near-
 
 static struct PyModuleDef speedups_module = {
     PyModuleDef_HEAD_INIT,
-    .m_name = "service_profiler._speedups",
+    .m_name = "service_profiler.runtime._speedups",
     .m_doc = speedups_doc,
     .m_size = 0,
     .m_methods = NULL,

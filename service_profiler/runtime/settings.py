@@ -3,7 +3,7 @@
 The keys are those of msserviceprofiler's documented config (`enable`, `prof_dir`, `profiler_level`,
 `host_system_usage_freq`, `npu_memory_usage_freq`, `acl_task_time`, `acl_prof_task_time_level`,
 `api_filter`, `kernel_filter`, `timelimit`, `domain`) plus three of our own (`console_every_n_steps`,
-`flush_interval_s`, `max_buffered_records`). The shipped defaults live in `config/default_config.json`,
+`flush_interval_s`, `max_buffered_records`). The shipped defaults live in `runtime/default_config.json`,
 which is also what a missing config file is created from.
 
 Loading never raises for anything a user can write: an unreadable or invalid file gives the defaults
@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from service_profiler import envvars
-from service_profiler.shipped import shipped_config_dir
+from service_profiler.runtime import envvars
+from service_profiler.runtime.shipped import DEFAULT_CONFIG_PATH
 
 BACKENDS = ("cpu", "cuda", "npu")
 
@@ -37,7 +37,7 @@ def _default_prof_dir() -> str:
 
 @dataclass(frozen=True)
 class ProfilerSettings:
-    """A validated config. Field defaults equal `config/default_config.json` (a test holds them equal)."""
+    """A validated config. Field defaults equal `runtime/default_config.json` (a test holds them equal)."""
 
     enable: bool = False
     prof_dir: str = field(default_factory=_default_prof_dir)
@@ -237,8 +237,8 @@ _RULES: dict[str, tuple[Callable[[object], object], str]] = {
 
 @lru_cache(maxsize=1)
 def shipped_default_text() -> str:
-    """The text of `config/default_config.json`, written verbatim when the config file is missing."""
-    return (shipped_config_dir() / "default_config.json").read_text(encoding="utf-8")
+    """The text of `service_profiler/runtime/default_config.json`, written verbatim when the config file is missing."""
+    return DEFAULT_CONFIG_PATH.read_text(encoding="utf-8")
 
 
 def _shipped_default_values() -> dict[str, object]:

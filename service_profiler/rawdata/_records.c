@@ -1,5 +1,5 @@
 /*
- * service_profiler._records: the raw reader's per-record loop in C (see service_profiler/rawentries.py).
+ * service_profiler.rawdata._records: the raw reader's per-record loop in C (see service_profiler/rawdata/rawentries.py).
  *
  * add_records(records, chans, offset, proc, spans, events, counters, classes, shared, dropped)
  *
@@ -585,7 +585,7 @@ add_raw_rows(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 static PyMethodDef records_methods[] = {
     {"add_records", (PyCFunction)(void (*)(void))add_records, METH_FASTCALL,
      "add_records(records, chans, offset, proc, spans, events, counters, classes, shared, dropped)\n--\n\n"
-     "Append one raw line's records to spans/events/counters (see service_profiler/rawentries.py)."},
+     "Append one raw line's records to spans/events/counters (see service_profiler/rawdata/rawentries.py)."},
     {"add_raw_rows", (PyCFunction)(void (*)(void))add_raw_rows, METH_FASTCALL,
      "add_raw_rows(records, chans, offset, proc, spans, events, counters, encoders, shared, dropped)\n--\n\n"
      "add_records, but SQLite rows of the raw tables (see service_profiler/analyze/sqlite_export.py)."},
@@ -607,11 +607,11 @@ static PyModuleDef_Slot records_slots[] = {
     {0, NULL},
 };
 
-PyDoc_STRVAR(records_doc, "C fast path of the raw reader's per-record loop (service_profiler/rawentries.py).");
+PyDoc_STRVAR(records_doc, "C fast path of the raw reader's per-record loop (service_profiler/rawdata/rawentries.py).");
 
 static struct PyModuleDef records_module = {
     PyModuleDef_HEAD_INIT,
-    .m_name = "service_profiler._records",
+    .m_name = "service_profiler.rawdata._records",
     .m_doc = records_doc,
     .m_size = 0,
     .m_methods = records_methods,

@@ -1,7 +1,7 @@
 """Loads service-profiler at interpreter start-up, then runs the user's own sitecustomize, if any.
 
 Used only where the installed `service_profiler.pth` is not processed: add this directory to
-PYTHONPATH. It is a few lines on purpose; all logic lives in `service_profiler.bootstrap`.
+PYTHONPATH. It is a few lines on purpose; all logic lives in `service_profiler.runtime.bootstrap`.
 """
 
 import importlib.machinery
@@ -12,7 +12,7 @@ import sys
 if (os.environ.get("SERVICE_PROF_CONFIG_PATH") or os.environ.get("VLLM_SCHEDULER_LOGGING")
         or os.environ.get("VLLM_ENABLE_SCHEDULER_PROFILING")):
     try:
-        from service_profiler.bootstrap import activate_from_startup
+        from service_profiler.runtime.bootstrap import activate_from_startup
 
         activate_from_startup()
     except Exception:

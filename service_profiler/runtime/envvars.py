@@ -43,7 +43,7 @@ VLLM_SCHEDULER_PROFILING_LOG = "VLLM_SCHEDULER_PROFILING_LOG"
 directory. Replaced at the engine's first step (a second data-parallel engine writes `<stem>.dp<N>.jsonl`)."""
 
 VLLM_SCHEDULER_PROFILING_CONSOLE = "VLLM_SCHEDULER_PROFILING_CONSOLE"
-"""`true` / `1`: also print the live console line (see `handlers/console.py`) from the engine; default
+"""`true` / `1`: also print the live console line (see `engines/vllm/console.py`) from the engine; default
 `false`. With a config file, its `console_every_n_steps` decides instead."""
 
 VLLM_SCHEDULER_LOGGING = "VLLM_SCHEDULER_LOGGING"

@@ -42,9 +42,9 @@ from pathlib import Path
 
 import yaml
 
-from service_profiler import envvars
-from service_profiler.expressions import ExpressionError, compile_expression
-from service_profiler.shipped import shipped_config_dir
+from service_profiler.runtime import envvars
+from service_profiler.runtime.expressions import ExpressionError, compile_expression
+from service_profiler.runtime.shipped import engines_dir
 
 TIMER = "timer"
 KNOWN_KEYS = ("symbol", "handler", "domain", "name", "min_version", "max_version", "attributes",
@@ -450,7 +450,7 @@ def version_gate(spec: SymbolSpec, version: str | None = None, *, engine: str | 
 
 @dataclass(frozen=True)
 class EngineEntry:
-    """One entry of `config/engines.json`."""
+    """One entry of `service_profiler/engines/engines.json`."""
 
     distributions: tuple[str, ...]
     module: str
@@ -462,7 +462,7 @@ class EngineEntry:
 def load_manifest(directory: Path | None = None) -> tuple[EngineEntry, ...]:
     """The engine manifest in `directory` (default: the shipped config). Raises ValueError when broken:
     the file is ours, so that is a packaging bug."""
-    path = (directory or shipped_config_dir()) / "engines.json"
+    path = (directory or engines_dir()) / "engines.json"
     try:
         return tuple(EngineEntry(tuple(item["distribution"]), item["module"], item.get("versions", ""),
                                  item["symbols"]) for item in json.loads(path.read_text(encoding="utf-8")))
@@ -556,7 +556,7 @@ def resolve_symbols_path(env: Mapping[str, str], *, shipped_dir: Path | None = N
     """Find the symbols YAML: `PROFILING_SYMBOLS_PATH` (created from the shipped default if missing),
     else `~/.config/vllm_ascend/service_profiling_symbols.<vllm version>.yaml`, else the shipped default
     for the installed engine. `shipped_dir` and `version_of` exist for tests."""
-    directory = shipped_dir or shipped_config_dir()
+    directory = shipped_dir or engines_dir()
     home = Path(env.get("HOME") or Path.home())
     problems: list[str] = []
 

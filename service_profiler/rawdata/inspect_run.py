@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from service_profiler.rawfile import RunData, read_run
+from service_profiler.rawdata.rawfile import RunData, read_run
 
 EXIT_OK, EXIT_NO_DATA = 0, 2
 

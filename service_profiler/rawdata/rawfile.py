@@ -33,8 +33,8 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from service_profiler.losses import LOSS_LINES, LossReader, ProcessLoss
-from service_profiler.rawcheck import (
+from service_profiler.rawdata.losses import LOSS_LINES, LossReader, ProcessLoss
+from service_profiler.rawdata.rawcheck import (
     FORMAT_VERSION,
     MAX_TS,
     clock_anchor,
@@ -48,7 +48,7 @@ from service_profiler.rawcheck import (
     short_text,
     valid_ts,
 )
-from service_profiler.rawentries import (
+from service_profiler.rawdata.rawentries import (
     BATCH_REQS,
     COUNTER,
     EVENT,

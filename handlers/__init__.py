@@ -1,1 +1,0 @@
-"""Engine knowledge: what to read from an engine's objects. Installed as `service_profiler.handlers`."""
