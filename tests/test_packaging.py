@@ -1,10 +1,15 @@
 """What `pip install` delivers: under CI the tests run against the built wheel, and it must carry the
-engine knowledge (handlers/, config/), the start-up hook and the C fast path."""
+engine knowledge (service_profiler/engines/: handlers and symbol YAMLs), the runtime's default config,
+the start-up hook pointing at the runtime's bootstrap, the vLLM plugin entry point and the C fast path."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import sysconfig
+from importlib.metadata import entry_points
 from importlib.resources import files
 from pathlib import Path
 
@@ -23,19 +28,46 @@ def test_tests_import_the_installed_wheel() -> None:
 
 
 def test_wheel_carries_config_and_handlers() -> None:
-    shipped = files("service_profiler.engines.vllm")
-    for name in ("default_config.json", "engines.json", "vllm_v1.yaml", "vllm_ascend.yaml"):
-        assert shipped.joinpath(name).is_file(), name
+    from service_profiler.runtime import shipped
+
+    assert shipped.DEFAULT_CONFIG_PATH.is_file()
+    assert files("service_profiler.engines").joinpath("engines.json").is_file()
+    manifest = json.loads((shipped.engines_dir() / "engines.json").read_text(encoding="utf-8"))
+    yamls = [entry["symbols"] for entry in manifest]
+    assert "vllm/vllm_v1.yaml" in yamls and "vllm/vllm_ascend.yaml" in yamls
+    for name in yamls:
+        assert files("service_profiler.engines").joinpath(name).is_file(), name
     import service_profiler.engines.vllm.vllm_extract
     import service_profiler.engines.vllm.vllm_v1  # noqa: F401
+
+
+def test_vllm_plugin_entry_point_is_the_runtime_bootstrap() -> None:
+    from service_profiler.runtime import bootstrap
+
+    plugins = [ep for ep in entry_points(group="vllm.general_plugins") if ep.name == "service_profiler"]
+    assert len(plugins) == 1 and plugins[0].value == "service_profiler.runtime.bootstrap:vllm_plugin"
+    assert plugins[0].load() is bootstrap.vllm_plugin
+
+
+def test_startup_line_runs_the_runtime_bootstrap() -> None:
+    # The installed .pth line runs at interpreter start-up: with the config variable set it loads the
+    # runtime's bootstrap (kept inactive here by SERVICE_PROF_DISABLE); without it, nothing.
+    pth = next(Path(p) / "service_profiler.pth" for p in sys.path if (Path(p) / "service_profiler.pth").is_file())
+    assert "'service_profiler.runtime.bootstrap'" in pth.read_text(encoding="utf-8")
+    code = "import sys; print('service_profiler.runtime.bootstrap' in sys.modules)"
+    seen = []
+    for extra in ({"SERVICE_PROF_CONFIG_PATH": "/nonexistent.json"}, {}):
+        env = {"PATH": "/usr/bin:/bin", "SERVICE_PROF_DISABLE": "1", **extra}
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+        assert proc.returncode == 0, proc.stderr
+        seen.append(proc.stdout.strip())
+    assert seen == ["True", "False"]
 
 
 def test_editable_install_carries_the_startup_line(tmp_path: Path) -> None:
     """`pip install -e .` must profile plain Python processes too: its editable wheel carries the
     same `.pth` line as the regular wheel (pip installs that wheel's files into site-packages)."""
     import shutil
-    import subprocess
-    import sys
     import zipfile
 
     repo = Path(__file__).resolve().parents[1]
