@@ -4,8 +4,6 @@ User symbol YAMLs written for earlier releases name handlers as `service_profile
 The handlers now live in `service_profiler.engines.vllm`; importing this module registers each of them
 under its old name as the SAME module object (an alias, not a second copy: handler modules hold
 per-process state), so `importlib.import_module` of an old name returns the new module.
-
-reorg: keep-old-names
 """
 
 from __future__ import annotations
