@@ -2,7 +2,6 @@
 Those names keep working and give the very objects of `service_profiler.engines.vllm` (an alias, not a
 second copy: handler modules hold per-process state)."""
 
-
 from __future__ import annotations
 
 import importlib
