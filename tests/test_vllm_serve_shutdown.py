@@ -17,6 +17,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from runtime_harness import read_records
@@ -54,6 +55,10 @@ SYMBOLS = """
   handler: service_profiler.engines.vllm.lifecycle:engine_shutdown_handler
   domain: EngineCore
   name: shutdown
+- symbol: vllm.v1.executor.multiproc_executor:WorkerProc.shutdown
+  handler: service_profiler.engines.vllm.lifecycle:worker_shutdown_handler
+  domain: Worker
+  name: shutdown
 """
 
 
@@ -89,10 +94,13 @@ def _load(server) -> threading.Thread:  # type: ignore[no-untyped-def]
 def _engine_steps(side: Path, prof: Path) -> tuple[list[int], list[list[int]], list[dict[str, object]]]:
     (side_file,) = side.glob("*.steps")
     truth = [int(line) for line in side_file.read_text().split()]
-    (run_dir,) = prof.iterdir()
-    runs = read_records(run_dir)
-    engine = runs[int(side_file.stem)]
+    engine = _runs(prof)[int(side_file.stem)]
     return truth, engine.spans("step"), engine.lines
+
+
+def _runs(prof: Path) -> dict[int, Any]:
+    (run_dir,) = prof.iterdir()
+    return read_records(run_dir)
 
 
 def test_sigterm_under_load_keeps_every_engine_step(tiny_model: Path, tmp_path: Path) -> None:
@@ -111,6 +119,11 @@ def test_sigterm_under_load_keeps_every_engine_step(tiny_model: Path, tmp_path: 
     assert lines[-1]["t"] == "close" and closes[0]["reason"] == "engine_shutdown", lines[-3:]
     flushed = [line for line in lines if line["t"] == "flushed"]
     assert flushed and all(isinstance(line["until"], int) for line in flushed)
+    # Every other process of the service ended with its final flush too: the API server at exit, the
+    # executor's worker (a multiprocessing child that leaves through os._exit) in its own shutdown.
+    ends = {run.header["role"]: (run.lines[-1]["t"], run.lines[-1].get("reason")) for run in _runs(prof).values()}
+    assert ends.get("VllmWorker-0") == ("close", "worker_shutdown"), ends
+    assert all(t == "close" for t, _ in ends.values()), ends
 
 
 def test_sigkill_of_the_engine_loses_at_most_about_one_flush_interval(tiny_model: Path, tmp_path: Path) -> None:
