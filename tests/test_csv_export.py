@@ -13,7 +13,7 @@ from service_profiler.analyze.summary import describe
 from service_profiler.analyze.tables import build_tables
 from service_profiler.rawdata.rawfile import EventRecord, ProcessInfo, RunData, SpanRecord, read_run
 
-# The reference's header lines, verbatim (REFERENCE.md section 1).
+# msserviceprofiler's header lines, verbatim.
 REQUEST_HEADER = ("http_rid,start_datetime,recv_token_size,reply_token_size,execution_time(ms),queue_wait_time(ms),"
                   "first_token_latency(ms),cache_hit_rate")
 BATCH_HEADER = ("name,res_list,start_time,end_time,during_time(ms),batch_type,prof_id,total_batch_size,total_blocks,"
