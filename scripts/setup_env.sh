@@ -22,7 +22,7 @@ fi
 # Their PyPI builds need CUDA libraries and break `transformers` imports on CPU; triton is unused here.
 "$PY" -m pip uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
 
-"$PY" -m pip install -q pytest ruff mypy types-PyYAML types-psutil build scipy matplotlib orjson ijson pandas duckdb
+"$PY" -m pip install -q pytest ruff mypy types-PyYAML types-psutil build scipy matplotlib orjson ijson pandas duckdb==1.5.5 duckdb-extension-sqlite-scanner==1.5.5
 
 rm -rf dist build
 "$PY" -m build --wheel --no-isolation -o dist . >/dev/null

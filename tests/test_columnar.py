@@ -295,6 +295,30 @@ def test_profiler_db_has_the_same_tables_and_rows(both_outputs: tuple[Path, Path
             assert all(_same(x, y) for x, y in zip(w, g, strict=True)), (name, w, g)
 
 
+def test_profiler_db_through_duckdb_equals_through_python(tmp_path: Path, busy: SyntheticRun) -> None:
+    """profiler.db written by DuckDB's SQLite extension (the installed default) holds exactly what Python's
+    sqlite3 writes (the fallback where the extension does not load): same schema, rows, order and types."""
+    from service_profiler.columnar.sqlite_out import write_db
+
+    run = analyze_run([busy.run_dir])
+    try:
+        fast = write_db(run, tmp_path / "fast.db", through_duckdb=True)  # raises if the extension is missing
+        slow = write_db(run, tmp_path / "slow.db", through_duckdb=False)
+    finally:
+        run.close()
+    a, b = sqlite3.connect(fast), sqlite3.connect(slow)
+    schema = "SELECT type, name, sql FROM sqlite_master ORDER BY name"
+    assert a.execute(schema).fetchall() == b.execute(schema).fetchall()
+    rows = 0
+    for (name,) in b.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall():
+        query = f"SELECT *, {', '.join(f'typeof({c[1]!r})' for c in b.execute(f'PRAGMA table_info({name})'))} " \
+                f"FROM {name}"
+        want = b.execute(query).fetchall()
+        assert a.execute(query).fetchall() == want, name
+        rows += len(want)
+    assert rows > 10_000
+
+
 def _db_columns(db: sqlite3.Connection) -> dict[str, list[str]]:
     names = [n for (n,) in db.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'view')")]
     return {n: [r[1] for r in db.execute(f"PRAGMA table_info({n})")] for n in names}

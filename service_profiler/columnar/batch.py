@@ -48,11 +48,11 @@ def _matched(con: duckdb.DuckDBPyConnection, table: str, domain: str, name: str)
                            max(end_ns - start_ns) AS dur FROM cand GROUP BY proc, bid),
         by_dp AS (SELECT hostname, dp, bid, arg_max(start_ns, end_ns - start_ns) AS start_ns,
                          max(end_ns - start_ns) AS dur FROM cand GROUP BY hostname, dp, bid)
-        SELECT b.batch_row, coalesce(x.start_ns, y.start_ns) AS start_ns,
-               coalesce(x.start_ns + x.dur, y.start_ns + y.dur) AS end_ns
+        SELECT b.batch_row, CASE WHEN x.proc IS NULL THEN y.start_ns ELSE x.start_ns END AS start_ns,
+               CASE WHEN x.proc IS NULL THEN y.start_ns + y.dur ELSE x.start_ns + x.dur END AS end_ns
         FROM batch_span b
         LEFT JOIN by_proc x ON x.proc = b.proc AND x.bid = b.bid
-        LEFT JOIN by_dp y ON x.proc IS NULL AND y.hostname = b.hostname AND y.dp = b.dp_rank AND y.bid = b.bid
+        LEFT JOIN by_dp y ON y.hostname = b.hostname AND y.dp = b.dp_rank AND y.bid = b.bid
         WHERE b.bid IS NOT NULL""")
 
 

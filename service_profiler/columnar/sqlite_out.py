@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import threading
 from pathlib import Path
 
 from service_profiler.rawdata.losses import OPEN_END
@@ -113,7 +114,8 @@ def _copy(run: AnalysisRun, db: sqlite3.Connection, table: str, query: str) -> N
         db.executemany(insert, rows)
 
 
-def _analysis_table(run: AnalysisRun, db: sqlite3.Connection, name: str) -> None:
+def _analysis_table(run: AnalysisRun, name: str) -> tuple[str, str]:
+    """The analysis table `name`: its CREATE TABLE and the DuckDB query giving its rows."""
     source, first, order, columns, lists = ANALYSIS_TABLES[name]
     types = dict(run.con.execute(f"SELECT column_name, data_type FROM information_schema.columns "
                                  f"WHERE table_name = '{source}'").fetchall())
@@ -125,8 +127,7 @@ def _analysis_table(run: AnalysisRun, db: sqlite3.Connection, name: str) -> None
     if first:
         defs.insert(0, f"{first} INTEGER PRIMARY KEY")
         select.insert(0, f"{order} - {1 if order == 'row_no' else 0}")
-    db.execute(f"CREATE TABLE {name} ({', '.join(defs)})")
-    _copy(run, db, name, f"SELECT {', '.join(select)} FROM {source} ORDER BY {order}")
+    return f"CREATE TABLE {name} ({', '.join(defs)})", f"SELECT {', '.join(select)} FROM {source} ORDER BY {order}"
 
 
 def _process_tables(run: AnalysisRun, db: sqlite3.Connection) -> None:
@@ -159,20 +160,71 @@ def _process_tables(run: AnalysisRun, db: sqlite3.Connection) -> None:
     db.executemany("INSERT INTO problem VALUES (?)", [(p,) for p in run.problems])
 
 
-def write_db(run: AnalysisRun, path: Path) -> Path:
+def _load_sqlite_extension(run: AnalysisRun) -> bool:
+    """Load DuckDB's SQLite extension from its PyPI package (`duckdb-extension-sqlite-scanner`, installed
+    with this tool; DuckDB would otherwise download it). False where that package is missing or was built
+    for another DuckDB version: profiler.db is then written through Python's sqlite3, a few times slower
+    (every row becomes Python objects on the way)."""
+    try:
+        import duckdb_extension_sqlite_scanner as package
+    except ImportError:
+        return False
+    row = run.con.execute("PRAGMA version").fetchone()
+    version = str(row[0]) if row else ""
+    found = Path(package.__file__).parent / "extensions" / version / "sqlite_scanner.duckdb_extension"
+    if not found.is_file():
+        return False
+    try:
+        run.con.execute("LOAD '" + str(found).replace("'", "''") + "'")
+    except Exception:  # a damaged or unsigned file: the slower path still writes the same tables
+        return False
+    return True
+
+
+def _fill_through_duckdb(run: AnalysisRun, path: Path, tables: list[tuple[str, str]]) -> None:
+    """Each `(table, query)`: DuckDB inserts the query's rows into the SQLite file itself (its SQLite
+    extension binds them in C), in the query's order."""
+    alias = f"profiler_db_{os.getpid()}_{threading.get_ident()}"
+    run.con.execute(f"ATTACH '{str(path).replace(chr(39), chr(39) * 2)}' AS {alias} (TYPE sqlite, READ_ONLY false)")
+    try:
+        for table, query in tables:
+            run.con.execute(f"INSERT INTO {alias}.{table} {query}")
+    finally:
+        run.con.execute(f"DETACH {alias}")
+
+
+def write_db(run: AnalysisRun, path: Path, through_duckdb: bool | None = None) -> Path:
+    """profiler.db at `path`, replacing it only once complete. `through_duckdb`: rows written by DuckDB's
+    SQLite extension (default: when it loads) or by Python's sqlite3."""
+    if through_duckdb is not False:
+        loaded = _load_sqlite_extension(run)
+        if through_duckdb and not loaded:
+            raise RuntimeError("DuckDB's SQLite extension (duckdb-extension-sqlite-scanner) did not load")
+        through_duckdb = loaded
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     partial.unlink(missing_ok=True)
+    tables = [(name, query) for name, (_, query) in RAW_TABLES.items()]
+    creates = [create for create, _ in RAW_TABLES.values()]
+    for name in ANALYSIS_TABLES:
+        create, query = _analysis_table(run, name)
+        tables.append((name, query))
+        creates.append(create)
     db = sqlite3.connect(partial)
     try:
         db.execute("PRAGMA journal_mode = OFF")
         db.execute("PRAGMA synchronous = OFF")
         with db:
             _process_tables(run, db)
-            for name, (create, query) in RAW_TABLES.items():
+            for create in creates:
                 db.execute(create)
-                _copy(run, db, name, query)
-            for name in ANALYSIS_TABLES:
-                _analysis_table(run, db, name)
+            if not through_duckdb:
+                for name, query in tables:
+                    _copy(run, db, name, query)
+        if through_duckdb:
+            db.close()
+            _fill_through_duckdb(run, partial, tables)
+            db = sqlite3.connect(partial)
+        with db:
             for index in INDEXES:
                 db.execute(index)
             for view, query in VIEWS.items():
