@@ -1,4 +1,4 @@
-"""Time and memory of `service-profiler analyze2` (the DuckDB pipeline) on synthetic and real runs.
+"""Time and memory of `service-profiler analyze` (the DuckDB pipeline) on synthetic and real runs.
 
     python benchmarks/bench_columnar.py [--case 1m 10m 100m] [--real DIR ...] [--format csv db]
                                         [--repeat N] [--memory-limit 1GB] [--old] [--work DIR] [--engines]
@@ -11,8 +11,9 @@ Each analysis runs in a fresh interpreter; reported: its wall time (interpreter 
 time of its whole process tree (user + system: on a shared, overloaded machine the steadier figure) and
 the peak of the whole process tree's memory, sampled every 0.1 s from /proc: RSS summed over the tree
 (pool workers included) and PSS (shared pages split, the physical total). Each figure is the median of
---repeat runs with min-max. `--old`: the current `service-profiler analyze` on the same run, alternated
-with the new one so both see the same machine load.
+--repeat runs with min-max. `--old`: the previous in-memory pipeline
+(`python -m service_profiler.analyze.command`) on the same run, alternated with the new one so both see the
+same machine load.
 """
 
 from __future__ import annotations
@@ -146,9 +147,9 @@ def _summary(values: list[float]) -> str:
 def bench(name: str, run_dir: Path, args: argparse.Namespace) -> dict[str, object]:
     raw_mb = sum(p.stat().st_size for p in run_dir.rglob("*.sprof.jsonl")) / 1e6
     out = Path(args.work) / "out"
-    new_cmd = [sys.executable, "-m", "service_profiler.cli", "analyze2", "--input-path", str(run_dir),
+    new_cmd = [sys.executable, "-m", "service_profiler.cli", "analyze", "--input-path", str(run_dir),
                "--output-path", str(out), "--format", *args.format, "--quiet", "--memory-limit", args.memory_limit]
-    old_cmd = [sys.executable, "-m", "service_profiler.cli", "analyze", "--input-path", str(run_dir),
+    old_cmd = [sys.executable, "-m", "service_profiler.analyze.command", "--input-path", str(run_dir),
                "--output-path", str(out), "--format", *args.format, "--quiet"]
     runs: dict[str, list[dict[str, float]]] = {"new": [], "old": []}
     for _ in range(args.repeat):

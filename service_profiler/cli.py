@@ -15,10 +15,8 @@ from . import __version__
 
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "analyze": ("service_profiler.analyze.command",
+    "analyze": ("service_profiler.columnar.command",
                 "turn a run directory into chrome_tracing.json, profiler.db, CSV tables, plots and a model"),
-    "analyze2": ("service_profiler.columnar.command",
-                 "analyze on an embedded columnar engine (DuckDB): the same tables with memory bounded by a setting"),
     "inspect": ("service_profiler.rawdata.inspect_run", "first look at a run: processes, record counts, patch reports"),
     "check": ("service_profiler.checker", "check a symbols YAML against an engine's source without importing it"),
     "model": ("service_profiler.model.command", "fit the batch latency model or predict with it"),

@@ -163,3 +163,15 @@ def private_dir(directory: Path, prefix: str) -> Path:
 def remove_private_dir(path: Path | None) -> None:
     if path is not None:
         shutil.rmtree(path, ignore_errors=True)
+
+
+@contextmanager
+def scratch_dir(directory: Path, prefix: str) -> Iterator[Path]:
+    """A `private_dir` in `directory` for files another program (e.g. DuckDB's COPY) writes by name, then
+    moved onto their output path with `os.replace` (which replaces a link there, never writing through
+    it); removed at the end of the block."""
+    path = private_dir(directory, prefix)
+    try:
+        yield path
+    finally:
+        remove_private_dir(path)

@@ -1,5 +1,6 @@
-"""The DuckDB pipeline (`service_profiler.columnar`, `service-profiler analyze2`) against the current
-analysis (`service_profiler.analyze`) on the same raw files: same tables, same CSV files, same profiler.db.
+"""The DuckDB pipeline (`service_profiler.columnar`, `service-profiler analyze`) against the previous,
+in-memory analysis (`service_profiler.analyze`) on the same raw files: same tables, same CSV files, same
+profiler.db.
 
 Known, documented difference (docs/COLUMNAR.md): rows with the same timestamp that were written in two
 different `rec` lines may come in another order (DuckDB's reader gives no line number), so kvcache,
@@ -129,6 +130,12 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
                           timeout=300)
 
 
+def _previous(*args: str) -> subprocess.CompletedProcess[str]:
+    """The previous, in-memory pipeline (service_profiler.analyze), which the DuckDB one replaced."""
+    return subprocess.run([sys.executable, "-m", "service_profiler.analyze.command", *args], capture_output=True,
+                          text=True, timeout=300)
+
+
 def _lines(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
@@ -240,10 +247,9 @@ def test_tables_equal_on_a_partly_observed_run(partial: Path) -> None:
 def both_outputs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     run_dir = request.getfixturevalue("busy").run_dir if request.param == "busy" else request.getfixturevalue("partial")
     old, new = tmp_path_factory.mktemp("old"), tmp_path_factory.mktemp("new")
-    done = _cli("analyze", "--input-path", str(run_dir), "--output-path", str(old), "--format", "csv", "db",
-                "--quiet")
+    done = _previous("--input-path", str(run_dir), "--output-path", str(old), "--format", "csv", "db", "--quiet")
     assert done.returncode == 0, done.stderr
-    done = _cli("analyze2", "--input-path", str(run_dir), "--output-path", str(new), "--format", "csv", "db",
+    done = _cli("analyze", "--input-path", str(run_dir), "--output-path", str(new), "--format", "csv", "db",
                 "--quiet", "--memory-limit", "256MB", "--jobs", "2", "--processes")
     assert done.returncode == 0, done.stderr
     return old, new
@@ -333,7 +339,7 @@ def test_outputs_have_the_same_columns(busy: SyntheticRun, both_outputs: tuple[P
         for name, attr in OLD_TABLE.items():
             new_columns = [d[0] for d in new.con.execute(f"SELECT * FROM {name} LIMIT 0").description]
             old_columns = getattr(old, attr).columns
-            # analyze2's tables may carry helper columns first (row_no, batch_row), nothing else
+            # the DuckDB tables may carry helper columns first (row_no, batch_row), nothing else
             assert [c for c in new_columns if c in old_columns] == old_columns, name
             assert set(new_columns) - set(old_columns) <= {"row_no", "batch_row"}, name
     finally:
@@ -355,7 +361,7 @@ def test_every_output_of_a_real_run(tmp_path: Path) -> None:
     """All formats on the real run: a trace the strict validator accepts, the nine plots, the model."""
     from trace_check import validate_trace
 
-    done = _cli("analyze2", "--input-path", str(REAL_RUN), "--output-path", str(tmp_path), "--quiet")
+    done = _cli("analyze", "--input-path", str(REAL_RUN), "--output-path", str(tmp_path), "--quiet")
     assert done.returncode == 0, done.stderr
     trace = json.loads((tmp_path / "chrome_tracing.json").read_text(encoding="utf-8"))
     assert validate_trace(trace) == []
@@ -372,7 +378,7 @@ def test_trace_is_bounded(tmp_path: Path, busy: SyntheticRun) -> None:
 
     full, capped, window = tmp_path / "full", tmp_path / "capped", tmp_path / "window"
     for out, extra in ((full, []), (capped, ["--trace-max-per-second", "5"]), (window, ["--window", "1:2"])):
-        done = _cli("analyze2", "--input-path", str(busy.run_dir), "--output-path", str(out), "--format", "json",
+        done = _cli("analyze", "--input-path", str(busy.run_dir), "--output-path", str(out), "--format", "json",
                     "--quiet", *extra)
         assert done.returncode == 0, done.stderr
     traces = {out.name: json.loads((out / "chrome_tracing.json").read_text(encoding="utf-8"))
@@ -423,7 +429,7 @@ def test_runs_under_a_small_memory_limit(tmp_path: Path) -> None:
     synth = generate_run(tmp_path / "run", SyntheticConfig(requests=1500, output_tokens=32, max_num_seqs=64,
                                                           seed=5))
     out = tmp_path / "out"
-    done = _cli("analyze2", "--input-path", str(synth.run_dir), "--output-path", str(out), "--format", "csv",
+    done = _cli("analyze", "--input-path", str(synth.run_dir), "--output-path", str(out), "--format", "csv",
                 "--memory-limit", "128MB", "--threads", "1", "--quiet")
     assert done.returncode == 0, done.stderr
     with (out / "request.csv").open() as fh:
@@ -436,7 +442,7 @@ def test_output_links_are_not_followed(tmp_path: Path, busy: SyntheticRun) -> No
     target = tmp_path / "elsewhere.csv"
     target.write_text("keep me\n")
     (out / "request.csv").symlink_to(target)
-    done = _cli("analyze2", "--input-path", str(busy.run_dir), "--output-path", str(out), "--format", "csv",
+    done = _cli("analyze", "--input-path", str(busy.run_dir), "--output-path", str(out), "--format", "csv",
                 "--quiet")
     assert done.returncode == 0, done.stderr
     assert target.read_text() == "keep me\n"
@@ -444,6 +450,6 @@ def test_output_links_are_not_followed(tmp_path: Path, busy: SyntheticRun) -> No
 
 
 def test_no_raw_files_is_exit_status_2(tmp_path: Path) -> None:
-    done = _cli("analyze2", "--input-path", str(tmp_path), "--output-path", str(tmp_path / "out"))
+    done = _cli("analyze", "--input-path", str(tmp_path), "--output-path", str(tmp_path / "out"))
     assert done.returncode == 2
     assert "no raw files" in done.stderr and "Traceback" not in done.stderr

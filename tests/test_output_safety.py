@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from synthetic import SyntheticConfig, SyntheticRun, generate_run
 
-from service_profiler.analyze import command
+from service_profiler.columnar import command
 from service_profiler.outputs import OutputFile, OutputPathError, check_output_dir
 
 # scratch names analyze used to write (or read back) at fixed names in the output directory
@@ -51,13 +51,8 @@ def _spool_payload(path: Path, marker: Path) -> None:
     path.write_bytes(len(data).to_bytes(8, "little") + data)
 
 
-@pytest.mark.parametrize("mode", ["late", "stream"])
-def test_planted_links_are_replaced_never_written_through(synth: SyntheticRun, reference: Path, tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
-    from service_profiler.analyze import db_process
-
-    if mode == "stream":  # the database process reads a spool of pickles back
-        monkeypatch.setattr(db_process, "STREAM_ABOVE_BYTES", -1)
+def test_planted_links_are_replaced_never_written_through(synth: SyntheticRun, reference: Path,
+                                                          tmp_path: Path) -> None:
     outputs = _outputs(reference)
     assert {"request.csv", "batch.csv", "profiler.db", "chrome_tracing.json", "model/latency_model.json",
             "plots/ttft_distribution.png"} <= set(outputs)

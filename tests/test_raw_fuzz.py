@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from synthetic import SyntheticConfig, SyntheticRun, generate_run
 
-from service_profiler.analyze import command
+from service_profiler.columnar import command
 from service_profiler.rawdata import inspect_run
 from service_profiler.rawdata.rawfile import read_run
 

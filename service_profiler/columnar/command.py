@@ -1,9 +1,17 @@
-"""`service-profiler analyze2 --input-path P [P ...] --output-path OUT [--format ...]`: analyze on DuckDB.
+"""`service-profiler analyze --input-path P [P ...] --output-path OUT [--format ...]`.
 
 The tables are built once by DuckDB queries in a private work directory (memory bounded by
 `--memory-limit`; what does not fit is spilled there), then each requested output is written by its
-exporter. Problems found in the raw data are listed at the end and in problems.txt. Exit status: 0,
-1 when an exporter failed, 2 when there was nothing to analyze.
+exporter:
+  csv    request/batch/kvcache CSVs (msserviceprofiler's columns first), per-iteration states, lifecycle
+         events and state transitions, summaries
+  db     profiler.db (SQLite)
+  json   chrome_tracing.json (Perfetto / chrome://tracing)
+  plots  PNG charts under plots/
+  model  the batch latency model under model/
+One exporter failing does not stop the others; it is reported and the exit status is 1. Problems found
+in the raw data are listed at the end and in problems.txt. Exit status 2: nothing to analyze, or an
+output path that cannot be used.
 """
 
 from __future__ import annotations
@@ -14,10 +22,13 @@ import resource
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
-from .pipeline import EXPORTERS, export_all
+from service_profiler.outputs import OutputPathError, check_output_dir, describe_os_error, write_output_text
+
+from .pipeline import EXPORTERS, Outcome, export_all
 from .run import DEFAULT_MEMORY_LIMIT, analyze_run
 from .trace_out import DEFAULT_MAX_PER_SECOND
 
@@ -50,6 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the trace keeps at most N events of one name per process per second "
                              f"(default {DEFAULT_MAX_PER_SECOND}); the counts are in its metadata")
     parser.add_argument("--quiet", action="store_true", help="no console summary, only errors")
+    parser.add_argument("--scheduler-logs", action="store_true",
+                        help="also write the front doors' files from the run: scheduler_profiling.jsonl and "
+                             "scheduler_logs/*.csv (docs/FRONT_DOORS.md); with csv in --format")
 
 
 def _window(text: str) -> tuple[float, float]:
@@ -70,53 +84,96 @@ class _Progress:
         if not self.quiet:
             usage = resource.getrusage(resource.RUSAGE_SELF)
             cpu = usage.ru_utime + usage.ru_stime
-            print(f"[analyze2 {time.perf_counter() - self.t0:6.2f}s cpu {cpu:6.2f}s {usage.ru_maxrss / 1024:5.0f} MB] "
+            print(f"[analyze {time.perf_counter() - self.t0:6.2f}s cpu {cpu:6.2f}s {usage.ru_maxrss / 1024:5.0f} MB] "
                   f"{message}", file=self.stream, flush=True)
 
 
-def _safe_out_dir(out: Path) -> Path:
-    """The output directory, created; refused when it is a symlink (never followed)."""
-    if out.is_symlink():
-        raise SystemExit(f"--output-path {out} is a symbolic link; give a real directory")
-    out.mkdir(parents=True, exist_ok=True)
-    for name in os.listdir(out):  # files this run writes are made fresh, never through a link left there
+def _clear_links(out: Path) -> None:
+    """Files this run writes are made fresh, never through a link left in the output directory."""
+    for name in os.listdir(out):
         if (out / name).is_symlink():
             (out / name).unlink()
-    return out
 
 
 def run(args: argparse.Namespace) -> int:
     # SIGTERM ends the command through SystemExit, so the work directory (the run's database) is removed
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     progress = _Progress(sys.stderr, args.quiet)
-    out = _safe_out_dir(args.output_path)
+    out: Path = args.output_path
+    try:  # before any work: an output path that cannot be used is the user's to fix, not a traceback
+        if out.is_symlink():
+            raise OutputPathError(f"output directory {out}: is a symbolic link, which is never followed; "
+                                  "give the directory it points to, or another path")
+        check_output_dir(out)
+        _clear_links(out)
+    except OutputPathError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_NO_DATA
+    except OSError as exc:
+        print(f"error: {describe_os_error(out, exc)}", file=sys.stderr)
+        return EXIT_NO_DATA
     formats = [f for f in EXPORTERS if f in args.format or (f == "summary" and "csv" in args.format)]
     pool = args.processes and args.jobs > 1 and len(formats) > 1
     analysis = analyze_run(args.input_path, memory_limit=args.memory_limit, threads=args.threads,
                            temp_root=args.temp_dir, progress=progress, shared=pool)
     try:
         if not analysis.processes:
-            print("analyze2: no readable raw files under " + " ".join(map(str, args.input_path)), file=sys.stderr)
+            print("error: no readable raw files (*.sprof.jsonl) in " + " ".join(map(str, args.input_path)),
+                  file=sys.stderr)
             for problem in analysis.problems:
                 print(f"  {problem}", file=sys.stderr)
             return EXIT_NO_DATA
+        summary = ""
         if not args.quiet:
             from .summary import format_summary
-            print(format_summary(analysis))
+            summary = format_summary(analysis)
         options = {"json": {"window": args.window, "max_per_second": args.trace_max_per_second}}
         outcomes = export_all(analysis, formats, out, jobs=args.jobs, progress=progress, options=options)
     finally:
         analysis.close()
-    status = EXIT_OK
-    for outcome in outcomes:
-        if outcome.error:
-            status = EXIT_EXPORT_FAILED
-            print(f"analyze2: {outcome.fmt} failed: {outcome.error}", file=sys.stderr)
+    if args.scheduler_logs and "csv" in args.format:
+        outcomes.append(_front_door_outputs(args.input_path, out))
     if analysis.problems:
-        (out / "problems.txt").write_text("\n".join(analysis.problems) + "\n", encoding="utf-8")
-        if not args.quiet:
-            print(f"{len(analysis.problems)} problem(s) in the raw data, see {out / 'problems.txt'}")
+        problems = out / "problems.txt"
+        write_output_text(problems, "\n".join(analysis.problems) + "\n")
+        outcomes.append(Outcome("problems", [problems]))
     if not args.quiet:
         written = [p for o in outcomes for p in o.paths]
-        print(f"wrote {len(written)} file(s) to {out}")
-    return status
+        print(summary)
+        print(f"\nwrote {len(written)} file(s) to {out}:")
+        for path in written:
+            size = path.stat().st_size if path.exists() else 0
+            print(f"  {path.relative_to(out) if path.is_relative_to(out) else path}  ({size:,} bytes)")
+    if analysis.problems:
+        print(f"\n{len(analysis.problems)} problem(s) in the raw data (analysis used everything readable):",
+              file=sys.stderr)
+        for problem in analysis.problems[:20]:
+            print(f"  {problem}", file=sys.stderr)
+        if len(analysis.problems) > 20:
+            print(f"  ... {len(analysis.problems) - 20} more in {out / 'problems.txt'}", file=sys.stderr)
+    failed = [o for o in outcomes if o.error]
+    for outcome in failed:
+        print(f"error: {outcome.fmt} failed: {outcome.error}", file=sys.stderr)
+    return EXIT_EXPORT_FAILED if failed else EXIT_OK
+
+
+def _front_door_outputs(paths: list[Path], out: Path) -> Outcome:
+    """scheduler_profiling.jsonl and scheduler_logs/*.csv, replayed from the records (a Python loop over
+    the batches' entries: on request only)."""
+    from service_profiler.frontdoors.offline import write_front_door_outputs
+    from service_profiler.rawdata.rawfile import read_run
+
+    try:
+        return Outcome("front-door files", write_front_door_outputs(read_run(paths), out))
+    except Exception as exc:  # reported like an exporter's failure; the other outputs stand
+        return Outcome("front-door files", error=f"{type(exc).__name__}: {exc}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="service-profiler analyze", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -13,6 +13,8 @@ import os
 import shutil
 from pathlib import Path
 
+from service_profiler.outputs import open_output, scratch_dir
+
 from .breakdown import BREAKDOWN_COLUMNS
 from .completeness import COMPLETE_COLUMNS
 from .iterations import ITERATION_COLUMNS
@@ -91,28 +93,28 @@ def copy_csv(run: AnalysisRun, columns: dict[str, str], source: str, path: Path,
              force_quote: tuple[str, ...] = ()) -> Path:
     """`SELECT columns FROM source` (its FROM ... ORDER BY clause) into the CSV file `path`, as the current
     analysis writes it: an empty text is an empty cell like NULL (DuckDB would quote it: `""`), and the
-    `force_quote` columns are always quoted."""
+    `force_quote` columns are always quoted. DuckDB writes into a private directory; the file is then
+    moved onto `path` (a link planted there is replaced, never written through)."""
     select = ", ".join(f'{expr} AS "{name}"' for name, expr in columns.items())
     types = [row[1] for row in run.con.execute(f"DESCRIBE SELECT {select} {source}").fetchall()]
     exprs = [f"nullif({expr}, '')" if kind == "VARCHAR" else expr
              for expr, kind in zip(columns.values(), types, strict=True)]
     select = ", ".join(f'{expr} AS "{name}"' for name, expr in zip(columns, exprs, strict=True))
-    if not force_quote:
-        run.con.execute(f"COPY (SELECT {select} {source}) TO '{_quoted(path)}' "
-                        f"(FORMAT csv, HEADER, QUOTE '\"', NULLSTR '')")
-        return path
-    # FORCE_QUOTE quotes the header's name too: the header is written here, the rows after it
-    body = path.with_name(f".{path.name}.{os.getpid()}.rows")
-    quoted = ", ".join(f'"{name}"' for name in force_quote)
-    try:
+    with scratch_dir(path.parent, path.name) as scratch:
+        if not force_quote:
+            run.con.execute(f"COPY (SELECT {select} {source}) TO '{_quoted(scratch / path.name)}' "
+                            f"(FORMAT csv, HEADER, QUOTE '\"', NULLSTR '')")
+            os.replace(scratch / path.name, path)
+            return path
+        # FORCE_QUOTE quotes the header's name too: the header is written here, the rows after it
+        body = scratch / "rows"
+        quoted = ", ".join(f'"{name}"' for name in force_quote)
         run.con.execute(f"COPY (SELECT {select} {source}) TO '{_quoted(body)}' "
                         f"(FORMAT csv, HEADER false, QUOTE '\"', NULLSTR '', FORCE_QUOTE ({quoted}))")
-        with path.open("w", newline="", encoding="utf-8") as out, body.open("rb") as rows:
+        with open_output(path, "w", newline="", encoding="utf-8") as out, body.open("rb") as rows:
             csv.writer(out, lineterminator="\n").writerow(columns)
             out.flush()
-            shutil.copyfileobj(rows, out.buffer)
-    finally:
-        body.unlink(missing_ok=True)
+            shutil.copyfileobj(rows, out.buffer)  # type: ignore[attr-defined]  # a text file's binary layer
     return path
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from service_profiler.outputs import output_dir
+
 from .run import AnalysisRun
 
 
@@ -22,7 +24,6 @@ class ModelExporter:
         if len(columns["t"]) == 0:
             print("latency model skipped: no batch has a model execution time (modelExec spans)", file=sys.stderr)
             return []
-        model_dir = out_dir / "model"
-        model_dir.mkdir(exist_ok=True)
+        model_dir = output_dir(out_dir / "model")
         fit_and_save(columns["b"], columns["s"], columns["t"], model_dir)
         return sorted(p for p in model_dir.iterdir() if p.is_file())

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from service_profiler.outputs import open_output, output_dir
+
 from .run import AnalysisRun
 
 if TYPE_CHECKING:
@@ -141,8 +143,7 @@ class PlotsExporter:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
-        plot_dir = out_dir / "plots"
-        plot_dir.mkdir(exist_ok=True)
+        plot_dir = output_dir(out_dir / "plots")
         written: list[Path] = []
         for name, draw, size in PLOTS:
             fig = Figure(figsize=size)
@@ -156,6 +157,7 @@ class PlotsExporter:
             left, right, bottom, top = MARGINS_IN
             fig.subplots_adjust(left=left / size[0], right=1 - right / size[0], bottom=bottom / size[1],
                                 top=1 - top / size[1])
-            fig.savefig(plot_dir / name, dpi=100)
+            with open_output(plot_dir / name, "wb") as fh:
+                fig.savefig(fh, format="png", dpi=100)
             written.append(plot_dir / name)
         return written

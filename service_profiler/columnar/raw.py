@@ -28,12 +28,22 @@ import duckdb
 
 from service_profiler.rawdata.losses import LOSS_LINES, LossReader, ProcessLoss
 from service_profiler.rawdata.rawcheck import MAX_TS
-from service_profiler.rawdata.rawfile import _dedupe_copies, _process_from_header, discover_files, shared_wall_offsets
+from service_profiler.rawdata.rawfile import (
+    _COUNTED_LINES,
+    _LINE_END_BYTES,
+    _dedupe_copies,
+    _process_from_header,
+    discover_files,
+    shared_wall_offsets,
+)
 
 _REC_PREFIXES = (b'{"t":"rec"', b'{"t": "rec"')
 # The longest `rec` line read. DuckDB's JSON reader holds a buffer of twice this per thread; the writer
 # flushes at least every second, so a line this long would be a second of several hundred thousand records.
 MAX_LINE_BYTES = 16 << 20
+# brackets in one record's attributes from which its nesting depth is checked (deeper than Python's
+# recursion limit: malformed); the writer's own records stay far below it
+_DEEP_SUSPECT = 512
 _CONTROL_LINES = frozenset({"chan", "meta", "state", "dropped", "lost", "flushed", "close", "warn", "patch"})
 
 
@@ -50,6 +60,7 @@ class Process:
     dropped: int = 0
     loss: ProcessLoss = field(default_factory=ProcessLoss)  # closed cleanly? what is missing (losses.py)
     rec_lines: int = 0
+    source: str = ""  # the file DuckDB reads: `path`, or a copy without its repeated `rec` lines
     ppid: int = 0
     argv: list[str] = field(default_factory=list)
     engine: dict[str, Any] | None = None
@@ -75,12 +86,12 @@ class RawRun:
 def _control(proc: Process, obj: dict[str, Any], chans: list[tuple[Any, ...]],
              states: list[tuple[int, int, bool, str]], losses: LossReader, lineno: int) -> None:
     kind = obj.get("t")
-    if kind == "chan" and isinstance(obj.get("id"), int):
+    if kind == "chan" and isinstance(obj.get("id"), int) and 0 <= obj["id"] < 2 ** 31:
         chans.append((proc.index, obj["id"], str(obj.get("kind", "")), str(obj.get("domain", "")),
                       str(obj.get("name", ""))))
     elif kind == "meta" and isinstance(obj.get("key"), str):
         proc.meta[obj["key"]] = obj.get("value")
-    elif kind == "state" and isinstance(obj.get("ts"), int):
+    elif kind == "state" and isinstance(obj.get("ts"), int) and 0 <= obj["ts"] < MAX_TS:
         states.append((proc.index, obj["ts"] + proc.wall_offset_ns, bool(obj.get("enabled")),
                        str(obj.get("reason", ""))))
     elif kind == "dropped":
@@ -102,40 +113,100 @@ def _control(proc: Process, obj: dict[str, Any], chans: list[tuple[Any, ...]],
 
 
 def _scan_file(proc: Process, chans: list[tuple[Any, ...]], states: list[tuple[int, int, bool, str]],
-               problems: list[str]) -> None:
-    """The control lines of one file; `rec` lines are only counted (DuckDB parses them)."""
+               problems: list[str]) -> list[int]:
+    """The control lines of one file; `rec` lines are only counted (DuckDB parses them). Returns the
+    numbers of the `rec` lines that repeat an earlier line of the file (a file concatenated with itself,
+    a line written twice): they carry timestamps, so a repeat is a copy, not new data, and counts once."""
     path = proc.path
     losses = LossReader(proc.loss, proc.wall_offset_ns, problems)
+    seen: set[int] = set()
+    repeated: list[int] = []  # every repeated line; the `rec` ones are left out of what DuckDB reads
+    repeated_recs: list[int] = []
     with open(path, "rb") as fh:
+        header = b""
         for lineno, line in enumerate(fh, 1):
             if line.startswith(_REC_PREFIXES):
+                # the length and both ends of a line (a few dozen records each) identify it; hashing all
+                # of it would cost more than the scan
+                key = hash((len(line), line[:_LINE_END_BYTES], line[-_LINE_END_BYTES:]))
+                if key in seen:
+                    repeated.append(lineno)
+                    repeated_recs.append(lineno)
+                    continue
+                seen.add(key)
                 proc.rec_lines += 1
                 if len(line) > MAX_LINE_BYTES:
                     problems.append(f"{path}:{lineno}: record line longer than {MAX_LINE_BYTES} bytes; skipped")
                 elif not line.rstrip().endswith(b"]}"):  # DuckDB's reader skips it (ignore_errors)
                     problems.append(f"{path}:{lineno}: torn or corrupt record line; skipped")
                 continue
-            if lineno == 1 or not line.strip():
+            if lineno == 1:
+                header = line
+                continue
+            if not line.strip():
+                continue
+            if line == header:  # the file again after itself
+                repeated.append(lineno)
                 continue
             try:
                 obj = json.loads(line)
-            except ValueError:
-                problems.append(f"{path}:{lineno}: not valid JSON (torn or corrupt line); skipped")
+            except (ValueError, RecursionError):
+                problems.append(f"{path}:{lineno}: not valid JSON, or nested too deep (torn or corrupt line); "
+                                "skipped")
                 continue
+            if b"\\ud" in line or b"\\uD" in line:  # an escaped lone surrogate cannot be stored as UTF-8 text
+                obj = _without_surrogates(obj)
+            if isinstance(obj, dict) and not isinstance(obj.get("t"), str):
+                problems.append(f"{path}:{lineno}: line type {obj.get('t')!r} is not a text; skipped")
+                continue
+            if isinstance(obj, dict) and obj.get("t") in _COUNTED_LINES:
+                key = hash((len(line), line[:_LINE_END_BYTES], line[-_LINE_END_BYTES:]))
+                if key in seen:
+                    repeated.append(lineno)
+                    continue
+                seen.add(key)
             if isinstance(obj, dict) and obj.get("t") in _CONTROL_LINES:
                 _control(proc, obj, chans, states, losses, lineno)
             elif isinstance(obj, dict):
                 problems.append(f"{path}:{lineno}: unknown line type {obj.get('t')!r}; skipped")
             else:
                 problems.append(f"{path}:{lineno}: not a JSON object; skipped")
+    if repeated:
+        problems.append(f"{path}:{repeated[0]}: {len(repeated)} line(s) repeating an earlier line of this file "
+                        "(a copy); counted once")
     role = proc.meta.get("role")
     if isinstance(role, str) and role:
         proc.role = role
+    return repeated_recs
 
 
-def load_raw(con: duckdb.DuckDBPyConnection, paths: Sequence[Path | str]) -> RawRun:
+def _without_surrogates(value: Any) -> Any:
+    """`value` with each lone surrogate in its texts written as its escape (`\\ud800`)."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, list):
+        return [_without_surrogates(v) for v in value]
+    if isinstance(value, dict):
+        return {_without_surrogates(k): _without_surrogates(v) for k, v in value.items()}
+    return value
+
+
+def _without_lines(proc: Process, skip: list[int], scratch: Path) -> str:
+    """A private copy of the process's file without the lines `skip` (1-based), for DuckDB to read."""
+    scratch.mkdir(mode=0o700, exist_ok=True)
+    copy = scratch / f"{proc.index}.sprof.jsonl"
+    drop = set(skip)
+    with open(proc.path, "rb") as src, open(copy, "xb") as dst:
+        for lineno, line in enumerate(src, 1):
+            if lineno not in drop:
+                dst.write(line)
+    return str(copy)
+
+
+def load_raw(con: duckdb.DuckDBPyConnection, paths: Sequence[Path | str], scratch: Path) -> RawRun:
     """Read the run under `paths` (run dirs, dirs of runs, files) into `con`: tables `process`,
-    `channel`, `rec`, and the views `span`, `event`, `counter` (epoch ns)."""
+    `channel`, `rec`, and the views `span`, `event`, `counter` (epoch ns). `scratch`: a private directory
+    for copies of files that repeat their own lines."""
     problems: list[str] = []
     files = discover_files(paths, problems)
     processes: list[Process] = []
@@ -148,16 +219,19 @@ def load_raw(con: duckdb.DuckDBPyConnection, paths: Sequence[Path | str]) -> Raw
         proc = Process(info.index, info.key, info.hostname, info.pid, info.role, str(path), wall_offset_ns,
                        ppid=info.ppid, argv=info.argv, engine=info.engine, profiler_version=info.profiler_version)
         processes.append(proc)
+        proc.source = proc.path
         try:
-            _scan_file(proc, chans, states, problems)
+            repeated_recs = _scan_file(proc, chans, states, problems)
+            if repeated_recs:
+                proc.source = _without_lines(proc, repeated_recs, scratch)
         except OSError as exc:
             problems.append(f"{path}: read failed ({exc.strerror or exc}); kept what was read")
     states.sort(key=lambda s: s[1])
     con.execute("CREATE OR REPLACE TABLE process (proc INTEGER, key VARCHAR, hostname VARCHAR, pid BIGINT, "
                 "role VARCHAR, dp_rank INTEGER, wall_offset BIGINT, path VARCHAR)")
-    if processes:
+    if processes:  # `path`: the file DuckDB reads
         con.executemany("INSERT INTO process VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                        [(p.index, p.key, p.hostname, p.pid, p.role, p.dp_rank, p.wall_offset_ns, p.path)
+                        [(p.index, p.key, p.hostname, p.pid, p.role, p.dp_rank, p.wall_offset_ns, p.source)
                          for p in processes])
     con.execute("CREATE OR REPLACE TABLE channel (proc INTEGER, id INTEGER, kind VARCHAR, domain VARCHAR, "
                 "name VARCHAR)")
@@ -176,7 +250,7 @@ def _load_records(con: duckdb.DuckDBPyConnection, processes: list[Process]) -> N
                 "ts_ns BIGINT, end_ns BIGINT, tid BIGINT, attrs JSON, pos INTEGER, batch_id VARCHAR)")
     with_recs = [p for p in processes if p.rec_lines]
     if with_recs:
-        files = ", ".join("'" + p.path.replace("'", "''") + "'" for p in with_recs)
+        files = ", ".join("'" + p.source.replace("'", "''") + "'" for p in with_recs)
         con.execute(f"""
             INSERT INTO record
             WITH line AS (
@@ -194,6 +268,7 @@ def _load_records(con: duckdb.DuckDBPyConnection, processes: list[Process]) -> N
                    i.pos::INTEGER AS pos, CASE WHEN c.kind = 'span' THEN x[5]->>'batch_id' END AS batch_id
             FROM item i LEFT JOIN channel c ON c.proc = i.proc AND c.id = TRY_CAST(x[1] AS INTEGER)
         """)
+        _drop_too_deep(con)
     # a record without a declared channel, an integer time, or (a span) an integer end is kept out of the views
     valid = "kind IS NOT NULL AND ts_ns IS NOT NULL AND (kind <> 'span' OR end_ns IS NOT NULL)"
     con.execute("""CREATE OR REPLACE VIEW span AS SELECT proc, domain, name, ts_ns AS start_ns, end_ns, tid, attrs,
@@ -204,11 +279,31 @@ def _load_records(con: duckdb.DuckDBPyConnection, processes: list[Process]) -> N
                 "WHERE kind = 'counter' AND " + valid)
 
 
+def _drop_too_deep(con: duckdb.DuckDBPyConnection) -> None:
+    """Attributes nested deeper than a JSON reader's recursion allows (the writer cannot produce them: a
+    corrupt or crafted line) would make every output carrying them unreadable: such a record counts as
+    malformed. Only records with that many brackets at all are parsed to find their depth."""
+    suspects = con.execute(f"""SELECT rowid, attrs::VARCHAR FROM record
+                               WHERE length(attrs) - length(translate(attrs, '[{{', '')) >= {_DEEP_SUSPECT}""")
+    deep = []
+    while rows := suspects.fetchmany(1024):
+        for rowid, text in rows:
+            try:
+                json.loads(text)
+            except RecursionError:
+                deep.append(rowid)
+            except ValueError:
+                pass
+    if deep:
+        con.execute("CREATE OR REPLACE TEMP TABLE too_deep AS SELECT unnest(?::BIGINT[]) AS id", [deep])
+        con.execute("UPDATE record SET kind = NULL WHERE rowid IN (SELECT id FROM too_deep)")
+
+
 def _count_bad_records(con: duckdb.DuckDBPyConnection, processes: list[Process], problems: list[str]) -> None:
     """Records without a declared channel or an integer time: one problem line per file with the count."""
     bad = dict(con.execute("SELECT proc, count(*) FROM record WHERE kind IS NULL OR ts_ns IS NULL "
                            "OR (kind = 'span' AND end_ns IS NULL) GROUP BY proc").fetchall())
     for proc in processes:
         if bad.get(proc.index):
-            problems.append(f"{proc.path}: {bad[proc.index]} malformed records (undeclared channel or "
-                            "non-integer time) skipped")
+            problems.append(f"{proc.path}: {bad[proc.index]} malformed records (undeclared channel, "
+                            "non-integer time, or attributes nested too deep) skipped")

@@ -16,6 +16,7 @@ import sqlite3
 import threading
 from pathlib import Path
 
+from service_profiler.outputs import scratch_dir
 from service_profiler.rawdata.losses import OPEN_END
 
 from .batch import BATCH_COLUMNS
@@ -201,8 +202,11 @@ def write_db(run: AnalysisRun, path: Path, through_duckdb: bool | None = None) -
         if through_duckdb and not loaded:
             raise RuntimeError("DuckDB's SQLite extension (duckdb-extension-sqlite-scanner) did not load")
         through_duckdb = loaded
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    partial.unlink(missing_ok=True)
+    with scratch_dir(path.parent, path.name) as scratch:
+        return _write_db(run, path, scratch / path.name, through_duckdb)
+
+
+def _write_db(run: AnalysisRun, path: Path, partial: Path, through_duckdb: bool) -> Path:
     tables = [(name, query) for name, (_, query) in RAW_TABLES.items()]
     creates = [create for create, _ in RAW_TABLES.values()]
     for name in ANALYSIS_TABLES:
@@ -233,7 +237,6 @@ def write_db(run: AnalysisRun, path: Path, through_duckdb: bool | None = None) -
         os.replace(partial, path)
     except BaseException:
         db.close()
-        partial.unlink(missing_ok=True)
         raise
     return path
 

@@ -19,6 +19,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from service_profiler.outputs import open_output
+
 from .run import AnalysisRun
 
 REQUEST_METRICS = [
@@ -93,7 +95,7 @@ def service_metrics(run: AnalysisRun) -> list[tuple[str, Any]]:
 
 
 def _write(path: Path, header: list[str], rows: list[list[Any]]) -> Path:
-    with path.open("w", newline="", encoding="utf-8") as fh:
+    with open_output(path, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh, lineterminator="\n")
         writer.writerow(header)
         writer.writerows(rows)

@@ -17,8 +17,9 @@ DuckDB writes each kind of event as a JSON array file; they are concatenated int
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
+
+from service_profiler.outputs import open_output, scratch_dir
 
 from .run import AnalysisRun
 
@@ -118,34 +119,25 @@ def write_trace(run: AnalysisRun, path: Path, window: tuple[float, float] | None
     con.execute("""CREATE OR REPLACE TEMP TABLE trace_thread AS
                    SELECT proc, tid AS raw_tid, (row_number() OVER (ORDER BY proc, tid))::INTEGER AS tid
                    FROM (SELECT DISTINCT proc, tid FROM record WHERE kind IN ('span', 'event'))""")
-    parts = path.with_name(f".{path.name}.parts")
-    shutil.rmtree(parts, ignore_errors=True)
-    parts.mkdir()
-    partial = path.with_name(f".{path.name}.partial")
-    try:
+    with scratch_dir(path.parent, path.name) as parts, open_output(path, "w", encoding="utf-8") as out:
         queries = _queries(max_per_second)
         for kind, query in queries.items():
             con.execute(f"COPY ({query}) TO '{parts / kind}.json' (FORMAT json, ARRAY true)")
         counts = dict.fromkeys(queries, 0)
-        with partial.open("w", encoding="utf-8") as out:
-            out.write('{"traceEvents":[')
-            out.write(",".join(json.dumps(e, separators=(",", ":")) for e in _metadata_events(run, requests_pid)))
-            for kind in queries:
-                with (parts / f"{kind}.json").open(encoding="utf-8") as fh:
-                    for line in fh:  # "[", then one event per line (ending "," but the last), then "]"
-                        line = line.strip()
-                        if line not in ("[", "]", ""):
-                            out.write("," + line.rstrip(","))
-                            counts[kind] += 1
-            metadata = {"generator": "service-profiler", "origin_epoch_ns": origin,
-                        "time_convention": "ts/dur: microseconds since origin_epoch_ns",
-                        "processes": [p.key for p in run.processes], "max_events_per_name_per_second": max_per_second,
-                        "window_s": list(window) if window else None, "events": counts}
-            out.write('],"displayTimeUnit":"ms","metadata":' + json.dumps(metadata) + "}")
-        partial.replace(path)
-    finally:
-        shutil.rmtree(parts, ignore_errors=True)
-        partial.unlink(missing_ok=True)
+        out.write('{"traceEvents":[')
+        out.write(",".join(json.dumps(e, separators=(",", ":")) for e in _metadata_events(run, requests_pid)))
+        for kind in queries:
+            with (parts / f"{kind}.json").open(encoding="utf-8") as fh:
+                for line in fh:  # "[", then one event per line (ending "," but the last), then "]"
+                    line = line.strip()
+                    if line not in ("[", "]", ""):
+                        out.write("," + line.rstrip(","))
+                        counts[kind] += 1
+        metadata = {"generator": "service-profiler", "origin_epoch_ns": origin,
+                    "time_convention": "ts/dur: microseconds since origin_epoch_ns",
+                    "processes": [p.key for p in run.processes], "max_events_per_name_per_second": max_per_second,
+                    "window_s": list(window) if window else None, "events": counts}
+        out.write('],"displayTimeUnit":"ms","metadata":' + json.dumps(metadata) + "}")
     return path
 
 
