@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from service_profiler.analyze.chrome import build_chrome_trace
-from service_profiler.analyze.request_breakdown import BREAKDOWN_COLUMNS, PART_COLUMNS
 from service_profiler.analyze.tables import build_tables
+from service_profiler.columns import BREAKDOWN_COLUMNS, PART_COLUMNS
 from service_profiler.rawdata.rawfile import EventRecord, ProcessInfo, RunData, SpanRecord, read_run
 
 MS = 1_000_000

@@ -27,7 +27,7 @@ import pytest
 from timed_client import TimedRequest, TimedResponse, run_timed
 from vllm_service import PROMPTS, running_server
 
-from service_profiler.analyze.request_breakdown import PART_COLUMNS
+from service_profiler.columns import PART_COLUMNS
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

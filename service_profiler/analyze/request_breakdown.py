@@ -24,19 +24,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from service_profiler.columns import BREAKDOWN_COLUMNS, PART_COLUMNS  # noqa: F401 (shared names)
 from service_profiler.rawdata.rawfile import SpanRecord
 
 from .tables import MS, RecordIndex, Table
 
 HTTP_EVENT = "httpExchange"
 
-BREAKDOWN_COLUMNS = [
-    "arrival_source", "stream", "http_status", "http_arrival_ns", "body_received_ns", "handoff_ns",
-    "engine_first_token_ns", "first_token_sent_ns", "last_byte_sent_ns", "vllm_arrival_ns",
-    "http_receive_ms", "preprocess_ms", "engine_queue_ms", "engine_prefill_ms", "first_token_delivery_ms",
-    "decode_delivery_ms", "engine_ttft_ms", "engine_e2e_ms",
-]
-PART_COLUMNS = BREAKDOWN_COLUMNS[10:16]
 
 
 class HttpTimes:

@@ -17,13 +17,7 @@ from __future__ import annotations
 
 import duckdb
 
-BREAKDOWN_COLUMNS = [
-    "arrival_source", "stream", "http_status", "http_arrival_ns", "body_received_ns", "handoff_ns",
-    "engine_first_token_ns", "first_token_sent_ns", "last_byte_sent_ns", "vllm_arrival_ns",
-    "http_receive_ms", "preprocess_ms", "engine_queue_ms", "engine_prefill_ms", "first_token_delivery_ms",
-    "decode_delivery_ms", "engine_ttft_ms", "engine_e2e_ms",
-]
-PART_COLUMNS = BREAKDOWN_COLUMNS[10:16]
+from service_profiler.columns import BREAKDOWN_COLUMNS, PART_COLUMNS
 
 _INT = "json_type(attrs, '$.{k}') IN ('BIGINT', 'UBIGINT')"
 _OFFSET = f"CASE WHEN {_INT} THEN ts_ns + TRY_CAST(attrs->>'{{k}}' AS BIGINT) END AS {{k}}"

@@ -125,17 +125,16 @@ def load_run(path: Path, engine_args: Sequence[str] | None = None, workload: Pat
         raise DiagnoseError(f"{path}: not a directory; pass an `analyze` output directory or a run directory")
     run_dir = _find_run_dir(path)
     if (path / "batch.csv").is_file() and (path / "request.csv").is_file():
-        from ..analyze.csv_export import BATCH_ALIASES
+        from ..columnar.rows import BATCH_ALIASES
 
         # batch.csv names the columns it shares with msserviceprofiler by that tool's names
         batches, requests = _read_csv(path / "batch.csv", BATCH_ALIASES), _read_csv(path / "request.csv")
         source = "analyze CSVs"
     elif run_dir is not None:
-        from ..analyze.tables import build_tables
-        from ..rawdata.rawfile import read_run
+        from ..columnar.rows import load_rows
 
-        tables = build_tables(read_run([run_dir]))
-        batches, requests, source = tables.batches.dicts(), tables.requests.dicts(), "raw run"
+        rows = load_rows(run_dir)
+        batches, requests, source = rows.batches, rows.requests, "raw run"
     else:
         raise DiagnoseError(f"{path}: has neither batch.csv + request.csv (run `service-profiler analyze` first) "
                             "nor *.sprof.jsonl files")

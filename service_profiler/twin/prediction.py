@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from service_profiler.analyze.request_breakdown import BREAKDOWN_COLUMNS
+from service_profiler.columns import BREAKDOWN_COLUMNS
 
 from .simulator import SimResult
 

@@ -13,14 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from ..analyze.tables import AnalysisTables, build_tables
-from ..rawdata.rawfile import read_run
+from ..columnar.rows import RunRows, load_rows
 
 BATCH_EQUAL_SHARE = 0.95
-
-
-def load_tables(run_dir: Path) -> AnalysisTables:
-    return build_tables(read_run([run_dir]))
 
 
 def _stats(values: Sequence[float | None]) -> dict[str, float | None]:
@@ -32,23 +27,21 @@ def _stats(values: Sequence[float | None]) -> dict[str, float | None]:
             "p99": float(np.percentile(arr, 99)), "cv": float(arr.std() / mean) if mean else None, "n": int(arr.size)}
 
 
-def _requests_by_client_id(tables: AnalysisTables) -> dict[str, dict[str, Any]]:
+def _requests_by_client_id(tables: RunRows) -> dict[str, dict[str, Any]]:
     rows: dict[str, dict[str, Any]] = {}
-    for row in tables.requests.dicts():
+    for row in tables.requests:
         rows[str(row.get("api_rid") or row["rid"])] = row
     return rows
 
 
-def steps_with_requests(tables: AnalysisTables) -> list[tuple[dict[str, Any], set[str]]]:
+def steps_with_requests(tables: RunRows) -> list[tuple[dict[str, Any], set[str]]]:
     """Each non-empty step with the client ids of the requests it scheduled. Steps are matched to a
     repetition by the requests they ran, not by clocks: the driver's and the engine's processes are
     aligned to wall time only approximately."""
-    client_of = {str(r["rid"]): str(r.get("api_rid") or r["rid"]) for r in tables.requests.dicts()}
+    client_of = {str(r["rid"]): str(r.get("api_rid") or r["rid"]) for r in tables.requests}
     out = []
-    for row, span in zip(tables.batches.dicts(), tables.batch_spans, strict=False):
-        reqs = (span.attrs or {}).get("reqs") or []
-        ids = {client_of.get(str(entry[0]), str(entry[0]))
-               for entry in reqs if isinstance(entry, list | tuple) and entry}
+    for row, rids in zip(tables.batches, tables.batch_rids, strict=True):
+        ids = {client_of.get(str(rid), str(rid)) for rid in rids}
         if row.get("batch_size") and ids:
             out.append((row, ids))
     return out
@@ -77,7 +70,7 @@ def _memory(steps: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def cell_results(run_dir: Path, manifest: dict[str, Any]) -> list[dict[str, Any]]:
-    tables = load_tables(run_dir)
+    tables = load_rows(run_dir)
     all_steps = steps_with_requests(tables)
     by_id = _requests_by_client_id(tables)
     out = []
@@ -151,7 +144,7 @@ def latency_summary(reqs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def request_results(run_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    tables = load_tables(run_dir)
+    tables = load_rows(run_dir)
     section = manifest.get("requests") or {}
     by_id = _requests_by_client_id(tables)
     wanted = [str(rid) for rid in section.get("rids", [])]
@@ -183,9 +176,9 @@ def client_results(rows: Sequence[dict[str, Any]], server_run_dir: Path | None, 
                            "step_time_ms": _stats([]), "memory": _memory([]), "timing": "client"}
     if server_run_dir is not None:
         lo, hi = window_ns
-        tables = load_tables(server_run_dir)
-        steps = [b for b in tables.batches.dicts() if b.get("batch_size") and lo <= (b.get("start_ns") or 0) <= hi]
-        reqs = [r for r in tables.requests.dicts()
+        tables = load_rows(server_run_dir)
+        steps = [b for b in tables.batches if b.get("batch_size") and lo <= (b.get("start_ns") or 0) <= hi]
+        reqs = [r for r in tables.requests
                 if lo <= (r.get("arrival_ns") or r.get("engine_arrival_ns") or 0) <= hi]
         hits = sum(int(r.get("prefix_hit_tokens") or 0) for r in reqs)
         prompt = sum(int(r.get("input_tokens") or 0) for r in reqs)

@@ -1,0 +1,45 @@
+"""The batch and request tables as rows, for the offline tools that read a raw run directly (the diagnosis,
+the workload runner's cells): one dict per row, with the tables' own column names (batch.csv and
+request.csv call them the same, after msserviceprofiler's columns)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .run import AnalysisRun, analyze_run
+
+# batch.csv's msserviceprofiler columns that are exactly one of the batch table's
+BATCH_ALIASES = {
+    "during_time(ms)": "schedule_ms", "total_batch_size": "batch_size", "total_blocks": "kv_total_blocks",
+    "used_blocks": "kv_used_blocks", "free_blocks": "kv_free_blocks", "kvcache_usage_rate": "kv_usage",
+    "Prefill_batch_size": "num_prefill_reqs", "Decode_batch_size": "num_decode_reqs",
+    "Prefill_scheduled_tokens": "prefill_tokens", "Decode_scheduled_tokens": "decode_tokens",
+}
+
+
+@dataclass
+class RunRows:
+    batches: list[dict[str, Any]]  # in time order
+    requests: list[dict[str, Any]]  # in arrival order
+    batch_rids: list[list[str]]  # per batch (same order), the engine request ids it scheduled, in its order
+
+
+def _dicts(run: AnalysisRun, query: str) -> list[dict[str, Any]]:
+    cursor = run.con.execute(query)
+    names = [d[0] for d in cursor.description or ()]
+    return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+
+def load_rows(run_dir: Path | str) -> RunRows:
+    """The batch and request tables of the raw run under `run_dir`."""
+    run = analyze_run([run_dir])
+    try:
+        batches = _dicts(run, "SELECT * FROM batch ORDER BY batch_row")
+        requests = _dicts(run, "SELECT * EXCLUDE (row_no) FROM request ORDER BY row_no")
+        rids = dict(run.con.execute("SELECT batch_row, list(rid ORDER BY pos) FROM batch_entry "
+                                    "GROUP BY batch_row").fetchall())
+    finally:
+        run.close()
+    return RunRows(batches, requests, [list(rids.get(b["batch_row"]) or []) for b in batches])
