@@ -19,6 +19,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
                 "turn a run directory into chrome_tracing.json, profiler.db, CSV tables, plots and a model"),
     "analyze2": ("service_profiler.columnar.command",
                  "analyze on an embedded columnar engine (DuckDB): the same tables with memory bounded by a setting"),
+    "convert": ("service_profiler.columnar.convert_command",
+                "write a run's raw files as Parquet beside them (per host), for analyze2 to read and merge"),
     "inspect": ("service_profiler.rawdata.inspect_run", "first look at a run: processes, record counts, patch reports"),
     "check": ("service_profiler.checker", "check a symbols YAML against an engine's source without importing it"),
     "model": ("service_profiler.model.command", "fit the batch latency model or predict with it"),

@@ -19,7 +19,7 @@ is undeclared or whose timestamp is not an integer is dropped and counted per fi
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,9 @@ _REC_PREFIXES = (b'{"t":"rec"', b'{"t": "rec"')
 # The longest `rec` line read. DuckDB's JSON reader holds a buffer of twice this per thread; the writer
 # flushes at least every second, so a line this long would be a second of several hundred thousand records.
 MAX_LINE_BYTES = 16 << 20
+# the normalized records: epoch times, each with its channel's kind/domain/name
+RECORD_COLUMNS = ("proc INTEGER, kind VARCHAR, domain VARCHAR, name VARCHAR, ts_ns BIGINT, end_ns BIGINT, tid BIGINT, "
+                  "attrs JSON, pos INTEGER, batch_id VARCHAR")
 _CONTROL_LINES = frozenset({"chan", "meta", "state", "dropped", "lost", "flushed", "close", "warn", "patch"})
 
 
@@ -56,6 +59,7 @@ class Process:
     profiler_version: str = ""
     warnings: dict[str, str] = field(default_factory=dict)  # message -> "message (xN)" with the last total
     patch: dict[str, Any] | None = None
+    header: dict[str, Any] = field(default_factory=dict, repr=False)  # the file's header line
 
     @property
     def dp_rank(self) -> int:
@@ -70,6 +74,7 @@ class RawRun:
     processes: list[Process]
     states: list[tuple[int, int, bool, str]]  # (proc, epoch ns, enabled, reason)
     problems: list[str]
+    scan_problems_from: int = 0  # problems before this index are about finding the files, not reading them
 
 
 def _control(proc: Process, obj: dict[str, Any], chans: list[tuple[Any, ...]],
@@ -101,58 +106,103 @@ def _control(proc: Process, obj: dict[str, Any], chans: list[tuple[Any, ...]],
         proc.patch = {k: obj.get(k, []) for k in ("applied", "pending", "skipped", "failed")}
 
 
-def _scan_file(proc: Process, chans: list[tuple[Any, ...]], states: list[tuple[int, int, bool, str]],
-               problems: list[str]) -> None:
-    """The control lines of one file; `rec` lines are only counted (DuckDB parses them)."""
-    path = proc.path
+def rec_line_problem(path: str, lineno: int, line: bytes) -> str | None:
+    """What is wrong with a `rec` line DuckDB's reader will skip, None when it reads."""
+    if len(line) > MAX_LINE_BYTES:
+        return f"{path}:{lineno}: record line longer than {MAX_LINE_BYTES} bytes; skipped"
+    if not line.rstrip().endswith(b"]}"):  # DuckDB's reader skips it (ignore_errors)
+        return f"{path}:{lineno}: torn or corrupt record line; skipped"
+    return None
+
+
+def scan_lines(proc: Process, lines: Iterable[tuple[int, bytes | None, str | None]],
+               chans: list[tuple[Any, ...]], states: list[tuple[int, int, bool, str]], problems: list[str]) -> None:
+    """One file's control lines, in order: (lineno, line, None), or (lineno, None, problem) for a `rec`
+    line DuckDB skips. `load_raw` feeds them from the raw file (`_file_lines`), the Parquet reader
+    (parquet_in.py) from the lines a conversion kept."""
     losses = LossReader(proc.loss, proc.wall_offset_ns, problems)
-    with open(path, "rb") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if line.startswith(_REC_PREFIXES):
-                proc.rec_lines += 1
-                if len(line) > MAX_LINE_BYTES:
-                    problems.append(f"{path}:{lineno}: record line longer than {MAX_LINE_BYTES} bytes; skipped")
-                elif not line.rstrip().endswith(b"]}"):  # DuckDB's reader skips it (ignore_errors)
-                    problems.append(f"{path}:{lineno}: torn or corrupt record line; skipped")
-                continue
-            if lineno == 1 or not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except ValueError:
-                problems.append(f"{path}:{lineno}: not valid JSON (torn or corrupt line); skipped")
-                continue
-            if isinstance(obj, dict) and obj.get("t") in _CONTROL_LINES:
-                _control(proc, obj, chans, states, losses, lineno)
-            elif isinstance(obj, dict):
-                problems.append(f"{path}:{lineno}: unknown line type {obj.get('t')!r}; skipped")
-            else:
-                problems.append(f"{path}:{lineno}: not a JSON object; skipped")
+    for lineno, line, rec_problem in lines:
+        if line is None:
+            if rec_problem:
+                problems.append(rec_problem)
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            problems.append(f"{proc.path}:{lineno}: not valid JSON (torn or corrupt line); skipped")
+            continue
+        if isinstance(obj, dict) and obj.get("t") in _CONTROL_LINES:
+            _control(proc, obj, chans, states, losses, lineno)
+        elif isinstance(obj, dict):
+            problems.append(f"{proc.path}:{lineno}: unknown line type {obj.get('t')!r}; skipped")
+        else:
+            problems.append(f"{proc.path}:{lineno}: not a JSON object; skipped")
     role = proc.meta.get("role")
     if isinstance(role, str) and role:
         proc.role = role
 
 
-def load_raw(con: duckdb.DuckDBPyConnection, paths: Sequence[Path | str]) -> RawRun:
+def _file_lines(proc: Process, kept: list[tuple[int, bytes | None, str | None]] | None
+                ) -> Iterator[tuple[int, bytes | None, str | None]]:
+    """The control lines of one file; `rec` lines are only counted (DuckDB parses them). `kept`: a copy
+    of what is yielded goes there too (a conversion stores it)."""
+    with open(proc.path, "rb") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if line.startswith(_REC_PREFIXES):
+                proc.rec_lines += 1
+                problem = rec_line_problem(proc.path, lineno, line)
+                if problem:
+                    item: tuple[int, bytes | None, str | None] = (lineno, None, problem)
+                else:
+                    continue
+            elif lineno == 1 or not line.strip():
+                continue
+            else:
+                item = (lineno, line, None)
+            if kept is not None:
+                kept.append(item)
+            yield item
+
+
+def load_raw(con: duckdb.DuckDBPyConnection, paths: Sequence[Path | str],
+             kept_lines: dict[int, list[tuple[int, bytes | None, str | None]]] | None = None) -> RawRun:
     """Read the run under `paths` (run dirs, dirs of runs, files) into `con`: tables `process`,
-    `channel`, `rec`, and the views `span`, `event`, `counter` (epoch ns)."""
+    `channel`, `rec`, and the views `span`, `event`, `counter` (epoch ns). `kept_lines`: each process's
+    control lines are kept there too, by process index (a conversion stores them)."""
     problems: list[str] = []
     files = discover_files(paths, problems)
-    processes: list[Process] = []
+    kept = _dedupe_copies(files, problems)
+    scan_problems_from = len(problems)
+    processes = new_processes(kept)
     chans: list[tuple[Any, ...]] = []
     states: list[tuple[int, int, bool, str]] = []
-    kept = _dedupe_copies(files, problems)
+    for proc in processes:
+        lines = kept_lines.setdefault(proc.index, []) if kept_lines is not None else None
+        try:
+            scan_lines(proc, _file_lines(proc, lines), chans, states, problems)
+        except OSError as exc:
+            problems.append(f"{proc.path}: read failed ({exc.strerror or exc}); kept what was read")
+    states.sort(key=lambda s: s[1])
+    load_process_tables(con, processes, chans)
+    _load_records(con, processes)
+    count_bad_records(con, processes, problems)
+    return RawRun(processes, states, problems, scan_problems_from)
+
+
+def new_processes(kept: Sequence[tuple[Path, dict[str, Any]]]) -> list[Process]:
+    """One `Process` per kept file (path, header), indexed in that order, on its clock's shared anchor."""
+    processes: list[Process] = []
     for (path, header), offset in zip(kept, shared_wall_offsets([h for _, h in kept]), strict=True):
         info = _process_from_header(len(processes), path, header)
         wall_offset_ns = info.wall_offset_ns if offset is None else offset
-        proc = Process(info.index, info.key, info.hostname, info.pid, info.role, str(path), wall_offset_ns,
-                       ppid=info.ppid, argv=info.argv, engine=info.engine, profiler_version=info.profiler_version)
-        processes.append(proc)
-        try:
-            _scan_file(proc, chans, states, problems)
-        except OSError as exc:
-            problems.append(f"{path}: read failed ({exc.strerror or exc}); kept what was read")
-    states.sort(key=lambda s: s[1])
+        processes.append(Process(info.index, info.key, info.hostname, info.pid, info.role, str(path), wall_offset_ns,
+                                 ppid=info.ppid, argv=info.argv, engine=info.engine,
+                                 profiler_version=info.profiler_version, header=header))
+    return processes
+
+
+def load_process_tables(con: duckdb.DuckDBPyConnection, processes: list[Process], chans: list[tuple[Any, ...]]
+                        ) -> None:
     con.execute("CREATE OR REPLACE TABLE process (proc INTEGER, key VARCHAR, hostname VARCHAR, pid BIGINT, "
                 "role VARCHAR, dp_rank INTEGER, wall_offset BIGINT, path VARCHAR)")
     if processes:
@@ -164,16 +214,12 @@ def load_raw(con: duckdb.DuckDBPyConnection, paths: Sequence[Path | str]) -> Raw
     if chans:
         # a channel declared twice in one file: the last declaration wins, as in the reader
         con.executemany("INSERT INTO channel VALUES (?, ?, ?, ?, ?)", list({c[:2]: c for c in chans}.values()))
-    _load_records(con, processes)
-    _count_bad_records(con, processes, problems)
-    return RawRun(processes, states, problems)
 
 
 def _load_records(con: duckdb.DuckDBPyConnection, processes: list[Process]) -> None:
     """One pass: each record with its channel's kind/domain/name, its epoch times, attrs, a span's batch_id.
-    Records without a declared channel or an integer time stay out of the views (`_count_bad_records`)."""
-    con.execute("CREATE OR REPLACE TABLE record (proc INTEGER, kind VARCHAR, domain VARCHAR, name VARCHAR, "
-                "ts_ns BIGINT, end_ns BIGINT, tid BIGINT, attrs JSON, pos INTEGER, batch_id VARCHAR)")
+    Records without a declared channel or an integer time stay out of the views (`count_bad_records`)."""
+    con.execute(f"CREATE OR REPLACE TABLE record ({RECORD_COLUMNS})")
     with_recs = [p for p in processes if p.rec_lines]
     if with_recs:
         files = ", ".join("'" + p.path.replace("'", "''") + "'" for p in with_recs)
@@ -194,6 +240,10 @@ def _load_records(con: duckdb.DuckDBPyConnection, processes: list[Process]) -> N
                    i.pos::INTEGER AS pos, CASE WHEN c.kind = 'span' THEN x[5]->>'batch_id' END AS batch_id
             FROM item i LEFT JOIN channel c ON c.proc = i.proc AND c.id = TRY_CAST(x[1] AS INTEGER)
         """)
+    create_record_views(con)
+
+
+def create_record_views(con: duckdb.DuckDBPyConnection) -> None:
     # a record without a declared channel, an integer time, or (a span) an integer end is kept out of the views
     valid = "kind IS NOT NULL AND ts_ns IS NOT NULL AND (kind <> 'span' OR end_ns IS NOT NULL)"
     con.execute("""CREATE OR REPLACE VIEW span AS SELECT proc, domain, name, ts_ns AS start_ns, end_ns, tid, attrs,
@@ -204,7 +254,7 @@ def _load_records(con: duckdb.DuckDBPyConnection, processes: list[Process]) -> N
                 "WHERE kind = 'counter' AND " + valid)
 
 
-def _count_bad_records(con: duckdb.DuckDBPyConnection, processes: list[Process], problems: list[str]) -> None:
+def count_bad_records(con: duckdb.DuckDBPyConnection, processes: list[Process], problems: list[str]) -> None:
     """Records without a declared channel or an integer time: one problem line per file with the count."""
     bad = dict(con.execute("SELECT proc, count(*) FROM record WHERE kind IS NULL OR ts_ns IS NULL "
                            "OR (kind = 'span' AND end_ns IS NULL) GROUP BY proc").fetchall())
