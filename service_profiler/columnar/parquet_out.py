@@ -79,7 +79,8 @@ def convert(run_dir: Path, *, memory_limit: str = DEFAULT_MEMORY_LIMIT, threads:
             records = _write_tables(con, raw, kept_lines, sources, staging)
         finally:
             con.close()
-        os.chmod(staging, stat.S_IMODE(run_dir.stat().st_mode) & 0o755)  # readable as the run is, never writable by others
+        # readable as the run directory is, never writable by others
+        os.chmod(staging, stat.S_IMODE(run_dir.stat().st_mode) & 0o755)
         _replace(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
