@@ -75,12 +75,20 @@ def read_manifest(parquet_dir: Path) -> dict[str, Any]:
 
 
 def is_conversion(parquet_dir: Path) -> bool:
-    """A directory this program wrote (a manifest naming our format, whatever its version)."""
+    """A directory this program wrote: a manifest naming our format (whatever its version), or nothing but
+    the files a conversion writes (its manifest damaged), all regular files."""
     try:
         manifest = json.loads(_read_no_follow(parquet_dir / MANIFEST))
+        if isinstance(manifest, dict) and manifest.get("format") == FORMAT_NAME:
+            return True
     except (OSError, ValueError):
+        pass
+    ours = {MANIFEST, *(table_path(parquet_dir, t).name for t in TABLES)}
+    try:
+        entries = list(os.scandir(parquet_dir))
+    except OSError:
         return False
-    return isinstance(manifest, dict) and manifest.get("format") == FORMAT_NAME
+    return bool(entries) and all(e.name in ours and e.is_file(follow_symlinks=False) for e in entries)
 
 
 def _read_no_follow(path: Path) -> bytes:
