@@ -116,10 +116,9 @@ def load_parquet(con: duckdb.DuckDBPyConnection, conversions: Sequence[Path]) ->
     processes = new_processes([(Path(s.path), s.header) for s in kept])
     chans: list[tuple[Any, ...]] = []
     states: list[tuple[int, int, bool, str]] = []
-    lines = _stored_lines(con, conversions)
     for proc, s in zip(processes, kept, strict=True):
         proc.rec_lines = s.rec_lines
-        scan_lines(proc, lines.get((s.conversion, s.process), []), chans, states, problems)
+        scan_lines(proc, _stored_lines(con, s), chans, states, problems)
     states.sort(key=lambda s: s[1])
     load_process_tables(con, processes, chans)
     _load_records(con, kept, [p.wall_offset_ns for p in processes])
@@ -191,15 +190,13 @@ def _dedupe_copies(stored: list[_Stored], problems: list[str]) -> list[_Stored]:
     return list(best.values())
 
 
-def _stored_lines(con: duckdb.DuckDBPyConnection, conversions: Sequence[Path]
-                  ) -> dict[tuple[Path, str], list[tuple[int, bytes | None, str | None]]]:
-    out: dict[tuple[Path, str], list[tuple[int, bytes | None, str | None]]] = {}
-    for conversion in conversions:
-        rows = _query(con, conversion, "line", "SELECT process, lineno, line, rec_problem FROM read_parquet({file}) "
-                                               "ORDER BY process, lineno")
-        for process, lineno, line, problem in rows:
-            out.setdefault((conversion, process), []).append((lineno, line, problem))
-    return out
+def _stored_lines(con: duckdb.DuckDBPyConnection, stored: _Stored) -> list[tuple[int, bytes | None, str | None]]:
+    """One process's control lines (a scan of its conversion's `line.parquet` that skips the row groups of
+    other processes: the file is sorted by process)."""
+    key = stored.process.replace("'", "''")
+    rows = _query(con, stored.conversion, "line", "SELECT lineno, line, rec_problem FROM read_parquet({file}) "
+                                                  f"WHERE process = '{key}' ORDER BY lineno")
+    return [(int(lineno), line, problem) for lineno, line, problem in rows]
 
 
 def _load_records(con: duckdb.DuckDBPyConnection, kept: list[_Stored], offsets: list[int]) -> None:
