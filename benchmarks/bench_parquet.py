@@ -2,18 +2,21 @@
 raw files (docs/DISTRIBUTED.md).
 
     python benchmarks/bench_parquet.py --run /path/to/synthetic-1m --work /tmp/pq-bench [--repeat 3]
-                                       [--format csv]
+                                       [--format csv] [--hosts N]
 
-The run is copied under --work (it is never written): `raw/` stays raw, `parquet/` is converted. Each
-repeat, alternating so that both see the same machine load: convert `parquet/`, analyze2 on `raw/`,
-analyze2 on `parquet/`. Each command runs in a fresh interpreter under /usr/bin/time: wall, CPU (user +
-system) and peak RSS; for analyze2 also the wall and CPU at its "read" progress line (reading the input
-into DuckDB, the only part that differs between the two). Reported: median [min-max] of each.
+The run is copied under --work (it is never written): `raw/` stays raw, `parquet/` is converted. With
+`--hosts N`, each holds N copies as N hosts (`host-i/`, the hostname in each header renamed), each
+converted apart as its host would. Each repeat, alternating so that both see the same machine load:
+convert (each host in turn: on real hosts they run at once), analyze2 on `raw/`, analyze2 on `parquet/`.
+Each command runs in a fresh interpreter under /usr/bin/time: wall, CPU (user + system) and peak RSS;
+for analyze2 also the wall and CPU at its "read" progress line (reading the input into DuckDB, the only
+part that differs between the two). Reported: median [min-max] of each.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shutil
 import statistics
@@ -36,6 +39,21 @@ def _timed(cmd: list[str]) -> dict[str, float]:
     return out
 
 
+def _copy(run: Path, dest: Path, hosts: int) -> None:
+    if not hosts:
+        shutil.copytree(run, dest, ignore=shutil.ignore_patterns("sprof-parquet"))
+        return
+    for i in range(hosts):
+        for raw in sorted(run.glob("*.sprof.jsonl")):
+            host_dir = dest / f"host-{i}"
+            host_dir.mkdir(parents=True, exist_ok=True)
+            with raw.open("rb") as src, (host_dir / raw.name).open("wb") as out:
+                header = json.loads(src.readline())
+                header["hostname"] = f"{header.get('hostname')}-{i}"
+                out.write(json.dumps(header).encode() + b"\n")
+                shutil.copyfileobj(src, out)
+
+
 def _summary(runs: list[dict[str, float]]) -> str:
     parts = []
     for key in runs[0]:
@@ -50,22 +68,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, required=True, help="where the copies are made")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--format", nargs="+", default=["csv"])
+    parser.add_argument("--hosts", type=int, default=0, help="N copies of the run as N hosts (0: the run as is)")
     args = parser.parse_args(argv)
     raw, converted = args.work / "raw", args.work / "parquet"
     for copy in (raw, converted):
         if not copy.exists():
-            shutil.copytree(args.run, copy, ignore=shutil.ignore_patterns("sprof-parquet"))
+            _copy(args.run, copy, args.hosts)
+    hosts = sorted(converted.glob("host-*")) if args.hosts else [converted]
     cli = [sys.executable, "-m", "service_profiler.cli"]
     results: dict[str, list[dict[str, float]]] = {"convert": [], "analyze2 raw": [], "analyze2 parquet": []}
     for i in range(args.repeat):
-        results["convert"].append(_timed([*cli, "convert", "--input-path", str(converted)]))
+        for host in hosts:
+            results["convert"].append(_timed([*cli, "convert", "--input-path", str(host)]))
         for name, run_dir in (("analyze2 raw", raw), ("analyze2 parquet", converted)):
             out = args.work / f"out-{name.split()[1]}"
             shutil.rmtree(out, ignore_errors=True)
             results[name].append(_timed([*cli, "analyze2", "--input-path", str(run_dir), "--output-path", str(out),
                                          "--format", *args.format]))
         print(f"repeat {i + 1}: " + "; ".join(f"{k}: {v[-1]}" for k, v in results.items()), flush=True)
-    size = sum(f.stat().st_size for f in (converted / "sprof-parquet").iterdir())
+    size = sum(f.stat().st_size for f in converted.rglob("sprof-parquet/*"))
     raw_size = sum(f.stat().st_size for f in raw.rglob("*.sprof.jsonl"))
     print(f"raw {raw_size / 1e6:.0f} MB, Parquet {size / 1e6:.0f} MB")
     for name, runs in results.items():
