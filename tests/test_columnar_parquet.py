@@ -231,8 +231,13 @@ def test_inputs_with_and_without_a_conversion_are_not_mixed(tmp_path: Path) -> N
     _refused(_analyze([one.run_dir, two.run_dir], tmp_path / "out"), str(two.run_dir), "convert --input-path")
 
 
-@pytest.mark.parametrize("given", ["file", "missing"])
+@pytest.mark.parametrize("given", ["file", "missing", "empty"])
 def test_convert_wants_a_run_directory(tmp_path: Path, given: str) -> None:
     synth = generate_run(tmp_path / "run", SyntheticConfig(requests=5, output_tokens=4))
-    path = next(synth.run_dir.glob("*.sprof.jsonl")) if given == "file" else tmp_path / "nowhere"
-    _refused(_convert(path), str(path), "not a directory")
+    path = {"file": next(synth.run_dir.glob("*.sprof.jsonl")), "missing": tmp_path / "nowhere",
+            "empty": tmp_path / "empty"}[given]
+    if given == "empty":
+        path.mkdir()
+    _refused(_convert(path), str(path), "no readable raw files" if given == "empty" else "not a directory")
+    if given == "empty":
+        assert list(path.iterdir()) == [], "nothing left behind"
