@@ -113,6 +113,9 @@ def test_parquet_gives_the_same_outputs_as_the_raw_files(tmp_path: Path) -> None
     assert (synth.run_dir / PARQUET_DIR / "manifest.json").is_file()
     _ok(_analyze([synth.run_dir], tmp_path / "parquet"))
     _assert_same_outputs(tmp_path / "raw", tmp_path / "parquet")
+    # the conversion named twice (its run directory and itself) is read once
+    _ok(_analyze([synth.run_dir, synth.run_dir / PARQUET_DIR], tmp_path / "twice"))
+    _assert_same_outputs(tmp_path / "raw", tmp_path / "twice")
     # the Parquet alone, raw files gone (only the conversion was kept): still the same
     for raw in synth.run_dir.glob("*.sprof.jsonl"):
         raw.unlink()

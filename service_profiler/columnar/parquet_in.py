@@ -62,9 +62,11 @@ def find_conversions(paths: Sequence[Path | str]) -> list[Path] | None:
     A directory holding a conversion is not searched further (the conversion covers all below it)."""
     found: list[Path] = []
     raw_only: list[Path] = []
+    seen: set[str] = set()
     for given in map(Path, paths):
         under = _conversions_under(given)
-        found += under
+        found += [c for c in under if os.path.realpath(c) not in seen]  # overlapping input paths: once
+        seen.update(os.path.realpath(c) for c in under)
         if not under:
             raw_only.append(given)
     if not found:
