@@ -176,7 +176,9 @@ def test_a_raw_file_changed_after_conversion_is_told(tmp_path: Path) -> None:
     (synth.run_dir / "late-9999.sprof.jsonl").write_text("{}\n", encoding="utf-8")
     _refused(_analyze([synth.run_dir], tmp_path / "out"), "late-9999.sprof.jsonl (not converted)")
     _ok(_convert(synth.run_dir))  # the fix the message names: convert again
-    _ok(_analyze([synth.run_dir], tmp_path / "out"))
+    done = _cli("analyze2", "--input-path", synth.run_dir, "--output-path", tmp_path / "out", "--format", "csv")
+    _ok(done)
+    assert f"reading 1 Parquet conversion(s), not the raw files: {synth.run_dir / PARQUET_DIR}" in done.stderr
     assert not list(synth.run_dir.glob(f".{PARQUET_DIR}-*")), "no staging directory left behind"
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,11 +97,15 @@ def _conversions_under(path: Path) -> list[Path]:
     return sorted(found)
 
 
-def load_input(con: duckdb.DuckDBPyConnection, paths: Sequence[Path | str]) -> RawRun:
+def load_input(con: duckdb.DuckDBPyConnection, paths: Sequence[Path | str],
+               progress: Callable[[str], None] | None = None) -> RawRun:
     """The run under `paths`, from its Parquet conversions where there are some, else from the raw files."""
     conversions = find_conversions(paths)
     if conversions is None:
         return load_raw(con, paths)
+    if progress:  # said, since what is read depends on what lies under the input paths
+        progress(f"reading {len(conversions)} Parquet conversion(s), not the raw files: "
+                 + ", ".join(map(str, conversions[:3])) + (" ..." if len(conversions) > 3 else ""))
     return load_parquet(con, conversions)
 
 

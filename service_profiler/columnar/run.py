@@ -87,7 +87,7 @@ def analyze_run(paths: Sequence[Path | str], *, memory_limit: str = DEFAULT_MEMO
     con = connect(work_dir, memory_limit, threads, in_memory=not shared)
     run = AnalysisRun(con, work_dir, memory_limit=memory_limit, threads=threads, shared=shared)
     try:
-        raw = load_input(con, paths)  # the raw files, or their Parquet conversions (parquet_in.py)
+        raw = load_input(con, paths, progress)  # the raw files, or their Parquet conversions (parquet_in.py)
         run.processes, run.states, run.problems = raw.processes, raw.states, raw.problems
         if progress:
             progress(f"read {len(raw.processes)} process file(s), {run.count('record'):,} records")
