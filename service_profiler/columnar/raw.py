@@ -182,6 +182,8 @@ def load_raw(con: duckdb.DuckDBPyConnection, paths: Sequence[Path | str],
             scan_lines(proc, _file_lines(proc, lines), chans, states, problems)
         except OSError as exc:
             problems.append(f"{proc.path}: read failed ({exc.strerror or exc}); kept what was read")
+            if lines is not None:  # after the lines kept, as it came
+                lines.append(((lines[-1][0] if lines else 0) + 1, None, problems[-1]))
     states.sort(key=lambda s: s[1])
     load_process_tables(con, processes, chans)
     _load_records(con, processes)
