@@ -17,6 +17,8 @@ from . import __version__
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "analyze": ("service_profiler.columnar.command",
                 "turn a run directory into chrome_tracing.json, profiler.db, CSV tables, plots and a model"),
+    "convert": ("service_profiler.columnar.convert_command",
+                "write a run's raw files as Parquet beside them (per host), for analyze to read and merge"),
     "inspect": ("service_profiler.rawdata.inspect_run", "first look at a run: processes, record counts, patch reports"),
     "check": ("service_profiler.checker", "check a symbols YAML against an engine's source without importing it"),
     "model": ("service_profiler.model.command", "fit the batch latency model or predict with it"),

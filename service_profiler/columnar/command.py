@@ -28,6 +28,7 @@ from typing import TextIO
 
 from service_profiler.outputs import OutputPathError, check_output_dir, describe_os_error, write_output_text
 
+from .parquet_format import ParquetInputError
 from .pipeline import EXPORTERS, Outcome, export_all
 from .run import DEFAULT_MEMORY_LIMIT, analyze_run
 from .trace_out import DEFAULT_MAX_PER_SECOND
@@ -39,7 +40,8 @@ FORMATS = ("csv", "json", "db", "plots", "model")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-path", nargs="+", required=True, type=Path, metavar="PATH",
-                        help="run directory, directory of runs, or raw files (*.sprof.jsonl); several allowed")
+                        help="run directory, directory of runs, or raw files (*.sprof.jsonl); several allowed. "
+                             "Where `service-profiler convert` wrote Parquet (sprof-parquet/), that is read instead")
     parser.add_argument("--output-path", required=True, type=Path, metavar="OUT", help="directory for the outputs")
     parser.add_argument("--format", nargs="+", choices=FORMATS, default=list(FORMATS), metavar="FMT",
                         help=f"outputs to write, any of: {' '.join(FORMATS)} (default: all)")
@@ -114,8 +116,12 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_NO_DATA
     formats = [f for f in EXPORTERS if f in args.format or (f == "summary" and "csv" in args.format)]
     pool = args.processes and args.jobs > 1 and len(formats) > 1
-    analysis = analyze_run(args.input_path, memory_limit=args.memory_limit, threads=args.threads,
-                           temp_root=args.temp_dir, progress=progress, shared=pool)
+    try:
+        analysis = analyze_run(args.input_path, memory_limit=args.memory_limit, threads=args.threads,
+                               temp_root=args.temp_dir, progress=progress, shared=pool)
+    except ParquetInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_NO_DATA
     try:
         if not analysis.processes:
             print("error: no readable raw files (*.sprof.jsonl) in " + " ".join(map(str, args.input_path)),

@@ -19,7 +19,9 @@ is undeclared or whose timestamp is not an integer is dropped and counted per fi
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,12 @@ _REC_PREFIXES = (b'{"t":"rec"', b'{"t": "rec"')
 # The longest `rec` line read. DuckDB's JSON reader holds a buffer of twice this per thread; the writer
 # flushes at least every second, so a line this long would be a second of several hundred thousand records.
 MAX_LINE_BYTES = 16 << 20
+# the normalized records: epoch times, each with its channel's kind/domain/name
+RECORD_COLUMNS = ("proc INTEGER, kind VARCHAR, domain VARCHAR, name VARCHAR, ts_ns BIGINT, end_ns BIGINT, tid BIGINT, "
+                  "attrs JSON, pos INTEGER, batch_id VARCHAR")
+# Lines that carry ns timestamps: the same line twice in a file is a copy (a file concatenated with itself,
+# a line written twice), not new data, and counts once.
+_COUNTED_PREFIXES = tuple(f'{{"t"{sep}"{kind}"'.encode() for kind in sorted(_COUNTED_LINES) for sep in (":", ": "))
 # brackets in one record's attributes from which its nesting depth is checked (deeper than Python's
 # recursion limit: malformed); the writer's own records stay far below it
 _DEEP_SUSPECT = 512
@@ -60,13 +68,14 @@ class Process:
     dropped: int = 0
     loss: ProcessLoss = field(default_factory=ProcessLoss)  # closed cleanly? what is missing (losses.py)
     rec_lines: int = 0
-    source: str = ""  # the file DuckDB reads: `path`, or a copy without its repeated `rec` lines
     ppid: int = 0
     argv: list[str] = field(default_factory=list)
     engine: dict[str, Any] | None = None
     profiler_version: str = ""
     warnings: dict[str, str] = field(default_factory=dict)  # message -> "message (xN)" with the last total
     patch: dict[str, Any] | None = None
+    header: dict[str, Any] = field(default_factory=dict, repr=False)  # the file's header line
+    repeated_recs: list[int] = field(default_factory=list, repr=False)  # `rec` lines repeating an earlier one
 
     @property
     def dp_rank(self) -> int:
@@ -81,6 +90,7 @@ class RawRun:
     processes: list[Process]
     states: list[tuple[int, int, bool, str]]  # (proc, epoch ns, enabled, reason)
     problems: list[str]
+    scan_problems_from: int = 0  # problems before this index are about finding the files, not reading them
 
 
 def _control(proc: Process, obj: dict[str, Any], chans: list[tuple[Any, ...]],
@@ -112,72 +122,45 @@ def _control(proc: Process, obj: dict[str, Any], chans: list[tuple[Any, ...]],
         proc.patch = {k: obj.get(k, []) for k in ("applied", "pending", "skipped", "failed")}
 
 
-def _scan_file(proc: Process, chans: list[tuple[Any, ...]], states: list[tuple[int, int, bool, str]],
-               problems: list[str]) -> list[int]:
-    """The control lines of one file; `rec` lines are only counted (DuckDB parses them). Returns the
-    numbers of the `rec` lines that repeat an earlier line of the file (a file concatenated with itself,
-    a line written twice): they carry timestamps, so a repeat is a copy, not new data, and counts once."""
-    path = proc.path
+def rec_line_problem(path: str, lineno: int, line: bytes) -> str | None:
+    """What is wrong with a `rec` line DuckDB's reader will skip, None when it reads."""
+    if len(line) > MAX_LINE_BYTES:
+        return f"{path}:{lineno}: record line longer than {MAX_LINE_BYTES} bytes; skipped"
+    if not line.rstrip().endswith(b"]}"):  # DuckDB's reader skips it (ignore_errors)
+        return f"{path}:{lineno}: torn or corrupt record line; skipped"
+    return None
+
+
+def scan_lines(proc: Process, lines: Iterable[tuple[int, bytes | None, str | None]],
+               chans: list[tuple[Any, ...]], states: list[tuple[int, int, bool, str]], problems: list[str]) -> None:
+    """One file's control lines, in order: (lineno, line, None), or (lineno, None, problem) for a `rec`
+    line DuckDB skips. `load_raw` feeds them from the raw file (`_file_lines`), the Parquet reader
+    (parquet_in.py) from the lines a conversion kept."""
     losses = LossReader(proc.loss, proc.wall_offset_ns, problems)
-    seen: set[int] = set()
-    repeated: list[int] = []  # every repeated line; the `rec` ones are left out of what DuckDB reads
-    repeated_recs: list[int] = []
-    with open(path, "rb") as fh:
-        header = b""
-        for lineno, line in enumerate(fh, 1):
-            if line.startswith(_REC_PREFIXES):
-                # the length and both ends of a line (a few dozen records each) identify it; hashing all
-                # of it would cost more than the scan
-                key = hash((len(line), line[:_LINE_END_BYTES], line[-_LINE_END_BYTES:]))
-                if key in seen:
-                    repeated.append(lineno)
-                    repeated_recs.append(lineno)
-                    continue
-                seen.add(key)
-                proc.rec_lines += 1
-                if len(line) > MAX_LINE_BYTES:
-                    problems.append(f"{path}:{lineno}: record line longer than {MAX_LINE_BYTES} bytes; skipped")
-                elif not line.rstrip().endswith(b"]}"):  # DuckDB's reader skips it (ignore_errors)
-                    problems.append(f"{path}:{lineno}: torn or corrupt record line; skipped")
-                continue
-            if lineno == 1:
-                header = line
-                continue
-            if not line.strip():
-                continue
-            if line == header:  # the file again after itself
-                repeated.append(lineno)
-                continue
-            try:
-                obj = json.loads(line)
-            except (ValueError, RecursionError):
-                problems.append(f"{path}:{lineno}: not valid JSON, or nested too deep (torn or corrupt line); "
-                                "skipped")
-                continue
-            if b"\\ud" in line or b"\\uD" in line:  # an escaped lone surrogate cannot be stored as UTF-8 text
-                obj = _without_surrogates(obj)
-            if isinstance(obj, dict) and not isinstance(obj.get("t"), str):
-                problems.append(f"{path}:{lineno}: line type {obj.get('t')!r} is not a text; skipped")
-                continue
-            if isinstance(obj, dict) and obj.get("t") in _COUNTED_LINES:
-                key = hash((len(line), line[:_LINE_END_BYTES], line[-_LINE_END_BYTES:]))
-                if key in seen:
-                    repeated.append(lineno)
-                    continue
-                seen.add(key)
-            if isinstance(obj, dict) and obj.get("t") in _CONTROL_LINES:
-                _control(proc, obj, chans, states, losses, lineno)
-            elif isinstance(obj, dict):
-                problems.append(f"{path}:{lineno}: unknown line type {obj.get('t')!r}; skipped")
-            else:
-                problems.append(f"{path}:{lineno}: not a JSON object; skipped")
-    if repeated:
-        problems.append(f"{path}:{repeated[0]}: {len(repeated)} line(s) repeating an earlier line of this file "
-                        "(a copy); counted once")
+    for lineno, line, rec_problem in lines:
+        if line is None:
+            if rec_problem:
+                problems.append(rec_problem)
+            continue
+        try:
+            obj = json.loads(line)
+        except (ValueError, RecursionError):
+            problems.append(f"{proc.path}:{lineno}: not valid JSON, or nested too deep (torn or corrupt line); "
+                            "skipped")
+            continue
+        if b"\\ud" in line or b"\\uD" in line:  # an escaped lone surrogate cannot be stored as UTF-8 text
+            obj = _without_surrogates(obj)
+        if isinstance(obj, dict) and not isinstance(obj.get("t"), str):
+            problems.append(f"{proc.path}:{lineno}: line type {obj.get('t')!r} is not a text; skipped")
+        elif isinstance(obj, dict) and obj.get("t") in _CONTROL_LINES:
+            _control(proc, obj, chans, states, losses, lineno)
+        elif isinstance(obj, dict):
+            problems.append(f"{proc.path}:{lineno}: unknown line type {obj.get('t')!r}; skipped")
+        else:
+            problems.append(f"{proc.path}:{lineno}: not a JSON object; skipped")
     role = proc.meta.get("role")
     if isinstance(role, str) and role:
         proc.role = role
-    return repeated_recs
 
 
 def _without_surrogates(value: Any) -> Any:
@@ -191,66 +174,130 @@ def _without_surrogates(value: Any) -> Any:
     return value
 
 
-def _without_lines(proc: Process, skip: list[int], scratch: Path) -> str:
-    """A private copy of the process's file without the lines `skip` (1-based), for DuckDB to read."""
-    scratch.mkdir(mode=0o700, exist_ok=True)
-    copy = scratch / f"{proc.index}.sprof.jsonl"
-    drop = set(skip)
+def _file_lines(proc: Process, kept: list[tuple[int, bytes | None, str | None]] | None
+                ) -> Iterator[tuple[int, bytes | None, str | None]]:
+    """The control lines of one file; `rec` lines are only counted (DuckDB parses them). `kept`: a copy
+    of what is yielded goes there too (a conversion stores it). A line carrying timestamps that repeats an
+    earlier line of the file is a copy: it is left out (`rec` lines: listed in `proc.repeated_recs`, for
+    DuckDB to skip), and one problem at the end says how many there were."""
+    seen: set[int] = set()
+    repeated: list[int] = []
+    header = b""
+
+    def emit(item: tuple[int, bytes | None, str | None]) -> tuple[int, bytes | None, str | None]:
+        if kept is not None:
+            kept.append(item)
+        return item
+
+    with open(proc.path, "rb") as fh:
+        for lineno, line in enumerate(fh, 1):
+            is_rec = line.startswith(_REC_PREFIXES)
+            if is_rec or line.startswith(_COUNTED_PREFIXES):
+                # the length and both ends of a line (a few dozen records each) identify it; hashing all
+                # of it would cost more than the scan
+                key = hash((len(line), line[:_LINE_END_BYTES], line[-_LINE_END_BYTES:]))
+                if key in seen:
+                    repeated.append(lineno)
+                    if is_rec:
+                        proc.repeated_recs.append(lineno)
+                    continue
+                seen.add(key)
+            if is_rec:
+                proc.rec_lines += 1
+                problem = rec_line_problem(proc.path, lineno, line)
+                if problem:
+                    yield emit((lineno, None, problem))
+            elif lineno == 1:
+                header = line
+            elif line == header:  # the file again after itself
+                repeated.append(lineno)
+            elif line.strip():
+                yield emit((lineno, line, None))
+    if repeated:
+        yield emit((repeated[0], None, f"{proc.path}:{repeated[0]}: {len(repeated)} line(s) repeating an earlier "
+                                      "line of this file (a copy); counted once"))
+
+
+def load_raw(con: duckdb.DuckDBPyConnection, paths: Sequence[Path | str],
+             kept_lines: dict[int, list[tuple[int, bytes | None, str | None]]] | None = None) -> RawRun:
+    """Read the run under `paths` (run dirs, dirs of runs, files) into `con`: tables `process`,
+    `channel`, `rec`, and the views `span`, `event`, `counter` (epoch ns). `kept_lines`: each process's
+    control lines are kept there too, by process index (a conversion stores them)."""
+    problems: list[str] = []
+    files = discover_files(paths, problems)
+    kept = _dedupe_copies(files, problems)
+    scan_problems_from = len(problems)
+    processes = new_processes(kept)
+    chans: list[tuple[Any, ...]] = []
+    states: list[tuple[int, int, bool, str]] = []
+    for proc in processes:
+        lines = kept_lines.setdefault(proc.index, []) if kept_lines is not None else None
+        try:
+            scan_lines(proc, _file_lines(proc, lines), chans, states, problems)
+        except OSError as exc:
+            problems.append(f"{proc.path}: read failed ({exc.strerror or exc}); kept what was read")
+            if lines is not None:  # after the lines kept, as it came
+                lines.append(((lines[-1][0] if lines else 0) + 1, None, problems[-1]))
+    states.sort(key=lambda s: s[1])
+    load_process_tables(con, processes, chans)
+    copies = Path(tempfile.mkdtemp(prefix="sprof-deduplicated-"))  # private (0700), gone once read
+    try:
+        sources = {p.index: _without_lines(p, copies) if p.repeated_recs else p.path for p in processes}
+        _load_records(con, processes, sources)
+    finally:
+        shutil.rmtree(copies, ignore_errors=True)
+    count_bad_records(con, processes, problems)
+    return RawRun(processes, states, problems, scan_problems_from)
+
+
+def _without_lines(proc: Process, directory: Path) -> str:
+    """A copy of the process's file without its repeated `rec` lines, for DuckDB to read instead."""
+    copy = directory / f"{proc.index}.sprof.jsonl"
+    skip = set(proc.repeated_recs)
     with open(proc.path, "rb") as src, open(copy, "xb") as dst:
         for lineno, line in enumerate(src, 1):
-            if lineno not in drop:
+            if lineno not in skip:
                 dst.write(line)
     return str(copy)
 
 
-def load_raw(con: duckdb.DuckDBPyConnection, paths: Sequence[Path | str], scratch: Path) -> RawRun:
-    """Read the run under `paths` (run dirs, dirs of runs, files) into `con`: tables `process`,
-    `channel`, `rec`, and the views `span`, `event`, `counter` (epoch ns). `scratch`: a private directory
-    for copies of files that repeat their own lines."""
-    problems: list[str] = []
-    files = discover_files(paths, problems)
+def new_processes(kept: Sequence[tuple[Path, dict[str, Any]]]) -> list[Process]:
+    """One `Process` per kept file (path, header), indexed in that order, on its clock's shared anchor."""
     processes: list[Process] = []
-    chans: list[tuple[Any, ...]] = []
-    states: list[tuple[int, int, bool, str]] = []
-    kept = _dedupe_copies(files, problems)
     for (path, header), offset in zip(kept, shared_wall_offsets([h for _, h in kept]), strict=True):
         info = _process_from_header(len(processes), path, header)
         wall_offset_ns = info.wall_offset_ns if offset is None else offset
-        proc = Process(info.index, info.key, info.hostname, info.pid, info.role, str(path), wall_offset_ns,
-                       ppid=info.ppid, argv=info.argv, engine=info.engine, profiler_version=info.profiler_version)
-        processes.append(proc)
-        proc.source = proc.path
-        try:
-            repeated_recs = _scan_file(proc, chans, states, problems)
-            if repeated_recs:
-                proc.source = _without_lines(proc, repeated_recs, scratch)
-        except OSError as exc:
-            problems.append(f"{path}: read failed ({exc.strerror or exc}); kept what was read")
-    states.sort(key=lambda s: s[1])
+        processes.append(Process(info.index, info.key, info.hostname, info.pid, info.role, str(path), wall_offset_ns,
+                                 ppid=info.ppid, argv=info.argv, engine=info.engine,
+                                 profiler_version=info.profiler_version, header=header))
+    return processes
+
+
+def load_process_tables(con: duckdb.DuckDBPyConnection, processes: list[Process], chans: list[tuple[Any, ...]]
+                        ) -> None:
     con.execute("CREATE OR REPLACE TABLE process (proc INTEGER, key VARCHAR, hostname VARCHAR, pid BIGINT, "
                 "role VARCHAR, dp_rank INTEGER, wall_offset BIGINT, path VARCHAR)")
-    if processes:  # `path`: the file DuckDB reads
+    if processes:
         con.executemany("INSERT INTO process VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                        [(p.index, p.key, p.hostname, p.pid, p.role, p.dp_rank, p.wall_offset_ns, p.source)
+                        [(p.index, p.key, p.hostname, p.pid, p.role, p.dp_rank, p.wall_offset_ns, p.path)
                          for p in processes])
     con.execute("CREATE OR REPLACE TABLE channel (proc INTEGER, id INTEGER, kind VARCHAR, domain VARCHAR, "
                 "name VARCHAR)")
     if chans:
         # a channel declared twice in one file: the last declaration wins, as in the reader
         con.executemany("INSERT INTO channel VALUES (?, ?, ?, ?, ?)", list({c[:2]: c for c in chans}.values()))
-    _load_records(con, processes)
-    _count_bad_records(con, processes, problems)
-    return RawRun(processes, states, problems)
 
 
-def _load_records(con: duckdb.DuckDBPyConnection, processes: list[Process]) -> None:
+def _load_records(con: duckdb.DuckDBPyConnection, processes: list[Process], sources: dict[int, str]) -> None:
     """One pass: each record with its channel's kind/domain/name, its epoch times, attrs, a span's batch_id.
-    Records without a declared channel or an integer time stay out of the views (`_count_bad_records`)."""
-    con.execute("CREATE OR REPLACE TABLE record (proc INTEGER, kind VARCHAR, domain VARCHAR, name VARCHAR, "
-                "ts_ns BIGINT, end_ns BIGINT, tid BIGINT, attrs JSON, pos INTEGER, batch_id VARCHAR)")
+    Records without a declared channel or an integer time stay out of the views (`count_bad_records`).
+    `sources`: the file read for each process (its own, or a copy without repeated lines)."""
+    con.execute(f"CREATE OR REPLACE TABLE record ({RECORD_COLUMNS})")
     with_recs = [p for p in processes if p.rec_lines]
     if with_recs:
-        files = ", ".join("'" + p.source.replace("'", "''") + "'" for p in with_recs)
+        con.execute("CREATE OR REPLACE TEMP TABLE source (proc INTEGER, path VARCHAR)")
+        con.executemany("INSERT INTO source VALUES (?, ?)", [(p.index, sources[p.index]) for p in with_recs])
+        files = ", ".join("'" + sources[p.index].replace("'", "''") + "'" for p in with_recs)
         con.execute(f"""
             INSERT INTO record
             WITH line AS (
@@ -258,7 +305,7 @@ def _load_records(con: duckdb.DuckDBPyConnection, processes: list[Process]) -> N
                 SELECT p.proc, p.wall_offset, json_transform(l.json, '{{"r": [["JSON"]]}}').r AS r
                 FROM read_json_objects([{files}], format='newline_delimited', filename=true,
                                        ignore_errors=true, maximum_object_size={MAX_LINE_BYTES}) AS l
-                JOIN process AS p ON p.path = l.filename
+                JOIN source AS f ON f.path = l.filename JOIN process AS p ON p.proc = f.proc
                 WHERE starts_with(l.json, '{{"t":"rec"') OR starts_with(l.json, '{{"t": "rec"')),
             item AS (SELECT proc, wall_offset, unnest(r) AS x, unnest(generate_series(1, len(r))) AS pos FROM line)
             SELECT i.proc, c.kind, c.domain, c.name, TRY_CAST(x[2] AS BIGINT) + i.wall_offset AS ts_ns,
@@ -269,14 +316,7 @@ def _load_records(con: duckdb.DuckDBPyConnection, processes: list[Process]) -> N
             FROM item i LEFT JOIN channel c ON c.proc = i.proc AND c.id = TRY_CAST(x[1] AS INTEGER)
         """)
         _drop_too_deep(con)
-    # a record without a declared channel, an integer time, or (a span) an integer end is kept out of the views
-    valid = "kind IS NOT NULL AND ts_ns IS NOT NULL AND (kind <> 'span' OR end_ns IS NOT NULL)"
-    con.execute("""CREATE OR REPLACE VIEW span AS SELECT proc, domain, name, ts_ns AS start_ns, end_ns, tid, attrs,
-                   pos, batch_id FROM record WHERE kind = 'span' AND """ + valid)
-    con.execute("CREATE OR REPLACE VIEW event AS SELECT proc, domain, name, ts_ns, tid, attrs, pos FROM record "
-                "WHERE kind = 'event' AND " + valid)
-    con.execute("CREATE OR REPLACE VIEW counter AS SELECT proc, domain, name, ts_ns, attrs AS vals, pos FROM record "
-                "WHERE kind = 'counter' AND " + valid)
+    create_record_views(con)
 
 
 def _drop_too_deep(con: duckdb.DuckDBPyConnection) -> None:
@@ -299,7 +339,18 @@ def _drop_too_deep(con: duckdb.DuckDBPyConnection) -> None:
         con.execute("UPDATE record SET kind = NULL WHERE rowid IN (SELECT id FROM too_deep)")
 
 
-def _count_bad_records(con: duckdb.DuckDBPyConnection, processes: list[Process], problems: list[str]) -> None:
+def create_record_views(con: duckdb.DuckDBPyConnection) -> None:
+    # a record without a declared channel, an integer time, or (a span) an integer end is kept out of the views
+    valid = "kind IS NOT NULL AND ts_ns IS NOT NULL AND (kind <> 'span' OR end_ns IS NOT NULL)"
+    con.execute("""CREATE OR REPLACE VIEW span AS SELECT proc, domain, name, ts_ns AS start_ns, end_ns, tid, attrs,
+                   pos, batch_id FROM record WHERE kind = 'span' AND """ + valid)
+    con.execute("CREATE OR REPLACE VIEW event AS SELECT proc, domain, name, ts_ns, tid, attrs, pos FROM record "
+                "WHERE kind = 'event' AND " + valid)
+    con.execute("CREATE OR REPLACE VIEW counter AS SELECT proc, domain, name, ts_ns, attrs AS vals, pos FROM record "
+                "WHERE kind = 'counter' AND " + valid)
+
+
+def count_bad_records(con: duckdb.DuckDBPyConnection, processes: list[Process], problems: list[str]) -> None:
     """Records without a declared channel or an integer time: one problem line per file with the count."""
     bad = dict(con.execute("SELECT proc, count(*) FROM record WHERE kind IS NULL OR ts_ns IS NULL "
                            "OR (kind = 'span' AND end_ns IS NULL) GROUP BY proc").fetchall())

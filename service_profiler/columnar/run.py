@@ -25,7 +25,8 @@ from .completeness import load_losses
 from .iterations import build_iterations
 from .kvcache import build_kvcache
 from .lifecycle import build_lifecycle
-from .raw import Process, load_raw
+from .parquet_in import load_input
+from .raw import Process
 from .requests import build_requests
 
 DEFAULT_MEMORY_LIMIT = "1GB"
@@ -80,13 +81,13 @@ def connect(work_dir: Path, memory_limit: str, threads: int | None, read_only: b
 def analyze_run(paths: Sequence[Path | str], *, memory_limit: str = DEFAULT_MEMORY_LIMIT, threads: int | None = None,
                 temp_root: Path | None = None, progress: Callable[[str], None] | None = None,
                 shared: bool = False) -> AnalysisRun:
-    """Read the raw files under `paths` and build every analysis table (`shared`: in a database file that
-    a process pool's workers can open)."""
+    """Read the raw files under `paths` (or their Parquet conversions) and build every analysis table
+    (`shared`: in a database file that a process pool's workers can open)."""
     work_dir = Path(tempfile.mkdtemp(prefix="sprof-analysis-", dir=temp_root))
     con = connect(work_dir, memory_limit, threads, in_memory=not shared)
     run = AnalysisRun(con, work_dir, memory_limit=memory_limit, threads=threads, shared=shared)
     try:
-        raw = load_raw(con, paths, work_dir / "deduplicated")
+        raw = load_input(con, paths, progress)  # the raw files, or their Parquet conversions (parquet_in.py)
         run.processes, run.states, run.problems = raw.processes, raw.states, raw.problems
         if progress:
             progress(f"read {len(raw.processes)} process file(s), {run.count('record'):,} records")
