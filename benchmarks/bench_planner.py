@@ -2,7 +2,7 @@
 configurations the search scored on vLLM's CPU build (the same requests, the same arrival times) and
 compare the predicted ranking with the measured one.
 
-    python benchmarks/bench_planner.py OUT [--configs 6] [--repeats 2] [--requests 48]
+    python benchmarks/bench_planner.py OUT [--configs 6] [--repeats 2] [--requests 48] [--rate 30]
 
 Prints the table (predicted vs measured throughput and p50 TTFT per configuration), Spearman's rho on
 both (measured = median of `--repeats` runs), whether the top pick is within 5 % of the best measured,
@@ -36,9 +36,10 @@ MAX_MODEL_LEN = 2048
 KEYS = ("output_throughput_tok_s", "ttft_ms_p50", "tpot_ms_p50", "ttft_ms_p99")
 
 
-def measure(model: Path, out: Path, requests: list[Any], engine: dict[str, Any]) -> dict[str, Any]:
+def measure(model: Path, out: Path, requests: list[Any], engine: dict[str, Any], arrival: ArrivalSpec
+            ) -> dict[str, Any]:
     settings = EngineSettings(model=str(model), max_model_len=MAX_MODEL_LEN, **engine)
-    return ProfilingRunner(model, out, name=out.name).run_requests(requests, ARRIVAL, settings, warmup_requests=2)
+    return ProfilingRunner(model, out, name=out.name).run_requests(requests, arrival, settings, warmup_requests=2)
 
 
 def plan_engine(plan: Plan) -> dict[str, Any]:
@@ -77,15 +78,18 @@ def main() -> int:
     parser.add_argument("--objective", default="latency")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each configuration (median and spread)")
     parser.add_argument("--requests", type=int, default=MIX.num_requests, help="requests in the workload")
+    parser.add_argument("--rate", type=float, default=ARRIVAL.rate,
+                        help="Poisson arrival rate, req/s (high enough to saturate the captured settings)")
     args = parser.parse_args()
     from tiny_model import make_model
 
     model = make_model(args.out / "tiny-llama")
     mix = dataclasses.replace(MIX, num_requests=args.requests)
-    requests = mix.build(ARRIVAL, model_vocab_size(str(model)))
+    arrival = dataclasses.replace(ARRIVAL, rate=args.rate)
+    requests = mix.build(arrival, model_vocab_size(str(model)))
     base_engine = {"block_size": 32, "max_num_seqs": 16, "max_num_batched_tokens": 2048}
     t0 = time.monotonic()
-    captured = measure(model, args.out / "captured", requests, base_engine)
+    captured = measure(model, args.out / "captured", requests, base_engine, arrival)
     analysis = args.out / "captured" / "analysis"
     subprocess.run([sys.executable, "-m", "service_profiler.cli", "analyze", "--input-path",
                     captured["run_dirs"][0], "--output-path", str(analysis), "--quiet"], check=True)
@@ -102,7 +106,8 @@ def main() -> int:
     for round_no in range(args.repeats):
         for i, cfg in enumerate(configs):
             engine = {k: cfg["settings"][k] for k in cfg["settings"]}
-            measured[i].append(measure(model, args.out / f"config{i}-run{round_no}", requests, engine)["metrics"])
+            measured[i].append(measure(model, args.out / f"config{i}-run{round_no}", requests, engine,
+                                       arrival)["metrics"])
     rows = []
     for cfg, runs in zip(configs, measured, strict=True):
         median = {k: statistics.median(float(r[k]) for r in runs) for k in KEYS}
@@ -123,7 +128,7 @@ def main() -> int:
     top, default = rows[1], rows[0]
     within = abs(top["measured"][key] - best["measured"][key]) / abs(best["measured"][key])
     margin = sign * (top["measured"][key] - default["measured"][key]) / abs(default["measured"][key])
-    summary = {"objective": args.objective, "configs": len(rows), "requests": len(requests),
+    summary = {"objective": args.objective, "configs": len(rows), "requests": len(requests), "rate": args.rate,
                "spearman_throughput": rho_thr, "spearman_ttft_p50": rho_ttft,
                "top_pick_gap_to_best_measured": within, "top_pick_margin_over_captured": margin,
                "captured_spread": default["spread"][key], "top_pick_spread": top["spread"][key],

@@ -30,12 +30,15 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from service_profiler.outputs import output_dir, write_output_text
+from service_profiler.outputs import open_output, output_dir, write_output_text
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 PARAM_NAMES: tuple[str, ...] = ("P_max", "k_B", "k_S", "w_0", "w_1", "tau_0", "tau_B", "tau_S")
 FORMULA = "T = tau_0 + (w_0 + w_1*S) / (P_max*(1-exp(-k_B*B))*(1-exp(-k_S*S))) + tau_B*B + tau_S*S"
@@ -382,8 +385,6 @@ def _plot_residuals(model: LatencyModel, b: Float, s: Float, t: Float, path: Pat
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from service_profiler.analyze.plots import histogram, save_figure
-
     pred = np.asarray(model.predict(b, s))
     resid = t - pred
     idx = _subsample(t.size, _MAX_PLOT_POINTS)
@@ -395,7 +396,9 @@ def _plot_residuals(model: LatencyModel, b: Float, s: Float, t: Float, path: Pat
     ax1.set_xlabel("predicted model run (ms)")
     ax1.set_ylabel("observed − predicted (ms)")
     ax1.set_title("Residuals vs predicted")
-    histogram(ax2, resid, 60)
+    counts, edges = np.histogram(resid, bins=60)
+    ax2.stairs(counts, edges, fill=True, alpha=0.85)  # one polygon, where ax.hist draws one patch per bin
+    ax2.stairs(counts, edges, color="black", linewidth=0.4)
     ax2.set_xlabel("observed − predicted (ms)")
     ax2.set_ylabel("steps")
     test = model.metrics.get("test", {})
@@ -404,7 +407,18 @@ def _plot_residuals(model: LatencyModel, b: Float, s: Float, t: Float, path: Pat
     label = f"held-out R² {r2:.3f}, MAPE {mape:.1f} %" if r2 is not None and mape is not None else ""
     ax2.set_title(f"Residual distribution  {label}")
     fig.subplots_adjust(wspace=0.3)  # room for the right panel's tick labels and y label
-    save_figure(fig, path)
+    _save_figure(fig, path)
+
+
+def _save_figure(fig: Figure, path: Path, margins_in: tuple[float, float, float, float] = (0.95, 0.25, 0.6, 0.45)
+                 ) -> None:
+    """Fixed margins (left, right, bottom, top, inches), then matplotlib's own PNG writer, into a new file
+    moved onto `path` (a link there is replaced, never written through)."""
+    width, height = fig.get_size_inches()
+    left, right, bottom, top = margins_in
+    fig.subplots_adjust(left=left / width, right=1 - right / width, bottom=bottom / height, top=1 - top / height)
+    with open_output(path, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=100)
 
 
 def _axis_grid(lo: float, hi: float, n: int = 80) -> tuple[Float, bool]:
@@ -419,8 +433,6 @@ def _plot_contour(model: LatencyModel, b: Float, s: Float, path: Path) -> None:
     from matplotlib.colors import LogNorm
     from matplotlib.figure import Figure
     from matplotlib.ticker import LogLocator
-
-    from service_profiler.analyze.plots import save_figure
 
     gb, log_b = _axis_grid(float(b.min()), float(b.max()))
     gs, log_s = _axis_grid(float(s.min()), float(s.max()))
@@ -454,4 +466,4 @@ def _plot_contour(model: LatencyModel, b: Float, s: Float, path: Path) -> None:
     ax.set_xlabel("batch size B (requests)")
     ax.set_ylabel("total scheduled tokens S (tokens)")
     ax.set_title("Latency model T(B, S) (ms); red: observed steps")
-    save_figure(fig, path, margins_in=(0.95, 0.1, 0.6, 0.45))  # the colorbar axes sit inside the right margin
+    _save_figure(fig, path, margins_in=(0.95, 0.1, 0.6, 0.45))  # the colorbar axes sit inside the right margin
