@@ -1,0 +1,182 @@
+"""The profiler's share of the engine's busy time, sampled with py-spy inside vLLM's offline engine.
+
+    python benchmarks/bench_engine_share.py [--repeats 3] [--seconds 15] [--requests 300] [--max-tokens 8]
+                                           [--py-spy PATH] [--top 12] [--keep DIR]
+
+One process: `vllm.LLM` on the tiny CPU model with the EngineCore in the same process
+(`VLLM_ENABLE_V1_MULTIPROCESSING=0`), the shipped YAML, collection on. Its steps take a few ms, so the
+profiler's fixed per-step cost weighs the most here: the worst case. After a warm-up the driver
+generates `--requests` requests with `--max-tokens` output tokens each (many small steps), over and over,
+while py-spy attaches `--repeats` times for `--seconds` each (raw format, CPU-busy samples only, all
+Python threads of the process).
+
+Every sample is charged to the profiler or to the engine as `benchmarks/pyspy_share.py` says (the
+innermost profiler frame is the leaf, or calls something other than the wrapped original), and split by
+thread: the engine's thread (the main thread: scheduler, model, output processing, and the probes and
+handlers that run on it), the profiler's writer thread (encoding and writing records; it holds the GIL
+the engine needs while it encodes), and any other thread. The figures are shares of all busy samples
+of the process, so the three add up to the total; a share is a ratio within one run, far less sensitive
+to the machine's load than a throughput comparison between runs. Then, per thread, the profiler frames
+that took the most samples.
+
+py-spy: `pip install py-spy`; it attaches to the driver with ptrace (the driver is our own child). Where
+ptrace is refused, run py-spy as the driver's parent instead (`py-spy record -- python ...`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
+
+from pyspy_share import Sample, hot_profiler_frames, share_by
+from tiny_model import make_model
+from vllm_service import PROMPTS
+
+_DRIVER = r"""
+import json, os, sys, time
+from vllm import LLM, SamplingParams
+spec = json.loads(sys.argv[1])
+llm = LLM(model=spec["model"], max_model_len=512, dtype="bfloat16", seed=0, enforce_eager=True,
+          max_num_seqs=spec["max_num_seqs"])
+prompts = [spec["prompts"][i % len(spec["prompts"])] for i in range(spec["requests"])]
+params = SamplingParams(max_tokens=spec["max_tokens"], temperature=0, ignore_eos=True)
+llm.generate(prompts[:16], params, use_tqdm=False)
+print("READY", flush=True)
+rounds = 0
+while not os.path.exists(spec["stop"]):
+    llm.generate(prompts, params, use_tqdm=False)
+    rounds += 1
+print(f"ROUNDS {rounds}", flush=True)
+"""
+
+ENGINE, WRITER, OTHER = "engine thread", "writer thread", "other threads"
+
+
+def thread_role(engine_tid: str) -> object:
+    def role(sample: Sample) -> str:
+        if sample.thread_id == engine_tid:
+            return ENGINE
+        if any(frame.startswith("Recorder._run (") for frame in sample.frames):
+            return WRITER
+        return OTHER
+    return role
+
+
+def _wait_for(log: Path, marker: str, proc: subprocess.Popen[bytes], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if marker in log.read_text(errors="replace"):
+            return
+        if proc.poll() is not None:
+            break
+        time.sleep(0.2)
+    raise RuntimeError(f"the driver did not print {marker}:\n{log.read_text(errors='replace')[-4000:]}")
+
+
+def measure(args: argparse.Namespace, workdir: Path) -> list[tuple[Path, str]]:
+    """Run the driver and sample it `--repeats` times; the raw files and the engine thread's id."""
+    model = make_model(Path(args.model_cache))
+    config, prof_dir, stop = workdir / "config.json", workdir / "prof", workdir / "stop"
+    config.write_text(json.dumps({"enable": 1, "prof_dir": str(prof_dir)}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SERVICE_PROF_", "VLLM_SCHEDULER_"))
+           and k != "PROFILING_SYMBOLS_PATH"}
+    env.update({"SERVICE_PROF_CONFIG_PATH": str(config), "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+                "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING"})
+    if args.omp_threads:
+        env.update({"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": str(args.omp_threads)})
+    spec = {"model": str(model), "prompts": PROMPTS, "requests": args.requests, "max_tokens": args.max_tokens,
+            "max_num_seqs": args.max_num_seqs, "stop": str(stop)}
+    log = workdir / "driver.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-c", _DRIVER, json.dumps(spec)], cwd=workdir, env=env,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    raws: list[tuple[Path, str]] = []
+    try:
+        _wait_for(log, "READY", proc, 600)
+        for repeat in range(args.repeats):
+            raw = workdir / f"py-spy-{repeat}.txt"
+            subprocess.run([args.py_spy, "record", "--nonblocking", "--threads", "-p", str(proc.pid),
+                            "-d", str(args.seconds), "-r", str(args.rate), "-f", "raw", "-o", str(raw)],
+                           check=True, capture_output=True, timeout=args.seconds + 60)
+            raws.append((raw, str(proc.pid)))
+        stop.touch()
+        _wait_for(log, "ROUNDS", proc, 300)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    files = list(prof_dir.rglob("*.sprof.jsonl"))
+    if not files or not any('"t":"rec"' in f.read_text(errors="replace") for f in files):
+        raise RuntimeError(f"collection recorded nothing under {prof_dir}: the figures would mean nothing")
+    if args.keep:
+        shutil.copytree(workdir, Path(args.keep) / f"run-{time.strftime('%H%M%S')}", dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("stop"))
+    return raws
+
+
+def _spread(values: list[float]) -> str:
+    return f"median {statistics.median(values):5.2f} %  range {min(values):5.2f} .. {max(values):5.2f} %"
+
+
+def report(raws: list[tuple[Path, str]], top: int) -> None:
+    totals: dict[str, list[float]] = {ENGINE: [], WRITER: [], OTHER: [], "total": []}
+    engine_own: list[float] = []
+    for raw, engine_tid in raws:
+        share = share_by(raw, thread_role(engine_tid))  # type: ignore[arg-type]
+        for group in (ENGINE, WRITER, OTHER):
+            totals[group].append(share.percent_of_all(group))
+        totals["total"].append(sum(share.profiler.values()) * 100 / max(1, share.all_samples))
+        engine_own.append(share.percent(ENGINE))
+        print(f"{raw.name}: {share.all_samples} busy samples ({share.total[ENGINE]} engine thread, "
+              f"{share.total[WRITER]} writer, {share.total[OTHER]} other); profiler: "
+              + ", ".join(f"{group} {share.percent_of_all(group):.2f} %" for group in (ENGINE, WRITER, OTHER))
+              + f", total {totals['total'][-1]:.2f} %")
+    print(f"\nprofiler's share of all busy samples, {len(raws)} repeats (target <= 3 % in total):")
+    for group, values in totals.items():
+        print(f"  {group:<15} {_spread(values)}")
+    print(f"  (of the engine thread's own samples: {_spread(engine_own)})")
+    merged: dict[str, dict[str, int]] = {}
+    for raw, engine_tid in raws:
+        for group, frames in hot_profiler_frames(raw, thread_role(engine_tid), top * 3).items():  # type: ignore[arg-type]
+            for frame, count in frames:
+                merged.setdefault(group, {})[frame] = merged.setdefault(group, {}).get(frame, 0) + count
+    for group, frames in merged.items():
+        print(f"\nwhere the profiler's samples go, {group} (innermost profiler frame <- leaf), all repeats:")
+        for frame, count in sorted(frames.items(), key=lambda item: -item[1])[:top]:
+            print(f"  {count:6}  {frame[:150]}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3, help="py-spy windows (default 3)")
+    parser.add_argument("--seconds", type=int, default=15, help="length of each window")
+    parser.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
+    parser.add_argument("--requests", type=int, default=300, help="requests per generate() call")
+    parser.add_argument("--max-tokens", type=int, default=8, help="output tokens per request")
+    parser.add_argument("--max-num-seqs", type=int, default=16)
+    parser.add_argument("--omp-threads", type=int, default=1,
+                        help="torch's OpenMP threads, unbound (0: vLLM's own binding to every core)")
+    parser.add_argument("--py-spy", default=shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"))
+    parser.add_argument("--top", type=int, default=12, help="profiler frames listed per thread")
+    parser.add_argument("--model-cache", default=str(Path(tempfile.gettempdir()) / "sp-bench-tiny-model"))
+    parser.add_argument("--keep", metavar="DIR", help="copy the raw py-spy files and the run here")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        raws = measure(args, Path(tmp))
+        report(raws, args.top)
+
+
+if __name__ == "__main__":
+    main()
