@@ -106,9 +106,13 @@ def measure(args: argparse.Namespace, workdir: Path) -> list[tuple[Path, str]]:
         _wait_for(log, "READY", proc, 600)
         for repeat in range(args.repeats):
             raw = workdir / f"py-spy-{repeat}.txt"
-            subprocess.run([args.py_spy, "record", "--nonblocking", "--threads", "-p", str(proc.pid),
-                            "-d", str(args.seconds), "-r", str(args.rate), "-f", "raw", "-o", str(raw)],
-                           check=True, capture_output=True, timeout=args.seconds + 60)
+            command = [args.py_spy, "record", "--threads", "-p", str(proc.pid), "-d", str(args.seconds),
+                       "-r", str(args.rate), "-f", "raw", "-o", str(raw)]
+            if args.nonblocking:
+                command.append("--nonblocking")
+            if args.native:
+                command.append("--native")
+            subprocess.run(command, check=True, capture_output=True, timeout=args.seconds + 60)
             raws.append((raw, str(proc.pid)))
         stop.touch()
         _wait_for(log, "ROUNDS", proc, 300)
@@ -169,6 +173,11 @@ def main() -> None:
     parser.add_argument("--omp-threads", type=int, default=1,
                         help="torch's OpenMP threads, unbound (0: vLLM's own binding to every core)")
     parser.add_argument("--py-spy", default=shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"))
+    parser.add_argument("--nonblocking", action="store_true",
+                        help="sample without stopping the process (cheaper, but stacks read mid-call can be "
+                             "torn: transient wrapper frames get extra samples)")
+    parser.add_argument("--native", action="store_true",
+                        help="native frames too (shows where C time goes, e.g. the garbage collector)")
     parser.add_argument("--top", type=int, default=12, help="profiler frames listed per thread")
     parser.add_argument("--model-cache", default=str(Path(tempfile.gettempdir()) / "sp-bench-tiny-model"))
     parser.add_argument("--keep", metavar="DIR", help="copy the raw py-spy files and the run here")

@@ -118,17 +118,9 @@ class VllmProbeState:
 STATE = VllmProbeState()
 
 
-def _call_marked(key: str, original_func: Original, this: Any, args: tuple[Any, ...],
-                 kwargs: dict[str, Any]) -> Any:
-    """Run the original with `key` marked busy. A handler whose `key` is already busy calls straight
-    through: an override calling `super()` (vllm-ascend's BalanceScheduler.schedule) is wrapped at both
-    levels and must be recorded once."""
-    busy = STATE.busy
-    busy.add(key)
-    try:
-        return original_func(this, *args, **kwargs)
-    finally:
-        busy.discard(key)
+# A handler marks its key busy in `STATE.busy` around the original and calls straight through while its
+# key is already busy: an override calling `super()` (vllm-ascend's BalanceScheduler.schedule) is wrapped
+# at both levels and must be recorded once. Written out in each handler (no helper frame per call).
 
 
 def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], name: str) -> Any:
@@ -148,10 +140,13 @@ def schedule_handler(original_func: Original, this: Scheduler, *args: Any, **kwa
     batch_id = state.next_batch_id
     state.next_batch_id = batch_id + 1
     state.current_batch = batch_id
+    busy = state.busy
+    busy.add("schedule")
     start = _now()
     try:
-        out = _call_marked("schedule", original_func, this, args, kwargs)
+        out = original_func(this, *args, **kwargs)
     finally:
+        busy.discard("schedule")
         state.current_batch = None
     end = _now()
     try:
@@ -211,9 +206,12 @@ def update_from_output_handler(original_func: Original, this: Scheduler, *args: 
     except Exception as exc:
         state.failed("update_from_output", exc)
     state.current_batch = batch.batch_id if batch is not None else None
+    busy = state.busy
+    busy.add("update")
     try:
-        result = _call_marked("update", original_func, this, args, kwargs)
+        result = original_func(this, *args, **kwargs)
     finally:
+        busy.discard("update")
         state.current_batch = None
     end = _now()
     if batch is not None:  # else scheduled before collection was switched on
@@ -249,9 +247,14 @@ def _after_update(state: VllmProbeState, batch: PendingBatch, result: Any, start
 
 def add_request_handler(original_func: Original, this: Scheduler, *args: Any, **kwargs: Any) -> Any:
     """`Scheduler.add_request` -> event Request/enqueue (the request's arrival in the engine)."""
-    if "add_request" in STATE.busy:
+    busy = STATE.busy
+    if "add_request" in busy:
         return original_func(this, *args, **kwargs)
-    result = _call_marked("add_request", original_func, this, args, kwargs)
+    busy.add("add_request")
+    try:
+        result = original_func(this, *args, **kwargs)
+    finally:
+        busy.discard("add_request")
     try:
         request = _arg(args, kwargs, "request")
         # A streaming session's next chunk re-adds an id the scheduler already holds: not an arrival.
@@ -314,9 +317,14 @@ def free_handler(original_func: Original, this: Any, *args: Any, **kwargs: Any) 
 def cache_hit_handler(original_func: Original, this: Any, *args: Any, **kwargs: Any) -> Any:
     """`KVCacheManager.get_computed_blocks` -> event KVCache/cacheHit, once per admission attempt (a
     request that does not fit is looked up again at the next step); nothing when prefix caching is off."""
-    if "cache_hit" in STATE.busy:
+    busy = STATE.busy
+    if "cache_hit" in busy:
         return original_func(this, *args, **kwargs)
-    result = _call_marked("cache_hit", original_func, this, args, kwargs)
+    busy.add("cache_hit")
+    try:
+        result = original_func(this, *args, **kwargs)
+    finally:
+        busy.discard("cache_hit")
     try:
         if this.enable_caching and record.enabled("KVCache"):
             request = _arg(args, kwargs, "request")
@@ -339,8 +347,13 @@ def engine_step_handler(original_func: Original, this: Any, *args: Any, **kwargs
     if "step" in state.busy:
         return original_func(this, *args, **kwargs)
     state.step_batch = state.step_output_batch = None
+    busy = state.busy
+    busy.add("step")
     start = _now()
-    result = _call_marked("step", original_func, this, args, kwargs)
+    try:
+        result = original_func(this, *args, **kwargs)
+    finally:
+        busy.discard("step")
     end = _now()
     try:
         scheduled, processed = state.step_batch, state.step_output_batch
