@@ -61,6 +61,22 @@ print(f"ROUNDS {rounds}", flush=True)
 """
 
 ENGINE, WRITER, OTHER = "engine thread", "writer thread", "other threads"
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds so far per kernel thread name of a process (the profiler's threads are sprof-*)."""
+    usage: dict[str, float] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                name = "main" if int(tid) == pid else f.read().strip()
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # a thread that ended meanwhile
+            continue
+        usage[name] = usage.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / _TICKS
+    return usage
 
 
 def thread_role(engine_tid: str) -> object:
@@ -84,8 +100,9 @@ def _wait_for(log: Path, marker: str, proc: subprocess.Popen[bytes], timeout_s: 
     raise RuntimeError(f"the driver did not print {marker}:\n{log.read_text(errors='replace')[-4000:]}")
 
 
-def measure(args: argparse.Namespace, workdir: Path) -> list[tuple[Path, str]]:
-    """Run the driver and sample it `--repeats` times; the raw files and the engine thread's id."""
+def measure(args: argparse.Namespace, workdir: Path, source: str | None = None) -> list[tuple[Path, str]]:
+    """Run the driver and sample it `--repeats` times; the raw files and the engine thread's id.
+    `source`: a tree whose `service_profiler` the driver imports instead of the installed one."""
     model = make_model(Path(args.model_cache))
     config, prof_dir, stop = workdir / "config.json", workdir / "prof", workdir / "stop"
     config.write_text(json.dumps({"enable": 1, "prof_dir": str(prof_dir)}))
@@ -95,6 +112,8 @@ def measure(args: argparse.Namespace, workdir: Path) -> list[tuple[Path, str]]:
                 "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING"})
     if args.omp_threads:
         env.update({"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": str(args.omp_threads)})
+    if source:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [source, env.get("PYTHONPATH")]))
     spec = {"model": str(model), "prompts": PROMPTS, "requests": args.requests, "max_tokens": args.max_tokens,
             "max_num_seqs": args.max_num_seqs, "stop": str(stop)}
     log = workdir / "driver.log"
@@ -106,6 +125,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> list[tuple[Path, str]]:
         _wait_for(log, "READY", proc, 600)
         for repeat in range(args.repeats):
             raw = workdir / f"py-spy-{repeat}.txt"
+            cpu_before = thread_cpu_seconds(proc.pid)
             command = [args.py_spy, "record", "--threads", "-p", str(proc.pid), "-d", str(args.seconds),
                        "-r", str(args.rate), "-f", "raw", "-o", str(raw)]
             if args.nonblocking:
@@ -113,6 +133,8 @@ def measure(args: argparse.Namespace, workdir: Path) -> list[tuple[Path, str]]:
             if args.native:
                 command.append("--native")
             subprocess.run(command, check=True, capture_output=True, timeout=args.seconds + 60)
+            cpu = {name: seconds - cpu_before.get(name, 0.0) for name, seconds in thread_cpu_seconds(proc.pid).items()}
+            (workdir / f"cpu-{repeat}.json").write_text(json.dumps(cpu))
             raws.append((raw, str(proc.pid)))
         stop.touch()
         _wait_for(log, "ROUNDS", proc, 300)
@@ -134,15 +156,18 @@ def _spread(values: list[float]) -> str:
     return f"median {statistics.median(values):5.2f} %  range {min(values):5.2f} .. {max(values):5.2f} %"
 
 
-def report(raws: list[tuple[Path, str]], top: int) -> None:
+def report(raws: list[tuple[Path, str]], top: int) -> dict[str, list[float]]:
     totals: dict[str, list[float]] = {ENGINE: [], WRITER: [], OTHER: [], "total": []}
     engine_own: list[float] = []
+    writer_cpu: list[float] = []
     for raw, engine_tid in raws:
         share = share_by(raw, thread_role(engine_tid))  # type: ignore[arg-type]
         for group in (ENGINE, WRITER, OTHER):
             totals[group].append(share.percent_of_all(group))
         totals["total"].append(sum(share.profiler.values()) * 100 / max(1, share.all_samples))
         engine_own.append(share.percent(ENGINE))
+        cpu = json.loads((raw.parent / raw.name.replace("py-spy-", "cpu-").replace(".txt", ".json")).read_text())
+        writer_cpu.append(100 * cpu.get("sprof-writer", 0.0) / max(1e-9, sum(cpu.values())))
         print(f"{raw.name}: {share.all_samples} busy samples ({share.total[ENGINE]} engine thread, "
               f"{share.total[WRITER]} writer, {share.total[OTHER]} other); profiler: "
               + ", ".join(f"{group} {share.percent_of_all(group):.2f} %" for group in (ENGINE, WRITER, OTHER))
@@ -151,6 +176,10 @@ def report(raws: list[tuple[Path, str]], top: int) -> None:
     for group, values in totals.items():
         print(f"  {group:<15} {_spread(values)}")
     print(f"  (of the engine thread's own samples: {_spread(engine_own)})")
+    print(f"  writer thread's CPU time / the process's CPU time (from /proc): {_spread(writer_cpu)}")
+    totals["writer CPU (/proc)"] = writer_cpu
+    if top <= 0:
+        return totals
     merged: dict[str, dict[str, int]] = {}
     for raw, engine_tid in raws:
         for group, frames in hot_profiler_frames(raw, thread_role(engine_tid), top * 3).items():  # type: ignore[arg-type]
@@ -160,6 +189,7 @@ def report(raws: list[tuple[Path, str]], top: int) -> None:
         print(f"\nwhere the profiler's samples go, {group} (innermost profiler frame <- leaf), all repeats:")
         for frame, count in sorted(frames.items(), key=lambda item: -item[1])[:top]:
             print(f"  {count:6}  {frame[:150]}")
+    return totals
 
 
 def main() -> None:
@@ -181,10 +211,29 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=12, help="profiler frames listed per thread")
     parser.add_argument("--model-cache", default=str(Path(tempfile.gettempdir()) / "sp-bench-tiny-model"))
     parser.add_argument("--keep", metavar="DIR", help="copy the raw py-spy files and the run here")
+    parser.add_argument("--compare", metavar="DIR",
+                        help="A/B in one sitting: also run the service_profiler found in DIR (e.g. `git archive` "
+                             "of another commit, with the built _speedups module copied in), alternating")
+    parser.add_argument("--runs", type=int, default=1, help="engine runs per version (alternating with --compare)")
     args = parser.parse_args()
+    versions: list[tuple[str, str | None]] = [("installed", None)]
+    if args.compare:
+        versions.append((args.compare, args.compare))
+    raws: dict[str, list[tuple[Path, str]]] = {name: [] for name, _ in versions}
     with tempfile.TemporaryDirectory() as tmp:
-        raws = measure(args, Path(tmp))
-        report(raws, args.top)
+        for run in range(args.runs):
+            for name, source in versions if run % 2 == 0 else versions[::-1]:
+                workdir = Path(tmp) / f"run{run}-{'compare' if source else 'installed'}"
+                workdir.mkdir()
+                raws[name] += measure(args, workdir, source)
+        results = {}
+        for name, _ in versions:
+            print(f"\n===== {name}: {args.runs} engine run(s) x {args.repeats} windows of {args.seconds} s")
+            results[name] = report(raws[name], args.top if len(versions) == 1 else 0)
+    if len(versions) > 1:
+        print("\nmedian share (range) per version:")
+        for name, totals in results.items():
+            print(f"  {name:<30} " + ", ".join(f"{group} {_spread(values)}" for group, values in totals.items()))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-_PROFILER_FRAME = re.compile(r"\((service_profiler|handlers)/")
+# A file of the profiler: under service_profiler/ (py-spy shortens installed paths; a source tree on
+# PYTHONPATH shows its full path), or handlers/ (the old package name).
+_PROFILER_FRAME = re.compile(r"\((?:[^()]*/)?service_profiler/|\(handlers/")
 # Frames through which a probe calls the engine's own function: time below them is the engine's.
 _CALLS_ORIGINAL = ("OriginalCall.__call__", ".timer", ".timer_with_attributes", ".timer_with_caller_filter",
                    ".async_timer", ".generator_timer", ".async_generator_timer", ".with_handler",

@@ -48,14 +48,17 @@ _MAX_TRACKED_API_REQUESTS = 1 << 17
 
 
 class PendingBatch:
-    __slots__ = ("batch_id", "dp_rank", "exec_start_ns", "output", "schedule_end_ns")
+    __slots__ = ("batch_id", "console", "dp_rank", "exec_start_ns", "output", "schedule_end_ns")
 
-    def __init__(self, output: SchedulerOutput, batch_id: int, dp_rank: int, schedule_end_ns: int) -> None:
+    def __init__(self, output: SchedulerOutput, batch_id: int, dp_rank: int, schedule_end_ns: int,
+                 console: bool = False) -> None:
         self.output = output
         self.batch_id = batch_id
         self.dp_rank = dp_rank
         self.schedule_end_ns = schedule_end_ns
         self.exec_start_ns = 0
+        self.console = console
+        """The live console was on when the batch was scheduled (its model time is counted there)."""
 
 
 class VllmProbeState:
@@ -70,6 +73,8 @@ class VllmProbeState:
         self.step_batch: int | None = None
         self.step_output_batch: int | None = None
         self.pending: dict[int, PendingBatch] = {}
+        """Scheduled batches by `id()` of their scheduler output. An entry holds its output, so no other
+        live object can have that id meanwhile."""
         self.busy: set[str] = set()
         self.dp_rank_of: tuple[Any, int] | None = None
         self.api_tokens: dict[str, int] = {}
@@ -96,10 +101,6 @@ class VllmProbeState:
         pending[id(batch.output)] = batch
         if len(pending) > _MAX_PENDING_BATCHES:
             del pending[next(iter(pending))]
-
-    def pending_for(self, output: Any, pop: bool) -> PendingBatch | None:
-        # An entry holds its output, so no other live object can have that id meanwhile.
-        return self.pending.pop(id(output), None) if pop else self.pending.get(id(output))
 
     def track_api_request(self, rid: str) -> None:
         tokens = self.api_tokens
@@ -161,11 +162,11 @@ def _after_schedule(state: VllmProbeState, scheduler: Scheduler, out: SchedulerO
     state.last_batch = batch_id
     state.step_batch = batch_id
     dp_rank = state.dp_rank(scheduler)
-    state.remember(PendingBatch(out, batch_id, dp_rank, end))
+    console = state.console.enabled()
+    state.remember(PendingBatch(out, batch_id, dp_rank, end, console))
     want_batch = record.enabled("BatchSchedule")
     want_kv = record.enabled("KVCache")
     want_request = record.enabled("Request")
-    console = state.console.enabled()
     if not (want_batch or want_kv or want_request or console):
         return
     attrs: dict[str, Any] = {"batch_id": batch_id, "dp_rank": dp_rank}
@@ -202,7 +203,7 @@ def update_from_output_handler(original_func: Original, this: Scheduler, *args: 
     start = _now()
     batch: PendingBatch | None = None
     try:
-        batch = state.pending_for(_arg(args, kwargs, "scheduler_output"), pop=True)
+        batch = state.pending.pop(id(args[0] if args else kwargs.get("scheduler_output")), None)
     except Exception as exc:
         state.failed("update_from_output", exc)
     state.current_batch = batch.batch_id if batch is not None else None
@@ -225,10 +226,9 @@ def update_from_output_handler(original_func: Original, this: Scheduler, *args: 
 def _after_update(state: VllmProbeState, batch: PendingBatch, result: Any, start: int, end: int) -> None:
     state.step_output_batch = batch.batch_id
     model_start = batch.exec_start_ns or batch.schedule_end_ns
-    if record.enabled("ModelExecute"):
-        record.span("ModelExecute", "modelExec", model_start, start,
-                    {"batch_id": batch.batch_id, "dp_rank": batch.dp_rank})
-    if state.console.enabled():
+    # record.span checks the domain itself; the attributes are too cheap to guard.
+    record.span("ModelExecute", "modelExec", model_start, start, {"batch_id": batch.batch_id, "dp_rank": batch.dp_rank})
+    if batch.console:
         state.console.on_model(start - model_start)
     want_batch = record.enabled("BatchSchedule")
     want_request = record.enabled("Request")
@@ -357,7 +357,7 @@ def engine_step_handler(original_func: Original, this: Any, *args: Any, **kwargs
     end = _now()
     try:
         scheduled, processed = state.step_batch, state.step_output_batch
-        if (scheduled is not None or processed is not None) and record.enabled("EngineCore"):
+        if scheduled is not None or processed is not None:  # record.span checks the domain
             attrs: dict[str, Any] = {}
             if scheduled is not None:
                 attrs["batch_id"] = scheduled
@@ -375,7 +375,7 @@ def execute_model_handler(original_func: Original, this: Any, *args: Any, **kwar
     """`Executor.execute_model` (and its overrides): notes when the batch went to the workers; the
     `modelExec` span is recorded by `update_from_output_handler`."""
     try:
-        batch = STATE.pending_for(_arg(args, kwargs, "scheduler_output"), pop=False)
+        batch = STATE.pending.get(id(args[0] if args else kwargs.get("scheduler_output")))
         if batch is not None and not batch.exec_start_ns:  # the outermost override's call counts
             batch.exec_start_ns = _now()
     except Exception as exc:
