@@ -1,14 +1,17 @@
 """The profiler's share of the engine's busy time, sampled with py-spy inside vLLM's offline engine.
 
-    python benchmarks/bench_engine_share.py [--repeats 3] [--seconds 15] [--requests 300] [--max-tokens 8]
-                                           [--py-spy PATH] [--top 12] [--keep DIR]
+    python benchmarks/bench_engine_share.py [--repeats 3] [--seconds 15] [--runs 1] [--compare DIR]
+                                           [--requests 300] [--max-tokens 8] [--max-num-seqs 16]
+                                           [--omp-threads 1] [--nonblocking] [--top 12] [--keep DIR]
 
 One process: `vllm.LLM` on the tiny CPU model with the EngineCore in the same process
-(`VLLM_ENABLE_V1_MULTIPROCESSING=0`), the shipped YAML, collection on. Its steps take a few ms, so the
-profiler's fixed per-step cost weighs the most here: the worst case. After a warm-up the driver
+(`VLLM_ENABLE_V1_MULTIPROCESSING=0`), the shipped YAML, collection on. After a warm-up the driver
 generates `--requests` requests with `--max-tokens` output tokens each (many small steps), over and over,
 while py-spy attaches `--repeats` times for `--seconds` each (raw format, CPU-busy samples only, all
-Python threads of the process).
+Python threads of the process). Torch runs on `--omp-threads` unbound OpenMP threads (default 1): on a
+shared 2-core machine, OpenMP threads bound to every core spin against other work and stretch a step of
+the tiny model from ~3 ms to ~15 ms, which hides the profiler's per-step cost. Steps of a few ms are the
+worst case for a profiler, whose cost per step and per request is fixed.
 
 Every sample is charged to the profiler or to the engine as `benchmarks/pyspy_share.py` says (the
 innermost profiler frame is the leaf, or calls something other than the wrapped original), and split by
@@ -17,10 +20,21 @@ handlers that run on it), the profiler's writer thread (encoding and writing rec
 the engine needs while it encodes), and any other thread. The figures are shares of all busy samples
 of the process, so the three add up to the total; a share is a ratio within one run, far less sensitive
 to the machine's load than a throughput comparison between runs. Then, per thread, the profiler frames
-that took the most samples.
+that took the most samples. Beside it, the writer thread's CPU time over the process's (from /proc):
+it does not count the time the writer waits, runnable, for a core, which py-spy counts as busy.
+
+`--compare DIR` measures a second version in the same sitting: the driver imports `service_profiler`
+from DIR (PYTHONPATH) instead of the installed one, and `--runs` engine runs of each alternate, so that
+the machine's load hits both alike. To compare with another commit:
+
+    git archive <commit> service_profiler | tar -x -C /tmp/base
+    cp .venv/lib/python3.*/site-packages/service_profiler/runtime/_speedups*.so /tmp/base/service_profiler/runtime/
 
 py-spy: `pip install py-spy`; it attaches to the driver with ptrace (the driver is our own child). Where
-ptrace is refused, run py-spy as the driver's parent instead (`py-spy record -- python ...`).
+ptrace is refused, run py-spy as the driver's parent instead (`py-spy record -- python ...`). Samples
+are taken with the process stopped (py-spy's default); `--nonblocking` reads the stacks while it runs,
+which disturbs it less but tears some stacks: frames pushed and popped often (the probes' wrappers) then
+get extra samples.
 """
 
 from __future__ import annotations
