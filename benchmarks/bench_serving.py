@@ -23,10 +23,8 @@ original; the share of samples per process is the profiler's share of that proce
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -38,6 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
 
 from proctree import descendants
+from pyspy_share import profiler_share
 from tiny_model import make_model
 from vllm_service import PROMPTS, Completion, run_workload, running_server
 
@@ -91,37 +90,6 @@ def _round(server: object, requests: int, concurrency: int, max_tokens: int) -> 
 def _set_enable(config: Path, prof_dir: Path, enable: int) -> None:
     config.write_text(json.dumps({"enable": enable, "prof_dir": str(prof_dir)}))
     time.sleep(0.6)  # every process re-reads the config within ~0.25 s
-
-
-_PROFILER_FRAME = re.compile(r"\((service_profiler|handlers)/")
-# Frames through which a probe calls the engine's own function: time below them is the engine's.
-_CALLS_ORIGINAL = ("OriginalCall.__call__", ".timer", ".timer_with_attributes", ".timer_with_caller_filter",
-                   ".async_timer", ".generator_timer", ".async_generator_timer", ".with_handler",
-                   ".with_async_handler")
-
-
-_WAITING = ("Event.wait (threading.py", "Condition.wait (threading.py", "wait (threading.py")
-
-
-def profiler_share(raw_path: Path) -> dict[str, tuple[int, float]]:
-    """Per process: (busy samples, % of them spent in profiler code) from a py-spy raw (collapsed) file."""
-    total: collections.Counter[str] = collections.Counter()
-    mine: collections.Counter[str] = collections.Counter()
-    for line in raw_path.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        frames = stack.split(";")
-        if frames[-1].startswith(_WAITING):  # a thread asleep in a wait that py-spy did not see as idle
-            continue
-        processes = [f for f in frames if f.startswith("process ")]
-        name = processes[-1].split(":", 1)[1].strip('"')[:40] if processes else "?"
-        total[name] += int(count)
-        inner = [i for i, frame in enumerate(frames) if _PROFILER_FRAME.search(frame)]
-        if inner:
-            i = inner[-1]
-            calls_engine = i + 1 < len(frames) and frames[i].split(" (")[0].endswith(_CALLS_ORIGINAL)
-            if not calls_engine:
-                mine[name] += int(count)
-    return {name: (n, 100 * mine[name] / n) for name, n in total.items()}
 
 
 def py_spy_round(server: object, args: argparse.Namespace, out: Path) -> dict[str, tuple[int, float]]:

@@ -535,25 +535,44 @@ class Runtime:
     def domain_enabled(self, domain: str) -> bool:
         return self.enabled and (self.domains is None or domain in self.domains)
 
-    def _append(self, item: tuple[Any, ...]) -> None:
+    # span/event/counter: called by `record` on an engine thread for every record. The channel lookup and
+    # the bounded append are written out in each (no helper calls): this is most of a record's cost.
+
+    def span(self, domain: str, name: str, start_ns: int, end_ns: int, tid: int, attrs: Any) -> None:
         recorder = self.recorder
         assert recorder is not None
-        if len(recorder.buffer) < recorder.max_buffered:
-            recorder.buffer.append(item)
+        chan = recorder.channel_ids.get((SPAN, domain, name))
+        if chan is None:
+            chan = recorder.channel(SPAN, domain, name)
+        buffer = recorder.buffer
+        if len(buffer) < recorder.max_buffered:
+            buffer.append((chan, start_ns, end_ns, tid, attrs))
         else:
             recorder.count_dropped()
 
-    def span(self, domain: str, name: str, start_ns: int, end_ns: int, tid: int, attrs: Any) -> None:
-        assert self.recorder is not None
-        self._append((self.recorder.channel(SPAN, domain, name), start_ns, end_ns, tid, attrs))
-
     def event(self, domain: str, name: str, ts_ns: int, tid: int, attrs: Any) -> None:
-        assert self.recorder is not None
-        self._append((self.recorder.channel(EVENT, domain, name), ts_ns, tid, attrs))
+        recorder = self.recorder
+        assert recorder is not None
+        chan = recorder.channel_ids.get((EVENT, domain, name))
+        if chan is None:
+            chan = recorder.channel(EVENT, domain, name)
+        buffer = recorder.buffer
+        if len(buffer) < recorder.max_buffered:
+            buffer.append((chan, ts_ns, tid, attrs))
+        else:
+            recorder.count_dropped()
 
     def counter(self, domain: str, name: str, ts_ns: int, values: Mapping[str, float]) -> None:
-        assert self.recorder is not None
-        self._append((self.recorder.channel(COUNTER, domain, name), ts_ns, dict(values)))
+        recorder = self.recorder
+        assert recorder is not None
+        chan = recorder.channel_ids.get((COUNTER, domain, name))
+        if chan is None:
+            chan = recorder.channel(COUNTER, domain, name)
+        buffer = recorder.buffer
+        if len(buffer) < recorder.max_buffered:
+            buffer.append((chan, ts_ns, dict(values)))
+        else:
+            recorder.count_dropped()
 
     def meta(self, key: str, value: object) -> None:
         if self.recorder is not None:

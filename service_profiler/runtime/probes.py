@@ -314,14 +314,16 @@ class OriginalCall:
         self.result: Any = None
         self.error: BaseException | None = None
 
-    def __call__(self, this: Any, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # Called as `original_func(this, *args, **kwargs)`; `this` stays in the tuple for a method, which
+        # is then handed on as it is (no second tuple).
         if self.done:
             if self.error is not None:
                 raise self.error
             return self.result
         self.done = True
         try:
-            self.result = self.fn(this, *args, **kwargs) if self.is_method else self.fn(*args, **kwargs)
+            self.result = self.fn(*args, **kwargs) if self.is_method else self.fn(*args[1:], **kwargs)
         except BaseException as exc:
             self.error = exc
             raise
@@ -340,12 +342,12 @@ def make_handler_wrapper(
         if not probe.active or (probe.caller_filter is not None and not probe.called_from_filter()):
             return fn(*args, **kwargs)
         original = OriginalCall(fn, is_method)
-        if is_method:
-            this, rest = args[0], args[1:]
-        else:
-            this, rest = None, args
         try:
-            handler(original, this, *rest, **kwargs)
+            # A method's `this` is its first argument: passed on as it is, without re-slicing the tuple.
+            if is_method:
+                handler(original, *args, **kwargs)
+            else:
+                handler(original, None, *args, **kwargs)
         except BaseException as exc:
             if original.error is not None and exc is original.error:
                 raise

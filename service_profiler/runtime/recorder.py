@@ -56,7 +56,11 @@ def _json_default(value: object) -> object:
     return text[:_MAX_STR]
 
 
-_encode = json.JSONEncoder(separators=(",", ":"), default=_json_default, ensure_ascii=False).encode
+# No circular-reference check: it keeps a dict of every container being encoded, a fifth of the
+# encoder's time on scheduler records. A cycle still fails (RecursionError at the encoder's depth limit)
+# and costs only its own record (`encode_records`).
+_encode = json.JSONEncoder(separators=(",", ":"), default=_json_default, ensure_ascii=False,
+                           check_circular=False).encode
 
 
 def guess_role(argv: list[str]) -> str:
@@ -92,7 +96,9 @@ class Recorder:
         self._dropped = itertools.count()
         self._dropped_reads = 0
         self._dropped_written = 0
-        self._channels: dict[tuple[str, str, str], int] = {}
+        # (kind, domain, name) -> channel id; read without the lock by the hot path (a dict lookup is
+        # atomic under the GIL), which calls `channel()` only for a key not in it yet.
+        self.channel_ids: dict[tuple[str, str, str], int] = {}
         self._channel_lines: list[str] = []  # every declaration, re-written into a child's new file
         self._pending_lines: list[str] = []
         # Guarded: the SIGTERM handler runs on the main thread and must never wait on a lock the
@@ -133,18 +139,18 @@ class Recorder:
     def channel(self, kind: str, domain: str, name: str, symbol: str | None = None) -> int:
         """Return the id of a (kind, domain, name) channel, declaring it on first use."""
         key = (kind, domain, name)
-        chan = self._channels.get(key)
+        chan = self.channel_ids.get(key)
         if chan is not None:
             return chan
         with self._lock:
-            chan = self._channels.get(key)
+            chan = self.channel_ids.get(key)
             if chan is None:
-                chan = len(self._channels)
+                chan = len(self.channel_ids)
                 decl: dict[str, object] = {"t": "chan", "id": chan, "kind": kind, "domain": domain, "name": name}
                 if symbol:
                     decl["symbol"] = symbol
                 self._channel_lines.append(_encode(decl))
-                self._channels[key] = chan
+                self.channel_ids[key] = chan
                 self._has_content = True
         return chan
 
@@ -235,7 +241,7 @@ class Recorder:
                 parts.append(_encode({"t": "meta", "key": "role", "value": role}))
             if dropped_new:
                 parts.append(_encode({"t": "dropped", "count": dropped_new, "ts": time.perf_counter_ns()}))
-            records, problems = encode_records(batch, _RECORDS_PER_LINE, _encode, _pause)
+            records, problems = encode_records(batch, _RECORDS_PER_LINE, _encode, _GilBreaks())
             parts += records
             if problems.replaced:
                 self._unencodable += problems.replaced
@@ -360,10 +366,23 @@ def _warn_once(message: str) -> None:
             pass
 
 
-def _pause() -> None:
-    # Between two encoded lines let the engine's threads in (a bare sleep(0) would usually win the GIL
-    # straight back).
-    time.sleep(_GIL_BREAK_S)
+class _GilBreaks:
+    """Called between two encoded lines of one flush: once the writer has held the GIL for the
+    interpreter's switch interval it lets the engine's threads in (a bare sleep(0) would usually win the
+    GIL straight back). An engine thread then waits behind the encoding no longer than Python's own
+    thread switching would make it wait, and the GIL changes hands as seldom as that allows: each
+    hand-over wakes both threads, which on a busy host costs more than the encoding in between."""
+
+    __slots__ = ("_hold_s", "_since")
+
+    def __init__(self) -> None:
+        self._hold_s = sys.getswitchinterval()
+        self._since = time.perf_counter()
+
+    def __call__(self) -> None:
+        if time.perf_counter() - self._since >= self._hold_s:
+            time.sleep(_GIL_BREAK_S)
+            self._since = time.perf_counter()
 
 
 def _boot_id() -> str | None:

@@ -126,7 +126,7 @@ def schedule_transitions(reqs: list[ScheduledReq], out: SchedulerOutput) -> list
 
 def block_count(blocks: Iterable[Any] | None) -> int:
     """Blocks in a per-KV-cache-group tuple of lists (`block_ids`, `KVCacheBlocks.blocks`); None is 0."""
-    return sum(len(group) for group in blocks) if blocks is not None else 0
+    return sum(map(len, blocks)) if blocks is not None else 0
 
 
 def allocations(out: SchedulerOutput) -> list[tuple[str, int]]:

@@ -48,14 +48,17 @@ _MAX_TRACKED_API_REQUESTS = 1 << 17
 
 
 class PendingBatch:
-    __slots__ = ("batch_id", "dp_rank", "exec_start_ns", "output", "schedule_end_ns")
+    __slots__ = ("batch_id", "console", "dp_rank", "exec_start_ns", "output", "schedule_end_ns")
 
-    def __init__(self, output: SchedulerOutput, batch_id: int, dp_rank: int, schedule_end_ns: int) -> None:
+    def __init__(self, output: SchedulerOutput, batch_id: int, dp_rank: int, schedule_end_ns: int,
+                 console: bool = False) -> None:
         self.output = output
         self.batch_id = batch_id
         self.dp_rank = dp_rank
         self.schedule_end_ns = schedule_end_ns
         self.exec_start_ns = 0
+        self.console = console
+        """The live console was on when the batch was scheduled (its model time is counted there)."""
 
 
 class VllmProbeState:
@@ -70,6 +73,8 @@ class VllmProbeState:
         self.step_batch: int | None = None
         self.step_output_batch: int | None = None
         self.pending: dict[int, PendingBatch] = {}
+        """Scheduled batches by `id()` of their scheduler output. An entry holds its output, so no other
+        live object can have that id meanwhile."""
         self.busy: set[str] = set()
         self.dp_rank_of: tuple[Any, int] | None = None
         self.api_tokens: dict[str, int] = {}
@@ -97,10 +102,6 @@ class VllmProbeState:
         if len(pending) > _MAX_PENDING_BATCHES:
             del pending[next(iter(pending))]
 
-    def pending_for(self, output: Any, pop: bool) -> PendingBatch | None:
-        # An entry holds its output, so no other live object can have that id meanwhile.
-        return self.pending.pop(id(output), None) if pop else self.pending.get(id(output))
-
     def track_api_request(self, rid: str) -> None:
         tokens = self.api_tokens
         tokens[rid] = 0
@@ -118,17 +119,9 @@ class VllmProbeState:
 STATE = VllmProbeState()
 
 
-def _call_marked(key: str, original_func: Original, this: Any, args: tuple[Any, ...],
-                 kwargs: dict[str, Any]) -> Any:
-    """Run the original with `key` marked busy. A handler whose `key` is already busy calls straight
-    through: an override calling `super()` (vllm-ascend's BalanceScheduler.schedule) is wrapped at both
-    levels and must be recorded once."""
-    busy = STATE.busy
-    busy.add(key)
-    try:
-        return original_func(this, *args, **kwargs)
-    finally:
-        busy.discard(key)
+# A handler marks its key busy in `STATE.busy` around the original and calls straight through while its
+# key is already busy: an override calling `super()` (vllm-ascend's BalanceScheduler.schedule) is wrapped
+# at both levels and must be recorded once. Written out in each handler (no helper frame per call).
 
 
 def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], name: str) -> Any:
@@ -148,10 +141,13 @@ def schedule_handler(original_func: Original, this: Scheduler, *args: Any, **kwa
     batch_id = state.next_batch_id
     state.next_batch_id = batch_id + 1
     state.current_batch = batch_id
+    busy = state.busy
+    busy.add("schedule")
     start = _now()
     try:
-        out = _call_marked("schedule", original_func, this, args, kwargs)
+        out = original_func(this, *args, **kwargs)
     finally:
+        busy.discard("schedule")
         state.current_batch = None
     end = _now()
     try:
@@ -166,11 +162,11 @@ def _after_schedule(state: VllmProbeState, scheduler: Scheduler, out: SchedulerO
     state.last_batch = batch_id
     state.step_batch = batch_id
     dp_rank = state.dp_rank(scheduler)
-    state.remember(PendingBatch(out, batch_id, dp_rank, end))
+    console = state.console.enabled()
+    state.remember(PendingBatch(out, batch_id, dp_rank, end, console))
     want_batch = record.enabled("BatchSchedule")
     want_kv = record.enabled("KVCache")
     want_request = record.enabled("Request")
-    console = state.console.enabled()
     if not (want_batch or want_kv or want_request or console):
         return
     attrs: dict[str, Any] = {"batch_id": batch_id, "dp_rank": dp_rank}
@@ -207,13 +203,16 @@ def update_from_output_handler(original_func: Original, this: Scheduler, *args: 
     start = _now()
     batch: PendingBatch | None = None
     try:
-        batch = state.pending_for(_arg(args, kwargs, "scheduler_output"), pop=True)
+        batch = state.pending.pop(id(args[0] if args else kwargs.get("scheduler_output")), None)
     except Exception as exc:
         state.failed("update_from_output", exc)
     state.current_batch = batch.batch_id if batch is not None else None
+    busy = state.busy
+    busy.add("update")
     try:
-        result = _call_marked("update", original_func, this, args, kwargs)
+        result = original_func(this, *args, **kwargs)
     finally:
+        busy.discard("update")
         state.current_batch = None
     end = _now()
     if batch is not None:  # else scheduled before collection was switched on
@@ -227,10 +226,9 @@ def update_from_output_handler(original_func: Original, this: Scheduler, *args: 
 def _after_update(state: VllmProbeState, batch: PendingBatch, result: Any, start: int, end: int) -> None:
     state.step_output_batch = batch.batch_id
     model_start = batch.exec_start_ns or batch.schedule_end_ns
-    if record.enabled("ModelExecute"):
-        record.span("ModelExecute", "modelExec", model_start, start,
-                    {"batch_id": batch.batch_id, "dp_rank": batch.dp_rank})
-    if state.console.enabled():
+    # record.span checks the domain itself; the attributes are too cheap to guard.
+    record.span("ModelExecute", "modelExec", model_start, start, {"batch_id": batch.batch_id, "dp_rank": batch.dp_rank})
+    if batch.console:
         state.console.on_model(start - model_start)
     want_batch = record.enabled("BatchSchedule")
     want_request = record.enabled("Request")
@@ -249,9 +247,14 @@ def _after_update(state: VllmProbeState, batch: PendingBatch, result: Any, start
 
 def add_request_handler(original_func: Original, this: Scheduler, *args: Any, **kwargs: Any) -> Any:
     """`Scheduler.add_request` -> event Request/enqueue (the request's arrival in the engine)."""
-    if "add_request" in STATE.busy:
+    busy = STATE.busy
+    if "add_request" in busy:
         return original_func(this, *args, **kwargs)
-    result = _call_marked("add_request", original_func, this, args, kwargs)
+    busy.add("add_request")
+    try:
+        result = original_func(this, *args, **kwargs)
+    finally:
+        busy.discard("add_request")
     try:
         request = _arg(args, kwargs, "request")
         # A streaming session's next chunk re-adds an id the scheduler already holds: not an arrival.
@@ -314,9 +317,14 @@ def free_handler(original_func: Original, this: Any, *args: Any, **kwargs: Any) 
 def cache_hit_handler(original_func: Original, this: Any, *args: Any, **kwargs: Any) -> Any:
     """`KVCacheManager.get_computed_blocks` -> event KVCache/cacheHit, once per admission attempt (a
     request that does not fit is looked up again at the next step); nothing when prefix caching is off."""
-    if "cache_hit" in STATE.busy:
+    busy = STATE.busy
+    if "cache_hit" in busy:
         return original_func(this, *args, **kwargs)
-    result = _call_marked("cache_hit", original_func, this, args, kwargs)
+    busy.add("cache_hit")
+    try:
+        result = original_func(this, *args, **kwargs)
+    finally:
+        busy.discard("cache_hit")
     try:
         if this.enable_caching and record.enabled("KVCache"):
             request = _arg(args, kwargs, "request")
@@ -339,12 +347,17 @@ def engine_step_handler(original_func: Original, this: Any, *args: Any, **kwargs
     if "step" in state.busy:
         return original_func(this, *args, **kwargs)
     state.step_batch = state.step_output_batch = None
+    busy = state.busy
+    busy.add("step")
     start = _now()
-    result = _call_marked("step", original_func, this, args, kwargs)
+    try:
+        result = original_func(this, *args, **kwargs)
+    finally:
+        busy.discard("step")
     end = _now()
     try:
         scheduled, processed = state.step_batch, state.step_output_batch
-        if (scheduled is not None or processed is not None) and record.enabled("EngineCore"):
+        if scheduled is not None or processed is not None:  # record.span checks the domain
             attrs: dict[str, Any] = {}
             if scheduled is not None:
                 attrs["batch_id"] = scheduled
@@ -362,7 +375,7 @@ def execute_model_handler(original_func: Original, this: Any, *args: Any, **kwar
     """`Executor.execute_model` (and its overrides): notes when the batch went to the workers; the
     `modelExec` span is recorded by `update_from_output_handler`."""
     try:
-        batch = STATE.pending_for(_arg(args, kwargs, "scheduler_output"), pop=False)
+        batch = STATE.pending.get(id(args[0] if args else kwargs.get("scheduler_output")))
         if batch is not None and not batch.exec_start_ns:  # the outermost override's call counts
             batch.exec_start_ns = _now()
     except Exception as exc:
