@@ -2,7 +2,7 @@
 configurations the search scored on vLLM's CPU build (the same requests, the same arrival times) and
 compare the predicted ranking with the measured one.
 
-    python benchmarks/bench_planner.py OUT [--configs 6] [--repeats 2] [--requests 48] [--rate 30]
+    python benchmarks/bench_planner.py OUT [--configs 6] [--repeats 2] [--requests 48] [--rate 30] [--captured-defaults]
 
 Prints the table (predicted vs measured throughput and p50 TTFT per configuration), Spearman's rho on
 both (measured = median of `--repeats` runs), whether the top pick is within 5 % of the best measured,
@@ -78,6 +78,8 @@ def main() -> int:
     parser.add_argument("--objective", default="latency")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each configuration (median and spread)")
     parser.add_argument("--requests", type=int, default=MIX.num_requests, help="requests in the workload")
+    parser.add_argument("--captured-defaults", action="store_true",
+                        help="capture with vLLM's default engine settings (the planner must then beat the defaults)")
     parser.add_argument("--rate", type=float, default=ARRIVAL.rate,
                         help="Poisson arrival rate, req/s (high enough to saturate the captured settings)")
     args = parser.parse_args()
@@ -87,15 +89,17 @@ def main() -> int:
     mix = dataclasses.replace(MIX, num_requests=args.requests)
     arrival = dataclasses.replace(ARRIVAL, rate=args.rate)
     requests = mix.build(arrival, model_vocab_size(str(model)))
-    base_engine = {"block_size": 32, "max_num_seqs": 16, "max_num_batched_tokens": 2048}
+    base_engine: dict[str, Any] = ({} if args.captured_defaults else
+                                   {"block_size": 32, "max_num_seqs": 16, "max_num_batched_tokens": 2048})
     t0 = time.monotonic()
     captured = measure(model, args.out / "captured", requests, base_engine, arrival)
     analysis = args.out / "captured" / "analysis"
     subprocess.run([sys.executable, "-m", "service_profiler.cli", "analyze", "--input-path",
                     captured["run_dirs"][0], "--output-path", str(analysis), "--quiet"], check=True)
     started = time.monotonic()
+    # with the defaults, the settings the engine chose are in the capture's own records (twinConfig)
     doc = plan_run(analysis, args.objective, args.out / "plans", top=200, budget_s=600,
-                   engine={**base_engine, "enable_prefix_caching": True})
+                   engine={**base_engine, "enable_prefix_caching": True} if base_engine else None)
     plan_s = time.monotonic() - started
     doc["all"] = doc["plans"]
     key = "ttft_ms_p50" if args.objective == "latency" else "output_throughput_tok_s"
