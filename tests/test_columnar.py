@@ -388,13 +388,13 @@ def test_trace_is_bounded(tmp_path: Path, busy: SyntheticRun) -> None:
     origin = traces["full"]["metadata"]["origin_epoch_ns"]
     per_second: dict[tuple[Any, ...], int] = {}
     for e in traces["capped"]["traceEvents"]:
-        if e["ph"] in "XiC" and e.get("cat") != "Request":
+        if e["ph"] in "XiC" and e.get("cat") != "request":
             key = (e["pid"], e["name"], int(e["ts"] // 1e6))
             per_second[key] = per_second.get(key, 0) + 1
     assert per_second and max(per_second.values()) <= 5
     full_spans = traces["full"]["metadata"]["events"]["span"]
     assert traces["capped"]["metadata"]["events"]["span"] < full_spans
-    spans = [e for e in traces["window"]["traceEvents"] if e["ph"] == "X" and e.get("cat") != "Request"]
+    spans = [e for e in traces["window"]["traceEvents"] if e["ph"] == "X" and e.get("cat") != "request"]
     assert spans and all(e["ts"] + e["dur"] >= 1e6 and e["ts"] <= 2e6 for e in spans)
     assert len(spans) < full_spans
     assert traces["window"]["metadata"]["origin_epoch_ns"] == origin

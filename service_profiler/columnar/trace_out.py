@@ -9,8 +9,10 @@ floored to a whole second), so ns precision survives in a double. Layout:
   span partly overlapping an earlier one on its thread goes to that thread's "overlap" lane;
 - events are thread-scoped instants (except per-request KVCache.allocate: the kvcache counter shows it);
 - counters are `C` events, one series per numeric value;
-- a "Requests" process, one thread per request: a `request` slice (arrival to completion) holding its
-  `queued` / `prefill` / `decode` slices.
+- a "Requests" process, one thread per request: a `request` slice holding adjacent `http receive` /
+  `preprocess` / `queued` / `prefill` / `decode` / `respond` slices (the HTTP ones where the HTTP server
+  was recorded: the slice then runs from the HTTP arrival to the last byte written) and a `first token
+  sent` instant; its args carry the request table's client-facing `ttft_ms` and `e2e_ms`.
 DuckDB writes each kind of event as a JSON array file; they are concatenated into the trace.
 """
 
@@ -64,22 +66,47 @@ def _queries(cap: int) -> dict[str, str]:
             WITH c AS (SELECT *, {capped} AS n FROM counter WHERE {_window_filter('ts_ns')})
             SELECT 'C' AS ph, name, {_us('ts_ns')} AS ts, proc + 1 AS pid, 0 AS tid, vals AS args
             FROM c WHERE n <= {cap}""",
+        # the request's life as adjacent slices between boundaries made monotonic (the API server's and
+        # the engine's clocks may disagree by a little): HTTP arrival, body read, engine arrival, first
+        # scheduled, first token, completion, last byte written; an empty slice is left out
         "request": f"""
             WITH r AS (
-                SELECT row_no AS tid, rid, arrival_ns, first_scheduled_ns, first_token_ns, completion_ns FROM request
-                WHERE arrival_ns IS NOT NULL AND completion_ns >= arrival_ns
-                  AND {_window_filter('arrival_ns', 'completion_ns')}),
+                SELECT row_no AS tid, rid, arrival_source, ttft_ms, e2e_ms, arrival_ns AS b0,
+                       greatest(arrival_ns, coalesce(body_received_ns, arrival_ns)) AS b1, engine_arrival_ns,
+                       first_scheduled_ns, first_token_ns, completion_ns, last_byte_sent_ns
+                FROM request
+                WHERE arrival_ns IS NOT NULL AND coalesce(last_byte_sent_ns, completion_ns) >= arrival_ns
+                  AND {_window_filter('arrival_ns', 'coalesce(last_byte_sent_ns, completion_ns)')}),
+            -- without the HTTP server's records, the engine's phases start at the request's arrival
+            b2 AS (SELECT *, CASE WHEN arrival_source = 'http' THEN greatest(b1, coalesce(engine_arrival_ns, b1))
+                                  ELSE b1 END AS b2 FROM r),
+            b3 AS (SELECT *, greatest(b2, coalesce(first_scheduled_ns, b2)) AS b3 FROM b2),
+            b4 AS (SELECT *, greatest(b3, coalesce(first_token_ns, b3)) AS b4 FROM b3),
+            b5 AS (SELECT *, greatest(b4, coalesce(completion_ns, b4)) AS b5 FROM b4),
+            b AS (SELECT *, greatest(b5, coalesce(last_byte_sent_ns, b5)) AS b6 FROM b5),
             phase AS (
-                SELECT tid, rid, 'request' AS name, arrival_ns AS a, completion_ns AS b, 0 AS k FROM r
-                UNION ALL SELECT tid, rid, 'queued', arrival_ns, first_scheduled_ns, 1 FROM r
-                UNION ALL SELECT tid, rid, 'prefill', first_scheduled_ns, first_token_ns, 2 FROM r
-                UNION ALL SELECT tid, rid, 'decode', first_token_ns, completion_ns, 3 FROM r)
-            SELECT 'X' AS ph, name, 'Request' AS cat, {_us('a')} AS ts, round((b - a) / 1000.0, 3) AS dur,
-                   getvariable('requests_pid') AS pid, tid, json_object('rid', rid) AS args
-            FROM phase p JOIN r USING (tid, rid)
-            WHERE a IS NOT NULL AND b IS NOT NULL AND b >= a AND a >= r.arrival_ns AND b <= r.completion_ns
-              AND (k = 0 OR (r.first_scheduled_ns >= r.arrival_ns AND r.first_token_ns >= r.first_scheduled_ns
-                             AND r.completion_ns >= r.first_token_ns))""",
+                SELECT tid, rid, 'request' AS name, b0 AS a, b6 AS z, 0 AS k,
+                       json_object('rid', rid, 'arrival', arrival_source, 'ttft_ms', ttft_ms, 'e2e_ms', e2e_ms) AS args
+                FROM b
+                UNION ALL SELECT tid, rid, 'http receive', b0, b1, 1, json_object('rid', rid) FROM b
+                UNION ALL SELECT tid, rid, 'preprocess', b1, b2, 2, json_object('rid', rid) FROM b
+                UNION ALL SELECT tid, rid, 'queued', b2, b3, 3, json_object('rid', rid) FROM b
+                UNION ALL SELECT tid, rid, 'prefill', b3, b4, 4, json_object('rid', rid) FROM b
+                UNION ALL SELECT tid, rid, 'decode', b4, b5, 5, json_object('rid', rid) FROM b
+                UNION ALL SELECT tid, rid, 'respond', b5, b6, 6, json_object('rid', rid) FROM b)
+            SELECT 'X' AS ph, name, 'request' AS cat, {_us('a')} AS ts, round((z - a) / 1000.0, 3) AS dur,
+                   getvariable('requests_pid') AS pid, tid, args
+            FROM phase WHERE z > a OR k = 0
+            ORDER BY tid, k""",
+        "request_instant": f"""
+            SELECT 'i' AS ph, 'first token sent' AS name, 'request' AS cat, {_us('first_token_sent_ns')} AS ts,
+                   't' AS s, getvariable('requests_pid') AS pid, row_no AS tid, json_object('rid', rid) AS args
+            FROM request
+            WHERE first_token_sent_ns IS NOT NULL AND arrival_ns IS NOT NULL
+              AND coalesce(last_byte_sent_ns, completion_ns) >= arrival_ns
+              AND first_token_sent_ns BETWEEN arrival_ns AND greatest(coalesce(last_byte_sent_ns, completion_ns),
+                                                                       completion_ns)
+              AND {_window_filter('first_token_sent_ns')}""",
     }
 
 
@@ -97,9 +124,10 @@ def _metadata_events(run: AnalysisRun, requests_pid: int) -> list[dict[str, obje
                            "args": {"name": f"thread {raw_tid}{suffix}"}})
     events.append({"ph": "M", "name": "process_name", "pid": requests_pid, "tid": 0, "args": {"name": "Requests"}})
     events.append({"ph": "M", "name": "process_sort_index", "pid": requests_pid, "tid": 0, "args": {"sort_index": 1}})
+    end = "coalesce(last_byte_sent_ns, completion_ns)"
     for tid, rid in run.con.execute(f"""SELECT row_no, rid FROM request WHERE arrival_ns IS NOT NULL
-                                        AND completion_ns >= arrival_ns
-                                        AND {_window_filter('arrival_ns', 'completion_ns')}""").fetchall():
+                                        AND {end} >= arrival_ns
+                                        AND {_window_filter('arrival_ns', end)}""").fetchall():
         events.append({"ph": "M", "name": "thread_name", "pid": requests_pid, "tid": tid,
                        "args": {"name": f"req {rid}"}})
     return events
