@@ -223,6 +223,15 @@ def test_a_few_host_stalls_are_reported_not_spread_over_every_step() -> None:
     stalls = model.metrics["stalls"]
     assert 5 <= stalls["count"] <= 10  # those in the training split
     assert stalls["share_of_busy_time"] > 0.3
+    assert stalls["model"] == "v2"
+    # The prediction's note names the model the stall figures are for, and what the replay did with them.
+    tbs_params = model.metrics["baseline_tbs_test"]["params"]
+    for use, says in (("v2", "step model v2, which the twin replayed with, leaves them out"),
+                      ("tbs", "replayed with the T(B,S) model, fitted to every step with the stalls in")):
+        twin = Twin.from_trace(_trace(10), base_settings=SETTINGS, step_model=StepTimeModel(model, use, tbs_params))
+        notes = [n for n in twin.run({}).notes if "host stalls" in n]
+        assert len(notes) == 1 and "slower than step model v2 by more than 5 MADs" in notes[0], notes
+        assert says in notes[0]
 
 
 def test_runs_without_the_needed_records_are_clear_errors(tmp_path: Path) -> None:

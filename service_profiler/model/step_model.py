@@ -160,7 +160,7 @@ def fit_step_model(x: Any, y_ms: Any, *, test_fraction: float = 0.2, seed: int =
     stall_excess = np.maximum(ya[train][stalls] - predicted_train[stalls] * model.time_scale, 0.0)
     metrics: dict[str, Any] = {"n_train": int(train.size), "n_test": int(test.size),
                                "train": _report(xa[train], ya[train], predicted_train),
-                               "stalls": {"count": int(stalls.sum()),
+                               "stalls": {"model": "v2", "count": int(stalls.sum()),
                                           "excess_ms": float(stall_excess.sum()),
                                           "share_of_busy_time": float(stall_excess.sum() / ya[train].sum())}}
     if test.size:

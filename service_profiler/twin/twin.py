@@ -67,6 +67,22 @@ def fit_from_steps(steps: Sequence[StepRecord]) -> StepTimeModel:
     return StepTimeModel(v2, "v2")
 
 
+def stall_notes(model: StepTimeModel) -> list[str]:
+    """A note when host stalls held a large share of the captured busy time. Stalls are found against
+    step model v2 (its slow-side residuals beyond 5 MADs), whichever model the twin replays with: v2
+    leaves them out of every predicted step, while T(B,S) was fitted to every step, stalls included."""
+    stalls = model.v2.metrics.get("stalls") or {}
+    share = float(stalls.get("share_of_busy_time") or 0.0)
+    if share < STALL_NOTE_SHARE:
+        return []
+    found = (f"{stalls.get('count', 0)} captured steps were host stalls (slower than step model v2 by more than "
+             f"5 MADs) holding {share:.0%} of the busy time")
+    if model.use == "tbs":
+        return [f"{found}; the twin replayed with the T(B,S) model, fitted to every step with the stalls in, so "
+                "its predicted steps carry them spread out"]
+    return [f"{found}; step model v2, which the twin replayed with, leaves them out of predicted steps"]
+
+
 class MeasuredStepTimes:
     """The captured run's own steps: each replayed step starts no earlier than the captured one did and
     lasts its measured cycle; steps beyond the captured ones come from `fallback`."""
@@ -195,10 +211,8 @@ class Twin:
         result = Simulation(scheduler, sims, timer, block_size=settings.block_size,
                             prefix_caching=settings.enable_prefix_caching, batch_queue_size=depth).run()
         origin = self.captured.origin_ns if self.captured is not None else 0
-        stalls = model.v2.metrics.get("stalls") or {}
-        if not measured and float(stalls.get("share_of_busy_time") or 0.0) >= STALL_NOTE_SHARE:
-            notes.append(f"{stalls['count']} captured steps were host stalls (beyond 5 MADs of the model) holding "
-                         f"{stalls['share_of_busy_time']:.0%} of the busy time; predicted steps leave them out")
+        if not measured:
+            notes.extend(stall_notes(model))
         return Prediction(
             metrics=metrics_of(result), result=result, origin_ns=origin, settings=settings.to_dict(),
             step_times="measured" if measured else model.use, step_model=model.describe(),
@@ -237,4 +251,4 @@ def sweep(twin: Twin, configs: Sequence[tuple[str, EngineArgs]], *, step_times: 
         _SWEEP_TWIN = None
 
 
-__all__ = ["MeasuredStepTimes", "StepTimeModel", "Twin", "fit_from_steps", "sweep"]
+__all__ = ["MeasuredStepTimes", "StepTimeModel", "Twin", "fit_from_steps", "stall_notes", "sweep"]
