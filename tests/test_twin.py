@@ -115,6 +115,27 @@ def test_importers_name_bad_rows(tmp_path: Path) -> None:
         read_mooncake(moon)
 
 
+def test_every_jsonl_trace_reader_names_the_bad_line_alike(tmp_path: Path) -> None:
+    # The twin's trace, Mooncake's and the workload generator's replay share one line reader.
+    from service_profiler.workload.requests import WorkloadError, read_requests
+
+    readers = [(read_trace, TraceError), (read_mooncake, TraceError),
+               (lambda p: read_requests(p, 512), WorkloadError)]
+    path = tmp_path / "t.jsonl"
+    for bad, says in (("not json", "not valid JSON"), ("[1, 2]", "expected a JSON object, got list")):
+        path.write_text('{"timestamp": 0, "input_length": 5, "output_length": 3, "rid": "a", "arrival_s": 0, '
+                        '"prompt_tokens": 5, "output_tokens": 3}\n\n' + bad + "\n")
+        for reader, error in readers:
+            with pytest.raises(error, match=rf"t\.jsonl:3: {says}"):
+                reader(path)
+    for reader, error in readers:
+        with pytest.raises(error, match="no such trace file"):
+            reader(tmp_path / "missing.jsonl")
+    path.write_text('{"format": "service-profiler-trace", "version": 9}\n')
+    with pytest.raises(WorkloadError, match=r"t\.jsonl:1: unsupported header"):
+        read_requests(path, 512)
+
+
 def test_vllm_bench_exports(tmp_path: Path) -> None:
     requests = _trace(3, shared=32)
     rows = [json.loads(x) for x in export_vllm_bench(requests, tmp_path / "t.jsonl").read_text().splitlines()]
