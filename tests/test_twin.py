@@ -24,6 +24,7 @@ from service_profiler.twin import (
     write_trace,
 )
 from service_profiler.twin.formats import export_vllm_bench, read_azure, read_burstgpt, read_mooncake
+from service_profiler.twin.shapes import ShapeCache
 from service_profiler.twin.twin import StepTimeModel
 
 pytestmark = pytest.mark.vllm
@@ -224,6 +225,66 @@ def test_step_model_recovers_known_costs_and_reports_regimes() -> None:
     assert all(v >= 0 for v in model.coefficients.values())
     assert model.metrics["noise_floor"]["mape_pct"] is not None
     assert StepModelV2.from_dict(json.loads(json.dumps(model.to_dict()))).coefficients == model.coefficients
+
+
+def test_kernel_cache_misses_are_an_lru_of_token_counts() -> None:
+    cache = ShapeCache(size=3)
+    assert [cache.miss(t) for t in (8, 100, 8, 37, 52)] == [True, True, False, True, True]
+    assert cache.miss(8) is False  # used recently: still cached
+    assert cache.miss(100) is True  # the least recently used count, dropped when 52 came in
+
+
+def test_step_model_separates_the_kernel_cache_miss_from_prefill_tokens() -> None:
+    # Steps whose token count misses the engine's kernel cache pay a fixed cost, whatever their size:
+    # without the feature it is smeared over the prefill tokens, and short prefills come out too cheap.
+    rng = np.random.default_rng(3)
+    n = 800
+    b = rng.integers(1, 9, n)
+    p = np.where(rng.random(n) < 0.3, rng.integers(16, 256, n), 0)
+    d = np.where(p > 0, b - 1, b)
+    new = ((p > 0) & (rng.random(n) < 0.8)) | (rng.random(n) < 0.02)
+    truth = 1.2 + 0.05 * b + 0.006 * p + 2.3 * new
+    x = np.column_stack([b, p, d, np.zeros(n), np.zeros(n), new])
+    y = truth * rng.normal(1.0, 0.02, n)
+    model = fit_step_model(x, y)
+    assert model.coefficients["c_shape"] == pytest.approx(2.3, rel=0.1)
+    assert model.coefficients["c_p"] == pytest.approx(0.006, rel=0.15)
+    assert model.metrics["test"]["mixed"]["mape_pct"] < 4.0
+    without = fit_step_model(x[:, :5], y)
+    assert without.coefficients["c_shape"] == 0.0
+    assert without.metrics["test"]["mixed"]["mape_pct"] > 3 * model.metrics["test"]["mixed"]["mape_pct"]
+    # A model saved before the feature existed reads with c_shape = 0.
+    old = {k: v for k, v in model.to_dict().items()}
+    old["coefficients"] = {k: v for k, v in model.coefficients.items() if k != "c_shape"}
+    assert StepModelV2.from_dict(old).coefficients["c_shape"] == 0.0
+
+
+def test_replay_pays_the_kernel_cache_miss_once_per_new_token_count() -> None:
+    # Identical requests, far apart: only the first prefill and the first decode run a new token count.
+    requests = [TraceRequest(rid=f"r{i}", arrival_s=i * 1.0, prompt_tokens=100, output_tokens=3) for i in range(4)]
+    coefficients = {"c_0": 1.0, "c_req": 0.0, "c_p": 0.01, "c_d": 0.0, "c_pc": 0.0, "c_dc": 0.0}
+    plain = Twin.from_trace(requests, base_settings=SETTINGS, step_model=StepTimeModel(StepModelV2(coefficients)))
+    missing = Twin.from_trace(requests, base_settings=SETTINGS,
+                              step_model=StepTimeModel(StepModelV2({**coefficients, "c_shape": 5.0})))
+    result = missing.run({}).result
+    assert result is not None
+    assert [s.features.new_shape for s in result.steps] == [1, 1, 0] + [0, 0, 0] * 3
+    ttft = [r["ttft_ms"] for r in missing.run({}).requests]
+    base = [r["ttft_ms"] for r in plain.run({}).requests]
+    assert ttft[0] == pytest.approx(base[0] + 5.0) and ttft[1:] == pytest.approx(base[1:])
+
+
+def test_tokens_count_from_the_end_of_the_update_not_the_next_step() -> None:
+    # The engine loop's own work after a step's update (output processing) ends the step's cycle, but
+    # the captured run's first token is stamped before it: the replay stamps it output_lag_ns earlier.
+    requests = [TraceRequest(rid=f"r{i}", arrival_s=i * 1.0, prompt_tokens=40, output_tokens=4) for i in range(3)]
+    v2 = StepModelV2({"c_0": 2.0, "c_req": 0.0, "c_p": 0.01, "c_d": 0.0, "c_pc": 0.0, "c_dc": 0.0})
+    runs = [Twin.from_trace(requests, base_settings=SETTINGS, step_model=StepTimeModel(v2, output_lag_ns=lag)).run({})
+            for lag in (0, 300_000)]
+    for early, late in zip(runs[1].requests, runs[0].requests, strict=True):
+        assert early["ttft_ms"] == pytest.approx(late["ttft_ms"] - 0.3)
+        assert early["tpot_ms"] == pytest.approx(late["tpot_ms"])
+    assert [b["during_time(ms)"] for b in runs[0].batches] == [b["during_time(ms)"] for b in runs[1].batches]
 
 
 def test_a_few_host_stalls_are_reported_not_spread_over_every_step() -> None:

@@ -51,6 +51,10 @@ def test_measured_replay_reproduces_every_batch_and_preemption(captured_run: Pat
     same = sum(1 for a, b in zip(real, replayed, strict=False) if a == b)
     assert same >= 0.99 * len(real), f"{same} of {len(real)} steps match"
     assert len(replayed) == len(real)
+    # The same steps in the same order: the same token counts miss the engine's kernel cache.
+    assert prediction.result is not None
+    assert [s.features.new_shape for s in prediction.result.steps] == [int(s.new_shape) for s in twin.captured.steps]
+    assert sum(s.new_shape for s in twin.captured.steps) > 0
     assert prediction.metrics["preemptions"] == sum(s.num_preempted for s in twin.captured.steps)
     hits = {r.get("rid"): int(r["prefix_hit_tokens"]) for r in twin.captured.truth}
     assert {r["rid"]: r["prefix_hit_tokens"] for r in prediction.requests} == hits
