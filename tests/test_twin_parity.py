@@ -61,6 +61,12 @@ def test_measured_replay_reproduces_every_batch_and_preemption(captured_run: Pat
     captured = twin.captured_metrics or {}
     for key in ("ttft_ms_p50", "tpot_ms_p50", "e2e_ms_p50", "output_throughput_tok_s"):
         assert prediction.metrics[key] == pytest.approx(captured[key], rel=0.02), key
+    # Request by request: the first token counts from the end of the step's update, as captured, not
+    # from the next step's start (the engine loop's own work in between would add to every TTFT).
+    real_ttft = {r["rid"]: float(r["ttft_ms"]) for r in twin.captured.truth if r.get("ttft_ms")}
+    replayed_ttft = {r["rid"]: r["ttft_ms"] for r in prediction.requests if r["rid"] in real_ttft}
+    off = [rid for rid, ms in replayed_ttft.items() if abs(ms - real_ttft[rid]) > 0.01]
+    assert len(replayed_ttft) == len(real_ttft) and len(off) <= 0.01 * len(real_ttft), off
 
 
 def test_model_replay_is_deterministic_and_says_which_model(captured_run: Path, tmp_path: Path) -> None:
