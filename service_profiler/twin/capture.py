@@ -219,7 +219,8 @@ def _requests(req_rows: list[dict[str, str]], facts: dict[str, dict[str, Any]], 
         if rid in first_token_engine or row["phase"] != "prefill":
             continue
         done = (_int(row["computed_tokens_before"]) or 0) + (_int(row["scheduled_tokens"]) or 0)
-        end = update_end.get(_int(row["batch_id"]) or -1)
+        batch_id = _int(row["batch_id"])
+        end = update_end.get(batch_id) if batch_id is not None else None  # batch 0 is a batch too
         if done >= (_int(row["prompt_tokens"]) or 0) and end:
             first_token_engine[rid] = end
     arrivals = {r["rid"]: _int(r["arrival_ns"]) or _int(r["engine_arrival_ns"]) or 0 for r in usable}
