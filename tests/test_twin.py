@@ -316,6 +316,41 @@ def test_a_few_host_stalls_are_reported_not_spread_over_every_step() -> None:
         assert says in notes[0]
 
 
+def _write_rows(path: Path, rows: list[dict[str, object]]) -> None:
+    columns = list(rows[0])
+    path.write_text("\n".join([",".join(columns)] + [",".join(str(r[c]) for c in columns) for r in rows]) + "\n")
+
+
+def test_front_end_delay_leaves_out_the_wait_for_a_running_step(tmp_path: Path) -> None:
+    # r1 reaches the API server at 2 ms and is handed over at 3 ms while the engine runs a step until
+    # 10 ms; the engine takes it at 10.5 ms. The 7 ms of that step are a wait the replay makes again with
+    # its own steps: the front end's share is 10.5 - 2 - 7 = 1.5 ms.
+    ms = 1_000_000
+    t0 = 1_700_000_000_000_000_000
+    request = {"rid": "", "arrival_ns": 0, "engine_arrival_ns": 0, "handoff_ns": 0, "input_tokens": 10,
+               "output_tokens": 2, "first_token_ns": 0, "completion_ns": 0, "timing_source": "api", "complete": 1}
+    _write_rows(tmp_path / "request.csv", [
+        {**request, "rid": "r0", "arrival_ns": t0, "engine_arrival_ns": t0 + ms // 10, "handoff_ns": t0,
+         "first_token_ns": t0 + 10 * ms + ms // 5, "completion_ns": t0 + 12 * ms + ms // 5},
+        {**request, "rid": "r1", "arrival_ns": t0 + 2 * ms, "engine_arrival_ns": t0 + 10 * ms + ms // 2,
+         "handoff_ns": t0 + 3 * ms, "first_token_ns": t0 + 12 * ms + ms // 5, "completion_ns": t0 + 14 * ms}])
+    _write_rows(tmp_path / "batch.csv", [
+        {"batch_id": 0, "start_ns": t0 + ms // 5, "update_end_ns": t0 + 10 * ms, "num_preempted": 0},
+        {"batch_id": 1, "start_ns": t0 + 10 * ms + ms * 6 // 10, "update_end_ns": t0 + 12 * ms, "num_preempted": 0},
+        {"batch_id": 2, "start_ns": t0 + 12 * ms + ms // 10, "update_end_ns": t0 + 13 * ms, "num_preempted": 0}])
+    step = {"phase": "prefill", "scheduled_tokens": 10, "computed_tokens_before": 0, "prompt_tokens": 10}
+    _write_rows(tmp_path / "per_iteration_requests.csv", [
+        {"batch_id": 0, "rid": "r0", **step},
+        {"batch_id": 1, "rid": "r1", **step},
+        {"batch_id": 1, "rid": "r0", **step, "phase": "decode", "scheduled_tokens": 1, "computed_tokens_before": 10},
+        {"batch_id": 2, "rid": "r1", **step, "phase": "decode", "scheduled_tokens": 1, "computed_tokens_before": 10}])
+    requests = {r.rid: r for r in Twin.from_run(tmp_path).requests}
+    assert requests["r1"].engine_delay_ms == pytest.approx(1.5)
+    assert requests["r0"].engine_delay_ms == pytest.approx(0.1)  # no step ran: all front end
+    # Delivery counts from the update's end of the step completing the prompt, batch 0 included.
+    assert requests["r0"].reply_delay_ms == pytest.approx(0.2) and requests["r1"].reply_delay_ms == pytest.approx(0.2)
+
+
 def test_runs_without_the_needed_records_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(CaptureError, match=r"request\.csv: missing"):
         Twin.from_run(tmp_path)

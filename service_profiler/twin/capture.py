@@ -84,8 +84,12 @@ def _int(text: str | None) -> int | None:
     if text is None or text == "":
         return None
     try:
-        return int(float(text))
+        return int(text)  # epoch nanoseconds exceed a float's 53 bits: parse integers as integers
     except ValueError:
+        pass
+    try:
+        return int(float(text))
+    except (ValueError, OverflowError):
         return None
 
 
