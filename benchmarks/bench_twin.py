@@ -68,8 +68,10 @@ def fidelity(out: Path, n: int, repeats: int, rate: float, targets: list[str]) -
             predictions.append({k: float(twin.run(change).metrics[k]) for k in KEYS})
             bases.append(_real_metrics(base_dir))
             reals.append(_real_metrics(real_dir))
-            print(f"{name} pair {i}: step model {twin.step_model.use}, "
-                  f"{json.dumps(twin.step_model.v2.metrics.get('test', {}).get('all'))}", flush=True)
+            held_out = {regime: (r["n"], r["mape_pct"] and round(r["mape_pct"], 1))
+                        for regime, r in twin.step_model.v2.metrics.get("test_scaled", {}).items()}
+            print(f"{name} pair {i}: step model {twin.step_model.use}, held-out (n, MAPE %) by regime "
+                  f"{json.dumps(held_out)}", flush=True)
         for key in KEYS:
             values = [r[key] for r in reals]
             median = statistics.median(values)

@@ -13,6 +13,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from vllm_service import _group_alive
+
 _DRIVER = r"""
 import json, sys, time
 from vllm import LLM, SamplingParams
@@ -44,11 +46,7 @@ GROUP_EXIT_TIMEOUT_S = 60.0
 
 def _wait_for_group(pgid: int, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return
+    while _group_alive(pgid) and time.monotonic() < deadline:
         time.sleep(0.1)
 
 

@@ -24,6 +24,7 @@ from service_profiler.twin import (
     write_trace,
 )
 from service_profiler.twin.formats import export_vllm_bench, read_azure, read_burstgpt, read_mooncake
+from service_profiler.twin.shapes import ShapeCache
 from service_profiler.twin.twin import StepTimeModel
 
 pytestmark = pytest.mark.vllm
@@ -113,6 +114,27 @@ def test_importers_name_bad_rows(tmp_path: Path) -> None:
     moon.write_text('{"timestamp": 0, "input_length": 10, "output_length": 5, "hash_ids": ["x"]}\n')
     with pytest.raises(TraceError, match=r"moon.jsonl:1: 'hash_ids'"):
         read_mooncake(moon)
+
+
+def test_every_jsonl_trace_reader_names_the_bad_line_alike(tmp_path: Path) -> None:
+    # The twin's trace, Mooncake's and the workload generator's replay share one line reader.
+    from service_profiler.workload.requests import WorkloadError, read_requests
+
+    readers = [(read_trace, TraceError), (read_mooncake, TraceError),
+               (lambda p: read_requests(p, 512), WorkloadError)]
+    path = tmp_path / "t.jsonl"
+    for bad, says in (("not json", "not valid JSON"), ("[1, 2]", "expected a JSON object, got list")):
+        path.write_text('{"timestamp": 0, "input_length": 5, "output_length": 3, "rid": "a", "arrival_s": 0, '
+                        '"prompt_tokens": 5, "output_tokens": 3}\n\n' + bad + "\n")
+        for reader, error in readers:
+            with pytest.raises(error, match=rf"t\.jsonl:3: {says}"):
+                reader(path)
+    for reader, error in readers:
+        with pytest.raises(error, match="no such trace file"):
+            reader(tmp_path / "missing.jsonl")
+    path.write_text('{"format": "service-profiler-trace", "version": 9}\n')
+    with pytest.raises(WorkloadError, match=r"t\.jsonl:1: unsupported header"):
+        read_requests(path, 512)
 
 
 def test_vllm_bench_exports(tmp_path: Path) -> None:
@@ -205,6 +227,66 @@ def test_step_model_recovers_known_costs_and_reports_regimes() -> None:
     assert StepModelV2.from_dict(json.loads(json.dumps(model.to_dict()))).coefficients == model.coefficients
 
 
+def test_kernel_cache_misses_are_an_lru_of_token_counts() -> None:
+    cache = ShapeCache(size=3)
+    assert [cache.miss(t) for t in (8, 100, 8, 37, 52)] == [True, True, False, True, True]
+    assert cache.miss(8) is False  # used recently: still cached
+    assert cache.miss(100) is True  # the least recently used count, dropped when 52 came in
+
+
+def test_step_model_separates_the_kernel_cache_miss_from_prefill_tokens() -> None:
+    # Steps whose token count misses the engine's kernel cache pay a fixed cost, whatever their size:
+    # without the feature it is smeared over the prefill tokens, and short prefills come out too cheap.
+    rng = np.random.default_rng(3)
+    n = 800
+    b = rng.integers(1, 9, n)
+    p = np.where(rng.random(n) < 0.3, rng.integers(16, 256, n), 0)
+    d = np.where(p > 0, b - 1, b)
+    new = ((p > 0) & (rng.random(n) < 0.8)) | (rng.random(n) < 0.02)
+    truth = 1.2 + 0.05 * b + 0.006 * p + 2.3 * new
+    x = np.column_stack([b, p, d, np.zeros(n), np.zeros(n), new])
+    y = truth * rng.normal(1.0, 0.02, n)
+    model = fit_step_model(x, y)
+    assert model.coefficients["c_shape"] == pytest.approx(2.3, rel=0.1)
+    assert model.coefficients["c_p"] == pytest.approx(0.006, rel=0.15)
+    assert model.metrics["test"]["mixed"]["mape_pct"] < 4.0
+    without = fit_step_model(x[:, :5], y)
+    assert without.coefficients["c_shape"] == 0.0
+    assert without.metrics["test"]["mixed"]["mape_pct"] > 3 * model.metrics["test"]["mixed"]["mape_pct"]
+    # A model saved before the feature existed reads with c_shape = 0.
+    old = {k: v for k, v in model.to_dict().items()}
+    old["coefficients"] = {k: v for k, v in model.coefficients.items() if k != "c_shape"}
+    assert StepModelV2.from_dict(old).coefficients["c_shape"] == 0.0
+
+
+def test_replay_pays_the_kernel_cache_miss_once_per_new_token_count() -> None:
+    # Identical requests, far apart: only the first prefill and the first decode run a new token count.
+    requests = [TraceRequest(rid=f"r{i}", arrival_s=i * 1.0, prompt_tokens=100, output_tokens=3) for i in range(4)]
+    coefficients = {"c_0": 1.0, "c_req": 0.0, "c_p": 0.01, "c_d": 0.0, "c_pc": 0.0, "c_dc": 0.0}
+    plain = Twin.from_trace(requests, base_settings=SETTINGS, step_model=StepTimeModel(StepModelV2(coefficients)))
+    missing = Twin.from_trace(requests, base_settings=SETTINGS,
+                              step_model=StepTimeModel(StepModelV2({**coefficients, "c_shape": 5.0})))
+    result = missing.run({}).result
+    assert result is not None
+    assert [s.features.new_shape for s in result.steps] == [1, 1, 0] + [0, 0, 0] * 3
+    ttft = [r["ttft_ms"] for r in missing.run({}).requests]
+    base = [r["ttft_ms"] for r in plain.run({}).requests]
+    assert ttft[0] == pytest.approx(base[0] + 5.0) and ttft[1:] == pytest.approx(base[1:])
+
+
+def test_tokens_count_from_the_end_of_the_update_not_the_next_step() -> None:
+    # The engine loop's own work after a step's update (output processing) ends the step's cycle, but
+    # the captured run's first token is stamped before it: the replay stamps it output_lag_ns earlier.
+    requests = [TraceRequest(rid=f"r{i}", arrival_s=i * 1.0, prompt_tokens=40, output_tokens=4) for i in range(3)]
+    v2 = StepModelV2({"c_0": 2.0, "c_req": 0.0, "c_p": 0.01, "c_d": 0.0, "c_pc": 0.0, "c_dc": 0.0})
+    runs = [Twin.from_trace(requests, base_settings=SETTINGS, step_model=StepTimeModel(v2, output_lag_ns=lag)).run({})
+            for lag in (0, 300_000)]
+    for early, late in zip(runs[1].requests, runs[0].requests, strict=True):
+        assert early["ttft_ms"] == pytest.approx(late["ttft_ms"] - 0.3)
+        assert early["tpot_ms"] == pytest.approx(late["tpot_ms"])
+    assert [b["during_time(ms)"] for b in runs[0].batches] == [b["during_time(ms)"] for b in runs[1].batches]
+
+
 def test_a_few_host_stalls_are_reported_not_spread_over_every_step() -> None:
     # A short capture on a shared machine: 1 % of the steps take 100x longer (a new shape's first step,
     # the engine descheduled) and hold half of the busy time. Spread over every step, they would double
@@ -223,6 +305,50 @@ def test_a_few_host_stalls_are_reported_not_spread_over_every_step() -> None:
     stalls = model.metrics["stalls"]
     assert 5 <= stalls["count"] <= 10  # those in the training split
     assert stalls["share_of_busy_time"] > 0.3
+    assert stalls["model"] == "v2"
+    # The prediction's note names the model the stall figures are for, and what the replay did with them.
+    tbs_params = model.metrics["baseline_tbs_test"]["params"]
+    for use, says in (("v2", "step model v2, which the twin replayed with, leaves them out"),
+                      ("tbs", "replayed with the T(B,S) model, fitted to every step with the stalls in")):
+        twin = Twin.from_trace(_trace(10), base_settings=SETTINGS, step_model=StepTimeModel(model, use, tbs_params))
+        notes = [n for n in twin.run({}).notes if "host stalls" in n]
+        assert len(notes) == 1 and "slower than step model v2 by more than 5 MADs" in notes[0], notes
+        assert says in notes[0]
+
+
+def _write_rows(path: Path, rows: list[dict[str, object]]) -> None:
+    columns = list(rows[0])
+    path.write_text("\n".join([",".join(columns)] + [",".join(str(r[c]) for c in columns) for r in rows]) + "\n")
+
+
+def test_front_end_delay_leaves_out_the_wait_for_a_running_step(tmp_path: Path) -> None:
+    # r1 reaches the API server at 2 ms and is handed over at 3 ms while the engine runs a step until
+    # 10 ms; the engine takes it at 10.5 ms. The 7 ms of that step are a wait the replay makes again with
+    # its own steps: the front end's share is 10.5 - 2 - 7 = 1.5 ms.
+    ms = 1_000_000
+    t0 = 1_700_000_000_000_000_000
+    request = {"rid": "", "arrival_ns": 0, "engine_arrival_ns": 0, "handoff_ns": 0, "input_tokens": 10,
+               "output_tokens": 2, "first_token_ns": 0, "completion_ns": 0, "timing_source": "api", "complete": 1}
+    _write_rows(tmp_path / "request.csv", [
+        {**request, "rid": "r0", "arrival_ns": t0, "engine_arrival_ns": t0 + ms // 10, "handoff_ns": t0,
+         "first_token_ns": t0 + 10 * ms + ms // 5, "completion_ns": t0 + 12 * ms + ms // 5},
+        {**request, "rid": "r1", "arrival_ns": t0 + 2 * ms, "engine_arrival_ns": t0 + 10 * ms + ms // 2,
+         "handoff_ns": t0 + 3 * ms, "first_token_ns": t0 + 12 * ms + ms // 5, "completion_ns": t0 + 14 * ms}])
+    _write_rows(tmp_path / "batch.csv", [
+        {"batch_id": 0, "start_ns": t0 + ms // 5, "update_end_ns": t0 + 10 * ms, "num_preempted": 0},
+        {"batch_id": 1, "start_ns": t0 + 10 * ms + ms * 6 // 10, "update_end_ns": t0 + 12 * ms, "num_preempted": 0},
+        {"batch_id": 2, "start_ns": t0 + 12 * ms + ms // 10, "update_end_ns": t0 + 13 * ms, "num_preempted": 0}])
+    step = {"phase": "prefill", "scheduled_tokens": 10, "computed_tokens_before": 0, "prompt_tokens": 10}
+    _write_rows(tmp_path / "per_iteration_requests.csv", [
+        {"batch_id": 0, "rid": "r0", **step},
+        {"batch_id": 1, "rid": "r1", **step},
+        {"batch_id": 1, "rid": "r0", **step, "phase": "decode", "scheduled_tokens": 1, "computed_tokens_before": 10},
+        {"batch_id": 2, "rid": "r1", **step, "phase": "decode", "scheduled_tokens": 1, "computed_tokens_before": 10}])
+    requests = {r.rid: r for r in Twin.from_run(tmp_path).requests}
+    assert requests["r1"].engine_delay_ms == pytest.approx(1.5)
+    assert requests["r0"].engine_delay_ms == pytest.approx(0.1)  # no step ran: all front end
+    # Delivery counts from the update's end of the step completing the prompt, batch 0 included.
+    assert requests["r0"].reply_delay_ms == pytest.approx(0.2) and requests["r1"].reply_delay_ms == pytest.approx(0.2)
 
 
 def test_runs_without_the_needed_records_are_clear_errors(tmp_path: Path) -> None:

@@ -51,12 +51,22 @@ def test_measured_replay_reproduces_every_batch_and_preemption(captured_run: Pat
     same = sum(1 for a, b in zip(real, replayed, strict=False) if a == b)
     assert same >= 0.99 * len(real), f"{same} of {len(real)} steps match"
     assert len(replayed) == len(real)
+    # The same steps in the same order: the same token counts miss the engine's kernel cache.
+    assert prediction.result is not None
+    assert [s.features.new_shape for s in prediction.result.steps] == [int(s.new_shape) for s in twin.captured.steps]
+    assert sum(s.new_shape for s in twin.captured.steps) > 0
     assert prediction.metrics["preemptions"] == sum(s.num_preempted for s in twin.captured.steps)
     hits = {r.get("rid"): int(r["prefix_hit_tokens"]) for r in twin.captured.truth}
     assert {r["rid"]: r["prefix_hit_tokens"] for r in prediction.requests} == hits
     captured = twin.captured_metrics or {}
     for key in ("ttft_ms_p50", "tpot_ms_p50", "e2e_ms_p50", "output_throughput_tok_s"):
         assert prediction.metrics[key] == pytest.approx(captured[key], rel=0.02), key
+    # Request by request: the first token counts from the end of the step's update, as captured, not
+    # from the next step's start (the engine loop's own work in between would add to every TTFT).
+    real_ttft = {r["rid"]: float(r["ttft_ms"]) for r in twin.captured.truth if r.get("ttft_ms")}
+    replayed_ttft = {r["rid"]: r["ttft_ms"] for r in prediction.requests if r["rid"] in real_ttft}
+    off = [rid for rid, ms in replayed_ttft.items() if abs(ms - real_ttft[rid]) > 0.01]
+    assert len(replayed_ttft) == len(real_ttft) and off == [], off
 
 
 def test_model_replay_is_deterministic_and_says_which_model(captured_run: Path, tmp_path: Path) -> None:

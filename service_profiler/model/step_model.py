@@ -1,10 +1,12 @@
 """Step-time model v2: one engine step's duration from what the step computes.
 
-    T = c_0 + c_req·B + c_p·P + c_d·D + c_pc·C_p + c_dc·C_d          (ms)
+    T = c_0 + c_req·B + c_p·P + c_d·D + c_pc·C_p + c_dc·C_d + c_shape·N          (ms)
 
 B requests in the step, P prefill tokens, D decode tokens, C_p the prefill attention work (Σ chunk ×
 (tokens before + chunk/2): each new token attends to the context before it), C_d the decode context
-(Σ tokens attended). c_0 and c_req are the per-step and per-request fixed costs (schedule, input
+(Σ tokens attended), N = 1 when the step's token count missed the engine's kernel cache (the kernels
+for that shape are built first: see twin/shapes.py; 0 otherwise, and for callers that pass only the
+first five features). c_0 and c_req are the per-step and per-request fixed costs (schedule, input
 preparation, sampling, update); the token terms the model's work. All coefficients are >= 0
 (scipy's non-negative least squares). The fit minimises relative error (rows weighted by 1/T), since the
 twin's errors compound in relative terms, and is refitted once without steps whose relative residual is
@@ -14,8 +16,8 @@ The target is the step's cycle: schedule start to the next schedule start while 
 the engine's own loop overheads are in it. Held-out error is reported per regime (decode-only,
 prefill-only, mixed), beside the same split scored by the T(B,S) form of `latency.py` fitted to the
 same target, so a caller can use whichever predicts better. The noise floor is the error of an oracle
-that predicts each step by the median of steps with the very same (B, P, D): no model of these features
-can do better on average.
+that predicts each step by the median of steps with the very same (B, P, D, N): no model of these
+features can do better on average.
 
 `time_scale` is the measured total step time over the predicted total on the training steps that are
 not stalls: a fit of relative error leans below the mean, and the scale puts the typical step's mean
@@ -34,9 +36,12 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-FEATURES: tuple[str, ...] = ("batch_size", "prefill_tokens", "decode_tokens", "prefill_context", "decode_context")
-COEFFICIENTS: tuple[str, ...] = ("c_0", "c_req", "c_p", "c_d", "c_pc", "c_dc")
-FORMULA = "T = c_0 + c_req*B + c_p*P + c_d*D + c_pc*C_p + c_dc*C_d"
+FEATURES: tuple[str, ...] = ("batch_size", "prefill_tokens", "decode_tokens", "prefill_context", "decode_context",
+                             "new_shape")
+COEFFICIENTS: tuple[str, ...] = ("c_0", "c_req", "c_p", "c_d", "c_pc", "c_dc", "c_shape")
+# Added after the first five features: models saved without it read it as 0.
+OPTIONAL_COEFFICIENTS: tuple[str, ...] = ("c_shape",)
+FORMULA = "T = c_0 + c_req*B + c_p*P + c_d*D + c_pc*C_p + c_dc*C_d + c_shape*N"
 MIN_SAMPLES = 20
 _OUTLIER_MADS = 5.0
 
@@ -52,16 +57,20 @@ class StepModelV2:
     notes: list[str] = field(default_factory=list)
     time_scale: float = 1.0
 
+    def __post_init__(self) -> None:
+        for name in OPTIONAL_COEFFICIENTS:
+            self.coefficients.setdefault(name, 0.0)
+
     def predict_ms(self, batch_size: float, prefill_tokens: float, decode_tokens: float, prefill_context: float,
-                   decode_context: float) -> float:
+                   decode_context: float, new_shape: float = 0.0) -> float:
         c = self.coefficients
         return (c["c_0"] + c["c_req"] * batch_size + c["c_p"] * prefill_tokens + c["c_d"] * decode_tokens
-                + c["c_pc"] * prefill_context + c["c_dc"] * decode_context)
+                + c["c_pc"] * prefill_context + c["c_dc"] * decode_context + c["c_shape"] * new_shape)
 
     def predict_many(self, x: Float) -> Float:
-        """x: rows of FEATURES; returns ms."""
+        """x: rows of FEATURES (the last, new_shape, may be left out); returns ms."""
         coef = np.array([self.coefficients[n] for n in COEFFICIENTS])
-        return np.asarray(_design(x) @ coef, dtype=float)
+        return np.asarray(_design(_full(x)) @ coef, dtype=float)
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": "step_time_v2", "formula": FORMULA, "units": {"T": "ms"},
@@ -71,10 +80,18 @@ class StepModelV2:
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> StepModelV2:
         coefficients = doc.get("coefficients") if isinstance(doc, dict) else None
-        if not isinstance(coefficients, dict) or any(n not in coefficients for n in COEFFICIENTS):
+        required = [n for n in COEFFICIENTS if n not in OPTIONAL_COEFFICIENTS]
+        if not isinstance(coefficients, dict) or any(n not in coefficients for n in required):
             raise ValueError(f"not a step_time_v2 model: expected coefficients {', '.join(COEFFICIENTS)}")
-        return cls({n: float(coefficients[n]) for n in COEFFICIENTS}, doc.get("metrics", {}), doc.get("notes", []),
-                   float(doc.get("time_scale", 1.0)))
+        return cls({n: float(coefficients[n]) for n in COEFFICIENTS if n in coefficients}, doc.get("metrics", {}),
+                   doc.get("notes", []), float(doc.get("time_scale", 1.0)))
+
+
+def _full(x: Float) -> Float:
+    """Rows of FEATURES; rows of the first five get new_shape = 0."""
+    if x.shape[1] == len(FEATURES) - 1:
+        return np.column_stack([x, np.zeros(len(x))])
+    return x
 
 
 def _design(x: Float) -> Float:
@@ -113,10 +130,11 @@ def _report(x: Float, y: Float, pred: Float) -> dict[str, Any]:
 
 
 def noise_floor(x: Float, y: Float, min_group: int = 5) -> dict[str, Any]:
-    """MAPE of predicting each step by the median of the steps with identical (B, P, D)."""
-    groups: dict[tuple[float, float, float], list[int]] = {}
-    for i, row in enumerate(x[:, :3]):
-        groups.setdefault((row[0], row[1], row[2]), []).append(i)
+    """MAPE of predicting each step by the median of the steps with identical (B, P, D, N)."""
+    x = _full(x)
+    groups: dict[tuple[float, float, float, float], list[int]] = {}
+    for i, row in enumerate(x):
+        groups.setdefault((row[0], row[1], row[2], row[5]), []).append(i)
     errors: list[Float] = []
     for members in groups.values():
         if len(members) >= min_group:
@@ -130,9 +148,11 @@ def noise_floor(x: Float, y: Float, min_group: int = 5) -> dict[str, Any]:
 
 
 def fit_step_model(x: Any, y_ms: Any, *, test_fraction: float = 0.2, seed: int = 0) -> StepModelV2:
-    """Fit on rows of FEATURES and step times (ms); a seeded `test_fraction` is held out and scored,
-    beside the T(B,S) form fitted to the same training rows. Raises ValueError with too few steps."""
-    xa = np.asarray(x, dtype=float).reshape(-1, len(FEATURES))
+    """Fit on rows of FEATURES (or of the first five: new_shape = 0) and step times (ms); a seeded
+    `test_fraction` is held out and scored, beside the T(B,S) form fitted to the same training rows.
+    Raises ValueError with too few steps."""
+    xa = np.asarray(x, dtype=float)
+    xa = _full(xa.reshape(-1, xa.shape[-1] if xa.ndim == 2 else len(FEATURES)))
     ya = np.asarray(y_ms, dtype=float).ravel()
     keep = np.isfinite(ya) & (ya > 0) & np.all(np.isfinite(xa), axis=1) & (xa[:, 0] > 0)
     xa, ya = xa[keep], ya[keep]
@@ -160,7 +180,7 @@ def fit_step_model(x: Any, y_ms: Any, *, test_fraction: float = 0.2, seed: int =
     stall_excess = np.maximum(ya[train][stalls] - predicted_train[stalls] * model.time_scale, 0.0)
     metrics: dict[str, Any] = {"n_train": int(train.size), "n_test": int(test.size),
                                "train": _report(xa[train], ya[train], predicted_train),
-                               "stalls": {"count": int(stalls.sum()),
+                               "stalls": {"model": "v2", "count": int(stalls.sum()),
                                           "excess_ms": float(stall_excess.sum()),
                                           "share_of_busy_time": float(stall_excess.sum() / ya[train].sum())}}
     if test.size:

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import bisect
 import csv
 import json
 import sqlite3
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .shapes import ShapeCache
 from .trace import TraceRequest
 
 
@@ -43,6 +45,7 @@ class StepRecord:
     prefill_context: int  # sum over prefill chunks of chunk * (tokens before + chunk / 2)
     decode_context: int  # sum over decode requests of the tokens attended
     num_preempted: int
+    new_shape: bool = False  # its token count missed the engine's kernel cache (see shapes.py)
 
 
 @dataclass
@@ -81,8 +84,12 @@ def _int(text: str | None) -> int | None:
     if text is None or text == "":
         return None
     try:
-        return int(float(text))
+        return int(text)  # epoch nanoseconds exceed a float's 53 bits: parse integers as integers
     except ValueError:
+        pass
+    try:
+        return int(float(text))
+    except (ValueError, OverflowError):
         return None
 
 
@@ -140,7 +147,7 @@ def read_run(path: str | Path) -> CapturedRun:
         known = [t for t in totals if t]
         if known:
             settings["pool_blocks"] = max(known) + 1  # + vLLM's null block
-    requests, truth, origin = _requests(req_rows, facts, batch_rows, iter_rows, notes, root)
+    requests, truth, origin = _requests(req_rows, facts, batch_rows, iter_rows, notes, root, steps)
     return CapturedRun(root, requests, truth, steps, settings, origin, notes)
 
 
@@ -154,6 +161,7 @@ def _steps(batch_rows: list[dict[str, str]], iter_rows: list[dict[str, str]],
     arrival = {r["rid"]: _int(r["engine_arrival_ns"]) or 0 for r in req_rows}
     ordered = sorted((r for r in batch_rows if _int(r["start_ns"]) is not None), key=lambda r: int(r["start_ns"]))
     steps = []
+    shapes = ShapeCache()
     for i, row in enumerate(ordered):
         batch_id = int(row["batch_id"])
         start = int(row["start_ns"])
@@ -182,13 +190,23 @@ def _steps(batch_rows: list[dict[str, str]], iter_rows: list[dict[str, str]],
                 dec_t += tokens
                 dec_n += 1
                 dec_ctx += before + tokens
+        new_shape = shapes.miss(pre_t + dec_t) if pre_t + dec_t > 0 else False
         steps.append(StepRecord(batch_id, start, max(end - start, 0), max(cycle, 0), followed, tuple(comp),
-                                pre_t, dec_t, pre_n, dec_n, pre_ctx, dec_ctx, _int(row["num_preempted"]) or 0))
+                                pre_t, dec_t, pre_n, dec_n, pre_ctx, dec_ctx, _int(row["num_preempted"]) or 0,
+                                new_shape))
     return steps
 
 
+def _step_overlap_ns(steps: list[StepRecord], starts: list[int], lo: int, hi: int) -> int:
+    """How long engine steps (schedule start -> update end) ran within [lo, hi]."""
+    total = 0
+    for step in steps[max(bisect.bisect_right(starts, lo) - 1, 0):bisect.bisect_left(starts, hi)]:
+        total += max(min(step.start_ns + step.busy_ns, hi) - max(step.start_ns, lo), 0)
+    return total
+
+
 def _requests(req_rows: list[dict[str, str]], facts: dict[str, dict[str, Any]], batch_rows: list[dict[str, str]],
-              iter_rows: list[dict[str, str]], notes: list[str], root: Path
+              iter_rows: list[dict[str, str]], notes: list[str], root: Path, steps: list[StepRecord]
               ) -> tuple[list[TraceRequest], list[dict[str, str]], int]:
     usable = [r for r in req_rows if _int(r["engine_arrival_ns"]) and (_int(r["input_tokens"]) or 0) > 0]
     if not usable:
@@ -205,7 +223,8 @@ def _requests(req_rows: list[dict[str, str]], facts: dict[str, dict[str, Any]], 
         if rid in first_token_engine or row["phase"] != "prefill":
             continue
         done = (_int(row["computed_tokens_before"]) or 0) + (_int(row["scheduled_tokens"]) or 0)
-        end = update_end.get(_int(row["batch_id"]) or -1)
+        batch_id = _int(row["batch_id"])
+        end = update_end.get(batch_id) if batch_id is not None else None  # batch 0 is a batch too
         if done >= (_int(row["prompt_tokens"]) or 0) and end:
             first_token_engine[rid] = end
     arrivals = {r["rid"]: _int(r["arrival_ns"]) or _int(r["engine_arrival_ns"]) or 0 for r in usable}
@@ -215,12 +234,20 @@ def _requests(req_rows: list[dict[str, str]], facts: dict[str, dict[str, Any]], 
         notes.append("no API-server timings in request.csv: front-end delays are taken as zero")
     no_hashes = 0
     out: list[TraceRequest] = []
+    starts = [s.start_ns for s in steps]
     for r in usable:
         rid = r["rid"]
         fact = facts.get(rid, {})
         engine_arrival = _int(r["engine_arrival_ns"]) or 0
         api = r.get("timing_source") == "api"
-        engine_delay = max(engine_arrival - arrivals[rid], 0) / 1e6 if api else 0.0
+        engine_delay = 0.0
+        if api:
+            # The engine takes new requests between steps: the time a step ran after the hand-off (the
+            # API server done with the request) is a wait for the engine, which the replay's own steps
+            # make again, not a front-end cost.
+            handoff = max(_int(r.get("handoff_ns")) or arrivals[rid], arrivals[rid])
+            waited = _step_overlap_ns(steps, starts, handoff, engine_arrival)
+            engine_delay = max(engine_arrival - arrivals[rid] - waited, 0) / 1e6
         reply_delay = None
         first_api = _int(r["first_token_ns"])
         if api and first_api and rid in first_token_engine:

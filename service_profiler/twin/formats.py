@@ -25,6 +25,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from ..trace_rows import jsonl_rows
 from .trace import TraceError, TraceRequest, rebased
 
 MOONCAKE_BLOCK = 512
@@ -94,23 +95,8 @@ def read_burstgpt(path: str | Path) -> list[TraceRequest]:
 
 def read_mooncake(path: str | Path) -> list[TraceRequest]:
     p = Path(path)
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise TraceError(f"{p}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise TraceError(f"{p}: cannot read it ({exc})") from None
     out = []
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{p}:{n}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise TraceError(f"{where}: not valid JSON ({exc.msg})") from None
-        if not isinstance(row, dict):
-            raise TraceError(f"{where}: expected a JSON object")
+    for n, (where, row) in enumerate(jsonl_rows(p, TraceError), start=1):
         prompt = int(_number(row, "input_length", where, minimum=1))
         hashes = row.get("hash_ids", [])
         if not isinstance(hashes, list) or not all(isinstance(h, int) and not isinstance(h, bool) for h in hashes):

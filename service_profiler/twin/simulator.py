@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .shapes import ShapeCache
 from .trace import TraceRequest
 
 _SAMPLED_TOKEN = 5
@@ -36,6 +37,7 @@ class StepFeatures:
     num_decode_reqs: int
     prefill_context: int
     decode_context: int
+    new_shape: int = 0  # 1 when the step's token count missed the engine's kernel cache (shapes.py)
 
     @property
     def batch_size(self) -> int:
@@ -47,7 +49,9 @@ class StepFeatures:
 
 
 StepTimer = Callable[[int, StepFeatures], int]
-"""(step index, features) -> step duration in ns."""
+"""(step index, features) -> step duration in ns: the cycle from this step's schedule to the next one's.
+A timer may also have `output_lag(index) -> ns`: how long before the cycle's end the step's outputs
+were ready (the engine loop's own work after the update); tokens count from then."""
 
 
 @dataclass
@@ -146,10 +150,12 @@ class Simulation:
         self.order = sorted(requests, key=lambda r: (r.engine_arrival_ns, r.trace.rid))
         self.by_rid = {r.trace.rid: r for r in self.order}
         self.step_time = step_time
+        self.output_lag: Callable[[int], int] | None = getattr(step_time, "output_lag", None)
         self.block_size = block_size
         self.caching = prefix_caching
         self.depth = max(1, batch_queue_size)
         self.next_arrival = 0
+        self.shapes = ShapeCache()
         self.steps: list[SimStep] = []
         self.notes: list[str] = []
 
@@ -204,9 +210,16 @@ class Simulation:
             self.by_rid[rid].preemptions += 1
         output = ModelRunnerOutput(req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)},
                                    sampled_token_ids=sampled)
-        return out, output, StepFeatures(pre_t, dec_t, pre_n, dec_n, pre_ctx, dec_ctx), tuple(comp)
+        new_shape = int(self.shapes.miss(pre_t + dec_t)) if pre_t + dec_t > 0 else 0
+        return out, output, StepFeatures(pre_t, dec_t, pre_n, dec_n, pre_ctx, dec_ctx, new_shape), tuple(comp)
+
+    def _outputs_at(self, index: int, start: int, end: int) -> int:
+        """When step `index` (start..end) had its outputs: `output_lag` before its end."""
+        lag = self.output_lag(index) if self.output_lag is not None else 0
+        return max(end - max(lag, 0), start + 1) if lag else end
 
     def _update(self, out: Any, output: Any, end: int) -> int:
+        """Apply the step's outputs; `end` is when they were ready."""
         self.scheduler.update_from_output(out, output)
         finished = 0
         for rid, tokens in zip(output.req_ids, output.sampled_token_ids, strict=True):
@@ -276,12 +289,12 @@ class Simulation:
                 continue
             end = clock + max(int(self.step_time(index, feats)), 1)
             self._record(clock, end, out, feats, comp)
-            self._update(out, output, end)
+            self._update(out, output, self._outputs_at(index, clock, end))
             clock = end
 
     def _run_batch_queue(self) -> None:
         scheduler = self.scheduler
-        queue: deque[tuple[Any, Any, int]] = deque()
+        queue: deque[tuple[Any, Any, int, int]] = deque()
         clock = 0  # the engine's own time
         device_free = 0
         while True:
@@ -298,14 +311,14 @@ class Simulation:
                 end = start + max(int(self.step_time(index, feats)), 1)
                 device_free = end
                 self._record(start, end, out, feats, comp)
-                queue.append((out, output, end))
+                queue.append((out, output, end, self._outputs_at(index, start, end)))
                 if out.total_num_scheduled_tokens > 0 and len(queue) < self.depth:
                     continue
             if not queue:
                 continue
-            out, output, end = queue.popleft()
+            out, output, end, ready = queue.popleft()
             clock = max(clock, end)
-            self._update(out, output, end)
+            self._update(out, output, ready)
             if out.total_num_scheduled_tokens == 0 and not scheduler.running and not queue:
                 resume = self._stalled(clock)
                 if resume is not None:

@@ -26,8 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-FORMAT_NAME = "service-profiler-trace"
-FORMAT_VERSION = 1
+from ..trace_rows import TRACE_FORMAT, TRACE_VERSION, trace_header, trace_rows
+
+FORMAT_NAME = TRACE_FORMAT
+FORMAT_VERSION = TRACE_VERSION
 
 
 class TraceError(ValueError):
@@ -124,35 +126,16 @@ def request_from_dict(row: Any, where: str) -> TraceRequest:
 
 def read_trace(path: str | Path) -> list[TraceRequest]:
     """Read a trace file; raises TraceError naming the file and line of the first bad row."""
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise TraceError(f"{p}: no such trace file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise TraceError(f"{p}: cannot read the trace ({exc})") from None
     requests: list[TraceRequest] = []
     seen: set[str] = set()
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{p}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise TraceError(f"{where}: not valid JSON ({exc.msg}); each line must be one JSON object") from None
-        if isinstance(row, dict) and "format" in row:
-            if row.get("format") != FORMAT_NAME or row.get("version") != FORMAT_VERSION:
-                raise TraceError(f"{where}: unsupported header {row!r}; expected format {FORMAT_NAME!r} "
-                                 f"version {FORMAT_VERSION}")
-            continue
+    for where, row in trace_rows(path, TraceError):
         request = request_from_dict(row, where)
         if request.rid in seen:
             raise TraceError(f"{where}: rid {request.rid!r} appears twice; request ids must be unique")
         seen.add(request.rid)
         requests.append(request)
     if not requests:
-        raise TraceError(f"{p}: the trace holds no requests")
+        raise TraceError(f"{path}: the trace holds no requests")
     return sorted(requests, key=lambda r: r.arrival_s)
 
 
@@ -160,7 +143,7 @@ def write_trace(requests: Iterable[TraceRequest], path: str | Path) -> Path:
     """Write requests as a trace file (header line first); returns the path."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    lines = [json.dumps({"format": FORMAT_NAME, "version": FORMAT_VERSION})]
+    lines = [json.dumps(trace_header())]
     lines.extend(json.dumps(r.to_dict(), separators=(",", ":")) for r in requests)
     p.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return p

@@ -24,16 +24,22 @@ STALL_NOTE_SHARE = 0.05
 
 
 class StepTimeModel:
-    """Step durations from a fitted model: v2 (tokens, context, fixed costs) or the T(B,S) baseline,
-    whichever predicted the captured run's held-out steps better."""
+    """Step durations from a fitted model: v2 (tokens, context, kernel-cache misses, fixed costs) or the
+    T(B,S) baseline, whichever predicted the captured run's held-out steps better.
 
-    def __init__(self, v2: StepModelV2, use: str = "v2", tbs_params: dict[str, float] | None = None) -> None:
+    A step's duration is its cycle (schedule start to the next schedule start); its outputs are ready
+    `output_lag_ns` before the cycle ends (the engine loop's work after `update_from_output`: output
+    processing, new requests), which is when the captured run's first tokens and completions count."""
+
+    def __init__(self, v2: StepModelV2, use: str = "v2", tbs_params: dict[str, float] | None = None,
+                 output_lag_ns: int = 0) -> None:
         self.v2 = v2
         self.use = use
         self.tbs_params = tbs_params
+        self.output_lag_ns = output_lag_ns
         c = v2.coefficients
         scale = v2.time_scale
-        self._coef = tuple(c[name] * scale for name in ("c_0", "c_req", "c_p", "c_d", "c_pc", "c_dc"))
+        self._coef = tuple(c[name] * scale for name in ("c_0", "c_req", "c_p", "c_d", "c_pc", "c_dc", "c_shape"))
 
     def __call__(self, index: int, f: StepFeatures) -> int:
         b = f.num_prefill_reqs + f.num_decode_reqs
@@ -43,41 +49,66 @@ class StepTimeModel:
             thr = p["P_max"] * -math.expm1(-p["k_B"] * b) * -math.expm1(-p["k_S"] * s)
             ms = p["tau_0"] + (p["w_0"] + p["w_1"] * s) / thr + p["tau_B"] * b + p["tau_S"] * s
         else:
-            c0, creq, cp, cd, cpc, cdc = self._coef
+            c0, creq, cp, cd, cpc, cdc, cshape = self._coef
             ms = (c0 + creq * b + cp * f.prefill_tokens + cd * f.decode_tokens + cpc * f.prefill_context
-                  + cdc * f.decode_context)
+                  + cdc * f.decode_context + cshape * f.new_shape)
         return int(ms * 1e6)
 
+    def output_lag(self, index: int) -> int:
+        return self.output_lag_ns
+
     def describe(self) -> dict[str, Any]:
-        return {"used": self.use, "v2": self.v2.to_dict()}
+        return {"used": self.use, "v2": self.v2.to_dict(), "output_lag_ms": self.output_lag_ns / 1e6}
 
 
 def fit_from_steps(steps: Sequence[StepRecord]) -> StepTimeModel:
     """Fit v2 (and score T(B,S)) on the steps whose cycle ended with the next step starting at once."""
     busy = [s for s in steps if s.followed_by_work and s.num_prefill_reqs + s.num_decode_reqs > 0]
     x = np.array([[s.num_prefill_reqs + s.num_decode_reqs, s.prefill_tokens, s.decode_tokens, s.prefill_context,
-                   s.decode_context] for s in busy], dtype=float).reshape(-1, 5)
+                   s.decode_context, float(s.new_shape)] for s in busy], dtype=float).reshape(-1, 6)
     y = np.array([s.cycle_ns / 1e6 for s in busy], dtype=float)
     v2 = fit_step_model(x, y)
+    lags = [s.cycle_ns - s.busy_ns for s in busy if 0 <= s.busy_ns <= s.cycle_ns]
+    lag = int(np.median(lags)) if lags else 0
     test = v2.metrics.get("test", {}).get("all", {}).get("mape_pct")
     base = v2.metrics.get("baseline_tbs_test", {})
     base_mape = base.get("all", {}).get("mape_pct") if isinstance(base, dict) else None
     if test is not None and base_mape is not None and base_mape < test:
-        return StepTimeModel(v2, "tbs", base.get("params"))
-    return StepTimeModel(v2, "v2")
+        return StepTimeModel(v2, "tbs", base.get("params"), output_lag_ns=lag)
+    return StepTimeModel(v2, "v2", output_lag_ns=lag)
+
+
+def stall_notes(model: StepTimeModel) -> list[str]:
+    """A note when host stalls held a large share of the captured busy time. Stalls are found against
+    step model v2 (its slow-side residuals beyond 5 MADs), whichever model the twin replays with: v2
+    leaves them out of every predicted step, while T(B,S) was fitted to every step, stalls included."""
+    stalls = model.v2.metrics.get("stalls") or {}
+    share = float(stalls.get("share_of_busy_time") or 0.0)
+    if share < STALL_NOTE_SHARE:
+        return []
+    found = (f"{stalls.get('count', 0)} captured steps were host stalls (slower than step model v2 by more than "
+             f"5 MADs) holding {share:.0%} of the busy time")
+    if model.use == "tbs":
+        return [f"{found}; the twin replayed with the T(B,S) model, fitted to every step with the stalls in, so "
+                "its predicted steps carry them spread out"]
+    return [f"{found}; step model v2, which the twin replayed with, leaves them out of predicted steps"]
 
 
 class MeasuredStepTimes:
     """The captured run's own steps: each replayed step starts no earlier than the captured one did and
     lasts its measured cycle; steps beyond the captured ones come from `fallback`."""
 
-    def __init__(self, steps: Sequence[StepRecord], fallback: StepTimer, origin_ns: int) -> None:
+    def __init__(self, steps: Sequence[StepRecord], fallback: StepTimeModel, origin_ns: int) -> None:
         self.cycles = [s.cycle_ns for s in steps]
+        self.lags = [max(s.cycle_ns - s.busy_ns, 0) for s in steps]
         self.starts = [s.start_ns - origin_ns for s in steps]
         self.fallback = fallback
 
     def __call__(self, index: int, f: StepFeatures) -> int:
         return self.cycles[index] if index < len(self.cycles) else self.fallback(index, f)
+
+    def output_lag(self, index: int) -> int:
+        return self.lags[index] if index < len(self.lags) else self.fallback.output_lag(index)
 
 
 def _lognormal(values: Sequence[float]) -> tuple[float, float] | None:
@@ -195,10 +226,8 @@ class Twin:
         result = Simulation(scheduler, sims, timer, block_size=settings.block_size,
                             prefix_caching=settings.enable_prefix_caching, batch_queue_size=depth).run()
         origin = self.captured.origin_ns if self.captured is not None else 0
-        stalls = model.v2.metrics.get("stalls") or {}
-        if not measured and float(stalls.get("share_of_busy_time") or 0.0) >= STALL_NOTE_SHARE:
-            notes.append(f"{stalls['count']} captured steps were host stalls (beyond 5 MADs of the model) holding "
-                         f"{stalls['share_of_busy_time']:.0%} of the busy time; predicted steps leave them out")
+        if not measured:
+            notes.extend(stall_notes(model))
         return Prediction(
             metrics=metrics_of(result), result=result, origin_ns=origin, settings=settings.to_dict(),
             step_times="measured" if measured else model.use, step_model=model.describe(),
@@ -237,4 +266,4 @@ def sweep(twin: Twin, configs: Sequence[tuple[str, EngineArgs]], *, step_times: 
         _SWEEP_TWIN = None
 
 
-__all__ = ["MeasuredStepTimes", "StepTimeModel", "Twin", "fit_from_steps", "sweep"]
+__all__ = ["MeasuredStepTimes", "StepTimeModel", "Twin", "fit_from_steps", "stall_notes", "sweep"]

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ..trace_rows import trace_header, trace_rows
+
 # Token ids below this are the tiny tokenizers' special tokens (<unk>, <s>, </s>); prompts avoid them.
 FIRST_PLAIN_TOKEN = 3
 ARRIVALS = ("closed", "poisson", "gamma", "burst", "trace")
@@ -131,7 +133,7 @@ def retime(requests: Sequence[WorkloadRequest], arrivals: ArrivalSpec, seed: int
 
 def write_requests(requests: Sequence[WorkloadRequest], path: Path) -> Path:
     with open(path, "w") as fh:
-        fh.write(json.dumps({"format": "service-profiler-trace", "version": 1}) + "\n")
+        fh.write(json.dumps(trace_header()) + "\n")
         for request in requests:
             fh.write(json.dumps(request.to_dict()) + "\n")
     return path
@@ -141,29 +143,15 @@ def read_requests(path: Path, vocab_size: int, seed: int = 0) -> list[WorkloadRe
     """Read a trace (JSONL, the twin's format). Rows without `token_ids` get random ids of their length."""
     rng = random.Random(seed)
     out: list[WorkloadRequest] = []
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as exc:
-        raise WorkloadError(f"{path}: cannot read the trace ({exc.strerror}); pass an existing JSONL file") from exc
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise WorkloadError(f"{path}:{number}: not JSON ({exc.msg}); each line must be one JSON object") from exc
-        if not isinstance(row, dict):
-            raise WorkloadError(f"{path}:{number}: expected a JSON object")
-        if "format" in row and "rid" not in row:
-            continue
+    for number, (where, row) in enumerate(trace_rows(path, WorkloadError), start=1):
         try:
             prompt, output = int(row["prompt_tokens"]), int(row["output_tokens"])
             arrival = float(row.get("arrival_s", 0.0))
         except (KeyError, TypeError, ValueError) as exc:
-            raise WorkloadError(f"{path}:{number}: needs numeric prompt_tokens, output_tokens and arrival_s "
+            raise WorkloadError(f"{where}: needs numeric prompt_tokens, output_tokens and arrival_s "
                                 f"({exc})") from exc
         if prompt < 1 or output < 1 or arrival < 0:
-            raise WorkloadError(f"{path}:{number}: prompt_tokens and output_tokens must be >= 1, arrival_s >= 0")
+            raise WorkloadError(f"{where}: prompt_tokens and output_tokens must be >= 1, arrival_s >= 0")
         ids = row.get("token_ids")
         token_ids = tuple(int(t) for t in ids) if isinstance(ids, list) else tuple(token_block(rng, prompt, vocab_size))
         out.append(WorkloadRequest(str(row.get("rid", f"t{number}")), arrival, len(token_ids), output, token_ids))
