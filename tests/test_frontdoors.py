@@ -172,3 +172,47 @@ def test_writers_never_follow_a_symlink(tmp_path: Path) -> None:
     writer.write(["{}"], 0)
     assert victim.read_text() == "keep me"
     assert writer.lost == 3 and len(problems) == 1 and "cannot write" in problems[0]
+
+
+STEPS = """
+import os, sys
+from pathlib import Path
+from service_profiler.runtime import bootstrap
+from service_profiler import record
+runtime = bootstrap.current_runtime()
+done = 0
+
+def steps(n):
+    global done
+    for i in range(done, done + n):
+        t = record.now_ns()
+        rid = f"r{i}"
+        record.event("Request", "enqueue", {"rid": rid, "prompt_tokens": 4, "priority": 0}, t)
+        record.span("BatchSchedule", "batchFrameworkProcessing", t + 1000, t + 2000,
+                    {"batch_id": i, "dp_rank": 0, "reqs": [[rid, 0, 4, 0, 4, 0]], "running": 1, "waiting": 0,
+                     "preempted": [], "finished": [], "total_tokens": 4, "kv_total_blocks": 10,
+                     "kv_used_blocks": 1, "kv_usage": 0.1})
+        record.span("ModelExecute", "modelExec", t + 2000, t + 9000, {"batch_id": i, "dp_rank": 0})
+        record.span("BatchSchedule", "updateFromOutput", t + 9000, t + 9500,
+                    {"batch_id": i, "finished": [[rid, "length"]]})
+        record.span("EngineCore", "step", t + 500, t + 10000, {"batch_id": i, "dp_rank": 0})
+    done += n
+    runtime.recorder.flush()
+    rows = len(Path("scheduler_logs/per_iteration.csv").read_text().splitlines()) - 1
+    print("rows", done, rows, flush=True)
+
+for n in (150, 60, 5):
+    steps(n)
+os._exit(0)  # no final flush: what is in the file is what the flushes while running wrote
+"""
+
+
+def test_the_scheduler_csvs_hold_every_whole_hundred_of_iterations_while_running(workspace: Workspace) -> None:
+    # One flush may see any number of steps (a fast engine runs hundreds per flush interval): after each
+    # flush the file holds at least every completed hundred, as the scheduler-logging document says.
+    proc = workspace.run_python(STEPS, SERVICE_PROF_CONFIG_PATH="", VLLM_SCHEDULER_LOGGING="1")
+    seen = [tuple(int(x) for x in line.split()[1:]) for line in proc.stdout.splitlines() if line.startswith("rows")]
+    assert len(seen) == 3, proc.stdout + proc.stderr
+    for done, rows in seen:
+        assert done // 100 * 100 <= rows <= done, seen
+    assert seen[1] == (210, 210)  # the second hundred completed in that flush: written, with what came with it

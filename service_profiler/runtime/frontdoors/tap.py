@@ -136,7 +136,9 @@ class FrontDoorTap:
         if tables is not None and self.csv is not None and tables.dp_rank is not None:
             tables.release(final)
             now = time.monotonic()
-            due = tables.iterations_released - self.csv_iterations >= CSV_FLUSH_ITERATIONS
+            # due once another hundred iterations is complete since the last write: the file then holds
+            # every whole hundred at each flush, however many steps one flush interval saw
+            due = tables.iterations_released // CSV_FLUSH_ITERATIONS > self.csv_iterations // CSV_FLUSH_ITERATIONS
             if final or due or now - self.csv_written_at >= CSV_FLUSH_INTERVAL_S:
                 rows = tables.take()
                 if final or any(rows.values()):
