@@ -16,6 +16,7 @@ import numpy as np
 from ..columnar.rows import RunRows, load_rows
 
 BATCH_EQUAL_SHARE = 0.95
+CLOCK_SLACK_NS = 50_000_000
 
 
 def _stats(values: Sequence[float | None]) -> dict[str, float | None]:
@@ -175,7 +176,10 @@ def client_results(rows: Sequence[dict[str, Any]], server_run_dir: Path | None, 
     doc: dict[str, Any] = {"metrics": metrics, "requests_missing": len(rows) - len(ok),
                            "step_time_ms": _stats([]), "memory": _memory([]), "timing": "client"}
     if server_run_dir is not None:
-        lo, hi = window_ns
+        # the server's records are placed on the wall clock through each process's clock anchor, which
+        # agrees with this process's clock only to a few ms: a request sent right at the start may
+        # otherwise fall just outside the window
+        lo, hi = window_ns[0] - CLOCK_SLACK_NS, window_ns[1] + CLOCK_SLACK_NS
         tables = load_rows(server_run_dir)
         steps = [b for b in tables.batches if b.get("batch_size") and lo <= (b.get("start_ns") or 0) <= hi]
         reqs = [r for r in tables.requests
