@@ -32,10 +32,10 @@ from service_profiler.rawdata.losses import LOSS_LINES, LossReader, ProcessLoss
 from service_profiler.rawdata.rawcheck import MAX_TS
 from service_profiler.rawdata.rawfile import (
     _COUNTED_LINES,
-    _LINE_END_BYTES,
     _dedupe_copies,
     _process_from_header,
     discover_files,
+    line_identity,
     shared_wall_offsets,
 )
 
@@ -193,9 +193,7 @@ def _file_lines(proc: Process, kept: list[tuple[int, bytes | None, str | None]] 
         for lineno, line in enumerate(fh, 1):
             is_rec = line.startswith(_REC_PREFIXES)
             if is_rec or line.startswith(_COUNTED_PREFIXES):
-                # the length and both ends of a line (a few dozen records each) identify it; hashing all
-                # of it would cost more than the scan
-                key = hash((len(line), line[:_LINE_END_BYTES], line[-_LINE_END_BYTES:]))
+                key = line_identity(line)
                 if key in seen:
                     repeated.append(lineno)
                     if is_rec:

@@ -8,15 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .csv_out import BATCH_REF
 from .run import AnalysisRun, analyze_run
 
-# batch.csv's msserviceprofiler columns that are exactly one of the batch table's
-BATCH_ALIASES = {
-    "during_time(ms)": "schedule_ms", "total_batch_size": "batch_size", "total_blocks": "kv_total_blocks",
-    "used_blocks": "kv_used_blocks", "free_blocks": "kv_free_blocks", "kvcache_usage_rate": "kv_usage",
-    "Prefill_batch_size": "num_prefill_reqs", "Decode_batch_size": "num_decode_reqs",
-    "Prefill_scheduled_tokens": "prefill_tokens", "Decode_scheduled_tokens": "decode_tokens",
-}
+# batch.csv's msserviceprofiler columns that are exactly one of the batch table's, under another name
+BATCH_ALIASES = {csv_name: expr[2:] for csv_name, expr in BATCH_REF.items()
+                 if expr.startswith("b.") and expr[2:] != csv_name}
 
 
 @dataclass

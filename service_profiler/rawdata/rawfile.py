@@ -75,6 +75,13 @@ _COUNTED_LINES = frozenset({"rec", "dropped", "lost", "state", "flushed", "close
 _LINE_END_BYTES = 4096
 
 
+def line_identity(line: bytes | str) -> int:
+    """What identifies a counted line among a file's lines: its length and both ends (a few dozen records
+    each; hashing all of it would cost more than the scan). These lines carry ns timestamps, so the same
+    identity twice is a copy (a file concatenated with itself, a line written twice), not new data."""
+    return hash((len(line), line[:_LINE_END_BYTES], line[-_LINE_END_BYTES:]))
+
+
 class SpanRecord(NamedTuple):
     proc: int
     domain: str
@@ -257,10 +264,7 @@ class _FileReader:
                                         "too deep); skipped")
                     continue
                 if kind in _COUNTED_LINES:
-                    # These lines carry ns timestamps: the same line twice is a copy (a file concatenated
-                    # with itself, a line written twice), not new data. Its length and both ends (a few
-                    # dozen records each) identify a line; hashing all of it would cost ~3 % of a read.
-                    key = hash((len(line), line[:_LINE_END_BYTES], line[-_LINE_END_BYTES:]))
+                    key = line_identity(line)
                     if key in self.seen_recs:
                         self.repeated[0] += 1
                         self.repeated[1] = self.repeated[1] or lineno
