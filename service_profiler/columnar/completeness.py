@@ -1,6 +1,6 @@
 """Which requests and batches were only partly observed: marked, not presented as whole.
 
-The meanings are those of `service_profiler.analyze.completeness` (docs/partial-data.md): each request
+The meanings are those of docs/partial-data.md: each request
 and batch row ends with `complete` (1/0) and `incomplete_reason` (empty when complete, else
 `;`-separated, in this order):
 - `collection_switched`: a `state` line (any process, not the startup one) strictly after the row's

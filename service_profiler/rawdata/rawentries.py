@@ -6,29 +6,24 @@ Two records carry a list of per-request entries (docs/DESIGN.md "Vocabulary"):
 - Request `tokens`: `reqs` = [[rid, new_tokens, finished, finish_reason], ...] (the reason may be missing).
 
 Each entry must have that shape (`valid_batch_entry` / `valid_token_entry`); one that does not is
-dropped and counted, so that one bad entry costs itself rather than the analysis (every consumer of
+dropped and counted, so that one bad entry costs itself rather than its readers (every consumer of
 the entries indexes and sums them). A `reqs` that is not a list counts as one dropped entry and
-becomes []. On a whole read the entries kept become tuples (16 bytes less each than a list).
+becomes []. The entries kept become tuples (16 bytes less each than a list).
 
-When a run is read whole (`shared` is a dict), request ids are interned and the token counts of
-batch entries (fields 3 and 4, mostly ints above 256, a new object per occurrence) share one object
-per value: a rid costs ~90 bytes per occurrence and an int 32, which roughly halves a long run's
-memory. A streamed read (`shared` is None) keeps nothing, so it only checks, and leaves a `reqs` whose
-entries are all good as it is.
+Request ids are interned and the token counts of batch entries (fields 3 and 4, mostly ints above 256,
+a new object per occurrence) share one object per value (`shared`): a rid costs ~90 bytes per occurrence
+and an int 32, which roughly halves the memory of a long run read whole.
 
-`add_records` is the reader's fast path for a line. It is all-or-nothing for the records it appends:
-on the first record that `valid_record` rejects (or of an unknown channel) it raises, and the caller
-removes what this line appended and re-reads it record by record. What it did to the entries of the
-records before that stays done: cleaning is idempotent (tuples pass again, already-dropped entries
-are gone) and `dropped` counts each bad entry once. The C version (service_profiler/rawdata/_records.c,
-`HAVE_C_RECORDS`) does exactly the same at a fraction of the cost; `add_records_py` is the definition
-and the fallback where the extension was not built.
+`add_records` appends a line's records. It is all-or-nothing for the records it appends: on the first
+record that `valid_record` rejects (or of an unknown channel) it raises, and the caller removes what
+this line appended and re-reads it record by record. What it did to the entries of the records before
+that stays done: cleaning is idempotent (tuples pass again, already-dropped entries are gone) and
+`dropped` counts each bad entry once.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 from typing import Any
 
 NO_IDS, RID, TOKEN_REQS, BATCH_REQS = 0, 1, 2, 3
@@ -39,19 +34,6 @@ _INT_CLASSES = frozenset({int, bool})
 _OPT_INT = frozenset({int, bool, type(None)})
 _OPT_NUM = frozenset({int, float, type(None)})
 _OPT_STR = frozenset({str, type(None)})
-
-try:
-    from service_profiler.rawdata._records import add_records as _c_add_records
-except ImportError:  # no compiler at install time, or a source checkout that was never built
-    _c_add_records = None
-
-HAVE_C_RECORDS: bool = _c_add_records is not None
-
-# What the reader calls per line with its valid records (rawfile.build_records by default):
-# (records, chans, offset, proc index, spans, events, counters, shared, dropped), appending to the lists.
-LineBuilder = Callable[[list[Any], dict[Any, tuple[int, str, str, int]], int, int, list[Any], list[Any], list[Any],
-                        "dict[int, int] | None", list[int]], None]
-
 
 def valid_batch_entry(e: Any) -> bool:
     n = len(e)
@@ -88,16 +70,15 @@ def valid_record(code: int, rec: list[Any]) -> bool:
     return len(rec) == 3 and is_ts(rec[1]) and isinstance(rec[2], dict)
 
 
-def clean_attrs(attrs: Any, fields: int, shared: dict[int, int] | None, dropped: list[int]) -> None:
-    """Check (and, with `shared`, intern) the ids / entries of one record's attrs in place; count each
-    dropped entry in dropped[0]. `fields`: RID, TOKEN_REQS or BATCH_REQS."""
+def clean_attrs(attrs: Any, fields: int, shared: dict[int, int], dropped: list[int]) -> None:
+    """Check and intern the ids / entries of one record's attrs in place; count each dropped entry in
+    dropped[0]. `fields`: RID, TOKEN_REQS or BATCH_REQS."""
     if attrs.__class__ is not dict:
         return
     if fields == RID:
-        if shared is not None:
-            rid = attrs.get("rid")
-            if rid.__class__ is str:
-                attrs["rid"] = sys.intern(rid)
+        rid = attrs.get("rid")
+        if rid.__class__ is str:
+            attrs["rid"] = sys.intern(rid)
         return
     reqs = attrs.get("reqs")
     if reqs is None:
@@ -110,11 +91,6 @@ def clean_attrs(attrs: Any, fields: int, shared: dict[int, int] | None, dropped:
     kept = [e for e in reqs if (e.__class__ is list or e.__class__ is tuple) and valid(e)]
     if len(kept) < len(reqs):
         dropped[0] += len(reqs) - len(kept)
-    elif shared is None:
-        return  # a stream only checks: its records are gone at the next drain
-    if shared is None:
-        attrs["reqs"] = list(map(tuple, kept))
-        return
     intern = sys.intern
     out = []
     for e in kept:
@@ -133,9 +109,9 @@ def clean_attrs(attrs: Any, fields: int, shared: dict[int, int] | None, dropped:
     attrs["reqs"] = out
 
 
-def add_records_py(records: list[Any], chans: dict[Any, tuple[int, str, str, int]], off: int, pi: int,
-                   spans: list[Any], events: list[Any], counters: list[Any], classes: tuple[type, type, type],
-                   shared: dict[int, int] | None, dropped: list[int]) -> None:
+def add_records(records: list[Any], chans: dict[Any, tuple[int, str, str, int]], off: int, pi: int,
+                spans: list[Any], events: list[Any], counters: list[Any], classes: tuple[type, type, type],
+                shared: dict[int, int], dropped: list[int]) -> None:
     """Append the line's records, built as `classes` (span, event, counter NamedTuples, by
     tuple.__new__ straight from C: a NamedTuple's own __new__ is a Python function, ~0.15 µs more)."""
     new, valid = tuple.__new__, valid_record
@@ -154,6 +130,3 @@ def add_records_py(records: list[Any], chans: dict[Any, tuple[int, str, str, int
             events.append(new(event_cls, (pi, domain, name, rec[1] + off, rec[2], rec[3])))
         else:
             counters.append(new(counter_cls, (pi, domain, name, rec[1] + off, rec[2])))
-
-
-add_records = _c_add_records if _c_add_records is not None else add_records_py
