@@ -9,7 +9,7 @@ cache hits. Every step writes `batchFrameworkProcessing`, `modelExec`, `updateFr
 
 The simulation decides the true times itself, so `SyntheticRun.truth` is ground truth that does not go
 through the reader or the analysis: tests compare the analysis against it. Definitions match
-`service_profiler.analyze.tables`: arrival = `httpReq` ts, engine arrival = `enqueue` ts, first scheduled
+the analysis tables (docs/DESIGN.md "Analysis tables"): arrival = `httpReq` ts, engine arrival = `enqueue` ts, first scheduled
 = start of the first `batchFrameworkProcessing` span containing the request, first token = the API's
 first `tokens` event with new tokens for it, completion = the API's finishing `tokens` event.
 
