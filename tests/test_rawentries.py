@@ -133,3 +133,35 @@ def test_analyze_goes_on_past_malformed_entries(tmp_path: Path) -> None:
     with (tmp_path / "out" / "batch.csv").open() as fh:
         sizes = [int(row["total_batch_size"]) for row in csv.DictReader(fh)]
     assert sizes == [b.batch_size for b in run.batches]
+
+
+_GOOD = {1: [1, 10, 15, 1, {"batch_id": 1, "reqs": []}], 3: [3, 10, 1, {"rid": "a"}], 4: [4, 10, {"u": 1}]}
+_ODD_VALUES = [None, True, False, -1, 0, 2**62 - 1, 2**62, 2**63, -(2**63) - 1, 1.5, "7", [], {}, [1], {"a": 1}]
+
+
+def test_the_reader_loop_accepts_exactly_what_valid_record_accepts() -> None:
+    # add_records writes valid_record's checks out per kind: every field of each kind of record, set to
+    # each odd value, and every length, is accepted by one exactly when it is by the other
+    from service_profiler.rawdata import rawentries
+    from service_profiler.rawdata.rawfile import RECORD_CLASSES
+
+    chans = {1: (rawentries.SPAN, "BatchSchedule", "batchFrameworkProcessing", rawentries.BATCH_REQS),
+             3: (rawentries.EVENT, "Request", "enqueue", rawentries.RID),
+             4: (rawentries.COUNTER, "KVCache", "kvcache", rawentries.NO_IDS)}
+    cases: list[list[Any]] = []
+    for good in _GOOD.values():
+        cases += [good, good[:-1], [*good, None]]
+        cases += [[*good[:i], value, *good[i + 1:]] for i in range(1, len(good)) for value in _ODD_VALUES]
+    cases.append([1, 20, 10, 1, None])  # ends before it starts
+    accepted = 0
+    for rec in cases:
+        lists: tuple[list[Any], list[Any], list[Any]] = ([], [], [])
+        try:
+            rawentries.add_records([rec], chans, 0, 0, *lists, RECORD_CLASSES, {}, [0])
+            ok = True
+        except (ValueError, TypeError):
+            ok = False
+        assert ok == rawentries.valid_record(chans[rec[0]][0], rec), rec
+        assert sum(map(len, lists)) == ok
+        accepted += ok
+    assert 10 < accepted < len(cases) - 50
