@@ -5,7 +5,7 @@ Two records carry a list of per-request entries (docs/DESIGN.md "Vocabulary"):
   prompt_tokens, resumed], ...] (the last three may be missing);
 - Request `tokens`: `reqs` = [[rid, new_tokens, finished, finish_reason], ...] (the reason may be missing).
 
-Each entry must have that shape (`valid_batch_entry` / `valid_token_entry`); one that does not is
+Each entry must have that shape (`clean_attrs`); one that does not is
 dropped and counted, so that one bad entry costs itself rather than its readers (every consumer of
 the entries indexes and sums them). A `reqs` that is not a list counts as one dropped entry and
 becomes []. The entries kept become tuples (16 bytes less each than a list).
@@ -34,19 +34,6 @@ _INT_CLASSES = frozenset({int, bool})
 _OPT_INT = frozenset({int, bool, type(None)})
 _OPT_NUM = frozenset({int, float, type(None)})
 _OPT_STR = frozenset({str, type(None)})
-
-def valid_batch_entry(e: Any) -> bool:
-    n = len(e)
-    return (n >= 3 and e[0].__class__ in _RID_CLASSES and e[1].__class__ in _INT_CLASSES
-            and e[2].__class__ in _INT_CLASSES and (n < 4 or e[3].__class__ in _OPT_NUM)
-            and (n < 5 or e[4].__class__ in _OPT_NUM) and (n < 6 or e[5].__class__ in _OPT_INT))
-
-
-def valid_token_entry(e: Any) -> bool:
-    n = len(e)
-    return (n >= 3 and e[0].__class__ in _RID_CLASSES and e[1].__class__ in _INT_CLASSES
-            and e[2].__class__ in _OPT_INT and (n < 4 or e[3].__class__ in _OPT_STR))
-
 
 MAX_TS = 2**62  # timestamps are monotonic ns in [0, MAX_TS): shifted to epoch ns they stay within int64
 _INT64 = 2**63
@@ -87,25 +74,43 @@ def clean_attrs(attrs: Any, fields: int, shared: dict[int, int], dropped: list[i
         attrs["reqs"] = []
         dropped[0] += 1
         return
-    valid = valid_batch_entry if fields == BATCH_REQS else valid_token_entry
-    kept = [e for e in reqs if (e.__class__ is list or e.__class__ is tuple) and valid(e)]
-    if len(kept) < len(reqs):
-        dropped[0] += len(reqs) - len(kept)
-    intern = sys.intern
-    out = []
-    for e in kept:
-        rid = e[0]
-        if rid.__class__ is str:
-            rid = intern(rid)
-        if fields == BATCH_REQS and len(e) > 4:
-            computed, prompt = e[3], e[4]
-            if computed.__class__ is int:
-                computed = shared.setdefault(computed, computed)
-            if prompt.__class__ is int:
-                prompt = shared.setdefault(prompt, prompt)
-            out.append((rid, e[1], e[2], computed, prompt, *e[5:]))
-        else:
-            out.append((rid, *e[1:]))
+    # The shapes of docs/DESIGN.md "Vocabulary", checked per entry inline: this loop runs over every entry
+    # of a run, and a call per entry would cost about as much as the rest of it.
+    intern, share = sys.intern, shared.setdefault
+    out: list[tuple[Any, ...]] = []
+    append = out.append
+    if fields == BATCH_REQS:  # [rid, phase, scheduled, computed?, prompt?, resumed?]
+        for e in reqs:
+            if not ((e.__class__ is list or e.__class__ is tuple) and (n := len(e)) >= 3
+                    and e[0].__class__ in _RID_CLASSES and e[1].__class__ in _INT_CLASSES
+                    and e[2].__class__ in _INT_CLASSES and (n < 4 or e[3].__class__ in _OPT_NUM)
+                    and (n < 5 or e[4].__class__ in _OPT_NUM) and (n < 6 or e[5].__class__ in _OPT_INT)):
+                continue
+            rid = e[0]
+            if rid.__class__ is str:
+                rid = intern(rid)
+            if n > 4:
+                computed, prompt = e[3], e[4]
+                if computed.__class__ is int:
+                    computed = share(computed, computed)
+                if prompt.__class__ is int:
+                    prompt = share(prompt, prompt)
+                append((rid, e[1], e[2], computed, prompt, e[5]) if n == 6
+                       else (rid, e[1], e[2], computed, prompt, *e[5:]))
+            else:
+                append((rid, *e[1:]))
+    else:  # [rid, new_tokens, finished, finish_reason?]
+        for e in reqs:
+            if not ((e.__class__ is list or e.__class__ is tuple) and (n := len(e)) >= 3
+                    and e[0].__class__ in _RID_CLASSES and e[1].__class__ in _INT_CLASSES
+                    and e[2].__class__ in _OPT_INT and (n < 4 or e[3].__class__ in _OPT_STR)):
+                continue
+            rid = e[0]
+            if rid.__class__ is str:
+                rid = intern(rid)
+            append((rid, e[1], e[2], e[3]) if n == 4 else (rid, *e[1:]))
+    if len(out) < len(reqs):
+        dropped[0] += len(reqs) - len(out)
     attrs["reqs"] = out
 
 
