@@ -70,13 +70,5 @@ SPEEDUPS = Extension(
     optional=True,  # no compiler: install anyway, speedups.HAVE_SPEEDUPS is False
 )
 
-# The raw reader's per-record loop (service_profiler/rawdata/rawentries.py); optional likewise: without it the
-# reader runs its pure-Python loop, ~3x slower per record.
-RECORDS = Extension(
-    "service_profiler.rawdata._records",
-    ["service_profiler/rawdata/_records.c"],
-    optional=True,
-)
 
-
-setup(cmdclass={"build_py": BuildPyWithPth, "editable_wheel": EditableWheelWithPth}, ext_modules=[SPEEDUPS, RECORDS])
+setup(cmdclass={"build_py": BuildPyWithPth, "editable_wheel": EditableWheelWithPth}, ext_modules=[SPEEDUPS])

@@ -1,9 +1,9 @@
 """Time and memory of `service-profiler analyze` (the DuckDB pipeline) on synthetic and real runs.
 
     python benchmarks/bench_columnar.py [--case 1m 10m 100m] [--real DIR ...] [--format csv db]
-                                        [--repeat N] [--memory-limit 1GB] [--old] [--work DIR] [--engines]
+                                        [--repeat N] [--memory-limit 1GB] [--work DIR] [--engines]
 
-Cases: synthetic runs with the vocabulary and mix of bench_analyze.py's case b (max_num_seqs 16, 30 req/s,
+Cases: synthetic runs of the vLLM vocabulary and mix (max_num_seqs 16, 30 req/s,
 prompts 64-1024 tokens, runner timer spans), 18,000 requests per million records; made once under
 --work and reused. `--real DIR`: a profiled run directory (e.g. made with examples/demo.py).
 
@@ -11,9 +11,7 @@ Each analysis runs in a fresh interpreter; reported: its wall time (interpreter 
 time of its whole process tree (user + system: on a shared, overloaded machine the steadier figure) and
 the peak of the whole process tree's memory, sampled every 0.1 s from /proc: RSS summed over the tree
 (pool workers included) and PSS (shared pages split, the physical total). Each figure is the median of
---repeat runs with min-max. `--old`: the previous in-memory pipeline
-(`python -m service_profiler.analyze.command`) on the same run, alternated with the new one so both see the
-same machine load.
+--repeat runs with min-max.
 """
 
 from __future__ import annotations
@@ -147,15 +145,12 @@ def _summary(values: list[float]) -> str:
 def bench(name: str, run_dir: Path, args: argparse.Namespace) -> dict[str, object]:
     raw_mb = sum(p.stat().st_size for p in run_dir.rglob("*.sprof.jsonl")) / 1e6
     out = Path(args.work) / "out"
-    new_cmd = [sys.executable, "-m", "service_profiler.cli", "analyze", "--input-path", str(run_dir),
-               "--output-path", str(out), "--format", *args.format, "--quiet", "--memory-limit", args.memory_limit]
-    old_cmd = [sys.executable, "-m", "service_profiler.analyze.command", "--input-path", str(run_dir),
-               "--output-path", str(out), "--format", *args.format, "--quiet"]
-    runs: dict[str, list[dict[str, float]]] = {"new": [], "old": []}
+    cmd = [sys.executable, "-m", "service_profiler.cli", "analyze", "--input-path", str(run_dir),
+           "--output-path", str(out), "--format", *args.format, "--quiet", "--memory-limit", args.memory_limit]
+    runs: dict[str, list[dict[str, float]]] = {"analyze": []}
     for _ in range(args.repeat):
-        for label, cmd in (("new", new_cmd), ("old", old_cmd)) if args.old else (("new", new_cmd),):
-            shutil.rmtree(out, ignore_errors=True)
-            runs[label].append(measure(cmd))
+        shutil.rmtree(out, ignore_errors=True)
+        runs["analyze"].append(measure(cmd))
     print(f"\n== {name}: {run_dir} ({raw_mb:,.0f} MB raw), formats {' '.join(args.format)}, "
           f"memory limit {args.memory_limit}, {args.repeat} run(s): median [min-max]")
     for label, results in runs.items():
@@ -188,7 +183,6 @@ def main() -> int:
     parser.add_argument("--format", nargs="+", default=["csv", "db"])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--memory-limit", default="1GB")
-    parser.add_argument("--old", action="store_true", help="also time the current analyze, alternating")
     parser.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "bench-columnar")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--engines", action="store_true", help="compare DuckDB and Polars on the core work instead")

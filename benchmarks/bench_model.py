@@ -1,9 +1,10 @@
-"""Time the latency-model fit (and its two plots) on 70k synthetic steps, plus the nine analysis plots.
+"""Time the latency-model fit (and its two plots) on 70k synthetic steps.
 
     .venv/bin/python benchmarks/bench_model.py [--n 70000] [--loss linear|huber]
 
 Steps are drawn from a known T(B, S) with 2 % multiplicative noise, so the printed held-out
-error also says whether the fit is still right, not only whether it is fast.
+error also says whether the fit is still right, not only whether it is fast. The analysis plots are
+timed with the rest of `analyze` (bench_columnar.py --format plots).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 
-from service_profiler.analyze.plots import write_plots
 from service_profiler.model.latency import PARAM_NAMES, _model, fit_and_save, fit_latency_model
 
 TRUE = np.array([100.0, 0.15, 0.004, 50.0, 1.0, 5.0, 0.05, 0.002])  # PARAM_NAMES order
@@ -45,27 +45,11 @@ def main() -> None:
         t0 = time.perf_counter()
         fit_and_save(b, s, t, Path(tmp) / "model", loss=args.loss)
         save_s = time.perf_counter() - t0
-        rng = np.random.default_rng(2)
-        batch_cols = {
-            "batch_id": np.arange(args.n, dtype=float),
-            "start_ns": np.cumsum(rng.integers(1_000_000, 30_000_000, args.n)).astype(float),
-            "schedule_ms": rng.gamma(2.0, 0.5, args.n),
-            "model_run_ms": t,
-            "num_prefill_reqs": (s > b).astype(float),
-            "num_decode_reqs": b - (s > b),
-            "total_scheduled_tokens": s,
-            "batch_size": b,
-            "kv_usage": rng.random(args.n),
-        }
-        t0 = time.perf_counter()
-        written = write_plots(batch_cols, {"ttft_ms": rng.lognormal(4.0, 1.0, args.n // 10)}, Path(tmp))
-        plots_s = time.perf_counter() - t0
 
     test = model.metrics["test"]
     print(f"steps: {args.n} ({model.n_train} train / {model.n_test} held out), loss={args.loss}")
     print(f"fit_latency_model:         {fit_s:.3f} s")
     print(f"fit_and_save (fit + 2 PNG): {save_s:.3f} s")
-    print(f"write_plots ({len(written)} PNG):      {plots_s:.3f} s")
     print(
         f"held-out R² {test['r2']:.5f}  RMSE {test['rmse_ms']:.3f} ms  MAE {test['mae_ms']:.3f} ms  "
         f"MAPE {test['mape_pct']:.2f} %"

@@ -6,7 +6,7 @@ written to a fresh file of its own in the same directory, created with O_CREAT|O
 (nothing can be there before it, and no link is followed), and moved onto its name with
 `os.replace`, which replaces a link at that name rather than writing through it. A failed write
 leaves no half-written output: the temporary file is removed. Scratch files that the writer reads
-back (spools, spills) live in a private directory (`private_dir`, mode 0700, made by mkdtemp), so no
+back live in a private directory (`scratch_dir`, mode 0700, made by mkdtemp), so no
 other user can put or change anything there.
 
 `OutputPathError` carries a message that names the path, what is wrong and how to fix it; commands
@@ -92,11 +92,9 @@ class OutputFile:
     `path` (replacing whatever is there, a link included, never writing through it); `discard()`
     removes it. Used as a context manager it commits on success and discards on an exception."""
 
-    def __init__(self, path: Path | str, mode: str = "w", temp_dir: Path | None = None, **open_kwargs: Any) -> None:
-        """`temp_dir`: where the file is written until `commit` (same file system as `path`), e.g. a
-        `private_dir` its owner removes should this process die before it commits."""
+    def __init__(self, path: Path | str, mode: str = "w", **open_kwargs: Any) -> None:
         self.path = Path(path)
-        fd, self.temp = create_temp(temp_dir or self.path.parent, self.path.name)
+        fd, self.temp = create_temp(self.path.parent, self.path.name)
         try:
             self.fh: IO[Any] = os.fdopen(fd, mode, **open_kwargs)
         except BaseException:
@@ -143,35 +141,19 @@ def open_output(path: Path | str, mode: str = "w", **open_kwargs: Any) -> Iterat
         yield fh
 
 
-def write_output_bytes(path: Path | str, data: bytes) -> Path:
-    with open_output(path, "wb") as fh:
-        fh.write(data)
-    return Path(path)
-
-
 def write_output_text(path: Path | str, text: str) -> Path:
     with open_output(path, "w", encoding="utf-8", newline="") as fh:
         fh.write(text)
     return Path(path)
 
 
-def private_dir(directory: Path, prefix: str) -> Path:
-    """A new directory only this user can enter (mkdtemp: 0700), for scratch files read back later."""
-    return Path(tempfile.mkdtemp(prefix=f".{prefix}.", dir=directory))
-
-
-def remove_private_dir(path: Path | None) -> None:
-    if path is not None:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 @contextmanager
 def scratch_dir(directory: Path, prefix: str) -> Iterator[Path]:
-    """A `private_dir` in `directory` for files another program (e.g. DuckDB's COPY) writes by name, then
-    moved onto their output path with `os.replace` (which replaces a link there, never writing through
-    it); removed at the end of the block."""
-    path = private_dir(directory, prefix)
+    """A new directory in `directory` only this user can enter (mkdtemp: 0700) for files another program
+    (e.g. DuckDB's COPY) writes by name, then moved onto their output path with `os.replace` (which
+    replaces a link there, never writing through it); removed at the end of the block."""
+    path = Path(tempfile.mkdtemp(prefix=f".{prefix}.", dir=directory))
     try:
         yield path
     finally:
-        remove_private_dir(path)
+        shutil.rmtree(path, ignore_errors=True)

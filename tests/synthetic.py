@@ -8,10 +8,11 @@ cache hits. Every step writes `batchFrameworkProcessing`, `modelExec`, `updateFr
 `EngineCore/step` spans, request `state` events, KVCache events and the `kvcache` / `queues` counters.
 
 The simulation decides the true times itself, so `SyntheticRun.truth` is ground truth that does not go
-through the reader or the analysis: tests compare the analysis against it. Definitions match
-`service_profiler.analyze.tables`: arrival = `httpReq` ts, engine arrival = `enqueue` ts, first scheduled
-= start of the first `batchFrameworkProcessing` span containing the request, first token = the API's
-first `tokens` event with new tokens for it, completion = the API's finishing `tokens` event.
+through the reader or the analysis: tests compare the analysis against it. Definitions match the
+analysis tables (docs/DESIGN.md "Analysis tables"): arrival = `httpReq` ts, engine arrival = `enqueue`
+ts, first scheduled = start of the first `batchFrameworkProcessing` span containing the request, first
+token = the API's first `tokens` event with new tokens for it, completion = the API's finishing `tokens`
+event.
 
 Clocks: each process file has its own `{"wall_ns","mono_ns"}` anchor. `engine_mono_offset_ns` moves
 the engine's monotonic clock (as if on another host), so a reader that ignores the anchor gets wrong

@@ -1,17 +1,21 @@
+"""The CSV files of `service-profiler analyze` (request, batch, kvcache, summaries, per-iteration states,
+lifecycle events, state transitions): msserviceprofiler's columns first, values against the synthetic
+generator's ground truth or hand-computed expectations."""
+
 from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from raw_files import write_run
 from synthetic import SyntheticConfig, SyntheticRun, generate_run
 
-from service_profiler.analyze import csv_export
-from service_profiler.analyze.summary import describe
-from service_profiler.analyze.tables import build_tables
-from service_profiler.rawdata.rawfile import EventRecord, ProcessInfo, RunData, SpanRecord, read_run
+from service_profiler.rawdata.rawfile import EventRecord, ProcessInfo, RunData, SpanRecord
 
 # msserviceprofiler's header lines, verbatim.
 REQUEST_HEADER = ("http_rid,start_datetime,recv_token_size,reply_token_size,execution_time(ms),queue_wait_time(ms),"
@@ -34,15 +38,21 @@ def _header(path: Path) -> list[str]:
         return next(csv.reader(fh))
 
 
+def _analyze_csv(run_dir: Path, out: Path) -> Path:
+    done = subprocess.run([sys.executable, "-m", "service_profiler.cli", "analyze", "--input-path", str(run_dir),
+                           "--output-path", str(out), "--format", "csv", "--quiet"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    return out
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[SyntheticRun, Path]:
     base = tmp_path_factory.mktemp("csv")
     synth = generate_run(base / "run", SyntheticConfig(requests=60, output_tokens=12, max_num_seqs=16,
                                                        num_gpu_blocks=150, seed=5))
-    run = read_run([synth.run_dir])
-    out = base / "out"
-    paths = csv_export.write_csvs(run, build_tables(run), out)
-    assert {p.name for p in paths} == {
+    out = _analyze_csv(synth.run_dir, base / "out")
+    assert {p.name for p in out.iterdir()} == {
         "request.csv", "batch.csv", "kvcache.csv", "request_summary.csv", "batch_summary.csv",
         "service_summary.csv", "per_iteration_requests.csv", "events.csv", "state_transitions.csv"}
     return synth, out
@@ -142,22 +152,19 @@ def _identical_batches_run() -> RunData:
 
 
 def test_batch_summary_keeps_identical_batches_and_exec_times(tmp_path: Path) -> None:
-    """Regression: the reference collapsed identical batches and dropped exec times."""
-    run = _identical_batches_run()
-    csv_export.write_summaries(run, build_tables(run), tmp_path)
-    rows = {r["Metric"]: r for r in _read(tmp_path / "batch_summary.csv")}
-    assert float(rows["decode_exec_time"]["Average"]) == pytest.approx(17.5)  # (10+10+10+40)/4, not 25
-    assert float(rows["decode_exec_time"]["P50"]) == pytest.approx(10.0)
+    """Regression: the reference collapsed identical batches and dropped exec times. Percentiles
+    interpolate linearly between the sorted values (numpy's default)."""
+    out = _analyze_csv(write_run(_identical_batches_run(), tmp_path / "run"), tmp_path / "out")
+    rows = {r["Metric"]: r for r in _read(out / "batch_summary.csv")}
+    decode = rows["decode_exec_time"]
+    assert float(decode["Average"]) == pytest.approx(17.5)  # (10+10+10+40)/4, not 25
+    assert float(decode["P50"]) == pytest.approx(10.0)
+    assert float(decode["P90"]) == pytest.approx(10 + 0.7 * 30)  # 90 % of the way: between 10 (3rd) and 40 (4th)
+    assert float(decode["P99"]) == pytest.approx(10 + 0.97 * 30)
+    assert (float(decode["Max"]), float(decode["Min"])) == (40.0, 10.0)
     assert float(rows["prefill_exec_time"]["Max"]) == pytest.approx(30.0)
     assert float(rows["decode_batch_num"]["Average"]) == pytest.approx(1.0)
     assert float(rows["model_run_ms"]["Average"]) == pytest.approx(20.0)
-
-
-def test_percentiles_interpolate_linearly() -> None:
-    s = describe([1.0, 2.0, 3.0, 4.0, float("nan")])
-    assert (s.count, s.p50, s.p90, s.p99) == (4, 2.5, pytest.approx(3.7), pytest.approx(3.97))
-    empty = describe([])
-    assert empty.count == 0 and np.isnan(empty.mean)
 
 
 def test_per_iteration_lifecycle_csvs_and_quoting(tmp_path: Path) -> None:
@@ -166,10 +173,7 @@ def test_per_iteration_lifecycle_csvs_and_quoting(tmp_path: Path) -> None:
         text = path.read_text()
         rid = next(iter(synth.requests))
         path.write_text(text.replace(rid, json.dumps('odd,"id')[1:-1]))
-    run = read_run([synth.run_dir])
-    assert run.problems == []
-    tables = build_tables(run)
-    csv_export.write_csvs(run, tables, tmp_path / "out")
+    _analyze_csv(synth.run_dir, tmp_path / "out")
     rows = _read(tmp_path / "out" / "per_iteration_requests.csv")
     assert _header(tmp_path / "out" / "per_iteration_requests.csv")[:6] == [
         "batch_id", "dp_rank", "process", "batch_start_ns", "rid", "state"]
@@ -182,117 +186,3 @@ def test_per_iteration_lifecycle_csvs_and_quoting(tmp_path: Path) -> None:
     states = _read(tmp_path / "out" / "state_transitions.csv")
     assert {s["to_state"] for s in states} >= {"WAITING", "RUNNING", "FINISHED_LENGTH_CAPPED"}
     assert all(s["ts_datetime"].endswith("Z") for s in states)
-
-
-def test_per_iteration_fed_by_the_sqlite_export_matches(exported: tuple[SyntheticRun, Path], tmp_path: Path) -> None:
-    # analyze's database process writes per_iteration_requests.csv from the entry chunks it inserts
-    from service_profiler.analyze.sqlite_export import SqliteExport, analysis_messages, write_raw_db
-
-    synth, out = exported
-    run = read_run([synth.run_dir])
-    tables = build_tables(run)
-    writer = csv_export.PerIterationWriter(csv_export.process_labels(run), tmp_path / "per_iteration_requests.csv")
-    export = SqliteExport(tmp_path / "profiler.db", write_raw_db([synth.run_dir], tmp_path / "raw.db")).start()
-    export.apply(analysis_messages(tables), writer.feed)
-    export.finish()
-    writer.close()
-    assert writer.complete
-    expected = (out / "per_iteration_requests.csv").read_bytes()
-    assert (tmp_path / "per_iteration_requests.csv").read_bytes() == expected
-    paths = csv_export.write_csvs(run, tables, tmp_path / "csv", delegated=True)
-    delegated = {"per_iteration_requests.csv", "batch.csv", *csv_export.TABLE_CSVS}
-    assert not delegated & {p.name for p in (tmp_path / "csv").iterdir()}
-    assert not delegated & {p.name for p in paths}
-
-    # a failure while fed stops only that file, never the feeding export
-    failing = csv_export.PerIterationWriter(csv_export.process_labels(run), tmp_path / "per_iteration_2.csv")
-
-    def boom(chunk: object) -> None:
-        raise OSError("disk full")
-
-    failing.write_chunk = boom  # type: ignore[method-assign]
-    export = SqliteExport(tmp_path / "profiler2.db", write_raw_db([synth.run_dir], tmp_path / "raw2.db")).start()
-    export.apply(analysis_messages(tables), failing.feed)
-    assert export.finish().exists()
-    failing.close()
-    assert failing.failed and not failing.complete
-
-
-def _csv_writer_text(rows: list[list[object]]) -> str:
-    import io
-
-    buf = io.StringIO()
-    csv.writer(buf, lineterminator="\n").writerows(rows)
-    return buf.getvalue()
-
-
-@pytest.mark.parametrize("seed", range(30))
-def test_csv_text_writes_what_csv_writer_writes(seed: int) -> None:
-    # the column-at-a-time formatter behind the large CSVs, against csv.writer byte for byte: quoting
-    # (commas, quotes, CR/LF), empty strings, None, bools, every kind of float, non-ASCII text
-    import random
-
-    rng = random.Random(seed)
-    pool: list[object] = [None, "", "plain", "a,b", 'say "hi"', "two\nlines", "cr\rhere", "x, \"y\"\n", "é✓",
-                          " lead", 0, 1, -7, 2**62, True, False, 0.0, -0.0, 1.5, 1e16, 1e-7, 123456.789,
-                          float("nan"), float("inf"), -float("inf"), 21.318]
-    width = rng.randint(2, 9)
-    kinds = [rng.choice(["num", "text", "any"]) for _ in range(width)]
-
-    def cell(kind: str) -> object:
-        if kind == "num":
-            return rng.choice([v for v in pool if not isinstance(v, str)])
-        if kind == "text":
-            return rng.choice([v for v in pool if v is None or isinstance(v, str)])
-        return rng.choice(pool)
-
-    rows = [[cell(k) for k in kinds] for _ in range(rng.randint(1, 60))]
-    assert csv_export.csv_text(rows) == _csv_writer_text(rows)
-
-
-@pytest.mark.parametrize("rows", [
-    [[[1, 2], "list cell"]],                 # not a scalar: csv.writer's str() of the list
-    [[1, 2], [3]],                           # rows of unequal length
-    [[""], ["x"]],                           # one column: a lone empty field is written ""
-    [[{"a": 1}, 2]],                         # unhashable
-])
-def test_csv_text_falls_back_to_csv_writer(rows: list[list[object]]) -> None:
-    assert csv_export.csv_text(rows) == _csv_writer_text(rows)
-    assert csv_export.csv_text([]) == ""
-
-
-@pytest.mark.parametrize(("part_rows", "batches_per_chunk"), [(5, 3), (3, 5), (7, 7), (50, 1), (4, 8)])
-def test_batch_csv_fed_parts_and_entries_matches(exported: tuple[SyntheticRun, Path], tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch, part_rows: int,
-                                                 batches_per_chunk: int) -> None:
-    # analyze's database process writes batch.csv from the batch table's parts and the entry chunks
-    # that follow them (sqlite_export.analysis_messages interleaves them), whatever their sizes
-    import functools
-
-    from service_profiler.analyze import entries, sqlite_export
-
-    synth, out = exported
-    run = read_run([synth.run_dir])
-    tables = build_tables(run)
-    monkeypatch.setattr(sqlite_export, "TABLE_PART_ROWS", part_rows)
-    monkeypatch.setattr(entries, "iter_entry_sources",
-                        functools.partial(entries.iter_entry_sources, batches_per_chunk=batches_per_chunk))
-    fmt = csv_export.BatchCsvFormat(csv_export.process_labels(run), [p.pid for p in run.processes],
-                                    tables.batches.columns)
-    writer = csv_export.BatchCsvWriter(tmp_path / "batch.csv", fmt)
-    held = 0
-    for message in sqlite_export.analysis_messages(tables):
-        if message[0] == "entries" or message[1].name == "batch":
-            writer.feed(message)
-            held = max(held, len(writer.rows))
-    assert writer.done and not writer.failed
-    writer.close()
-    assert writer.complete
-    assert (tmp_path / "batch.csv").read_bytes() == (out / "batch.csv").read_bytes()
-    assert held <= part_rows + batches_per_chunk  # a part or two at a time, never the table
-    assert len(tables.batches) > max(part_rows, batches_per_chunk)
-
-    # entries that do not follow their rows stop the file (analyze then writes it), not the feeder
-    broken = csv_export.BatchCsvWriter(tmp_path / "batch2.csv", fmt)
-    broken.feed(next(m for m in sqlite_export.analysis_messages(tables) if m[0] == "entries"))
-    assert broken.failed

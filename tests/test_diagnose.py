@@ -161,14 +161,19 @@ def _served_run(count: int, *, preprocess_ms: float, handoff_wait_ms: float, rep
 
 
 def _signals(run: Any) -> dict[str, Any]:
-    from service_profiler.analyze.tables import build_tables
+    """The diagnosis's signals on the rows `analyze` makes of `run` (written as raw files, read back)."""
+    import tempfile
+
+    from raw_files import write_run
+
+    from service_profiler.columnar.rows import load_rows
     from service_profiler.diagnose.rules import window_signals
 
-    tables = build_tables(run)
-    requests = tables.requests.dicts()
-    served = [r for r in requests if not str(r["rid"]).startswith("other")]
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = load_rows(write_run(run, Path(tmp)))
+    served = [r for r in rows.requests if not str(r["rid"]).startswith("other")]
     assert served and all(r["arrival_source"] == "http" and r["complete"] == 1 for r in served)
-    return window_signals(tables.batches.dicts(), requests, {"max_num_seqs": 8}, None)
+    return window_signals(rows.batches, rows.requests, {"max_num_seqs": 8}, None)
 
 
 def test_a_slow_front_end_is_measured_from_the_http_columns_and_named() -> None:

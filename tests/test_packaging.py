@@ -1,6 +1,7 @@
 """What `pip install` delivers: under CI the tests run against the built wheel, and it must carry the
 engine knowledge (service_profiler/engines/: handlers and symbol YAMLs), the runtime's default config,
-the start-up hook pointing at the runtime's bootstrap, the vLLM plugin entry point and the C fast path."""
+the start-up hook pointing at the runtime's bootstrap, the vLLM plugin entry point and the runtime's C probe
+switch; and no C code on the offline side (the analysis runs on DuckDB), nor the previous analysis."""
 
 from __future__ import annotations
 
@@ -39,6 +40,19 @@ def test_wheel_carries_config_and_handlers() -> None:
         assert files("service_profiler.engines").joinpath(name).is_file(), name
     import service_profiler.engines.vllm.vllm_extract
     import service_profiler.engines.vllm.vllm_v1  # noqa: F401
+
+
+def test_only_the_runtime_carries_c_code_and_the_previous_analysis_is_gone() -> None:
+    import importlib.util
+
+    root = Path(service_profiler.__file__).resolve().parent
+    native = {p.relative_to(root).as_posix().split(".")[0] for p in root.rglob("*")
+              if p.suffix in (".c", ".so", ".pyd") and "__pycache__" not in p.parts}
+    assert native <= {"runtime/_speedups"}, native
+    for module in ("service_profiler.analyze", "service_profiler.rawdata.fastjson",
+                   "service_profiler.rawdata._records"):
+        assert importlib.util.find_spec(module) is None, module
+    assert not (root / "analyze").exists()
 
 
 def test_vllm_plugin_entry_point_is_the_runtime_bootstrap() -> None:

@@ -1,19 +1,20 @@
-"""Analysis plots: all nine written as real PNGs; missing data skips points or plots, never fails."""
+"""Analysis plots (`analyze --format plots`, columnar/plots_out.py): all nine written as real PNGs; missing
+data skips only the plots that need it, never fails; long series are bucketed without losing a spike."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from synthetic import SyntheticConfig, SyntheticRun, generate_run
 
-from service_profiler.analyze import plots
-from service_profiler.analyze.plots import PLOT_NAMES, write_plots
+from service_profiler.columnar import plots_out
+from service_profiler.columnar.run import AnalysisRun, analyze_run
 
-REPO = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ALL = {
     "schedule_model_trend.png",
@@ -28,133 +29,97 @@ ALL = {
 }
 
 
-def batch_columns(n: int, seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    prefill = rng.integers(0, 4, n).astype(float)
-    decode = rng.integers(0, 64, n).astype(float)
-    return {
-        "batch_id": np.arange(n, dtype=float),
-        "start_ns": np.cumsum(rng.integers(1_000_000, 30_000_000, n)).astype(float),
-        "schedule_ms": rng.gamma(2.0, 0.5, n),
-        "model_run_ms": rng.gamma(5.0, 4.0, n),
-        "num_prefill_reqs": prefill,
-        "num_decode_reqs": decode,
-        "total_scheduled_tokens": decode + prefill * rng.integers(16, 2048, n),
-        "batch_size": prefill + decode,
-        "kv_usage": np.clip(np.linspace(0.05, 0.9, n) + rng.normal(0, 0.03, n), 0, 1),
-    }
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory: pytest.TempPathFactory) -> SyntheticRun:
+    """Two data-parallel engines (their batches interleave in time), a KV cache that fills up."""
+    return generate_run(tmp_path_factory.mktemp("plots"), SyntheticConfig(
+        requests=80, output_tokens=16, max_num_seqs=16, num_gpu_blocks=300, dp_size=2, seed=4))
 
 
-def request_columns(n: int, seed: int = 0) -> dict[str, np.ndarray]:
-    return {"ttft_ms": np.random.default_rng(seed).lognormal(4.0, 1.0, n)}
+@pytest.fixture
+def analysis(synth: SyntheticRun) -> Iterator[AnalysisRun]:
+    run = analyze_run([synth.run_dir])
+    yield run
+    run.close()
 
 
-def assert_png(path: Path) -> None:
-    data = path.read_bytes()
-    assert data.startswith(PNG_SIGNATURE), path
-    assert len(data) > 10_000, (path, len(data))
+def _renamed(src: Path, dst: Path, old: str, new: str) -> Path:
+    """A copy of the run with channel `old` declared as `new` (its records then mean nothing to analyze)."""
+    dst.mkdir()
+    for path in src.iterdir():
+        text = path.read_text(encoding="utf-8")
+        (dst / path.name).write_text(text.replace(f'"name":"{old}"}}', f'"name":"{new}"}}'), encoding="utf-8")
+    return dst
 
 
-@pytest.mark.parametrize("n", [3000, 12_000])  # below and above the line-decimation threshold
-def test_all_nine_plots_are_written(tmp_path: Path, n: int) -> None:
-    written = write_plots(batch_columns(n), request_columns(n // 4), tmp_path / "plots")
+def test_all_nine_plots_are_written(tmp_path: Path, analysis: AnalysisRun) -> None:
+    assert {name for name, _, _ in plots_out.PLOTS} == ALL
+    written = plots_out.PlotsExporter().export(analysis, tmp_path)
     assert {p.name for p in written} == ALL
     assert {p.name for p in (tmp_path / "plots").iterdir()} == ALL
     for path in written:
-        assert path.parent == tmp_path / "plots"
-        assert_png(path)
-
-
-def test_the_plots_read_only_the_columns_they_declare(tmp_path: Path) -> None:
-    # analyze sends the plotting process plots.BATCH_COLUMNS / REQUEST_COLUMNS alone: every plot is
-    # drawn from them, and no other column is asked for
-    class Recording(dict):  # type: ignore[type-arg]
-        def __init__(self, cols: dict[str, np.ndarray]) -> None:
-            super().__init__(cols)
-            self.asked: set[str] = set()
-
-        def get(self, key: str, default: object = None) -> object:
-            self.asked.add(key)
-            return super().get(key, default)
-
-    b, r = Recording(batch_columns(500)), Recording(request_columns(100))
-    assert set(b) == set(plots.BATCH_COLUMNS) and set(r) == set(plots.REQUEST_COLUMNS)
-    assert {p.name for p in write_plots(b, r, tmp_path)} == ALL
-    assert b.asked <= set(plots.BATCH_COLUMNS) and r.asked <= set(plots.REQUEST_COLUMNS)
+        data = path.read_bytes()
+        assert data.startswith(PNG_SIGNATURE) and len(data) > 10_000, (path, len(data))
 
 
 def test_missing_model_run_skips_only_the_plots_that_need_it(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, synth: SyntheticRun, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    cols = batch_columns(2000)
-    cols["model_run_ms"] = np.full(2000, np.nan)  # e.g. model execution was not probed
-    written = {p.name for p in write_plots(cols, {}, tmp_path)}
-    skipped = {"model_run_time_hist.png", "schedule_vs_model_scatter.png", "ttft_distribution.png"}
+    run_dir = _renamed(synth.run_dir, tmp_path / "run", "modelExec", "notProbed")  # model execution not probed
+    run = analyze_run([run_dir])
+    try:
+        assert run.count("batch WHERE model_run_ms IS NOT NULL") == 0 and run.count("batch") > 0
+        written = {p.name for p in plots_out.PlotsExporter().export(run, tmp_path / "out")}
+    finally:
+        run.close()
+    skipped = {"model_run_time_hist.png", "schedule_vs_model_scatter.png"}
     assert written == ALL - skipped
-    assert {p.name for p in tmp_path.iterdir()} == written
+    assert {p.name for p in (tmp_path / "out" / "plots").iterdir()} == written
     err = capsys.readouterr().err
     for name in skipped:
-        assert f"skipped {name}" in err
+        assert f"plots: skipped {name}" in err
     assert "skipped schedule_model_trend.png" not in err  # schedule_ms alone still makes that plot
 
 
-def test_absent_and_partly_missing_columns(tmp_path: Path) -> None:
-    cols = batch_columns(2000)
-    del cols["kv_usage"], cols["start_ns"]
-    cols["model_run_ms"][::3] = np.nan  # points without a model run are dropped, not fatal
-    cols["batch_size"][:100] = np.nan
-    written = {p.name for p in write_plots(cols, request_columns(300), tmp_path)}
-    # batch_size over time falls back to the batch index when start_ns is absent
-    assert written == ALL - {"kv_cache_utilization.png"}
-    for name in written:
-        assert_png(tmp_path / name)
-
-
-def test_nothing_at_all_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert write_plots({}, {}, tmp_path / "p") == []
+def test_a_run_without_records_writes_no_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    synth = generate_run(tmp_path / "run", SyntheticConfig(requests=3, output_tokens=2, seed=2))
+    for path in synth.files:
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        path.write_text("".join(ln for ln in lines if not ln.startswith('{"t":"rec"')), encoding="utf-8")
+    run = analyze_run([synth.run_dir])
+    try:
+        assert plots_out.PlotsExporter().export(run, tmp_path / "out") == []
+    finally:
+        run.close()
     assert capsys.readouterr().err.count("plots: skipped") == 9
 
 
-def test_decimated_lines_keep_spikes() -> None:
+def test_bucketed_lines_keep_spikes_and_time_order(analysis: AnalysisRun, monkeypatch: pytest.MonkeyPatch) -> None:
     from matplotlib.figure import Figure
 
-    n = plots.MAX_LINE_POINTS * 10
-    y = np.ones(n)
-    y[n // 2 + 3] = 500.0  # one slow step among many: it must still reach the top of the plot
-    x = np.arange(n, dtype=float)
+    batches = analysis.count("batch")
+    monkeypatch.setattr(plots_out, "LINE_BUCKETS", 10)
+    assert batches > 10 * 10
+    # one slow step among many: it must still reach the top of the plot
+    analysis.con.execute(f"UPDATE batch SET model_run_ms = 500 WHERE batch_row = {batches // 2 + 3}")
     ax = Figure().subplots()
-    assert plots._draw_series(ax, x, y)
-    drawn = sum(np.size(line.get_xdata()) for line in ax.get_lines())
-    assert drawn <= plots.LINE_BUCKETS
-    assert ax.dataLim.ymax == 500.0 and ax.dataLim.ymin == 1.0
-
-
-def test_interleaved_batch_ids_are_sorted() -> None:
-    from matplotlib.figure import Figure
-
+    assert plots_out._series(analysis, ax, "batch_row", "model_run_ms")
+    assert sum(np.size(line.get_xdata()) for line in ax.get_lines()) <= 10
+    top = analysis.con.execute("SELECT max(model_run_ms), min(model_run_ms) FROM batch").fetchone()
+    assert ax.dataLim.ymax == pytest.approx(500.0) and ax.dataLim.ymin == pytest.approx(top[1])
+    # the two engines' batches interleave in time: the line goes forward in time all the same
     ax = Figure().subplots()
-    x = np.array([0.0, 2.0, 4.0, 1.0, 3.0, 5.0])  # two engine processes
-    assert plots._draw_series(ax, x, x * 10)
+    assert plots_out._series(analysis, ax, plots_out._time(analysis), "batch_size")
     xs = np.asarray(ax.get_lines()[0].get_xdata())
     assert np.all(np.diff(xs) > 0)
 
 
 def test_import_does_not_load_matplotlib() -> None:
     code = (
-        "import sys, service_profiler.analyze.plots, service_profiler.model.latency, "
-        "service_profiler.model.command; "
+        "import sys, service_profiler.columnar.plots_out, service_profiler.columnar.command, "
+        "service_profiler.model.latency, service_profiler.model.command; "
         "bad = [m for m in ('matplotlib', 'scipy') if m in sys.modules]; "
         "assert not bad, bad"
     )
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-
-
-def test_a_part_of_the_plots_is_written_alone(tmp_path: Path) -> None:
-    # analyze draws the plots in two processes, each given its part of PLOT_NAMES
-    assert set(PLOT_NAMES) == ALL
-    part = PLOT_NAMES[5:]
-    written = write_plots(batch_columns(500), request_columns(100), tmp_path, part)
-    assert [p.name for p in written] == list(part)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(part)

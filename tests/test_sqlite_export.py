@@ -1,14 +1,25 @@
+"""profiler.db as `service-profiler analyze --format db` writes it: its tables, views and indexes, the raw
+records, and the analysis tables against the synthetic generator's ground truth."""
+
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from synthetic import SyntheticConfig, SyntheticRun, generate_run
 
-from service_profiler.analyze.sqlite_export import write_sqlite
-from service_profiler.analyze.tables import build_tables
 from service_profiler.rawdata.rawfile import RunData, read_run
+
+
+def _write_db(run_dir: Path, out: Path) -> Path:
+    done = subprocess.run([sys.executable, "-m", "service_profiler.cli", "analyze", "--input-path", str(run_dir),
+                           "--output-path", str(out), "--format", "db", "--quiet"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    return out / "profiler.db"
 
 
 @pytest.fixture(scope="module")
@@ -16,10 +27,9 @@ def db(tmp_path_factory: pytest.TempPathFactory) -> tuple[SyntheticRun, RunData,
     base = tmp_path_factory.mktemp("db")
     synth = generate_run(base / "run", SyntheticConfig(requests=40, output_tokens=10, max_num_seqs=12,
                                                        num_gpu_blocks=120, seed=9))
-    run = read_run([synth.run_dir])
-    path = write_sqlite([synth.run_dir], build_tables(run), base / "profiler.db")
-    assert not (base / "profiler.db.tmp").exists() and not (base / "profiler.db.raw.tmp").exists()
-    return synth, run, sqlite3.connect(path)
+    path = _write_db(synth.run_dir, base / "out")
+    assert [p.name for p in path.parent.iterdir()] == ["profiler.db"]  # no partial or scratch file left
+    return synth, read_run([synth.run_dir]), sqlite3.connect(path)
 
 
 def _one(con: sqlite3.Connection, sql: str, *params: object) -> object:
@@ -46,6 +56,9 @@ def test_schema_tables_views_indexes(db: tuple[SyntheticRun, RunData, sqlite3.Co
 
 def test_raw_tables_hold_every_record(db: tuple[SyntheticRun, RunData, sqlite3.Connection]) -> None:
     synth, run, con = db
+    records = [_one(con, f"SELECT count(*) FROM {table}") for table in ("span", "event", "counter")]
+    assert sum(records) == synth.num_records  # type: ignore[arg-type]
+    # the same records as the in-memory reader of `inspect` reads, kind by kind
     assert _one(con, "SELECT count(*) FROM span") == len(run.spans)
     assert _one(con, "SELECT count(*) FROM event") == len(run.events)
     assert _one(con, "SELECT count(*) FROM counter") == len(run.counters)
@@ -102,62 +115,8 @@ def test_views_answer(db: tuple[SyntheticRun, RunData, sqlite3.Connection]) -> N
 
 def test_rewrite_replaces_the_file(tmp_path: Path) -> None:
     synth = generate_run(tmp_path / "run", SyntheticConfig(requests=3, output_tokens=2))
-    run = read_run([synth.run_dir])
-    tables = build_tables(run)
-    path = tmp_path / "profiler.db"
-    path.write_text("not a database")
-    write_sqlite([synth.run_dir], tables, path)
-    write_sqlite([synth.run_dir], tables, path)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "profiler.db").write_text("not a database")
+    _write_db(synth.run_dir, tmp_path / "out")
+    path = _write_db(synth.run_dir, tmp_path / "out")
     assert _one(sqlite3.connect(path), "SELECT count(*) FROM request") == 3
-
-
-@pytest.mark.parametrize("drain_every", [7, 1_000_000])
-def test_raw_tables_streamed_from_the_files_match_the_read_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                drain_every: int) -> None:
-    # write_raw_db reads the files as a stream (drained every DRAIN_RECORDS records) yet writes the
-    # rows in the order a stable time sort of the whole run gives: the same ids as read_run's lists
-    import json
-
-    from service_profiler.analyze.sqlite_export import write_raw_db
-    from service_profiler.rawdata import rawfile
-
-    synth = generate_run(tmp_path / "run", SyntheticConfig(requests=12, output_tokens=6, max_num_seqs=4, seed=3))
-    run = read_run([synth.run_dir])
-    monkeypatch.setattr(rawfile, "DRAIN_RECORDS", drain_every)
-    con = sqlite3.connect(write_raw_db([synth.run_dir], tmp_path / "raw.db"))
-    spans = con.execute("SELECT id, proc, domain, name, start_ns, end_ns, tid, attrs FROM span ORDER BY id").fetchall()
-    assert [r[0] for r in spans] == list(range(1, len(run.spans) + 1))
-    assert [r[1:7] for r in spans] == [(s.proc, s.domain, s.name, s.start_ns, s.end_ns, s.tid) for s in run.spans]
-    assert [json.loads(r[7]) if r[7] else None for r in spans] == [
-        {k: v for k, v in s.attrs.items() if not (s.name == "batchFrameworkProcessing" and k == "reqs")}
-        if s.attrs else None for s in run.spans]
-    events = con.execute("SELECT proc, name, ts_ns, tid, attrs FROM event ORDER BY id").fetchall()
-    assert events == [(e.proc, e.name, e.ts_ns, e.tid, json.dumps(e.attrs, separators=(",", ":")) if e.attrs
-                       else None) for e in run.events]
-    counters = con.execute('SELECT proc, name, ts_ns, "values" FROM counter ORDER BY id').fetchall()
-    assert [(c[0], c[1], c[2], json.loads(c[3])) for c in counters] == [
-        (c.proc, c.name, c.ts_ns, c.values) for c in run.counters]
-    assert con.execute("SELECT count(*) FROM process").fetchone()[0] == len(run.processes)
-    indexes = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
-    assert {"ix_span_name", "ix_event_rid", "ix_counter_name"} <= indexes
-    assert con.execute("SELECT name FROM sqlite_temp_master").fetchall() == []
-
-
-@pytest.mark.parametrize("count", [0, 1, 63, 64, 65, 129, 500])
-@pytest.mark.parametrize("width", [1, 5, 13, 40])
-def test_insert_rows_writes_every_row_in_order(count: int, width: int) -> None:
-    # Multi-row INSERTs (64 rows, fewer for rows so wide that 64 would pass SQLite's old limit of 999
-    # parameters, as at width 40) plus single rows for the rest: the same table as one statement per
-    # row, rowids included.
-    from service_profiler.analyze.sqlite_export import insert_rows
-
-    rows = [tuple(f"r{i}c{k}" if k % 2 else i * width + k for k in range(width)) for i in range(count)]
-    cols = ", ".join(f"c{k}" for k in range(width))
-    con = sqlite3.connect(":memory:")
-    for name in ("many", "one"):
-        con.execute(f"CREATE TABLE {name} ({cols})")
-    insert_rows(con, "many", width, iter(rows))  # a generator as from the exporters: read once
-    con.executemany(f"INSERT INTO one VALUES ({','.join('?' * width)})", rows)
-    many = con.execute("SELECT rowid, * FROM many ORDER BY rowid").fetchall()
-    assert many == con.execute("SELECT rowid, * FROM one ORDER BY rowid").fetchall()
-    assert [r[1:] for r in many] == rows

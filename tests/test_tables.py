@@ -1,23 +1,39 @@
+"""The analysis tables (`service_profiler.columnar`, what `service-profiler analyze` exports) against the
+synthetic generator's ground truth: request and batch metrics, KV cache rows, state transitions,
+lifecycle events, per-iteration request states, and the joins that take a process or a step apart."""
+
 from __future__ import annotations
 
-import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+from raw_files import dicts, write_run
 from synthetic import SyntheticConfig, SyntheticRun, generate_run
 
-from service_profiler.analyze.lifecycle import ITERATION_COLUMNS, iter_request_states
-from service_profiler.analyze.tables import AnalysisTables, Table, build_tables
+from service_profiler.columnar.iterations import ITERATION_COLUMNS
+from service_profiler.columnar.run import AnalysisRun, analyze_run
 from service_profiler.rawdata.rawfile import RunData, read_run
 
 METRICS = ("ttft_ms", "queue_ms", "e2e_ms", "prefill_ms", "decode_ms", "tpot_ms")
 
 
-def _analyze(synth: SyntheticRun) -> tuple[RunData, AnalysisTables]:
-    run = read_run([synth.run_dir])
-    return run, build_tables(run)
+@contextmanager
+def _analysis(path: Path) -> Iterator[AnalysisRun]:
+    run = analyze_run([path])
+    try:
+        yield run
+    finally:
+        run.close()
+
+
+def _table(path: Path, table: str, order: str = "row_no") -> list[dict[str, Any]]:
+    with _analysis(path) as run:
+        return dicts(run, f"SELECT * FROM {table} ORDER BY {order}")
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +44,16 @@ def busy(tmp_path_factory: pytest.TempPathFactory) -> SyntheticRun:
     return generate_run(tmp_path_factory.mktemp("busy"), cfg)
 
 
-def test_request_metrics_match_ground_truth(busy: SyntheticRun) -> None:
-    _, tables = _analyze(busy)
-    rows = {r["rid"]: r for r in tables.requests.dicts()}
+@pytest.fixture(scope="module")
+def busy_tables(busy: SyntheticRun) -> dict[str, list[dict[str, Any]]]:
+    with _analysis(busy.run_dir) as run:
+        return {name: dicts(run, f"SELECT * FROM {name} ORDER BY {order}") for name, order in (
+            ("request", "row_no"), ("batch", "batch_row"), ("kvcache", "row_no"), ("lifecycle_event", "row_no"),
+            ("state_transition", "row_no"), ("iteration", "batch_row, kind, pos"))}
+
+
+def test_request_metrics_match_ground_truth(busy: SyntheticRun, busy_tables: dict[str, Any]) -> None:
+    rows = {r["rid"]: r for r in busy_tables["request"]}
     assert set(rows) == set(busy.requests)
     assert sum(t.preemptions for t in busy.requests.values()) > 0, "the scenario must preempt"
     for rid, truth in busy.requests.items():
@@ -46,12 +69,12 @@ def test_request_metrics_match_ground_truth(busy: SyntheticRun) -> None:
         assert row["dp_rank"] == truth.dp_rank
         assert row["finish_reason"] == "length"
         assert row["timing_source"] == "api"
+        assert (row["complete"], row["incomplete_reason"]) == (1, "")
 
 
-def test_batch_metrics_match_ground_truth(busy: SyntheticRun) -> None:
-    _, tables = _analyze(busy)
-    rows = {(r["dp_rank"], r["batch_id"]): r for r in tables.batches.dicts()}
-    assert len(rows) == len(busy.batches)
+def test_batch_metrics_match_ground_truth(busy: SyntheticRun, busy_tables: dict[str, Any]) -> None:
+    rows = {(r["dp_rank"], r["batch_id"]): r for r in busy_tables["batch"]}
+    assert len(rows) == len(busy.batches) == len(busy_tables["batch"])
     for truth in busy.batches:
         row = rows[(truth.dp_rank, truth.batch_id)]
         for name in ("schedule_ms", "model_run_ms", "step_ms"):
@@ -64,16 +87,16 @@ def test_batch_metrics_match_ground_truth(busy: SyntheticRun) -> None:
                          (False, False): ""}[(truth.num_prefill_reqs > 0, truth.num_decode_reqs > 0)]
         assert row["batch_type"] == expected_type
         assert row["prefill_tokens"] + row["decode_tokens"] == row["total_scheduled_tokens"]
+    starts = [r["start_ns"] for r in busy_tables["batch"]]
+    assert starts == sorted(starts)
 
 
-def test_regression_units_and_queue_time(busy: SyntheticRun) -> None:
+def test_regression_units_and_queue_time(busy: SyntheticRun, busy_tables: dict[str, Any]) -> None:
     """The reference's TTFT/queue were 1000x too small and its queue wait was about the whole lifetime."""
-    _, tables = _analyze(busy)
-    r = tables.requests
-    ttft, e2e, queue = r.column("ttft_ms"), r.column("e2e_ms"), r.column("queue_ms")
-    true_ttft = np.array([busy.requests[rid].ttft_ms for rid in r.values("rid")])
-    ratio = ttft / true_ttft
-    assert np.allclose(ratio, 1.0)
+    rows = busy_tables["request"]
+    ttft, e2e, queue = (np.array([r[c] for r in rows], dtype=float) for c in ("ttft_ms", "e2e_ms", "queue_ms"))
+    true_ttft = np.array([busy.requests[r["rid"]].ttft_ms for r in rows])
+    assert np.allclose(ttft / true_ttft, 1.0)
     assert np.all(ttft > 1.0), "TTFT of a step-based engine is milliseconds, not microseconds"
     assert np.all(queue < e2e)
     assert np.median(queue / e2e) < 0.9
@@ -82,8 +105,8 @@ def test_regression_units_and_queue_time(busy: SyntheticRun) -> None:
 def test_engine_only_run_times_from_engine(tmp_path: Path) -> None:
     synth = generate_run(tmp_path / "run", SyntheticConfig(requests=12, output_tokens=5, seed=2))
     next(p for p in synth.files if "-4100." in p.name).unlink()  # no API-server file (offline LLM)
-    _, tables = _analyze(synth)
-    rows = {r["rid"]: r for r in tables.requests.dicts()}
+    rows = {r["rid"]: r for r in _table(synth.run_dir, "request")}
+    assert set(rows) == set(synth.requests)
     for rid, truth in synth.requests.items():
         row = rows[rid]
         assert row["timing_source"] == "engine"
@@ -95,24 +118,22 @@ def test_engine_only_run_times_from_engine(tmp_path: Path) -> None:
         assert row["completion_ns"] < truth.completion_ns
 
 
-def test_kvcache_rows_carry_status_and_blocks(busy: SyntheticRun) -> None:
+def test_kvcache_rows_carry_status_and_blocks(busy: SyntheticRun, busy_tables: dict[str, Any]) -> None:
     """The reference zeroed kvcache.csv when free events and status samples mixed."""
-    _, tables = _analyze(busy)
-    kv = tables.kvcache
-    names = set(kv.values("name"))
-    assert names == {"allocate", "free", "kvcache"}
-    alloc_rows = [d for d in kv.dicts() if d["name"] == "allocate"]
+    kv = busy_tables["kvcache"]
+    assert {d["name"] for d in kv} == {"allocate", "free", "kvcache"}
+    alloc_rows = [d for d in kv if d["name"] == "allocate"]
     assert sum(d["blocks_allocated"] for d in alloc_rows) == sum(b.blocks_allocated for b in busy.batches)
-    status_after_first = [d for d in kv.dicts()[1:] if d["name"] != "kvcache"]
+    assert sum(d["blocks_freed"] or 0 for d in kv) == sum(b.blocks_freed for b in busy.batches)
+    status_after_first = [d for d in kv[1:] if d["name"] != "kvcache"]
     assert all(d["total_blocks"] == 260 for d in status_after_first if d["used_blocks"] is not None)
-    assert np.nanmax(kv.column("used_blocks")) > 0
-    assert kv.values("ts_ns") == sorted(kv.values("ts_ns"))
+    assert max(d["used_blocks"] for d in kv if d["used_blocks"] is not None) > 0
+    assert [d["ts_ns"] for d in kv] == sorted(d["ts_ns"] for d in kv)
 
 
-def test_state_transitions_and_events(busy: SyntheticRun) -> None:
-    _, tables = _analyze(busy)
-    by_rid: dict[str, list[dict]] = {}
-    for d in tables.state_transitions.dicts():
+def test_state_transitions_and_events(busy: SyntheticRun, busy_tables: dict[str, Any]) -> None:
+    by_rid: dict[str, list[dict[str, Any]]] = {}
+    for d in busy_tables["state_transition"]:
         by_rid.setdefault(d["rid"], []).append(d)
     for rid, truth in busy.requests.items():
         seq = by_rid[rid]
@@ -122,74 +143,84 @@ def test_state_transitions_and_events(busy: SyntheticRun) -> None:
         assert sum(1 for d in seq if d["to_state"] == "PREEMPTED") == truth.preemptions
         # admissions are recorded when schedule() returns: the queue time plus that schedule call
         assert truth.queue_ms <= seq[1]["time_in_from_state_ms"] < truth.queue_ms + 1.0
-    kinds = set(tables.events.values("event_type"))
+    events = busy_tables["lifecycle_event"]
     assert {"request_arrived", "request_enqueued", "request_scheduled", "first_token", "request_completed",
-            "request_finished", "request_preempted", "request_resumed"} <= kinds
-    assert tables.events.values("ts_ns") == sorted(tables.events.values("ts_ns"))
+            "request_finished", "request_preempted", "request_resumed"} <= {e["event_type"] for e in events}
+    assert sum(1 for e in events if e["event_type"] == "request_preempted") == sum(
+        t.preemptions for t in busy.requests.values())
+    firsts = {e["rid"]: e["ts_ns"] for e in events if e["event_type"] == "first_token"}
+    assert firsts == {rid: t.first_token_ns for rid, t in busy.requests.items()}
+    assert [e["ts_ns"] for e in events] == sorted(e["ts_ns"] for e in events)
 
 
-def test_transitions_derived_without_state_events(busy: SyntheticRun) -> None:
-    run, _ = _analyze(busy)
-    run.events = [e for e in run.events if e.name != "state"]
-    tables = build_tables(run)
-    seq = [d for d in tables.state_transitions.dicts() if d["rid"] == next(iter(busy.requests))]
+def test_transitions_derived_without_state_events(tmp_path: Path, busy: SyntheticRun) -> None:
+    """The same run recorded without `Request/state` events: transitions derived from the batches."""
+    renamed = 0
+    for path in busy.run_dir.iterdir():
+        text = path.read_text(encoding="utf-8")
+        renamed += text.count('"name":"state"}')
+        (tmp_path / path.name).write_text(text.replace('"name":"state"}', '"name":"notState"}'), encoding="utf-8")
+    assert renamed >= 2, "the engines declare the state channel"
+    transitions = _table(tmp_path, "state_transition")
+    seq = [d for d in transitions if d["rid"] == next(iter(busy.requests))]
     assert [d["source"] for d in seq][:2] == ["enqueue", "derived"]
     assert seq[-1]["to_state"].startswith("FINISHED")
-    preempted = sum(1 for d in tables.state_transitions.dicts() if d["to_state"] == "PREEMPTED")
+    preempted = sum(1 for d in transitions if d["to_state"] == "PREEMPTED")
     assert preempted == sum(t.preemptions for t in busy.requests.values())
+    for rid, truth in busy.requests.items():  # admitted at the start of the first step scheduling it
+        running = next(d for d in transitions if d["rid"] == rid and d["to_state"] == "RUNNING")
+        assert running["ts_ns"] == truth.first_scheduled_ns
 
 
-def test_per_iteration_request_states(busy: SyntheticRun) -> None:
-    _, tables = _analyze(busy)
-    rows = list(iter_request_states(tables))
-    assert all(len(r) == len(ITERATION_COLUMNS) for r in rows)
-    running = [r for r in rows if r[5] != "preempted"]
+def test_per_iteration_request_states(busy: SyntheticRun, busy_tables: dict[str, Any]) -> None:
+    rows = busy_tables["iteration"]
+    assert set(ITERATION_COLUMNS) <= set(rows[0])
+    running = [r for r in rows if r["state"] != "preempted"]
     assert len(running) == sum(b.batch_size for b in busy.batches)
-    assert sum(1 for r in rows if r[5] == "preempted") == sum(t.preemptions for t in busy.requests.values())
-    assert sum(1 for r in rows if r[5] == "completed") == len(busy.requests)
-    rid = next(iter(busy.requests))
-    mine = [r for r in running if r[4] == rid]
-    assert [r[11] for r in mine] == list(range(len(mine)))  # iteration index
-    decodes = [r for r in mine if r[6] == "decode"]
-    assert decodes[-1][12] == busy.requests[rid].output_tokens - 1  # tokens generated before the last step
+    assert sum(1 for r in rows if r["state"] == "preempted") == sum(t.preemptions for t in busy.requests.values())
+    assert sum(1 for r in rows if r["state"] == "completed") == len(busy.requests)
+    for rid, truth in busy.requests.items():
+        mine = [r for r in running if r["rid"] == rid]
+        assert [r["iteration"] for r in mine] == list(range(len(mine)))
+        assert mine[0]["batch_start_ns"] == truth.first_scheduled_ns
+        decodes = [r for r in mine if r["phase"] == "decode"]
+        assert decodes[-1]["generated_tokens_before"] == truth.output_tokens - 1  # before the last step
 
 
-def test_table_column_helpers() -> None:
-    t = Table("t", ["a", "b", "c"], [(1, "x", (1, 2)), (None, "y", ())])
-    a = t.column("a")
-    assert a.dtype == np.float64 and a[0] == 1.0 and math.isnan(a[1])
-    assert t.column("b").dtype == object
-    assert set(t.numeric_columns()) == {"a"}
-    assert t.dicts()[1] == {"a": None, "b": "y", "c": ()}
-
-
-def test_empty_run_builds_empty_tables() -> None:
-    tables = build_tables(RunData())
-    assert len(tables.requests) == 0 and len(tables.batches) == 0 and len(tables.kvcache) == 0
+def test_a_run_without_records_builds_empty_tables(tmp_path: Path) -> None:
+    synth = generate_run(tmp_path / "run", SyntheticConfig(requests=3, output_tokens=2, seed=4))
+    for path in synth.files:  # headers, channels and control lines only
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        path.write_text("".join(ln for ln in lines if not ln.startswith('{"t":"rec"')), encoding="utf-8")
+    with _analysis(synth.run_dir) as run:
+        assert [run.count(t) for t in ("request", "batch", "kvcache", "iteration")] == [0, 0, 0, 0]
+        assert len(run.processes) == 2
 
 
 def test_model_exec_recorded_by_another_process_joins_on_host_and_dp_rank(tmp_path: Path) -> None:
     synth = generate_run(tmp_path / "run", SyntheticConfig(requests=10, output_tokens=4, seed=8))
     run = read_run([synth.run_dir])
     engine = next(p for p in run.processes if p.role == "engine_core")
-    worker = replace(engine, index=len(run.processes), key=f"{engine.hostname}:9999", pid=9999, role="VllmWorker-0")
+    worker = replace(engine, index=len(run.processes), key=f"{engine.hostname}:9999", pid=9999, role="VllmWorker-0",
+                     meta={"role": "VllmWorker-0"})
     run.processes.append(worker)
     # the executor's spans come from the worker process, without a dp_rank attribute
     run.spans = [s._replace(proc=worker.index, attrs={"batch_id": s.attrs["batch_id"]})
                  if s.name == "modelExec" and s.attrs else s for s in run.spans]
-    model = {d["batch_id"]: d["model_run_ms"] for d in build_tables(run).batches.dicts()}
+    batches = _table(write_run(run, tmp_path / "split"), "batch", "batch_row")
+    model = {d["batch_id"]: d["model_run_ms"] for d in batches}
     assert model == pytest.approx({b.batch_id: b.model_run_ms for b in synth.batches})
 
 
 def test_empty_steps_are_batches_of_size_zero(tmp_path: Path) -> None:
     synth = generate_run(tmp_path / "run", SyntheticConfig(requests=4, output_tokens=3, seed=1))
-    run = read_run([synth.run_dir])
+    run: RunData = read_run([synth.run_dir])
     last = max(s.end_ns for s in run.spans)
     template = next(s for s in run.spans if s.name == "batchFrameworkProcessing")
     run.spans.append(template._replace(start_ns=last + 1000, end_ns=last + 2000,
-                                           attrs={"batch_id": 10_000, "dp_rank": 0, "reqs": [], "running": 0,
-                                                  "waiting": 0, "preempted": [], "finished": []}))
-    rows = build_tables(run).batches.dicts()
+                                       attrs={"batch_id": 10_000, "dp_rank": 0, "reqs": [], "running": 0,
+                                              "waiting": 0, "preempted": [], "finished": []}))
+    rows = _table(write_run(run, tmp_path / "with_empty"), "batch", "batch_row")
     empty = rows[-1]
-    assert (empty["batch_size"], empty["batch_type"], empty["model_run_ms"]) == (0, "", None)
+    assert (empty["batch_id"], empty["batch_size"], empty["batch_type"], empty["model_run_ms"]) == (10_000, 0, "", None)
     assert len(rows) == len(synth.batches) + 1

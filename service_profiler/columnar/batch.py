@@ -10,6 +10,10 @@ then by (hostname, dp_rank) (an executor worker may record it); the longest span
 Tables made: `batch_span` (the spans with their attrs, `batch_row` = position in time order),
 `batch_entry` (one row per entry of a batch's `reqs`), `batch_finished` (the rids each batch reported
 finished), `batch` (the table itself, columns as tables.BATCH_COLUMNS).
+
+An entry without a request id, an integer phase or an integer count of scheduled tokens (docs/DESIGN.md
+"Vocabulary") is malformed: it is left out of every table and counted per process in `bad_entry`, which
+`malformed_entry_problems` reports (the API server's `tokens` entries are counted there too, requests.py).
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ from __future__ import annotations
 import duckdb
 
 from .completeness import mark_batches
+from .raw import Process
+
+_BAD_BATCH_ENTRY = "rid IS NULL OR phase IS NULL OR scheduled IS NULL"
 
 BATCH_COLUMNS = [
     "batch_id", "dp_rank", "proc", "start_ns", "end_ns", "schedule_ms", "model_run_ms", "step_ms",
@@ -81,6 +88,10 @@ def build_batches(con: duckdb.DuckDBPyConnection) -> None:
                TRY_CAST(x[3] AS BIGINT) AS scheduled, TRY_CAST(x[4] AS BIGINT) AS computed,
                TRY_CAST(x[5] AS BIGINT) AS prompt, coalesce(TRY_CAST(x[6] AS INTEGER), 0) AS resumed
         FROM e""")
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE bad_entry AS SELECT b.proc, count(*) AS n
+                    FROM batch_entry e JOIN batch_span b USING (batch_row) WHERE {_BAD_BATCH_ENTRY} GROUP BY b.proc""")
+    if con.execute("SELECT count(*) FROM bad_entry").fetchone() != (0,):
+        con.execute(f"DELETE FROM batch_entry WHERE {_BAD_BATCH_ENTRY}")
     _matched(con, "m_model", "ModelExecute", "modelExec")
     _matched(con, "m_step", "EngineCore", "step")
     _matched(con, "m_update", "BatchSchedule", "updateFromOutput")
@@ -157,3 +168,10 @@ def build_batches(con: duckdb.DuckDBPyConnection) -> None:
         LEFT JOIN m_update u USING (batch_row) LEFT JOIN batch_kv kv USING (batch_row)""")
     mark_batches(con, "batch_timing", "batch")
     con.execute("DROP TABLE batch_timing")
+
+
+def malformed_entry_problems(con: duckdb.DuckDBPyConnection, processes: list[Process]) -> list[str]:
+    """One problem per file whose batch or tokens records held malformed per-request entries."""
+    counts = dict(con.execute("SELECT proc, sum(n)::BIGINT FROM bad_entry GROUP BY proc").fetchall())
+    return [f"{p.path}: {counts[p.index]} malformed per-request entries (`reqs` of batch or tokens records; see "
+            "docs/DESIGN.md for their shape); dropped" for p in processes if counts.get(p.index)]

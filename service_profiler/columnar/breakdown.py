@@ -1,8 +1,8 @@
 """Request timings as the client sees them, and their breakdown, as DuckDB queries.
 
-The definitions are those of `service_profiler.analyze.request_breakdown` (docs/METRICS.md): for a
-request the HTTP server recorded (`Request/httpExchange`: its `rids`, and offsets from its ts), arrival,
-TTFT and e2e are measured from the HTTP arrival to the bytes written, and the milestones
+The definitions are those of docs/METRICS.md: for a request the HTTP server recorded
+(`Request/httpExchange`: its `rids`, and offsets from its ts), arrival, TTFT and e2e are measured from the
+HTTP arrival to the bytes written, and the milestones
 
   http_arrival -> body_received -> handoff (httpReq) -> first_scheduled -> engine_first_token
   -> first_token_sent -> last_byte_sent

@@ -1,8 +1,7 @@
 """Which requests and batches were only partly observed: marked, not presented as whole.
 
-The meanings are those of `service_profiler.analyze.completeness` (docs/partial-data.md): each request
-and batch row ends with `complete` (1/0) and `incomplete_reason` (empty when complete, else
-`;`-separated, in this order):
+The meanings are those of docs/partial-data.md: each request and batch row ends with `complete` (1/0)
+and `incomplete_reason` (empty when complete, else `;`-separated, in this order):
 - `collection_switched`: a `state` line (any process, not the startup one) strictly after the row's
   first timestamp and at or before its last (a request without completion: to the end of the run);
 - `records_missing:<why>` (sorted by why): a gap of a process recording the row (a request: its engine

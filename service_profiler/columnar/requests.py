@@ -40,13 +40,15 @@ _REQUEST_EVENTS = """
 _TOKEN_ENTRIES = """
     CREATE OR REPLACE TABLE token_entry AS
     WITH t AS (
-        SELECT ts_ns, json_transform(attrs, '{"reqs": [["VARCHAR"]]}').reqs AS reqs FROM event
+        SELECT proc, ts_ns, json_transform(attrs, '{"reqs": [["VARCHAR"]]}').reqs AS reqs FROM event
         WHERE domain = 'Request' AND name = 'tokens'),
-    e AS (SELECT ts_ns, unnest(reqs) AS x FROM t WHERE reqs IS NOT NULL)
-    SELECT ts_ns, x[1] AS rid, coalesce(TRY_CAST(x[2] AS BIGINT), 0) AS new_tokens,
+    e AS (SELECT proc, ts_ns, unnest(reqs) AS x FROM t WHERE reqs IS NOT NULL)
+    SELECT proc, ts_ns, x[1] AS rid, TRY_CAST(x[2] AS BIGINT) AS new_tokens,
            coalesce(TRY_CAST(x[3] AS BIGINT), 0) AS finished, x[4] AS reason
     FROM e
 """
+# a tokens entry without a request id or an integer count of new tokens: malformed (batch.py, `bad_entry`)
+_BAD_TOKEN_ENTRY = "rid IS NULL OR new_tokens IS NULL"
 
 _PER_RID = """
     CREATE OR REPLACE TEMP TABLE rid_facts AS
@@ -149,8 +151,14 @@ def build_requests(con: duckdb.DuckDBPyConnection) -> None:
     """`request` from the batch tables (batch.build_batches first) and the Request / KVCache events: the
     timings above, then the HTTP breakdown (breakdown.py), then `complete` / `incomplete_reason`
     (completeness.py; needs its tables `process_gap`, `run_switch`)."""
-    for statement in (_REQUEST_EVENTS, _TOKEN_ENTRIES, _PER_RID, _REQUEST):
-        con.execute(statement)
+    con.execute(_REQUEST_EVENTS)
+    con.execute(_TOKEN_ENTRIES)
+    bad = con.execute(f"SELECT proc, count(*) FROM token_entry WHERE {_BAD_TOKEN_ENTRY} GROUP BY proc").fetchall()
+    if bad:
+        con.executemany("INSERT INTO bad_entry VALUES (?, ?)", bad)
+        con.execute(f"DELETE FROM token_entry WHERE {_BAD_TOKEN_ENTRY}")
+    con.execute(_PER_RID)
+    con.execute(_REQUEST)
     build_breakdown(con, "request_timing", "request_http")
     mark_requests(con, "request_http", "request")
     con.execute("DROP TABLE request_timing")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import duckdb
 
-from .batch import build_batches
+from .batch import build_batches, malformed_entry_problems
 from .completeness import load_losses
 from .iterations import build_iterations
 from .kvcache import build_kvcache
@@ -94,6 +94,7 @@ def analyze_run(paths: Sequence[Path | str], *, memory_limit: str = DEFAULT_MEMO
         load_losses(con, raw.processes, raw.states)
         build_batches(con)
         build_requests(con)
+        run.problems += malformed_entry_problems(con, raw.processes)
         if progress:
             progress(f"tables: {run.count('request'):,} requests, {run.count('batch'):,} batches")
         build_kvcache(con)

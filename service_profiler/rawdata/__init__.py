@@ -1,7 +1,8 @@
 """The offline reader of the raw per-process files the engine side writes.
 
-`rawfile.read_run` reads a run directory into spans, events, counters and per-process metadata (with
-`rawentries` and its optional C loop `_records.c`, `rawcheck` for malformed lines, `losses` for records
-counted as lost); `fastjson` is the JSON encoder the exporters share; `inspect_run` is
-`service-profiler inspect`. Nothing on the engine side imports this package.
+`rawfile.read_run` reads a run directory into spans, events, counters and per-process metadata in
+memory (with `rawentries` for a line's records, `rawcheck` for malformed lines, `losses` for records
+counted as lost); `inspect_run` is `service-profiler inspect`. The analysis tables read the same files
+through DuckDB (service_profiler/columnar/raw.py), which shares the file discovery, header checks and
+loss accounting here. Nothing on the engine side imports this package.
 """

@@ -5,30 +5,25 @@ Two records carry a list of per-request entries (docs/DESIGN.md "Vocabulary"):
   prompt_tokens, resumed], ...] (the last three may be missing);
 - Request `tokens`: `reqs` = [[rid, new_tokens, finished, finish_reason], ...] (the reason may be missing).
 
-Each entry must have that shape (`valid_batch_entry` / `valid_token_entry`); one that does not is
-dropped and counted, so that one bad entry costs itself rather than the analysis (every consumer of
+Each entry must have that shape (`clean_attrs`); one that does not is
+dropped and counted, so that one bad entry costs itself rather than its readers (every consumer of
 the entries indexes and sums them). A `reqs` that is not a list counts as one dropped entry and
-becomes []. On a whole read the entries kept become tuples (16 bytes less each than a list).
+becomes []. The entries kept become tuples (16 bytes less each than a list).
 
-When a run is read whole (`shared` is a dict), request ids are interned and the token counts of
-batch entries (fields 3 and 4, mostly ints above 256, a new object per occurrence) share one object
-per value: a rid costs ~90 bytes per occurrence and an int 32, which roughly halves a long run's
-memory. A streamed read (`shared` is None) keeps nothing, so it only checks, and leaves a `reqs` whose
-entries are all good as it is.
+Request ids are interned and the token counts of batch entries (fields 3 and 4, mostly ints above 256,
+a new object per occurrence) share one object per value (`shared`): a rid costs ~90 bytes per occurrence
+and an int 32, which roughly halves the memory of a long run read whole.
 
-`add_records` is the reader's fast path for a line. It is all-or-nothing for the records it appends:
-on the first record that `valid_record` rejects (or of an unknown channel) it raises, and the caller
-removes what this line appended and re-reads it record by record. What it did to the entries of the
-records before that stays done: cleaning is idempotent (tuples pass again, already-dropped entries
-are gone) and `dropped` counts each bad entry once. The C version (service_profiler/rawdata/_records.c,
-`HAVE_C_RECORDS`) does exactly the same at a fraction of the cost; `add_records_py` is the definition
-and the fallback where the extension was not built.
+`add_records` appends a line's records. It is all-or-nothing for the records it appends: on the first
+record that `valid_record` rejects (or of an unknown channel) it raises, and the caller removes what
+this line appended and re-reads it record by record. What it did to the entries of the records before
+that stays done: cleaning is idempotent (tuples pass again, already-dropped entries are gone) and
+`dropped` counts each bad entry once.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 from typing import Any
 
 NO_IDS, RID, TOKEN_REQS, BATCH_REQS = 0, 1, 2, 3
@@ -39,32 +34,6 @@ _INT_CLASSES = frozenset({int, bool})
 _OPT_INT = frozenset({int, bool, type(None)})
 _OPT_NUM = frozenset({int, float, type(None)})
 _OPT_STR = frozenset({str, type(None)})
-
-try:
-    from service_profiler.rawdata._records import add_records as _c_add_records
-except ImportError:  # no compiler at install time, or a source checkout that was never built
-    _c_add_records = None
-
-HAVE_C_RECORDS: bool = _c_add_records is not None
-
-# What the reader calls per line with its valid records (rawfile.build_records by default):
-# (records, chans, offset, proc index, spans, events, counters, shared, dropped), appending to the lists.
-LineBuilder = Callable[[list[Any], dict[Any, tuple[int, str, str, int]], int, int, list[Any], list[Any], list[Any],
-                        "dict[int, int] | None", list[int]], None]
-
-
-def valid_batch_entry(e: Any) -> bool:
-    n = len(e)
-    return (n >= 3 and e[0].__class__ in _RID_CLASSES and e[1].__class__ in _INT_CLASSES
-            and e[2].__class__ in _INT_CLASSES and (n < 4 or e[3].__class__ in _OPT_NUM)
-            and (n < 5 or e[4].__class__ in _OPT_NUM) and (n < 6 or e[5].__class__ in _OPT_INT))
-
-
-def valid_token_entry(e: Any) -> bool:
-    n = len(e)
-    return (n >= 3 and e[0].__class__ in _RID_CLASSES and e[1].__class__ in _INT_CLASSES
-            and e[2].__class__ in _OPT_INT and (n < 4 or e[3].__class__ in _OPT_STR))
-
 
 MAX_TS = 2**62  # timestamps are monotonic ns in [0, MAX_TS): shifted to epoch ns they stay within int64
 _INT64 = 2**63
@@ -88,16 +57,15 @@ def valid_record(code: int, rec: list[Any]) -> bool:
     return len(rec) == 3 and is_ts(rec[1]) and isinstance(rec[2], dict)
 
 
-def clean_attrs(attrs: Any, fields: int, shared: dict[int, int] | None, dropped: list[int]) -> None:
-    """Check (and, with `shared`, intern) the ids / entries of one record's attrs in place; count each
-    dropped entry in dropped[0]. `fields`: RID, TOKEN_REQS or BATCH_REQS."""
+def clean_attrs(attrs: Any, fields: int, shared: dict[int, int], dropped: list[int]) -> None:
+    """Check and intern the ids / entries of one record's attrs in place; count each dropped entry in
+    dropped[0]. `fields`: RID, TOKEN_REQS or BATCH_REQS."""
     if attrs.__class__ is not dict:
         return
     if fields == RID:
-        if shared is not None:
-            rid = attrs.get("rid")
-            if rid.__class__ is str:
-                attrs["rid"] = sys.intern(rid)
+        rid = attrs.get("rid")
+        if rid.__class__ is str:
+            attrs["rid"] = sys.intern(rid)
         return
     reqs = attrs.get("reqs")
     if reqs is None:
@@ -106,54 +74,77 @@ def clean_attrs(attrs: Any, fields: int, shared: dict[int, int] | None, dropped:
         attrs["reqs"] = []
         dropped[0] += 1
         return
-    valid = valid_batch_entry if fields == BATCH_REQS else valid_token_entry
-    kept = [e for e in reqs if (e.__class__ is list or e.__class__ is tuple) and valid(e)]
-    if len(kept) < len(reqs):
-        dropped[0] += len(reqs) - len(kept)
-    elif shared is None:
-        return  # a stream only checks: its records are gone at the next drain
-    if shared is None:
-        attrs["reqs"] = list(map(tuple, kept))
-        return
-    intern = sys.intern
-    out = []
-    for e in kept:
-        rid = e[0]
-        if rid.__class__ is str:
-            rid = intern(rid)
-        if fields == BATCH_REQS and len(e) > 4:
-            computed, prompt = e[3], e[4]
-            if computed.__class__ is int:
-                computed = shared.setdefault(computed, computed)
-            if prompt.__class__ is int:
-                prompt = shared.setdefault(prompt, prompt)
-            out.append((rid, e[1], e[2], computed, prompt, *e[5:]))
-        else:
-            out.append((rid, *e[1:]))
+    # The shapes of docs/DESIGN.md "Vocabulary", checked per entry inline: this loop runs over every entry
+    # of a run, and a call per entry would cost about as much as the rest of it.
+    intern, share = sys.intern, shared.setdefault
+    out: list[tuple[Any, ...]] = []
+    append = out.append
+    if fields == BATCH_REQS:  # [rid, phase, scheduled, computed?, prompt?, resumed?]
+        for e in reqs:
+            if not ((e.__class__ is list or e.__class__ is tuple) and (n := len(e)) >= 3
+                    and e[0].__class__ in _RID_CLASSES and e[1].__class__ in _INT_CLASSES
+                    and e[2].__class__ in _INT_CLASSES and (n < 4 or e[3].__class__ in _OPT_NUM)
+                    and (n < 5 or e[4].__class__ in _OPT_NUM) and (n < 6 or e[5].__class__ in _OPT_INT)):
+                continue
+            rid = e[0]
+            if rid.__class__ is str:
+                rid = intern(rid)
+            if n > 4:
+                computed, prompt = e[3], e[4]
+                if computed.__class__ is int:
+                    computed = share(computed, computed)
+                if prompt.__class__ is int:
+                    prompt = share(prompt, prompt)
+                append((rid, e[1], e[2], computed, prompt, e[5]) if n == 6
+                       else (rid, e[1], e[2], computed, prompt, *e[5:]))
+            else:
+                append((rid, *e[1:]))
+    else:  # [rid, new_tokens, finished, finish_reason?]
+        for e in reqs:
+            if not ((e.__class__ is list or e.__class__ is tuple) and (n := len(e)) >= 3
+                    and e[0].__class__ in _RID_CLASSES and e[1].__class__ in _INT_CLASSES
+                    and e[2].__class__ in _OPT_INT and (n < 4 or e[3].__class__ in _OPT_STR)):
+                continue
+            rid = e[0]
+            if rid.__class__ is str:
+                rid = intern(rid)
+            append((rid, e[1], e[2], e[3]) if n == 4 else (rid, *e[1:]))
+    if len(out) < len(reqs):
+        dropped[0] += len(reqs) - len(out)
     attrs["reqs"] = out
 
 
-def add_records_py(records: list[Any], chans: dict[Any, tuple[int, str, str, int]], off: int, pi: int,
-                   spans: list[Any], events: list[Any], counters: list[Any], classes: tuple[type, type, type],
-                   shared: dict[int, int] | None, dropped: list[int]) -> None:
+def add_records(records: list[Any], chans: dict[Any, tuple[int, str, str, int]], off: int, pi: int,
+                spans: list[Any], events: list[Any], counters: list[Any], classes: tuple[type, type, type],
+                shared: dict[int, int], dropped: list[int]) -> None:
     """Append the line's records, built as `classes` (span, event, counter NamedTuples, by
-    tuple.__new__ straight from C: a NamedTuple's own __new__ is a Python function, ~0.15 µs more)."""
-    new, valid = tuple.__new__, valid_record
+    tuple.__new__ straight from C: a NamedTuple's own __new__ is a Python function, ~0.15 µs more).
+
+    The checks are `valid_record`'s, written out per kind on the exact classes a JSON parser makes (int,
+    bool, dict): this loop is most of a read's time, and a call per record would add about a third."""
+    new = tuple.__new__
     span_cls, event_cls, counter_cls = classes
     for rec in records:
         code, domain, name, ids = chans[rec[0]]
-        if not valid(code, rec):
-            raise ValueError("malformed record")
         if code == SPAN:
+            _, start, end, tid, attrs = rec  # ValueError when it is not 5 long
+            if not (start.__class__ is int and end.__class__ is int and 0 <= start <= end < MAX_TS
+                    and isinstance(tid, int) and -_INT64 <= tid < _INT64
+                    and (attrs is None or attrs.__class__ is dict)):
+                raise ValueError("malformed record")
             if ids:
-                clean_attrs(rec[4], ids, shared, dropped)
-            spans.append(new(span_cls, (pi, domain, name, rec[1] + off, rec[2] + off, rec[3], rec[4])))
+                clean_attrs(attrs, ids, shared, dropped)
+            spans.append(new(span_cls, (pi, domain, name, start + off, end + off, tid, attrs)))
         elif code == EVENT:
+            _, ts, tid, attrs = rec
+            if not (ts.__class__ is int and 0 <= ts < MAX_TS and isinstance(tid, int)
+                    and -_INT64 <= tid < _INT64 and (attrs is None or attrs.__class__ is dict)):
+                raise ValueError("malformed record")
             if ids:
-                clean_attrs(rec[3], ids, shared, dropped)
-            events.append(new(event_cls, (pi, domain, name, rec[1] + off, rec[2], rec[3])))
+                clean_attrs(attrs, ids, shared, dropped)
+            events.append(new(event_cls, (pi, domain, name, ts + off, tid, attrs)))
         else:
-            counters.append(new(counter_cls, (pi, domain, name, rec[1] + off, rec[2])))
-
-
-add_records = _c_add_records if _c_add_records is not None else add_records_py
+            _, ts, values = rec
+            if not (ts.__class__ is int and 0 <= ts < MAX_TS and values.__class__ is dict):
+                raise ValueError("malformed record")
+            counters.append(new(counter_cls, (pi, domain, name, ts + off, values)))

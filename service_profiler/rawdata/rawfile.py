@@ -15,10 +15,11 @@ Per-request entries (the `reqs` of batch and tokens records) that do not have th
 are dropped and counted in one problem per file (rawentries.py): every consumer of the entries indexes
 and sums them.
 
-Speed matters (a long run holds millions of records): each line is parsed once (by orjson where it is
-installed, see fastjson.py), and the per-record work (a channel lookup, a NamedTuple, the entries'
-check) is one C call per line (`rawentries.add_records`); the lists are sorted once at the end. A `rec`
-line that does not fit the fast path is re-read record by record so one bad record costs only itself.
+`service-profiler inspect` and the front doors' files (`analyze --scheduler-logs`) read a run this way;
+the analysis tables come from DuckDB (service_profiler/columnar/). Each line is parsed once (by orjson
+where it is installed, rawcheck.parse_line), a line's records are appended in one call
+(`rawentries.add_records`), and the lists are sorted once at the end. A `rec` line that does not fit
+that path is re-read record by record so one bad record costs only itself.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import gc
 import json
 import os
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from operator import itemgetter
 from pathlib import Path
@@ -56,18 +57,15 @@ from service_profiler.rawdata.rawentries import (
     RID,
     SPAN,
     TOKEN_REQS,
-    LineBuilder,
     add_records,
     valid_record,
 )
 
 RAW_SUFFIX = ".sprof.jsonl"
 
-DRAIN_RECORDS = 5_000  # records a streaming read (`read_run(drain=...)`) holds at most, plus one line
-# (5k rather than 50k: ~80 MB less memory for the database process, and no slower: the rows stay in cache)
 _KIND_CODES = {"span": SPAN, "event": EVENT, "counter": COUNTER}
-# The records whose per-request entries are checked (and, on a whole read, whose ids are shared: see
-# rawentries.py); events of these domains have their `rid` interned on a whole read.
+# The records whose per-request entries are checked (and whose ids are shared: see rawentries.py);
+# events of these domains have their `rid` interned.
 _ENTRY_FIELDS = {("BatchSchedule", "batchFrameworkProcessing"): BATCH_REQS, ("Request", "tokens"): TOKEN_REQS}
 _RID_DOMAINS = frozenset({"Request", "KVCache"})
 # lines whose repetition would count something twice (records, losses, switches): a repeat is skipped
@@ -218,12 +216,9 @@ def _dedupe_copies(files: list[Path], problems: list[str]) -> list[tuple[Path, d
 class _FileReader:
     """Reads one raw file into the shared output lists."""
 
-    def __init__(self, run: RunData, proc: ProcessInfo, header: dict[str, Any], build: LineBuilder,
-                 drain: Callable[[RunData], None] | None = None, shared: dict[int, int] | None = None) -> None:
-        """`shared`: the ints shared by a whole read (rawentries.clean_attrs); None for a stream."""
+    def __init__(self, run: RunData, proc: ProcessInfo, header: dict[str, Any], shared: dict[int, int]) -> None:
+        """`shared`: the ints shared by the whole read (rawentries.clean_attrs)."""
         self.run = run
-        self.build = build
-        self.drain = drain
         self.shared = shared
         self.proc = proc
         self.offset = proc.wall_offset_ns
@@ -277,8 +272,6 @@ class _FileReader:
                             self._records_fast(r)
                         except (KeyError, TypeError, IndexError, ValueError):
                             self._records_slow(r, path, lineno)
-                        if self.drain is not None and run.num_records >= DRAIN_RECORDS:
-                            self.drain(run)
                     else:
                         problems.append(f"{path}:{lineno}: rec line without a list 'r'; skipped")
                 elif kind == "chan":
@@ -307,8 +300,8 @@ class _FileReader:
             return
         domain, name = sys.intern(str(obj.get("domain", ""))), sys.intern(str(obj.get("name", "")))
         ids = _ENTRY_FIELDS.get((domain, name), NO_IDS)
-        if not ids and self.shared is not None and code == EVENT and domain in _RID_DOMAINS:
-            ids = RID  # (a stream's records are dropped at each drain: sharing their ids saves nothing)
+        if not ids and code == EVENT and domain in _RID_DOMAINS:
+            ids = RID
         self.chans[obj["id"]] = (code, domain, name, ids)
         self.proc.channels.append(obj)
 
@@ -366,8 +359,8 @@ class _FileReader:
         spans, events, counters = run.spans, run.events, run.counters
         n_s, n_e, n_c = len(spans), len(events), len(counters)
         try:
-            self.build(records, self.chans, self.offset, self.proc.index, spans, events, counters, self.shared,
-                       self.dropped)
+            add_records(records, self.chans, self.offset, self.proc.index, spans, events, counters, RECORD_CLASSES,
+                        self.shared, self.dropped)
         except BaseException:
             del spans[n_s:], events[n_e:], counters[n_c:]
             raise
@@ -395,16 +388,8 @@ class _FileReader:
             if len(self.bad_lines) < 5:
                 self.bad_lines.append(lineno)
         run = self.run
-        self.build(good, chans, self.offset, self.proc.index, run.spans, run.events, run.counters, self.shared,
-                   self.dropped)
-
-
-def build_records(records: list[Any], chans: dict[Any, tuple[int, str, str, int]], off: int, pi: int,
-                  spans: list[Any], events: list[Any], counters: list[Any], shared: dict[int, int] | None,
-                  dropped: list[int]) -> None:
-    """What `read_run` makes of a line's records by default (`LineBuilder`): SpanRecord, EventRecord,
-    CounterRecord (`rawentries.add_records`)."""
-    add_records(records, chans, off, pi, spans, events, counters, RECORD_CLASSES, shared, dropped)
+        add_records(good, chans, self.offset, self.proc.index, run.spans, run.events, run.counters, RECORD_CLASSES,
+                    self.shared, self.dropped)
 
 
 def _clock_key(header: dict[str, Any]) -> tuple[str, str] | None:
@@ -477,18 +462,8 @@ def _process_from_header(index: int, path: Path, header: dict[str, Any]) -> Proc
     )
 
 
-def read_run(paths: Sequence[Path | str] | Path | str, drain: Callable[[RunData], None] | None = None,
-             build: LineBuilder | None = None) -> RunData:
-    """Read every raw file under `paths` into one clock-aligned, time-sorted `RunData`.
-
-    `drain`: read as a stream instead. It is called whenever the record lists hold DRAIN_RECORDS or
-    more, and once at the end, and must empty them (`spans`, `events`, `counters`); it sees the
-    records in reading order (file by file, line by line), which `RunData`'s lists hold after a
-    stable sort by time. Everything else (processes, states, problems) is kept as usual.
-
-    `build`: what the valid records of a line become in those lists (default `build_records`); a
-    stream may take them in another form, e.g. the rows of the database's raw tables. Whatever the
-    form, its item 3 is the record's time (the lists are sorted by it)."""
+def read_run(paths: Sequence[Path | str] | Path | str) -> RunData:
+    """Read every raw file under `paths` into one clock-aligned, time-sorted `RunData`."""
     if isinstance(paths, str | Path):
         paths = [paths]
     # The reader allocates millions of containers and no cycles; with the cyclic collector on, every
@@ -496,16 +471,15 @@ def read_run(paths: Sequence[Path | str] | Path | str, drain: Callable[[RunData]
     was_enabled = gc.isenabled()
     gc.disable()
     try:
-        return _read_run(paths, drain, build or build_records)
+        return _read_run(paths)
     finally:
         if was_enabled:
             gc.enable()
 
 
-def _read_run(paths: Sequence[Path | str], drain: Callable[[RunData], None] | None, build: LineBuilder
-              ) -> RunData:
+def _read_run(paths: Sequence[Path | str]) -> RunData:
     run = RunData()
-    shared: dict[int, int] | None = None if drain is not None else {}
+    shared: dict[int, int] = {}
     files = discover_files(paths, run.problems)
     kept = _dedupe_copies(files, run.problems)
     offsets = shared_wall_offsets([h for _, h in kept])
@@ -515,15 +489,13 @@ def _read_run(paths: Sequence[Path | str], drain: Callable[[RunData], None] | No
         run.problems += header_problems(path, header)
         run.processes.append(proc)
         try:
-            _FileReader(run, proc, header, build, drain, shared).read(path)
+            _FileReader(run, proc, header, shared).read(path)
         except OSError as exc:
             run.problems.append(f"{path}: read failed ({exc.strerror or exc}); kept what was read")
         # role / dp_rank given as meta override the header (the last value wins, as documented)
         role = proc.meta.get("role")
         if isinstance(role, str) and role:
             proc.role = role
-    if drain is not None:
-        drain(run)
     run.spans.sort(key=itemgetter(3))
     run.events.sort(key=itemgetter(3))
     run.counters.sort(key=itemgetter(3))
