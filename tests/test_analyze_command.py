@@ -70,6 +70,27 @@ def test_failing_exporter_does_not_cost_the_others(synth: SyntheticRun, tmp_path
     assert "error: json failed: RuntimeError: exporter bug" in capsys.readouterr().err
 
 
+def test_an_exporter_process_that_dies_is_reported_not_raised(synth: SyntheticRun, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """A pool worker killed mid-export (out of memory, a signal) ends in a message and an exit status."""
+    (tmp_path / "sp_dying_worker.py").write_text(
+        "import os\n"
+        "from service_profiler.columnar import pipeline\n"
+        "def export(run, fmt, options, out_dir):\n"
+        "    if fmt == 'json':\n"
+        "        os._exit(9)\n"
+        "    return pipeline._in_worker(run, fmt, options, out_dir)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))  # a spawned worker gets this sys.path and finds the module
+    import sp_dying_worker
+
+    monkeypatch.setattr(pipeline, "_in_worker", sp_dying_worker.export)
+    out = tmp_path / "out"
+    status = command.run(_args([synth.run_dir], out, "json", "csv", extra=("--jobs", "2", "--processes", "--quiet")))
+    assert status == command.EXIT_EXPORT_FAILED
+    assert "error: json failed: the exporter process died before it finished" in capsys.readouterr().err
+
+
 def test_problems_are_reported_and_written(synth: SyntheticRun, tmp_path: Path,
                                            capsys: pytest.CaptureFixture[str]) -> None:
     run_dir = tmp_path / "run"

@@ -14,6 +14,7 @@ import multiprocessing
 import traceback
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -107,8 +108,11 @@ def export_all(run: AnalysisRun, formats: list[str], out_dir: Path, jobs: int = 
     # spawned, not forked: a fork would copy DuckDB's threads' locks in whatever state they are
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [pool.submit(_in_worker, run, fmt, options.get(fmt, {}), out_dir) for fmt in formats]
-        for future in futures:
-            outcomes.append(future.result())
+        for fmt, future in zip(formats, futures, strict=True):
+            try:
+                outcomes.append(future.result())
+            except BrokenProcessPool as exc:  # a worker killed (out of memory, a signal): the pool is lost
+                outcomes.append(Outcome(fmt, error=f"the exporter process died before it finished ({exc})"))
             if progress:
                 progress(f"{outcomes[-1].fmt} {'failed' if outcomes[-1].error else 'done'}")
     return outcomes
