@@ -5,7 +5,8 @@ sets the variables they read (origin, lo/hi window bounds, requests_pid) and cop
 A request's thread holds a `request` slice (its args: the request table's identity, sizes, client-facing
 ttft_ms / e2e_ms, preemptions and batches) and, inside it, adjacent phase slices, each from one boundary
 ("mark") to the next:
-  http receive (HTTP arrival) -> preprocess (body read) -> queued (hand-off to the engine) -> the engine's
+  http receive (HTTP arrival) -> preprocess (body read) -> queued (hand-off to the engine; as the request
+  table's http_receive_ms, preprocess_ms, engine_queue_ms) -> the engine's
   phases, in time order: prefill (first scheduled), decode (first token), and for a preempted request
   preempted (its PREEMPTED transition) -> prefill (the batch that resumed it: vLLM recomputes) -> decode
   (the end of the step that completed the recompute, at the latest the start of its next decode batch)
@@ -35,7 +36,8 @@ _SHOWN = f"""
     CREATE OR REPLACE TEMP TABLE trace_request AS
     SELECT row_no AS tid, rid, api_rid, arrival_source, ttft_ms, e2e_ms, input_tokens, output_tokens,
            finish_reason, preemptions, num_iterations, arrival_ns, body_received_ns, engine_arrival_ns,
-           first_scheduled_ns, first_token_ns, completion_ns, last_byte_sent_ns, first_token_sent_ns, proc,
+           handoff_ns, first_scheduled_ns, first_token_ns, completion_ns, last_byte_sent_ns, first_token_sent_ns,
+           proc,
            row_number() OVER (PARTITION BY (arrival_ns - getvariable('origin')) // 1000000000
                               ORDER BY arrival_ns, row_no) <= {{cap}} AS shown
     FROM request
@@ -80,8 +82,10 @@ _SLICES = f"""
     mark AS (  -- (order, time, state): each state runs from its mark to the next
         SELECT tid, 0 AS k, arrival_ns AS ts, 'http receive' AS state FROM r
         UNION ALL SELECT tid, 1, greatest(arrival_ns, coalesce(body_received_ns, arrival_ns)), 'preprocess' FROM r
-        -- without the HTTP server's records, the engine's phases start at the request's arrival
-        UNION ALL SELECT tid, 2, CASE WHEN arrival_source = 'http' THEN coalesce(engine_arrival_ns, arrival_ns)
+        -- queued from the hand-off to the engine (as the request table's engine_queue_ms), or without the
+        -- HTTP server's records from the request's arrival
+        UNION ALL SELECT tid, 2, CASE WHEN arrival_source = 'http' THEN coalesce(handoff_ns, engine_arrival_ns,
+                                                                               arrival_ns)
                                       ELSE arrival_ns END, 'queued' FROM r
         UNION ALL SELECT tid, 3, first_scheduled_ns, 'prefill' FROM r WHERE first_scheduled_ns IS NOT NULL
         UNION ALL SELECT tid, 3, first_token_ns, 'decode' FROM r WHERE first_token_ns IS NOT NULL
