@@ -32,6 +32,7 @@ from .run import AnalysisRun
 
 DEFAULT_MAX_PER_SECOND = 2_000
 OVERLAP_LANE = 1 << 20  # added to a tid for its overlap lane
+REQUEST_TIDS = 1 << 21  # a request's tid: this + its row in the request table
 FOLDED = "domain = 'KVCache' AND name = 'allocate'"
 SCHEDULE_SPAN = ("BatchSchedule", "batchFrameworkProcessing")
 
@@ -163,7 +164,7 @@ def _metadata_events(run: AnalysisRun, requests_pid: int) -> list[dict[str, obje
     meta("process_sort_index", requests_pid, 0, sort_index=1)
     for tid, name in trace_requests.thread_names(run.con):
         meta("thread_name", requests_pid, tid, name=name)
-        meta("thread_sort_index", requests_pid, tid, sort_index=tid)  # arrival order
+        meta("thread_sort_index", requests_pid, tid, sort_index=tid - REQUEST_TIDS)  # arrival order
     return events
 
 
@@ -186,6 +187,7 @@ def write_trace(run: AnalysisRun, path: Path, window: tuple[float, float] | None
     con.execute(f"SET VARIABLE lo = {lo}")
     con.execute(f"SET VARIABLE hi = {hi}")
     con.execute(f"SET VARIABLE requests_pid = {requests_pid}")
+    con.execute(f"SET VARIABLE request_tid_base = {REQUEST_TIDS}")
     con.execute("""CREATE OR REPLACE TEMP TABLE trace_thread AS
                    SELECT proc, tid AS raw_tid, (row_number() OVER (ORDER BY proc, tid))::INTEGER AS tid
                    FROM (SELECT DISTINCT proc, tid FROM record WHERE kind IN ('span', 'event'))""")

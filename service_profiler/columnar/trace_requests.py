@@ -1,6 +1,7 @@
 """The trace's "Requests" process: one thread per request, and one flow from each request to the first batch
 that scheduled it. Queries over the request, batch and state_transition tables; `trace_out.write_trace`
-sets the variables they read (origin, lo/hi window bounds, requests_pid) and copies their rows out.
+sets the variables they read (origin, lo/hi window bounds, requests_pid, request_tid_base: tids are unique in
+the whole trace, Perfetto keys threads by tid) and copies their rows out.
 
 A request's thread holds a `request` slice (its args: the request table's identity, sizes, client-facing
 ttft_ms / e2e_ms, preemptions and batches) and, inside it, adjacent phase slices, each from one boundary
@@ -34,10 +35,10 @@ REQUEST_END = "coalesce(last_byte_sent_ns, completion_ns)"
 # the requests drawn (`shown`), numbered by arrival within their second for the cap
 _SHOWN = f"""
     CREATE OR REPLACE TEMP TABLE trace_request AS
-    SELECT row_no AS tid, rid, api_rid, arrival_source, ttft_ms, e2e_ms, input_tokens, output_tokens,
-           finish_reason, preemptions, num_iterations, arrival_ns, body_received_ns, engine_arrival_ns,
-           handoff_ns, first_scheduled_ns, first_token_ns, completion_ns, last_byte_sent_ns, first_token_sent_ns,
-           proc,
+    SELECT row_no + getvariable('request_tid_base') AS tid, rid, api_rid, arrival_source, ttft_ms, e2e_ms,
+           input_tokens, output_tokens, finish_reason, preemptions, num_iterations, arrival_ns, body_received_ns,
+           engine_arrival_ns, handoff_ns, first_scheduled_ns, first_token_ns, completion_ns, last_byte_sent_ns,
+           first_token_sent_ns, proc,
            row_number() OVER (PARTITION BY (arrival_ns - getvariable('origin')) // 1000000000
                               ORDER BY arrival_ns, row_no) <= {{cap}} AS shown
     FROM request
