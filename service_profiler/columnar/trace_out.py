@@ -51,10 +51,12 @@ def _member(obj: str, key: str) -> str:
 
 
 def _compact(obj: str) -> str:
-    """The JSON object `obj` with each array / object value replaced by its length under `n_<key>`; parsed
-    only when its text has a bracket past the first character."""
+    """The JSON object `obj` with each array / object value replaced by its length under `n_<key>` (parsed
+    only when its text has a bracket past the first character); attributes that are not an object are
+    shown as `value`."""
     value = _member(obj, "k")
     return f"""CASE WHEN {obj} IS NULL THEN '{{}}'::JSON
+        WHEN json_type({obj}) <> 'OBJECT' THEN json_object('value', {obj})
         WHEN NOT (contains({obj}::VARCHAR, '[') OR contains(substr({obj}::VARCHAR, 2), '{{')) THEN {obj}
         ELSE to_json(map_from_entries(list_transform(json_keys({obj}), lambda k: {{
             'key': CASE WHEN json_type({value}) IN ('ARRAY', 'OBJECT') THEN 'n_' || k ELSE k END,
@@ -216,6 +218,9 @@ def write_trace(run: AnalysisRun, path: Path, window: tuple[float, float] | None
                         out.write("," + line.rstrip(","))
                         counts[kind] += 1
         counts["collection"] = len(collection)
+        # reported per kind of track content: a request's slices together, a flow's two ends together
+        counts["request"] += counts.pop("request_phase")
+        counts["flow"] = counts.pop("flow_start") + counts.pop("flow_end")
         metadata = {"generator": "service-profiler", "origin_epoch_ns": origin,
                     "time_convention": "ts/dur: microseconds since origin_epoch_ns",
                     "processes": [p.key for p in run.processes], "max_events_per_name_per_second": max_per_second,
