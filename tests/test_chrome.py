@@ -481,3 +481,24 @@ def _timed(fn: Any) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+def test_odd_attributes_cost_only_themselves(tmp_path: Path) -> None:
+    """Attributes repeating a key (a crafted line), not an object, or a counter with non-numeric values:
+    the trace stays valid and shows what it can."""
+    run, engine = _small_run(tmp_path / "run")
+    engine.event("Request", "odd", BASE + 61 * MS, 100, None)
+    engine.counter("System", "mixed", BASE + 61 * MS, {"ok": 2, "text": "x", "list": [1]})
+    run.write(tmp_path / "run")
+    path = tmp_path / "run" / "host-b-100.sprof.jsonl"
+    text = path.read_text(encoding="utf-8")
+    assert text.count(", 100, null]") == 1 and text.count('{"rid": "r2", "prompt_tokens": 30}') == 1
+    path.write_text(text.replace(", 100, null]", ', 100, ["not", "an", "object"]]')
+                    .replace('{"rid": "r2", "prompt_tokens": 30}', '{"rid": "r2", "prompt_tokens": 30, "rid": [2]}'),
+                    encoding="utf-8")
+    trace = _export(tmp_path / "run", tmp_path)[0]
+    assert _counters(trace)[(2, "mixed")] == [{"ok": 2}]
+    odd = next(e for e in trace["traceEvents"] if e["name"] == "odd")
+    assert odd["args"] == {"value": ["not", "an", "object"]}
+    enqueued = [e["args"] for e in trace["traceEvents"] if e["name"] == "enqueue"]
+    assert enqueued == [{"rid": "r1", "prompt_tokens": 50}, {"value": {"rid": [2], "prompt_tokens": 30}}]

@@ -46,31 +46,32 @@ def _window_filter(column: str, end_column: str | None = None) -> str:
     return f"{end} >= getvariable('lo') AND {column} <= getvariable('hi')"
 
 
-def _member(obj: str, key: str) -> str:
-    return f"""json_extract({obj}, '$."' || replace({key}, '"', '\\"') || '"')"""
-
-
 def _compact(obj: str) -> str:
     """The JSON object `obj` with each array / object value replaced by its length under `n_<key>` (parsed
-    only when its text has a bracket past the first character); attributes that are not an object are
-    shown as `value`."""
-    value = _member(obj, "k")
+    only when its text has a bracket past the first character: one parse into a map, then each value's
+    first character); attributes that are not an object, or that repeat a key, are shown as `value`."""
     return f"""CASE WHEN {obj} IS NULL THEN '{{}}'::JSON
         WHEN json_type({obj}) <> 'OBJECT' THEN json_object('value', {obj})
         WHEN NOT (contains({obj}::VARCHAR, '[') OR contains(substr({obj}::VARCHAR, 2), '{{')) THEN {obj}
-        ELSE to_json(map_from_entries(list_transform(json_keys({obj}), lambda k: {{
-            'key': CASE WHEN json_type({value}) IN ('ARRAY', 'OBJECT') THEN 'n_' || k ELSE k END,
-            'value': CASE json_type({value}) WHEN 'ARRAY' THEN to_json(json_array_length({value}))
-                                              WHEN 'OBJECT' THEN to_json(len(json_keys({value})))
-                                              ELSE {value} END}}))) END"""
+        WHEN {_repeats_a_key(obj)} THEN json_object('value', {obj})
+        ELSE to_json(map_from_entries(list_transform(map_entries({obj}::MAP(VARCHAR, JSON)), lambda m:
+            CASE left(m.value::VARCHAR, 1)
+                WHEN '[' THEN {{'key': 'n_' || m.key, 'value': to_json(json_array_length(m.value))}}
+                WHEN '{{' THEN {{'key': 'n_' || m.key, 'value': to_json(len(json_keys(m.value)))}}
+                ELSE {{'key': m.key, 'value': m.value}} END))) END"""
+
+
+def _repeats_a_key(obj: str) -> str:
+    """Whether the JSON object `obj` has a key twice (a crafted line: it cannot be made a map)."""
+    return f"len(json_keys({obj})) <> len(list_distinct(json_keys({obj})))"
 
 
 def _numeric(obj: str) -> str:
     """The numeric members of the JSON object `obj` (anything else would make a counter event invalid)."""
-    value = _member(obj, "k")
-    return f"""to_json(map_from_entries(list_filter(
-        list_transform(json_keys({obj}), lambda k: {{'key': k, 'value': {value}}}),
-        lambda m: json_type(m.value) IN ('BIGINT', 'UBIGINT', 'DOUBLE'))))"""
+    return f"""CASE WHEN {_repeats_a_key(obj)} THEN '{{}}'::JSON
+        ELSE to_json(map_from_entries(list_filter(map_entries({obj}::MAP(VARCHAR, JSON)),
+                                                  lambda m: json_type(m.value) IN ('BIGINT', 'UBIGINT', 'DOUBLE'))))
+        END"""
 
 
 def _capped(partition: str, ts: str) -> str:
