@@ -68,7 +68,8 @@ def _repeats_a_key(obj: str) -> str:
 
 def _numeric(obj: str) -> str:
     """The numeric members of the JSON object `obj` (anything else would make a counter event invalid)."""
-    return f"""CASE WHEN {_repeats_a_key(obj)} THEN '{{}}'::JSON
+    return f"""CASE WHEN NOT regexp_matches({obj}::VARCHAR, ':\\s*[^-0-9\\s]') THEN {obj}  -- numbers only
+        WHEN {_repeats_a_key(obj)} THEN '{{}}'::JSON
         ELSE to_json(map_from_entries(list_filter(map_entries({obj}::MAP(VARCHAR, JSON)),
                                                   lambda m: json_type(m.value) IN ('BIGINT', 'UBIGINT', 'DOUBLE'))))
         END"""
@@ -108,9 +109,10 @@ _COUNTERS = f"""
     WITH src AS (
         SELECT proc, domain, name, ts_ns, pos, {_numeric('vals')} AS vals
         FROM counter WHERE {_window_filter('ts_ns')} AND json_type(vals) = 'OBJECT'
-        UNION ALL {_BATCH_COUNTER.format(
-            cat="BatchSchedule", name="tokens", where="true", window=_window_filter('start_ns'),
-            values="'total', total_scheduled_tokens, 'prefill', prefill_tokens, 'decode', decode_tokens")}
+        UNION ALL
+        SELECT proc, 'BatchSchedule', 'tokens', start_ns, 0,
+               json_object('total', total_scheduled_tokens, 'prefill', prefill_tokens, 'decode', decode_tokens)
+        FROM batch WHERE total_scheduled_tokens IS NOT NULL AND {_window_filter('start_ns')}
         UNION ALL {_BATCH_COUNTER.format(
             cat="KVCache", name="kvcache", window=_window_filter('start_ns'),
             where="kv_total_blocks IS NOT NULL AND proc NOT IN (SELECT proc FROM counter WHERE name = 'kvcache')",
