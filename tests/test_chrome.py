@@ -500,5 +500,5 @@ def test_odd_attributes_cost_only_themselves(tmp_path: Path) -> None:
     assert _counters(trace)[(2, "mixed")] == [{"ok": 2}]
     odd = next(e for e in trace["traceEvents"] if e["name"] == "odd")
     assert odd["args"] == {"value": ["not", "an", "object"]}
-    enqueued = [e["args"] for e in trace["traceEvents"] if e["name"] == "enqueue"]
+    enqueued = sorted((e["args"] for e in trace["traceEvents"] if e["name"] == "enqueue"), key=json.dumps)
     assert enqueued == [{"rid": "r1", "prompt_tokens": 50}, {"value": {"rid": [2], "prompt_tokens": 30}}]

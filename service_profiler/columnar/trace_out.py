@@ -23,7 +23,10 @@ DuckDB writes each kind of event as a JSON array file; they are concatenated int
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+
+import duckdb
 
 from service_profiler.outputs import open_output, scratch_dir
 
@@ -80,25 +83,29 @@ def _capped(partition: str, ts: str) -> str:
             f"ORDER BY {ts}) <= {{cap}}")
 
 
-# candidate events of each capped kind, with `shown` (within the cap); the trace holds the shown ones
+# the spans and instants shown (within the cap), as trace events; the counters' candidates are a table, with
+# `shown`
 _SPANS = f"""
-    CREATE OR REPLACE TEMP TABLE trace_span AS
     WITH s AS (
         SELECT proc, tid, domain, name, start_ns AS ts_ns, end_ns, attrs,
                max(end_ns) OVER (PARTITION BY proc, tid ORDER BY start_ns, end_ns DESC
                                  ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS earlier_end
-        FROM span WHERE {_window_filter('start_ns', 'end_ns')})
-    SELECT s.name, s.domain AS cat, s.ts_ns, s.end_ns, s.proc + 1 AS pid,
+        FROM span WHERE {_window_filter('start_ns', 'end_ns')}),
+    c AS (SELECT *, {_capped('proc, name', 'ts_ns')} AS shown FROM s)
+    SELECT 'X' AS ph, c.name, c.domain AS cat, {_us('c.ts_ns')} AS ts, round((c.end_ns - c.ts_ns) / 1000.0, 3) AS dur,
+           c.proc + 1 AS pid,
            t.tid + CASE WHEN earlier_end > ts_ns AND earlier_end < end_ns THEN {OVERLAP_LANE} ELSE 0 END AS tid,
-           s.attrs, {_capped('s.proc, s.name', 's.ts_ns')} AS shown
-    FROM s JOIN trace_thread t ON t.proc = s.proc AND t.raw_tid IS NOT DISTINCT FROM s.tid"""
+           {_compact('c.attrs')} AS args
+    FROM c JOIN trace_thread t ON t.proc = c.proc AND t.raw_tid IS NOT DISTINCT FROM c.tid
+    WHERE shown"""
 
 _INSTANTS = f"""
-    CREATE OR REPLACE TEMP TABLE trace_instant AS
-    SELECT e.name, e.domain AS cat, e.ts_ns, e.proc + 1 AS pid, t.tid, e.attrs,
-           {_capped('e.proc, e.name', 'e.ts_ns')} AS shown
-    FROM event e JOIN trace_thread t ON t.proc = e.proc AND t.raw_tid IS NOT DISTINCT FROM e.tid
-    WHERE NOT ({FOLDED}) AND {_window_filter('e.ts_ns')}"""
+    WITH c AS (SELECT *, {_capped('proc, name', 'ts_ns')} AS shown FROM event
+               WHERE NOT ({FOLDED}) AND {_window_filter('ts_ns')})
+    SELECT 'i' AS ph, c.name, c.domain AS cat, {_us('c.ts_ns')} AS ts, 't' AS s, c.proc + 1 AS pid, t.tid,
+           {_compact('c.attrs')} AS args
+    FROM c JOIN trace_thread t ON t.proc = c.proc AND t.raw_tid IS NOT DISTINCT FROM c.tid
+    WHERE shown"""
 
 _BATCH_COUNTER = """SELECT proc, '{cat}' AS domain, '{name}' AS name, start_ns AS ts_ns, 0 AS pos,
                            json_merge_patch('{{}}', json_object({values})) AS vals
@@ -132,19 +139,21 @@ _COUNTERS = f"""
 def _queries() -> dict[str, str]:
     """kind -> query whose rows are trace events (columns named as the trace's keys)."""
     return {
-        "span": f"""SELECT 'X' AS ph, name, cat, {_us('ts_ns')} AS ts, round((end_ns - ts_ns) / 1000.0, 3) AS dur,
-                           pid, tid, {_compact('attrs')} AS args
-                    FROM trace_span WHERE shown""",
-        "instant": f"""SELECT 'i' AS ph, name, cat, {_us('ts_ns')} AS ts, 't' AS s, pid, tid,
-                              {_compact('attrs')} AS args
-                       FROM trace_instant WHERE shown""",
+        "span": _SPANS,
+        "instant": _INSTANTS,
         "counter": f"""SELECT 'C' AS ph, name, cat, {_us('ts_ns')} AS ts, pid, 0 AS tid, vals AS args
                        FROM trace_counter WHERE shown""",
         **trace_requests.queries(),
     }
 
+# a span drawn on an overlap lane (a tid of 7 digits or more) in DuckDB's JSON lines: (pid, tid); the first
+# "pid" and "tid" keys of a line are the event's (a quote inside a name or category is escaped)
+_LANE = re.compile(r'"pid":(\d+),"tid":(\d{7,})')
 
-def _metadata_events(run: AnalysisRun, requests_pid: int) -> list[dict[str, object]]:
+
+def _metadata_events(run: AnalysisRun, requests_pid: int, lanes: set[tuple[int, int]]
+                     ) -> list[dict[str, object]]:
+    """Process and thread names and order; `lanes`: the overlap lanes drawn, (pid, tid)."""
     sort_of = {"api_server": 0, "engine_core": 2}
     events: list[dict[str, object]] = []
 
@@ -157,8 +166,6 @@ def _metadata_events(run: AnalysisRun, requests_pid: int) -> list[dict[str, obje
         if p.dropped:  # drops are shown in the trace, never hidden (Perfetto shows process labels)
             meta("process_labels", p.index + 1, 0, labels=f"dropped {p.dropped} records")
     pid_of = {p.index: p.pid for p in run.processes}
-    lanes = {(int(pid), int(tid)) for pid, tid in run.con.execute(
-        f"SELECT DISTINCT pid, tid FROM trace_span WHERE shown AND tid >= {OVERLAP_LANE}").fetchall()}
     for proc, tid, raw_tid in run.con.execute("SELECT proc, tid, raw_tid FROM trace_thread").fetchall():
         label = "main" if raw_tid == pid_of.get(proc) else "thread"
         meta("thread_name", proc + 1, tid, name=f"{label} {raw_tid}")
@@ -196,30 +203,41 @@ def write_trace(run: AnalysisRun, path: Path, window: tuple[float, float] | None
     con.execute("""CREATE OR REPLACE TEMP TABLE trace_thread AS
                    SELECT proc, tid AS raw_tid, (row_number() OVER (ORDER BY proc, tid))::INTEGER AS tid
                    FROM (SELECT DISTINCT proc, tid FROM record WHERE kind IN ('span', 'event'))""")
-    capped: dict[str, int] = {}
-    for kind, table, statement in (("span", "trace_span", _SPANS), ("instant", "trace_instant", _INSTANTS),
-                                   ("counter", "trace_counter", _COUNTERS)):
-        con.execute(statement.replace("{cap}", str(int(max_per_second))))
-        row = con.execute(f"SELECT count(*) FILTER (WHERE NOT shown) FROM {table}").fetchone()
-        capped[kind] = int(row[0]) if row else 0
-    capped["request"] = trace_requests.prepare(con, int(max_per_second))["capped_requests"]
-    folded = con.execute(f"SELECT count(*) FROM event WHERE {FOLDED} AND {_window_filter('ts_ns')}").fetchone()
+    cap = str(int(max_per_second))
+    con.execute(_COUNTERS.replace("{cap}", cap))
+    capped = {"counter": _count(con, "SELECT count(*) FILTER (WHERE NOT shown) FROM trace_counter")}
+    trace_requests.prepare(con, int(max_per_second))
+    capped["request"] = _count(con, "SELECT count(*) FILTER (WHERE NOT shown) FROM trace_request")
+    eligible = {
+        "span": _count(con, f"SELECT count(*) FROM span WHERE {_window_filter('start_ns', 'end_ns')}"),
+        "instant": _count(con, f"SELECT count(*) FROM event WHERE NOT ({FOLDED}) AND {_window_filter('ts_ns')}")}
+    folded = _count(con, f"SELECT count(*) FROM event WHERE {FOLDED} AND {_window_filter('ts_ns')}")
     collection = _collection_events(run, origin, lo, hi)
+    lanes: set[tuple[int, int]] = set()
     with scratch_dir(path.parent, path.name) as parts, open_output(path, "w", encoding="utf-8") as out:
         queries = _queries()
         for kind, query in queries.items():
-            con.execute(f"COPY ({query}) TO '{parts / kind}.json' (FORMAT json, ARRAY true)")
+            written = _count(con, f"COPY ({query.replace('{cap}', cap)}) TO '{parts / kind}.json' "
+                                  "(FORMAT json, ARRAY true)")
+            if kind in eligible:
+                capped[kind] = eligible[kind] - written
         counts = dict.fromkeys(queries, 0)
         out.write('{"traceEvents":[')
-        out.write(",".join(json.dumps(e, separators=(",", ":"))
-                           for e in _metadata_events(run, requests_pid) + collection))
+        sep = ""
         for kind in queries:
             with (parts / f"{kind}.json").open(encoding="utf-8") as fh:
                 for line in fh:  # "[", then one event per line (ending "," but the last), then "]"
                     line = line.strip()
                     if line not in ("[", "]", ""):
-                        out.write("," + line.rstrip(","))
+                        out.write(sep + line.rstrip(","))
+                        sep = ","
                         counts[kind] += 1
+                        if kind == "span" and (found := _LANE.search(line)):
+                            lanes.add((int(found[1]), int(found[2])))
+        # the names after the events (the viewers read them anywhere): the overlap lanes drawn are known now
+        for event in _metadata_events(run, requests_pid, lanes) + collection:
+            out.write(sep + json.dumps(event, separators=(",", ":")))
+            sep = ","
         counts["collection"] = len(collection)
         # reported per kind of track content: a request's slices together, a flow's two ends together
         counts["request"] += counts.pop("request_phase")
@@ -228,10 +246,16 @@ def write_trace(run: AnalysisRun, path: Path, window: tuple[float, float] | None
                     "time_convention": "ts/dur: microseconds since origin_epoch_ns",
                     "processes": [p.key for p in run.processes], "max_events_per_name_per_second": max_per_second,
                     "window_s": list(window) if window else None, "events": counts,
-                    "capped_events": capped, "folded_events": {"KVCache/allocate": int(folded[0]) if folded else 0},
+                    "capped_events": capped, "folded_events": {"KVCache/allocate": folded},
                     "dropped_records": sum(p.dropped for p in run.processes), "reader_problems": len(run.problems)}
         out.write('],"displayTimeUnit":"ms","metadata":' + json.dumps(metadata) + "}")
     return path
+
+
+def _count(con: duckdb.DuckDBPyConnection, query: str) -> int:
+    """The single number a query (a count, or a COPY's rows written) returns."""
+    row = con.execute(query).fetchone()
+    return int(row[0]) if row else 0
 
 
 class TraceExporter:

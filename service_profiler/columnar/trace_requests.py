@@ -107,34 +107,46 @@ _SLICES = f"""
     SELECT tid, any_value(state) AS name, min(a) AS a, max(z) AS z FROM grouped GROUP BY tid, part
 """
 
-# From the middle of the request's `queued` slice to the middle of its first batch's schedule span (as drawn:
-# same lane, not capped); mid-slice times bind each end to its own slice, not to a neighbour starting at the
+# The first batches' schedule spans as the trace draws them (same window, same cap), on their thread's main lane.
+_SCHEDULE = """
+    CREATE OR REPLACE TEMP TABLE trace_schedule AS
+    WITH s AS (
+        SELECT proc, tid, domain, start_ns, end_ns,
+               row_number() OVER (PARTITION BY proc, (start_ns - getvariable('origin')) // 1000000000
+                                  ORDER BY start_ns) <= {cap} AS shown
+        FROM span WHERE name = 'batchFrameworkProcessing'
+                    AND end_ns >= getvariable('lo') AND start_ns <= getvariable('hi'))
+    SELECT s.proc, s.start_ns, s.end_ns, t.tid
+    FROM s JOIN trace_thread t ON t.proc = s.proc AND t.raw_tid IS NOT DISTINCT FROM s.tid
+    WHERE s.shown AND s.domain = 'BatchSchedule'
+      AND s.start_ns IN (SELECT first_scheduled_ns FROM trace_request WHERE shown)"""
+
+# From the middle of the request's `queued` slice to the middle of its first batch's schedule span (bound to
+# it, or where a partly overlapping probe moved it to the thread's overlap lane, to the slice holding it on the
+# main lane: the step); mid-slice times bind each end to its own slice, not to a neighbour starting at the
 # same instant. Left out when the arrow would point back in time (clock skew). `end`: the columns of one end.
 _FLOW = """
     WITH f AS (
-        SELECT r.tid AS flow_id, q.a + (q.z - q.a) // 2 AS s_ns, s.ts_ns + (s.end_ns - s.ts_ns) // 2 AS f_ns,
-               s.pid AS f_pid, s.tid AS f_tid, r.tid
+        SELECT r.tid AS flow_id, q.a + (q.z - q.a) // 2 AS s_ns, s.start_ns + (s.end_ns - s.start_ns) // 2 AS f_ns,
+               s.proc + 1 AS f_pid, s.tid AS f_tid, r.tid
         FROM trace_request r
         JOIN trace_request_slice q ON q.tid = r.tid AND q.name = 'queued'
-        JOIN trace_span s ON s.pid = r.proc + 1 AND s.ts_ns = r.first_scheduled_ns AND s.shown
-                         AND s.cat = 'BatchSchedule' AND s.name = 'batchFrameworkProcessing'
+        JOIN trace_schedule s ON s.proc = r.proc AND s.start_ns = r.first_scheduled_ns
         WHERE r.shown
         QUALIFY row_number() OVER (PARTITION BY r.tid ORDER BY s.tid) = 1)
     SELECT {end} FROM f WHERE s_ns <= f_ns"""
 
-
-def prepare(con: duckdb.DuckDBPyConnection, cap: int) -> dict[str, int]:
-    """Build the request trace tables; returns {"requests": drawn, "capped_requests": left out by the cap}."""
+def prepare(con: duckdb.DuckDBPyConnection, cap: int) -> None:
+    """Build the request trace tables (`trace_request.shown`: drawn; the others were left out by the cap).
+    Needs the table `trace_thread` (trace_out.py)."""
     con.execute(_SHOWN.format(cap=cap))
     con.execute(_REWORK)
     con.execute(_SLICES)
-    row = con.execute("SELECT count(*) FILTER (WHERE shown), count(*) FILTER (WHERE NOT shown) "
-                      "FROM trace_request").fetchone()
-    return {"requests": int(row[0]) if row else 0, "capped_requests": int(row[1]) if row else 0}
+    con.execute(_SCHEDULE.format(cap=cap))
 
 
 def queries() -> dict[str, str]:
-    """kind -> query whose rows are trace events (after `prepare`); the flows need `trace_span`."""
+    """kind -> query whose rows are trace events (after `prepare`)."""
     return {
         "request": f"""
             SELECT 'X' AS ph, 'request' AS name, 'request' AS cat, {_us('arrival_ns')} AS ts,
