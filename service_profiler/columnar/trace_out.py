@@ -17,7 +17,8 @@ floored to a whole second), so ns precision survives in a double. Layout:
   from the batch table) and, for a process that recorded none, `kvcache` / `queues` from the batches;
 - the "Requests" process, one thread per request, and a flow from each request to its first batch
   (trace_requests.py).
-DuckDB writes each kind of event as a JSON array file; they are concatenated into the trace.
+DuckDB writes each kind of event as a JSON array file; they are concatenated into the trace, the process and
+thread names after them (viewers read them anywhere; which overlap lanes were drawn is known then).
 """
 
 from __future__ import annotations
