@@ -194,8 +194,24 @@ def test_partially_overlapping_span_moves_to_an_overlap_lane(tmp_path: Path) -> 
     probes = {e["name"]: e["tid"] for e in trace["traceEvents"] if e.get("cat") == "Probe"}
     assert probes["a"] != probes["b"]
     assert threads[(3, probes["a"])] == "thread 301"
-    assert threads[(3, probes["b"])] == "thread 301 overlap"
-    assert sum(name.endswith(" overlap") for name in threads.values()) == 1  # only lanes in use are named
+    assert threads[(3, probes["b"])] == "thread 301 overlap 1"
+    assert sum(" overlap " in name for name in threads.values()) == 1  # only lanes in use are named
+    assert trace["metadata"]["overlap_lanes"] == 1
+
+
+@pytest.mark.parametrize("spans", [[(0, 20), (5, 10), (8, 15)], [(0, 10), (5, 15), (12, 20)],
+                                   [(0, 10), (2, 12), (4, 14), (6, 16), (11, 13)]],
+                         ids=["crosses-a-child", "chain", "staircase"])
+def test_spans_that_cross_each_get_a_lane_where_they_nest(tmp_path: Path, spans: list[tuple[int, int]]) -> None:
+    """Whatever crosses on one thread, every lane nests (both validators check it) and every span is drawn."""
+    run = RawRun()
+    worker = run.process("host-b", 300, "worker", ANCHOR)
+    for i, (start, end) in enumerate(spans):
+        worker.span("Probe", f"p{i}", BASE + start * MS, BASE + end * MS, 301, None)
+    trace = _export(run.write(tmp_path / "run"), tmp_path)[0]
+    drawn = sorted((_ms(e["ts"]), _ms(e["ts"] + e["dur"])) for e in trace["traceEvents"] if e["ph"] == "X")
+    assert drawn == sorted(spans)
+    assert len({e["tid"] for e in trace["traceEvents"] if e["ph"] == "X"}) == 1 + trace["metadata"]["overlap_lanes"]
 
 
 def test_timestamps_are_us_since_origin_with_ns_precision(tmp_path: Path) -> None:

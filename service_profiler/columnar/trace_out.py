@@ -7,8 +7,8 @@ floored to a whole second), so ns precision survives in a double. Layout:
 - one process per raw file (pid = file index + 1), named "<role> <host>:<pid>", API server first, labelled
   with the records it dropped;
 - small tids unique in the trace, each named after the recorded thread id ("main" for the process's own);
-  spans are `X` slices, and a span partly overlapping an earlier one on its thread goes to that thread's
-  "overlap" lane; containers in args are shown as their length (`n_<key>`): a batch's request list would
+  spans are `X` slices, a span that does not nest on its thread's track drawn on an overlap lane of that
+  thread (trace_lanes.py); containers in args are shown as their length (`n_<key>`): a batch's request list would
   otherwise be most of the file;
 - events are thread-scoped instants (except per-request KVCache.allocate: the kvcache counter shows it,
   counted in metadata.folded_events); collection switched on/off is a process-scoped instant;
@@ -18,13 +18,12 @@ floored to a whole second), so ns precision survives in a double. Layout:
 - the "Requests" process, one thread per request, and a flow from each request to its first batch
   (trace_requests.py).
 DuckDB writes each kind of event as a JSON array file; they are concatenated into the trace, the process and
-thread names after them (viewers read them anywhere; which overlap lanes were drawn is known then).
+thread names after them (viewers read them anywhere).
 """
 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import duckdb
@@ -33,10 +32,10 @@ from service_profiler.outputs import open_output, scratch_dir
 
 from . import trace_requests
 from .run import AnalysisRun
+from .trace_lanes import OVERLAP_LANE, build_lanes
 
 DEFAULT_MAX_PER_SECOND = 2_000
-OVERLAP_LANE = 1 << 20  # added to a tid for its overlap lane
-REQUEST_TIDS = 1 << 21  # a request's tid: this + its row in the request table
+REQUEST_TIDS = 1 << 30  # a request's tid: this + its row in the request table
 FOLDED = "domain = 'KVCache' AND name = 'allocate'"
 SCHEDULE_SPAN = ("BatchSchedule", "batchFrameworkProcessing")
 
@@ -87,17 +86,13 @@ def _capped(partition: str, ts: str) -> str:
 # the spans and instants shown (within the cap), as trace events; the counters' candidates are a table, with
 # `shown`
 _SPANS = f"""
-    WITH s AS (
-        SELECT proc, tid, domain, name, start_ns AS ts_ns, end_ns, attrs,
-               max(end_ns) OVER (PARTITION BY proc, tid ORDER BY start_ns, end_ns DESC
-                                 ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS earlier_end
-        FROM span WHERE {_window_filter('start_ns', 'end_ns')}),
-    c AS (SELECT *, {_capped('proc, name', 'ts_ns')} AS shown FROM s)
-    SELECT 'X' AS ph, c.name, c.domain AS cat, {_us('c.ts_ns')} AS ts, round((c.end_ns - c.ts_ns) / 1000.0, 3) AS dur,
-           c.proc + 1 AS pid,
-           t.tid + CASE WHEN earlier_end > ts_ns AND earlier_end < end_ns THEN {OVERLAP_LANE} ELSE 0 END AS tid,
-           {_compact('c.attrs')} AS args
+    WITH c AS (SELECT *, {_capped('proc, name', 'start_ns')} AS shown FROM span s
+               WHERE {_window_filter('start_ns', 'end_ns')})
+    SELECT 'X' AS ph, c.name, c.domain AS cat, {_us('c.start_ns')} AS ts,
+           round((greatest(c.end_ns, c.start_ns) - c.start_ns) / 1000.0, 3) AS dur, c.proc + 1 AS pid,
+           t.tid + coalesce(l.lane, 0) * {OVERLAP_LANE} AS tid, {_compact('c.attrs')} AS args
     FROM c JOIN trace_thread t ON t.proc = c.proc AND t.raw_tid IS NOT DISTINCT FROM c.tid
+    LEFT JOIN trace_lane l ON l.tid = t.tid AND l.start_ns = c.start_ns AND l.end_ns = greatest(c.end_ns, c.start_ns)
     WHERE shown"""
 
 _INSTANTS = f"""
@@ -147,14 +142,8 @@ def _queries() -> dict[str, str]:
         **trace_requests.queries(),
     }
 
-# a span drawn on an overlap lane (a tid of 7 digits or more) in DuckDB's JSON lines: (pid, tid); the first
-# "pid" and "tid" keys of a line are the event's (a quote inside a name or category is escaped)
-_LANE = re.compile(r'"pid":(\d+),"tid":(\d{7,})')
-
-
-def _metadata_events(run: AnalysisRun, requests_pid: int, lanes: set[tuple[int, int]]
-                     ) -> list[dict[str, object]]:
-    """Process and thread names and order; `lanes`: the overlap lanes drawn, (pid, tid)."""
+def _metadata_events(run: AnalysisRun, requests_pid: int) -> list[dict[str, object]]:
+    """Process and thread names and order (overlap lanes named after their thread, below it)."""
     sort_of = {"api_server": 0, "engine_core": 2}
     events: list[dict[str, object]] = []
 
@@ -167,12 +156,16 @@ def _metadata_events(run: AnalysisRun, requests_pid: int, lanes: set[tuple[int, 
         if p.dropped:  # drops are shown in the trace, never hidden (Perfetto shows process labels)
             meta("process_labels", p.index + 1, 0, labels=f"dropped {p.dropped} records")
     pid_of = {p.index: p.pid for p in run.processes}
+    lanes: dict[int, list[int]] = {}
+    for tid, lane in run.con.execute("SELECT DISTINCT tid, lane FROM trace_lane ORDER BY tid, lane").fetchall():
+        lanes.setdefault(int(tid), []).append(int(lane))
     for proc, tid, raw_tid in run.con.execute("SELECT proc, tid, raw_tid FROM trace_thread").fetchall():
         label = "main" if raw_tid == pid_of.get(proc) else "thread"
         meta("thread_name", proc + 1, tid, name=f"{label} {raw_tid}")
-        meta("thread_sort_index", proc + 1, tid, sort_index=tid)  # recorded thread id order
-        if (proc + 1, tid + OVERLAP_LANE) in lanes:
-            meta("thread_name", proc + 1, tid + OVERLAP_LANE, name=f"{label} {raw_tid} overlap")
+        meta("thread_sort_index", proc + 1, tid, sort_index=tid * 1024)  # recorded thread id order
+        for lane in lanes.get(tid, ()):
+            meta("thread_name", proc + 1, tid + lane * OVERLAP_LANE, name=f"{label} {raw_tid} overlap {lane}")
+            meta("thread_sort_index", proc + 1, tid + lane * OVERLAP_LANE, sort_index=tid * 1024 + lane)
     meta("process_name", requests_pid, 0, name="Requests")
     meta("process_sort_index", requests_pid, 0, sort_index=1)
     for tid, name in trace_requests.thread_names(run.con):
@@ -205,6 +198,7 @@ def write_trace(run: AnalysisRun, path: Path, window: tuple[float, float] | None
                    SELECT proc, tid AS raw_tid, (row_number() OVER (ORDER BY proc, tid))::INTEGER AS tid
                    FROM (SELECT DISTINCT proc, tid FROM record WHERE kind IN ('span', 'event'))""")
     cap = str(int(max_per_second))
+    overlap_lanes = build_lanes(con, _window_filter("s.start_ns", "s.end_ns"))
     con.execute(_COUNTERS.replace("{cap}", cap))
     capped = {"counter": _count(con, "SELECT count(*) FILTER (WHERE NOT shown) FROM trace_counter")}
     trace_requests.prepare(con, int(max_per_second))
@@ -214,7 +208,6 @@ def write_trace(run: AnalysisRun, path: Path, window: tuple[float, float] | None
         "instant": _count(con, f"SELECT count(*) FROM event WHERE NOT ({FOLDED}) AND {_window_filter('ts_ns')}")}
     folded = _count(con, f"SELECT count(*) FROM event WHERE {FOLDED} AND {_window_filter('ts_ns')}")
     collection = _collection_events(run, origin, lo, hi)
-    lanes: set[tuple[int, int]] = set()
     with scratch_dir(path.parent, path.name) as parts, open_output(path, "w", encoding="utf-8") as out:
         queries = _queries()
         for kind, query in queries.items():
@@ -233,10 +226,8 @@ def write_trace(run: AnalysisRun, path: Path, window: tuple[float, float] | None
                         out.write(sep + line.rstrip(","))
                         sep = ","
                         counts[kind] += 1
-                        if kind == "span" and (found := _LANE.search(line)):
-                            lanes.add((int(found[1]), int(found[2])))
-        # the names after the events (the viewers read them anywhere): the overlap lanes drawn are known now
-        for event in _metadata_events(run, requests_pid, lanes) + collection:
+        # the names after the events (the viewers read them anywhere)
+        for event in _metadata_events(run, requests_pid) + collection:
             out.write(sep + json.dumps(event, separators=(",", ":")))
             sep = ","
         counts["collection"] = len(collection)
@@ -248,7 +239,8 @@ def write_trace(run: AnalysisRun, path: Path, window: tuple[float, float] | None
                     "processes": [p.key for p in run.processes], "max_events_per_name_per_second": max_per_second,
                     "window_s": list(window) if window else None, "events": counts,
                     "capped_events": capped, "folded_events": {"KVCache/allocate": folded},
-                    "dropped_records": sum(p.dropped for p in run.processes), "reader_problems": len(run.problems)}
+                    "overlap_lanes": overlap_lanes, "dropped_records": sum(p.dropped for p in run.processes),
+                    "reader_problems": len(run.problems)}
         out.write('],"displayTimeUnit":"ms","metadata":' + json.dumps(metadata) + "}")
     return path
 

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import duckdb
 
+from .trace_lanes import OVERLAP_LANE
+
 
 def _us(column: str) -> str:
     return f"round(({column} - getvariable('origin')) / 1000.0, 3)"
@@ -107,7 +109,7 @@ _SLICES = f"""
     SELECT tid, any_value(state) AS name, min(a) AS a, max(z) AS z FROM grouped GROUP BY tid, part
 """
 
-# The first batches' schedule spans as the trace draws them (same window, same cap), on their thread's main lane.
+# The first batches' schedule spans as the trace draws them (same window, same cap, same lane).
 _SCHEDULE = """
     CREATE OR REPLACE TEMP TABLE trace_schedule AS
     WITH s AS (
@@ -116,14 +118,14 @@ _SCHEDULE = """
                                   ORDER BY start_ns) <= {cap} AS shown
         FROM span WHERE name = 'batchFrameworkProcessing'
                     AND end_ns >= getvariable('lo') AND start_ns <= getvariable('hi'))
-    SELECT s.proc, s.start_ns, s.end_ns, t.tid
+    SELECT s.proc, s.start_ns, s.end_ns, t.tid + coalesce(l.lane, 0) * {lane} AS tid
     FROM s JOIN trace_thread t ON t.proc = s.proc AND t.raw_tid IS NOT DISTINCT FROM s.tid
+    LEFT JOIN trace_lane l ON l.tid = t.tid AND l.start_ns = s.start_ns AND l.end_ns = greatest(s.end_ns, s.start_ns)
     WHERE s.shown AND s.domain = 'BatchSchedule'
       AND s.start_ns IN (SELECT first_scheduled_ns FROM trace_request WHERE shown)"""
 
-# From the middle of the request's `queued` slice to the middle of its first batch's schedule span (bound to
-# it, or where a partly overlapping probe moved it to the thread's overlap lane, to the slice holding it on the
-# main lane: the step); mid-slice times bind each end to its own slice, not to a neighbour starting at the
+# From the middle of the request's `queued` slice to the middle of its first batch's schedule span; mid-slice
+# times bind each end to its own slice, not to a neighbour starting at the
 # same instant. Left out when the arrow would point back in time (clock skew). `end`: the columns of one end.
 _FLOW = """
     WITH f AS (
@@ -138,11 +140,11 @@ _FLOW = """
 
 def prepare(con: duckdb.DuckDBPyConnection, cap: int) -> None:
     """Build the request trace tables (`trace_request.shown`: drawn; the others were left out by the cap).
-    Needs the table `trace_thread` (trace_out.py)."""
+    Needs the tables `trace_thread` (trace_out.py) and `trace_lane` (trace_lanes.py)."""
     con.execute(_SHOWN.format(cap=cap))
     con.execute(_REWORK)
     con.execute(_SLICES)
-    con.execute(_SCHEDULE.format(cap=cap))
+    con.execute(_SCHEDULE.format(cap=cap, lane=OVERLAP_LANE))
 
 
 def queries() -> dict[str, str]:
