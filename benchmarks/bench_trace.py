@@ -4,8 +4,9 @@ another version of the exporter, alternated on the same analysis so both see the
     python benchmarks/bench_trace.py RUN_DIR [--baseline OLD_TRACE_OUT.py] [--repeat 3] [--out DIR]
 
 The analysis tables are built once (not timed); each repeat then writes chrome_tracing.json with the
-current exporter (and the baseline, when given). Reported per exporter: each wall time, their median and
-min-max, the file's size and its event counts.
+current exporter (and the baseline, when given). Reported per exporter: each wall time and CPU time (all of
+the process's threads: on a shared machine the steadier figure), their medians and min-max, the file's size
+and its event counts.
 """
 
 from __future__ import annotations
@@ -51,21 +52,25 @@ def main() -> None:
     run = analyze_run([args.run])
     print(f"tables built in {time.perf_counter() - built:.1f} s", flush=True)
     times: dict[str, list[float]] = {name: [] for name in exporters}
+    cpu: dict[str, list[float]] = {name: [] for name in exporters}
     try:
         for _ in range(args.repeat):
             for name, module in exporters.items():
                 (out / name).mkdir(parents=True, exist_ok=True)
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 module.write_trace(run, out / name / "chrome_tracing.json")
                 times[name].append(time.perf_counter() - start)
-                print(f"  {name}: {times[name][-1]:.2f} s", flush=True)
+                cpu[name].append(time.process_time() - start_cpu)
+                print(f"  {name}: {times[name][-1]:.2f} s wall, {cpu[name][-1]:.2f} s CPU", flush=True)
     finally:
         run.close()
     for name, runs in times.items():
         path = out / name / "chrome_tracing.json"
         meta = json.loads(path.read_text(encoding="utf-8"))["metadata"]
-        print(f"{name}: median {statistics.median(runs):.2f} s (min {min(runs):.2f}, max {max(runs):.2f}, "
-              f"n={len(runs)}), {path.stat().st_size / 1e6:.1f} MB, events {meta.get('events')}")
+        used = cpu[name]
+        print(f"{name}: wall median {statistics.median(runs):.2f} s (min {min(runs):.2f}, max {max(runs):.2f}), "
+              f"CPU median {statistics.median(used):.2f} s (min {min(used):.2f}, max {max(used):.2f}), n={len(runs)}, "
+              f"{path.stat().st_size / 1e6:.1f} MB, events {meta.get('events')}")
 
 
 if __name__ == "__main__":
