@@ -219,6 +219,7 @@ def test_timestamps_are_us_since_origin_with_ns_precision(tmp_path: Path) -> Non
     trace = _export(tmp_path / "run", tmp_path)[0]
     origin = trace["metadata"]["origin_epoch_ns"]
     assert origin == ORIGIN
+    assert trace["metadata"]["origin_utc"] == "2025-06-15T15:06:40+00:00"  # BASE // 1e9 = 1,750,000,000 s
     worker = next(p for p in raw.processes if p.role == "worker")
     xs = {e["name"]: e for e in trace["traceEvents"] if e["ph"] == "X" and e["pid"] == 3}
     spans = [(name, rec) for (kind, _, name), rec, _ in worker.records if kind == "span"]

@@ -24,6 +24,7 @@ thread names after them (viewers read them anywhere).
 from __future__ import annotations
 
 import json
+from datetime import datetime, timezone
 from pathlib import Path
 
 import duckdb
@@ -235,6 +236,7 @@ def write_trace(run: AnalysisRun, path: Path, window: tuple[float, float] | None
         counts["request"] += counts.pop("request_phase")
         counts["flow"] = counts.pop("flow_start") + counts.pop("flow_end")
         metadata = {"generator": "service-profiler", "origin_epoch_ns": origin,
+                    "origin_utc": datetime.fromtimestamp(origin / 1e9, tz=timezone.utc).isoformat(),
                     "time_convention": "ts/dur: microseconds since origin_epoch_ns",
                     "processes": [p.key for p in run.processes], "max_events_per_name_per_second": max_per_second,
                     "window_s": list(window) if window else None, "events": counts,
