@@ -1,5 +1,6 @@
-"""The request breakdown (analyze/request_breakdown.py) and the shared clock anchor of one host's
-processes (rawfile.shared_clock_offsets), on hand-made records with known answers."""
+"""The request breakdown (columnar/breakdown.py: the HTTP server's view of each request), its request track
+in the trace, and the shared clock anchor of one host's processes, on hand-made raw files with known
+answers, through the DuckDB pipeline."""
 
 from __future__ import annotations
 
@@ -8,62 +9,63 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from raw_writer import RawRun
+from trace_check import validate_trace
 
-from service_profiler.analyze.chrome import build_chrome_trace
-from service_profiler.analyze.tables import build_tables
+from service_profiler.columnar.run import analyze_run
+from service_profiler.columnar.trace_out import write_trace
 from service_profiler.columns import BREAKDOWN_COLUMNS, PART_COLUMNS
-from service_profiler.rawdata.rawfile import EventRecord, ProcessInfo, RunData, SpanRecord, read_run
 
 MS = 1_000_000
 T0 = 1_700_000_000_000_000_000  # epoch ns
 
 
-def _proc(index: int, role: str) -> ProcessInfo:
-    return ProcessInfo(index=index, key=f"h:{index}", hostname="h", pid=100 + index, ppid=1, role=role, argv=[],
-                       engine=None, profiler_version="t", wall_offset_ns=0)
-
-
-def _run(*, first_body_ms: float = 40.0, stream: bool = True, with_http: bool = True) -> RunData:
+def _run(directory: Path, *, first_body_ms: float = 40.0, stream: bool = True, with_http: bool = True) -> Path:
     """One request: HTTP arrival at 0, body read at 2 ms, handed to the engine at 10 ms, enqueued at
     11, scheduled at 20 (step ends at 30), API has the first token at 32, sent at `first_body_ms`,
     last token at 70, last byte at 72 (ms after T0). A second request has no HTTP data."""
-    run = RunData(processes=[_proc(0, "api"), _proc(1, "engine")])
+    run = RawRun()
+    api = run.process("h", 100, "api", T0 - 1_000 * MS)
+    engine = run.process("h", 101, "engine", T0 - 1_000 * MS)
     http = {"rids": ["r1"], "arrival_source": "kernel", "read": 1 * MS, "status": 200, "chunks": 5,
             "body_received": 2 * MS, "response_start": 5 * MS if stream else 71 * MS,
             "first_body": int(first_body_ms * MS) if stream else 71 * MS, "last_body": 72 * MS, "end": 73 * MS}
-    ev: list[tuple[int, str, str, float, dict[str, Any]]] = [
-        (0, "Request", "httpReq", 10, {"rid": "r1", "api_rid": "a1", "prompt_tokens": 4, "stream": stream,
-                                       "arrival_time": (T0 + 8 * MS) / 1e9}),
-        (1, "Request", "enqueue", 11, {"rid": "r1", "prompt_tokens": 4}),
-        (0, "Request", "tokens", 32, {"reqs": [["r1", 1, 0, None]]}),
-        (0, "Request", "tokens", 70, {"reqs": [["r1", 3, 1, "length"]]}),
-        (0, "Request", "httpRes", 70.5, {"rid": "r1", "output_tokens": 4, "finish_reason": "length"}),
-        (1, "Request", "enqueue", 100, {"rid": "r2", "prompt_tokens": 4}),
+    events: list[tuple[Any, str, float, dict[str, Any]]] = [
+        (api, "httpReq", 10, {"rid": "r1", "api_rid": "a1", "prompt_tokens": 4, "stream": stream,
+                              "arrival_time": (T0 + 8 * MS) / 1e9}),
+        (engine, "enqueue", 11, {"rid": "r1", "prompt_tokens": 4}),
+        (api, "tokens", 32, {"reqs": [["r1", 1, 0, None]]}),
+        (api, "tokens", 70, {"reqs": [["r1", 3, 1, "length"]]}),
+        (api, "httpRes", 70.5, {"rid": "r1", "output_tokens": 4, "finish_reason": "length"}),
+        (engine, "enqueue", 100, {"rid": "r2", "prompt_tokens": 4}),
     ]
     if with_http:
-        ev.append((0, "Request", "httpExchange", 0, http))
-    run.events = sorted((EventRecord(p, d, n, T0 + int(ms * MS), 1, a) for p, d, n, ms, a in ev),
-                        key=lambda e: e.ts_ns)
-    run.spans = [
-        SpanRecord(1, "BatchSchedule", "batchFrameworkProcessing", T0 + 20 * MS, T0 + 21 * MS, 2,
-                   {"batch_id": 0, "reqs": [["r1", 0, 4, 0, 4, 0]]}),
-        SpanRecord(1, "BatchSchedule", "updateFromOutput", T0 + 29 * MS, T0 + 30 * MS, 2,
-                   {"batch_id": 0, "finished": []}),
-        SpanRecord(1, "BatchSchedule", "batchFrameworkProcessing", T0 + 101 * MS, T0 + 102 * MS, 2,
-                   {"batch_id": 1, "reqs": [["r2", 0, 4, 0, 4, 0]]}),
-    ]
-    return run
+        events.append((api, "httpExchange", 0, http))
+    for proc, name, ms, attrs in events:
+        proc.event("Request", name, T0 + int(ms * MS), 1, attrs)
+    engine.span("BatchSchedule", "batchFrameworkProcessing", T0 + 20 * MS, T0 + 21 * MS, 2,
+                {"batch_id": 0, "reqs": [["r1", 0, 4, 0, 4, 0]]})
+    engine.span("BatchSchedule", "updateFromOutput", T0 + 29 * MS, T0 + 30 * MS, 2, {"batch_id": 0, "finished": []})
+    engine.span("BatchSchedule", "batchFrameworkProcessing", T0 + 101 * MS, T0 + 102 * MS, 2,
+                {"batch_id": 1, "reqs": [["r2", 0, 4, 0, 4, 0]]})
+    return run.write(directory)
 
 
-def _rows(run: RunData) -> dict[str, dict[str, Any]]:
-    table = build_tables(run).requests
+def _rows(directory: Path) -> dict[str, dict[str, Any]]:
+    analysis = analyze_run([directory])
+    try:
+        cursor = analysis.con.execute("SELECT * FROM request ORDER BY row_no")
+        columns = [d[0] for d in cursor.description or ()]
+        rows = cursor.fetchall()
+    finally:
+        analysis.close()
     # the breakdown, then the completeness marks last
-    assert table.columns[-len(BREAKDOWN_COLUMNS) - 2:] == [*BREAKDOWN_COLUMNS, "complete", "incomplete_reason"]
-    return {r["rid"]: r for r in table.dicts()}
+    assert columns[-len(BREAKDOWN_COLUMNS) - 2:] == [*BREAKDOWN_COLUMNS, "complete", "incomplete_reason"]
+    return {row[columns.index("rid")]: dict(zip(columns, row, strict=True)) for row in rows}
 
 
-def test_streamed_request_is_timed_from_the_http_arrival_to_the_bytes_written() -> None:
-    row = _rows(_run())["r1"]
+def test_streamed_request_is_timed_from_the_http_arrival_to_the_bytes_written(tmp_path: Path) -> None:
+    row = _rows(_run(tmp_path))["r1"]
     assert row["arrival_source"] == "http" and row["stream"] is True and row["http_status"] == 200
     assert row["arrival_ns"] == row["http_arrival_ns"] == T0
     assert row["ttft_ms"] == pytest.approx(40.0) and row["e2e_ms"] == pytest.approx(72.0)
@@ -75,22 +77,22 @@ def test_streamed_request_is_timed_from_the_http_arrival_to_the_bytes_written() 
     assert row["engine_e2e_ms"] == pytest.approx(62.0, abs=1e-3)
 
 
-def test_non_streamed_request_sends_its_first_token_with_the_response() -> None:
-    row = _rows(_run(stream=False))["r1"]
+def test_non_streamed_request_sends_its_first_token_with_the_response(tmp_path: Path) -> None:
+    row = _rows(_run(tmp_path, stream=False))["r1"]
     assert row["ttft_ms"] == pytest.approx(71.0) and row["e2e_ms"] == pytest.approx(72.0)
     assert row["first_token_delivery_ms"] == pytest.approx(41.0) and row["decode_delivery_ms"] == pytest.approx(1.0)
 
 
-def test_a_milestone_out_of_order_costs_its_part_not_the_sum() -> None:
+def test_a_milestone_out_of_order_costs_its_part_not_the_sum(tmp_path: Path) -> None:
     # the first bytes stamped before the engine's step ended (another host's clock, say): that part is 0
-    row = _rows(_run(first_body_ms=25.0))["r1"]
+    row = _rows(_run(tmp_path, first_body_ms=25.0))["r1"]
     parts = [row[name] for name in PART_COLUMNS]
     assert parts[4] == 0.0 and sum(parts) == pytest.approx(row["e2e_ms"])
     assert sum(parts[:4]) == pytest.approx(30.0)
 
 
-def test_without_http_data_the_old_definitions_hold() -> None:
-    rows = _rows(_run(with_http=False))
+def test_without_http_data_the_old_definitions_hold(tmp_path: Path) -> None:
+    rows = _rows(_run(tmp_path, with_http=False))
     row = rows["r1"]
     assert row["arrival_source"] == "api" and row["arrival_ns"] == row["handoff_ns"] == T0 + 10 * MS
     assert row["ttft_ms"] == pytest.approx(22.0) and row["e2e_ms"] == pytest.approx(60.0)
@@ -98,18 +100,25 @@ def test_without_http_data_the_old_definitions_hold() -> None:
     assert rows["r2"]["arrival_source"] == "engine"
 
 
-def test_trace_request_track_runs_from_the_http_arrival_to_the_last_byte() -> None:
-    trace = build_chrome_trace(_run())
-    track = [e for e in trace["traceEvents"] if e.get("cat") == "request" and e.get("ph") in ("X", "i")
-             and e.get("pid") == next(x["pid"] for x in trace["traceEvents"] if x.get("name") == "request"
-                                      and x.get("args", {}).get("rid") == "r1")]
-    request = next(e for e in track if e["name"] == "request" and e["args"]["rid"] == "r1")
+def test_trace_request_track_runs_from_the_http_arrival_to_the_last_byte(tmp_path: Path) -> None:
+    analysis = analyze_run([_run(tmp_path / "run")])
+    try:
+        path = write_trace(analysis, tmp_path / "chrome_tracing.json")
+    finally:
+        analysis.close()
+    trace = json.loads(path.read_text(encoding="utf-8"))
+    assert validate_trace(trace) == []
+    request = next(e for e in trace["traceEvents"] if e["name"] == "request" and e["args"]["rid"] == "r1")
     assert request["dur"] == pytest.approx(72_000.0) and request["args"]["ttft_ms"] == pytest.approx(40.0)
-    tid = request["tid"]
-    names = [e["name"] for e in sorted((e for e in track if e["tid"] == tid and e["ph"] == "X"),
-                                       key=lambda e: e["ts"]) if e["name"] != "request"]
-    assert names == ["http receive", "preprocess", "queued", "prefill", "decode", "respond"]
-    sent = next(e for e in track if e["tid"] == tid and e["name"] == "first token sent")
+    track = sorted((e for e in trace["traceEvents"] if (e["pid"], e.get("tid")) == (request["pid"], request["tid"])
+                    and e["ph"] in "Xi" and e["name"] != "request"), key=lambda e: e["ts"])
+    slices = [(e["name"], round((e["ts"] - request["ts"]) / 1000, 6), round(e["dur"] / 1000, 6))
+              for e in track if e["ph"] == "X"]
+    # the HTTP parts as the request table's breakdown (2, 8, 10 ms), then prefill to the API's first token
+    # (32), decode to its last (70), respond to the last byte written (72)
+    assert slices == [("http receive", 0, 2), ("preprocess", 2, 8), ("queued", 10, 10), ("prefill", 20, 12),
+                      ("decode", 32, 38), ("respond", 70, 2)]
+    sent = next(e for e in track if e["name"] == "first token sent")
     assert sent["ts"] - request["ts"] == pytest.approx(40_000.0)
 
 
@@ -130,8 +139,11 @@ def test_processes_of_one_boot_share_the_first_anchor(tmp_path: Path, boot_id: s
          event_mono_ns=40_000 * MS)
     _raw(tmp_path / "h-2.sprof.jsonl", 2, wall_ns=T0 + 30_150 * MS, mono_ns=31_000 * MS, boot_id=boot_id,
          event_mono_ns=40_000 * MS)
-    run = read_run([tmp_path])
-    stamps = sorted(e.ts_ns for e in run.events)
+    analysis = analyze_run([tmp_path])
+    try:
+        stamps = [ts for (ts,) in analysis.con.execute("SELECT ts_ns FROM event ORDER BY ts_ns").fetchall()]
+    finally:
+        analysis.close()
     if boot_id is None:  # older files: one host's anchors that agree within a second share one
         assert stamps[0] == stamps[1]
     else:  # one monotonic instant, one epoch time: the first process's anchor

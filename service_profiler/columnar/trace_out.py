@@ -1,33 +1,44 @@
 """Chrome / Perfetto trace (chrome_tracing.json), bounded: at most `max_per_second` events of one name per
-process per second of the run (the rest are counted in metadata.capped_events), and optionally only a
-time window (`window`, seconds since the run's first timestamp).
+process per second of the run, and requests arriving per second (the rest are counted in
+metadata.capped_events), and optionally only a time window (`window`, seconds since the origin below).
 
 Timestamps: `ts`/`dur` in microseconds relative to `metadata.origin_epoch_ns` (the run's first timestamp
 floored to a whole second), so ns precision survives in a double. Layout:
-- one process per raw file (pid = file index + 1), named "<role> <host>:<pid>", API server first;
-- small tids unique in the trace, each named after the recorded thread id; spans are `X` slices, and a
-  span partly overlapping an earlier one on its thread goes to that thread's "overlap" lane;
-- events are thread-scoped instants (except per-request KVCache.allocate: the kvcache counter shows it);
-- counters are `C` events, one series per numeric value;
-- a "Requests" process, one thread per request: a `request` slice holding adjacent `http receive` /
-  `preprocess` / `queued` / `prefill` / `decode` / `respond` slices (the HTTP ones where the HTTP server
-  was recorded: the slice then runs from the HTTP arrival to the last byte written) and a `first token
-  sent` instant; its args carry the request table's client-facing `ttft_ms` and `e2e_ms`.
-DuckDB writes each kind of event as a JSON array file; they are concatenated into the trace.
+- one process per raw file (pid = file index + 1), named "<role> <host>:<pid>", API server first, labelled
+  with the records it dropped;
+- small tids unique in the trace, each named after the recorded thread id ("main" for the process's own);
+  spans are `X` slices, a span that does not nest on its thread's track drawn on an overlap lane of that
+  thread (trace_lanes.py); containers in args are shown as their length (`n_<key>`): a batch's request list would
+  otherwise be most of the file;
+- events are thread-scoped instants (except per-request KVCache.allocate: the kvcache counter shows it,
+  counted in metadata.folded_events); collection switched on/off is a process-scoped instant;
+- counters are `C` events, one series per numeric value, a sample repeating the one before left out (the
+  track holds its value): the recorded ones, `tokens` (prefill / decode / total tokens scheduled per step,
+  from the batch table) and, for a process that recorded none, `kvcache` / `queues` from the batches;
+- the "Requests" process, one thread per request, and a flow from each request to its first batch
+  (trace_requests.py).
+DuckDB writes each kind of event as a JSON array file; they are concatenated into the trace, the process and
+thread names after them (viewers read them anywhere).
 """
 
 from __future__ import annotations
 
 import json
+from datetime import datetime, timezone
 from pathlib import Path
+
+import duckdb
 
 from service_profiler.outputs import open_output, scratch_dir
 
+from . import trace_requests
 from .run import AnalysisRun
+from .trace_lanes import OVERLAP_LANE, build_lanes
 
 DEFAULT_MAX_PER_SECOND = 2_000
-OVERLAP_LANE = 1 << 20  # added to a tid for its overlap lane
-FOLDED = "NOT (domain = 'KVCache' AND name = 'allocate')"
+REQUEST_TIDS = 1 << 30  # a request's tid: this + its row in the request table
+FOLDED = "domain = 'KVCache' AND name = 'allocate'"
+SCHEDULE_SPAN = ("BatchSchedule", "batchFrameworkProcessing")
 
 
 def _us(column: str) -> str:
@@ -39,98 +50,137 @@ def _window_filter(column: str, end_column: str | None = None) -> str:
     return f"{end} >= getvariable('lo') AND {column} <= getvariable('hi')"
 
 
-def _queries(cap: int) -> dict[str, str]:
+def _compact(obj: str) -> str:
+    """The JSON object `obj` with each array / object value replaced by its length under `n_<key>` (parsed
+    only when its text has a bracket past the first character: one parse into a map, then each value's
+    first character); attributes that are not an object, or that repeat a key, are shown as `value`."""
+    return f"""CASE WHEN {obj} IS NULL THEN '{{}}'::JSON
+        WHEN json_type({obj}) <> 'OBJECT' THEN json_object('value', {obj})
+        WHEN NOT (contains({obj}::VARCHAR, '[') OR contains(substr({obj}::VARCHAR, 2), '{{')) THEN {obj}
+        WHEN {_repeats_a_key(obj)} THEN json_object('value', {obj})
+        ELSE to_json(map_from_entries(list_transform(map_entries({obj}::MAP(VARCHAR, JSON)), lambda m:
+            CASE left(m.value::VARCHAR, 1)
+                WHEN '[' THEN {{'key': 'n_' || m.key, 'value': to_json(json_array_length(m.value))}}
+                WHEN '{{' THEN {{'key': 'n_' || m.key, 'value': to_json(len(json_keys(m.value)))}}
+                ELSE {{'key': m.key, 'value': m.value}} END))) END"""
+
+
+def _repeats_a_key(obj: str) -> str:
+    """Whether the JSON object `obj` has a key twice (a crafted line: it cannot be made a map)."""
+    return f"len(json_keys({obj})) <> len(list_distinct(json_keys({obj})))"
+
+
+def _numeric(obj: str) -> str:
+    """The numeric members of the JSON object `obj` (anything else would make a counter event invalid)."""
+    return f"""CASE WHEN NOT regexp_matches({obj}::VARCHAR, ':\\s*[^-0-9\\s]') THEN {obj}  -- numbers only
+        WHEN {_repeats_a_key(obj)} THEN '{{}}'::JSON
+        ELSE to_json(map_from_entries(list_filter(map_entries({obj}::MAP(VARCHAR, JSON)),
+                                                  lambda m: json_type(m.value) IN ('BIGINT', 'UBIGINT', 'DOUBLE'))))
+        END"""
+
+
+def _capped(partition: str, ts: str) -> str:
+    return (f"row_number() OVER (PARTITION BY {partition}, ({ts} - getvariable('origin')) // 1000000000 "
+            f"ORDER BY {ts}) <= {{cap}}")
+
+
+# the spans and instants shown (within the cap), as trace events; the counters' candidates are a table, with
+# `shown`
+_SPANS = f"""
+    WITH c AS (SELECT *, {_capped('proc, name', 'start_ns')} AS shown FROM span s
+               WHERE {_window_filter('start_ns', 'end_ns')})
+    SELECT 'X' AS ph, c.name, c.domain AS cat, {_us('c.start_ns')} AS ts,
+           round((greatest(c.end_ns, c.start_ns) - c.start_ns) / 1000.0, 3) AS dur, c.proc + 1 AS pid,
+           t.tid + coalesce(l.lane, 0) * {OVERLAP_LANE} AS tid, {_compact('c.attrs')} AS args
+    FROM c JOIN trace_thread t ON t.proc = c.proc AND t.raw_tid IS NOT DISTINCT FROM c.tid
+    LEFT JOIN trace_lane l ON l.tid = t.tid AND l.start_ns = c.start_ns AND l.end_ns = greatest(c.end_ns, c.start_ns)
+    WHERE shown"""
+
+_INSTANTS = f"""
+    WITH c AS (SELECT *, {_capped('proc, name', 'ts_ns')} AS shown FROM event
+               WHERE NOT ({FOLDED}) AND {_window_filter('ts_ns')})
+    SELECT 'i' AS ph, c.name, c.domain AS cat, {_us('c.ts_ns')} AS ts, 't' AS s, c.proc + 1 AS pid, t.tid,
+           {_compact('c.attrs')} AS args
+    FROM c JOIN trace_thread t ON t.proc = c.proc AND t.raw_tid IS NOT DISTINCT FROM c.tid
+    WHERE shown"""
+
+_BATCH_COUNTER = """SELECT proc, '{cat}' AS domain, '{name}' AS name, start_ns AS ts_ns, 0 AS pos,
+                           json_merge_patch('{{}}', json_object({values})) AS vals
+                    FROM batch WHERE {where} AND {window}"""
+
+_COUNTERS = f"""
+    CREATE OR REPLACE TEMP TABLE trace_counter AS
+    WITH src AS (
+        SELECT proc, domain, name, ts_ns, pos, {_numeric('vals')} AS vals
+        FROM counter WHERE {_window_filter('ts_ns')} AND json_type(vals) = 'OBJECT'
+        UNION ALL
+        SELECT proc, 'BatchSchedule', 'tokens', start_ns, 0,
+               json_object('total', total_scheduled_tokens, 'prefill', prefill_tokens, 'decode', decode_tokens)
+        FROM batch WHERE total_scheduled_tokens IS NOT NULL AND {_window_filter('start_ns')}
+        UNION ALL {_BATCH_COUNTER.format(
+            cat="KVCache", name="kvcache", window=_window_filter('start_ns'),
+            where="kv_total_blocks IS NOT NULL AND proc NOT IN (SELECT proc FROM counter WHERE name = 'kvcache')",
+            values="'total_blocks', kv_total_blocks, 'used_blocks', kv_used_blocks, 'usage', kv_usage")}
+        UNION ALL {_BATCH_COUNTER.format(
+            cat="BatchSchedule", name="queues", window=_window_filter('start_ns'),
+            where="running IS NOT NULL AND proc NOT IN (SELECT proc FROM counter WHERE name = 'queues')",
+            values="'running', running, 'waiting', waiting")}),
+    changed AS (
+        SELECT *, vals::VARCHAR IS DISTINCT FROM lag(vals::VARCHAR) OVER (PARTITION BY proc, name ORDER BY ts_ns, pos)
+                  AS new_value
+        FROM src WHERE vals::VARCHAR <> '{{}}')
+    SELECT name, domain AS cat, ts_ns, proc + 1 AS pid, vals, {_capped('proc, name', 'ts_ns')} AS shown
+    FROM changed WHERE new_value"""
+
+
+def _queries() -> dict[str, str]:
     """kind -> query whose rows are trace events (columns named as the trace's keys)."""
-    capped = "row_number() OVER (PARTITION BY proc, name, (ts_ns - getvariable('origin')) // 1000000000 ORDER BY ts_ns)"
     return {
-        "span": f"""
-            WITH s AS (
-                SELECT proc, tid, domain, name, start_ns AS ts_ns, end_ns, attrs,
-                       max(end_ns) OVER (PARTITION BY proc, tid ORDER BY start_ns, end_ns DESC
-                                         ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS earlier_end
-                FROM span WHERE {_window_filter('start_ns', 'end_ns')}),
-            c AS (SELECT *, {capped} AS n FROM s)
-            SELECT 'X' AS ph, name, domain AS cat, {_us('ts_ns')} AS ts, round((end_ns - ts_ns) / 1000.0, 3) AS dur,
-                   c.proc + 1 AS pid,
-                   t.tid + CASE WHEN earlier_end > ts_ns AND earlier_end < end_ns THEN {OVERLAP_LANE} ELSE 0 END AS tid,
-                   coalesce(CAST(json_merge_patch(attrs, '{{"reqs": null}}') AS JSON), '{{}}') AS args
-            FROM c JOIN trace_thread t ON t.proc = c.proc AND t.raw_tid IS NOT DISTINCT FROM c.tid
-            WHERE n <= {cap}""",
-        "instant": f"""
-            WITH c AS (SELECT *, {capped} AS n FROM event WHERE {FOLDED} AND {_window_filter('ts_ns')})
-            SELECT 'i' AS ph, name, domain AS cat, {_us('ts_ns')} AS ts, 't' AS s, c.proc + 1 AS pid, t.tid,
-                   coalesce(attrs, '{{}}') AS args
-            FROM c JOIN trace_thread t ON t.proc = c.proc AND t.raw_tid IS NOT DISTINCT FROM c.tid
-            WHERE n <= {cap}""",
-        "counter": f"""
-            WITH c AS (SELECT *, {capped} AS n FROM counter WHERE {_window_filter('ts_ns')})
-            SELECT 'C' AS ph, name, {_us('ts_ns')} AS ts, proc + 1 AS pid, 0 AS tid, vals AS args
-            FROM c WHERE n <= {cap}""",
-        # the request's life as adjacent slices between boundaries made monotonic (the API server's and
-        # the engine's clocks may disagree by a little): HTTP arrival, body read, engine arrival, first
-        # scheduled, first token, completion, last byte written; an empty slice is left out
-        "request": f"""
-            WITH r AS (
-                SELECT row_no AS tid, rid, arrival_source, ttft_ms, e2e_ms, arrival_ns AS b0,
-                       greatest(arrival_ns, coalesce(body_received_ns, arrival_ns)) AS b1, engine_arrival_ns,
-                       first_scheduled_ns, first_token_ns, completion_ns, last_byte_sent_ns
-                FROM request
-                WHERE arrival_ns IS NOT NULL AND coalesce(last_byte_sent_ns, completion_ns) >= arrival_ns
-                  AND {_window_filter('arrival_ns', 'coalesce(last_byte_sent_ns, completion_ns)')}),
-            -- without the HTTP server's records, the engine's phases start at the request's arrival
-            b2 AS (SELECT *, CASE WHEN arrival_source = 'http' THEN greatest(b1, coalesce(engine_arrival_ns, b1))
-                                  ELSE b1 END AS b2 FROM r),
-            b3 AS (SELECT *, greatest(b2, coalesce(first_scheduled_ns, b2)) AS b3 FROM b2),
-            b4 AS (SELECT *, greatest(b3, coalesce(first_token_ns, b3)) AS b4 FROM b3),
-            b5 AS (SELECT *, greatest(b4, coalesce(completion_ns, b4)) AS b5 FROM b4),
-            b AS (SELECT *, greatest(b5, coalesce(last_byte_sent_ns, b5)) AS b6 FROM b5),
-            phase AS (
-                SELECT tid, rid, 'request' AS name, b0 AS a, b6 AS z, 0 AS k,
-                       json_object('rid', rid, 'arrival', arrival_source, 'ttft_ms', ttft_ms, 'e2e_ms', e2e_ms) AS args
-                FROM b
-                UNION ALL SELECT tid, rid, 'http receive', b0, b1, 1, json_object('rid', rid) FROM b
-                UNION ALL SELECT tid, rid, 'preprocess', b1, b2, 2, json_object('rid', rid) FROM b
-                UNION ALL SELECT tid, rid, 'queued', b2, b3, 3, json_object('rid', rid) FROM b
-                UNION ALL SELECT tid, rid, 'prefill', b3, b4, 4, json_object('rid', rid) FROM b
-                UNION ALL SELECT tid, rid, 'decode', b4, b5, 5, json_object('rid', rid) FROM b
-                UNION ALL SELECT tid, rid, 'respond', b5, b6, 6, json_object('rid', rid) FROM b)
-            SELECT 'X' AS ph, name, 'request' AS cat, {_us('a')} AS ts, round((z - a) / 1000.0, 3) AS dur,
-                   getvariable('requests_pid') AS pid, tid, args
-            FROM phase WHERE z > a OR k = 0
-            ORDER BY tid, k""",
-        "request_instant": f"""
-            SELECT 'i' AS ph, 'first token sent' AS name, 'request' AS cat, {_us('first_token_sent_ns')} AS ts,
-                   't' AS s, getvariable('requests_pid') AS pid, row_no AS tid, json_object('rid', rid) AS args
-            FROM request
-            WHERE first_token_sent_ns IS NOT NULL AND arrival_ns IS NOT NULL
-              AND coalesce(last_byte_sent_ns, completion_ns) >= arrival_ns
-              AND first_token_sent_ns BETWEEN arrival_ns AND greatest(coalesce(last_byte_sent_ns, completion_ns),
-                                                                       completion_ns)
-              AND {_window_filter('first_token_sent_ns')}""",
+        "span": _SPANS,
+        "instant": _INSTANTS,
+        "counter": f"""SELECT 'C' AS ph, name, cat, {_us('ts_ns')} AS ts, pid, 0 AS tid, vals AS args
+                       FROM trace_counter WHERE shown""",
+        **trace_requests.queries(),
     }
 
-
 def _metadata_events(run: AnalysisRun, requests_pid: int) -> list[dict[str, object]]:
+    """Process and thread names and order (overlap lanes named after their thread, below it)."""
     sort_of = {"api_server": 0, "engine_core": 2}
     events: list[dict[str, object]] = []
+
+    def meta(kind: str, pid: int, tid: int, /, **args: object) -> None:
+        events.append({"ph": "M", "name": kind, "pid": pid, "tid": tid, "args": args})
+
     for p in run.processes:
-        events.append({"ph": "M", "name": "process_name", "pid": p.index + 1, "tid": 0,
-                       "args": {"name": f"{p.role or 'process'} {p.key}"}})
-        events.append({"ph": "M", "name": "process_sort_index", "pid": p.index + 1, "tid": 0,
-                       "args": {"sort_index": sort_of.get(p.role, 3)}})
+        meta("process_name", p.index + 1, 0, name=f"{p.role or 'process'} {p.key}")
+        meta("process_sort_index", p.index + 1, 0, sort_index=sort_of.get(p.role, 3))
+        if p.dropped:  # drops are shown in the trace, never hidden (Perfetto shows process labels)
+            meta("process_labels", p.index + 1, 0, labels=f"dropped {p.dropped} records")
+    pid_of = {p.index: p.pid for p in run.processes}
+    lanes: dict[int, list[int]] = {}
+    for tid, lane in run.con.execute("SELECT DISTINCT tid, lane FROM trace_lane ORDER BY tid, lane").fetchall():
+        lanes.setdefault(int(tid), []).append(int(lane))
     for proc, tid, raw_tid in run.con.execute("SELECT proc, tid, raw_tid FROM trace_thread").fetchall():
-        for lane, suffix in ((0, ""), (OVERLAP_LANE, " overlap")):
-            events.append({"ph": "M", "name": "thread_name", "pid": proc + 1, "tid": tid + lane,
-                           "args": {"name": f"thread {raw_tid}{suffix}"}})
-    events.append({"ph": "M", "name": "process_name", "pid": requests_pid, "tid": 0, "args": {"name": "Requests"}})
-    events.append({"ph": "M", "name": "process_sort_index", "pid": requests_pid, "tid": 0, "args": {"sort_index": 1}})
-    end = "coalesce(last_byte_sent_ns, completion_ns)"
-    for tid, rid in run.con.execute(f"""SELECT row_no, rid FROM request WHERE arrival_ns IS NOT NULL
-                                        AND {end} >= arrival_ns
-                                        AND {_window_filter('arrival_ns', end)}""").fetchall():
-        events.append({"ph": "M", "name": "thread_name", "pid": requests_pid, "tid": tid,
-                       "args": {"name": f"req {rid}"}})
+        label = "main" if raw_tid == pid_of.get(proc) else "thread"
+        meta("thread_name", proc + 1, tid, name=f"{label} {raw_tid}")
+        meta("thread_sort_index", proc + 1, tid, sort_index=tid * 1024)  # recorded thread id order
+        for lane in lanes.get(tid, ()):
+            meta("thread_name", proc + 1, tid + lane * OVERLAP_LANE, name=f"{label} {raw_tid} overlap {lane}")
+            meta("thread_sort_index", proc + 1, tid + lane * OVERLAP_LANE, sort_index=tid * 1024 + lane)
+    meta("process_name", requests_pid, 0, name="Requests")
+    meta("process_sort_index", requests_pid, 0, sort_index=1)
+    for tid, name in trace_requests.thread_names(run.con):
+        meta("thread_name", requests_pid, tid, name=name)
+        meta("thread_sort_index", requests_pid, tid, sort_index=tid - REQUEST_TIDS)  # arrival order
     return events
+
+
+def _collection_events(run: AnalysisRun, origin: int, lo: int, hi: int) -> list[dict[str, object]]:
+    """Collection switched on / off, as recorded by each process (those before the first record, the state
+    the run started in, are left out: the trace starts there)."""
+    return [{"ph": "i", "s": "p", "name": "collection " + ("on" if enabled else "off"), "cat": "profiler",
+             "ts": round((ts - origin) / 1000, 3), "pid": proc + 1, "tid": 0, "args": {"reason": reason}}
+            for proc, ts, enabled, reason in run.states if max(origin, lo) <= ts <= hi]
 
 
 def write_trace(run: AnalysisRun, path: Path, window: tuple[float, float] | None = None,
@@ -144,29 +194,63 @@ def write_trace(run: AnalysisRun, path: Path, window: tuple[float, float] | None
     con.execute(f"SET VARIABLE lo = {lo}")
     con.execute(f"SET VARIABLE hi = {hi}")
     con.execute(f"SET VARIABLE requests_pid = {requests_pid}")
+    con.execute(f"SET VARIABLE request_tid_base = {REQUEST_TIDS}")
     con.execute("""CREATE OR REPLACE TEMP TABLE trace_thread AS
                    SELECT proc, tid AS raw_tid, (row_number() OVER (ORDER BY proc, tid))::INTEGER AS tid
                    FROM (SELECT DISTINCT proc, tid FROM record WHERE kind IN ('span', 'event'))""")
+    cap = str(int(max_per_second))
+    overlap_lanes = build_lanes(con, _window_filter("s.start_ns", "s.end_ns"))
+    con.execute(_COUNTERS.replace("{cap}", cap))
+    capped = {"counter": _count(con, "SELECT count(*) FILTER (WHERE NOT shown) FROM trace_counter")}
+    trace_requests.prepare(con, int(max_per_second))
+    capped["request"] = _count(con, "SELECT count(*) FILTER (WHERE NOT shown) FROM trace_request")
+    eligible = {
+        "span": _count(con, f"SELECT count(*) FROM span WHERE {_window_filter('start_ns', 'end_ns')}"),
+        "instant": _count(con, f"SELECT count(*) FROM event WHERE NOT ({FOLDED}) AND {_window_filter('ts_ns')}")}
+    folded = _count(con, f"SELECT count(*) FROM event WHERE {FOLDED} AND {_window_filter('ts_ns')}")
+    collection = _collection_events(run, origin, lo, hi)
     with scratch_dir(path.parent, path.name) as parts, open_output(path, "w", encoding="utf-8") as out:
-        queries = _queries(max_per_second)
+        queries = _queries()
         for kind, query in queries.items():
-            con.execute(f"COPY ({query}) TO '{parts / kind}.json' (FORMAT json, ARRAY true)")
+            written = _count(con, f"COPY ({query.replace('{cap}', cap)}) TO '{parts / kind}.json' "
+                                  "(FORMAT json, ARRAY true)")
+            if kind in eligible:
+                capped[kind] = eligible[kind] - written
         counts = dict.fromkeys(queries, 0)
         out.write('{"traceEvents":[')
-        out.write(",".join(json.dumps(e, separators=(",", ":")) for e in _metadata_events(run, requests_pid)))
+        sep = ""
         for kind in queries:
             with (parts / f"{kind}.json").open(encoding="utf-8") as fh:
                 for line in fh:  # "[", then one event per line (ending "," but the last), then "]"
                     line = line.strip()
                     if line not in ("[", "]", ""):
-                        out.write("," + line.rstrip(","))
+                        out.write(sep + line.rstrip(","))
+                        sep = ","
                         counts[kind] += 1
+        # the names after the events (the viewers read them anywhere)
+        for event in _metadata_events(run, requests_pid) + collection:
+            out.write(sep + json.dumps(event, separators=(",", ":")))
+            sep = ","
+        counts["collection"] = len(collection)
+        # reported per kind of track content: a request's slices together, a flow's two ends together
+        counts["request"] += counts.pop("request_phase")
+        counts["flow"] = counts.pop("flow_start") + counts.pop("flow_end")
         metadata = {"generator": "service-profiler", "origin_epoch_ns": origin,
+                    "origin_utc": datetime.fromtimestamp(origin / 1e9, tz=timezone.utc).isoformat(),
                     "time_convention": "ts/dur: microseconds since origin_epoch_ns",
                     "processes": [p.key for p in run.processes], "max_events_per_name_per_second": max_per_second,
-                    "window_s": list(window) if window else None, "events": counts}
+                    "window_s": list(window) if window else None, "events": counts,
+                    "capped_events": capped, "folded_events": {"KVCache/allocate": folded},
+                    "overlap_lanes": overlap_lanes, "dropped_records": sum(p.dropped for p in run.processes),
+                    "reader_problems": len(run.problems)}
         out.write('],"displayTimeUnit":"ms","metadata":' + json.dumps(metadata) + "}")
     return path
+
+
+def _count(con: duckdb.DuckDBPyConnection, query: str) -> int:
+    """The single number a query (a count, or a COPY's rows written) returns."""
+    row = con.execute(query).fetchone()
+    return int(row[0]) if row else 0
 
 
 class TraceExporter:
