@@ -7,11 +7,17 @@ stores its SQL) and every table's rows in storage order; JSON files (the trace, 
 (a trace's events in any order);
 PNG files by their decoded pixels (the encoder's settings may differ). Exit status 1 when anything
 differs, with what differs listed.
+
+Two differences are only noted, not counted, because they differ between two runs of the same version:
+CSV cells that are the same number to 12 significant digits (an average summed by several DuckDB threads
+adds in whatever order they finish), and the scatter plot (a reservoir sample of a parallel scan).
 """
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 import sqlite3
 import sys
 from pathlib import Path
@@ -40,6 +46,28 @@ def _db_differences(before: Path, after: Path) -> list[str]:
     return found
 
 
+# outputs that differ between two runs of the same version: a sample drawn from a parallel scan
+UNSTABLE = {Path("plots/schedule_vs_model_scatter.png")}
+
+
+def _close_numbers(x: str, y: str) -> bool:
+    try:
+        a, b = float(x), float(y)
+    except ValueError:
+        return False
+    return math.isclose(a, b, rel_tol=1e-12, abs_tol=0.0)
+
+
+def _csv_rounding_only(before: Path, after: Path) -> bool:
+    """Whether two CSV files differ only in the last digits of some numbers."""
+    with before.open(newline="") as x, after.open(newline="") as y:
+        rows_a, rows_b = list(csv.reader(x)), list(csv.reader(y))
+    if len(rows_a) != len(rows_b) or any(len(a) != len(b) for a, b in zip(rows_a, rows_b, strict=True)):
+        return False
+    return all(p == q or _close_numbers(p, q)
+               for a, b in zip(rows_a, rows_b, strict=True) for p, q in zip(a, b, strict=True))
+
+
 def _png_differs(before: Path, after: Path) -> bool:
     from PIL import Image
 
@@ -55,7 +83,7 @@ def _comparable(document: object) -> object:
     return document
 
 
-def compare(before: Path, after: Path) -> list[str]:
+def compare(before: Path, after: Path, notes: list[str] | None = None) -> list[str]:
     names_a = {p.relative_to(before) for p in before.rglob("*") if p.is_file()}
     names_b = {p.relative_to(after) for p in after.rglob("*") if p.is_file()}
     found = [f"only in {before}: {n}" for n in sorted(names_a - names_b)]
@@ -69,9 +97,12 @@ def compare(before: Path, after: Path) -> list[str]:
                 found.append(f"{name}: parsed JSON differs")
         elif name.suffix == ".png":
             if _png_differs(x, y):
-                found.append(f"{name}: pixels differ")
+                (notes if notes is not None and name in UNSTABLE else found).append(f"{name}: pixels differ")
         elif x.read_bytes() != y.read_bytes():
-            found.append(f"{name}: bytes differ")
+            if name.suffix == ".csv" and notes is not None and _csv_rounding_only(x, y):
+                notes.append(f"{name}: numbers differ in their last digits only")
+            else:
+                found.append(f"{name}: bytes differ")
     return found
 
 
@@ -79,7 +110,10 @@ def main() -> int:
     if len(sys.argv) != 3:
         print(__doc__, file=sys.stderr)
         return 2
-    found = compare(Path(sys.argv[1]), Path(sys.argv[2]))
+    notes: list[str] = []
+    found = compare(Path(sys.argv[1]), Path(sys.argv[2]), notes)
+    for line in notes:
+        print(f"note: {line}")
     for line in found:
         print(line)
     print("identical" if not found else f"{len(found)} difference(s)")
