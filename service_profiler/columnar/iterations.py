@@ -1,7 +1,7 @@
 """Per-iteration request states: one row per entry of every batch (state "running", or "completed" when
 that step finished the request) and one per request a step preempted ("preempted", after the step's
-entries). Table `iteration` (columns ITERATION_COLUMNS + batch_row, pos, row kind), ordered by
-(batch_row, kind, pos).
+entries). Table `iteration` (columns ITERATION_COLUMNS + batch_row, pos, row kind, and the entry's phase
+as recorded, `phase_code`), ordered by (batch_row, kind, pos).
 
 Per entry of request r (in batch order):
   - iteration: r's entries before this one;
@@ -106,12 +106,12 @@ _ITERATION = f"""
            CASE WHEN f.rid IS NOT NULL AND s.first_in_batch THEN 'completed' ELSE 'running' END AS state,
            CASE s.phase WHEN 0 THEN 'prefill' WHEN 1 THEN 'decode' END AS phase, s.scheduled AS scheduled_tokens,
            s.computed AS computed_tokens_before, s.prompt AS prompt_tokens, s.resumed, s.iteration,
-           s.generated_before AS generated_tokens_before, s.time_in_state_ms
+           s.generated_before AS generated_tokens_before, s.time_in_state_ms, s.phase AS phase_code
     FROM entry_state s JOIN batch b USING (batch_row)
     LEFT JOIN finished f ON f.batch_row = s.batch_row AND f.rid = s.rid
     UNION ALL
     SELECT a.batch_row, 1, a.pos, b.batch_id, b.dp_rank, b.proc, b.start_ns, a.rid, 'preempted', NULL, 0, NULL, NULL,
-           0, a.iteration, a.generated, 0.0
+           0, a.iteration, a.generated, 0.0, NULL
     FROM after_batch a JOIN batch b USING (batch_row)
 """
 
