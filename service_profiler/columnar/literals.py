@@ -8,7 +8,6 @@ instead, so `analyze` imports neither unless an exporter needs them.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import duckdb
@@ -25,7 +24,8 @@ def literal(value: object) -> str:
     if isinstance(value, int):
         return str(int(value))
     if isinstance(value, float):
-        return repr(value) if math.isfinite(value) else f"'{value!r}'::DOUBLE"
+        # from text: a bare 1.5 would be a DECIMAL, whose conversion need not round as Python wrote it
+        return f"'{value!r}'::DOUBLE"
     if isinstance(value, str):
         # a quote is doubled; a NUL cannot appear inside a literal, so it is joined in as chr(0)
         return " || chr(0) || ".join("'" + part.replace("'", "''") + "'" for part in value.split("\x00"))
