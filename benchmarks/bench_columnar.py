@@ -1,7 +1,7 @@
 """Time and memory of `service-profiler analyze` (the DuckDB pipeline) on synthetic and real runs.
 
     python benchmarks/bench_columnar.py [--case 1m 10m 100m] [--real DIR ...] [--format csv db]
-                                        [--repeat N] [--memory-limit 1GB] [--work DIR] [--engines]
+                                        [--repeat N] [--memory-limit 1GB] [--baseline DIR] [--work DIR] [--engines]
 
 Cases: synthetic runs of the vLLM vocabulary and mix (max_num_seqs 16, 30 req/s,
 prompts 64-1024 tokens, runner timer spans), 18,000 requests per million records; made once under
@@ -11,7 +11,8 @@ Each analysis runs in a fresh interpreter; reported: its wall time (interpreter 
 time of its whole process tree (user + system: on a shared, overloaded machine the steadier figure) and
 the peak of the whole process tree's memory, sampled every 0.1 s from /proc: RSS summed over the tree
 (pool workers included) and PSS (shared pages split, the physical total). Each figure is the median of
---repeat runs with min-max.
+--repeat runs with min-max. `--baseline DIR`: the same command on another version of the package (DIR holds its
+`service_profiler/`), alternated likewise.
 """
 
 from __future__ import annotations
@@ -98,12 +99,12 @@ def _tree_memory_kb(pid: int) -> tuple[int, int]:
     return rss, pss
 
 
-def measure(cmd: list[str]) -> dict[str, float]:
+def measure(cmd: list[str], cwd: Path = ROOT) -> dict[str, float]:
     """Wall seconds, CPU seconds (user + system of the whole tree) and peak tree RSS / PSS (MB) of one
-    command."""
+    command, run in `cwd` (`python -m` imports the package found there first)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     peak = [0, 0]
     stop = threading.Event()
 
@@ -145,12 +146,16 @@ def _summary(values: list[float]) -> str:
 def bench(name: str, run_dir: Path, args: argparse.Namespace) -> dict[str, object]:
     raw_mb = sum(p.stat().st_size for p in run_dir.rglob("*.sprof.jsonl")) / 1e6
     out = Path(args.work) / "out"
-    cmd = [sys.executable, "-m", "service_profiler.cli", "analyze", "--input-path", str(run_dir),
-           "--output-path", str(out), "--format", *args.format, "--quiet", "--memory-limit", args.memory_limit]
-    runs: dict[str, list[dict[str, float]]] = {"analyze": []}
+    new_cmd = [sys.executable, "-m", "service_profiler.cli", "analyze", "--input-path", str(run_dir),
+               "--output-path", str(out), "--format", *args.format, "--quiet", "--memory-limit", args.memory_limit]
+    runs: dict[str, list[dict[str, float]]] = {"new": [], "baseline": []}
+    commands = [("new", new_cmd, ROOT)]
+    if args.baseline:
+        commands.append(("baseline", new_cmd, args.baseline))
     for _ in range(args.repeat):
-        shutil.rmtree(out, ignore_errors=True)
-        runs["analyze"].append(measure(cmd))
+        for label, cmd, cwd in commands:
+            shutil.rmtree(out, ignore_errors=True)
+            runs[label].append(measure(cmd, cwd))
     print(f"\n== {name}: {run_dir} ({raw_mb:,.0f} MB raw), formats {' '.join(args.format)}, "
           f"memory limit {args.memory_limit}, {args.repeat} run(s): median [min-max]")
     for label, results in runs.items():
@@ -183,6 +188,9 @@ def main() -> int:
     parser.add_argument("--format", nargs="+", default=["csv", "db"])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--memory-limit", default="1GB")
+    parser.add_argument("--baseline", type=Path, metavar="DIR",
+                        help="also time the same command on another version of the package, alternating: DIR holds "
+                             "its service_profiler/ (e.g. `pip install --no-deps --target DIR` of an older wheel)")
     parser.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "bench-columnar")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--engines", action="store_true", help="compare DuckDB and Polars on the core work instead")

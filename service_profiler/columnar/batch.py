@@ -37,7 +37,7 @@ BATCH_COLUMNS = [
 
 _ATTRS = ('{"dp_rank": "VARCHAR", "reqs": [["VARCHAR"]], "total_tokens": "VARCHAR", "running": "VARCHAR", '
           '"waiting": "VARCHAR", "kv_total_blocks": "VARCHAR", "kv_used_blocks": "VARCHAR", "kv_usage": "VARCHAR", '
-          '"preempted": ["VARCHAR"]}')
+          '"preempted": ["VARCHAR"], "finished": "JSON"}')
 # dp_rank of a record: its attrs, else its process's meta, else 0
 _DP = "coalesce(TRY_CAST(s.attrs->>'dp_rank' AS INTEGER), p.dp_rank, 0)"
 
@@ -76,7 +76,7 @@ def build_batches(con: duckdb.DuckDBPyConnection) -> None:
                TRY_CAST(a.total_tokens AS BIGINT) AS total_tokens, TRY_CAST(a.running AS BIGINT) AS running,
                TRY_CAST(a.waiting AS BIGINT) AS waiting, TRY_CAST(a.kv_total_blocks AS BIGINT) AS kv_total_blocks,
                TRY_CAST(a.kv_used_blocks AS BIGINT) AS kv_used_blocks, TRY_CAST(a.kv_usage AS DOUBLE) AS kv_usage,
-               len(a.preempted) AS num_preempted, a.preempted, s.attrs->'finished' AS finished,
+               len(a.preempted) AS num_preempted, a.preempted, a.finished,
                CAST(s.attrs->'reqs' AS VARCHAR) AS res_list
         FROM s JOIN process p USING (proc)""")
     con.execute("""

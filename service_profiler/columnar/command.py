@@ -17,10 +17,12 @@ output path that cannot be used.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import resource
 import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -97,6 +99,30 @@ def _clear_links(out: Path) -> None:
             (out / name).unlink()
 
 
+# modules the exporters import when they start, by format: heavy ones only
+_EXPORTER_IMPORTS = {
+    "plots": ("matplotlib.figure", "matplotlib.backends.backend_agg"),
+    "model": ("numpy", "service_profiler.model.latency", "matplotlib.figure", "matplotlib.backends.backend_agg"),
+}
+
+
+def _import_in_background(formats: list[str]) -> None:
+    """Import what the plots and model exporters need in a thread while the tables are built: DuckDB's
+    queries release the GIL, so the import runs beside them instead of after them."""
+    modules = list(dict.fromkeys(m for f in formats for m in _EXPORTER_IMPORTS.get(f, ())))
+    if not modules:
+        return
+
+    def load() -> None:
+        for module in modules:
+            try:
+                importlib.import_module(module)
+            except Exception:  # the exporter imports it again and reports what fails
+                continue
+
+    threading.Thread(target=load, name="sprof-import", daemon=True).start()
+
+
 def run(args: argparse.Namespace) -> int:
     # SIGTERM ends the command through SystemExit, so the work directory (the run's database) is removed
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -116,6 +142,8 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_NO_DATA
     formats = [f for f in EXPORTERS if f in args.format or (f == "summary" and "csv" in args.format)]
     pool = args.processes and args.jobs > 1 and len(formats) > 1
+    if args.jobs > 1 and not pool:
+        _import_in_background(formats)
     try:
         analysis = analyze_run(args.input_path, memory_limit=args.memory_limit, threads=args.threads,
                                temp_root=args.temp_dir, progress=progress, shared=pool)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import duckdb
 
+from .literals import insert_rows
 from .raw import Process
 
 COMPLETE_COLUMNS = ["complete", "incomplete_reason"]
@@ -35,11 +36,11 @@ def load_losses(con: duckdb.DuckDBPyConnection, processes: list[Process],
                 "count BIGINT)")
     gaps = [(p.index, g.start_ns, g.end_ns, g.reason, g.count) for p in processes for g in p.loss.all_gaps()]
     if gaps:
-        con.executemany("INSERT INTO process_gap VALUES (?, ?, ?, ?, ?)", gaps)
+        insert_rows(con, "process_gap", gaps)
     con.execute("CREATE OR REPLACE TABLE run_switch (ts_ns BIGINT)")
     switches = [(ts,) for _, ts, _, why in states if why != "startup"]
     if switches:
-        con.executemany("INSERT INTO run_switch VALUES (?)", switches)
+        insert_rows(con, "run_switch", switches)
 
 
 def _reasons(alias: str, procs: str, start: str, end: str, extra: list[str], durations: tuple[str, ...]) -> str:

@@ -31,6 +31,7 @@ import duckdb
 from service_profiler.rawdata.rawcheck import process_identity
 from service_profiler.rawdata.rawfile import discover_files
 
+from .literals import insert_rows
 from .parquet_format import PARQUET_DIR, ParquetInputError, read_manifest, reconvert_hint, table_path
 from .raw import (
     RECORD_COLUMNS,
@@ -214,7 +215,7 @@ def _load_records(con: duckdb.DuckDBPyConnection, kept: list[_Stored], offsets: 
             for i, (s, offset) in enumerate(zip(kept, offsets, strict=True))]
     if not rows:
         return
-    con.executemany("INSERT INTO parquet_process VALUES (?, ?, ?, ?)", rows)
+    insert_rows(con, "parquet_process", rows)
     files = sorted({r[0] for r in rows})
     listed = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
     try:

@@ -39,6 +39,8 @@ from service_profiler.rawdata.rawfile import (
     shared_wall_offsets,
 )
 
+from .literals import insert_rows
+
 _REC_PREFIXES = (b'{"t":"rec"', b'{"t": "rec"')
 # The longest `rec` line read. DuckDB's JSON reader holds a buffer of twice this per thread; the writer
 # flushes at least every second, so a line this long would be a second of several hundred thousand records.
@@ -276,14 +278,13 @@ def load_process_tables(con: duckdb.DuckDBPyConnection, processes: list[Process]
     con.execute("CREATE OR REPLACE TABLE process (proc INTEGER, key VARCHAR, hostname VARCHAR, pid BIGINT, "
                 "role VARCHAR, dp_rank INTEGER, wall_offset BIGINT, path VARCHAR)")
     if processes:
-        con.executemany("INSERT INTO process VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                        [(p.index, p.key, p.hostname, p.pid, p.role, p.dp_rank, p.wall_offset_ns, p.path)
-                         for p in processes])
+        insert_rows(con, "process", [(p.index, p.key, p.hostname, p.pid, p.role, p.dp_rank, p.wall_offset_ns, p.path)
+                                     for p in processes])
     con.execute("CREATE OR REPLACE TABLE channel (proc INTEGER, id INTEGER, kind VARCHAR, domain VARCHAR, "
                 "name VARCHAR)")
     if chans:
         # a channel declared twice in one file: the last declaration wins, as in the reader
-        con.executemany("INSERT INTO channel VALUES (?, ?, ?, ?, ?)", list({c[:2]: c for c in chans}.values()))
+        insert_rows(con, "channel", list({c[:2]: c for c in chans}.values()))
 
 
 def _load_records(con: duckdb.DuckDBPyConnection, processes: list[Process], sources: dict[int, str]) -> None:
@@ -294,7 +295,7 @@ def _load_records(con: duckdb.DuckDBPyConnection, processes: list[Process], sour
     with_recs = [p for p in processes if p.rec_lines]
     if with_recs:
         con.execute("CREATE OR REPLACE TEMP TABLE source (proc INTEGER, path VARCHAR)")
-        con.executemany("INSERT INTO source VALUES (?, ?)", [(p.index, sources[p.index]) for p in with_recs])
+        insert_rows(con, "source", [(p.index, sources[p.index]) for p in with_recs])
         files = ", ".join("'" + sources[p.index].replace("'", "''") + "'" for p in with_recs)
         con.execute(f"""
             INSERT INTO record
@@ -321,8 +322,11 @@ def _drop_too_deep(con: duckdb.DuckDBPyConnection) -> None:
     """Attributes nested deeper than a JSON reader's recursion allows (the writer cannot produce them: a
     corrupt or crafted line) would make every output carrying them unreadable: such a record counts as
     malformed. Only records with that many brackets at all are parsed to find their depth."""
+    # the byte length first: counting brackets needs a scan of every text, a record with that many
+    # brackets is at least that long, and most records are far shorter
     suspects = con.execute(f"""SELECT rowid, attrs::VARCHAR FROM record
-                               WHERE length(attrs) - length(translate(attrs, '[{{', '')) >= {_DEEP_SUSPECT}""")
+                               WHERE strlen(attrs::VARCHAR) >= {_DEEP_SUSPECT}
+                                 AND length(attrs) - length(translate(attrs, '[{{', '')) >= {_DEEP_SUSPECT}""")
     deep = []
     while rows := suspects.fetchmany(1024):
         for rowid, text in rows:
@@ -333,7 +337,8 @@ def _drop_too_deep(con: duckdb.DuckDBPyConnection) -> None:
             except ValueError:
                 pass
     if deep:
-        con.execute("CREATE OR REPLACE TEMP TABLE too_deep AS SELECT unnest(?::BIGINT[]) AS id", [deep])
+        con.execute("CREATE OR REPLACE TEMP TABLE too_deep (id BIGINT)")
+        insert_rows(con, "too_deep", [(rowid,) for rowid in deep])
         con.execute("UPDATE record SET kind = NULL WHERE rowid IN (SELECT id FROM too_deep)")
 
 

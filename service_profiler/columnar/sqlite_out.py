@@ -90,10 +90,9 @@ RAW_TABLES = {
                   "scheduled_tokens INTEGER, computed_tokens_before INTEGER, prompt_tokens INTEGER, resumed INTEGER, "
                   "state TEXT, iteration INTEGER, generated_tokens_before INTEGER, time_in_state_ms REAL, "
                   "PRIMARY KEY (batch_row, pos)) WITHOUT ROWID",
-                  "SELECT i.batch_row, i.pos - 1, r.row_no - 1, i.rid, e.phase, i.scheduled_tokens, "
+                  "SELECT i.batch_row, i.pos - 1, r.row_no - 1, i.rid, i.phase_code, i.scheduled_tokens, "
                   "i.computed_tokens_before, i.prompt_tokens, i.resumed, i.state, i.iteration, "
                   "i.generated_tokens_before, i.time_in_state_ms FROM iteration i "
-                  "JOIN batch_entry e ON e.batch_row = i.batch_row AND e.pos = i.pos "
                   "LEFT JOIN request r ON r.rid = i.rid WHERE i.kind = 0 ORDER BY i.batch_row, i.pos"),
 }
 # analysis tables: (DuckDB table, leading row-number column or None, its order, list columns)
