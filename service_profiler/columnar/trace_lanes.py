@@ -14,7 +14,8 @@ span query joins (lane >= 1; identical spans of one thread always land on the sa
 from __future__ import annotations
 
 import duckdb
-import numpy as np
+
+from .literals import insert_rows
 
 _CHUNK = 1 << 16
 OVERLAP_LANE = 1 << 20  # the tid of a thread's overlap lane: its tid + lane * this
@@ -45,14 +46,9 @@ def build_lanes(con: duckdb.DuckDBPyConnection, span_filter: str) -> int:
             else:
                 moved.append((tid, start, end, 1 + _place(lanes, start, end)))
     opened += len(lanes)
-    columns = list(zip(*moved, strict=True)) if moved else [(), (), (), ()]
-    con.register("trace_lane_rows", {name: np.array(values, dtype=np.int64)
-                                     for name, values in zip(("tid", "start_ns", "end_ns", "lane"), columns,
-                                                             strict=True)})
-    try:
-        con.execute("CREATE OR REPLACE TEMP TABLE trace_lane AS SELECT DISTINCT * FROM trace_lane_rows")
-    finally:
-        con.unregister("trace_lane_rows")
+    # as literals: registering arrays would import numpy (and DuckDB pandas) for a table that is usually empty
+    con.execute("CREATE OR REPLACE TEMP TABLE trace_lane (tid BIGINT, start_ns BIGINT, end_ns BIGINT, lane BIGINT)")
+    insert_rows(con, "trace_lane", sorted(set(moved)))
     return opened
 
 
