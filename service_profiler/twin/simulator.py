@@ -14,6 +14,7 @@ outputs are applied in order once each batch's device time has passed.
 
 from __future__ import annotations
 
+from array import array
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -118,14 +119,47 @@ def prompt_token_ids(trace: TraceRequest, index: int) -> list[int]:
     return tokens[:trace.prompt_tokens]
 
 
-def _make_request(trace: TraceRequest, index: int, block_size: int, caching: bool) -> Any:
+def _make_request(trace: TraceRequest, prompt: list[int], block_size: int, caching: bool) -> Any:
     from vllm.sampling_params import SamplingParams
     from vllm.v1.request import Request
 
     params = SamplingParams(max_tokens=trace.output_tokens, ignore_eos=True, detokenize=False)
     hasher = _block_hasher(block_size) if caching else None
-    return Request(request_id=trace.rid, prompt_token_ids=prompt_token_ids(trace, index), sampling_params=params,
+    return Request(request_id=trace.rid, prompt_token_ids=prompt, sampling_params=params,
                    pooling_params=None, block_hasher=hasher, priority=trace.priority)
+
+
+def arrival_order(requests: Sequence[SimRequest]) -> list[SimRequest]:
+    """The order the engine receives `requests` in (engine arrival, then rid): a request's place in it
+    picks its made-up prompt tokens."""
+    return sorted(requests, key=lambda r: (r.engine_arrival_ns, r.trace.rid))
+
+
+PROMPT_CACHE_TOKENS = 4_000_000
+"""A twin keeps the made-up prompts of a workload up to this many tokens (8 bytes each)."""
+
+
+class PromptCache:
+    """(rid, place in the arrival order) -> prompt token ids. They are the same for every config of a
+    workload, so a twin makes them once (before a sweep forks its workers) instead of once per replay;
+    a workload larger than `limit` tokens makes the rest again each time."""
+
+    def __init__(self, limit: int = PROMPT_CACHE_TOKENS) -> None:
+        self.limit = limit
+        self.tokens = 0
+        self._ids: dict[tuple[str, int], array[int]] = {}
+
+    def get(self, trace: TraceRequest, index: int) -> list[int]:
+        """The prompt's token ids, a new list each call (the Request keeps it)."""
+        key = (trace.rid, index)
+        ids = self._ids.get(key)
+        if ids is not None:
+            return ids.tolist()
+        tokens = prompt_token_ids(trace, index)
+        if self.tokens + len(tokens) <= self.limit:
+            self._ids[key] = array("q", tokens)
+            self.tokens += len(tokens)
+        return tokens
 
 
 _HASHERS: dict[int, Any] = {}
@@ -145,9 +179,11 @@ class Simulation:
     """One replay of `requests` through `scheduler` (built by engine_config.build_scheduler)."""
 
     def __init__(self, scheduler: Any, requests: Sequence[SimRequest], step_time: StepTimer, *,
-                 block_size: int, prefix_caching: bool, batch_queue_size: int = 1) -> None:
+                 block_size: int, prefix_caching: bool, batch_queue_size: int = 1,
+                 prompts: PromptCache | None = None) -> None:
         self.scheduler = scheduler
-        self.order = sorted(requests, key=lambda r: (r.engine_arrival_ns, r.trace.rid))
+        self.order = arrival_order(requests)
+        self.prompts = PromptCache() if prompts is None else prompts
         self.by_rid = {r.trace.rid: r for r in self.order}
         self.step_time = step_time
         self.output_lag: Callable[[int], int] | None = getattr(step_time, "output_lag", None)
@@ -162,8 +198,9 @@ class Simulation:
     def _admit(self, now: int) -> None:
         order = self.order
         while self.next_arrival < len(order) and order[self.next_arrival].engine_arrival_ns <= now:
-            sim = order[self.next_arrival]
-            self.scheduler.add_request(_make_request(sim.trace, self.next_arrival, self.block_size, self.caching))
+            trace = order[self.next_arrival].trace
+            prompt = self.prompts.get(trace, self.next_arrival)
+            self.scheduler.add_request(_make_request(trace, prompt, self.block_size, self.caching))
             self.next_arrival += 1
 
     def _pending_arrival(self) -> int | None:
@@ -177,7 +214,8 @@ class Simulation:
         scheduler = self.scheduler
         out = scheduler.schedule()
         live = scheduler.requests
-        req_ids = list(out.num_scheduled_tokens)
+        scheduled = out.num_scheduled_tokens
+        req_ids = list(scheduled)
         sampled: list[list[int]] = []
         comp = []
         pre_t = dec_t = pre_n = dec_n = pre_ctx = dec_ctx = 0
@@ -188,14 +226,12 @@ class Simulation:
                 sim.first_scheduled_ns = start
                 sim.first_batch_id = batch_id
                 sim.prefix_hit_tokens = new.num_computed_tokens
-        for rid in req_ids:
+        for rid, tokens in scheduled.items():
             request = live[rid]
-            tokens = out.num_scheduled_tokens[rid]
             computed = request.num_computed_tokens
             before = computed - tokens
             prompt = request.num_prompt_tokens
             sampled.append([_SAMPLED_TOKEN] if computed >= request.num_tokens else [])
-            self.by_rid[rid].num_iterations += 1
             if before < prompt or tokens > 1:
                 comp.append((rid, "prefill", tokens, before, prompt))
                 pre_t += tokens
@@ -262,6 +298,11 @@ class Simulation:
             self._run_batch_queue()
         else:
             self._run_sync()
+        # A request's iterations are the steps it was scheduled in: counted once here, not in every step.
+        by_rid = self.by_rid
+        for step in self.steps:
+            for row in step.composition:
+                by_rid[row[0]].num_iterations += 1
         return SimResult(list(self.order), self.steps, self.notes)
 
     def _run_sync(self) -> None:

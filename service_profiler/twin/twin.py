@@ -15,7 +15,7 @@ from ..model.step_model import StepModelV2, fit_step_model
 from . import engine_config
 from .capture import CapturedRun, StepRecord, read_run
 from .prediction import Prediction, captured_metrics, metrics_of
-from .simulator import SimRequest, Simulation, StepFeatures, StepTimer
+from .simulator import PromptCache, SimRequest, Simulation, StepFeatures, StepTimer, arrival_order
 from .trace import TraceRequest, rebased
 
 EngineArgs = Sequence[str] | Mapping[str, Any] | str | None
@@ -139,6 +139,7 @@ class Twin:
         self._step_model = step_model
         self._captured_metrics: dict[str, Any] | None = None
         self._own_workload = captured is not None  # the requests are the captured run's
+        self._prompts = PromptCache()
 
     @classmethod
     def from_run(cls, path: str | Path) -> Twin:
@@ -199,6 +200,12 @@ class Twin:
                                   reply_delay_ns=round(reply_ms * 1e6)))
         return out, notes
 
+    def _make_prompts(self, step_times: str, seed: int) -> None:
+        """Make the workload's prompts for this arrival order now (a sweep's workers then share them)."""
+        sims, _ = self._sim_requests(step_times == "measured", seed)
+        for index, sim in enumerate(arrival_order(sims)):
+            self._prompts.get(sim.trace, index)
+
     def sweep(self, configs: Sequence[tuple[str, EngineArgs]], *, step_times: str = "model",
               workers: int | None = None) -> list[tuple[str, Prediction]]:
         """Predict several configurations: [(name, Prediction)] in the order given (see `sweep`)."""
@@ -224,7 +231,8 @@ class Twin:
         sims, notes = self._sim_requests(measured, seed)
         depth = int(self.base_settings.get("batch_queue_size") or 2) if settings.async_scheduling else 1
         result = Simulation(scheduler, sims, timer, block_size=settings.block_size,
-                            prefix_caching=settings.enable_prefix_caching, batch_queue_size=depth).run()
+                            prefix_caching=settings.enable_prefix_caching, batch_queue_size=depth,
+                            prompts=self._prompts).run()
         origin = self.captured.origin_ns if self.captured is not None else 0
         if not measured:
             notes.extend(stall_notes(model))
@@ -252,6 +260,7 @@ def sweep(twin: Twin, configs: Sequence[tuple[str, EngineArgs]], *, step_times: 
     for _, engine_args in configs:
         engine_config.resolve_settings(twin.base_settings, engine_config.parse_engine_args(engine_args))
     twin.step_model  # noqa: B018  (fitted once, before forking)
+    twin._make_prompts(step_times, seed)
     jobs = [(name, engine_args, step_times, seed) for name, engine_args in configs]
     count = min(workers if workers is not None else (os.cpu_count() or 1), len(jobs))
     _SWEEP_TWIN = twin
