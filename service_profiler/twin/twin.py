@@ -3,9 +3,11 @@ engine configuration."""
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -269,10 +271,26 @@ def sweep(twin: Twin, configs: Sequence[tuple[str, EngineArgs]], *, step_times: 
             return [_sweep_one(job) for job in jobs]
         import multiprocessing
 
-        with multiprocessing.get_context("fork").Pool(count) as pool:
+        with _frozen_heap(), multiprocessing.get_context("fork").Pool(count) as pool:
             return pool.map(_sweep_one, jobs, chunksize=1)
     finally:
         _SWEEP_TWIN = None
+
+
+@contextlib.contextmanager
+def _frozen_heap() -> Iterator[None]:
+    """Move the objects alive now (vLLM, torch, the twin: hundreds of thousands) out of the garbage
+    collector's sight while a sweep runs. Without it every full collection walks them: in each worker
+    (which also copies the pages it touches from the parent) and in this process while it unpickles the
+    workers' results, which costs more than the unpickling itself. Objects frozen by someone else before
+    stay frozen."""
+    already = gc.get_freeze_count() > 0
+    gc.freeze()
+    try:
+        yield
+    finally:
+        if not already:
+            gc.unfreeze()
 
 
 __all__ = ["MeasuredStepTimes", "StepTimeModel", "Twin", "fit_from_steps", "stall_notes", "sweep"]
