@@ -17,9 +17,10 @@ from __future__ import annotations
 from array import array
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from .packed_steps import pack_steps, packed_preemptions, unpack_steps
 from .shapes import ShapeCache
 from .trace import TraceRequest
 
@@ -91,15 +92,37 @@ class SimStep:
     finished: int
 
 
-@dataclass
 class SimResult:
-    requests: list[SimRequest]
-    steps: list[SimStep]
-    notes: list[str] = field(default_factory=list)
+    """A replay: its requests, its steps (built from packed columns on first use after unpickling, see
+    packed_steps.py) and notes."""
+
+    def __init__(self, requests: list[SimRequest], steps: list[SimStep], notes: list[str] | None = None) -> None:
+        self.requests = requests
+        self.notes = [] if notes is None else notes
+        self._steps: list[SimStep] | None = steps
+        self._packed: dict[str, Any] | None = None
+
+    @property
+    def steps(self) -> list[SimStep]:
+        if self._steps is None:
+            assert self._packed is not None
+            self._steps = unpack_steps(self._packed)
+            self._packed = None
+        return self._steps
 
     @property
     def preemptions(self) -> int:
+        if self._steps is None and self._packed is not None:
+            return packed_preemptions(self._packed)
         return sum(len(s.preempted) for s in self.steps)
+
+    def __getstate__(self) -> dict[str, Any]:
+        packed = self._packed if self._steps is None else pack_steps(self._steps)
+        return {"requests": self.requests, "notes": self.notes, "packed": packed}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.requests, self.notes = state["requests"], state["notes"]
+        self._steps, self._packed = None, state["packed"]
 
 
 def prompt_token_ids(trace: TraceRequest, index: int) -> list[int]:
