@@ -399,6 +399,22 @@ def test_parallel_sweep_equals_serial_runs() -> None:
         twin.sweep([("bad", ["--max-num-seqs", "x"])])
 
 
+def test_parallel_sweep_writes_the_same_files_as_serial_runs(tmp_path: Path) -> None:
+    # Results come back from the workers as packed columns and prompts are made once per workload:
+    # neither may change a byte of what is written (prefix hits, preemptions and async included).
+    twin = _twin(_trace(50, shared=64))
+    configs = [("small_kv", {"num_gpu_blocks_override": 20}), ("async", {"async_scheduling": True}), ("base", {})]
+    swept = twin.sweep(configs, workers=2)
+    assert swept[0][1].metrics["preemptions"] > 0
+    assert any(r["prefix_hit_tokens"] for r in swept[2][1].requests)
+    for (name, pred), (_, args) in zip(swept, configs, strict=True):
+        pred.write(tmp_path / "swept" / name)
+        twin.run(args).write(tmp_path / "serial" / name)
+        for file in ("request.csv", "batch.csv", "prediction.json"):
+            assert (tmp_path / "swept" / name / file).read_bytes() == \
+                (tmp_path / "serial" / name / file).read_bytes(), (name, file)
+
+
 def test_sweep_file_errors_name_the_key(tmp_path: Path) -> None:
     from service_profiler.twin.command import sweep_configs
 

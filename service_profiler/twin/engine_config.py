@@ -225,4 +225,4 @@ def build_scheduler(settings: TwinSettings) -> Any:
     cls = AsyncScheduler if settings.async_scheduling else Scheduler
     return cls(vllm_config=vllm_config, kv_cache_config=kv_cache_config,
                structured_output_manager=StructuredOutputManager(vllm_config), block_size=settings.block_size,
-               log_stats=True)
+               log_stats=False)  # stats only time the real engine: they change no decision

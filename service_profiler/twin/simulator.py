@@ -14,11 +14,13 @@ outputs are applied in order once each batch's device time has passed.
 
 from __future__ import annotations
 
+from array import array
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from .packed_steps import pack_steps, packed_preemptions, unpack_steps
 from .shapes import ShapeCache
 from .trace import TraceRequest
 
@@ -90,15 +92,37 @@ class SimStep:
     finished: int
 
 
-@dataclass
 class SimResult:
-    requests: list[SimRequest]
-    steps: list[SimStep]
-    notes: list[str] = field(default_factory=list)
+    """A replay: its requests, its steps (built from packed columns on first use after unpickling, see
+    packed_steps.py) and notes."""
+
+    def __init__(self, requests: list[SimRequest], steps: list[SimStep], notes: list[str] | None = None) -> None:
+        self.requests = requests
+        self.notes = [] if notes is None else notes
+        self._steps: list[SimStep] | None = steps
+        self._packed: dict[str, Any] | None = None
+
+    @property
+    def steps(self) -> list[SimStep]:
+        if self._steps is None:
+            assert self._packed is not None
+            self._steps = unpack_steps(self._packed)
+            self._packed = None
+        return self._steps
 
     @property
     def preemptions(self) -> int:
+        if self._steps is None and self._packed is not None:
+            return packed_preemptions(self._packed)
         return sum(len(s.preempted) for s in self.steps)
+
+    def __getstate__(self) -> dict[str, Any]:
+        packed = self._packed if self._steps is None else pack_steps(self._steps)
+        return {"requests": self.requests, "notes": self.notes, "packed": packed}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.requests, self.notes = state["requests"], state["notes"]
+        self._steps, self._packed = None, state["packed"]
 
 
 def prompt_token_ids(trace: TraceRequest, index: int) -> list[int]:
@@ -118,14 +142,47 @@ def prompt_token_ids(trace: TraceRequest, index: int) -> list[int]:
     return tokens[:trace.prompt_tokens]
 
 
-def _make_request(trace: TraceRequest, index: int, block_size: int, caching: bool) -> Any:
+def _make_request(trace: TraceRequest, prompt: list[int], block_size: int, caching: bool) -> Any:
     from vllm.sampling_params import SamplingParams
     from vllm.v1.request import Request
 
     params = SamplingParams(max_tokens=trace.output_tokens, ignore_eos=True, detokenize=False)
     hasher = _block_hasher(block_size) if caching else None
-    return Request(request_id=trace.rid, prompt_token_ids=prompt_token_ids(trace, index), sampling_params=params,
+    return Request(request_id=trace.rid, prompt_token_ids=prompt, sampling_params=params,
                    pooling_params=None, block_hasher=hasher, priority=trace.priority)
+
+
+def arrival_order(requests: Sequence[SimRequest]) -> list[SimRequest]:
+    """The order the engine receives `requests` in (engine arrival, then rid): a request's place in it
+    picks its made-up prompt tokens."""
+    return sorted(requests, key=lambda r: (r.engine_arrival_ns, r.trace.rid))
+
+
+PROMPT_CACHE_TOKENS = 4_000_000
+"""A twin keeps the made-up prompts of a workload up to this many tokens (8 bytes each)."""
+
+
+class PromptCache:
+    """(rid, place in the arrival order) -> prompt token ids. They are the same for every config of a
+    workload, so a twin makes them once (before a sweep forks its workers) instead of once per replay;
+    a workload larger than `limit` tokens makes the rest again each time."""
+
+    def __init__(self, limit: int = PROMPT_CACHE_TOKENS) -> None:
+        self.limit = limit
+        self.tokens = 0
+        self._ids: dict[tuple[str, int], array[int]] = {}
+
+    def get(self, trace: TraceRequest, index: int) -> list[int]:
+        """The prompt's token ids, a new list each call (the Request keeps it)."""
+        key = (trace.rid, index)
+        ids = self._ids.get(key)
+        if ids is not None:
+            return ids.tolist()
+        tokens = prompt_token_ids(trace, index)
+        if self.tokens + len(tokens) <= self.limit:
+            self._ids[key] = array("q", tokens)
+            self.tokens += len(tokens)
+        return tokens
 
 
 _HASHERS: dict[int, Any] = {}
@@ -145,9 +202,11 @@ class Simulation:
     """One replay of `requests` through `scheduler` (built by engine_config.build_scheduler)."""
 
     def __init__(self, scheduler: Any, requests: Sequence[SimRequest], step_time: StepTimer, *,
-                 block_size: int, prefix_caching: bool, batch_queue_size: int = 1) -> None:
+                 block_size: int, prefix_caching: bool, batch_queue_size: int = 1,
+                 prompts: PromptCache | None = None) -> None:
         self.scheduler = scheduler
-        self.order = sorted(requests, key=lambda r: (r.engine_arrival_ns, r.trace.rid))
+        self.order = arrival_order(requests)
+        self.prompts = PromptCache() if prompts is None else prompts
         self.by_rid = {r.trace.rid: r for r in self.order}
         self.step_time = step_time
         self.output_lag: Callable[[int], int] | None = getattr(step_time, "output_lag", None)
@@ -162,8 +221,9 @@ class Simulation:
     def _admit(self, now: int) -> None:
         order = self.order
         while self.next_arrival < len(order) and order[self.next_arrival].engine_arrival_ns <= now:
-            sim = order[self.next_arrival]
-            self.scheduler.add_request(_make_request(sim.trace, self.next_arrival, self.block_size, self.caching))
+            trace = order[self.next_arrival].trace
+            prompt = self.prompts.get(trace, self.next_arrival)
+            self.scheduler.add_request(_make_request(trace, prompt, self.block_size, self.caching))
             self.next_arrival += 1
 
     def _pending_arrival(self) -> int | None:
@@ -177,7 +237,8 @@ class Simulation:
         scheduler = self.scheduler
         out = scheduler.schedule()
         live = scheduler.requests
-        req_ids = list(out.num_scheduled_tokens)
+        scheduled = out.num_scheduled_tokens
+        req_ids = list(scheduled)
         sampled: list[list[int]] = []
         comp = []
         pre_t = dec_t = pre_n = dec_n = pre_ctx = dec_ctx = 0
@@ -188,14 +249,12 @@ class Simulation:
                 sim.first_scheduled_ns = start
                 sim.first_batch_id = batch_id
                 sim.prefix_hit_tokens = new.num_computed_tokens
-        for rid in req_ids:
+        for rid, tokens in scheduled.items():
             request = live[rid]
-            tokens = out.num_scheduled_tokens[rid]
             computed = request.num_computed_tokens
             before = computed - tokens
             prompt = request.num_prompt_tokens
             sampled.append([_SAMPLED_TOKEN] if computed >= request.num_tokens else [])
-            self.by_rid[rid].num_iterations += 1
             if before < prompt or tokens > 1:
                 comp.append((rid, "prefill", tokens, before, prompt))
                 pre_t += tokens
@@ -262,6 +321,11 @@ class Simulation:
             self._run_batch_queue()
         else:
             self._run_sync()
+        # A request's iterations are the steps it was scheduled in: counted once here, not in every step.
+        by_rid = self.by_rid
+        for step in self.steps:
+            for row in step.composition:
+                by_rid[row[0]].num_iterations += 1
         return SimResult(list(self.order), self.steps, self.notes)
 
     def _run_sync(self) -> None:

@@ -3,9 +3,11 @@ engine configuration."""
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,7 @@ from ..model.step_model import StepModelV2, fit_step_model
 from . import engine_config
 from .capture import CapturedRun, StepRecord, read_run
 from .prediction import Prediction, captured_metrics, metrics_of
-from .simulator import SimRequest, Simulation, StepFeatures, StepTimer
+from .simulator import PromptCache, SimRequest, Simulation, StepFeatures, StepTimer, arrival_order
 from .trace import TraceRequest, rebased
 
 EngineArgs = Sequence[str] | Mapping[str, Any] | str | None
@@ -139,6 +141,7 @@ class Twin:
         self._step_model = step_model
         self._captured_metrics: dict[str, Any] | None = None
         self._own_workload = captured is not None  # the requests are the captured run's
+        self._prompts = PromptCache()
 
     @classmethod
     def from_run(cls, path: str | Path) -> Twin:
@@ -199,6 +202,12 @@ class Twin:
                                   reply_delay_ns=round(reply_ms * 1e6)))
         return out, notes
 
+    def _make_prompts(self, step_times: str, seed: int) -> None:
+        """Make the workload's prompts for this arrival order now (a sweep's workers then share them)."""
+        sims, _ = self._sim_requests(step_times == "measured", seed)
+        for index, sim in enumerate(arrival_order(sims)):
+            self._prompts.get(sim.trace, index)
+
     def sweep(self, configs: Sequence[tuple[str, EngineArgs]], *, step_times: str = "model",
               workers: int | None = None) -> list[tuple[str, Prediction]]:
         """Predict several configurations: [(name, Prediction)] in the order given (see `sweep`)."""
@@ -224,7 +233,8 @@ class Twin:
         sims, notes = self._sim_requests(measured, seed)
         depth = int(self.base_settings.get("batch_queue_size") or 2) if settings.async_scheduling else 1
         result = Simulation(scheduler, sims, timer, block_size=settings.block_size,
-                            prefix_caching=settings.enable_prefix_caching, batch_queue_size=depth).run()
+                            prefix_caching=settings.enable_prefix_caching, batch_queue_size=depth,
+                            prompts=self._prompts).run()
         origin = self.captured.origin_ns if self.captured is not None else 0
         if not measured:
             notes.extend(stall_notes(model))
@@ -252,6 +262,7 @@ def sweep(twin: Twin, configs: Sequence[tuple[str, EngineArgs]], *, step_times: 
     for _, engine_args in configs:
         engine_config.resolve_settings(twin.base_settings, engine_config.parse_engine_args(engine_args))
     twin.step_model  # noqa: B018  (fitted once, before forking)
+    twin._make_prompts(step_times, seed)
     jobs = [(name, engine_args, step_times, seed) for name, engine_args in configs]
     count = min(workers if workers is not None else (os.cpu_count() or 1), len(jobs))
     _SWEEP_TWIN = twin
@@ -260,10 +271,26 @@ def sweep(twin: Twin, configs: Sequence[tuple[str, EngineArgs]], *, step_times: 
             return [_sweep_one(job) for job in jobs]
         import multiprocessing
 
-        with multiprocessing.get_context("fork").Pool(count) as pool:
+        with _frozen_heap(), multiprocessing.get_context("fork").Pool(count) as pool:
             return pool.map(_sweep_one, jobs, chunksize=1)
     finally:
         _SWEEP_TWIN = None
+
+
+@contextlib.contextmanager
+def _frozen_heap() -> Iterator[None]:
+    """Move the objects alive now (vLLM, torch, the twin: hundreds of thousands) out of the garbage
+    collector's sight while a sweep runs. Without it every full collection walks them: in each worker
+    (which also copies the pages it touches from the parent) and in this process while it unpickles the
+    workers' results, which costs more than the unpickling itself. Objects frozen by someone else before
+    stay frozen."""
+    already = gc.get_freeze_count() > 0
+    gc.freeze()
+    try:
+        yield
+    finally:
+        if not already:
+            gc.unfreeze()
 
 
 __all__ = ["MeasuredStepTimes", "StepTimeModel", "Twin", "fit_from_steps", "stall_notes", "sweep"]
