@@ -15,6 +15,7 @@ import duckdb
 
 from .breakdown import build_breakdown
 from .completeness import mark_requests
+from .literals import insert_rows
 
 REQUEST_COLUMNS = [
     "rid", "api_rid", "arrival_ns", "engine_arrival_ns", "first_scheduled_ns", "first_token_ns",
@@ -155,7 +156,7 @@ def build_requests(con: duckdb.DuckDBPyConnection) -> None:
     con.execute(_TOKEN_ENTRIES)
     bad = con.execute(f"SELECT proc, count(*) FROM token_entry WHERE {_BAD_TOKEN_ENTRY} GROUP BY proc").fetchall()
     if bad:
-        con.executemany("INSERT INTO bad_entry VALUES (?, ?)", bad)
+        insert_rows(con, "bad_entry", bad)
         con.execute(f"DELETE FROM token_entry WHERE {_BAD_TOKEN_ENTRY}")
     con.execute(_PER_RID)
     con.execute(_REQUEST)

@@ -19,13 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .rawcheck import MAX_TS
+
 LOSS_LINES = frozenset({"flushed", "close", "lost"})
-_MAX_TS = 2**62
 OPEN_END = 2**63 - 1  # the end of an uncertain range that runs to the end of the run
 
 
 def _ts(value: Any) -> int | None:
-    return value if value.__class__ is int and 0 <= value < _MAX_TS else None
+    return value if value.__class__ is int and 0 <= value < MAX_TS else None
 
 
 @dataclass
@@ -91,7 +92,7 @@ class LossReader:
             if start is None or end is None or end < start or count.__class__ is not int or count < 0:
                 self.problems.append(f"{path}:{lineno}: lost line without a valid count, from_ts and to_ts; "
                                      "its records are counted as lost at an unknown time")
-                start, end = 0, _MAX_TS
+                start, end = 0, MAX_TS
                 count = count if count.__class__ is int and count >= 0 else None
             loss.gaps.append(Gap(start + off, end + off, f"lost:{obj.get('reason', '')}", count))
 
@@ -100,5 +101,5 @@ class LossReader:
         end = _ts(ts)
         start = self.last_flush if self.last_flush is not None else 0
         if end is None or end < start:
-            end = _MAX_TS
+            end = MAX_TS
         self.loss.gaps.append(Gap(start + self.offset, end + self.offset, "dropped", count))

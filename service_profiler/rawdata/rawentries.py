@@ -26,6 +26,8 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from .rawcheck import MAX_TS
+
 NO_IDS, RID, TOKEN_REQS, BATCH_REQS = 0, 1, 2, 3
 SPAN, EVENT, COUNTER = 0, 1, 2
 
@@ -35,7 +37,6 @@ _OPT_INT = frozenset({int, bool, type(None)})
 _OPT_NUM = frozenset({int, float, type(None)})
 _OPT_STR = frozenset({str, type(None)})
 
-MAX_TS = 2**62  # timestamps are monotonic ns in [0, MAX_TS): shifted to epoch ns they stay within int64
 _INT64 = 2**63
 
 

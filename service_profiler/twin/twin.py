@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..model.step_model import StepModelV2, fit_step_model
+from ..model.step_model import COEFFICIENTS, StepModelV2, fit_step_model
 from . import engine_config
 from .capture import CapturedRun, StepRecord, read_run
 from .prediction import Prediction, captured_metrics, metrics_of
@@ -41,7 +41,7 @@ class StepTimeModel:
         self.output_lag_ns = output_lag_ns
         c = v2.coefficients
         scale = v2.time_scale
-        self._coef = tuple(c[name] * scale for name in ("c_0", "c_req", "c_p", "c_d", "c_pc", "c_dc", "c_shape"))
+        self._coef = tuple(c[name] * scale for name in COEFFICIENTS)  # unpacked in this order in __call__
 
     def __call__(self, index: int, f: StepFeatures) -> int:
         b = f.num_prefill_reqs + f.num_decode_reqs
