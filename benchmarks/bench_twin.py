@@ -1,6 +1,6 @@
 """The twin's fidelity and speed, against real vLLM CPU runs of the tiny model.
 
-    python benchmarks/bench_twin.py [--requests 40] [--repeats 3] [--out DIR] [--speed-only]
+    python benchmarks/bench_twin.py [--requests 40] [--repeats 3] [--out DIR] [--served] [--speed-only]
 
 Fidelity: for each of four configurations that differ from a base in max_num_seqs, max_num_batched_tokens,
 long_prefill_token_threshold and prefix caching, `--repeats` pairs of real runs back to back (capture the
@@ -45,7 +45,8 @@ def _real_metrics(analysis: Path) -> dict[str, float]:
     return {k: float(metrics[k]) for k in KEYS}
 
 
-def fidelity(out: Path, n: int, repeats: int, rate: float, targets: list[str]) -> list[dict[str, object]]:
+def fidelity(out: Path, n: int, repeats: int, rate: float, targets: list[str], served: bool = False
+             ) -> list[dict[str, object]]:
     """For each target config, `repeats` pairs run back to back: capture the base config, run the target,
     predict the target from that pair's base capture (a shared machine's load drifts within minutes: a
     base captured at another moment describes another machine). Reports the median prediction against
@@ -62,8 +63,8 @@ def fidelity(out: Path, n: int, repeats: int, rate: float, targets: list[str]) -
         change = TARGETS[name]
         predictions, reals, bases = [], [], []
         for i in range(repeats):
-            base_dir = capture(model, out / name / f"base-{i}", requests, BASE)
-            real_dir = capture(model, out / name / f"real-{i}", requests, {**BASE, **change})
+            base_dir = capture(model, out / name / f"base-{i}", requests, BASE, served=served)
+            real_dir = capture(model, out / name / f"real-{i}", requests, {**BASE, **change}, served=served)
             twin = Twin.from_run(base_dir)
             predictions.append({k: float(twin.run(change).metrics[k]) for k in KEYS})
             bases.append(_real_metrics(base_dir))
@@ -131,6 +132,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--speed-only", action="store_true", help="only the speed figures")
+    parser.add_argument("--served", action="store_true",
+                        help="run the engine as `vllm serve` does (AsyncLLM, EngineCore in its own process): a request "
+                             "arriving during a step waits for it, as a client's does")
     parser.add_argument("--sweep-configs", type=int, default=100)
     parser.add_argument("--targets", default=",".join(TARGETS), help=f"comma-separated, of {', '.join(TARGETS)}")
     args = parser.parse_args()
@@ -138,7 +142,7 @@ def main() -> None:
         print(json.dumps(speed(args.sweep_configs)), flush=True)
         return
     out = args.out or Path(tempfile.mkdtemp(prefix="bench-twin-"))
-    rows = fidelity(out, args.requests, args.repeats, args.rate, args.targets.split(","))
+    rows = fidelity(out, args.requests, args.repeats, args.rate, args.targets.split(","), args.served)
     print(f"{'config':34} {'metric':24} {'twin':>10} {'real med':>10} {'real min..max':>22} {'err %':>7} "
           f"{'spread %':>8} {'pair err %':>10}")
     for r in rows:

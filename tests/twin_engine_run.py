@@ -6,7 +6,12 @@ feeds it a workload on the wall clock: each request is added once its arrival ti
 engine steps, as the EngineCore's busy loop does. The profiler is switched on by the caller's
 environment (SERVICE_PROF_CONFIG_PATH), exactly as in a served engine.
 
-`capture(...)` runs that in a subprocess (a fresh profiler state and a final flush per run), then
+`served=True` runs it as `vllm serve` does, without the HTTP layer: vLLM's `AsyncLLM` with the EngineCore
+in its own process and its busy loop, each request handed over at its arrival time by its own task, so
+a request that arrives while a step runs waits for it, as a client's request does (the in-process loop
+above adds requests only between steps, so its TTFT leaves that wait out).
+
+`capture(...)` runs either in a subprocess (a fresh profiler state and a final flush per run), then
 `service-profiler analyze`, and returns the analysis directory. Workloads are lists of
 `{"arrival_s", "prompt_token_ids", "max_tokens"}`.
 """
@@ -70,8 +75,36 @@ def _drive(model: str, requests: list[dict[str, Any]], engine_args: dict[str, An
     del engine
 
 
+def _serve(model: str, requests: list[dict[str, Any]], engine_args: dict[str, Any]) -> None:
+    import asyncio
+
+    from vllm import SamplingParams
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.inputs import TokensPrompt
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    async def run() -> None:
+        args = AsyncEngineArgs(model=model, dtype="bfloat16", seed=0, skip_tokenizer_init=True, **engine_args)
+        engine = AsyncLLM.from_engine_args(args)
+        start = time.monotonic()
+
+        async def one(i: int, r: dict[str, Any]) -> None:
+            await asyncio.sleep(max(0.0, r["arrival_s"] - (time.monotonic() - start)))
+            params = SamplingParams(max_tokens=r["max_tokens"], ignore_eos=True, detokenize=False)
+            async for _ in engine.generate(TokensPrompt(prompt_token_ids=r["prompt_token_ids"]), params,
+                                           request_id=f"req-{i}"):
+                pass
+
+        try:
+            await asyncio.gather(*(one(i, r) for i, r in enumerate(requests)))
+        finally:
+            engine.shutdown()
+
+    asyncio.run(run())
+
+
 def capture(model: Path, root: Path, requests: list[dict[str, Any]], engine_args: dict[str, Any],
-            timeout_s: float = 600.0) -> Path:
+            timeout_s: float = 600.0, *, served: bool = False) -> Path:
     """Run the workload on the real engine with the profiler on; return `service-profiler analyze`'s
     output directory (root/analysis)."""
     root.mkdir(parents=True, exist_ok=True)
@@ -82,9 +115,10 @@ def capture(model: Path, root: Path, requests: list[dict[str, Any]], engine_args
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SERVICE_PROF", "PROFILING_SYMBOLS"))}
     env.update({"SERVICE_PROF_CONFIG_PATH": str(config), "PROFILING_SYMBOLS_PATH": str(root / "symbols.yaml"),
                 "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING",
-                "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+                "VLLM_ENABLE_V1_MULTIPROCESSING": "1" if served else "0"})
+    mode = "served" if served else "in-process"
     proc = subprocess.run([sys.executable, __file__, str(model), str(root / "workload.json"),
-                           str(root / "engine_args.json")], env=env, capture_output=True, text=True,
+                           str(root / "engine_args.json"), mode], env=env, capture_output=True, text=True,
                           timeout=timeout_s)
     if proc.returncode != 0:
         raise RuntimeError(f"engine run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
@@ -98,8 +132,9 @@ def capture(model: Path, root: Path, requests: list[dict[str, Any]], engine_args
 
 
 def main() -> None:
-    model, workload_path, args_path = sys.argv[1:4]
-    _drive(model, json.loads(Path(workload_path).read_text()), json.loads(Path(args_path).read_text()))
+    model, workload_path, args_path, mode = sys.argv[1:5]
+    drive = _serve if mode == "served" else _drive
+    drive(model, json.loads(Path(workload_path).read_text()), json.loads(Path(args_path).read_text()))
 
 
 if __name__ == "__main__":
