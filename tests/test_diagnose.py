@@ -228,3 +228,19 @@ def test_a_run_without_http_timings_says_front_end_is_not_measured(tmp_path: Pat
            for r in view.requests]
     view.requests = old
     assert any("no HTTP timing columns" in n for n in diagnose(view)["notes"])
+
+
+def test_the_figure_replaces_a_planted_link_and_never_writes_through_it(tmp_path: Path) -> None:
+    from service_profiler.diagnose.figure import write_figure
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep\n")
+    path = tmp_path / "vllm_performance_analysis.png"
+    path.symlink_to(victim)
+    batches = [{"start_ns": i * 10_000_000, "step_ms": 9.0, "model_run_ms": 8.0, "batch_size": 4, "waiting": i % 3,
+                "kv_usage": 0.5, "total_scheduled_tokens": 40} for i in range(50)]
+    doc = {"signals": {"max_num_seqs": 8, "max_num_batched_tokens": 256}, "thresholds": THRESHOLDS,
+           "verdicts": [], "phases": [{"start_s": 0.2}]}
+    assert write_figure(batches, doc, path) == path
+    assert victim.read_text() == "keep\n"
+    assert not path.is_symlink() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -13,7 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from service_profiler.outputs import open_output, output_dir
+from service_profiler.figures import TITLE_Y, new_figure, save_figure
+from service_profiler.outputs import output_dir
 
 from .run import AnalysisRun
 
@@ -21,12 +22,6 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
 LINE_BUCKETS = 2_000
-# margins in inches (left, right, bottom, top), set directly: tight_layout lays each figure out once more
-# just to measure its labels, which was the larger part of drawing these plots
-MARGINS_IN = (0.95, 0.25, 0.6, 0.45)
-# the title's height, given rather than left to matplotlib: placing it automatically measures every tick
-# label to find whether one reaches above the axes (none does here), a large part of drawing a figure
-TITLE_Y = 1.0
 HIST_BINS = 60
 MAX_SCATTER_POINTS = 20_000
 
@@ -143,26 +138,15 @@ class PlotsExporter:
     name = "plots"
 
     def export(self, run: AnalysisRun, out_dir: Path) -> list[Path]:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-
         plot_dir = output_dir(out_dir / "plots")
         written: list[Path] = []
         for name, draw, size in PLOTS:
-            fig = Figure(figsize=size)
-            FigureCanvasAgg(fig)
+            fig = new_figure(size)
             ax = fig.subplots()
             skipped = draw(run, ax)
             if skipped is not None:
                 print(f"plots: skipped {name}: {skipped}", file=sys.stderr)
                 continue
             ax.grid(True, alpha=0.3)
-            left, right, bottom, top = MARGINS_IN
-            fig.subplots_adjust(left=left / size[0], right=1 - right / size[0], bottom=bottom / size[1],
-                                top=1 - top / size[1])
-            with open_output(plot_dir / name, "wb") as fh:
-                # the fastest zlib level: the same pixels, a somewhat larger file, and most of savefig's
-                # time was spent compressing at the default level
-                fig.savefig(fh, format="png", dpi=100, pil_kwargs={"compress_level": 1})
-            written.append(plot_dir / name)
+            written.append(save_figure(fig, plot_dir / name))
         return written

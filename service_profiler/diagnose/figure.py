@@ -7,20 +7,18 @@ from typing import Any
 
 import numpy as np
 
+from service_profiler.figures import new_figure, save_figure
+
 
 def _series(rows: list[dict[str, Any]], key: str) -> np.ndarray:
     return np.asarray([float(r[key]) if isinstance(r.get(key), int | float) else np.nan for r in rows], dtype=float)
 
 
 def write_figure(batches: list[dict[str, Any]], doc: dict[str, Any], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = sorted((b for b in batches if isinstance(b.get("start_ns"), int | float)), key=lambda b: b["start_ns"])
     t = (_series(rows, "start_ns") - (rows[0]["start_ns"] if rows else 0)) / 1e9
-    fig, axes = plt.subplots(4, 1, figsize=(10, 9), sharex=True)
+    fig = new_figure((10, 9))
+    axes = fig.subplots(4, 1, sharex=True)
     axes[0].plot(t, _series(rows, "step_ms"), lw=0.8, label="step")
     axes[0].plot(t, _series(rows, "model_run_ms"), lw=0.8, label="model run")
     axes[0].set_ylabel("ms")
@@ -46,7 +44,5 @@ def write_figure(batches: list[dict[str, Any]], doc: dict[str, Any], path: Path)
     for phase in doc.get("phases", []):
         for ax in axes:
             ax.axvline(phase["start_s"], c="k", lw=0.5, alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    fig.tight_layout()  # one figure per diagnosis: measuring its labels is affordable here
+    return save_figure(fig, path, margins_in=None, dpi=90)

@@ -30,15 +30,13 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from service_profiler.outputs import open_output, output_dir, write_output_text
-
-if TYPE_CHECKING:
-    from matplotlib.figure import Figure
+from service_profiler.figures import TITLE_Y, new_figure, save_figure
+from service_profiler.outputs import output_dir, write_output_text
 
 PARAM_NAMES: tuple[str, ...] = ("P_max", "k_B", "k_S", "w_0", "w_1", "tau_0", "tau_B", "tau_S")
 FORMULA = "T = tau_0 + (w_0 + w_1*S) / (P_max*(1-exp(-k_B*B))*(1-exp(-k_S*S))) + tau_B*B + tau_S*S"
@@ -136,10 +134,6 @@ class LatencyModel:
             notes=list(doc.get("notes", [])),
         )
 
-
-# the titles' height, given rather than left to matplotlib: placing a title automatically measures every
-# tick label to find whether one reaches above the axes (none does in these figures), much of a figure's cost
-_TITLE_Y = 1.0
 
 def _model(p: Float, b: Float, s: Float) -> Float:
     p_max, k_b, k_s, w0, w1, t0, t_b, t_s = p
@@ -386,20 +380,16 @@ def _subsample(n: int, limit: int) -> NDArray[np.intp]:
 
 
 def _plot_residuals(model: LatencyModel, b: Float, s: Float, t: Float, path: Path) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     pred = np.asarray(model.predict(b, s))
     resid = t - pred
     idx = _subsample(t.size, _MAX_PLOT_POINTS)
-    fig = Figure(figsize=(11, 4.5))
-    FigureCanvasAgg(fig)
+    fig = new_figure((11, 4.5))
     ax1, ax2 = fig.subplots(1, 2)
     ax1.scatter(pred[idx], resid[idx], s=6, alpha=0.4)
     ax1.axhline(0.0, color="black", linewidth=0.8)
     ax1.set_xlabel("predicted model run (ms)")
     ax1.set_ylabel("observed − predicted (ms)")
-    ax1.set_title("Residuals vs predicted", y=_TITLE_Y)
+    ax1.set_title("Residuals vs predicted", y=TITLE_Y)
     counts, edges = np.histogram(resid, bins=60)
     ax2.stairs(counts, edges, fill=True, alpha=0.85)  # one polygon, where ax.hist draws one patch per bin
     ax2.stairs(counts, edges, color="black", linewidth=0.4)
@@ -409,20 +399,9 @@ def _plot_residuals(model: LatencyModel, b: Float, s: Float, t: Float, path: Pat
     r2 = test.get("r2")
     mape = test.get("mape_pct")
     label = f"held-out R² {r2:.3f}, MAPE {mape:.1f} %" if r2 is not None and mape is not None else ""
-    ax2.set_title(f"Residual distribution  {label}", y=_TITLE_Y)
+    ax2.set_title(f"Residual distribution  {label}", y=TITLE_Y)
     fig.subplots_adjust(wspace=0.3)  # room for the right panel's tick labels and y label
-    _save_figure(fig, path)
-
-
-def _save_figure(fig: Figure, path: Path, margins_in: tuple[float, float, float, float] = (0.95, 0.25, 0.6, 0.45)
-                 ) -> None:
-    """Fixed margins (left, right, bottom, top, inches), then matplotlib's own PNG writer, into a new file
-    moved onto `path` (a link there is replaced, never written through)."""
-    width, height = fig.get_size_inches()
-    left, right, bottom, top = margins_in
-    fig.subplots_adjust(left=left / width, right=1 - right / width, bottom=bottom / height, top=1 - top / height)
-    with open_output(path, "wb") as fh:
-        fig.savefig(fh, format="png", dpi=100)
+    save_figure(fig, path)
 
 
 def _axis_grid(lo: float, hi: float, n: int = 80) -> tuple[Float, bool]:
@@ -433,17 +412,14 @@ def _axis_grid(lo: float, hi: float, n: int = 80) -> tuple[Float, bool]:
 
 
 def _plot_contour(model: LatencyModel, b: Float, s: Float, path: Path) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.colors import LogNorm
-    from matplotlib.figure import Figure
     from matplotlib.ticker import LogLocator
 
     gb, log_b = _axis_grid(float(b.min()), float(b.max()))
     gs, log_s = _axis_grid(float(s.min()), float(s.max()))
     bb, ssg = np.meshgrid(gb, gs)
     tt = np.asarray(model.predict(bb, ssg))
-    fig = Figure(figsize=(8, 6))
-    FigureCanvasAgg(fig)
+    fig = new_figure((8, 6))
     ax = fig.subplots()
     # T blows up towards B, S → 0, so levels span only what the observed steps reach (the corner
     # beyond is one "extend" colour) and are log-spaced when that range covers a decade or more.
@@ -469,5 +445,5 @@ def _plot_contour(model: LatencyModel, b: Float, s: Float, path: Path) -> None:
         ax.yaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
     ax.set_xlabel("batch size B (requests)")
     ax.set_ylabel("total scheduled tokens S (tokens)")
-    ax.set_title("Latency model T(B, S) (ms); red: observed steps", y=_TITLE_Y)
-    _save_figure(fig, path, margins_in=(0.95, 0.1, 0.6, 0.45))  # the colorbar axes sit inside the right margin
+    ax.set_title("Latency model T(B, S) (ms); red: observed steps", y=TITLE_Y)
+    save_figure(fig, path, margins_in=(0.95, 0.1, 0.6, 0.45))  # the colorbar axes sit inside the right margin
