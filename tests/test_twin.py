@@ -25,7 +25,7 @@ from service_profiler.twin import (
 )
 from service_profiler.twin.formats import export_vllm_bench, read_azure, read_burstgpt, read_mooncake
 from service_profiler.twin.shapes import ShapeCache
-from service_profiler.twin.twin import StepTimeModel
+from service_profiler.twin.twin import StepTimeModel, _frozen_heap
 
 pytestmark = pytest.mark.vllm
 
@@ -443,3 +443,21 @@ def test_measured_step_times_need_the_captured_workload() -> None:
         _twin().run({}, step_times="measured")
     with pytest.raises(ValueError, match="step_times must be"):
         _twin().run({}, step_times="fast")
+
+
+def test_a_sweep_freezes_the_heap_only_while_it_runs_and_never_a_callers_frozen_heap() -> None:
+    import gc
+
+    assert gc.get_freeze_count() == 0
+    with _frozen_heap():
+        assert gc.get_freeze_count() > 0  # the sweep's workers do not walk the objects alive before it
+    assert gc.get_freeze_count() == 0
+    gc.freeze()  # a caller's own
+    try:
+        theirs = gc.get_freeze_count()
+        made_during = [object() for _ in range(1000)]
+        with _frozen_heap():
+            assert gc.get_freeze_count() == theirs  # nothing of ours joins theirs, frozen for good
+        assert made_during
+    finally:
+        gc.unfreeze()

@@ -282,15 +282,17 @@ def _frozen_heap() -> Iterator[None]:
     """Move the objects alive now (vLLM, torch, the twin: hundreds of thousands) out of the garbage
     collector's sight while a sweep runs. Without it every full collection walks them: in each worker
     (which also copies the pages it touches from the parent) and in this process while it unpickles the
-    workers' results, which costs more than the unpickling itself. Objects frozen by someone else before
-    stay frozen."""
-    already = gc.get_freeze_count() > 0
+    workers' results, which costs more than the unpickling itself. Where the caller froze objects of its
+    own already, nothing is frozen: `gc.unfreeze` cannot tell ours from theirs, so ours would stay frozen
+    (never collected) for the rest of the process."""
+    if gc.get_freeze_count() > 0:
+        yield
+        return
     gc.freeze()
     try:
         yield
     finally:
-        if not already:
-            gc.unfreeze()
+        gc.unfreeze()
 
 
 __all__ = ["MeasuredStepTimes", "StepTimeModel", "Twin", "fit_from_steps", "stall_notes", "sweep"]
