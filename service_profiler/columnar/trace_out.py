@@ -34,20 +34,12 @@ from service_profiler.outputs import open_output, scratch_dir
 from . import trace_requests
 from .run import AnalysisRun
 from .trace_lanes import OVERLAP_LANE, build_lanes
+from .trace_sql import capped, create_drawn_spans, us, window_filter
 
 DEFAULT_MAX_PER_SECOND = 2_000
 REQUEST_TIDS = 1 << 30  # a request's tid: this + its row in the request table
 FOLDED = "domain = 'KVCache' AND name = 'allocate'"
 SCHEDULE_SPAN = ("BatchSchedule", "batchFrameworkProcessing")
-
-
-def _us(column: str) -> str:
-    return f"round(({column} - getvariable('origin')) / 1000.0, 3)"
-
-
-def _window_filter(column: str, end_column: str | None = None) -> str:
-    end = end_column or column
-    return f"{end} >= getvariable('lo') AND {column} <= getvariable('hi')"
 
 
 def _compact(obj: str) -> str:
@@ -79,27 +71,17 @@ def _numeric(obj: str) -> str:
         END"""
 
 
-def _capped(partition: str, ts: str) -> str:
-    return (f"row_number() OVER (PARTITION BY {partition}, ({ts} - getvariable('origin')) // 1000000000 "
-            f"ORDER BY {ts}) <= {{cap}}")
-
-
 # the spans and instants shown (within the cap), as trace events; the counters' candidates are a table, with
 # `shown`
 _SPANS = f"""
-    WITH c AS (SELECT *, {_capped('proc, name', 'start_ns')} AS shown FROM span s
-               WHERE {_window_filter('start_ns', 'end_ns')})
-    SELECT 'X' AS ph, c.name, c.domain AS cat, {_us('c.start_ns')} AS ts,
-           round((greatest(c.end_ns, c.start_ns) - c.start_ns) / 1000.0, 3) AS dur, c.proc + 1 AS pid,
-           t.tid + coalesce(l.lane, 0) * {OVERLAP_LANE} AS tid, {_compact('c.attrs')} AS args
-    FROM c JOIN trace_thread t ON t.proc = c.proc AND t.raw_tid IS NOT DISTINCT FROM c.tid
-    LEFT JOIN trace_lane l ON l.tid = t.tid AND l.start_ns = c.start_ns AND l.end_ns = greatest(c.end_ns, c.start_ns)
-    WHERE shown"""
+    SELECT 'X' AS ph, name, domain AS cat, {us('start_ns')} AS ts, round((end_ns - start_ns) / 1000.0, 3) AS dur,
+           proc + 1 AS pid, tid, {_compact('attrs')} AS args
+    FROM trace_span"""
 
 _INSTANTS = f"""
-    WITH c AS (SELECT *, {_capped('proc, name', 'ts_ns')} AS shown FROM event
-               WHERE NOT ({FOLDED}) AND {_window_filter('ts_ns')})
-    SELECT 'i' AS ph, c.name, c.domain AS cat, {_us('c.ts_ns')} AS ts, 't' AS s, c.proc + 1 AS pid, t.tid,
+    WITH c AS (SELECT *, {capped('proc, name', 'ts_ns')} AS shown FROM event
+               WHERE NOT ({FOLDED}) AND {window_filter('ts_ns')})
+    SELECT 'i' AS ph, c.name, c.domain AS cat, {us('c.ts_ns')} AS ts, 't' AS s, c.proc + 1 AS pid, t.tid,
            {_compact('c.attrs')} AS args
     FROM c JOIN trace_thread t ON t.proc = c.proc AND t.raw_tid IS NOT DISTINCT FROM c.tid
     WHERE shown"""
@@ -112,24 +94,24 @@ _COUNTERS = f"""
     CREATE OR REPLACE TEMP TABLE trace_counter AS
     WITH src AS (
         SELECT proc, domain, name, ts_ns, pos, {_numeric('vals')} AS vals
-        FROM counter WHERE {_window_filter('ts_ns')} AND json_type(vals) = 'OBJECT'
+        FROM counter WHERE {window_filter('ts_ns')} AND json_type(vals) = 'OBJECT'
         UNION ALL
         SELECT proc, 'BatchSchedule', 'tokens', start_ns, 0,
                json_object('total', total_scheduled_tokens, 'prefill', prefill_tokens, 'decode', decode_tokens)
-        FROM batch WHERE total_scheduled_tokens IS NOT NULL AND {_window_filter('start_ns')}
+        FROM batch WHERE total_scheduled_tokens IS NOT NULL AND {window_filter('start_ns')}
         UNION ALL {_BATCH_COUNTER.format(
-            cat="KVCache", name="kvcache", window=_window_filter('start_ns'),
+            cat="KVCache", name="kvcache", window=window_filter('start_ns'),
             where="kv_total_blocks IS NOT NULL AND proc NOT IN (SELECT proc FROM counter WHERE name = 'kvcache')",
             values="'total_blocks', kv_total_blocks, 'used_blocks', kv_used_blocks, 'usage', kv_usage")}
         UNION ALL {_BATCH_COUNTER.format(
-            cat="BatchSchedule", name="queues", window=_window_filter('start_ns'),
+            cat="BatchSchedule", name="queues", window=window_filter('start_ns'),
             where="running IS NOT NULL AND proc NOT IN (SELECT proc FROM counter WHERE name = 'queues')",
             values="'running', running, 'waiting', waiting")}),
     changed AS (
         SELECT *, vals::VARCHAR IS DISTINCT FROM lag(vals::VARCHAR) OVER (PARTITION BY proc, name ORDER BY ts_ns, pos)
                   AS new_value
         FROM src WHERE vals::VARCHAR <> '{{}}')
-    SELECT name, domain AS cat, ts_ns, proc + 1 AS pid, vals, {_capped('proc, name', 'ts_ns')} AS shown
+    SELECT name, domain AS cat, ts_ns, proc + 1 AS pid, vals, {capped('proc, name', 'ts_ns')} AS shown
     FROM changed WHERE new_value"""
 
 
@@ -138,7 +120,7 @@ def _queries() -> dict[str, str]:
     return {
         "span": _SPANS,
         "instant": _INSTANTS,
-        "counter": f"""SELECT 'C' AS ph, name, cat, {_us('ts_ns')} AS ts, pid, 0 AS tid, vals AS args
+        "counter": f"""SELECT 'C' AS ph, name, cat, {us('ts_ns')} AS ts, pid, 0 AS tid, vals AS args
                        FROM trace_counter WHERE shown""",
         **trace_requests.queries(),
     }
@@ -199,15 +181,16 @@ def write_trace(run: AnalysisRun, path: Path, window: tuple[float, float] | None
                    SELECT proc, tid AS raw_tid, (row_number() OVER (ORDER BY proc, tid))::INTEGER AS tid
                    FROM (SELECT DISTINCT proc, tid FROM record WHERE kind IN ('span', 'event'))""")
     cap = str(int(max_per_second))
-    overlap_lanes = build_lanes(con, _window_filter("s.start_ns", "s.end_ns"))
+    overlap_lanes = build_lanes(con, window_filter("s.start_ns", "s.end_ns"))
+    create_drawn_spans(con, int(max_per_second))
     con.execute(_COUNTERS.replace("{cap}", cap))
     capped = {"counter": _count(con, "SELECT count(*) FILTER (WHERE NOT shown) FROM trace_counter")}
     trace_requests.prepare(con, int(max_per_second))
     capped["request"] = _count(con, "SELECT count(*) FILTER (WHERE NOT shown) FROM trace_request")
     eligible = {
-        "span": _count(con, f"SELECT count(*) FROM span WHERE {_window_filter('start_ns', 'end_ns')}"),
-        "instant": _count(con, f"SELECT count(*) FROM event WHERE NOT ({FOLDED}) AND {_window_filter('ts_ns')}")}
-    folded = _count(con, f"SELECT count(*) FROM event WHERE {FOLDED} AND {_window_filter('ts_ns')}")
+        "span": _count(con, f"SELECT count(*) FROM span WHERE {window_filter('start_ns', 'end_ns')}"),
+        "instant": _count(con, f"SELECT count(*) FROM event WHERE NOT ({FOLDED}) AND {window_filter('ts_ns')}")}
+    folded = _count(con, f"SELECT count(*) FROM event WHERE {FOLDED} AND {window_filter('ts_ns')}")
     collection = _collection_events(run, origin, lo, hi)
     with scratch_dir(path.parent, path.name) as parts, open_output(path, "w", encoding="utf-8") as out:
         queries = _queries()

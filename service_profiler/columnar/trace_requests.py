@@ -25,12 +25,7 @@ from __future__ import annotations
 
 import duckdb
 
-from .trace_lanes import OVERLAP_LANE
-
-
-def _us(column: str) -> str:
-    return f"round(({column} - getvariable('origin')) / 1000.0, 3)"
-
+from .trace_sql import us
 
 REQUEST_END = "coalesce(last_byte_sent_ns, completion_ns)"
 
@@ -109,20 +104,12 @@ _SLICES = f"""
     SELECT tid, any_value(state) AS name, min(a) AS a, max(z) AS z FROM grouped GROUP BY tid, part
 """
 
-# The first batches' schedule spans as the trace draws them (same window, same cap, same lane).
+# The first batches' schedule spans, as the trace draws them (trace_sql.create_drawn_spans).
 _SCHEDULE = """
     CREATE OR REPLACE TEMP TABLE trace_schedule AS
-    WITH s AS (
-        SELECT proc, tid, domain, start_ns, end_ns,
-               row_number() OVER (PARTITION BY proc, (start_ns - getvariable('origin')) // 1000000000
-                                  ORDER BY start_ns) <= {cap} AS shown
-        FROM span WHERE name = 'batchFrameworkProcessing'
-                    AND end_ns >= getvariable('lo') AND start_ns <= getvariable('hi'))
-    SELECT s.proc, s.start_ns, s.end_ns, t.tid + coalesce(l.lane, 0) * {lane} AS tid
-    FROM s JOIN trace_thread t ON t.proc = s.proc AND t.raw_tid IS NOT DISTINCT FROM s.tid
-    LEFT JOIN trace_lane l ON l.tid = t.tid AND l.start_ns = s.start_ns AND l.end_ns = greatest(s.end_ns, s.start_ns)
-    WHERE s.shown AND s.domain = 'BatchSchedule'
-      AND s.start_ns IN (SELECT first_scheduled_ns FROM trace_request WHERE shown)"""
+    SELECT proc, start_ns, end_ns, tid FROM trace_span
+    WHERE name = 'batchFrameworkProcessing' AND domain = 'BatchSchedule'
+      AND start_ns IN (SELECT first_scheduled_ns FROM trace_request WHERE shown)"""
 
 # From the middle of the request's `queued` slice to the middle of its first batch's schedule span; mid-slice
 # times bind each end to its own slice, not to a neighbour starting at the
@@ -140,18 +127,18 @@ _FLOW = """
 
 def prepare(con: duckdb.DuckDBPyConnection, cap: int) -> None:
     """Build the request trace tables (`trace_request.shown`: drawn; the others were left out by the cap).
-    Needs the tables `trace_thread` (trace_out.py) and `trace_lane` (trace_lanes.py)."""
+    Needs the view `trace_span` (trace_sql.py)."""
     con.execute(_SHOWN.format(cap=cap))
     con.execute(_REWORK)
     con.execute(_SLICES)
-    con.execute(_SCHEDULE.format(cap=cap, lane=OVERLAP_LANE))
+    con.execute(_SCHEDULE)
 
 
 def queries() -> dict[str, str]:
     """kind -> query whose rows are trace events (after `prepare`)."""
     return {
         "request": f"""
-            SELECT 'X' AS ph, 'request' AS name, 'request' AS cat, {_us('arrival_ns')} AS ts,
+            SELECT 'X' AS ph, 'request' AS name, 'request' AS cat, {us('arrival_ns')} AS ts,
                    round((greatest({REQUEST_END}, arrival_ns) - arrival_ns) / 1000.0, 3) AS dur,
                    getvariable('requests_pid') AS pid, tid,
                    json_merge_patch('{{}}', json_object(
@@ -161,11 +148,11 @@ def queries() -> dict[str, str]:
                        AS args
             FROM trace_request WHERE shown""",
         "request_phase": f"""
-            SELECT 'X' AS ph, name, 'request' AS cat, {_us('a')} AS ts, round((z - a) / 1000.0, 3) AS dur,
+            SELECT 'X' AS ph, name, 'request' AS cat, {us('a')} AS ts, round((z - a) / 1000.0, 3) AS dur,
                    getvariable('requests_pid') AS pid, tid
             FROM trace_request_slice""",
         "request_instant": f"""
-            SELECT 'i' AS ph, 'first token sent' AS name, 'request' AS cat, {_us('first_token_sent_ns')} AS ts,
+            SELECT 'i' AS ph, 'first token sent' AS name, 'request' AS cat, {us('first_token_sent_ns')} AS ts,
                    't' AS s, getvariable('requests_pid') AS pid, tid
             FROM trace_request
             WHERE shown AND first_token_sent_ns BETWEEN arrival_ns AND greatest({REQUEST_END}, completion_ns)""",
@@ -173,9 +160,9 @@ def queries() -> dict[str, str]:
         # drawn: same lane, not capped); mid-slice times bind each end to its own slice, not to a neighbour
         # starting at the same instant. Left out when the arrow would point back in time (clock skew).
         "flow_start": _FLOW.format(end="'s' AS ph, 'first batch' AS name, 'request' AS cat, flow_id AS id, "
-                                       f"{_us('s_ns')} AS ts, getvariable('requests_pid') AS pid, tid"),
+                                       f"{us('s_ns')} AS ts, getvariable('requests_pid') AS pid, tid"),
         "flow_end": _FLOW.format(end="'f' AS ph, 'first batch' AS name, 'request' AS cat, flow_id AS id, "
-                                     f"{_us('f_ns')} AS ts, 'e' AS bp, f_pid AS pid, f_tid AS tid"),
+                                     f"{us('f_ns')} AS ts, 'e' AS bp, f_pid AS pid, f_tid AS tid"),
     }
 
 

@@ -1,0 +1,42 @@
+"""SQL shared by the trace's queries (trace_out.py, trace_requests.py). They read the variables that
+`trace_out.write_trace` sets: `origin` (ns), and `lo` / `hi`, the window's bounds (ns)."""
+
+from __future__ import annotations
+
+import duckdb
+
+from .trace_lanes import OVERLAP_LANE
+
+
+def us(column: str) -> str:
+    """A time column as the trace's `ts`: microseconds since the origin."""
+    return f"round(({column} - getvariable('origin')) / 1000.0, 3)"
+
+
+def window_filter(column: str, end_column: str | None = None) -> str:
+    """What lies (or, with `end_column`, reaches) inside the window."""
+    end = end_column or column
+    return f"{end} >= getvariable('lo') AND {column} <= getvariable('hi')"
+
+
+def capped(partition: str, ts: str) -> str:
+    """Whether a row is among the first `{cap}` of its partition in its second of the run (the caller
+    fills in the cap)."""
+    return (f"row_number() OVER (PARTITION BY {partition}, ({ts} - getvariable('origin')) // 1000000000 "
+            f"ORDER BY {ts}) <= {{cap}}")
+
+
+def create_drawn_spans(con: duckdb.DuckDBPyConnection, cap: int) -> None:
+    """The view `trace_span`: the spans the trace draws (inside the window, within the cap of their name
+    per process per second), each with the tid of the track it is drawn on: its thread's, or one of that
+    thread's overlap lanes. Needs `trace_thread` (trace_out.py) and `trace_lane` (trace_lanes.py)."""
+    con.execute(f"""
+        CREATE OR REPLACE TEMP VIEW trace_span AS
+        WITH c AS (SELECT *, {capped('proc, name', 'start_ns').replace('{cap}', str(int(cap)))} AS shown
+                   FROM span WHERE {window_filter('start_ns', 'end_ns')})
+        SELECT c.proc, c.domain, c.name, c.start_ns, greatest(c.end_ns, c.start_ns) AS end_ns, c.attrs,
+               t.tid + coalesce(l.lane, 0) * {OVERLAP_LANE} AS tid
+        FROM c JOIN trace_thread t ON t.proc = c.proc AND t.raw_tid IS NOT DISTINCT FROM c.tid
+        LEFT JOIN trace_lane l ON l.tid = t.tid AND l.start_ns = c.start_ns
+                               AND l.end_ns = greatest(c.end_ns, c.start_ns)
+        WHERE shown""")
