@@ -23,6 +23,11 @@ class RawProcess:
     pid: int
     role: str
     anchor_ns: int  # the epoch time at MONO_START
+    ppid: int = 1
+    argv: list[str] = field(default_factory=lambda: ["test"])
+    profiler_version: str = "0.1.0"
+    engine: dict[str, Any] | None = None
+    closed: bool = True  # ends with `flushed` and `close` lines, as a process that exited cleanly
     dropped: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
     states: list[tuple[int, bool, str]] = field(default_factory=list)  # (epoch ns, enabled, reason)
@@ -48,8 +53,9 @@ class RawProcess:
 
     def write(self, directory: Path) -> Path:
         path = directory / f"{self.hostname}-{self.pid}.sprof.jsonl"
-        header = {"t": "header", "format": 1, "hostname": self.hostname, "pid": self.pid, "ppid": 1,
-                  "role": self.role, "argv": ["test"], "profiler_version": "0.1.0", "engine": None,
+        header = {"t": "header", "format": 1, "hostname": self.hostname, "pid": self.pid, "ppid": self.ppid,
+                  "role": self.role, "argv": self.argv, "profiler_version": self.profiler_version,
+                  "engine": self.engine,
                   "clock": {"wall_ns": self.anchor_ns, "mono_ns": MONO_START}}
         out = [header, *({"t": "meta", "key": k, "value": v} for k, v in self.meta.items())]
         out += [{"t": "state", "enabled": on, "ts": self._mono(ts), "reason": why} for ts, on, why in self.states]
@@ -71,7 +77,8 @@ class RawProcess:
                 out.append({"t": "rec", "r": recs})
         if self.dropped:
             out.append({"t": "dropped", "count": self.dropped, "ts": last})
-        out += [{"t": "flushed", "until": last}, {"t": "close", "ts": last + 1, "reason": "exit"}]
+        if self.closed:
+            out += [{"t": "flushed", "until": last}, {"t": "close", "ts": last + 1, "reason": "exit"}]
         path.write_text("".join(json.dumps(line, allow_nan=True) + "\n" for line in out), encoding="utf-8")
         return path
 

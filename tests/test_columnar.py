@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from raw_files import dicts
 from synthetic import SyntheticConfig, SyntheticRun, generate_run
 
 from service_profiler.columnar.plots_out import PLOTS
@@ -43,8 +42,8 @@ def test_tables_match_ground_truth_with_runner_timer_spans(busy: SyntheticRun) -
     """The default YAML's runnerExecute / runnerSample spans beside modelExec change nothing."""
     run = analyze_run([busy.run_dir])
     try:
-        requests = {r["rid"]: r for r in dicts(run, "SELECT * FROM request")}
-        batches = {(b["dp_rank"], b["batch_id"]): b for b in dicts(run, "SELECT * FROM batch")}
+        requests = {r["rid"]: r for r in run.dicts("SELECT * FROM request")}
+        batches = {(b["dp_rank"], b["batch_id"]): b for b in run.dicts("SELECT * FROM batch")}
         preempted = run.count("iteration WHERE state = 'preempted'")
     finally:
         run.close()
@@ -100,8 +99,8 @@ def test_tables_on_a_real_run_match_its_records() -> None:
     want_requests, want_batches = _expected_from_records(REAL_RUN)
     run = analyze_run([REAL_RUN])
     try:
-        requests = {r["rid"]: r for r in dicts(run, "SELECT * FROM request")}
-        batches = {b["batch_id"]: b for b in dicts(run, "SELECT * FROM batch")}
+        requests = {r["rid"]: r for r in run.dicts("SELECT * FROM request")}
+        batches = {b["batch_id"]: b for b in run.dicts("SELECT * FROM batch")}
         running = run.count("iteration WHERE state <> 'preempted'")
     finally:
         run.close()
@@ -232,8 +231,8 @@ def test_marks_of_a_partly_observed_run_follow_from_how_it_was_cut(partial: Path
         assert run.count("request WHERE NOT stream") > 20
         assert run.count("request WHERE engine_prefill_ms = 0 OR first_token_delivery_ms = 0") > 0
         assert run.count("request WHERE http_receive_ms IS NULL AND arrival_source = 'http'") > 0
-        rows = {r["rid"]: r for r in dicts(run, "SELECT * FROM request")}
-        batches = dicts(run, "SELECT * FROM batch")
+        rows = {r["rid"]: r for r in run.dicts("SELECT * FROM request")}
+        batches = run.dicts("SELECT * FROM batch")
     finally:
         run.close()
     assert set(rows) == set(busy.requests)
@@ -298,7 +297,7 @@ def test_csv_rows_are_the_tables_rows(outputs: tuple[Path, Path], name: str, tab
     rows = _csv(out / name)
     run = analyze_run([run_dir])
     try:
-        want = dicts(run, f"SELECT * FROM {table} ORDER BY {order}")
+        want = run.dicts(f"SELECT * FROM {table} ORDER BY {order}")
     finally:
         run.close()
     shared = [c for c in rows[0] if c in want[0] and c not in ("proc",)]

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from raw_files import dicts, write_run
+from raw_files import write_run
 from synthetic import SyntheticConfig, SyntheticRun, generate_run
 
 from service_profiler.columnar.iterations import ITERATION_COLUMNS
@@ -33,7 +33,7 @@ def _analysis(path: Path) -> Iterator[AnalysisRun]:
 
 def _table(path: Path, table: str, order: str = "row_no") -> list[dict[str, Any]]:
     with _analysis(path) as run:
-        return dicts(run, f"SELECT * FROM {table} ORDER BY {order}")
+        return run.dicts(f"SELECT * FROM {table} ORDER BY {order}")
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def busy(tmp_path_factory: pytest.TempPathFactory) -> SyntheticRun:
 @pytest.fixture(scope="module")
 def busy_tables(busy: SyntheticRun) -> dict[str, list[dict[str, Any]]]:
     with _analysis(busy.run_dir) as run:
-        return {name: dicts(run, f"SELECT * FROM {name} ORDER BY {order}") for name, order in (
+        return {name: run.dicts(f"SELECT * FROM {name} ORDER BY {order}") for name, order in (
             ("request", "row_no"), ("batch", "batch_row"), ("kvcache", "row_no"), ("lifecycle_event", "row_no"),
             ("state_transition", "row_no"), ("iteration", "batch_row, kind, pos"))}
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .csv_out import BATCH_REF
-from .run import AnalysisRun, analyze_run
+from .run import analyze_run
 
 # batch.csv's msserviceprofiler columns that are exactly one of the batch table's, under another name
 BATCH_ALIASES = {csv_name: expr[2:] for csv_name, expr in BATCH_REF.items()
@@ -23,18 +23,12 @@ class RunRows:
     batch_rids: list[list[str]]  # per batch (same order), the engine request ids it scheduled, in its order
 
 
-def _dicts(run: AnalysisRun, query: str) -> list[dict[str, Any]]:
-    cursor = run.con.execute(query)
-    names = [d[0] for d in cursor.description or ()]
-    return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
-
-
 def load_rows(run_dir: Path | str) -> RunRows:
     """The batch and request tables of the raw run under `run_dir`."""
     run = analyze_run([run_dir])
     try:
-        batches = _dicts(run, "SELECT * FROM batch ORDER BY batch_row")
-        requests = _dicts(run, "SELECT * EXCLUDE (row_no) FROM request ORDER BY row_no")
+        batches = run.dicts("SELECT * FROM batch ORDER BY batch_row")
+        requests = run.dicts("SELECT * EXCLUDE (row_no) FROM request ORDER BY row_no")
         rids = dict(run.con.execute("SELECT batch_row, list(rid ORDER BY pos) FROM batch_entry "
                                     "GROUP BY batch_row").fetchall())
     finally:
