@@ -419,6 +419,11 @@ def test_bad_lines_cost_only_themselves(tmp_path: Path) -> None:
     lines[rec[0]] = lines[rec[0]].replace('{"t":"rec","r":[', '{"t":"rec","r":[[999,1,2,{}],[4,"x",1,{}],', 1)
     lines.insert(rec[0], '{"t":"meta","key": oops}\n')
     lines.insert(rec[0], '{"t":"bogus"}\n')
+    # control lines that parse but say nothing usable: each is named, none is dropped silently
+    lines.insert(rec[0], '{"t":"chan","id":77,"kind":"spam","domain":"X","name":"y"}\n')
+    lines.insert(rec[0], '{"t":"chan","id":true,"kind":"span","domain":"X","name":"y"}\n')
+    lines.insert(rec[0], '{"t":"state","ts":"soon","enabled":true}\n')
+    lines.insert(rec[0], '{"t":"meta","key":5,"value":1}\n')
     lines.append('{"t":"rec","r":[[1,2')
     engine.write_text("".join(lines), encoding="utf-8")
     run = analyze_run([synth.run_dir])
@@ -427,6 +432,8 @@ def test_bad_lines_cost_only_themselves(tmp_path: Path) -> None:
         assert "2 malformed records" in problems
         assert "not valid JSON" in problems and "torn or corrupt record line" in problems
         assert "unknown line type 'bogus'" in problems
+        assert problems.count("channel line without a valid id") == 2
+        assert "state line without a valid ts" in problems and "meta line without a text key" in problems
         assert run.count("request") == 20  # everything else is kept
     finally:
         run.close()

@@ -25,6 +25,7 @@ from service_profiler.twin import (
 )
 from service_profiler.twin.formats import export_vllm_bench, read_azure, read_burstgpt, read_mooncake
 from service_profiler.twin.shapes import ShapeCache
+from service_profiler.twin.simulator import StepFeatures
 from service_profiler.twin.twin import StepTimeModel, _frozen_heap
 
 pytestmark = pytest.mark.vllm
@@ -257,6 +258,36 @@ def test_step_model_separates_the_kernel_cache_miss_from_prefill_tokens() -> Non
     old = {k: v for k, v in model.to_dict().items()}
     old["coefficients"] = {k: v for k, v in model.coefficients.items() if k != "c_shape"}
     assert StepModelV2.from_dict(old).coefficients["c_shape"] == 0.0
+
+
+def test_step_model_finds_the_extra_cost_of_prefill_only_steps() -> None:
+    # The CPU engine's steps of prefill tokens only (a request arriving at an idle engine, the later chunks
+    # of a chunked prompt) cost a fixed amount more than a mixed step with the same prefill; they are few
+    # beside the decode and mixed steps, so without their own term the fit makes them too cheap.
+    rng = np.random.default_rng(4)
+    n = 900
+    b = rng.integers(1, 9, n)
+    p = np.where(rng.random(n) < 0.25, rng.integers(16, 256, n), 0)
+    d = np.where(p > 0, np.where(rng.random(n) < 0.3, 0, b - 1), b)
+    b = np.where((p > 0) & (d == 0), 1, b)
+    prefill_only = (p > 0) & (d == 0)
+    truth = 1.3 + 0.05 * b + 0.008 * p + 1.5 * prefill_only
+    model = fit_step_model(np.column_stack([b, p, d, np.zeros(n), np.zeros(n)]), truth * rng.normal(1.0, 0.02, n))
+    assert model.coefficients["c_prefill_only"] == pytest.approx(1.5, rel=0.1)
+    assert model.coefficients["c_p"] == pytest.approx(0.008, rel=0.15)
+    assert model.metrics["test"]["prefill_only"]["mape_pct"] < 4.0
+    assert model.predict_ms(1, 100, 0, 0, 0) == pytest.approx(model.predict_ms(2, 100, 1, 0, 0)
+                                                              - model.coefficients["c_req"] - model.coefficients["c_d"]
+                                                              + model.coefficients["c_prefill_only"])
+    # The replay charges it to prefill-only steps only; a model saved without it reads it as 0.
+    timer = StepTimeModel(StepModelV2({"c_0": 1.0, "c_req": 0.0, "c_p": 0.0, "c_d": 0.0, "c_pc": 0.0, "c_dc": 0.0,
+                                       "c_prefill_only": 2.0}))
+    assert timer(0, StepFeatures(64, 0, 1, 0, 0, 0)) == 3_000_000
+    assert timer(0, StepFeatures(64, 3, 1, 3, 0, 0)) == 1_000_000
+    assert timer(0, StepFeatures(0, 3, 0, 3, 0, 0)) == 1_000_000
+    old = model.to_dict()
+    old["coefficients"] = {k: v for k, v in model.coefficients.items() if k != "c_prefill_only"}
+    assert StepModelV2.from_dict(old).coefficients["c_prefill_only"] == 0.0
 
 
 def test_replay_pays_the_kernel_cache_miss_once_per_new_token_count() -> None:

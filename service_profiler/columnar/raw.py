@@ -54,6 +54,7 @@ _COUNTED_PREFIXES = tuple(f'{{"t"{sep}"{kind}"'.encode() for kind in sorted(_COU
 # brackets in one record's attributes from which its nesting depth is checked (deeper than Python's
 # recursion limit: malformed); the writer's own records stay far below it
 _DEEP_SUSPECT = 512
+_RECORD_KINDS = ("span", "event", "counter")
 _CONTROL_LINES = frozenset({"chan", "meta", "state", "dropped", "lost", "flushed", "close", "warn", "patch"})
 
 
@@ -98,14 +99,24 @@ class RawRun:
 def _control(proc: Process, obj: dict[str, Any], chans: list[tuple[Any, ...]],
              states: list[tuple[int, int, bool, str]], losses: LossReader, lineno: int) -> None:
     kind = obj.get("t")
-    if kind == "chan" and isinstance(obj.get("id"), int) and 0 <= obj["id"] < 2 ** 31:
-        chans.append((proc.index, obj["id"], str(obj.get("kind", "")), str(obj.get("domain", "")),
-                      str(obj.get("name", ""))))
-    elif kind == "meta" and isinstance(obj.get("key"), str):
-        proc.meta[obj["key"]] = obj.get("value")
-    elif kind == "state" and isinstance(obj.get("ts"), int) and 0 <= obj["ts"] < MAX_TS:
-        states.append((proc.index, obj["ts"] + proc.wall_offset_ns, bool(obj.get("enabled")),
-                       str(obj.get("reason", ""))))
+    if kind == "chan":
+        # a channel of another kind would keep its records out of every view and out of the malformed count
+        if obj.get("id").__class__ is int and 0 <= obj["id"] < 2 ** 31 and obj.get("kind") in _RECORD_KINDS:
+            chans.append((proc.index, obj["id"], obj["kind"], str(obj.get("domain", "")), str(obj.get("name", ""))))
+        else:
+            losses.problems.append(f"{proc.path}:{lineno}: channel line without a valid id (an integer) and kind "
+                                   "(span, event or counter); skipped, its records counted as malformed")
+    elif kind == "meta":
+        if isinstance(obj.get("key"), str):
+            proc.meta[obj["key"]] = obj.get("value")
+        else:
+            losses.problems.append(f"{proc.path}:{lineno}: meta line without a text key; skipped")
+    elif kind == "state":
+        if obj.get("ts").__class__ is int and 0 <= obj["ts"] < MAX_TS:
+            states.append((proc.index, obj["ts"] + proc.wall_offset_ns, bool(obj.get("enabled")),
+                           str(obj.get("reason", ""))))
+        else:
+            losses.problems.append(f"{proc.path}:{lineno}: state line without a valid ts; skipped")
     elif kind == "dropped":
         count = obj.get("count")
         if count.__class__ is int and 0 <= count < MAX_TS:

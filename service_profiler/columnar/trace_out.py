@@ -39,7 +39,6 @@ from .trace_sql import capped, create_drawn_spans, us, window_filter
 DEFAULT_MAX_PER_SECOND = 2_000
 REQUEST_TIDS = 1 << 30  # a request's tid: this + its row in the request table
 FOLDED = "domain = 'KVCache' AND name = 'allocate'"
-SCHEDULE_SPAN = ("BatchSchedule", "batchFrameworkProcessing")
 
 
 def _compact(obj: str) -> str:

@@ -1,13 +1,18 @@
 """Step-time model v2: one engine step's duration from what the step computes.
 
-    T = c_0 + c_req·B + c_p·P + c_d·D + c_pc·C_p + c_dc·C_d + c_shape·N          (ms)
+    T = c_0 + c_req·B + c_p·P + c_d·D + c_pc·C_p + c_dc·C_d + c_shape·N + c_po·O          (ms)
 
 B requests in the step, P prefill tokens, D decode tokens, C_p the prefill attention work (Σ chunk ×
 (tokens before + chunk/2): each new token attends to the context before it), C_d the decode context
 (Σ tokens attended), N = 1 when the step's token count missed the engine's kernel cache (the kernels
 for that shape are built first: see twin/shapes.py; 0 otherwise, and for callers that pass only the
-first five features). c_0 and c_req are the per-step and per-request fixed costs (schedule, input
-preparation, sampling, update); the token terms the model's work. All coefficients are >= 0
+first five features), O = 1 for a step of prefill tokens only (no decode token; derived from P and D,
+not an input). c_0 and c_req are the per-step and per-request fixed costs (schedule, input
+preparation, sampling, update); the token terms the model's work. O is there because measured
+prefill-only steps of the CPU engine cost a fixed amount more than a mixed step of the same prefill
+(a request arriving at an idle engine, the later chunks of a prompt cut into chunks); fitted on the
+mixed and decode steps that outnumber them, those steps came out too cheap, and with them the time to
+first token at light load. All coefficients are >= 0
 (scipy's non-negative least squares). The fit minimises relative error (rows weighted by 1/T), since the
 twin's errors compound in relative terms, and is refitted once without steps whose relative residual is
 beyond 5 MADs (host hiccups: a GC pause, another process on the core).
@@ -38,10 +43,10 @@ from numpy.typing import NDArray
 
 FEATURES: tuple[str, ...] = ("batch_size", "prefill_tokens", "decode_tokens", "prefill_context", "decode_context",
                              "new_shape")
-COEFFICIENTS: tuple[str, ...] = ("c_0", "c_req", "c_p", "c_d", "c_pc", "c_dc", "c_shape")
-# Added after the first five features: models saved without it read it as 0.
-OPTIONAL_COEFFICIENTS: tuple[str, ...] = ("c_shape",)
-FORMULA = "T = c_0 + c_req*B + c_p*P + c_d*D + c_pc*C_p + c_dc*C_d + c_shape*N"
+COEFFICIENTS: tuple[str, ...] = ("c_0", "c_req", "c_p", "c_d", "c_pc", "c_dc", "c_shape", "c_prefill_only")
+# Added after the first five features: models saved without them read them as 0.
+OPTIONAL_COEFFICIENTS: tuple[str, ...] = ("c_shape", "c_prefill_only")
+FORMULA = "T = c_0 + c_req*B + c_p*P + c_d*D + c_pc*C_p + c_dc*C_d + c_shape*N + c_prefill_only*O"
 MIN_SAMPLES = 20
 _OUTLIER_MADS = 5.0
 
@@ -64,8 +69,10 @@ class StepModelV2:
     def predict_ms(self, batch_size: float, prefill_tokens: float, decode_tokens: float, prefill_context: float,
                    decode_context: float, new_shape: float = 0.0) -> float:
         c = self.coefficients
+        prefill_only = float(prefill_tokens > 0 and decode_tokens == 0)
         return (c["c_0"] + c["c_req"] * batch_size + c["c_p"] * prefill_tokens + c["c_d"] * decode_tokens
-                + c["c_pc"] * prefill_context + c["c_dc"] * decode_context + c["c_shape"] * new_shape)
+                + c["c_pc"] * prefill_context + c["c_dc"] * decode_context + c["c_shape"] * new_shape
+                + c["c_prefill_only"] * prefill_only)
 
     def predict_many(self, x: Float) -> Float:
         """x: rows of FEATURES (the last, new_shape, may be left out); returns ms."""
@@ -95,7 +102,9 @@ def _full(x: Float) -> Float:
 
 
 def _design(x: Float) -> Float:
-    return np.column_stack([np.ones(len(x)), x])
+    """Rows of FEATURES -> the terms the coefficients multiply (COEFFICIENTS' order)."""
+    prefill_only = ((x[:, 1] > 0) & (x[:, 2] == 0)).astype(float)
+    return np.column_stack([np.ones(len(x)), x, prefill_only])
 
 
 def _mape(y: Float, pred: Float) -> float | None:

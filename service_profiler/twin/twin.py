@@ -51,9 +51,11 @@ class StepTimeModel:
             thr = p["P_max"] * -math.expm1(-p["k_B"] * b) * -math.expm1(-p["k_S"] * s)
             ms = p["tau_0"] + (p["w_0"] + p["w_1"] * s) / thr + p["tau_B"] * b + p["tau_S"] * s
         else:
-            c0, creq, cp, cd, cpc, cdc, cshape = self._coef
+            c0, creq, cp, cd, cpc, cdc, cshape, cprefill_only = self._coef
             ms = (c0 + creq * b + cp * f.prefill_tokens + cd * f.decode_tokens + cpc * f.prefill_context
                   + cdc * f.decode_context + cshape * f.new_shape)
+            if f.decode_tokens == 0 and f.prefill_tokens > 0:
+                ms += cprefill_only
         return int(ms * 1e6)
 
     def output_lag(self, index: int) -> int:
