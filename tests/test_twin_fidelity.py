@@ -65,6 +65,8 @@ def test_a_held_out_configuration_is_predicted_within_10_percent_or_the_run_to_r
         spread = max(_spread(base_runs[0][key], base_runs[1][key]), _spread(target_runs[0][key], target_runs[1][key]))
         error = abs(prediction - real) / real
         each = ", ".join(f"{float(p[key]):.3f}" for p in predicted)
+        print(f"{key}: twin {prediction:.3f} ({each}), real {real:.3f} "  # shown with pytest -s
+              f"({', '.join(f'{run[key]:.3f}' for run in target_runs)}), error {error:.1%}, spread {spread:.1%}")
         assert error <= max(BOUND, spread), (
             f"{key}: twin {prediction:.3f} (from each capture: {each}), "
             f"real {real:.3f} ({', '.join(f'{run[key]:.3f}' for run in target_runs)}), error {error:.1%}; "
