@@ -3,8 +3,9 @@ by its own `savefig`, through `outputs.open_output` (a new file moved onto its n
 replaced, never written through). matplotlib is imported only when a figure is made.
 
 Layout is given rather than measured: `tight_layout`, and matplotlib's automatic title placement, lay
-each figure out once more just to measure its labels, which was the larger part of drawing these
-figures. The margins and the title height below fit every figure drawn here.
+each figure out once more just to measure its labels, which was the larger part of drawing the plots.
+The margins and the title height below fit the plots and the model's figures; the diagnosis's one
+figure of four stacked panels keeps `tight_layout` (`margins_in=None`).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Step-time model v2: one engine step's duration from what the step computes.
 
-    T = c_0 + c_req·B + c_p·P + c_d·D + c_pc·C_p + c_dc·C_d + c_shape·N + c_po·O          (ms)
+    T = c_0 + c_req·B + c_p·P + c_d·D + c_pc·C_p + c_dc·C_d + c_shape·N + c_prefill_only·O     (ms)
 
 B requests in the step, P prefill tokens, D decode tokens, C_p the prefill attention work (Σ chunk ×
 (tokens before + chunk/2): each new token attends to the context before it), C_d the decode context
