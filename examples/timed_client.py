@@ -52,6 +52,7 @@ class TimedResponse:
     start_ns: int = 0
     first_byte_ns: int = 0
     first_event_ns: int = 0
+    first_read_events: int = 0  # the events ("data:" lines) in the read that delivered the first event
     last_byte_ns: int = 0
     raw: bytearray = field(default_factory=bytearray)
 
@@ -141,6 +142,9 @@ def run_timed(port: int, requests: Sequence[TimedRequest], concurrency: int,
                     response.raw += data
                     if not response.first_event_ns and b"\ndata:" in response.raw:
                         response.first_event_ns = now
+                        # a read carries the stamp of its newest segment: with later events in it, the
+                        # first one's own arrival is unknown
+                        response.first_read_events = data.count(b"data:")
                     response.last_byte_ns = now
                     continue
                 selector.unregister(sock)

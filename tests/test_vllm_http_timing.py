@@ -129,13 +129,20 @@ def test_the_load_queued_requests_in_the_engine(measured: Measured) -> None:
             if e.get("name") == "httpExchange"} == {"kernel"}
 
 
+# events the server writes together with the first token: vLLM's chat stream opens with a role-only delta
+FIRST_EVENTS = {"/v1/completions": 1, "/v1/chat/completions": 2}
+
+
 def _merged(response: TimedResponse, row: dict[str, str]) -> bool:
     """Whether the client's kernel handed it the first event (streamed) or the headers (not streamed)
-    in one segment with the last byte although the server wrote them apart: on an overloaded machine
-    the network stack's own processing is delayed and merges segments, keeping the later stamp, so
-    the client cannot time its first token."""
+    in one read with later data although the server wrote them apart: on an overloaded machine the
+    client (or the network stack's own processing) falls behind, and a read carries the stamp of its
+    newest segment, so the client cannot time its first token. Either the first token came with the
+    last byte, or (streamed) with the events of later tokens."""
     first = response.first_event_ns if response.request.stream else response.first_byte_ns
-    return first == response.last_byte_ns and float(row["decode_delivery_ms"]) > 5.0
+    if first == response.last_byte_ns and float(row["decode_delivery_ms"]) > 5.0:
+        return True
+    return response.request.stream and response.first_read_events > FIRST_EVENTS[response.request.path]
 
 
 def _ttft_gaps(measured: Measured, server_ttft: dict[str, float]) -> tuple[list[float], list[TimedResponse]]:
@@ -150,7 +157,7 @@ def _ttft_gaps(measured: Measured, server_ttft: dict[str, float]) -> tuple[list[
             continue
         gaps.append(gap)
         timed.append(response)
-    print(f"\nfirst tokens the client could not time (merged with the last byte, out of bounds): {excused}")
+    print(f"\nfirst tokens the client could not time (read with later data, out of bounds): {excused}")
     assert excused <= 3
     return gaps, timed
 
