@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..model.step_model import COEFFICIENTS, StepModelV2, fit_step_model
+from ..model.step_model import StepModelV2, fit_step_model
 from . import engine_config
 from .capture import CapturedRun, StepRecord, read_run
 from .prediction import Prediction, captured_metrics, metrics_of
@@ -39,9 +39,6 @@ class StepTimeModel:
         self.use = use
         self.tbs_params = tbs_params
         self.output_lag_ns = output_lag_ns
-        c = v2.coefficients
-        scale = v2.time_scale
-        self._coef = tuple(c[name] * scale for name in COEFFICIENTS)  # unpacked in this order in __call__
 
     def __call__(self, index: int, f: StepFeatures) -> int:
         b = f.num_prefill_reqs + f.num_decode_reqs
@@ -51,11 +48,8 @@ class StepTimeModel:
             thr = p["P_max"] * -math.expm1(-p["k_B"] * b) * -math.expm1(-p["k_S"] * s)
             ms = p["tau_0"] + (p["w_0"] + p["w_1"] * s) / thr + p["tau_B"] * b + p["tau_S"] * s
         else:
-            c0, creq, cp, cd, cpc, cdc, cshape, cprefill_only = self._coef
-            ms = (c0 + creq * b + cp * f.prefill_tokens + cd * f.decode_tokens + cpc * f.prefill_context
-                  + cdc * f.decode_context + cshape * f.new_shape)
-            if f.decode_tokens == 0 and f.prefill_tokens > 0:
-                ms += cprefill_only
+            ms = self.v2.time_scale * self.v2.predict_ms(b, f.prefill_tokens, f.decode_tokens, f.prefill_context,
+                                                         f.decode_context, f.new_shape)
         return int(ms * 1e6)
 
     def output_lag(self, index: int) -> int:
