@@ -34,6 +34,8 @@ TARGETS: dict[str, dict[str, Any]] = {
     "long_prefill_token_threshold=64": {"long_prefill_token_threshold": 64},
     "no_prefix_caching": {"enable_prefix_caching": False},
 }
+# targets whose change touches the decode steps themselves: their speed ratio would take the change for drift
+NOT_SCALED = {"no_prefix_caching"}  # caching costs host time per request per step
 KEYS = ("ttft_ms_p50", "tpot_ms_p50", "ttft_ms_p99", "output_throughput_tok_s")
 
 
@@ -45,6 +47,17 @@ def _real_metrics(analysis: Path) -> dict[str, float]:
     return {k: float(metrics[k]) for k in KEYS}
 
 
+def _scaled_error(key: str, predictions: list[dict[str, float]], ratios: list[float], real_median: float
+                  ) -> float | None:
+    """The error of the median prediction after scaling each by the machine's speed in its pair's target
+    run over its base capture (`twin_engine_run.speed_ratio`): what is left when the machine's drift
+    between runs is taken out. Throughput is set by the arrivals at light load and is not scaled."""
+    if not real_median or any(r != r for r in ratios):  # NaN: a pair without comparable decode steps
+        return None
+    scale = [1.0] * len(ratios) if "throughput" in key else ratios
+    return (statistics.median(p[key] * s for p, s in zip(predictions, scale, strict=True)) / real_median - 1.0) * 100.0
+
+
 def fidelity(out: Path, n: int, repeats: int, rate: float, targets: list[str], served: bool = False
              ) -> list[dict[str, object]]:
     """For each target config, `repeats` pairs run back to back: capture the base config, run the target,
@@ -52,7 +65,7 @@ def fidelity(out: Path, n: int, repeats: int, rate: float, targets: list[str], s
     base captured at another moment describes another machine). Reports the median prediction against
     the median real run, the real runs' spread, and the median of the per-pair errors."""
     from tiny_model import make_model
-    from twin_engine_run import capture, workload
+    from twin_engine_run import capture, speed_ratio, workload
 
     from service_profiler.twin import Twin
 
@@ -61,12 +74,16 @@ def fidelity(out: Path, n: int, repeats: int, rate: float, targets: list[str], s
     rows = []
     for name in targets:
         change = TARGETS[name]
-        predictions, reals, bases = [], [], []
+        predictions, reals, bases, ratios = [], [], [], []
         for i in range(repeats):
             base_dir = capture(model, out / name / f"base-{i}", requests, BASE, served=served)
             real_dir = capture(model, out / name / f"real-{i}", requests, {**BASE, **change}, served=served)
             twin = Twin.from_run(base_dir)
             predictions.append({k: float(twin.run(change).metrics[k]) for k in KEYS})
+            try:  # the machine's speed in the target run over its speed in the base capture
+                ratios.append(float("nan") if name in NOT_SCALED else speed_ratio(twin, Twin.from_run(real_dir)))
+            except ValueError:
+                ratios.append(float("nan"))
             bases.append(_real_metrics(base_dir))
             reals.append(_real_metrics(real_dir))
             held_out = {regime: (r["n"], r["mape_pct"] and round(r["mape_pct"], 1))
@@ -84,6 +101,9 @@ def fidelity(out: Path, n: int, repeats: int, rate: float, targets: list[str], s
                          "error_pct": (pred - median) / median * 100.0 if median else None,
                          "spread_pct": (max(values) - min(values)) / median * 100.0 if median else None,
                          "pair_error_median_pct": statistics.median(pair_errors) if pair_errors else None,
+                         # each prediction scaled by its pair's speed ratio (TTFT, TPOT: times; not throughput)
+                         "scaled_error_pct": _scaled_error(key, predictions, ratios, median),
+                         "speed_ratios": [round(r, 3) for r in ratios],
                          "base_captured_median": statistics.median(b[key] for b in bases)})
         print(json.dumps(rows[-len(KEYS):]), flush=True)
     return rows
@@ -144,11 +164,12 @@ def main() -> None:
     out = args.out or Path(tempfile.mkdtemp(prefix="bench-twin-"))
     rows = fidelity(out, args.requests, args.repeats, args.rate, args.targets.split(","), args.served)
     print(f"{'config':34} {'metric':24} {'twin':>10} {'real med':>10} {'real min..max':>22} {'err %':>7} "
-          f"{'spread %':>8} {'pair err %':>10}")
+          f"{'spread %':>8} {'pair err %':>10} {'scaled err %':>12}")
     for r in rows:
         print(f"{r['config']:34} {r['metric']:24} {r['predicted']:10.2f} {r['real_median']:10.2f} "
               f"{r['real_min']:10.2f}..{r['real_max']:<10.2f} {r['error_pct']:7.1f} {r['spread_pct']:8.1f} "
-              f"{r['pair_error_median_pct']:10.1f}")
+              f"{r['pair_error_median_pct']:10.1f} "
+              f"{r['scaled_error_pct'] if r['scaled_error_pct'] is None else round(r['scaled_error_pct'], 1):>12}")
 
 
 if __name__ == "__main__":

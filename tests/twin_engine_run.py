@@ -19,13 +19,18 @@ above adds requests only between steps, so its TTFT leaves that wait out).
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from statistics import median
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from service_profiler.twin import Twin
 
 TWIN_SYMBOLS_NOTE = "the shipped symbols, which include the twin capture handler"
 
@@ -129,6 +134,33 @@ def capture(model: Path, root: Path, requests: list[dict[str, Any]], engine_args
     if proc.returncode != 0:
         raise RuntimeError(f"analyze failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return analysis
+
+
+# decode steps of one batch size needed in both runs for their median times to be compared
+MIN_DECODE_STEPS = 20
+
+
+def decode_step_ms(twin: Twin) -> dict[int, float]:
+    """Median cycle (ms) of a capture's decode-only steps that met no new kernel shape, by batch size."""
+    by_size: dict[int, list[float]] = {}
+    for step in twin.captured.steps:
+        if step.followed_by_work and step.decode_tokens and not step.prefill_tokens and not step.new_shape:
+            by_size.setdefault(step.num_decode_reqs, []).append(step.cycle_ns / 1e6)
+    return {size: median(times) for size, times in by_size.items() if len(times) >= MIN_DECODE_STEPS}
+
+
+def speed_ratio(base: Twin, target: Twin) -> float:
+    """How much longer the machine took over the same decode step in the target's run than in the base's:
+    the geometric mean, over the batch sizes both ran often enough, of the ratio of their median
+    decode-only step times. On this shared machine it was 0.35 to 1.6 between runs minutes apart. Only
+    for a target whose change leaves decode steps alone (not prefix caching: that costs host time per
+    request per step)."""
+    before, after = decode_step_ms(base), decode_step_ms(target)
+    common = [size for size in before if size in after]
+    if not common:
+        raise ValueError(f"no decode batch size with {MIN_DECODE_STEPS} steps in both runs: "
+                         f"{sorted(before)} / {sorted(after)}")
+    return math.exp(sum(math.log(after[size] / before[size]) for size in common) / len(common))
 
 
 def main() -> None:
