@@ -12,8 +12,10 @@ than the 10 % bound. That is the machine, not the twin, so each run's speed is m
 prediction is scaled by the target run's speed over its base capture's: the median time of the
 decode-only steps of the same batch size, which the target's change (how prompts are cut into prefill
 chunks) does not touch. The median corrected prediction must then lie within 10 % of the median real
-run, or within the real runs' spread (max - min over the median) where that is larger. The uncorrected
-error is printed beside it; the benchmark reports it against the spread.
+run, or within the real runs' spread (max - min over the median) where that is larger. What this checks
+is the twin's prediction of what the target changes (more prefill steps per prompt, steps of prefill
+alone, decodes sharing steps with chunks), at the machine's speed of the moment; the uncorrected error is
+printed beside it, and the benchmark reports it against the spread.
 """
 
 from __future__ import annotations
