@@ -439,6 +439,42 @@ def test_bad_lines_cost_only_themselves(tmp_path: Path) -> None:
         run.close()
 
 
+def test_both_readers_read_control_lines_alike(tmp_path: Path) -> None:
+    """analyze's reader (DuckDB) and inspect's (rawfile.py) share one reading of the control lines: the same
+    problem for each bad one, the same meta, warnings, patch report, dropped count and collection states."""
+    synth = generate_run(tmp_path / "run", SyntheticConfig(requests=10, output_tokens=4, seed=5))
+    engine = sorted(synth.run_dir.glob("*4200*"))[0]
+    lines = engine.read_text(encoding="utf-8").splitlines(keepends=True)
+    at = next(i for i, line in enumerate(lines) if line.startswith('{"t":"rec"'))
+    bad = ['{"t":"meta","key":5,"value":1}', '{"t":"state","ts":-3,"enabled":true}', '{"t":"dropped","count":"x"}',
+           '{"t":"chan","id":2147483648,"kind":"span","domain":"X","name":"y"}',
+           '{"t":"patch","applied":["a.b"],"failed":"everything"}', '{"t":"header","v":1}', '{"t":"whatever"}']
+    good = ['{"t":"meta","key":"dp_rank","value":0}', '{"t":"warn","msg":"slow","count":2}',
+            '{"t":"warn","msg":"slow","count":7}', '{"t":"warn","msg":"odd","count":"many"}',
+            '{"t":"dropped","count":3,"ts":5}', '{"t":"state","ts":7,"enabled":false,"reason":"signal"}']
+    lines[at:at] = [line + "\n" for line in bad + good]
+    engine.write_text("".join(lines), encoding="utf-8")
+
+    def about_control(problems: list[str]) -> list[str]:
+        # the problems of the inserted lines, by line number (at + 1 is the first inserted line's number)
+        found = [p for p in problems if any(p.startswith(f"{engine}:{at + 1 + k}:") for k in range(len(bad)))]
+        return sorted(found)
+
+    inspected = read_run([synth.run_dir])
+    analysis = analyze_run([synth.run_dir])
+    try:
+        assert about_control(inspected.problems) == about_control(analysis.problems)
+        assert len(about_control(inspected.problems)) == len(bad)  # one problem for each bad line, none for good
+        one = next(p for p in inspected.processes if p.pid == 4200)
+        other = next(p for p in analysis.processes if p.pid == 4200)
+        assert list(other.warnings.values()) == one.warnings[-2:] == ["slow (x7)", "odd (x?)"]
+        assert one.patch == other.patch and one.patch is not None  # the file's own later patch line wins in both
+        assert one.meta == other.meta and one.dropped == other.dropped >= 3
+        assert [s for s in inspected.states if s[3] == "signal"] == [s for s in analysis.states if s[3] == "signal"]
+    finally:
+        analysis.close()
+
+
 def test_runs_under_a_small_memory_limit(tmp_path: Path) -> None:
     """DuckDB keeps to the limit (spilling to the work directory what does not fit; the benchmark shows it
     at 10 M records); the floor is the JSON reader's buffer, twice raw.MAX_LINE_BYTES per thread."""

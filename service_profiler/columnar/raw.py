@@ -28,8 +28,8 @@ from typing import Any
 
 import duckdb
 
-from service_profiler.rawdata.losses import LOSS_LINES, LossReader, ProcessLoss
-from service_profiler.rawdata.rawcheck import MAX_TS
+from service_profiler.rawdata.control import ControlReader, channel, channel_problem
+from service_profiler.rawdata.losses import ProcessLoss
 from service_profiler.rawdata.rawfile import (
     _COUNTED_LINES,
     _dedupe_copies,
@@ -54,8 +54,6 @@ _COUNTED_PREFIXES = tuple(f'{{"t"{sep}"{kind}"'.encode() for kind in sorted(_COU
 # brackets in one record's attributes from which its nesting depth is checked (deeper than Python's
 # recursion limit: malformed); the writer's own records stay far below it
 _DEEP_SUSPECT = 512
-_RECORD_KINDS = ("span", "event", "counter")
-_CONTROL_LINES = frozenset({"chan", "meta", "state", "dropped", "lost", "flushed", "close", "warn", "patch"})
 
 
 @dataclass
@@ -96,45 +94,6 @@ class RawRun:
     scan_problems_from: int = 0  # problems before this index are about finding the files, not reading them
 
 
-def _control(proc: Process, obj: dict[str, Any], chans: list[tuple[Any, ...]],
-             states: list[tuple[int, int, bool, str]], losses: LossReader, lineno: int) -> None:
-    kind = obj.get("t")
-    if kind == "chan":
-        # a channel of another kind would keep its records out of every view and out of the malformed count
-        if obj.get("id").__class__ is int and 0 <= obj["id"] < 2 ** 31 and obj.get("kind") in _RECORD_KINDS:
-            chans.append((proc.index, obj["id"], obj["kind"], str(obj.get("domain", "")), str(obj.get("name", ""))))
-        else:
-            losses.problems.append(f"{proc.path}:{lineno}: channel line without a valid id (an integer) and kind "
-                                   "(span, event or counter); skipped, its records counted as malformed")
-    elif kind == "meta":
-        if isinstance(obj.get("key"), str):
-            proc.meta[obj["key"]] = obj.get("value")
-        else:
-            losses.problems.append(f"{proc.path}:{lineno}: meta line without a text key; skipped")
-    elif kind == "state":
-        if obj.get("ts").__class__ is int and 0 <= obj["ts"] < MAX_TS:
-            states.append((proc.index, obj["ts"] + proc.wall_offset_ns, bool(obj.get("enabled")),
-                           str(obj.get("reason", ""))))
-        else:
-            losses.problems.append(f"{proc.path}:{lineno}: state line without a valid ts; skipped")
-    elif kind == "dropped":
-        count = obj.get("count")
-        if count.__class__ is int and 0 <= count < MAX_TS:
-            proc.dropped += count
-            if count:
-                losses.dropped(count, obj.get("ts"))
-        else:
-            losses.problems.append(f"{proc.path}:{lineno}: dropped line without a valid count; skipped")
-    elif kind in LOSS_LINES:  # flushed, close, lost: the file's completeness (losses.py)
-        losses.line(kind, obj, Path(proc.path), lineno)
-    elif kind == "warn":
-        # written when a problem first happens and again with its running total: the last total wins
-        msg, count = str(obj.get("msg", "")), obj.get("count", 1)
-        proc.warnings[msg] = f"{msg} (x{count})" if count != 1 else msg
-    elif kind == "patch":
-        proc.patch = {k: obj.get(k, []) for k in ("applied", "pending", "skipped", "failed")}
-
-
 def rec_line_problem(path: str, lineno: int, line: bytes) -> str | None:
     """What is wrong with a `rec` line DuckDB's reader will skip, None when it reads."""
     if len(line) > MAX_LINE_BYTES:
@@ -149,7 +108,8 @@ def scan_lines(proc: Process, lines: Iterable[tuple[int, bytes | None, str | Non
     """One file's control lines, in order: (lineno, line, None), or (lineno, None, problem) for a `rec`
     line DuckDB skips. `load_raw` feeds them from the raw file (`_file_lines`), the Parquet reader
     (parquet_in.py) from the lines a conversion kept."""
-    losses = LossReader(proc.loss, proc.wall_offset_ns, problems)
+    control = ControlReader(proc.index, proc.wall_offset_ns, proc.loss, proc.meta, states, problems)
+    path = Path(proc.path)
     for lineno, line, rec_problem in lines:
         if line is None:
             if rec_problem:
@@ -163,14 +123,23 @@ def scan_lines(proc: Process, lines: Iterable[tuple[int, bytes | None, str | Non
             continue
         if b"\\ud" in line or b"\\uD" in line:  # an escaped lone surrogate cannot be stored as UTF-8 text
             obj = _without_surrogates(obj)
-        if isinstance(obj, dict) and not isinstance(obj.get("t"), str):
-            problems.append(f"{proc.path}:{lineno}: line type {obj.get('t')!r} is not a text; skipped")
-        elif isinstance(obj, dict) and obj.get("t") in _CONTROL_LINES:
-            _control(proc, obj, chans, states, losses, lineno)
-        elif isinstance(obj, dict):
-            problems.append(f"{proc.path}:{lineno}: unknown line type {obj.get('t')!r}; skipped")
-        else:
+        if not isinstance(obj, dict):
             problems.append(f"{proc.path}:{lineno}: not a JSON object; skipped")
+        elif not isinstance(obj.get("t"), str):
+            problems.append(f"{proc.path}:{lineno}: line type {obj.get('t')!r} is not a text; skipped")
+        elif obj["t"] == "chan":
+            # a channel of another kind would keep its records out of every view and out of the malformed count
+            declared = channel(obj)
+            if declared is None:
+                problems.append(channel_problem(proc.path, lineno))
+            else:
+                chans.append((proc.index, *declared))
+        else:
+            control.line(obj["t"], obj, path, lineno)
+    proc.dropped += control.dropped
+    proc.warnings.update(control.warnings)
+    if control.patch is not None:
+        proc.patch = control.patch
     role = proc.meta.get("role")
     if isinstance(role, str) and role:
         proc.role = role

@@ -34,7 +34,8 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from service_profiler.rawdata.losses import LOSS_LINES, LossReader, ProcessLoss
+from service_profiler.rawdata.control import ControlReader, channel, channel_problem
+from service_profiler.rawdata.losses import ProcessLoss
 from service_profiler.rawdata.rawcheck import (
     FORMAT_VERSION,
     MAX_TS,
@@ -43,11 +44,9 @@ from service_profiler.rawdata.rawcheck import (
     int_or_none,
     lone_surrogates_replaced,
     parse_line,
-    patch_items,
     process_identity,
     same_host_offsets,
     short_text,
-    valid_ts,
 )
 from service_profiler.rawdata.rawentries import (
     BATCH_REQS,
@@ -225,14 +224,13 @@ class _FileReader:
         # channel id -> (kind code, domain, name, which ids / entries to check: rawentries.clean_attrs)
         self.chans: dict[int, tuple[int, str, str, int]] = {}
         self.unknown_chan: dict[str, int] = {}
-        self.warning_slots: dict[str, int] = {}  # warning message -> its index in proc.warnings
         self.bad_records = 0
         self.bad_lines: list[int] = []  # the first few lines holding malformed records
         self.bad_line_count = 0
         self.seen_recs: set[int] = set()  # hashes of the rec lines read: a repeated line counts once
         self.repeated: list[int] = [0, 0]  # repeated rec lines skipped, the first one's line number
         self.dropped = [0]  # malformed per-request entries dropped (rawentries.clean_attrs counts them)
-        self.losses = LossReader(proc.loss, self.offset, run.problems)
+        self.control = ControlReader(proc.index, self.offset, proc.loss, proc.meta, run.states, run.problems)
 
     def read(self, path: Path) -> None:
         run = self.run
@@ -277,7 +275,12 @@ class _FileReader:
                 elif kind == "chan":
                     self._channel(obj, path, lineno)
                 else:
-                    self._control(kind, obj, path, lineno)
+                    self.control.line(kind, obj, path, lineno)
+        control = self.control
+        self.proc.dropped += control.dropped
+        self.proc.warnings = list(control.warnings.values())
+        if control.patch is not None:
+            self.proc.patch = control.patch
         for chan_id, count in self.unknown_chan.items():
             problems.append(f"{path}: {count} records of undeclared channel {chan_id}; skipped")
         if self.bad_records:
@@ -292,65 +295,18 @@ class _FileReader:
                             "records; see docs/DESIGN.md for their shape); dropped")
 
     def _channel(self, obj: dict[str, Any], path: Path, lineno: int) -> None:
-        kind = obj.get("kind")
-        code = _KIND_CODES.get(kind) if isinstance(kind, str) else None
-        if code is None or obj.get("id").__class__ is not int:
-            self.run.problems.append(f"{path}:{lineno}: channel line without a valid id (an integer) and kind "
-                                     "(span, event or counter); skipped")
+        declared = channel(obj)
+        if declared is None:
+            self.run.problems.append(channel_problem(path, lineno))
             return
-        domain, name = sys.intern(str(obj.get("domain", ""))), sys.intern(str(obj.get("name", "")))
+        chan_id, kind, domain, name = declared
+        code = _KIND_CODES[kind]
+        domain, name = sys.intern(domain), sys.intern(name)
         ids = _ENTRY_FIELDS.get((domain, name), NO_IDS)
         if not ids and code == EVENT and domain in _RID_DOMAINS:
             ids = RID
-        self.chans[obj["id"]] = (code, domain, name, ids)
+        self.chans[chan_id] = (code, domain, name, ids)
         self.proc.channels.append(obj)
-
-    def _control(self, kind: str, obj: dict[str, Any], path: Path, lineno: int) -> None:
-        proc = self.proc
-        if kind == "meta":
-            proc.meta[str(obj.get("key"))] = obj.get("value")
-        elif kind == "patch":
-            fields = ("applied", "pending", "skipped", "failed")
-            proc.patch = {k: patch_items(obj.get(k)) for k in fields}
-            odd = [k for k in fields if obj.get(k) is not None and (not isinstance(obj[k], list) or any(
-                not isinstance(v, str | dict) for v in obj[k]))]
-            if odd:
-                self.run.problems.append(f"{path}:{lineno}: patch line: {', '.join(odd)} not a list of symbol names "
-                                         "or {symbol, reason} objects; read as text")
-        elif kind == "state":
-            ts = valid_ts(obj.get("ts"))
-            if ts is None:
-                self.run.problems.append(f"{path}:{lineno}: state line without a valid ts; skipped")
-                return
-            self.run.states.append((proc.index, ts + self.offset, bool(obj.get("enabled")),
-                                    str(obj.get("reason", ""))))
-        elif kind == "dropped":
-            count = obj.get("count")
-            if count.__class__ is int and 0 <= count < MAX_TS:
-                proc.dropped += count
-                if count:
-                    self.losses.dropped(count, obj.get("ts"))
-            else:
-                self.run.problems.append(f"{path}:{lineno}: dropped line without a valid count; skipped")
-        elif kind in LOSS_LINES:
-            self.losses.line(kind, obj, path, lineno)
-        elif kind == "warn":
-            # A process writes a warning when it first happens and re-writes it with its running total
-            # later (at exit at the latest): one entry per message, with the last total.
-            msg, count = str(obj.get("msg", "")), obj.get("count", 1)
-            if count.__class__ is not int:
-                count = "?"
-            text = f"{msg} (x{count})" if count != 1 else msg
-            slot = self.warning_slots.get(msg)
-            if slot is None:
-                self.warning_slots[msg] = len(proc.warnings)
-                proc.warnings.append(text)
-            else:
-                proc.warnings[slot] = text
-        elif kind == "header":
-            self.run.problems.append(f"{path}:{lineno}: second header line ignored")
-        else:
-            self.run.problems.append(f"{path}:{lineno}: unknown line type {kind!r}; skipped")
 
     def _records_fast(self, records: list[Any]) -> None:
         # All-or-nothing for the line's records: on any exception the caller re-reads it record by
