@@ -47,15 +47,17 @@ def _real_metrics(analysis: Path) -> dict[str, float]:
     return {k: float(metrics[k]) for k in KEYS}
 
 
-def _scaled_error(key: str, predictions: list[dict[str, float]], ratios: list[float], real_median: float
+def _scaled_error(key: str, predictions: list[dict[str, float]], ratios: list[float], reals: list[dict[str, float]]
                   ) -> float | None:
-    """The error of the median prediction after scaling each by the machine's speed in its pair's target
-    run over its base capture (`twin_engine_run.speed_ratio`): what is left when the machine's drift
-    between runs is taken out. Throughput is set by the arrivals at light load and is not scaled."""
-    if not real_median or any(r != r for r in ratios):  # NaN: a pair without comparable decode steps
+    """The median over pairs of each prediction's error against its pair's real run, after scaling the
+    prediction by the machine's speed in that run over its base capture (`twin_engine_run.speed_ratio`):
+    what is left when the machine's drift between runs is taken out, as `tests/test_twin_fidelity.py`
+    bounds it. Throughput is set by the arrivals at light load and is not scaled."""
+    if any(r != r for r in ratios) or not all(real[key] for real in reals):  # NaN: no comparable decode steps
         return None
     scale = [1.0] * len(ratios) if "throughput" in key else ratios
-    return (statistics.median(p[key] * s for p, s in zip(predictions, scale, strict=True)) / real_median - 1.0) * 100.0
+    return statistics.median((p[key] * k / real[key] - 1.0) * 100.0
+                             for p, k, real in zip(predictions, scale, reals, strict=True))
 
 
 def fidelity(out: Path, n: int, repeats: int, rate: float, targets: list[str], served: bool = False
@@ -101,8 +103,8 @@ def fidelity(out: Path, n: int, repeats: int, rate: float, targets: list[str], s
                          "error_pct": (pred - median) / median * 100.0 if median else None,
                          "spread_pct": (max(values) - min(values)) / median * 100.0 if median else None,
                          "pair_error_median_pct": statistics.median(pair_errors) if pair_errors else None,
-                         # each prediction scaled by its pair's speed ratio (TTFT, TPOT: times; not throughput)
-                         "scaled_error_pct": _scaled_error(key, predictions, ratios, median),
+                         # each prediction scaled by its pair's speed ratio, against its pair's real run
+                         "scaled_error_pct": _scaled_error(key, predictions, ratios, reals),
                          "speed_ratios": [round(r, 3) for r in ratios],
                          "base_captured_median": statistics.median(b[key] for b in bases)})
         print(json.dumps(rows[-len(KEYS):]), flush=True)
