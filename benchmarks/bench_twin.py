@@ -20,7 +20,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from service_profiler.twin import Twin
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
@@ -39,25 +42,22 @@ NOT_SCALED = {"no_prefix_caching"}  # caching costs host time per request per st
 KEYS = ("ttft_ms_p50", "tpot_ms_p50", "ttft_ms_p99", "output_throughput_tok_s")
 
 
-def _real_metrics(analysis: Path) -> dict[str, float]:
-    from service_profiler.twin import Twin
-
-    metrics = Twin.from_run(analysis).captured_metrics
+def _real_metrics(run: Twin) -> dict[str, float]:
+    metrics = run.captured_metrics
     assert metrics is not None
     return {k: float(metrics[k]) for k in KEYS}
 
 
 def _scaled_error(key: str, predictions: list[dict[str, float]], ratios: list[float], reals: list[dict[str, float]]
                   ) -> float | None:
-    """The median over pairs of each prediction's error against its pair's real run, after scaling the
-    prediction by the machine's speed in that run over its base capture (`twin_engine_run.speed_ratio`):
-    what is left when the machine's drift between runs is taken out, as `tests/test_twin_fidelity.py`
-    bounds it. Throughput is set by the arrivals at light load and is not scaled."""
+    """The median over pairs of each prediction's error against its pair's real run, after scaling it by
+    the machine's speed in that run over its base capture (`twin_engine_run.paired_errors`): what is left
+    when the machine's drift between runs is taken out, as `tests/test_twin_fidelity.py` bounds it."""
+    from twin_engine_run import paired_errors
+
     if any(r != r for r in ratios) or not all(real[key] for real in reals):  # NaN: no comparable decode steps
         return None
-    scale = [1.0] * len(ratios) if "throughput" in key else ratios
-    return statistics.median((p[key] * k / real[key] - 1.0) * 100.0
-                             for p, k, real in zip(predictions, scale, reals, strict=True))
+    return statistics.median(paired_errors(key, predictions, ratios, reals)) * 100.0
 
 
 def fidelity(out: Path, n: int, repeats: int, rate: float, targets: list[str], served: bool = False
@@ -80,14 +80,14 @@ def fidelity(out: Path, n: int, repeats: int, rate: float, targets: list[str], s
         for i in range(repeats):
             base_dir = capture(model, out / name / f"base-{i}", requests, BASE, served=served)
             real_dir = capture(model, out / name / f"real-{i}", requests, {**BASE, **change}, served=served)
-            twin = Twin.from_run(base_dir)
+            twin, real_run = Twin.from_run(base_dir), Twin.from_run(real_dir)
             predictions.append({k: float(twin.run(change).metrics[k]) for k in KEYS})
             try:  # the machine's speed in the target run over its speed in the base capture
-                ratios.append(float("nan") if name in NOT_SCALED else speed_ratio(twin, Twin.from_run(real_dir)))
+                ratios.append(float("nan") if name in NOT_SCALED else speed_ratio(twin, real_run))
             except ValueError:
                 ratios.append(float("nan"))
-            bases.append(_real_metrics(base_dir))
-            reals.append(_real_metrics(real_dir))
+            bases.append(_real_metrics(twin))
+            reals.append(_real_metrics(real_run))
             held_out = {regime: (r["n"], r["mape_pct"] and round(r["mape_pct"], 1))
                         for regime, r in twin.step_model.v2.metrics.get("test_scaled", {}).items()}
             print(f"{name} pair {i}: step model {twin.step_model.use}, held-out (n, MAPE %) by regime "

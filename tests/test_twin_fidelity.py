@@ -26,7 +26,7 @@ from statistics import median
 from typing import Any
 
 import pytest
-from twin_engine_run import capture, speed_ratio, workload
+from twin_engine_run import capture, paired_errors, scaled, speed_ratio, workload
 
 from service_profiler.twin import Twin
 
@@ -38,8 +38,7 @@ BASE: dict[str, Any] = {"max_num_seqs": 8, "max_num_batched_tokens": 256, "async
 # Not prefix caching off: caching costs the engine host time per request per step, beside its hits, so
 # the decode steps that measure the machine's speed would change with the target too.
 TARGET: dict[str, Any] = {"long_prefill_token_threshold": 64}
-TIMES = ("ttft_ms_p50", "tpot_ms_p50")
-KEYS = (*TIMES, "output_throughput_tok_s")  # throughput is set by the arrivals at this load: not scaled
+KEYS = ("ttft_ms_p50", "tpot_ms_p50", "output_throughput_tok_s")  # throughput is not scaled (`scaled`)
 BOUND = 0.10
 PAIRS = 3
 
@@ -56,29 +55,29 @@ def test_a_held_out_configuration_is_predicted_within_10_percent(tiny_model: Pat
         target = capture(tiny_model, tmp_path / f"target-{i}", requests, {**BASE, **TARGET}, served=True)
         pairs.append((Twin.from_run(base), Twin.from_run(target)))
 
-    predictions, corrected, real = [], [], []
+    predictions, ratios, real = [], [], []
     for base, target in pairs:
         prediction = base.run(TARGET)
         # The twin sees the change: prompts take more prefill steps in the target.
         steps = _prefill_steps(base.run({}).batches), _prefill_steps(prediction.batches)
         assert steps[1] > steps[0] * 1.5, f"steps with prefill tokens, base and target: {steps}"
-        ratio = speed_ratio(base, target)
+        ratios.append(speed_ratio(base, target))
         predictions.append({key: float(prediction.metrics[key]) for key in KEYS})
-        corrected.append({key: predictions[-1][key] * (ratio if key in TIMES else 1.0) for key in KEYS})
         assert target.captured_metrics is not None
         real.append({key: float(target.captured_metrics[key]) for key in KEYS})
-        print(f"pair: target run's decode steps {ratio:.3f} times as long as its base capture's")  # pytest -s
+        print(f"pair: target run's decode steps {ratios[-1]:.3f} times as long as its base capture's")  # pytest -s
 
     failures = []
     for key in KEYS:
         runs = [run[key] for run in real]
         # each prediction against the target run of its own pair, as the design pairs them (the speed ratio
         # is a pair's too); the median of the three pairs' errors is what is bounded
-        errors = [p[key] / run[key] - 1.0 for p, run in zip(corrected, real, strict=True)]
+        errors = paired_errors(key, predictions, ratios, real)
         error = median(errors)
-        raw_error = median(p[key] / run[key] - 1.0 for p, run in zip(predictions, real, strict=True))
+        raw_error = median(paired_errors(key, predictions, [1.0] * len(ratios), real))
         spread = (max(runs) - min(runs)) / median(runs)
-        line = (f"{key}: twin, scaled to each target run's speed, {', '.join(f'{p[key]:.3f}' for p in corrected)} "
+        corrected = [scaled(key, p[key], ratio) for p, ratio in zip(predictions, ratios, strict=True)]
+        line = (f"{key}: twin, scaled to each target run's speed, {', '.join(f'{v:.3f}' for v in corrected)} "
                 f"(unscaled {', '.join(f'{p[key]:.3f}' for p in predictions)}); "
                 f"real {', '.join(f'{r:.3f}' for r in runs)}; errors {', '.join(f'{e:+.1%}' for e in errors)}, "
                 f"median {error:+.1%} (unscaled {raw_error:+.1%}); real spread {spread:.1%}")

@@ -163,6 +163,20 @@ def speed_ratio(base: Twin, target: Twin) -> float:
     return math.exp(sum(math.log(after[size] / before[size]) for size in common) / len(common))
 
 
+def scaled(key: str, value: float, ratio: float) -> float:
+    """A predicted metric at the speed of the real run it is compared with (`speed_ratio`): times scale with
+    the machine's speed; output throughput, set by the arrivals at light load, does not."""
+    return value if "throughput" in key else value * ratio
+
+
+def paired_errors(key: str, predictions: list[dict[str, float]], ratios: list[float],
+                  reals: list[dict[str, float]]) -> list[float]:
+    """Each pair's prediction of `key`, scaled by that pair's speed ratio, against the pair's real run:
+    relative errors, in pair order."""
+    return [scaled(key, p[key], ratio) / real[key] - 1.0 for p, ratio, real in zip(predictions, ratios, reals,
+                                                                                  strict=True)]
+
+
 def main() -> None:
     model, workload_path, args_path, mode = sys.argv[1:5]
     drive = _serve if mode == "served" else _drive
