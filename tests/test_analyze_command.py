@@ -159,3 +159,72 @@ def test_threads_and_processes_write_the_same_files(synth: SyntheticRun, tmp_pat
             assert (out / name).read_bytes() == (ref / name).read_bytes(), name
     dumps = [sorted(sqlite3.connect(d / "profiler.db").iterdump()) for d in (ref, out)]
     assert dumps[0] == dumps[1]
+
+
+def test_figures_drawn_in_their_process_are_the_ones_drawn_here(synth: SyntheticRun, tmp_path: Path) -> None:
+    """--jobs 2 draws the plots and the model in the figure process, --jobs 1 in this one: the same files."""
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    assert command.run(_args([synth.run_dir], ref, "plots", "model", extra=("--jobs", "1", "--quiet"))) == 0
+    assert command.run(_args([synth.run_dir], out, "plots", "model", extra=("--jobs", "2", "--quiet"))) == 0
+    files = sorted(str(p.relative_to(ref)) for p in ref.rglob("*") if p.is_file())
+    assert "plots/ttft_distribution.png" in files and "model/latency_model.json" in files
+    assert files == sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    for name in files:
+        assert (out / name).read_bytes() == (ref / name).read_bytes(), name
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_killed_figure_process_costs_no_figure(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import os
+    import signal
+
+    from service_profiler.columnar.figure_process import FigureProcess
+    from service_profiler.columnar.plots_draw import Lines, Series, draw_plots
+
+    figures = FigureProcess()
+    try:
+        pid = figures.call(os.getpid)
+        assert pid != os.getpid()
+        os.kill(pid, signal.SIGKILL)
+        plot = Lines([Series([0.0, 1.0], [1.0, 2.0], [1.0, 2.0], [1.0, 2.0])], "x", "y", "t")
+        written = figures.call(draw_plots, [(tmp_path / "p.png", (4.0, 3.0), plot)])
+    finally:
+        figures.close()
+    assert written == [tmp_path / "p.png"] and (tmp_path / "p.png").read_bytes().startswith(b"\x89PNG")
+    assert "the figure process ended" in capsys.readouterr().err
+
+
+def test_the_figure_process_ends_with_a_killed_analyze(tmp_path: Path) -> None:
+    """analyze killed outright (SIGKILL: no clean-up runs) leaves no figure process behind."""
+    import os
+    import signal
+    import time
+
+    code = ("import os, sys, time\n"
+            "from service_profiler.columnar.figure_process import FigureProcess\n"
+            "f = FigureProcess()\n"
+            "print(f.call(os.getpid), flush=True)\n"
+            "time.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        assert _alive(child)
+    finally:
+        parent.kill()
+        parent.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    try:
+        assert not _alive(child)
+    finally:
+        if _alive(child):
+            os.kill(child, signal.SIGKILL)

@@ -95,23 +95,24 @@ def test_a_run_without_records_writes_no_plot(tmp_path: Path, capsys: pytest.Cap
 
 
 def test_bucketed_lines_keep_spikes_and_time_order(analysis: AnalysisRun, monkeypatch: pytest.MonkeyPatch) -> None:
-    from matplotlib.figure import Figure
-
     batches = analysis.count("batch")
     monkeypatch.setattr(plots_out, "LINE_BUCKETS", 10)
     assert batches > 10 * 10
     # one slow step among many: it must still reach the top of the plot
     analysis.con.execute(f"UPDATE batch SET model_run_ms = 500 WHERE batch_row = {batches // 2 + 3}")
-    ax = Figure().subplots()
-    assert plots_out._series(analysis, ax, "batch_row", "model_run_ms")
-    assert sum(np.size(line.get_xdata()) for line in ax.get_lines()) <= 10
+    series = plots_out._series(analysis, "batch_row", "model_run_ms")
+    assert series is not None and len(series.x) <= 10
     top = analysis.con.execute("SELECT max(model_run_ms), min(model_run_ms) FROM batch").fetchone()
+    assert max(series.high) == pytest.approx(500.0) and min(series.low) == pytest.approx(top[1])
+    # drawn, the band reaches the spike too
+    from matplotlib.figure import Figure
+
+    ax = Figure().subplots()
+    series.draw(ax)
     assert ax.dataLim.ymax == pytest.approx(500.0) and ax.dataLim.ymin == pytest.approx(top[1])
     # the two engines' batches interleave in time: the line goes forward in time all the same
-    ax = Figure().subplots()
-    assert plots_out._series(analysis, ax, plots_out._time(analysis), "batch_size")
-    xs = np.asarray(ax.get_lines()[0].get_xdata())
-    assert np.all(np.diff(xs) > 0)
+    series = plots_out._series(analysis, plots_out._time(analysis), "batch_size")
+    assert series is not None and np.all(np.diff(series.x) > 0)
 
 
 def test_import_does_not_load_matplotlib() -> None:

@@ -17,19 +17,18 @@ output path that cannot be used.
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import resource
 import signal
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from service_profiler.outputs import OutputPathError, check_output_dir, describe_os_error, write_output_text
 
+from .figure_process import FigureProcess
 from .parquet_format import ParquetInputError
 from .pipeline import EXPORTERS, Outcome, export_all
 from .run import DEFAULT_MEMORY_LIMIT, analyze_run
@@ -99,30 +98,6 @@ def _clear_links(out: Path) -> None:
             (out / name).unlink()
 
 
-# modules the exporters import when they start, by format: heavy ones only
-_EXPORTER_IMPORTS = {
-    "plots": ("matplotlib.figure", "matplotlib.backends.backend_agg"),
-    "model": ("numpy", "service_profiler.model.latency", "matplotlib.figure", "matplotlib.backends.backend_agg"),
-}
-
-
-def _import_in_background(formats: list[str]) -> None:
-    """Import what the plots and model exporters need in a thread while the tables are built: DuckDB's
-    queries release the GIL, so the import runs beside them instead of after them."""
-    modules = list(dict.fromkeys(m for f in formats for m in _EXPORTER_IMPORTS.get(f, ())))
-    if not modules:
-        return
-
-    def load() -> None:
-        for module in modules:
-            try:
-                importlib.import_module(module)
-            except Exception:  # the exporter imports it again and reports what fails
-                continue
-
-    threading.Thread(target=load, name="sprof-import", daemon=True).start()
-
-
 def run(args: argparse.Namespace) -> int:
     # SIGTERM ends the command through SystemExit, so the work directory (the run's database) is removed
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -142,8 +117,18 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_NO_DATA
     formats = [f for f in EXPORTERS if f in args.format or (f == "summary" and "csv" in args.format)]
     pool = args.processes and args.jobs > 1 and len(formats) > 1
-    if args.jobs > 1 and not pool:
-        _import_in_background(formats)
+    figures = None
+    if args.jobs > 1 and not pool and {"plots", "model"} & set(formats):
+        figures = FigureProcess()  # started now: it imports matplotlib while the tables are built
+    try:
+        return _analyze(args, formats, out, pool, figures, progress)
+    finally:
+        if figures is not None:
+            figures.close()
+
+
+def _analyze(args: argparse.Namespace, formats: list[str], out: Path, pool: bool, figures: FigureProcess | None,
+             progress: _Progress) -> int:
     try:
         analysis = analyze_run(args.input_path, memory_limit=args.memory_limit, threads=args.threads,
                                temp_root=args.temp_dir, progress=progress, shared=pool)
@@ -161,7 +146,9 @@ def run(args: argparse.Namespace) -> int:
         if not args.quiet:
             from .summary import format_summary
             summary = format_summary(analysis)
-        options = {"json": {"window": args.window, "max_per_second": args.trace_max_per_second}}
+        options: dict[str, dict[str, Any]] = {
+            "json": {"window": args.window, "max_per_second": args.trace_max_per_second},
+            "plots": {"figures": figures}, "model": {"figures": figures}}
         outcomes = export_all(analysis, formats, out, jobs=args.jobs, progress=progress, options=options)
     finally:
         analysis.close()

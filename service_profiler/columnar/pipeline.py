@@ -96,9 +96,11 @@ def export_all(run: AnalysisRun, formats: list[str], out_dir: Path, jobs: int = 
     if not run.shared:
         # threads of this process: DuckDB's queries and SQLite's inserts run without the GIL, so an
         # exporter spending its time in Python (profiler.db's rows, the plots) overlaps with the others
-        with ThreadPoolExecutor(max_workers=jobs) as threads:
+        # an exporter that hands its work to the figure process only waits for it: it takes no slot
+        elsewhere = [fmt for fmt in formats if options.get(fmt, {}).get("figures") is not None]
+        with ThreadPoolExecutor(max_workers=jobs + len(elsewhere)) as threads:
             futures = [threads.submit(_in_thread, run, fmt, options.get(fmt, {}), out_dir)
-                       for fmt in sorted(formats, key=_LONGEST_FIRST.index)]
+                       for fmt in sorted(formats, key=lambda f: (f not in elsewhere, _LONGEST_FIRST.index(f)))]
             for future in as_completed(futures):
                 outcomes.append(future.result())
                 if progress:

@@ -1,0 +1,74 @@
+"""A process of its own that draws the figures (the plots, the latency model's) beside this one.
+
+matplotlib is Python holding the GIL: its import and a dozen figures take about a second on any run,
+small or large. In a thread of this process they held back the Python parts of the other exporters
+(profiler.db's and the trace's); in a process of their own they run on the other core. It is started
+when `analyze` starts, so its imports happen while DuckDB builds the tables.
+
+The exporters hand it plain data (lists, arrays) and a module-level function; nothing of DuckDB's
+crosses. Spawned, not forked: a fork would copy DuckDB's threads' locks in whatever state they are.
+If the process is gone (killed, out of memory), the work is done in this process instead.
+"""
+
+from __future__ import annotations
+
+import importlib
+import multiprocessing
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import TypeVar
+
+T = TypeVar("T")
+
+# what the figures need, imported by the process as soon as it starts
+_WARM_UP_MODULES = ("matplotlib.figure", "matplotlib.backends.backend_agg", "numpy",
+                    "service_profiler.model.latency", "service_profiler.columnar.plots_draw")
+
+
+def _warm_up(parent: int) -> None:
+    # a process killed outright leaves its pool's worker waiting for work that never comes: it goes too
+    threading.Thread(target=_exit_with, args=(parent,), name="sprof-parent-watch", daemon=True).start()
+    for module in _WARM_UP_MODULES:
+        try:
+            importlib.import_module(module)
+        except Exception:  # the figure's own import fails again and is reported there
+            continue
+
+
+def _exit_with(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(0)
+
+
+class FigureProcess:
+    def __init__(self) -> None:
+        self._pool: ProcessPoolExecutor | None = ProcessPoolExecutor(
+            max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        self._pool.submit(_warm_up, os.getpid())
+
+    def call(self, fn: Callable[..., T], *args: object) -> T:
+        """fn(*args) in the figure process; here, if that process is gone. fn's exceptions propagate."""
+        if self._pool is not None:
+            try:
+                return self._pool.submit(fn, *args).result()
+            except BrokenProcessPool as exc:
+                print(f"figures: the figure process ended ({exc}); drawing in this process instead",
+                      file=sys.stderr)
+                self._pool = None
+        return fn(*args)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
+def call(figures: FigureProcess | None, fn: Callable[..., T], *args: object) -> T:
+    """fn(*args) in `figures`' process, or in this one when there is none."""
+    return figures.call(fn, *args) if figures is not None else fn(*args)
