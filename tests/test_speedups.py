@@ -7,6 +7,7 @@ and by the wheel build in CI. Outside CI the C-specific tests skip when it is mi
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import gc
@@ -690,3 +691,88 @@ def test_threads_toggling_while_others_call(impl_name: str) -> None:
     # Both routes were taken while the flag was flipping.
     assert len(inst.seen) > 0
     assert len(inst.seen) < sum(calls)
+
+
+# ------------------------------------------------------------------------------------------ encode_rec_line
+
+
+def _stdlib_line(records: list[Any]) -> str:
+    from service_profiler.runtime.recorder import _encode
+
+    return _encode({"t": "rec", "r": records})
+
+
+class _Str(str):
+    pass
+
+
+class _Int(int):
+    pass
+
+
+def _random_value(rng: Any, depth: int) -> Any:
+    kind = rng.randrange(11 if depth < 4 else 7)
+    if kind == 0:
+        return rng.choice([None, True, False])
+    if kind == 1:
+        return rng.randint(-(2**63), 2**63 - 1)
+    if kind == 2:
+        return rng.randint(-1000, 1000)
+    if kind == 3:
+        return rng.choice([0.0, -0.0, 1.5, 1e300, 5e-324, 0.1, 1 / 3, -2.5e-7, 123456789.0, 1e16,
+                           float("nan"), float("inf"), float("-inf"), rng.random() * 10 ** rng.randint(-20, 20)])
+    if kind in (4, 5, 6):
+        alphabet = "ab \"\\/\b\f\n\r\t\x00\x01\x1f\x7f é€😀\u2028"
+        return "".join(rng.choice(alphabet) for _ in range(rng.randrange(12)))
+    if kind in (7, 8):
+        items = [_random_value(rng, depth + 1) for _ in range(rng.randrange(5))]
+        return items if kind == 7 else tuple(items)
+    return {f"k{i}\n\"": _random_value(rng, depth + 1) for i in range(rng.randrange(5))}
+
+
+@needs_ext
+def test_encode_rec_line_writes_what_the_stdlib_encoder_writes() -> None:
+    import random
+
+    from service_profiler.runtime._speedups import encode_rec_line
+
+    rng = random.Random(7)
+    for _ in range(2000):
+        records = [(rng.randrange(50), rng.randrange(2**62), rng.randrange(2**62), rng.randrange(2**40),
+                    _random_value(rng, 0)) for _ in range(rng.randrange(1, 6))]
+        assert encode_rec_line(records) == _stdlib_line(records), records
+    assert encode_rec_line([]) == _stdlib_line([]) == '{"t":"rec","r":[]}'
+    nested: Any = "x"
+    for _ in range(28):  # as deep as it goes: the line's list, the record, its attributes, 28 lists, a str
+        nested = [nested]
+    assert encode_rec_line([(1, 2, {"a": nested})]) == _stdlib_line([(1, 2, {"a": nested})])
+
+
+@needs_ext
+@pytest.mark.parametrize("make", [
+    lambda: 2**63, lambda: -(2**63) - 1, lambda: _Str("s"), lambda: _Int(3), lambda: {1: "int key"},
+    lambda: {None: 1}, lambda: {"set": {1, 2}}, lambda: b"bytes", object, lambda: "\ud800",
+    lambda: {"lone surrogate \udfff": 1}, lambda: collections.OrderedDict(a=1),
+])
+def test_encode_rec_line_leaves_other_values_to_the_stdlib_encoder(make: Callable[[], Any]) -> None:
+    """What it does not write as the stdlib would (or at all), it leaves to the stdlib: None."""
+    from service_profiler.runtime._speedups import encode_rec_line
+
+    value = make()
+    assert encode_rec_line([(1, 2, 3, {"v": value})]) is None
+    assert encode_rec_line([(1, 2, 3, {"ok": 1}), (1, 2, 3, [value])]) is None
+
+
+@needs_ext
+def test_encode_rec_line_gives_up_past_its_depth_and_on_cycles() -> None:
+    from service_profiler.runtime._speedups import encode_rec_line
+
+    deep: Any = []
+    for _ in range(100_000):
+        deep = [deep]
+    cyclic: dict[str, Any] = {}
+    cyclic["self"] = cyclic
+    assert encode_rec_line([(1, 2, {"deep": deep})]) is None
+    assert encode_rec_line([(1, 2, {"cyclic": cyclic})]) is None
+    with pytest.raises(TypeError, match="must be a list"):
+        encode_rec_line((1, 2))  # type: ignore[arg-type]

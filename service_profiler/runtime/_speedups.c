@@ -241,6 +241,279 @@ static PyTypeObject ProbeSwitch_Type = {
     .tp_free = PyObject_GC_Del,
 };
 
+/* ------------------------------------------------------------------------------------------------ */
+/* encode_rec_line(records) -> str | None: one `rec` line of the raw format, `{"t":"rec","r":[...]}`.
+ *
+ * The writer thread's encoding holds the GIL the engine needs; the stdlib's C encoder makes a new
+ * string object for every key, number and string it writes. This one writes into one buffer. It
+ * handles only what records are made of: exact dict (str keys), list, tuple, str, int (64-bit), float,
+ * bool and None, nested at most MAX_DEPTH deep. For anything else it returns None and the caller encodes
+ * the line with the stdlib's encoder, so every line it does write is byte for byte what
+ * json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, check_circular=False) would write (the
+ * tests compare the two). No Python code runs while it encodes (only exact built-in types are read),
+ * so nothing it reads can change under it. */
+
+#define MAX_DEPTH 32
+#define UNSUPPORTED 1 /* a value the stdlib encoder must write; not an error */
+
+typedef struct {
+    char *data;
+    Py_ssize_t len;
+    Py_ssize_t cap;
+} Buffer;
+
+static int
+buffer_reserve(Buffer *buf, Py_ssize_t extra)
+{
+    if (buf->len + extra <= buf->cap) {
+        return 0;
+    }
+    Py_ssize_t cap = buf->cap ? buf->cap : 4096;
+    while (cap < buf->len + extra) {
+        if (cap > PY_SSIZE_T_MAX / 2) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        cap *= 2;
+    }
+    char *data = PyMem_Realloc(buf->data, (size_t)cap);
+    if (data == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    buf->data = data;
+    buf->cap = cap;
+    return 0;
+}
+
+static int
+buffer_write(Buffer *buf, const char *bytes, Py_ssize_t n)
+{
+    if (buffer_reserve(buf, n) < 0) {
+        return -1;
+    }
+    memcpy(buf->data + buf->len, bytes, (size_t)n);
+    buf->len += n;
+    return 0;
+}
+
+static int
+encode_string(Buffer *buf, PyObject *str)
+{
+    Py_ssize_t n;
+    const char *utf8 = PyUnicode_AsUTF8AndSize(str, &n);
+    if (utf8 == NULL) { /* lone surrogates: the stdlib writes them, and the file write reports it */
+        PyErr_Clear();
+        return UNSUPPORTED;
+    }
+    /* worst case: every byte a \u00XX escape */
+    if (n > (PY_SSIZE_T_MAX - 2) / 6 || buffer_reserve(buf, 6 * n + 2) < 0) {
+        if (!PyErr_Occurred()) {
+            PyErr_NoMemory();
+        }
+        return -1;
+    }
+    static const char hex[] = "0123456789abcdef";
+    char *out = buf->data + buf->len;
+    *out++ = '"';
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)utf8[i];
+        switch (c) {
+        case '"': *out++ = '\\'; *out++ = '"'; break;
+        case '\\': *out++ = '\\'; *out++ = '\\'; break;
+        case '\b': *out++ = '\\'; *out++ = 'b'; break;
+        case '\f': *out++ = '\\'; *out++ = 'f'; break;
+        case '\n': *out++ = '\\'; *out++ = 'n'; break;
+        case '\r': *out++ = '\\'; *out++ = 'r'; break;
+        case '\t': *out++ = '\\'; *out++ = 't'; break;
+        default:
+            if (c < 0x20) {
+                *out++ = '\\'; *out++ = 'u'; *out++ = '0'; *out++ = '0';
+                *out++ = hex[c >> 4]; *out++ = hex[c & 0xf];
+            }
+            else {
+                *out++ = (char)c; /* UTF-8 passes through: ensure_ascii=False */
+            }
+        }
+    }
+    *out++ = '"';
+    buf->len = out - buf->data;
+    return 0;
+}
+
+static int
+encode_int(Buffer *buf, PyObject *obj)
+{
+    int overflow = 0;
+    long long v = PyLong_AsLongLongAndOverflow(obj, &overflow);
+    if (overflow) {
+        return UNSUPPORTED;
+    }
+    if (v == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    char digits[24];
+    char *end = digits + sizeof(digits);
+    char *p = end;
+    unsigned long long u = v < 0 ? 0ULL - (unsigned long long)v : (unsigned long long)v;
+    do {
+        *--p = (char)('0' + u % 10);
+        u /= 10;
+    } while (u);
+    if (v < 0) {
+        *--p = '-';
+    }
+    return buffer_write(buf, p, end - p);
+}
+
+static int
+encode_float(Buffer *buf, PyObject *obj)
+{
+    double d = PyFloat_AS_DOUBLE(obj);
+    if (Py_IS_NAN(d)) {
+        return buffer_write(buf, "NaN", 3);
+    }
+    if (Py_IS_INFINITY(d)) {
+        return d > 0 ? buffer_write(buf, "Infinity", 8) : buffer_write(buf, "-Infinity", 9);
+    }
+    /* float.__repr__, which the stdlib encoder calls */
+    char *text = PyOS_double_to_string(d, 'r', 0, Py_DTSF_ADD_DOT_0, NULL);
+    if (text == NULL) {
+        return -1;
+    }
+    int rc = buffer_write(buf, text, (Py_ssize_t)strlen(text));
+    PyMem_Free(text);
+    return rc;
+}
+
+static int encode_value(Buffer *buf, PyObject *obj, int depth);
+
+static int
+encode_items(Buffer *buf, PyObject *const *items, Py_ssize_t n, int depth)
+{
+    if (buffer_write(buf, "[", 1) < 0) {
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (i && buffer_write(buf, ",", 1) < 0) {
+            return -1;
+        }
+        int rc = encode_value(buf, items[i], depth + 1);
+        if (rc) {
+            return rc;
+        }
+    }
+    return buffer_write(buf, "]", 1);
+}
+
+static int
+encode_dict(Buffer *buf, PyObject *dict, int depth)
+{
+    if (buffer_write(buf, "{", 1) < 0) {
+        return -1;
+    }
+    Py_ssize_t pos = 0;
+    PyObject *key, *value;
+    int first = 1;
+    while (PyDict_Next(dict, &pos, &key, &value)) {
+        if (!PyUnicode_CheckExact(key)) {
+            return UNSUPPORTED; /* the stdlib turns numbers, bools and None into keys */
+        }
+        if (!first && buffer_write(buf, ",", 1) < 0) {
+            return -1;
+        }
+        first = 0;
+        int rc = encode_string(buf, key);
+        if (rc) {
+            return rc;
+        }
+        if (buffer_write(buf, ":", 1) < 0) {
+            return -1;
+        }
+        rc = encode_value(buf, value, depth + 1);
+        if (rc) {
+            return rc;
+        }
+    }
+    return buffer_write(buf, "}", 1);
+}
+
+static int
+encode_value(Buffer *buf, PyObject *obj, int depth)
+{
+    if (depth > MAX_DEPTH) {
+        return UNSUPPORTED;
+    }
+    if (obj == Py_None) {
+        return buffer_write(buf, "null", 4);
+    }
+    if (obj == Py_True) {
+        return buffer_write(buf, "true", 4);
+    }
+    if (obj == Py_False) {
+        return buffer_write(buf, "false", 5);
+    }
+    if (PyUnicode_CheckExact(obj)) {
+        return encode_string(buf, obj);
+    }
+    if (PyLong_CheckExact(obj)) {
+        return encode_int(buf, obj);
+    }
+    if (PyFloat_CheckExact(obj)) {
+        return encode_float(buf, obj);
+    }
+    if (PyTuple_CheckExact(obj)) {
+        return encode_items(buf, &PyTuple_GET_ITEM(obj, 0), PyTuple_GET_SIZE(obj), depth);
+    }
+    if (PyList_CheckExact(obj)) {
+        return encode_items(buf, PySequence_Fast_ITEMS(obj), PyList_GET_SIZE(obj), depth);
+    }
+    if (PyDict_CheckExact(obj)) {
+        return encode_dict(buf, obj, depth);
+    }
+    return UNSUPPORTED;
+}
+
+static PyObject *
+encode_rec_line(PyObject *module, PyObject *records)
+{
+    (void)module;
+    if (!PyList_CheckExact(records)) {
+        PyErr_Format(PyExc_TypeError, "encode_rec_line: records must be a list, not %.200s",
+                     Py_TYPE(records)->tp_name);
+        return NULL;
+    }
+    Buffer buf = {NULL, 0, 0};
+    int rc = buffer_write(&buf, "{\"t\":\"rec\",\"r\":", 15);
+    if (rc == 0) {
+        rc = encode_items(&buf, PySequence_Fast_ITEMS(records), PyList_GET_SIZE(records), 1);
+    }
+    if (rc == 0) {
+        rc = buffer_write(&buf, "}", 1);
+    }
+    PyObject *line = NULL;
+    if (rc == 0) {
+        line = PyUnicode_DecodeUTF8(buf.data, buf.len, "strict");
+    }
+    else if (rc == UNSUPPORTED) {
+        line = Py_NewRef(Py_None);
+    }
+    PyMem_Free(buf.data);
+    return line;
+}
+
+PyDoc_STRVAR(encode_rec_line_doc,
+"encode_rec_line(records: list) -> str | None\n\n"
+"The raw format's `rec` line of `records` ({\"t\":\"rec\",\"r\":[...]}, compact), byte for byte what the\n"
+"stdlib's json encoder writes (ensure_ascii=False); None where a value is not one of the types records\n"
+"are made of (exact dict with str keys, list, tuple, str, int within 64 bits, float, bool, None) or is\n"
+"nested deeper than 32: the caller then encodes that line with the stdlib.");
+
+static PyMethodDef speedups_methods[] = {
+    {"encode_rec_line", encode_rec_line, METH_O, encode_rec_line_doc},
+    {NULL, NULL, 0, NULL},
+};
+
 static int
 speedups_exec(PyObject *module)
 {
@@ -255,14 +528,15 @@ static PyModuleDef_Slot speedups_slots[] = {
     {0, NULL},
 };
 
-PyDoc_STRVAR(speedups_doc, "C helpers for service_profiler: ProbeSwitch, a near-zero-cost probe switch.");
+PyDoc_STRVAR(speedups_doc, "C helpers for service_profiler: ProbeSwitch, a near-zero-cost probe switch, and "
+             "encode_rec_line, the writer thread's encoder of record lines.");
 
 static struct PyModuleDef speedups_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "service_profiler.runtime._speedups",
     .m_doc = speedups_doc,
     .m_size = 0,
-    .m_methods = NULL,
+    .m_methods = speedups_methods,
     .m_slots = speedups_slots,
     .m_traverse = NULL,
     .m_clear = NULL,

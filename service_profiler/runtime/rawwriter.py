@@ -51,9 +51,11 @@ def widen(low: int | None, high: int | None, record: Sequence[Any]) -> tuple[int
 
 
 def encode_records(batch: list[tuple[Any, ...]], per_line: int, encode: Callable[[object], str],
-                   pause: Callable[[], None]) -> tuple[list[str], EncodeProblems]:
+                   pause: Callable[[], None], fast: Callable[[list[Any]], str | None] | None = None
+                   ) -> tuple[list[str], EncodeProblems]:
     """`rec` lines of at most `per_line` records each; `pause` runs between lines (lets engine
-    threads in: the C encoder holds the GIL for a whole call)."""
+    threads in: the C encoder holds the GIL for a whole call). `fast` (`speedups.encode_rec_line`)
+    writes a line where it can, as `encode` would; None where it cannot, and `encode` does."""
     lines: list[str] = []
     problems = EncodeProblems()
     for start in range(0, len(batch), per_line):
@@ -61,7 +63,8 @@ def encode_records(batch: list[tuple[Any, ...]], per_line: int, encode: Callable
             pause()
         chunk = batch[start : start + per_line]
         try:
-            lines.append(encode({"t": "rec", "r": chunk}))
+            line = fast(chunk) if fast is not None else None
+            lines.append(line if line is not None else encode({"t": "rec", "r": chunk}))
         except Exception:  # RecursionError, TypeError, ValueError: find the records that fail
             kept = [_encodable(record, encode, problems) for record in chunk]
             good = [record for record in kept if record is not None]

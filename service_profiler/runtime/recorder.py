@@ -24,6 +24,7 @@ from typing import Any
 
 from .rawwriter import UNENCODABLE, LostRecords, RawFile, encode_records
 from .signalsafe import GuardedLock, install_sigterm_flush, reset_after_fork
+from .speedups import encode_rec_line
 from .threads import start_daemon
 
 __all__ = ["COUNTER", "EVENT", "SPAN", "Recorder", "guess_role", "install_sigterm_flush"]
@@ -241,7 +242,7 @@ class Recorder:
                 parts.append(_encode({"t": "meta", "key": "role", "value": role}))
             if dropped_new:
                 parts.append(_encode({"t": "dropped", "count": dropped_new, "ts": time.perf_counter_ns()}))
-            records, problems = encode_records(batch, _RECORDS_PER_LINE, _encode, _GilBreaks())
+            records, problems = encode_records(batch, _RECORDS_PER_LINE, _encode, _GilBreaks(), encode_rec_line)
             parts += records
             if problems.replaced:
                 self._unencodable += problems.replaced
