@@ -776,3 +776,154 @@ def test_encode_rec_line_gives_up_past_its_depth_and_on_cycles() -> None:
     assert encode_rec_line([(1, 2, {"cyclic": cyclic})]) is None
     with pytest.raises(TypeError, match="must be a list"):
         encode_rec_line((1, 2))  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------------ HandlerCall
+
+
+class _Probe:
+    """What a handler wrapper reads of a probe: `active`, `caller_filter`, `note_error`."""
+
+    def __init__(self) -> None:
+        self.active = True
+        self.caller_filter = None
+        self.errors: list[tuple[str, str]] = []
+
+    def note_error(self, what: str, detail: str) -> None:
+        self.errors.append((what, detail))
+
+
+def _handler_wrapper(impl: str, fn: Callable[..., Any], probe: Any, handler: Callable[..., Any],
+                     is_method: bool) -> Callable[..., Any]:
+    from service_profiler.runtime import probes
+
+    if impl == "c":
+        if not HAVE_SPEEDUPS:
+            pytest.skip(BUILD_HINT)
+        wrapper = probes.make_handler_wrapper(fn, probe, handler, is_method)
+        assert type(wrapper).__name__ == "HandlerCall"
+        return wrapper
+    saved = probes.HandlerCall
+    probes.HandlerCall = None
+    try:
+        wrapper = probes.make_handler_wrapper(fn, probe, handler, is_method)
+    finally:
+        probes.HandlerCall = saved
+    assert inspect.isfunction(wrapper)
+    return wrapper
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_handler_wrapper_calls_the_handler_only_while_active(impl: str) -> None:
+    seen: list[Any] = []
+
+    def original(*args: Any, **kwargs: Any) -> tuple[Any, ...]:
+        return ("original", args, kwargs)
+
+    def handler(original_func: Any, this: Any, *args: Any, **kwargs: Any) -> Any:
+        seen.append((this, args, kwargs))
+        result = original_func(this, *args, **kwargs)
+        assert original_func(this, *args, **kwargs) is result  # a second call: the first one's result
+        return "ignored"
+
+    probe = _Probe()
+    wrapper = _handler_wrapper(impl, original, probe, handler, False)
+    many = tuple(range(12))  # more arguments than the C wrapper's small vector
+    assert wrapper(*many, a=1, b=2) == ("original", many, {"a": 1, "b": 2})
+    assert seen == [(None, many, {"a": 1, "b": 2})] and probe.errors == []
+    probe.active = False
+    assert wrapper(1) == ("original", (1,), {}) and len(seen) == 1
+    assert wrapper.__name__ == "original" and wrapper.__wrapped__ is original  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_handler_wrapper_binds_as_a_method(impl: str) -> None:
+    class Engine:
+        def step(self, n: int, *, scale: int = 1) -> tuple[Any, int]:
+            return self, n * scale
+
+    def handler(original_func: Any, this: Any, *args: Any, **kwargs: Any) -> Any:
+        assert isinstance(this, Engine)
+        return original_func(this, *args, **kwargs)
+
+    original = Engine.step
+    Engine.step = _handler_wrapper(impl, original, _Probe(), handler, True)  # type: ignore[method-assign]
+    engine = Engine()
+    assert engine.step(3, scale=2) == (engine, 6)
+    assert Engine.step(engine, 4) == (engine, 4)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("raised", [ValueError("h"), SystemExit(2), KeyboardInterrupt(), GeneratorExit()])
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_whatever_the_handler_raises_stays_with_the_profiler(impl: str, raised: BaseException, when: str) -> None:
+    calls: list[int] = []
+
+    def original(x: int) -> int:
+        calls.append(x)
+        return x + 1
+
+    def handler(original_func: Any, this: Any, x: int) -> None:
+        if when == "after":
+            original_func(this, x)
+        raise raised
+
+    probe = _Probe()
+    assert _handler_wrapper(impl, original, probe, handler, False)(5) == 6 and calls == [5]
+    assert probe.errors == [("handler 'handler'", repr(raised))]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("swallow", [False, True])
+def test_the_originals_own_exception_reaches_the_host_unchanged(impl: str, swallow: bool) -> None:
+    own = KeyboardInterrupt("the engine's own")
+
+    def original() -> None:
+        raise own
+
+    def handler(original_func: Any, this: Any) -> None:
+        try:
+            original_func(this)
+        except BaseException:
+            if not swallow:
+                raise
+
+    probe = _Probe()
+    wrapper = _handler_wrapper(impl, original, probe, handler, False)
+    with pytest.raises(KeyboardInterrupt) as caught:
+        wrapper()
+    assert caught.value is own and probe.errors == []
+    assert "original" in "".join(traceback.format_tb(caught.value.__traceback__))
+
+
+@needs_ext
+def test_handler_call_leaks_nothing_and_its_cycles_are_collected() -> None:
+    class Token:
+        fail = False
+
+    def original(token: Token) -> Token:
+        if token.fail:
+            raise ValueError("engine")
+        return token
+
+    def handler(original_func: Any, this: Any, token: Token) -> None:
+        try:
+            original_func(this, token)
+        except ValueError:
+            pass
+
+    wrapper = _handler_wrapper("c", original, _Probe(), handler, False)
+    token, failing = Token(), Token()
+    failing.fail = True
+    before = sys.getrefcount(token), sys.getrefcount(failing)
+    for _ in range(10_000):
+        assert wrapper(token) is token
+        with pytest.raises(ValueError):
+            wrapper(failing)
+    gc.collect()
+    assert (sys.getrefcount(token), sys.getrefcount(failing)) == before
+    # an exception kept alive by a cycle through the handler's frame is freed by the collector
+    ref = weakref.ref(failing)
+    del failing
+    gc.collect()
+    assert ref() is None

@@ -242,6 +242,370 @@ static PyTypeObject ProbeSwitch_Type = {
 };
 
 /* ------------------------------------------------------------------------------------------------ */
+/* HandlerCall(fn, handler, probe, on_error, *, is_method): a custom handler's wrapper, in C.
+ *
+ * The same contract as probes.make_handler_wrapper's Python wrapper, which it replaces where the probe
+ * has no caller filter: while `probe.active` is false it forwards to `fn`; otherwise it calls
+ * `handler(original_func, this, *args, **kwargs)` (`this` is None for a plain function), where
+ * `original_func` runs `fn` at most once and remembers its result or exception. Whatever the handler
+ * raises, BaseException included, is passed to `on_error` and never reaches the caller, except the
+ * original's own exception. If the handler never called the original, it is called now; if the
+ * handler swallowed the original's exception, it is raised again; else the original's result is
+ * returned. On the handlers' path this saves the Python wrapper's frame, the OriginalCall object's
+ * construction and its __call__ frame, and two packings of *args / **kwargs. */
+
+/* The raised exception, normalized, taken out of the thread state (new reference; NULL if none). */
+static PyObject *
+take_exception(void)
+{
+#if PY_VERSION_HEX >= 0x030C0000
+    return PyErr_GetRaisedException();
+#else
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    if (type == NULL) {
+        return NULL;
+    }
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (tb != NULL && value != NULL) {
+        PyException_SetTraceback(value, tb);
+    }
+    Py_XDECREF(type);
+    Py_XDECREF(tb);
+    return value;
+#endif
+}
+
+/* Raise the exception instance `exc` again, with its traceback (borrows `exc`). */
+static void
+raise_again(PyObject *exc)
+{
+#if PY_VERSION_HEX >= 0x030C0000
+    PyErr_SetRaisedException(Py_NewRef(exc));
+#else
+    PyErr_Restore(Py_NewRef((PyObject *)Py_TYPE(exc)), Py_NewRef(exc), PyException_GetTraceback(exc));
+#endif
+}
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyObject *fn;
+    PyObject *result; /* the original's result once it returned */
+    PyObject *error;  /* the original's exception once it raised */
+    int done;
+    int is_method;
+} OriginalCall;
+
+static PyObject *
+OriginalCall_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    OriginalCall *self = (OriginalCall *)op;
+    if (self->done) { /* a second call: the first one's outcome, the engine's code is not run twice */
+        if (self->error != NULL) {
+            raise_again(self->error);
+            return NULL;
+        }
+        return Py_NewRef(self->result != NULL ? self->result : Py_None);
+    }
+    self->done = 1;
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    PyObject *result;
+    if (self->is_method || nargs == 0) {
+        result = PyObject_Vectorcall(self->fn, args, nargsf, kwnames);
+    }
+    else { /* called as original_func(None, *args): the rest of the vector is the original's */
+        result = PyObject_Vectorcall(self->fn, args + 1, (size_t)(nargs - 1), kwnames);
+    }
+    if (result == NULL) {
+        PyObject *exc = take_exception();
+        if (exc == NULL) {
+            PyErr_SetString(PyExc_SystemError, "the original returned NULL without an exception");
+            exc = take_exception();
+        }
+        Py_XSETREF(self->error, exc);
+        if (exc != NULL) {
+            raise_again(exc);
+        }
+        return NULL;
+    }
+    Py_XSETREF(self->result, Py_NewRef(result));
+    return result;
+}
+
+static int
+OriginalCall_traverse(PyObject *op, visitproc visit, void *arg)
+{
+    OriginalCall *self = (OriginalCall *)op;
+    Py_VISIT(self->fn);
+    Py_VISIT(self->result);
+    Py_VISIT(self->error); /* error -> traceback -> the handler's frame -> this object */
+    return 0;
+}
+
+static int
+OriginalCall_clear(PyObject *op)
+{
+    OriginalCall *self = (OriginalCall *)op;
+    Py_CLEAR(self->result);
+    Py_CLEAR(self->error);
+    /* `fn` stays (None after a clear would make a later call raise): it cannot be part of a cycle
+     * through this object, which is made per call and reachable only from the handler. */
+    return 0;
+}
+
+static void
+OriginalCall_dealloc(PyObject *op)
+{
+    OriginalCall *self = (OriginalCall *)op;
+    PyObject_GC_UnTrack(op);
+    Py_CLEAR(self->fn);
+    Py_CLEAR(self->result);
+    Py_CLEAR(self->error);
+    PyObject_GC_Del(op);
+}
+
+static PyTypeObject OriginalCall_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "service_profiler.runtime._speedups.OriginalCall",
+    .tp_basicsize = sizeof(OriginalCall),
+    .tp_dealloc = OriginalCall_dealloc,
+    .tp_vectorcall_offset = offsetof(OriginalCall, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "What a handler receives as original_func: runs the original at most once.",
+    .tp_traverse = OriginalCall_traverse,
+    .tp_clear = OriginalCall_clear,
+};
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyObject *fn;
+    PyObject *handler;
+    PyObject *probe;
+    PyObject *on_error;
+    int is_method;
+    PyObject *dict;
+    PyObject *weakreflist;
+} HandlerCall;
+
+static PyObject *str_active; /* "active", interned at module exec */
+
+static int
+probe_is_active(PyObject *probe)
+{
+    PyObject *value = PyObject_GetAttr(probe, str_active);
+    if (value == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    int truth = value == Py_True ? 1 : value == Py_False ? 0 : PyObject_IsTrue(value);
+    Py_DECREF(value);
+    if (truth < 0) {
+        PyErr_Clear();
+        return 0;
+    }
+    return truth;
+}
+
+#define SMALL_VECTOR 8
+
+static PyObject *
+HandlerCall_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    HandlerCall *self = (HandlerCall *)op;
+    if (!probe_is_active(self->probe)) {
+        return PyObject_Vectorcall(self->fn, args, nargsf, kwnames);
+    }
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    Py_ssize_t nkw = kwnames != NULL ? PyTuple_GET_SIZE(kwnames) : 0;
+    Py_ssize_t extra = self->is_method ? 1 : 2; /* original_func, and None for `this` */
+    Py_ssize_t total = nargs + nkw + extra;
+    PyObject *small[SMALL_VECTOR];
+    PyObject **vector = small;
+    OriginalCall *original = PyObject_GC_New(OriginalCall, &OriginalCall_Type);
+    if (original != NULL && total > SMALL_VECTOR) {
+        vector = PyMem_Malloc((size_t)total * sizeof(PyObject *));
+    }
+    if (original == NULL || vector == NULL) { /* no memory for the profiler: the engine's call goes on */
+        PyErr_Clear();
+        if (original != NULL) {
+            original->fn = original->result = original->error = NULL;
+            Py_DECREF(original);
+        }
+        return PyObject_Vectorcall(self->fn, args, nargsf, kwnames);
+    }
+    original->vectorcall = OriginalCall_vectorcall;
+    original->fn = Py_NewRef(self->fn);
+    original->result = NULL;
+    original->error = NULL;
+    original->done = 0;
+    original->is_method = self->is_method;
+    PyObject_GC_Track((PyObject *)original);
+
+    vector[0] = (PyObject *)original;
+    if (!self->is_method) {
+        vector[1] = Py_None;
+    }
+    if (nargs + nkw > 0) {
+        memcpy(vector + extra, args, (size_t)(nargs + nkw) * sizeof(PyObject *));
+    }
+    PyObject *handled = PyObject_Vectorcall(self->handler, vector, (size_t)(nargs + extra), kwnames);
+    if (vector != small) {
+        PyMem_Free(vector);
+    }
+    if (handled == NULL) {
+        PyObject *exc = take_exception();
+        if (exc != NULL && exc == original->error) { /* the engine's own exception, unchanged */
+            raise_again(exc);
+            Py_DECREF(exc);
+            Py_DECREF(original);
+            return NULL;
+        }
+        /* anything else the handler raised is the profiler's problem, never the host's */
+        PyObject *noted = PyObject_CallOneArg(self->on_error, exc != NULL ? exc : Py_None);
+        if (noted == NULL) {
+            PyErr_Clear();
+        }
+        Py_XDECREF(noted);
+        Py_XDECREF(exc);
+    }
+    else {
+        Py_DECREF(handled);
+    }
+    PyObject *result;
+    if (!original->done) { /* the handler failed before (or forgot) calling the original */
+        result = PyObject_Vectorcall(self->fn, args, nargsf, kwnames);
+    }
+    else if (original->error != NULL) { /* a handler that swallowed the engine's exception */
+        raise_again(original->error);
+        result = NULL;
+    }
+    else {
+        result = Py_NewRef(original->result != NULL ? original->result : Py_None);
+    }
+    Py_DECREF(original);
+    return result;
+}
+
+static PyObject *
+HandlerCall_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"fn", "handler", "probe", "on_error", "is_method", NULL};
+    PyObject *fn, *handler, *probe, *on_error;
+    int is_method = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOO|$p:HandlerCall", kwlist, &fn, &handler, &probe,
+                                     &on_error, &is_method)) {
+        return NULL;
+    }
+    if (!PyCallable_Check(fn) || !PyCallable_Check(handler) || !PyCallable_Check(on_error)) {
+        PyErr_SetString(PyExc_TypeError, "HandlerCall: fn, handler and on_error must be callable");
+        return NULL;
+    }
+    HandlerCall *self = (HandlerCall *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->vectorcall = HandlerCall_vectorcall;
+    self->fn = Py_NewRef(fn);
+    self->handler = Py_NewRef(handler);
+    self->probe = Py_NewRef(probe);
+    self->on_error = Py_NewRef(on_error);
+    self->is_method = is_method;
+    self->dict = NULL;
+    self->weakreflist = NULL;
+    return (PyObject *)self;
+}
+
+static int
+HandlerCall_traverse(PyObject *op, visitproc visit, void *arg)
+{
+    HandlerCall *self = (HandlerCall *)op;
+    Py_VISIT(self->fn);
+    Py_VISIT(self->handler);
+    Py_VISIT(self->probe);
+    Py_VISIT(self->on_error);
+    Py_VISIT(self->dict);
+    return 0;
+}
+
+static int
+HandlerCall_clear(PyObject *op)
+{
+    HandlerCall *self = (HandlerCall *)op;
+    /* As ProbeSwitch: None instead of NULL keeps the call path free of checks. */
+    Py_SETREF(self->fn, Py_NewRef(Py_None));
+    Py_SETREF(self->handler, Py_NewRef(Py_None));
+    Py_SETREF(self->probe, Py_NewRef(Py_None));
+    Py_SETREF(self->on_error, Py_NewRef(Py_None));
+    Py_CLEAR(self->dict);
+    return 0;
+}
+
+static void
+HandlerCall_dealloc(PyObject *op)
+{
+    HandlerCall *self = (HandlerCall *)op;
+    PyObject_GC_UnTrack(op);
+    if (self->weakreflist != NULL) {
+        PyObject_ClearWeakRefs(op);
+    }
+    Py_CLEAR(self->fn);
+    Py_CLEAR(self->handler);
+    Py_CLEAR(self->probe);
+    Py_CLEAR(self->on_error);
+    Py_CLEAR(self->dict);
+    Py_TYPE(op)->tp_free(op);
+}
+
+static PyObject *
+HandlerCall_descr_get(PyObject *op, PyObject *obj, PyObject *type)
+{
+    (void)type;
+    if (obj == NULL || obj == Py_None) {
+        return Py_NewRef(op);
+    }
+    return PyMethod_New(op, obj);
+}
+
+static PyGetSetDef HandlerCall_getset[] = {
+    {"__dict__", PyObject_GenericGetDict, PyObject_GenericSetDict, NULL, NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMemberDef HandlerCall_members[] = {
+    {"fn", Py_T_OBJECT_EX, offsetof(HandlerCall, fn), Py_READONLY, "The wrapped original."},
+    {"handler", Py_T_OBJECT_EX, offsetof(HandlerCall, handler), Py_READONLY, "The custom handler."},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject HandlerCall_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "service_profiler.runtime._speedups.HandlerCall",
+    .tp_basicsize = sizeof(HandlerCall),
+    .tp_dealloc = HandlerCall_dealloc,
+    .tp_vectorcall_offset = offsetof(HandlerCall, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_getattro = PyObject_GenericGetAttr,
+    .tp_setattro = PyObject_GenericSetAttr,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL |
+                Py_TPFLAGS_METHOD_DESCRIPTOR,
+    .tp_doc = "HandlerCall(fn, handler, probe, on_error, *, is_method=False)\n--\n\n"
+              "A custom handler's wrapper: handler(original_func, this, *args, **kwargs) while probe.active,\n"
+              "with the host-first guarantees of probes.make_handler_wrapper. Binds like a function.",
+    .tp_traverse = HandlerCall_traverse,
+    .tp_clear = HandlerCall_clear,
+    .tp_weaklistoffset = offsetof(HandlerCall, weakreflist),
+    .tp_members = HandlerCall_members,
+    .tp_getset = HandlerCall_getset,
+    .tp_descr_get = HandlerCall_descr_get,
+    .tp_dictoffset = offsetof(HandlerCall, dict),
+    .tp_new = HandlerCall_new,
+    .tp_free = PyObject_GC_Del,
+};
+
+/* ------------------------------------------------------------------------------------------------ */
 /* encode_rec_line(records) -> str | None: one `rec` line of the raw format, `{"t":"rec","r":[...]}`.
  *
  * The writer thread's encoding holds the GIL the engine needs; the stdlib's C encoder makes a new
@@ -517,10 +881,15 @@ static PyMethodDef speedups_methods[] = {
 static int
 speedups_exec(PyObject *module)
 {
-    if (PyType_Ready(&ProbeSwitch_Type) < 0) {
+    str_active = PyUnicode_InternFromString("active");
+    if (str_active == NULL || PyType_Ready(&ProbeSwitch_Type) < 0 || PyType_Ready(&OriginalCall_Type) < 0 ||
+        PyType_Ready(&HandlerCall_Type) < 0) {
         return -1;
     }
-    return PyModule_AddType(module, &ProbeSwitch_Type);
+    if (PyModule_AddType(module, &ProbeSwitch_Type) < 0) {
+        return -1;
+    }
+    return PyModule_AddType(module, &HandlerCall_Type);
 }
 
 static PyModuleDef_Slot speedups_slots[] = {
@@ -528,7 +897,8 @@ static PyModuleDef_Slot speedups_slots[] = {
     {0, NULL},
 };
 
-PyDoc_STRVAR(speedups_doc, "C helpers for service_profiler: ProbeSwitch, a near-zero-cost probe switch, and "
+PyDoc_STRVAR(speedups_doc, "C helpers for service_profiler: ProbeSwitch, a near-zero-cost probe switch; HandlerCall, a custom "
+             "handler's wrapper; and "
              "encode_rec_line, the writer thread's encoder of record lines.");
 
 static struct PyModuleDef speedups_module = {

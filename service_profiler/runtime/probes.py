@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .expressions import MISSING, CompiledExpression, ExpressionEvalError
+from .speedups import HandlerCall
 
 _clock = time.perf_counter_ns
 _get_ident = threading.get_ident
@@ -333,7 +334,19 @@ class OriginalCall:
 def make_handler_wrapper(
     fn: Callable[..., Any], probe: Probe, handler: Callable[..., Any], is_method: bool
 ) -> Callable[..., Any]:
-    """Call `handler(original_func, this, *args, **kwargs)`, with the host-first guarantees."""
+    """Call `handler(original_func, this, *args, **kwargs)`, with the host-first guarantees.
+
+    With the C speedups (and no caller filter) the wrapper is `_speedups.HandlerCall`, which does what
+    `with_handler` below does without its Python frames."""
+    if HandlerCall is not None and probe.caller_filter is None:
+        what = f"handler {getattr(handler, '__name__', handler)!r}"
+
+        def on_error(exc: BaseException | None) -> None:
+            probe.note_error(what, repr(exc))
+
+        wrapper: Callable[..., Any] = HandlerCall(fn, handler, probe, on_error, is_method=is_method)
+        functools.update_wrapper(wrapper, fn)
+        return wrapper
 
     # The body of `_call_with_handler`, inlined: this is the path of every vLLM handler, and a helper
     # call would cost each of them a Python frame.
