@@ -1,19 +1,31 @@
-"""ns per call of an installed-but-inactive probe: C ProbeSwitch versus the pure-Python wrapper.
+"""The C speedups against their pure-Python fallbacks.
 
     python setup.py build_ext --inplace   # once, in a development checkout
-    python benchmarks/bench_speedups.py
+    python benchmarks/bench_speedups.py [--raw RUN_DIR]
 
-Target: an inactive probe adds <= 100 ns over a bare method call (ideally 20-40 ns). Each figure is
-the best of REPEATS runs of CALLS calls. Two call forms: a bound method cached up front (what vLLM
-keeps from init: `step = engine.step; step(out)`) and a fresh attribute call (`engine.step(out)`).
+1. ns per call of an installed-but-inactive probe: C ProbeSwitch versus the pure-Python wrapper.
+   Target: an inactive probe adds <= 100 ns over a bare method call (ideally 20-40 ns). Each figure is
+   the best of REPEATS runs of CALLS calls. Two call forms: a bound method cached up front (what vLLM
+   keeps from init: `step = engine.step; step(out)`) and a fresh attribute call (`engine.step(out)`).
+2. ns per call of an active custom handler's wrapper (`probes.make_handler_wrapper`): C HandlerCall
+   versus the Python wrapper, with a handler that only calls the original, against that handler called
+   with the original itself (no wrapper, no `original_func` object).
+3. µs per record of encoding `rec` lines of 256 records (what the writer thread does): the C
+   `encode_rec_line` versus the stdlib encoder, on the records of a raw run (`--raw`: a run directory;
+   default: a small synthetic run), after checking that both write the same bytes.
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
+import json
 import sys
+import tempfile
+import time
 import timeit
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from service_profiler.runtime.speedups import HAVE_SPEEDUPS, make_switch
@@ -68,7 +80,78 @@ def measure(engines: list[object]) -> list[list[float]]:
     return best
 
 
+def bench_handler_wrapper() -> None:
+    from service_profiler.runtime import probes
+
+    class ActiveProbe:
+        active = True
+        caller_filter = None
+
+        def note_error(self, what: str, detail: str) -> None:
+            pass
+
+    def handler(original_func: Any, this: Any, *args: Any, **kwargs: Any) -> Any:
+        return original_func(this, *args, **kwargs)
+
+    rows: list[tuple[str, object]] = [
+        ("handler, no wrapper", engine_with(lambda self, out, n=1: handler(step, self, out, n)))]
+    if probes.HandlerCall is not None:
+        rows.append(("C HandlerCall", engine_with(probes.make_handler_wrapper(step, ActiveProbe(), handler, True))))
+    saved, probes.HandlerCall = probes.HandlerCall, None
+    try:
+        rows.append(("Python wrapper", engine_with(probes.make_handler_wrapper(step, ActiveProbe(), handler, True))))
+    finally:
+        probes.HandlerCall = saved
+    results = list(zip([name for name, _ in rows], measure([engine for _, engine in rows]), strict=True))
+    base = results[0][1][1]
+    print("\nan active handler's wrapper (engine.step(out)): ns per call (+ over the handler alone)")
+    for name, (_cached, attr) in results:
+        print(f"{name:30} {attr:8.1f} ns (+{attr - base:6.1f})")
+
+
+def _records(raw: Path | None) -> list[tuple[Any, ...]]:
+    if raw is None:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from synthetic import SyntheticConfig, generate_run
+
+        raw = Path(tempfile.mkdtemp(prefix="sp-bench-")) / "run"
+        generate_run(raw, SyntheticConfig(requests=500, output_tokens=32, max_num_seqs=16, seed=1))
+    records: list[tuple[Any, ...]] = []
+    for path in sorted(raw.glob("*.sprof.jsonl")):
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith('{"t":"rec"'):
+                    records.extend(tuple(r) for r in json.loads(line)["r"])
+    return records
+
+
+def bench_encoder(raw: Path | None) -> None:
+    from service_profiler.runtime.recorder import _encode
+    from service_profiler.runtime.speedups import encode_rec_line
+
+    records = _records(raw)
+    chunks = [records[i:i + 256] for i in range(0, len(records), 256)]
+    encoders: list[tuple[str, Callable[[list[Any]], object]]] = [
+        ("stdlib json.JSONEncoder", lambda chunk: _encode({"t": "rec", "r": chunk}))]
+    if encode_rec_line is not None:
+        assert all(encode_rec_line(c) == _encode({"t": "rec", "r": c}) for c in chunks), "encoders differ"
+        encoders.append(("C encode_rec_line", encode_rec_line))
+    best = {name: float("inf") for name, _ in encoders}
+    for _ in range(7):  # interleaved, best of 7: thread CPU time, so other work on the machine counts less
+        for name, encode in encoders:
+            start = time.thread_time()
+            for chunk in chunks:
+                encode(chunk)
+            best[name] = min(best[name], (time.thread_time() - start) / len(records) * 1e6)
+    print(f"\nrecord lines of 256 records, {len(records):,} records: µs per record (same bytes from both)")
+    for name, us in best.items():
+        print(f"{name:30} {us:8.3f} µs")
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--raw", type=Path, default=None, help="a run directory whose records are encoded")
+    args = parser.parse_args()
     print(f"Python {sys.version.split()[0]}, C extension: {'yes' if HAVE_SPEEDUPS else 'NO (not built)'}")
     probe = Probe()
     wrapper = python_wrapper(step, probe)
@@ -84,6 +167,8 @@ def main() -> None:
     for name, (cached, attr) in results:
         cells = [f"{v:6.1f} ns (+{v - b:5.1f})" for v, b in ((cached, bare[0]), (attr, bare[1]))]
         print(f"{name:30} {cells[0]:>24} {cells[1]:>24}")
+    bench_handler_wrapper()
+    bench_encoder(args.raw)
 
 
 if __name__ == "__main__":

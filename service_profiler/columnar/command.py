@@ -53,8 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temp-dir", type=Path, default=None, metavar="DIR",
                         help="where the work directory is made (default: the system's temporary directory)")
     parser.add_argument("--jobs", type=int, default=DEFAULT_JOBS, metavar="N",
-                        help=f"outputs written N at a time, by threads of this process (default {DEFAULT_JOBS}; "
-                             "1: one after another)")
+                        help=f"outputs written N at a time, by threads of this process, the plots and the model "
+                             f"drawn by a process of their own (default {DEFAULT_JOBS}; 1: one after another, all "
+                             "in this process)")
     parser.add_argument("--processes", action="store_true",
                         help="with --jobs N > 1: by a pool of N processes instead, which open the analysis "
                              "database as a file (building that file costs more CPU)")

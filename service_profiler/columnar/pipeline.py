@@ -2,9 +2,10 @@
 
 An exporter is a small class with a `name` and `export(run, out_dir) -> list[Path]`; it reads the
 tables through `run.con` and writes its files into `out_dir`. Exporters run one after another in this
-process, or (`jobs` > 1, a `shared` analysis) in a process pool whose workers open the analysis database
-read-only. One
-exporter failing does not stop the others: it is reported and the pipeline's result says so.
+process; or (`jobs` > 1) `jobs` at a time in threads of this process, an exporter whose options give it
+the figure process (`figure_process`: the plots, the model) waiting for it without taking a place; or
+(`jobs` > 1, a `shared` analysis) in a process pool whose workers open the analysis database read-only.
+One exporter failing does not stop the others: it is reported and the pipeline's result says so.
 """
 
 from __future__ import annotations
