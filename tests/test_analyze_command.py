@@ -228,3 +228,12 @@ def test_the_figure_process_ends_with_a_killed_analyze(tmp_path: Path) -> None:
     finally:
         if _alive(child):
             os.kill(child, signal.SIGKILL)
+
+
+def test_tables_that_do_not_fit_the_memory_limit_say_what_to_change(synth: SyntheticRun, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    status = command.run(_args([synth.run_dir], tmp_path / "out", "csv", extra=("--memory-limit", "10MB", "--quiet")))
+    assert status == command.EXIT_NO_DATA
+    err = capsys.readouterr().err
+    assert "error: the analysis tables did not fit in --memory-limit 10MB" in err
+    assert "larger --memory-limit" in err and "Traceback" not in err

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import sqlite3
 import subprocess
 import sys
@@ -486,6 +487,66 @@ def test_runs_under_a_small_memory_limit(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     with (out / "request.csv").open() as fh:
         assert sum(1 for _ in fh) == 1500 + 1
+
+
+def test_many_process_files_under_a_small_memory_limit(tmp_path: Path) -> None:
+    """24 files under 128 MB: read a few files per statement (one each at this limit), every record once."""
+    synth = generate_run(tmp_path / "one", SyntheticConfig(requests=40, output_tokens=8, seed=6))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for host in range(12):  # twelve hosts' copies, each with its own host name and request ids
+        for path in synth.files:
+            text = path.read_text(encoding="utf-8").replace('"cmpl-', f'"cmpl-h{host}-')
+            text = re.sub(r'"hostname": ?"([^"]*)"', rf'"hostname": "\1-{host}"', text, count=1)
+            (run_dir / f"h{host}-{path.name}").write_text(text, encoding="utf-8")
+    outputs = {}
+    for limit in ("128MB", "1GB"):
+        out = tmp_path / limit
+        done = _cli("analyze", "--input-path", str(run_dir), "--output-path", str(out), "--format", "csv",
+                    "--memory-limit", limit, "--threads", "1", "--quiet")
+        assert done.returncode == 0, done.stderr
+        outputs[limit] = (out / "request.csv").read_text(encoding="utf-8")
+    assert outputs["128MB"].count("\n") == 12 * 40 + 1
+    assert outputs["128MB"] == outputs["1GB"]  # 24 statements or 3: the same requests
+
+
+def test_tables_built_in_pieces_are_the_tables_built_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large runs are read a few files per statement and their batch entries aggregated by ranges of
+    batches (bounded memory); the tables are the same as when built in one statement each."""
+    from service_profiler.columnar import batch, raw
+
+    synth = generate_run(tmp_path / "run", SyntheticConfig(requests=120, output_tokens=12, max_num_seqs=16,
+                                                          dp_size=2, seed=8))
+    tables = ("record", "batch", "request", "iteration")
+
+    def contents() -> dict[str, list[tuple[Any, ...]]]:
+        run = analyze_run([synth.run_dir])
+        try:
+            return {t: run.con.execute(f"SELECT * FROM {t} ORDER BY ALL").fetchall() for t in tables}
+        finally:
+            run.close()
+
+    at_once = contents()
+    statements: list[int] = []
+    monkeypatch.setattr(raw, "_statement_groups", lambda processes, budget: [[p] for p in processes])
+    monkeypatch.setattr(batch, "_ENTRIES_PER_STATEMENT", 37)
+    original = batch._batch_reqs
+
+    def counted(con: Any) -> None:
+        traced = con.execute
+
+        class Counting:
+            def execute(self, query: str, *args: Any) -> Any:
+                statements.append(1)
+                return traced(query, *args)
+
+        original(Counting())
+
+    monkeypatch.setattr(batch, "_batch_reqs", counted)
+    in_pieces = contents()
+    assert len(statements) > 10 and all(at_once[t] for t in tables)
+    for table in tables:
+        assert in_pieces[table] == at_once[table], table
 
 
 def test_output_links_are_not_followed(tmp_path: Path, busy: SyntheticRun) -> None:

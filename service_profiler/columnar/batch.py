@@ -125,17 +125,7 @@ def build_batches(con: duckdb.DuckDBPyConnection) -> None:
                sum(blocks) FILTER (WHERE ev.name = 'free') AS freed
         FROM ev ASOF JOIN batch_span b ON b.proc = ev.proc AND ev.ts_ns >= b.start_ns
         GROUP BY b.batch_row""")
-    con.execute("""
-        CREATE OR REPLACE TEMP TABLE batch_reqs AS
-        SELECT batch_row, count(*) AS n,
-               count(*) FILTER (WHERE phase = 0) AS n_pf, count(*) FILTER (WHERE phase <> 0) AS n_dc,
-               coalesce(sum(scheduled) FILTER (WHERE phase = 0), 0) AS pf_tok,
-               coalesce(sum(scheduled) FILTER (WHERE phase <> 0), 0) AS dc_tok,
-               list(scheduled ORDER BY pos) FILTER (WHERE phase = 0) AS pf_sizes,
-               list(scheduled ORDER BY pos) FILTER (WHERE phase <> 0) AS dc_sizes,
-               min(scheduled) FILTER (WHERE phase = 0) AS pf_min, max(scheduled) FILTER (WHERE phase = 0) AS pf_max,
-               sum(resumed) AS resumed
-        FROM batch_entry GROUP BY batch_row""")
+    _batch_reqs(con)
     con.execute("""
         CREATE OR REPLACE TEMP TABLE batch_timing AS
         WITH f AS (SELECT batch_row, count(*) AS n FROM batch_finished GROUP BY batch_row)
@@ -168,6 +158,31 @@ def build_batches(con: duckdb.DuckDBPyConnection) -> None:
         LEFT JOIN m_update u USING (batch_row) LEFT JOIN batch_kv kv USING (batch_row)""")
     mark_batches(con, "batch_timing", "batch")
     con.execute("DROP TABLE batch_timing")
+
+
+# entries aggregated per statement: the ordered lists hold every group's entries until the end of the
+# statement, which at tens of millions of entries did not fit in 1 GB
+_ENTRIES_PER_STATEMENT = 4_000_000
+
+
+def _batch_reqs(con: duckdb.DuckDBPyConnection) -> None:
+    """Per batch: its entries counted and summed by phase, and the chunk sizes in order, by ranges of
+    batch rows of about _ENTRIES_PER_STATEMENT entries each."""
+    entries, batches = con.execute("SELECT (SELECT count(*) FROM batch_entry), (SELECT count(*) FROM batch_span)"
+                                   ).fetchone() or (0, 0)
+    step = max(1, batches * _ENTRIES_PER_STATEMENT // max(entries, 1))
+    for low in range(0, max(batches, 1), step):
+        con.execute(f"""
+            {"CREATE OR REPLACE TEMP TABLE batch_reqs AS" if low == 0 else "INSERT INTO batch_reqs"}
+            SELECT batch_row, count(*) AS n,
+                   count(*) FILTER (WHERE phase = 0) AS n_pf, count(*) FILTER (WHERE phase <> 0) AS n_dc,
+                   coalesce(sum(scheduled) FILTER (WHERE phase = 0), 0) AS pf_tok,
+                   coalesce(sum(scheduled) FILTER (WHERE phase <> 0), 0) AS dc_tok,
+                   list(scheduled ORDER BY pos) FILTER (WHERE phase = 0) AS pf_sizes,
+                   list(scheduled ORDER BY pos) FILTER (WHERE phase <> 0) AS dc_sizes,
+                   min(scheduled) FILTER (WHERE phase = 0) AS pf_min, max(scheduled) FILTER (WHERE phase = 0) AS pf_max,
+                   sum(resumed) AS resumed
+            FROM batch_entry WHERE batch_row >= {low} AND batch_row < {low + step} GROUP BY batch_row""")
 
 
 def malformed_entry_problems(con: duckdb.DuckDBPyConnection, processes: list[Process]) -> list[str]:

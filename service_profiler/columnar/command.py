@@ -10,8 +10,8 @@ exporter:
   plots  PNG charts under plots/
   model  the batch latency model under model/
 One exporter failing does not stop the others; it is reported and the exit status is 1. Problems found
-in the raw data are listed at the end and in problems.txt. Exit status 2: nothing to analyze, or an
-output path that cannot be used.
+in the raw data are listed at the end and in problems.txt. Exit status 2: nothing to analyze, an output
+path that cannot be used, or tables that do not fit in --memory-limit (the message says what to change).
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
+
+import duckdb
 
 from service_profiler.outputs import OutputPathError, check_output_dir, describe_os_error, write_output_text
 
@@ -135,6 +137,12 @@ def _analyze(args: argparse.Namespace, formats: list[str], out: Path, pool: bool
                                temp_root=args.temp_dir, progress=progress, shared=pool)
     except ParquetInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return EXIT_NO_DATA
+    except duckdb.OutOfMemoryException as exc:
+        print(f"error: the analysis tables did not fit in --memory-limit {args.memory_limit} "
+              f"({str(exc).splitlines()[0]}); run again with a larger --memory-limit (reading needs about 128MB; "
+              "a run of tens of millions of records may need 2GB or more), or with --threads 1, which needs less",
+              file=sys.stderr)
         return EXIT_NO_DATA
     try:
         if not analysis.processes:

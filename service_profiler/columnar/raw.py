@@ -272,11 +272,10 @@ def _load_records(con: duckdb.DuckDBPyConnection, processes: list[Process], sour
     Records without a declared channel or an integer time stay out of the views (`count_bad_records`).
     `sources`: the file read for each process (its own, or a copy without repeated lines)."""
     con.execute(f"CREATE OR REPLACE TABLE record ({RECORD_COLUMNS})")
-    with_recs = [p for p in processes if p.rec_lines]
-    if with_recs:
+    for group in _statement_groups([p for p in processes if p.rec_lines], _memory_limit_bytes(con) // 4):
         con.execute("CREATE OR REPLACE TEMP TABLE source (proc INTEGER, path VARCHAR)")
-        insert_rows(con, "source", [(p.index, sources[p.index]) for p in with_recs])
-        files = ", ".join("'" + sources[p.index].replace("'", "''") + "'" for p in with_recs)
+        insert_rows(con, "source", [(p.index, sources[p.index]) for p in group])
+        files = ", ".join("'" + sources[p.index].replace("'", "''") + "'" for p in group)
         con.execute(f"""
             INSERT INTO record
             WITH line AS (
@@ -294,8 +293,31 @@ def _load_records(con: duckdb.DuckDBPyConnection, processes: list[Process], sour
                    i.pos::INTEGER AS pos, CASE WHEN c.kind = 'span' THEN x[5]->>'batch_id' END AS batch_id
             FROM item i LEFT JOIN channel c ON c.proc = i.proc AND c.id = TRY_CAST(x[1] AS INTEGER)
         """)
-        _drop_too_deep(con)
+    _drop_too_deep(con)
     create_record_views(con)
+
+
+def _statement_groups(processes: list[Process], budget: int) -> list[list[Process]]:
+    """The files to read in one statement each. DuckDB's JSON reader sets aside a buffer of twice the
+    longest line it accepts for a file it reads, whatever the file's size, and holds several at once
+    when a statement names many files: one statement over every file of a large run needs memory in
+    proportion to their number (60 files of a 30 M-record run did not fit in 1 GB). So a statement
+    names as many files as `budget` holds buffers for, at least one."""
+    per_statement = max(1, budget // (2 * MAX_LINE_BYTES))
+    return [processes[i:i + per_statement] for i in range(0, len(processes), per_statement)]
+
+
+_UNITS = {"bytes": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
+
+
+def _memory_limit_bytes(con: duckdb.DuckDBPyConnection) -> int:
+    """DuckDB's memory limit (it shows it as e.g. '953.6 MiB'); 1 GiB where it cannot be read."""
+    shown = str(con.execute("SELECT current_setting('memory_limit')").fetchone()[0])  # type: ignore[index]
+    number, _, unit = shown.partition(" ")
+    try:
+        return int(float(number) * _UNITS[unit])
+    except (KeyError, ValueError):
+        return 1 << 30
 
 
 def _drop_too_deep(con: duckdb.DuckDBPyConnection) -> None:
