@@ -31,16 +31,19 @@ class ModelExporter:
         self.figures = figures
 
     def export(self, run: AnalysisRun, out_dir: Path) -> list[Path]:
-        row = run.con.execute(
-            "SELECT list(CAST(batch_size AS DOUBLE) ORDER BY batch_row), "
-            "list(CAST(total_scheduled_tokens AS DOUBLE) ORDER BY batch_row), list(model_run_ms ORDER BY batch_row) "
+        cursor = run.con.execute(
+            "SELECT CAST(batch_size AS DOUBLE), CAST(total_scheduled_tokens AS DOUBLE), model_run_ms "
             "FROM batch WHERE isfinite(model_run_ms) AND batch_size IS NOT NULL "
-            "AND total_scheduled_tokens IS NOT NULL").fetchone()
-        if row is None or not row[0]:
+            "AND total_scheduled_tokens IS NOT NULL ORDER BY batch_row")
+        # arrays of doubles, filled a chunk at a time: this process holds no list of every step and need
+        # not import numpy, and the arrays cross to the figure process as bytes
+        b, s, t = array("d"), array("d"), array("d")
+        while rows := cursor.fetchmany(65_536):
+            for column, values in zip((b, s, t), zip(*rows, strict=True), strict=True):
+                column.extend(values)
+        if not t:
             print("latency model skipped: no batch has a model execution time (modelExec spans)", file=sys.stderr)
             return []
-        # arrays of doubles, not numpy's: this process need not import numpy, and they pickle as bytes
-        b, s, t = (array("d", column) for column in row)
         model_dir = output_dir(out_dir / "model")
         call(self.figures, fit_and_write, b, s, t, model_dir)
         return sorted(p for p in model_dir.iterdir() if p.is_file())

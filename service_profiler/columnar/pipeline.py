@@ -2,9 +2,9 @@
 
 An exporter is a small class with a `name` and `export(run, out_dir) -> list[Path]`; it reads the
 tables through `run.con` and writes its files into `out_dir`. Exporters run one after another in this
-process; or (`jobs` > 1) `jobs` at a time in threads of this process, an exporter whose options give it
-the figure process (`figure_process`: the plots, the model) waiting for it without taking a place; or
-(`jobs` > 1, a `shared` analysis) in a process pool whose workers open the analysis database read-only.
+process; or (`jobs` > 1) `jobs` at a time in threads of this process (the plots' and the model's
+exporters hand their drawing to the figure process, `figure_process`, and wait for it); or (`jobs` > 1, a
+`shared` analysis) in a process pool whose workers open the analysis database read-only.
 One exporter failing does not stop the others: it is reported and the pipeline's result says so.
 """
 
@@ -97,11 +97,11 @@ def export_all(run: AnalysisRun, formats: list[str], out_dir: Path, jobs: int = 
     if not run.shared:
         # threads of this process: DuckDB's queries and SQLite's inserts run without the GIL, so an
         # exporter spending its time in Python (profiler.db's rows, the plots) overlaps with the others
-        # an exporter that hands its work to the figure process only waits for it: it takes no slot
-        elsewhere = [fmt for fmt in formats if options.get(fmt, {}).get("figures") is not None]
-        with ThreadPoolExecutor(max_workers=jobs + len(elsewhere)) as threads:
+        # (an exporter that hands its drawing to the figure process takes a place all the same: with one
+        # more exporter at a time, a 10 M-record run's process tree went past 2 GB)
+        with ThreadPoolExecutor(max_workers=jobs) as threads:
             futures = [threads.submit(_in_thread, run, fmt, options.get(fmt, {}), out_dir)
-                       for fmt in sorted(formats, key=lambda f: (f not in elsewhere, _LONGEST_FIRST.index(f)))]
+                       for fmt in sorted(formats, key=_LONGEST_FIRST.index)]
             for future in as_completed(futures):
                 outcomes.append(future.result())
                 if progress:
