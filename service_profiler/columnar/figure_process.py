@@ -2,8 +2,9 @@
 
 matplotlib is Python holding the GIL: its import and a dozen figures take about a second on any run,
 small or large. In a thread of this process they held back the Python parts of the other exporters
-(profiler.db's and the trace's); in a process of their own they run on the other core. It is started
-when `analyze` starts, so its imports happen while DuckDB builds the tables.
+(profiler.db's and the trace's); in a process of their own they run beside them where a core is free (on
+a 2-core machine both cores are busy either way and wall time is the same: benchmarks/README.md). It is
+started when `analyze` starts, so its imports happen while DuckDB builds the tables.
 
 The exporters hand it plain data (lists, arrays) and a module-level function; nothing of DuckDB's
 crosses. Spawned, not forked: a fork would copy DuckDB's threads' locks in whatever state they are.
