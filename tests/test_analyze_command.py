@@ -237,3 +237,32 @@ def test_tables_that_do_not_fit_the_memory_limit_say_what_to_change(synth: Synth
     err = capsys.readouterr().err
     assert "error: the analysis tables did not fit in --memory-limit 10MB" in err
     assert "larger --memory-limit" in err and "Traceback" not in err
+
+
+def test_sigterm_ends_analyze_with_its_status_no_traceback_and_no_work_directory(tmp_path: Path) -> None:
+    """SIGTERM while the tables are built (DuckDB queries): exit status 143, no traceback, the work
+    directory removed."""
+    import signal
+
+    run = generate_run(tmp_path / "run", SyntheticConfig(requests=4000, output_tokens=32, max_num_seqs=64, seed=9))
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "service_profiler.cli", "analyze", "--input-path", str(run.run_dir),
+                             "--output-path", str(tmp_path / "out"), "--temp-dir", str(work), "--threads", "1",
+                             "--jobs", "1", "--format", "csv", "db", "json"], stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        seen = ""
+        while "] read " not in seen:  # the first progress line: the tables are built next
+            line = proc.stderr.readline()
+            assert line, f"analyze ended before reading: {seen}"
+            seen += line
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err and "Error" not in err, err
+    assert list(work.iterdir()) == []

@@ -104,6 +104,18 @@ def _clear_links(out: Path) -> None:
 def run(args: argparse.Namespace) -> int:
     # SIGTERM ends the command through SystemExit, so the work directory (the run's database) is removed
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        return _run(args)
+    except Exception as exc:
+        # SIGTERM while DuckDB runs a query: DuckDB stops it and raises "Query interrupted", caused by the
+        # handler's SystemExit; the command ends as SIGTERM says, without a traceback
+        stop = exc.__cause__ or exc.__context__
+        if isinstance(stop, SystemExit):
+            raise SystemExit(stop.code) from None
+        raise
+
+
+def _run(args: argparse.Namespace) -> int:
     progress = _Progress(sys.stderr, args.quiet)
     out: Path = args.output_path
     try:  # before any work: an output path that cannot be used is the user's to fix, not a traceback
