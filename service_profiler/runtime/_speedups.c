@@ -133,8 +133,9 @@ ProbeSwitch_dealloc(PyObject *op)
 /* ------------------------------------------------------------------------------------------------ */
 /* Binding: behave like a Python function. */
 
+/* tp_descr_get of ProbeSwitch and HandlerCall: on a class, each binds to an instance as a function does. */
 static PyObject *
-ProbeSwitch_descr_get(PyObject *op, PyObject *obj, PyObject *type)
+bind_like_function(PyObject *op, PyObject *obj, PyObject *type)
 {
     (void)type;
     if (obj == NULL || obj == Py_None) {
@@ -235,7 +236,7 @@ static PyTypeObject ProbeSwitch_Type = {
     .tp_weaklistoffset = offsetof(ProbeSwitch, weakreflist),
     .tp_members = ProbeSwitch_members,
     .tp_getset = ProbeSwitch_getset,
-    .tp_descr_get = ProbeSwitch_descr_get,
+    .tp_descr_get = bind_like_function,
     .tp_dictoffset = offsetof(ProbeSwitch, dict),
     .tp_new = ProbeSwitch_new,
     .tp_free = PyObject_GC_Del,
@@ -559,16 +560,6 @@ HandlerCall_dealloc(PyObject *op)
     Py_TYPE(op)->tp_free(op);
 }
 
-static PyObject *
-HandlerCall_descr_get(PyObject *op, PyObject *obj, PyObject *type)
-{
-    (void)type;
-    if (obj == NULL || obj == Py_None) {
-        return Py_NewRef(op);
-    }
-    return PyMethod_New(op, obj);
-}
-
 static PyGetSetDef HandlerCall_getset[] = {
     {"__dict__", PyObject_GenericGetDict, PyObject_GenericSetDict, NULL, NULL},
     {NULL, NULL, NULL, NULL, NULL},
@@ -599,7 +590,7 @@ static PyTypeObject HandlerCall_Type = {
     .tp_weaklistoffset = offsetof(HandlerCall, weakreflist),
     .tp_members = HandlerCall_members,
     .tp_getset = HandlerCall_getset,
-    .tp_descr_get = HandlerCall_descr_get,
+    .tp_descr_get = bind_like_function,
     .tp_dictoffset = offsetof(HandlerCall, dict),
     .tp_new = HandlerCall_new,
     .tp_free = PyObject_GC_Del,
