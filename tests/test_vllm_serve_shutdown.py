@@ -11,9 +11,11 @@ complete (`flushed`), and at most about one flush interval is missing after that
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -70,7 +72,7 @@ def _setup(tmp_path: Path) -> tuple[dict[str, str], Path, Path]:
     config.write_text(json.dumps({"enable": 1, "prof_dir": str(prof)}))
     symbols.write_text(SYMBOLS)
     env = {"SERVICE_PROF_CONFIG_PATH": str(config), "PROFILING_SYMBOLS_PATH": str(symbols),
-           "STEP_SIDE_DIR": str(side),
+           "STEP_SIDE_DIR": str(side), "PYTHONFAULTHANDLER": "1",  # SIGABRT dumps every thread's stack
            "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH", "")]))}
     return env, side, prof
 
@@ -91,6 +93,19 @@ def _load(server) -> threading.Thread:  # type: ignore[no-untyped-def]
     return thread
 
 
+def _wait_or_dump_stacks(server, timeout_s: float) -> None:  # type: ignore[no-untyped-def]
+    """Wait for the server to exit; if it hangs, SIGABRT its process group (faulthandler then writes every
+    thread's stack into the server's log) and fail with the log's end, so a rare hang says where."""
+    try:
+        server.process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.process.pid, signal.SIGABRT)
+        time.sleep(5.0)
+        pytest.fail(f"vllm serve still running {timeout_s:.0f} s after SIGTERM; its log's end, with the stacks:\n"
+                    f"{server.log()[-12000:]}")
+
+
 def _engine_steps(side: Path, prof: Path) -> tuple[list[int], list[list[int]], list[dict[str, object]]]:
     (side_file,) = side.glob("*.steps")
     truth = [int(line) for line in side_file.read_text().split()]
@@ -109,7 +124,7 @@ def test_sigterm_under_load_keeps_every_engine_step(tiny_model: Path, tmp_path: 
         load = _load(server)
         time.sleep(6.0)
         server.process.send_signal(signal.SIGTERM)  # an ordinary stop of the whole service
-        server.process.wait(timeout=90)
+        _wait_or_dump_stacks(server, timeout_s=90)
         load.join(timeout=30)
     truth, steps, lines = _engine_steps(side, prof)
     assert len(truth) >= 20, len(truth)  # it was under load
