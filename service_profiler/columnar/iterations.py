@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import duckdb
 
+from .batch import drop_tables
+
 ITERATION_COLUMNS = ["batch_id", "dp_rank", "proc", "batch_start_ns", "rid", "state", "phase",
                      "scheduled_tokens", "computed_tokens_before", "prompt_tokens", "resumed", "iteration",
                      "generated_tokens_before", "time_in_state_ms"]
@@ -33,6 +35,8 @@ _SLOT = 1 << 24
 # prefill number and whether it is the request's first entry in its batch (a rid's entries are ordered
 # by (batch_row, pos), which is unique, so a frame ending at the current row holds exactly the rows
 # before it and itself).
+# The rid's text is left out of the windows' rows (a window sorts, and on a large run spills, every
+# column its rows carry) and joined back once, into `iteration`.
 _RID_NUMBERS = """
     CREATE OR REPLACE TEMP TABLE rid_number AS
     SELECT rid, row_number() OVER () AS rid_no FROM (SELECT DISTINCT rid FROM batch_entry WHERE rid IS NOT NULL)
@@ -40,10 +44,10 @@ _RID_NUMBERS = """
 
 _NUMBERED = f"""
     CREATE OR REPLACE TEMP TABLE entry_numbered AS
-    SELECT e.*, n.rid_no, b.start_ns, e.batch_row::BIGINT * {_SLOT} + e.pos AS k,
-           (row_number() OVER w - 1) AS iteration,
+    SELECT e.batch_row, e.pos, e.phase, e.scheduled, e.computed, e.prompt, e.resumed, n.rid_no, b.start_ns,
+           e.batch_row::BIGINT * {_SLOT} + e.pos AS k, (row_number() OVER w - 1) AS iteration,
            coalesce(sum(CASE WHEN e.phase <> 0 THEN 1 ELSE 0 END) OVER w
-                    - CASE WHEN e.phase <> 0 THEN 1 ELSE 0 END, 0) AS decodes_before,
+                    - CASE WHEN e.phase <> 0 THEN 1 ELSE 0 END, 0)::BIGINT AS decodes_before,
            CASE WHEN e.phase = 0 THEN sum(CASE WHEN e.phase = 0 THEN 1 ELSE 0 END) OVER w END::BIGINT AS prefill_no,
            lag(e.batch_row) OVER w IS DISTINCT FROM e.batch_row AS first_in_batch
     FROM batch_entry e JOIN batch_span b USING (batch_row) LEFT JOIN rid_number n USING (rid)
@@ -73,8 +77,9 @@ _ENTRY_STATE = f"""
         SELECT n.*, CASE WHEN n.phase <> 0 OR coalesce(d.done, false) THEN 1 ELSE 0 END AS produced
         FROM entry_numbered n LEFT JOIN prefill_done d ON d.rid_no = n.rid_no AND d.k = n.k),
     counted AS (
-        SELECT *, coalesce(sum(produced) OVER (PARTITION BY rid_no ORDER BY k ROWS BETWEEN UNBOUNDED PRECEDING
-                                                                            AND 1 PRECEDING), 0) AS generated_before
+        SELECT *, coalesce(sum(produced) OVER (PARTITION BY rid_no ORDER BY k
+                                               ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0)::BIGINT
+                      AS generated_before
         FROM produced),
     began AS (  -- when a request's state began: its first and resumed entries, and the batches preempting it
         SELECT rid_no, k, start_ns FROM entry_numbered WHERE iteration = 0 OR resumed <> 0
@@ -89,7 +94,8 @@ _ENTRY_STATE = f"""
 
 _ITERATION = f"""
     CREATE OR REPLACE TABLE iteration AS
-    WITH finished AS (SELECT batch_row, rid, min(pos) AS pos FROM batch_finished GROUP BY batch_row, rid),
+    WITH finished AS (SELECT f.batch_row, n.rid_no, min(f.pos) AS pos
+                      FROM batch_finished f JOIN rid_number n USING (rid) GROUP BY f.batch_row, n.rid_no),
     preempted AS (
         SELECT p.*, n.rid_no FROM (
             SELECT batch_row, unnest(preempted) AS rid, unnest(generate_series(1, len(preempted))) AS pos
@@ -102,13 +108,13 @@ _ITERATION = f"""
                         WHERE rid_no IN (SELECT rid_no FROM preempted)) AS s
              ON s.rid_no = p.rid_no AND p.batch_row::BIGINT * {_SLOT} + {_SLOT - 1} >= s.k)
     -- a request listed twice in one batch is "completed" at its first entry only
-    SELECT s.batch_row, 0 AS kind, s.pos, b.batch_id, b.dp_rank, b.proc, s.start_ns AS batch_start_ns, s.rid,
-           CASE WHEN f.rid IS NOT NULL AND s.first_in_batch THEN 'completed' ELSE 'running' END AS state,
+    SELECT s.batch_row, 0 AS kind, s.pos, b.batch_id, b.dp_rank, b.proc, s.start_ns AS batch_start_ns, r.rid,
+           CASE WHEN f.rid_no IS NOT NULL AND s.first_in_batch THEN 'completed' ELSE 'running' END AS state,
            CASE s.phase WHEN 0 THEN 'prefill' WHEN 1 THEN 'decode' END AS phase, s.scheduled AS scheduled_tokens,
            s.computed AS computed_tokens_before, s.prompt AS prompt_tokens, s.resumed, s.iteration,
            s.generated_before AS generated_tokens_before, s.time_in_state_ms, s.phase AS phase_code
-    FROM entry_state s JOIN batch b USING (batch_row)
-    LEFT JOIN finished f ON f.batch_row = s.batch_row AND f.rid = s.rid
+    FROM entry_state s JOIN batch b USING (batch_row) JOIN rid_number r ON r.rid_no = s.rid_no
+    LEFT JOIN finished f ON f.batch_row = s.batch_row AND f.rid_no = s.rid_no
     UNION ALL
     SELECT a.batch_row, 1, a.pos, b.batch_id, b.dp_rank, b.proc, b.start_ns, a.rid, 'preempted', NULL, 0, NULL, NULL,
            0, a.iteration, a.generated, 0.0, NULL
@@ -120,3 +126,4 @@ def build_iterations(con: duckdb.DuckDBPyConnection) -> None:
     """`iteration` (batch.build_batches first)."""
     for statement in (_RID_NUMBERS, _NUMBERED, _PREFILLS, _ENTRY_STATE, _ITERATION):
         con.execute(statement)
+    drop_tables(con, "rid_number", "entry_numbered", "prefill_done", "entry_state")

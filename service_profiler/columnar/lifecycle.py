@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import duckdb
 
+from .batch import drop_tables
+
 EVENT_COLUMNS = ["ts_ns", "event_type", "rid", "proc", "batch_id", "detail"]
 STATE_COLUMNS = ["rid", "seq", "ts_ns", "from_state", "to_state", "batch_id", "proc", "time_in_from_state_ms",
                  "source"]
@@ -128,3 +130,4 @@ def build_lifecycle(con: duckdb.DuckDBPyConnection) -> None:
             FROM request WHERE first_token_ns IS NOT NULL)
         SELECT row_number() OVER (ORDER BY ts_ns, k1, k2) AS row_no, ts_ns, event_type, rid, proc, batch_id, detail
         FROM rows""")
+    drop_tables(con, "state_event")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import duckdb
 
+from .batch import drop_tables
 from .breakdown import build_breakdown
 from .completeness import mark_requests
 from .literals import insert_rows
@@ -162,5 +163,4 @@ def build_requests(con: duckdb.DuckDBPyConnection) -> None:
     con.execute(_REQUEST)
     build_breakdown(con, "request_timing", "request_http")
     mark_requests(con, "request_http", "request")
-    con.execute("DROP TABLE request_timing")
-    con.execute("DROP TABLE request_http")
+    drop_tables(con, "request_timing", "request_http", "req_event", "token_entry", "rid_facts")
