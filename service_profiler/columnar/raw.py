@@ -344,11 +344,16 @@ def _drop_too_deep(con: duckdb.DuckDBPyConnection) -> None:
         con.execute("UPDATE record SET kind = NULL WHERE rowid IN (SELECT id FROM too_deep)")
 
 
+# the records the `span` view holds (a span without an integer start or end is kept out), as a condition on
+# `record` for the queries that read the table itself
+SPAN_RECORD = "kind = 'span' AND ts_ns IS NOT NULL AND end_ns IS NOT NULL"
+
+
 def create_record_views(con: duckdb.DuckDBPyConnection) -> None:
     # a record without a declared channel, an integer time, or (a span) an integer end is kept out of the views
     valid = "kind IS NOT NULL AND ts_ns IS NOT NULL AND (kind <> 'span' OR end_ns IS NOT NULL)"
     con.execute("""CREATE OR REPLACE VIEW span AS SELECT proc, domain, name, ts_ns AS start_ns, end_ns, tid, attrs,
-                   pos, batch_id FROM record WHERE kind = 'span' AND """ + valid)
+                   pos, batch_id FROM record WHERE """ + SPAN_RECORD)
     con.execute("CREATE OR REPLACE VIEW event AS SELECT proc, domain, name, ts_ns, tid, attrs, pos FROM record "
                 "WHERE kind = 'event' AND " + valid)
     con.execute("CREATE OR REPLACE VIEW counter AS SELECT proc, domain, name, ts_ns, attrs AS vals, pos FROM record "
