@@ -71,25 +71,29 @@ _PREFILLS = """
     SELECT rid_no, k, coalesce(done, false) AS done FROM p
 """
 
+# One window gives each entry the tokens its request generated before it and when its state began (its
+# latest "began" row before it: the request's first or resumed entries, and the batches that preempted
+# it, added as marker rows for this window only). A window and an as-of join did this in two sorts of
+# the entries' rows.
 _ENTRY_STATE = f"""
     CREATE OR REPLACE TEMP TABLE entry_state AS
     WITH produced AS (
-        SELECT n.*, CASE WHEN n.phase <> 0 OR coalesce(d.done, false) THEN 1 ELSE 0 END AS produced
+        SELECT n.*, CASE WHEN n.phase <> 0 OR coalesce(d.done, false) THEN 1 ELSE 0 END AS produced,
+               n.iteration = 0 OR n.resumed <> 0 AS began, false AS marker
         FROM entry_numbered n LEFT JOIN prefill_done d ON d.rid_no = n.rid_no AND d.k = n.k),
-    counted AS (
-        SELECT *, coalesce(sum(produced) OVER (PARTITION BY rid_no ORDER BY k
-                                               ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0)::BIGINT
-                      AS generated_before
-        FROM produced),
-    began AS (  -- when a request's state began: its first and resumed entries, and the batches preempting it
-        SELECT rid_no, k, start_ns FROM entry_numbered WHERE iteration = 0 OR resumed <> 0
-        UNION ALL
-        SELECT n.rid_no, p.batch_row::BIGINT * {_SLOT} + {_SLOT - 1}, p.start_ns
+    preemption AS (
+        SELECT n.rid_no, p.batch_row::BIGINT * {_SLOT} + {_SLOT - 1} AS k, p.start_ns, 0 AS produced,
+               true AS began, true AS marker
         FROM (SELECT batch_row, start_ns, unnest(preempted) AS rid FROM batch_span WHERE preempted IS NOT NULL) AS p
-        LEFT JOIN rid_number n USING (rid))
-    SELECT c.*, CASE WHEN c.iteration = 0 OR c.resumed <> 0 THEN 0.0
-                     ELSE (c.start_ns - g.start_ns) / 1e6 END AS time_in_state_ms
-    FROM counted c ASOF LEFT JOIN began g ON g.rid_no = c.rid_no AND c.k > g.k
+        JOIN rid_number n USING (rid)),
+    w AS (
+        SELECT *, coalesce(sum(produced) OVER before, 0)::BIGINT AS generated_before,
+               last_value(CASE WHEN began THEN start_ns END IGNORE NULLS) OVER before AS began_ns
+        FROM (SELECT * FROM produced UNION ALL BY NAME SELECT * FROM preemption)
+        WINDOW before AS (PARTITION BY rid_no ORDER BY k ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING))
+    SELECT * EXCLUDE (began, marker, began_ns),
+           CASE WHEN iteration = 0 OR resumed <> 0 THEN 0.0 ELSE (start_ns - began_ns) / 1e6 END AS time_in_state_ms
+    FROM w WHERE NOT marker
 """
 
 _ITERATION = f"""
