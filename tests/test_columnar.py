@@ -476,6 +476,25 @@ def test_both_readers_read_control_lines_alike(tmp_path: Path) -> None:
         analysis.close()
 
 
+# what the analysis keeps once its tables are built: the exporters' tables and the few the loader and the
+# completeness marks leave; every builder's intermediate tables are gone (they count against the memory limit)
+KEPT_TABLES = {"api_proc", "bad_entry", "batch", "batch_entry", "batch_finished", "batch_span", "channel",
+               "http_exchange", "http_handoff", "iteration", "kvcache", "lifecycle_event", "process", "process_gap",
+               "record", "request", "run_switch", "source", "state_transition"}
+
+
+def test_builders_leave_only_the_tables_the_exporters_read(busy: SyntheticRun) -> None:
+    run = analyze_run([busy.run_dir])
+    try:
+        tables = {row[0] for row in run.con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
+        span_columns = {row[0] for row in run.con.execute(
+            "SELECT column_name FROM duckdb_columns() WHERE table_name = 'batch_span'").fetchall()}
+    finally:
+        run.close()
+    assert tables == KEPT_TABLES
+    assert "reqs" not in span_columns and "res_list" in span_columns  # the entries live in batch_entry
+
+
 def test_runs_under_a_small_memory_limit(tmp_path: Path) -> None:
     """DuckDB keeps to the limit (spilling to the work directory what does not fit; the benchmark shows it
     at 10 M records); the floor is the JSON reader's buffer, twice raw.MAX_LINE_BYTES per thread."""
