@@ -67,8 +67,8 @@ def _matched(con: duckdb.DuckDBPyConnection, table: str, domain: str, name: str)
 def build_batches(con: duckdb.DuckDBPyConnection) -> None:
     # `batch_row`, the spans' order in time, comes from a sort of their keys alone, joined back by row id: a
     # sort of the whole spans carried their attributes (a step's entry lists, most of their bytes) through
-    # it, which on a 10 M-record run spilled and took four times as long. The attributes are parsed once
-    # into typed columns (a value of another type becomes NULL).
+    # it, and on a large run spilled them. The attributes are parsed once into typed columns (a value of
+    # another type becomes NULL).
     con.execute(f"""
         CREATE OR REPLACE TABLE batch_span AS
         WITH o AS (SELECT rowid AS rec, row_number() OVER (ORDER BY ts_ns, proc, pos) - 1 AS batch_row
@@ -93,8 +93,8 @@ def build_batches(con: duckdb.DuckDBPyConnection) -> None:
                TRY_CAST(x[3] AS BIGINT) AS scheduled, TRY_CAST(x[4] AS BIGINT) AS computed,
                TRY_CAST(x[5] AS BIGINT) AS prompt, coalesce(TRY_CAST(x[6] AS INTEGER), 0) AS resumed
         FROM e""")
-    # the entries' lists are in batch_entry now; kept in batch_span too, they were spilled and read again
-    # by every later scan of it (a 10 M-record run's table building took twice as long as ten 1 M ones)
+    # the entries' lists are in batch_entry now; kept in batch_span too, they would count against the
+    # memory limit until the end (on a large run, pushing the tables still needed out to disk)
     con.execute("ALTER TABLE batch_span DROP COLUMN reqs")
     con.execute(f"""CREATE OR REPLACE TEMP TABLE bad_entry AS SELECT b.proc, count(*) AS n
                     FROM batch_entry e JOIN batch_span b USING (batch_row) WHERE {_BAD_BATCH_ENTRY} GROUP BY b.proc""")
