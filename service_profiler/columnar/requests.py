@@ -52,7 +52,10 @@ _TOKEN_ENTRIES = """
 # a tokens entry without a request id or an integer count of new tokens: malformed (batch.py, `bad_entry`)
 _BAD_TOKEN_ENTRY = "rid IS NULL OR new_tokens IS NULL"
 
-_PER_RID = """
+# an engine step that produced a token for its request: a decode, or the prefill step that completed the prompt
+_PRODUCED = "e.phase <> 0 OR e.computed + e.scheduled >= e.prompt"
+
+_PER_RID = f"""
     CREATE OR REPLACE TEMP TABLE rid_facts AS
     WITH http AS (SELECT rid, min(ts_ns) AS ts, arg_min_null(api_rid, ts_ns) AS api_rid,
                          arg_min_null(TRY_CAST(prompt_tokens AS BIGINT), ts_ns) AS prompt
@@ -77,8 +80,11 @@ _PER_RID = """
             FROM (SELECT rid, name, ts_ns, TRY_CAST(blocks AS BIGINT) AS b FROM req_event
                   WHERE name IN ('allocate', 'free') AND TRY_CAST(blocks AS BIGINT) IS NOT NULL))
         WHERE name = 'allocate' GROUP BY rid HAVING max(held) > 0),
-    ent AS (SELECT rid, min(batch_row) AS first_row, arg_min_null(prompt, batch_row) AS prompt,
-                   count(*) AS iterations FROM batch_entry GROUP BY rid),
+    ent AS (  -- eng_*: the steps that produced a token (for requests without API data); NULL without one
+        SELECT e.rid, min(e.batch_row) AS first_row, arg_min_null(e.prompt, e.batch_row) AS prompt,
+               count(*) AS iterations, min(e.batch_row) FILTER (WHERE {_PRODUCED}) AS eng_first_row,
+               nullif(count(*) FILTER (WHERE {_PRODUCED}), 0) AS eng_tokens
+        FROM batch_entry e GROUP BY e.rid),
     bpre AS (SELECT rid, count(*) AS n FROM (SELECT unnest(preempted) AS rid FROM batch_span) GROUP BY rid),
     done AS (SELECT rid, min(batch_row) AS row, arg_min_null(reason, batch_row) AS reason
              FROM batch_finished GROUP BY rid),
@@ -87,10 +93,6 @@ _PER_RID = """
                    arg_min_null(reason, ts_ns) FILTER (WHERE finished <> 0) AS done_reason,
                    sum(new_tokens) AS tokens
             FROM token_entry GROUP BY rid),
-    eng AS (  -- requests without API data: the steps that produced a token for them
-        SELECT e.rid, min(e.batch_row) AS first_row, count(*) AS tokens
-        FROM batch_entry e
-        WHERE e.phase <> 0 OR e.computed + e.scheduled >= e.prompt GROUP BY e.rid),
     rids AS (SELECT rid FROM http UNION SELECT rid FROM enq UNION SELECT rid FROM ent)
     SELECT rids.rid, http.ts AS http_ts, http.api_rid, http.prompt AS http_prompt,
            enq.ts AS enq_ts, enq.prompt AS enq_prompt, enq.proc AS enq_proc,
@@ -99,10 +101,10 @@ _PER_RID = """
            kv.peak, ent.first_row, ent.prompt AS entry_prompt, ent.iterations, coalesce(bpre.n, 0) AS b_preempted,
            done.row AS done_row, done.reason AS done_reason, tok.first_ts AS tok_first, tok.done_ts AS tok_done,
            tok.done_reason AS tok_reason, tok.tokens AS tok_count, tok.rid IS NOT NULL AS has_tokens,
-           eng.first_row AS eng_first_row, eng.tokens AS eng_tokens
+           ent.eng_first_row, ent.eng_tokens
     FROM rids LEFT JOIN http USING (rid) LEFT JOIN enq USING (rid) LEFT JOIN res USING (rid)
     LEFT JOIN st USING (rid) LEFT JOIN hit USING (rid) LEFT JOIN kv USING (rid) LEFT JOIN ent USING (rid)
-    LEFT JOIN bpre USING (rid) LEFT JOIN done USING (rid) LEFT JOIN tok USING (rid) LEFT JOIN eng USING (rid)
+    LEFT JOIN bpre USING (rid) LEFT JOIN done USING (rid) LEFT JOIN tok USING (rid)
 """
 
 # when a batch's output reached the host: the end of its updateFromOutput, else modelExec, else schedule span
