@@ -21,6 +21,7 @@ from service_profiler.rawdata import inspect_run
 from service_profiler.rawdata.rawfile import read_run
 
 DEEP = '{"a":' * 5000 + "1" + "}" * 5000
+PAST_RECURSION = "[" * 1500 + "]" * 1500  # within DuckDB's JSON reader's reach, past the standard library's
 MID_DEEP = '{"a":' * 600 + "1" + "}" * 600  # past orjson's nesting limit, within the standard library's
 # odd but readable: no problem to report (a lone surrogate is replaced by U+FFFD)
 VALID_SHAPES = {"argv_text", "deep_engine", "attrs_600_deep", "lone_surrogate"}
@@ -48,6 +49,8 @@ LINE_CASES: dict[str, list[str]] = {
     "chan_kind_list": ['{"t":"chan","id":50,"kind":["span"],"domain":"X","name":"y"}'],
     "attrs_5000_deep": ['{"t":"chan","id":77,"kind":"event","domain":"X","name":"deep"}',
                         '{"t":"rec","r":[[77,10050288582,1,' + DEEP + "]]}"],
+    "attrs_1500_deep": ['{"t":"chan","id":79,"kind":"event","domain":"X","name":"deep"}',
+                        '{"t":"rec","r":[[79,10050288582,1,{"a":' + PAST_RECURSION + "}]]}"],
     "attrs_600_deep": ['{"t":"chan","id":78,"kind":"event","domain":"X","name":"deep"}',
                        '{"t":"rec","r":[[78,10050288582,1,' + MID_DEEP + "]]}"],
     "patch_wrong_types": ['{"t":"patch","applied":5,"pending":"x","skipped":{"a":1},"failed":[[1,2],{"symbol":[1]}]}'],
@@ -180,3 +183,18 @@ def test_fuzzed_lines_never_raise_and_keep_everything_valid(synth: SyntheticRun,
                          "--quiet"]) == 0
     capsys.readouterr()
     assert sqlite3.connect(out / "profiler.db").execute("SELECT count(*) FROM request").fetchone()[0] >= 12
+
+
+def test_analyze_counts_attributes_nested_past_the_recursion_limit_as_malformed(synth: SyntheticRun,
+                                                                              tmp_path: Path) -> None:
+    # deep enough to break a reader of the outputs that recurses (Python's json), shallow enough for DuckDB
+    api = _case(synth, tmp_path / "run", "attrs_1500_deep")
+    out = tmp_path / "out"
+    proc = subprocess.run([*_cli(), "analyze", "--input-path", str(tmp_path / "run"), "--output-path", str(out),
+                           "--format", "db", "--quiet"], capture_output=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    problems = (out / "problems.txt").read_text(encoding="utf-8")
+    assert f"{api}: 1 malformed records" in problems and "nested too deep" in problems, problems
+    db = sqlite3.connect(out / "profiler.db")
+    assert db.execute("SELECT count(*) FROM event WHERE name = 'deep'").fetchone()[0] == 0
+    assert db.execute("SELECT count(*) FROM event").fetchone()[0] > 0

@@ -324,11 +324,13 @@ def _drop_too_deep(con: duckdb.DuckDBPyConnection) -> None:
     """Attributes nested deeper than a JSON reader's recursion allows (the writer cannot produce them: a
     corrupt or crafted line) would make every output carrying them unreadable: such a record counts as
     malformed. Only records with that many brackets at all are parsed to find their depth."""
-    # the byte length first: counting brackets needs a scan of every text, a record with that many
-    # brackets is at least that long, and most records are far shorter
+    # The byte length first: JSON that deep opens and closes that many brackets, so it is at least twice
+    # as long, and most records are far shorter. Then whether it opens that many brackets at all: RE2 stops
+    # at the count and copies nothing, where counting them by removing them built a copy of every long
+    # text (most of this check's time: the batch spans' entry lists are long).
     suspects = con.execute(f"""SELECT rowid, attrs::VARCHAR FROM record
-                               WHERE strlen(attrs::VARCHAR) >= {_DEEP_SUSPECT}
-                                 AND length(attrs) - length(translate(attrs, '[{{', '')) >= {_DEEP_SUSPECT}""")
+                               WHERE strlen(attrs::VARCHAR) >= {2 * _DEEP_SUSPECT}
+                                 AND regexp_matches(attrs::VARCHAR, '(?:[\\[{{][^\\[{{]*){{{_DEEP_SUSPECT}}}')""")
     deep = []
     while rows := suspects.fetchmany(1024):
         for rowid, text in rows:
