@@ -305,3 +305,24 @@ def test_shipped_symbols_inside_vllm_serve(tiny_model: Path, tmp_path: Path) -> 
     assert [p.patch["failed"] for p in run.processes if p.patch] == [[]] * len([p for p in run.processes
                                                                                if p.patch])
     assert "[service-profiler] dp0 batch " in log
+
+
+def test_request_block_count_is_what_get_blocks_holds() -> None:
+    scheduler = h.make_scheduler()
+    for i, length in enumerate((20, 33, 70)):
+        h.add(scheduler, h.make_request(f"r{i}", h.prompt_of(length, 100 * i + 1), max_tokens=40))
+    manager = scheduler.kv_cache_manager
+    counts = []
+    for _ in range(20):
+        h.step(scheduler)
+        for rid in ("r0", "r1", "r2", "absent"):
+            counts.append(vllm_extract.request_block_count(manager, rid))
+            assert counts[-1] == vllm_extract.block_count(manager.get_blocks(rid).blocks), rid
+    assert "absent" not in manager.coordinator.single_type_managers[0].req_to_blocks  # nothing added
+    assert max(counts) > 2  # the requests grew past their first blocks
+
+    class LaidOutOtherwise:  # a version without `coordinator`: counted through get_blocks
+        def get_blocks(self, request_id: str) -> Any:
+            return manager.get_blocks(request_id)
+
+    assert vllm_extract.request_block_count(LaidOutOtherwise(), "r2") == counts[-2]  # type: ignore[arg-type]

@@ -227,6 +227,9 @@ def _write_db(run: AnalysisRun, path: Path, partial: Path, through_duckdb: bool)
             db.close()
             _fill_through_duckdb(run, partial, tables)
             db = sqlite3.connect(partial)
+        # SQLite sorts each index's keys with helper threads where allowed (its sorter's worker threads,
+        # off by default): the index builds are the largest single-threaded part of writing the file
+        db.execute(f"PRAGMA threads = {min(os.cpu_count() or 1, 8)}")
         with db:
             for index in INDEXES:
                 db.execute(index)

@@ -145,9 +145,21 @@ def allocations(out: SchedulerOutput) -> list[tuple[str, int]]:
 
 
 def request_block_count(kv_cache_manager: KVCacheManager, request_id: str) -> int:
-    """Blocks a request holds now (read before `free`, which drops them)."""
-    blocks: KVCacheBlocks = kv_cache_manager.get_blocks(request_id)
-    return block_count(blocks.blocks)
+    """Blocks a request holds now (read before `free`, which drops them): what `get_blocks` returns, counted
+    in the per-group managers' own table, without the `KVCacheBlocks` that `get_blocks` builds (that
+    building was most of the `free` handler's cost). Where a version lays the managers out otherwise,
+    through `get_blocks`."""
+    try:
+        managers = kv_cache_manager.coordinator.single_type_managers
+    except AttributeError:
+        blocks: KVCacheBlocks = kv_cache_manager.get_blocks(request_id)
+        return block_count(blocks.blocks)
+    count = 0
+    for manager in managers:
+        held = manager.req_to_blocks.get(request_id)  # a defaultdict: `get` adds no entry
+        if held:
+            count += len(held)
+    return count
 
 
 def cache_hit_tokens(result: Any) -> int:
