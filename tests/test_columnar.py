@@ -22,7 +22,9 @@ import numpy as np
 import pytest
 from synthetic import SyntheticConfig, SyntheticRun, generate_run
 
+from service_profiler.columnar.pipeline import export_all
 from service_profiler.columnar.plots_out import PLOTS
+from service_profiler.columnar.raw import memory_limit_bytes
 from service_profiler.columnar.run import analyze_run
 from service_profiler.rawdata.rawfile import read_run
 
@@ -585,3 +587,38 @@ def test_no_raw_files_is_exit_status_2(tmp_path: Path) -> None:
     done = _cli("analyze", "--input-path", str(tmp_path), "--output-path", str(tmp_path / "out"))
     assert done.returncode == 2
     assert "no raw files" in done.stderr and "Traceback" not in done.stderr
+
+
+
+
+def test_outputs_that_do_not_fit_their_share_of_the_memory_limit_are_written_again_within_the_whole(
+        tmp_path: Path) -> None:
+    """Side by side, the exporters get a share of the limit (room for what DuckDB's allocator keeps); one
+    that runs out of it is written again afterwards, alone, within the whole limit, with the same bytes. A
+    share below what the tables hold in memory cannot be set: the limit stays whole."""
+    synth = generate_run(tmp_path / "run", SyntheticConfig(requests=60, output_tokens=6, seed=7))
+    run = analyze_run([synth.run_dir], memory_limit="600MB")
+    try:
+        whole = memory_limit_bytes(run.con)
+        alone = export_all(run, ["csv", "db"], tmp_path / "alone", jobs=1)
+        held = run.con.execute("SELECT sum(memory_usage_bytes) FROM duckdb_memory()").fetchone()[0]
+        runs: dict[str, list[str]] = {"squeezed": [], "below": []}
+        outcomes = {
+            # the tables fit, the exporters' working memory does not
+            "squeezed": export_all(run, ["csv", "db"], tmp_path / "squeezed", jobs=2,
+                                   progress=runs["squeezed"].append, outputs_share=(held + (4 << 20)) / whole),
+            "below": export_all(run, ["csv", "db"], tmp_path / "below", jobs=2, progress=runs["below"].append,
+                                outputs_share=(held >> 2) / whole)}
+        assert memory_limit_bytes(run.con) == whole  # given back for what follows
+    finally:
+        run.close()
+    assert [o.error for o in alone] == [None, None]
+    assert [o.error for o in outcomes["squeezed"]] == [o.error for o in outcomes["below"]] == [None, None]
+    assert sorted(runs["squeezed"]) == ["csv done (again, alone, within the whole memory limit)",
+                                        "db done (again, alone, within the whole memory limit)"]
+    assert sorted(runs["below"]) == ["csv done", "db done"]
+    for out in ("squeezed", "below"):
+        for name in ("request.csv", "batch.csv", "per_iteration_requests.csv"):
+            assert (tmp_path / out / name).read_bytes() == (tmp_path / "alone" / name).read_bytes()
+        requests = sqlite3.connect(tmp_path / out / "profiler.db").execute("SELECT count(*) FROM request").fetchone()
+        assert requests == (60,)

@@ -4,7 +4,9 @@ An exporter is a small class with a `name` and `export(run, out_dir) -> list[Pat
 tables through `run.con` and writes its files into `out_dir`. Exporters run one after another in this
 process; or (`jobs` > 1) `jobs` at a time in threads of this process (the plots' and the model's
 exporters hand their drawing to the figure process, `figure_process`, and wait for it); or (`jobs` > 1, a
-`shared` analysis) in a process pool whose workers open the analysis database read-only.
+`shared` analysis) in a process pool whose workers open the analysis database read-only. Threads write
+within a share of the memory limit (`OUTPUTS_SHARE_OF_LIMIT`); one that runs out of it is run again at
+the end, alone, within the whole limit.
 One exporter failing does not stop the others: it is reported and the pipeline's result says so.
 """
 
@@ -20,7 +22,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+import duckdb
+
+from .raw import memory_limit_bytes
 from .run import AnalysisRun
+
+OUTPUTS_SHARE_OF_LIMIT = 3 / 4
+"""Threads write the outputs within this share of the memory limit the tables were built in. DuckDB's
+allocator keeps memory it freed for a while, outside the limit; with two outputs at a time sorting and
+freeing large buffers, that grew to most of the limit again, and a 10 M-record run's process tree passed
+2 GB with the 1 GB limit (benchmarks/README.md). An output that does not fit the share is written again
+afterwards, alone, within the whole limit."""
 
 
 class Exporter(Protocol):
@@ -56,13 +68,15 @@ class Outcome:
     fmt: str
     paths: list[Path] = field(default_factory=list)
     error: str | None = None
+    out_of_memory: bool = False
 
 
 def _run_one(run: AnalysisRun, fmt: str, options: dict[str, Any], out_dir: Path) -> Outcome:
     try:
         return Outcome(fmt, exporter(fmt, options).export(run, out_dir))
     except Exception as exc:  # one exporter's failure is reported, the others still run
-        return Outcome(fmt, error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}")
+        return Outcome(fmt, error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}",
+                       out_of_memory=isinstance(exc, duckdb.OutOfMemoryException))
 
 
 def _in_worker(run: AnalysisRun, fmt: str, options: dict[str, Any], out_dir: Path) -> Outcome:
@@ -81,10 +95,21 @@ def _in_thread(run: AnalysisRun, fmt: str, options: dict[str, Any], out_dir: Pat
         own.con.close()
 
 
+def _set_memory_limit(run: AnalysisRun, limit: str) -> None:
+    """DuckDB's memory limit from now on; left as it is where DuckDB cannot free enough for it (a limit
+    below what its tables hold in memory right now)."""
+    try:
+        run.con.execute(f"SET memory_limit = '{limit}'")
+    except duckdb.OutOfMemoryException:
+        pass
+
+
 def export_all(run: AnalysisRun, formats: list[str], out_dir: Path, jobs: int = 1,
                progress: Callable[[str], None] | None = None,
-               options: dict[str, dict[str, Any]] | None = None) -> list[Outcome]:
-    """Run the exporters of `formats`; `options`: per format, its exporter's keyword arguments."""
+               options: dict[str, dict[str, Any]] | None = None,
+               outputs_share: float = OUTPUTS_SHARE_OF_LIMIT) -> list[Outcome]:
+    """Run the exporters of `formats`; `options`: per format, its exporter's keyword arguments;
+    `outputs_share`: of the memory limit, for exporters running side by side in threads."""
     options = options or {}
     out_dir.mkdir(parents=True, exist_ok=True)
     outcomes: list[Outcome] = []
@@ -99,13 +124,21 @@ def export_all(run: AnalysisRun, formats: list[str], out_dir: Path, jobs: int = 
         # exporter spending its time in Python (profiler.db's rows, the plots) overlaps with the others
         # (an exporter that hands its drawing to the figure process takes a place all the same: with one
         # more exporter at a time, a 10 M-record run's process tree went past 2 GB)
+        _set_memory_limit(run, f"{max(int(memory_limit_bytes(run.con) * outputs_share) >> 20, 1)}MiB")
         with ThreadPoolExecutor(max_workers=jobs) as threads:
             futures = [threads.submit(_in_thread, run, fmt, options.get(fmt, {}), out_dir)
                        for fmt in sorted(formats, key=_LONGEST_FIRST.index)]
             for future in as_completed(futures):
                 outcomes.append(future.result())
-                if progress:
+                if progress and not outcomes[-1].out_of_memory:
                     progress(f"{outcomes[-1].fmt} {'failed' if outcomes[-1].error else 'done'}")
+        _set_memory_limit(run, run.memory_limit)
+        for i, outcome in enumerate(outcomes):
+            if outcome.out_of_memory:
+                outcomes[i] = _run_one(run, outcome.fmt, options.get(outcome.fmt, {}), out_dir)
+                if progress:
+                    progress(f"{outcome.fmt} {'failed' if outcomes[i].error else 'done'} (again, alone, "
+                             "within the whole memory limit)")
         return sorted(outcomes, key=lambda o: formats.index(o.fmt))
     run.con.close()  # the workers open the database file read-only: DuckDB allows no writer beside them
     # spawned, not forked: a fork would copy DuckDB's threads' locks in whatever state they are

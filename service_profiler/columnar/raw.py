@@ -272,7 +272,7 @@ def _load_records(con: duckdb.DuckDBPyConnection, processes: list[Process], sour
     Records without a declared channel or an integer time stay out of the views (`count_bad_records`).
     `sources`: the file read for each process (its own, or a copy without repeated lines)."""
     con.execute(f"CREATE OR REPLACE TABLE record ({RECORD_COLUMNS})")
-    for group in _statement_groups([p for p in processes if p.rec_lines], _memory_limit_bytes(con) // 4):
+    for group in _statement_groups([p for p in processes if p.rec_lines], memory_limit_bytes(con) // 4):
         con.execute("CREATE OR REPLACE TEMP TABLE source (proc INTEGER, path VARCHAR)")
         insert_rows(con, "source", [(p.index, sources[p.index]) for p in group])
         files = ", ".join("'" + sources[p.index].replace("'", "''") + "'" for p in group)
@@ -310,7 +310,7 @@ def _statement_groups(processes: list[Process], budget: int) -> list[list[Proces
 _UNITS = {"bytes": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
 
 
-def _memory_limit_bytes(con: duckdb.DuckDBPyConnection) -> int:
+def memory_limit_bytes(con: duckdb.DuckDBPyConnection) -> int:
     """DuckDB's memory limit (it shows it as e.g. '953.6 MiB'); 1 GiB where it cannot be read."""
     shown = str(con.execute("SELECT current_setting('memory_limit')").fetchone()[0])  # type: ignore[index]
     number, _, unit = shown.partition(" ")

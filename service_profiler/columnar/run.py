@@ -78,8 +78,11 @@ class AnalysisRun:
 
 def connect(work_dir: Path, memory_limit: str, threads: int | None, read_only: bool = False, in_memory: bool = False
             ) -> duckdb.DuckDBPyConnection:
+    # DuckDB's allocator keeps freed memory for reuse, which its memory limit does not count; its background
+    # thread hands that back to the system as it ages (less memory at the same speed: benchmarks/README.md)
     config: dict[str, str | bool | int | float | list[str]] = {
-        "memory_limit": memory_limit, "temp_directory": str(work_dir / "spill"), "preserve_insertion_order": False}
+        "memory_limit": memory_limit, "temp_directory": str(work_dir / "spill"), "preserve_insertion_order": False,
+        "allocator_background_threads": True}
     if threads:
         config["threads"] = threads
     return duckdb.connect(":memory:" if in_memory else str(work_dir / DB_NAME), read_only=read_only, config=config)
