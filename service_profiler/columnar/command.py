@@ -50,7 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"outputs to write, any of: {' '.join(FORMATS)} (default: all)")
     parser.add_argument("--memory-limit", default=DEFAULT_MEMORY_LIMIT, metavar="SIZE",
                         help=f"DuckDB's memory limit, e.g. 512MB, 2GB (default {DEFAULT_MEMORY_LIMIT}); "
-                             "the rest is spilled to the work directory")
+                             "the rest is spilled to the work directory; outputs written side by side get three "
+                             "quarters of it")
     parser.add_argument("--threads", type=int, default=None, metavar="N", help="DuckDB threads (default: all cores)")
     parser.add_argument("--temp-dir", type=Path, default=None, metavar="DIR",
                         help="where the work directory is made (default: the system's temporary directory)")
