@@ -150,16 +150,15 @@ def request_block_count(kv_cache_manager: KVCacheManager, request_id: str) -> in
     building was most of the `free` handler's cost). Where a version lays the managers out otherwise,
     through `get_blocks`."""
     try:
-        managers = kv_cache_manager.coordinator.single_type_managers
+        count = 0
+        for manager in kv_cache_manager.coordinator.single_type_managers:  # a loop: a third of a sum()'s time
+            held = manager.req_to_blocks.get(request_id)  # a defaultdict: `get` adds no entry
+            if held:
+                count += len(held)
+        return count
     except AttributeError:
         blocks: KVCacheBlocks = kv_cache_manager.get_blocks(request_id)
         return block_count(blocks.blocks)
-    count = 0
-    for manager in managers:
-        held = manager.req_to_blocks.get(request_id)  # a defaultdict: `get` adds no entry
-        if held:
-            count += len(held)
-    return count
 
 
 def cache_hit_tokens(result: Any) -> int:
