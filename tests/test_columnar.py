@@ -589,8 +589,6 @@ def test_no_raw_files_is_exit_status_2(tmp_path: Path) -> None:
     assert "no raw files" in done.stderr and "Traceback" not in done.stderr
 
 
-
-
 def test_outputs_that_do_not_fit_their_share_of_the_memory_limit_are_written_again_within_the_whole(
         tmp_path: Path) -> None:
     """Side by side, the exporters get a share of the limit (room for what DuckDB's allocator keeps); one
