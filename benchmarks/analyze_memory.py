@@ -18,18 +18,11 @@ import threading
 import time
 from pathlib import Path
 
-from proctree import descendants
+from proctree import descendants, memory_kib
 
 
 def rss_mib(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
+    return memory_kib(pid)[0] / 1024
 
 
 def main() -> int:

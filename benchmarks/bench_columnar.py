@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from proctree import descendants  # noqa: E402
+from proctree import descendants, memory_kib  # noqa: E402
 
 REQUESTS_PER_MILLION = 18_000
 
@@ -85,18 +85,8 @@ CASES = {"1m": 1, "10m": 10, "100m": 100}
 
 
 def _tree_memory_kb(pid: int) -> tuple[int, int]:
-    rss = pss = 0
-    for p in descendants(pid):
-        try:
-            with open(f"/proc/{p}/smaps_rollup") as f:
-                for line in f:
-                    if line.startswith("Rss:"):
-                        rss += int(line.split()[1])
-                    elif line.startswith("Pss:"):
-                        pss += int(line.split()[1])
-        except OSError:
-            pass
-    return rss, pss
+    per_process = [memory_kib(p) for p in descendants(pid)]
+    return sum(rss for rss, _ in per_process), sum(pss for _, pss in per_process)
 
 
 def measure(cmd: list[str], cwd: Path = ROOT) -> dict[str, float]:
