@@ -412,6 +412,52 @@ def test_trace_is_bounded(tmp_path: Path, busy: SyntheticRun) -> None:
     assert traces["window"]["metadata"]["origin_epoch_ns"] == origin
 
 
+def test_a_trace_past_max_events_keeps_fewer_events_per_second_over_the_whole_run(tmp_path: Path,
+                                                                                  busy: SyntheticRun) -> None:
+    """--trace-max-events: a trace that would hold more events keeps fewer of one name per process per
+    second, the same cap over the whole run, says so on the console and in its metadata; one that fits is
+    written as without the bound; a bad value is refused with the option's name."""
+    from trace_check import validate_trace
+
+    def trace(out: Path, *extra: str) -> tuple[dict[str, Any], str]:
+        done = _cli("analyze", "--input-path", str(busy.run_dir), "--output-path", str(out), "--format", "json",
+                    *extra)
+        assert done.returncode == 0, done.stderr
+        return json.loads((out / "chrome_tracing.json").read_text(encoding="utf-8")), done.stderr
+
+    unbounded, _ = trace(tmp_path / "unbounded", "--trace-max-events", "0")
+    total = len(unbounded["traceEvents"])
+    roomy, roomy_err = trace(tmp_path / "roomy", "--trace-max-events", str(total * 2))
+    def events(trace: dict[str, Any]) -> list[str]:  # in any order: DuckDB writes its rows in parallel
+        return sorted(json.dumps(e, sort_keys=True) for e in trace["traceEvents"])
+
+    assert events(roomy) == events(unbounded) and "trace: at most" not in roomy_err
+    assert roomy["metadata"]["max_events_per_name_per_second"] == 2000
+
+    budget = total // 3
+    small, small_err = trace(tmp_path / "small", "--trace-max-events", str(budget))
+    assert validate_trace(small) == []
+    cap = small["metadata"]["max_events_per_name_per_second"]
+    assert 1 < cap < 2000 and small["metadata"]["max_events"] == budget
+    assert small["metadata"]["max_events_per_name_per_second_asked"] == 2000
+    assert f"trace: at most {cap:,} events of one name per process per second (not 2,000)" in small_err
+    assert len(small["traceEvents"]) <= budget
+    per_second: dict[tuple[Any, ...], int] = {}
+    for e in small["traceEvents"]:
+        if e["ph"] in "XiC" and e.get("cat") != "request":
+            key = (e["pid"], e["name"], int(e["ts"] // 1e6))
+            per_second[key] = per_second.get(key, 0) + 1
+    assert max(per_second.values()) == cap  # the cap is reached, not only bounded
+    assert sum(small["metadata"]["capped_events"].values()) > 0
+    # the cap is not lower than the bound needs: the estimate counts each request at its most events
+    assert len(small["traceEvents"]) > budget / 2
+
+    refused = _cli("analyze", "--input-path", str(busy.run_dir), "--output-path", str(tmp_path / "bad"),
+                   "--trace-max-events", "-1")
+    assert refused.returncode == 2 and "--trace-max-events: '-1': give 0 or more" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
 def test_bad_lines_cost_only_themselves(tmp_path: Path) -> None:
     synth = generate_run(tmp_path / "run", SyntheticConfig(requests=20, output_tokens=8, seed=3))
     engine = sorted(synth.run_dir.glob("*4200*"))[0]

@@ -22,7 +22,7 @@ import resource
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -34,7 +34,7 @@ from .figure_process import FigureProcess
 from .parquet_format import ParquetInputError
 from .pipeline import EXPORTERS, Outcome, export_all
 from .run import DEFAULT_MEMORY_LIMIT, analyze_run
-from .trace_out import DEFAULT_MAX_PER_SECOND
+from .trace_out import DEFAULT_MAX_EVENTS, DEFAULT_MAX_PER_SECOND
 
 EXIT_OK, EXIT_EXPORT_FAILED, EXIT_NO_DATA = 0, 1, 2
 DEFAULT_JOBS = 2
@@ -64,13 +64,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "database as a file (building that file costs more CPU)")
     parser.add_argument("--window", type=_window, default=None, metavar="START:END",
                         help="the trace holds only this window, seconds since the run's first record (e.g. 60:90)")
-    parser.add_argument("--trace-max-per-second", type=int, default=DEFAULT_MAX_PER_SECOND, metavar="N",
+    parser.add_argument("--trace-max-per-second", type=_count(1), default=DEFAULT_MAX_PER_SECOND, metavar="N",
                         help="the trace keeps at most N events of one name per process per second "
                              f"(default {DEFAULT_MAX_PER_SECOND}); the counts are in its metadata")
+    parser.add_argument("--trace-max-events", type=_count(0), default=DEFAULT_MAX_EVENTS, metavar="N",
+                        help=f"a trace that would hold more than about N events (default {DEFAULT_MAX_EVENTS:,}: "
+                             "what a browser loads) keeps fewer per second, over the whole run; 0: no bound")
     parser.add_argument("--quiet", action="store_true", help="no console summary, only errors")
     parser.add_argument("--scheduler-logs", action="store_true",
                         help="also write the front doors' files from the run: scheduler_profiling.jsonl and "
                              "scheduler_logs/*.csv (docs/FRONT_DOORS.md); with csv in --format")
+
+
+def _count(least: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text.replace("_", "").replace(",", ""))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{text!r}: give {least} or more")
+        return value
+    return parse
 
 
 def _window(text: str) -> tuple[float, float]:
@@ -169,7 +184,8 @@ def _analyze(args: argparse.Namespace, formats: list[str], out: Path, pool: bool
             from .summary import format_summary
             summary = format_summary(analysis)
         options: dict[str, dict[str, Any]] = {
-            "json": {"window": args.window, "max_per_second": args.trace_max_per_second},
+            "json": {"window": args.window, "max_per_second": args.trace_max_per_second,
+                     "max_events": args.trace_max_events, "quiet": args.quiet},
             "plots": {"figures": figures}, "model": {"figures": figures}}
         outcomes = export_all(analysis, formats, out, jobs=args.jobs, progress=progress, options=options)
     finally:

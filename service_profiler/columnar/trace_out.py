@@ -1,6 +1,7 @@
 """Chrome / Perfetto trace (chrome_tracing.json), bounded: at most `max_per_second` events of one name per
 process per second of the run, and requests arriving per second (the rest are counted in
-metadata.capped_events), and optionally only a time window (`window`, seconds since the origin below).
+metadata.capped_events), that cap lowered for the whole run where the trace would otherwise hold more than
+about `max_events` events, and optionally only a time window (`window`, seconds since the origin below).
 
 Timestamps: `ts`/`dur` in microseconds relative to `metadata.origin_epoch_ns` (the run's first timestamp
 floored to a whole second), so ns precision survives in a double. Layout:
@@ -24,6 +25,7 @@ thread names after them (viewers read them anywhere).
 from __future__ import annotations
 
 import json
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -34,9 +36,18 @@ from service_profiler.outputs import open_output, scratch_dir
 from . import trace_requests
 from .run import AnalysisRun
 from .trace_lanes import OVERLAP_LANE, build_lanes
-from .trace_sql import capped, create_drawn_spans, us, window_filter
+from .trace_sql import capped, create_drawn_spans, second, us, window_filter
 
 DEFAULT_MAX_PER_SECOND = 2_000
+DEFAULT_MAX_EVENTS = 2_000_000
+"""About 300 MB of trace (150-170 bytes an event). Perfetto's UI holds a trace in a browser tab's memory (about 2 GB on most
+browsers, several times the file's size once parsed; a 900 MB JSON trace was reported to crash it) and
+chrome://tracing stopped at 256 MB. The per-second cap alone lets a trace grow with the run's length and
+its number of processes (a 10-minute capture of ten engines made a 1.5 GB trace), so past this the
+per-second cap is lowered for the whole run."""
+REQUEST_EVENTS = 12
+"""Trace events one drawn request adds, at most, unless preempted: its request slice, up to six phase
+slices, the first-token instant, a flow's two ends, its thread's name and sort order."""
 REQUEST_TIDS = 1 << 30  # a request's tid: this + its row in the request table
 FOLDED = "domain = 'KVCache' AND name = 'allocate'"
 
@@ -110,7 +121,8 @@ _COUNTERS = f"""
         SELECT *, vals::VARCHAR IS DISTINCT FROM lag(vals::VARCHAR) OVER (PARTITION BY proc, name ORDER BY ts_ns, pos)
                   AS new_value
         FROM src WHERE vals::VARCHAR <> '{{}}')
-    SELECT name, domain AS cat, ts_ns, proc + 1 AS pid, vals, {capped('proc, name', 'ts_ns')} AS shown
+    SELECT name, domain AS cat, ts_ns, proc + 1 AS pid, vals,
+           row_number() OVER (PARTITION BY proc, name, {second('ts_ns')} ORDER BY ts_ns) AS rank_in_second
     FROM changed WHERE new_value"""
 
 
@@ -120,7 +132,7 @@ def _queries() -> dict[str, str]:
         "span": _SPANS,
         "instant": _INSTANTS,
         "counter": f"""SELECT 'C' AS ph, name, cat, {us('ts_ns')} AS ts, pid, 0 AS tid, vals AS args
-                       FROM trace_counter WHERE shown""",
+                       FROM trace_counter WHERE rank_in_second <= {{cap}}""",
         **trace_requests.queries(),
     }
 
@@ -164,8 +176,40 @@ def _collection_events(run: AnalysisRun, origin: int, lo: int, hi: int) -> list[
             for proc, ts, enabled, reason in run.states if max(origin, lo) <= ts <= hi]
 
 
+def _cap_within(con: duckdb.DuckDBPyConnection, max_per_second: int, max_events: int | None) -> int:
+    """The cap of events of one name per process per second: `max_per_second`, or the largest lower cap
+    whose trace holds at most about `max_events` events (None or 0: no bound), at least 1. Counts what
+    each cap would keep, per name, process and second (requests: per second of arrival,
+    `REQUEST_EVENTS` each), from the tables the trace is drawn from."""
+    if not max_events:
+        return max_per_second
+    con.execute(f"""
+        CREATE OR REPLACE TEMP TABLE trace_bucket AS
+        SELECT count(*) AS n, 1 AS weight FROM span WHERE {window_filter('start_ns', 'end_ns')}
+        GROUP BY proc, name, {second('start_ns')}
+        UNION ALL SELECT count(*), 1 FROM event WHERE NOT ({FOLDED}) AND {window_filter('ts_ns')}
+        GROUP BY proc, name, {second('ts_ns')}
+        UNION ALL SELECT count(*), 1 FROM trace_counter GROUP BY pid, name, {second('ts_ns')}
+        UNION ALL SELECT n, {REQUEST_EVENTS} FROM ({trace_requests.ARRIVALS_PER_SECOND})""")
+
+    def events(cap: int) -> int:
+        return _count(con, f"SELECT coalesce(sum(least(n, {cap}) * weight), 0) FROM trace_bucket")
+
+    if events(max_per_second) <= max_events:
+        return max_per_second
+    low, high = 1, max_per_second  # the largest cap within the bound lies in [low, high)
+    while high - low > 1:
+        middle = (low + high) // 2
+        if events(middle) <= max_events:
+            low = middle
+        else:
+            high = middle
+    return low
+
+
 def write_trace(run: AnalysisRun, path: Path, window: tuple[float, float] | None = None,
-                max_per_second: int = DEFAULT_MAX_PER_SECOND) -> Path:
+                max_per_second: int = DEFAULT_MAX_PER_SECOND, max_events: int | None = DEFAULT_MAX_EVENTS,
+                quiet: bool = False) -> Path:
     con = run.con
     first = con.execute("SELECT min(ts_ns) FROM record WHERE ts_ns IS NOT NULL").fetchone()
     origin = (int(first[0]) // 1_000_000_000) * 1_000_000_000 if first and first[0] is not None else 0
@@ -179,12 +223,17 @@ def write_trace(run: AnalysisRun, path: Path, window: tuple[float, float] | None
     con.execute("""CREATE OR REPLACE TEMP TABLE trace_thread AS
                    SELECT proc, tid AS raw_tid, (row_number() OVER (ORDER BY proc, tid))::INTEGER AS tid
                    FROM (SELECT DISTINCT proc, tid FROM record WHERE kind IN ('span', 'event'))""")
-    cap = str(int(max_per_second))
     overlap_lanes = build_lanes(con, window_filter("s.start_ns", "s.end_ns"))
-    create_drawn_spans(con, int(max_per_second))
-    con.execute(_COUNTERS.replace("{cap}", cap))
-    capped = {"counter": _count(con, "SELECT count(*) FILTER (WHERE NOT shown) FROM trace_counter")}
-    trace_requests.prepare(con, int(max_per_second))
+    con.execute(_COUNTERS)
+    per_second = _cap_within(con, int(max_per_second), max_events)
+    if per_second < max_per_second and not quiet:
+        print(f"trace: at most {per_second:,} events of one name per process per second (not "
+              f"{max_per_second:,}), to hold about {max_events:,} events; --window START:END draws a part of the "
+              "run at the full rate, --trace-max-events a larger trace", file=sys.stderr)
+    cap = str(per_second)
+    create_drawn_spans(con, per_second)
+    capped = {"counter": _count(con, f"SELECT count(*) FILTER (WHERE rank_in_second > {cap}) FROM trace_counter")}
+    trace_requests.prepare(con, per_second)
     capped["request"] = _count(con, "SELECT count(*) FILTER (WHERE NOT shown) FROM trace_request")
     eligible = {
         "span": _count(con, f"SELECT count(*) FROM span WHERE {window_filter('start_ns', 'end_ns')}"),
@@ -220,7 +269,9 @@ def write_trace(run: AnalysisRun, path: Path, window: tuple[float, float] | None
         metadata = {"generator": "service-profiler", "origin_epoch_ns": origin,
                     "origin_utc": datetime.fromtimestamp(origin / 1e9, tz=timezone.utc).isoformat(),
                     "time_convention": "ts/dur: microseconds since origin_epoch_ns",
-                    "processes": [p.key for p in run.processes], "max_events_per_name_per_second": max_per_second,
+                    "processes": [p.key for p in run.processes], "max_events_per_name_per_second": per_second,
+                    "max_events": max_events or None,
+                    "max_events_per_name_per_second_asked": max_per_second,
                     "window_s": list(window) if window else None, "events": counts,
                     "capped_events": capped, "folded_events": {"KVCache/allocate": folded},
                     "overlap_lanes": overlap_lanes, "dropped_records": sum(p.dropped for p in run.processes),
@@ -238,8 +289,10 @@ def _count(con: duckdb.DuckDBPyConnection, query: str) -> int:
 class TraceExporter:
     name = "json"
 
-    def __init__(self, window: tuple[float, float] | None = None, max_per_second: int = DEFAULT_MAX_PER_SECOND) -> None:
-        self.window, self.max_per_second = window, max_per_second
+    def __init__(self, window: tuple[float, float] | None = None, max_per_second: int = DEFAULT_MAX_PER_SECOND,
+                 max_events: int | None = DEFAULT_MAX_EVENTS, quiet: bool = False) -> None:
+        self.window, self.max_per_second, self.max_events, self.quiet = window, max_per_second, max_events, quiet
 
     def export(self, run: AnalysisRun, out_dir: Path) -> list[Path]:
-        return [write_trace(run, out_dir / "chrome_tracing.json", self.window, self.max_per_second)]
+        return [write_trace(run, out_dir / "chrome_tracing.json", self.window, self.max_per_second, self.max_events,
+                            self.quiet)]

@@ -25,9 +25,15 @@ from __future__ import annotations
 
 import duckdb
 
-from .trace_sql import us
+from .trace_sql import second, us
 
 REQUEST_END = "coalesce(last_byte_sent_ns, completion_ns)"
+
+# the requests that may be drawn: arrived inside the window and completed
+_CANDIDATES = f"""
+    FROM request
+    WHERE arrival_ns IS NOT NULL AND {REQUEST_END} >= arrival_ns
+      AND {REQUEST_END} >= getvariable('lo') AND arrival_ns <= getvariable('hi')"""
 
 # the requests drawn (`shown`), numbered by arrival within their second for the cap
 _SHOWN = f"""
@@ -36,12 +42,12 @@ _SHOWN = f"""
            input_tokens, output_tokens, finish_reason, preemptions, num_iterations, arrival_ns, body_received_ns,
            engine_arrival_ns, handoff_ns, first_scheduled_ns, first_token_ns, completion_ns, last_byte_sent_ns,
            first_token_sent_ns, proc,
-           row_number() OVER (PARTITION BY (arrival_ns - getvariable('origin')) // 1000000000
-                              ORDER BY arrival_ns, row_no) <= {{cap}} AS shown
-    FROM request
-    WHERE arrival_ns IS NOT NULL AND {REQUEST_END} >= arrival_ns
-      AND {REQUEST_END} >= getvariable('lo') AND arrival_ns <= getvariable('hi')
+           row_number() OVER (PARTITION BY {second('arrival_ns')} ORDER BY arrival_ns, row_no) <= {{cap}} AS shown
+    {_CANDIDATES}
 """
+
+ARRIVALS_PER_SECOND = f"SELECT count(*) AS n {_CANDIDATES} GROUP BY {second('arrival_ns')}"
+"""The requests that may be drawn, counted per second of arrival (what the cap counts)."""
 
 # Engine phases of requests preempted (or resumed) at least once: per request, its PREEMPTED transitions and
 # its batch entries in time order; a mark at each preemption, at the entry after one (resumed: prefill when

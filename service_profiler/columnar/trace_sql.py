@@ -19,11 +19,15 @@ def window_filter(column: str, end_column: str | None = None) -> str:
     return f"{end} >= getvariable('lo') AND {column} <= getvariable('hi')"
 
 
+def second(ts: str) -> str:
+    """The second of the run (since the origin) a time column falls in: the cap's unit."""
+    return f"({ts} - getvariable('origin')) // 1000000000"
+
+
 def capped(partition: str, ts: str) -> str:
     """Whether a row is among the first `{cap}` of its partition in its second of the run (the caller
     fills in the cap)."""
-    return (f"row_number() OVER (PARTITION BY {partition}, ({ts} - getvariable('origin')) // 1000000000 "
-            f"ORDER BY {ts}) <= {{cap}}")
+    return f"row_number() OVER (PARTITION BY {partition}, {second(ts)} ORDER BY {ts}) <= {{cap}}"
 
 
 def create_drawn_spans(con: duckdb.DuckDBPyConnection, cap: int) -> None:
