@@ -266,3 +266,71 @@ def test_sigterm_ends_analyze_with_its_status_no_traceback_and_no_work_directory
     assert proc.returncode == 143, err
     assert "Traceback" not in err and "Error" not in err, err
     assert list(work.iterdir()) == []
+
+
+def test_a_work_directory_left_by_a_killed_analyze_is_removed_by_the_next_one(tmp_path: Path,
+                                                                              capsys: pytest.CaptureFixture[str]
+                                                                              ) -> None:
+    """analyze killed outright (SIGKILL: no clean-up runs) leaves its work directory and spill behind; the
+    next analyze (or convert) under the same --temp-dir removes it and says so. It leaves alone a work
+    directory whose process lives (its lock held), one made by an older version (no lock file), a
+    symbolic link, and everything outside the work directories."""
+    import fcntl
+    import os
+    import signal
+
+    from service_profiler.columnar.workdir import LOCK_NAME
+
+    run = generate_run(tmp_path / "run", SyntheticConfig(requests=4000, output_tokens=32, max_num_seqs=64, seed=9))
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "service_profiler.cli", "analyze", "--input-path", str(run.run_dir),
+                             "--output-path", str(tmp_path / "killed"), "--temp-dir", str(work), "--threads", "1",
+                             "--jobs", "1", "--format", "csv"], stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        seen = ""
+        while "] read " not in seen:  # the records are in the work directory
+            line = proc.stderr.readline()
+            assert line, f"analyze ended before reading: {seen}"
+            seen += line
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    left = [p for p in work.iterdir()]
+    assert len(left) == 1 and (left[0] / LOCK_NAME).is_file(), left
+
+    alive = work / "sprof-analysis-alive"  # as a live process's: its lock held (here, by this test)
+    alive.mkdir()
+    held = os.open(alive / LOCK_NAME, os.O_WRONLY | os.O_CREAT, 0o600)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    older = work / "sprof-analysis-older"  # as an older version's: no lock file
+    older.mkdir()
+    (older / "spill.tmp").write_bytes(b"x")
+    target = tmp_path / "not-a-work-dir"  # a link with a work directory's name: never followed
+    target.mkdir()
+    (target / LOCK_NAME).write_bytes(b"")
+    (target / "keep").write_bytes(b"x")
+    (work / "sprof-analysis-link").symlink_to(target, target_is_directory=True)
+    (work / "unrelated").mkdir()
+    try:
+        status = command.run(_args([run.run_dir], tmp_path / "out", "csv", extra=("--temp-dir", str(work))))
+        assert status == command.EXIT_OK
+        err = capsys.readouterr().err
+        assert "removed 1 work directory left by an analyze or convert that ended without cleaning up" in err
+        assert str(left[0]) in err
+        assert sorted(p.name for p in work.iterdir()) == [
+            "sprof-analysis-alive", "sprof-analysis-link", "sprof-analysis-older", "unrelated"]
+        assert (alive / LOCK_NAME).is_file() and (older / "spill.tmp").is_file()
+        assert sorted(p.name for p in target.iterdir()) == sorted([LOCK_NAME, "keep"])
+    finally:
+        os.close(held)
+    # its process gone (the lock free), the directory goes at the next start: here, convert's
+    done = subprocess.run([sys.executable, "-m", "service_profiler.cli", "convert", "--input-path", str(run.run_dir),
+                           "--temp-dir", str(work)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert str(alive) in done.stderr and not alive.exists()
+    assert sorted(p.name for p in work.iterdir()) == ["sprof-analysis-link", "sprof-analysis-older", "unrelated"]

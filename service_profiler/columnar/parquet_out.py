@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import stat
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -30,6 +31,8 @@ from service_profiler.rawdata.rawfile import discover_files
 from .parquet_format import FORMAT_NAME, FORMAT_VERSION, MANIFEST, PARQUET_DIR, is_conversion, table_path
 from .raw import Process, RawRun, load_raw
 from .run import DEFAULT_MEMORY_LIMIT, connect
+from .workdir import describe as describe_removed
+from .workdir import make_work_dir
 
 _PROCESS_COLUMNS = (
     "process VARCHAR, idx INTEGER, key VARCHAR, hostname VARCHAR, pid BIGINT, ppid BIGINT, role VARCHAR, "
@@ -66,10 +69,16 @@ def convert(run_dir: Path, *, memory_limit: str = DEFAULT_MEMORY_LIMIT, threads:
     t0 = time.perf_counter()
     target = _checked_target(run_dir)
     sources = _sources(run_dir)  # before reading: a file growing meanwhile reads as changed later
-    work_dir = Path(tempfile.mkdtemp(prefix="sprof-convert-", dir=temp_root))
-    staging = Path(tempfile.mkdtemp(prefix=f".{PARQUET_DIR}-", dir=run_dir))
+    work, abandoned = make_work_dir("sprof-convert-", temp_root)
+    if abandoned:
+        print(describe_removed(abandoned), file=sys.stderr)
     try:
-        con = connect(work_dir, memory_limit, threads, in_memory=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{PARQUET_DIR}-", dir=run_dir))
+    except BaseException:
+        work.remove()
+        raise
+    try:
+        con = connect(work.path, memory_limit, threads, in_memory=True)
         try:
             kept_lines: dict[int, list[tuple[int, bytes | None, str | None]]] = {}
             raw = load_raw(con, [run_dir], kept_lines)
@@ -86,7 +95,7 @@ def convert(run_dir: Path, *, memory_limit: str = DEFAULT_MEMORY_LIMIT, threads:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     finally:
-        shutil.rmtree(work_dir, ignore_errors=True)
+        work.remove()
     size = sum(f.stat().st_size for f in target.iterdir())
     return Converted(target, len(raw.processes), records, size, time.perf_counter() - t0, raw.problems)
 

@@ -12,8 +12,6 @@ the pool's workers open. Writing a table into a database file costs about twice 
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +27,8 @@ from .lifecycle import build_lifecycle
 from .parquet_in import load_input
 from .raw import Process
 from .requests import build_requests
+from .workdir import WorkDir, make_work_dir
+from .workdir import describe as describe_removed
 
 DEFAULT_MEMORY_LIMIT = "1GB"
 DB_NAME = "analysis.duckdb"
@@ -44,10 +44,12 @@ class AnalysisRun:
     memory_limit: str = DEFAULT_MEMORY_LIMIT
     threads: int | None = None
     shared: bool = False  # a database file other processes can open (`reopen_read_only`)
+    owner: WorkDir | None = None  # the work directory's lock, held by the process that made it (workdir.py)
 
     def __getstate__(self) -> dict[str, object]:
-        """Everything but the connection (a pool's worker opens its own, `reopen_read_only`)."""
-        return {k: v for k, v in self.__dict__.items() if k != "con"}
+        """Everything but the connection (a pool's worker opens its own, `reopen_read_only`) and the
+        work directory's lock (its maker's)."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("con", "owner")}
 
     def __setstate__(self, state: dict[str, object]) -> None:
         self.__dict__.update(state)
@@ -63,9 +65,11 @@ class AnalysisRun:
         return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
     def close(self) -> None:
-        """Close the database and remove the work directory."""
+        """Close the database and remove the work directory (a worker's `reopen_read_only` run leaves it
+        to the run that made it)."""
         self.con.close()
-        shutil.rmtree(self.work_dir, ignore_errors=True)
+        if self.owner is not None:
+            self.owner.remove()
 
     def reopen_read_only(self) -> AnalysisRun:
         """This run's tables through a read-only connection (in a pool's worker process)."""
@@ -93,9 +97,15 @@ def analyze_run(paths: Sequence[Path | str], *, memory_limit: str = DEFAULT_MEMO
                 shared: bool = False) -> AnalysisRun:
     """Read the raw files under `paths` (or their Parquet conversions) and build every analysis table
     (`shared`: in a database file that a process pool's workers can open)."""
-    work_dir = Path(tempfile.mkdtemp(prefix="sprof-analysis-", dir=temp_root))
-    con = connect(work_dir, memory_limit, threads, in_memory=not shared)
-    run = AnalysisRun(con, work_dir, memory_limit=memory_limit, threads=threads, shared=shared)
+    owner, abandoned = make_work_dir("sprof-analysis-", temp_root)
+    if abandoned and progress:
+        progress(describe_removed(abandoned))
+    try:
+        con = connect(owner.path, memory_limit, threads, in_memory=not shared)
+    except BaseException:
+        owner.remove()
+        raise
+    run = AnalysisRun(con, owner.path, memory_limit=memory_limit, threads=threads, shared=shared, owner=owner)
     try:
         raw = load_input(con, paths, progress)  # the raw files, or their Parquet conversions (parquet_in.py)
         run.processes, run.states, run.problems = raw.processes, raw.states, raw.problems

@@ -40,11 +40,11 @@ from .trace_sql import capped, create_drawn_spans, second, us, window_filter
 
 DEFAULT_MAX_PER_SECOND = 2_000
 DEFAULT_MAX_EVENTS = 2_000_000
-"""About 300 MB of trace (150-170 bytes an event). Perfetto's UI holds a trace in a browser tab's memory (about 2 GB on most
-browsers, several times the file's size once parsed; a 900 MB JSON trace was reported to crash it) and
-chrome://tracing stopped at 256 MB. The per-second cap alone lets a trace grow with the run's length and
-its number of processes (a 10-minute capture of ten engines made a 1.5 GB trace), so past this the
-per-second cap is lowered for the whole run."""
+"""About 300 MB of trace (150-170 bytes an event). Perfetto's UI holds a trace in a browser tab's memory
+(about 2 GB on most browsers, several times the file's size once parsed; a 900 MB JSON trace was reported
+to crash it) and chrome://tracing stopped at 256 MB. The per-second cap alone lets a trace grow with the
+run's length and its number of processes (a 10-minute capture of ten engines made a 1.5 GB trace), so
+past this the per-second cap is lowered for the whole run."""
 REQUEST_EVENTS = 12
 """Trace events one drawn request adds, at most, unless preempted: its request slice, up to six phase
 slices, the first-token instant, a flow's two ends, its thread's name and sort order."""
