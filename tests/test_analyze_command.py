@@ -334,3 +334,18 @@ def test_a_work_directory_left_by_a_killed_analyze_is_removed_by_the_next_one(tm
     assert done.returncode == 0, done.stderr
     assert str(alive) in done.stderr and not alive.exists()
     assert sorted(p.name for p in work.iterdir()) == ["sprof-analysis-link", "sprof-analysis-older", "unrelated"]
+
+
+def test_a_temp_dir_that_cannot_hold_a_work_directory_is_named_with_the_fix(synth: SyntheticRun, tmp_path: Path,
+                                                                            capsys: pytest.CaptureFixture[str]
+                                                                            ) -> None:
+    missing = tmp_path / "no-such-dir"
+    status = command.run(_args([synth.run_dir], tmp_path / "out", "csv", extra=("--temp-dir", str(missing))))
+    assert status == command.EXIT_NO_DATA
+    err = capsys.readouterr().err
+    assert f"error: cannot make a work directory in {missing} (No such file or directory)" in err
+    assert "give --temp-dir an existing directory you can write to" in err and "Traceback" not in err
+    done = subprocess.run([sys.executable, "-m", "service_profiler.cli", "convert", "--input-path", str(synth.run_dir),
+                           "--temp-dir", str(missing)], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert f"convert: cannot make a work directory in {missing}" in done.stderr

@@ -35,6 +35,7 @@ from .parquet_format import ParquetInputError
 from .pipeline import EXPORTERS, Outcome, export_all
 from .run import DEFAULT_MEMORY_LIMIT, analyze_run
 from .trace_out import DEFAULT_MAX_EVENTS, DEFAULT_MAX_PER_SECOND
+from .workdir import WorkDirError
 
 EXIT_OK, EXIT_EXPORT_FAILED, EXIT_NO_DATA = 0, 1, 2
 DEFAULT_JOBS = 2
@@ -163,7 +164,7 @@ def _analyze(args: argparse.Namespace, formats: list[str], out: Path, pool: bool
     try:
         analysis = analyze_run(args.input_path, memory_limit=args.memory_limit, threads=args.threads,
                                temp_root=args.temp_dir, progress=progress, shared=pool)
-    except ParquetInputError as exc:
+    except (ParquetInputError, WorkDirError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_NO_DATA
     except duckdb.OutOfMemoryException as exc:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .parquet_out import ConvertError, convert
 from .run import DEFAULT_MEMORY_LIMIT
+from .workdir import WorkDirError
 
 EXIT_OK, EXIT_FAILED = 0, 2
 
@@ -37,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     for run_dir in args.input_path:
         try:
             done = convert(run_dir, memory_limit=args.memory_limit, threads=args.threads, temp_root=args.temp_dir)
-        except ConvertError as exc:
+        except (ConvertError, WorkDirError) as exc:
             print(f"convert: {exc}", file=sys.stderr)
             status = EXIT_FAILED
             continue

@@ -26,6 +26,10 @@ PREFIXES = ("sprof-analysis-", "sprof-convert-")
 LOCK_NAME = "owner.lock"
 
 
+class WorkDirError(Exception):
+    """No work directory could be made where asked; the message names the place, the cause and the fix."""
+
+
 @dataclass
 class WorkDir:
     path: Path
@@ -49,7 +53,12 @@ def make_work_dir(prefix: str, root: Path | None) -> tuple[WorkDir, list[Removed
     """A new private directory under `root` (default: the system's temporary directory), locked for as
     long as this process lives or until `WorkDir.remove`; and the abandoned ones removed beside it."""
     removed = remove_abandoned(root)
-    path = Path(tempfile.mkdtemp(prefix=prefix, dir=root))
+    try:
+        path = Path(tempfile.mkdtemp(prefix=prefix, dir=root))
+    except OSError as exc:
+        where = root if root is not None else tempfile.gettempdir()
+        raise WorkDirError(f"cannot make a work directory in {where} ({exc.strerror or exc}); give --temp-dir an "
+                           "existing directory you can write to, on a file system with room for the spill") from None
     try:
         return WorkDir(path, _lock(path)), removed
     except OSError:  # a file system without flock: the directory works, it is only not swept if abandoned
