@@ -32,12 +32,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="only errors")
 
 
+def _to_stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the staging directory is removed on the way out
     status = EXIT_OK
     for run_dir in args.input_path:
         try:
-            done = convert(run_dir, memory_limit=args.memory_limit, threads=args.threads, temp_root=args.temp_dir)
+            done = convert(run_dir, memory_limit=args.memory_limit, threads=args.threads, temp_root=args.temp_dir,
+                           report=None if args.quiet else _to_stderr)
         except (ConvertError, WorkDirError) as exc:
             print(f"convert: {exc}", file=sys.stderr)
             status = EXIT_FAILED

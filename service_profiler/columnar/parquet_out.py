@@ -14,10 +14,9 @@ import json
 import os
 import shutil
 import stat
-import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,14 +63,15 @@ def process_id(proc: Process) -> str:
 
 
 def convert(run_dir: Path, *, memory_limit: str = DEFAULT_MEMORY_LIMIT, threads: int | None = None,
-            temp_root: Path | None = None) -> Converted:
-    """Convert the raw files under `run_dir` into `run_dir/sprof-parquet/` (replacing an older conversion)."""
+            temp_root: Path | None = None, report: Callable[[str], None] | None = None) -> Converted:
+    """Convert the raw files under `run_dir` into `run_dir/sprof-parquet/` (replacing an older conversion);
+    `report` is told of work directories left by killed processes and removed on the way."""
     t0 = time.perf_counter()
     target = _checked_target(run_dir)
     sources = _sources(run_dir)  # before reading: a file growing meanwhile reads as changed later
     work, abandoned = make_work_dir("sprof-convert-", temp_root)
-    if abandoned:
-        print(describe_removed(abandoned), file=sys.stderr)
+    if abandoned and report is not None:
+        report(describe_removed(abandoned))
     try:
         staging = Path(tempfile.mkdtemp(prefix=f".{PARQUET_DIR}-", dir=run_dir))
     except BaseException:

@@ -36,7 +36,7 @@ from service_profiler.outputs import open_output, scratch_dir
 from . import trace_requests
 from .run import AnalysisRun
 from .trace_lanes import OVERLAP_LANE, build_lanes
-from .trace_sql import capped, create_drawn_spans, second, us, window_filter
+from .trace_sql import capped, create_drawn_spans, rank_in_second, second, us, window_filter
 
 DEFAULT_MAX_PER_SECOND = 2_000
 DEFAULT_MAX_EVENTS = 2_000_000
@@ -121,8 +121,7 @@ _COUNTERS = f"""
         SELECT *, vals::VARCHAR IS DISTINCT FROM lag(vals::VARCHAR) OVER (PARTITION BY proc, name ORDER BY ts_ns, pos)
                   AS new_value
         FROM src WHERE vals::VARCHAR <> '{{}}')
-    SELECT name, domain AS cat, ts_ns, proc + 1 AS pid, vals,
-           row_number() OVER (PARTITION BY proc, name, {second('ts_ns')} ORDER BY ts_ns) AS rank_in_second
+    SELECT name, domain AS cat, ts_ns, proc + 1 AS pid, vals, {rank_in_second('proc, name', 'ts_ns')} AS rank_in_second
     FROM changed WHERE new_value"""
 
 

@@ -24,10 +24,15 @@ def second(ts: str) -> str:
     return f"({ts} - getvariable('origin')) // 1000000000"
 
 
+def rank_in_second(partition: str, ts: str) -> str:
+    """A row's place (1, 2, ...) in its partition within its second of the run, in time order."""
+    return f"row_number() OVER (PARTITION BY {partition}, {second(ts)} ORDER BY {ts})"
+
+
 def capped(partition: str, ts: str) -> str:
     """Whether a row is among the first `{cap}` of its partition in its second of the run (the caller
     fills in the cap)."""
-    return f"row_number() OVER (PARTITION BY {partition}, {second(ts)} ORDER BY {ts}) <= {{cap}}"
+    return f"{rank_in_second(partition, ts)} <= {{cap}}"
 
 
 def create_drawn_spans(con: duckdb.DuckDBPyConnection, cap: int) -> None:

@@ -52,12 +52,12 @@ class Removed:
 def make_work_dir(prefix: str, root: Path | None) -> tuple[WorkDir, list[Removed]]:
     """A new private directory under `root` (default: the system's temporary directory), locked for as
     long as this process lives or until `WorkDir.remove`; and the abandoned ones removed beside it."""
-    removed = remove_abandoned(root)
+    base = Path(root) if root is not None else Path(tempfile.gettempdir())
+    removed = remove_abandoned(base)
     try:
-        path = Path(tempfile.mkdtemp(prefix=prefix, dir=root))
+        path = Path(tempfile.mkdtemp(prefix=prefix, dir=base))
     except OSError as exc:
-        where = root if root is not None else tempfile.gettempdir()
-        raise WorkDirError(f"cannot make a work directory in {where} ({exc.strerror or exc}); give --temp-dir an "
+        raise WorkDirError(f"cannot make a work directory in {base} ({exc.strerror or exc}); give --temp-dir an "
                            "existing directory you can write to, on a file system with room for the spill") from None
     try:
         return WorkDir(path, _lock(path)), removed
@@ -77,9 +77,8 @@ def _lock(path: Path) -> int:
     return fd
 
 
-def remove_abandoned(root: Path | None) -> list[Removed]:
-    """Remove the work directories under `root` whose process has ended (their lock is free)."""
-    base = Path(root) if root is not None else Path(tempfile.gettempdir())
+def remove_abandoned(base: Path) -> list[Removed]:
+    """Remove the work directories in `base` whose process has ended (their lock is free)."""
     try:
         entries = list(os.scandir(base))
     except OSError:
