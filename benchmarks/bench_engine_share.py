@@ -3,6 +3,7 @@
     python benchmarks/bench_engine_share.py [--repeats 3] [--seconds 15] [--runs 1] [--compare DIR]
                                            [--requests 300] [--max-tokens 8] [--max-num-seqs 16]
                                            [--omp-threads 1] [--nonblocking] [--top 12] [--keep DIR]
+                                           [--collection-off]
 
 One process: `vllm.LLM` on the tiny CPU model with the EngineCore in the same process
 (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), the shipped YAML, collection on. After a warm-up the driver
@@ -22,6 +23,13 @@ of the process, so the three add up to the total; a share is a ratio within one 
 to the machine's load than a throughput comparison between runs. Then, per thread, the profiler frames
 that took the most samples. Beside it, the writer thread's CPU time over the process's (from /proc):
 it does not count the time the writer waits, runnable, for a core, which py-spy counts as busy.
+
+py-spy cannot charge the garbage collector to the profiler: a collection runs inside whichever allocation
+trips it, mostly the engine's. Yet records kept alive in the buffer make the engine's young collections
+more frequent and longer. So the driver times every collection (`gc.callbacks`) and the benchmark reports
+the collector's share of the process's CPU time per window, beside the throughput (`generate()` rounds
+per second); `--collection-off` adds runs with collection off, alternating, for both figures without
+the profiler's records.
 
 `--compare DIR` measures a second version in the same sitting: the driver imports `service_profiler`
 from DIR (PYTHONPATH) instead of the installed one, and `--runs` engine runs of each alternate, so that
@@ -58,7 +66,17 @@ from tiny_model import make_model
 from vllm_service import PROMPTS
 
 _DRIVER = r"""
-import json, os, sys, time
+import gc, json, os, sys, time
+# Garbage collection runs inside whichever allocation trips it, mostly the engine's: py-spy charges it
+# to the engine. Its time is counted here instead, and written after every round with the process's
+# CPU time, so that each window can report the collector's share.
+collecting = [0.0, 0.0]
+def _gc_timer(phase, info):
+    if phase == "start":
+        collecting[1] = time.perf_counter()
+    else:
+        collecting[0] += time.perf_counter() - collecting[1]
+gc.callbacks.append(_gc_timer)
 from vllm import LLM, SamplingParams
 spec = json.loads(sys.argv[1])
 llm = LLM(model=spec["model"], max_model_len=512, dtype="bfloat16", seed=0, enforce_eager=True,
@@ -71,6 +89,10 @@ rounds = 0
 while not os.path.exists(spec["stop"]):
     llm.generate(prompts, params, use_tqdm=False)
     rounds += 1
+    with open(spec["progress"] + ".new", "w") as f:
+        json.dump({"rounds": rounds, "gc_s": collecting[0], "cpu_s": time.process_time(),
+                   "wall_s": time.perf_counter()}, f)
+    os.replace(spec["progress"] + ".new", spec["progress"])
 print(f"ROUNDS {rounds}", flush=True)
 """
 
@@ -114,12 +136,28 @@ def _wait_for(log: Path, marker: str, proc: subprocess.Popen[bytes], timeout_s: 
     raise RuntimeError(f"the driver did not print {marker}:\n{log.read_text(errors='replace')[-4000:]}")
 
 
-def measure(args: argparse.Namespace, workdir: Path, source: str | None = None) -> list[tuple[Path, str]]:
+def _progress(path: Path, after: dict[str, float] | None = None, timeout_s: float = 120) -> dict[str, float]:
+    """The driver's latest end-of-round figures; with `after`, the first ones of a later round."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            found: dict[str, float] = json.loads(path.read_text())
+            if after is None or found["rounds"] > after["rounds"]:
+                return found
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.02)
+    raise RuntimeError(f"the driver wrote no progress to {path} for {timeout_s} s")
+
+
+def measure(args: argparse.Namespace, workdir: Path, source: str | None = None, enable: int = 1
+            ) -> list[tuple[Path, str]]:
     """Run the driver and sample it `--repeats` times; the raw files and the engine thread's id.
-    `source`: a tree whose `service_profiler` the driver imports instead of the installed one."""
+    `source`: a tree whose `service_profiler` the driver imports instead of the installed one;
+    `enable` 0: collection off (the runtime is loaded, nothing is wrapped)."""
     model = make_model(Path(args.model_cache))
     config, prof_dir, stop = workdir / "config.json", workdir / "prof", workdir / "stop"
-    config.write_text(json.dumps({"enable": 1, "prof_dir": str(prof_dir)}))
+    config.write_text(json.dumps({"enable": enable, "prof_dir": str(prof_dir)}))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SERVICE_PROF_", "VLLM_SCHEDULER_"))
            and k != "PROFILING_SYMBOLS_PATH"}
     env.update({"SERVICE_PROF_CONFIG_PATH": str(config), "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
@@ -129,7 +167,7 @@ def measure(args: argparse.Namespace, workdir: Path, source: str | None = None) 
     if source:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [source, env.get("PYTHONPATH")]))
     spec = {"model": str(model), "prompts": PROMPTS, "requests": args.requests, "max_tokens": args.max_tokens,
-            "max_num_seqs": args.max_num_seqs, "stop": str(stop)}
+            "max_num_seqs": args.max_num_seqs, "stop": str(stop), "progress": str(workdir / "progress.json")}
     log = workdir / "driver.log"
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-c", _DRIVER, json.dumps(spec)], cwd=workdir, env=env,
@@ -140,6 +178,7 @@ def measure(args: argparse.Namespace, workdir: Path, source: str | None = None) 
         for repeat in range(args.repeats):
             raw = workdir / f"py-spy-{repeat}.txt"
             cpu_before = thread_cpu_seconds(proc.pid)
+            progress_before = _progress(workdir / "progress.json")
             command = [args.py_spy, "record", "--threads", "-p", str(proc.pid), "-d", str(args.seconds),
                        "-r", str(args.rate), "-f", "raw", "-o", str(raw)]
             if args.nonblocking:
@@ -149,6 +188,9 @@ def measure(args: argparse.Namespace, workdir: Path, source: str | None = None) 
             subprocess.run(command, check=True, capture_output=True, timeout=args.seconds + 60)
             cpu = {name: seconds - cpu_before.get(name, 0.0) for name, seconds in thread_cpu_seconds(proc.pid).items()}
             (workdir / f"cpu-{repeat}.json").write_text(json.dumps(cpu))
+            progress_after = _progress(workdir / "progress.json", after=progress_before)
+            (workdir / f"gc-{repeat}.json").write_text(json.dumps(
+                {key: progress_after[key] - progress_before[key] for key in progress_after}))
             raws.append((raw, str(proc.pid)))
         stop.touch()
         _wait_for(log, "ROUNDS", proc, 300)
@@ -158,7 +200,7 @@ def measure(args: argparse.Namespace, workdir: Path, source: str | None = None) 
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
     files = list(prof_dir.rglob("*.sprof.jsonl"))
-    if not files or not any('"t":"rec"' in f.read_text(errors="replace") for f in files):
+    if enable and (not files or not any('"t":"rec"' in f.read_text(errors="replace") for f in files)):
         raise RuntimeError(f"collection recorded nothing under {prof_dir}: the figures would mean nothing")
     if args.keep:
         shutil.copytree(workdir, Path(args.keep) / f"run-{time.strftime('%H%M%S')}", dirs_exist_ok=True,
@@ -174,6 +216,8 @@ def report(raws: list[tuple[Path, str]], top: int) -> dict[str, list[float]]:
     totals: dict[str, list[float]] = {ENGINE: [], WRITER: [], OTHER: [], "total": []}
     engine_own: list[float] = []
     writer_cpu: list[float] = []
+    collector: list[float] = []
+    throughput: list[float] = []
     for raw, engine_tid in raws:
         share = share_by(raw, thread_role(engine_tid))  # type: ignore[arg-type]
         for group in (ENGINE, WRITER, OTHER):
@@ -182,6 +226,9 @@ def report(raws: list[tuple[Path, str]], top: int) -> dict[str, list[float]]:
         engine_own.append(share.percent(ENGINE))
         cpu = json.loads((raw.parent / raw.name.replace("py-spy-", "cpu-").replace(".txt", ".json")).read_text())
         writer_cpu.append(100 * cpu.get("sprof-writer", 0.0) / max(1e-9, sum(cpu.values())))
+        window = json.loads((raw.parent / raw.name.replace("py-spy-", "gc-").replace(".txt", ".json")).read_text())
+        collector.append(100 * window["gc_s"] / max(1e-9, window["cpu_s"]))
+        throughput.append(window["rounds"] / max(1e-9, window["wall_s"]))
         print(f"{raw.name}: {share.all_samples} busy samples ({share.total[ENGINE]} engine thread, "
               f"{share.total[WRITER]} writer, {share.total[OTHER]} other); profiler: "
               + ", ".join(f"{group} {share.percent_of_all(group):.2f} %" for group in (ENGINE, WRITER, OTHER))
@@ -191,7 +238,11 @@ def report(raws: list[tuple[Path, str]], top: int) -> dict[str, list[float]]:
         print(f"  {group:<15} {_spread(values)}")
     print(f"  (of the engine thread's own samples: {_spread(engine_own)})")
     print(f"  writer thread's CPU time / the process's CPU time (from /proc): {_spread(writer_cpu)}")
+    print(f"  garbage collection / the process's CPU time (the driver's gc callbacks): {_spread(collector)}")
+    rates = f"median {statistics.median(throughput):.3f}  range {min(throughput):.3f} .. {max(throughput):.3f}"
+    print(f"  generate() rounds per second (throughput; noisy between runs): {rates}")
     totals["writer CPU (/proc)"] = writer_cpu
+    totals["garbage collection"] = collector
     if top <= 0:
         return totals
     merged: dict[str, dict[str, int]] = {}
@@ -229,19 +280,24 @@ def main() -> None:
                         help="A/B in one sitting: also run the service_profiler found in DIR (e.g. `git archive` "
                              "of another commit, with the built _speedups module copied in), alternating")
     parser.add_argument("--runs", type=int, default=1, help="engine runs per version (alternating with --compare)")
+    parser.add_argument("--collection-off", action="store_true",
+                        help="also run with collection off, alternating: the garbage collector's share and the "
+                             "throughput without the profiler's records")
     args = parser.parse_args()
-    versions: list[tuple[str, str | None]] = [("installed", None)]
+    versions: list[tuple[str, str | None, int]] = [("installed", None, 1)]
     if args.compare:
-        versions.append((args.compare, args.compare))
-    raws: dict[str, list[tuple[Path, str]]] = {name: [] for name, _ in versions}
+        versions.append((args.compare, args.compare, 1))
+    if args.collection_off:
+        versions.append(("collection off", None, 0))
+    raws: dict[str, list[tuple[Path, str]]] = {name: [] for name, _, _ in versions}
     with tempfile.TemporaryDirectory() as tmp:
         for run in range(args.runs):
-            for name, source in versions if run % 2 == 0 else versions[::-1]:
-                workdir = Path(tmp) / f"run{run}-{'compare' if source else 'installed'}"
+            for number, (name, source, enable) in enumerate(versions if run % 2 == 0 else versions[::-1]):
+                workdir = Path(tmp) / f"run{run}-{number}"
                 workdir.mkdir()
-                raws[name] += measure(args, workdir, source)
+                raws[name] += measure(args, workdir, source, enable)
         results = {}
-        for name, _ in versions:
+        for name, _, _ in versions:
             print(f"\n===== {name}: {args.runs} engine run(s) x {args.repeats} windows of {args.seconds} s")
             results[name] = report(raws[name], args.top if len(versions) == 1 else 0)
     if len(versions) > 1:

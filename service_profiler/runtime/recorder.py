@@ -82,7 +82,7 @@ class Recorder:
         self,
         run_dir: Path,
         *,
-        flush_interval_s: float = 1.0,
+        flush_interval_s: float = 0.1,
         max_buffered: int = 1_000_000,
         engine: dict[str, str] | None = None,
         profiler_version: str = "",

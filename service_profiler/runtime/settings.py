@@ -59,7 +59,10 @@ class ProfilerSettings:
     """Domains to keep; None keeps all."""
     console_every_n_steps: int = 0
     """EngineCore prints a one-line live summary every N steps; 0 is off."""
-    flush_interval_s: float = 1.0
+    flush_interval_s: float = 0.1
+    """How often the writer thread writes what was recorded. Short on purpose: a record held longer
+    outlives the engine's young garbage collections, and every record kept alive that way makes them
+    more frequent and longer (benchmarks/README.md, "Garbage collection in the engine")."""
     max_buffered_records: int = 1_000_000
 
     @property
