@@ -13,6 +13,7 @@ If the process is gone (killed, out of memory), the work is done in this process
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import multiprocessing
 import os
@@ -34,6 +35,11 @@ _WARM_UP_MODULES = ("matplotlib.figure", "matplotlib.backends.backend_agg", "num
 def _warm_up(parent: int) -> None:
     # a process killed outright leaves its pool's worker waiting for work that never comes: it goes too
     threading.Thread(target=_exit_with, args=(parent,), name="sprof-parent-watch", daemon=True).start()
+    # A spawned worker ends through sys.exit: the interpreter's teardown then frees every module and
+    # object matplotlib made, while analyze waits for it (a tenth of a second after a dozen figures).
+    # By the time atexit runs, multiprocessing has sent the last result and flushed the standard
+    # streams, so nothing is left to do: end there.
+    atexit.register(os._exit, 0)
     for module in _WARM_UP_MODULES:
         try:
             importlib.import_module(module)
