@@ -458,6 +458,31 @@ def test_a_trace_past_max_events_keeps_fewer_events_per_second_over_the_whole_ru
     assert "Traceback" not in refused.stderr
 
 
+@pytest.mark.parametrize("block", [1, 2, 3, 7, 64, 1 << 22])
+def test_event_files_are_joined_into_one_array_across_block_boundaries(monkeypatch: pytest.MonkeyPatch,
+                                                                       block: int) -> None:
+    """DuckDB's newline-delimited event files, copied a block at a time, make one JSON array of every
+    event in order, whichever byte a block ends on; empty files in between add nothing."""
+    import io
+
+    from service_profiler.columnar import trace_out
+
+    monkeypatch.setattr(trace_out, "_BLOCK_BYTES", block)
+    files = [[{"name": "a\nb", "ts": 1.5}, {"name": "é,}", "args": {"n": [1, 2]}}], [], [{"ph": "C"}],
+             [], [{"x": i} for i in range(5)]]
+    out = io.BytesIO()
+    out.write(b"[")
+    comma_due, counts = False, []
+    for events in files:
+        text = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in events).encode()
+        copied, comma_due = trace_out._copy_as_elements(io.BytesIO(text), out, comma_due)
+        counts.append(copied)
+    out.write(b"]")
+    assert json.loads(out.getvalue()) == [e for events in files for e in events]
+    assert counts == [len(events) for events in files]
+    assert comma_due
+
+
 def test_bad_lines_cost_only_themselves(tmp_path: Path) -> None:
     synth = generate_run(tmp_path / "run", SyntheticConfig(requests=20, output_tokens=8, seed=3))
     engine = sorted(synth.run_dir.glob("*4200*"))[0]

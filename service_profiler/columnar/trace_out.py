@@ -18,8 +18,8 @@ floored to a whole second), so ns precision survives in a double. Layout:
   from the batch table) and, for a process that recorded none, `kvcache` / `queues` from the batches;
 - the "Requests" process, one thread per request, and a flow from each request to its first batch
   (trace_requests.py).
-DuckDB writes each kind of event as a JSON array file; they are concatenated into the trace, the process and
-thread names after them (viewers read them anywhere).
+DuckDB writes each kind of event as a newline-delimited JSON file; they are concatenated into the trace's
+event array, the process and thread names after them (viewers read them anywhere).
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ from __future__ import annotations
 import json
 import sys
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
+from typing import IO
 
 import duckdb
 
@@ -239,28 +241,21 @@ def write_trace(run: AnalysisRun, path: Path, window: tuple[float, float] | None
         "instant": _count(con, f"SELECT count(*) FROM event WHERE NOT ({FOLDED}) AND {window_filter('ts_ns')}")}
     folded = _count(con, f"SELECT count(*) FROM event WHERE {FOLDED} AND {window_filter('ts_ns')}")
     collection = _collection_events(run, origin, lo, hi)
-    with scratch_dir(path.parent, path.name) as parts, open_output(path, "w", encoding="utf-8") as out:
+    with scratch_dir(path.parent, path.name) as parts, open_output(path, "wb") as out:
         queries = _queries()
+        counts = dict.fromkeys(queries, 0)
+        out.write(b'{"traceEvents":[')
+        comma_due = False
         for kind, query in queries.items():
-            written = _count(con, f"COPY ({query.replace('{cap}', cap)}) TO '{parts / kind}.json' "
-                                  "(FORMAT json, ARRAY true)")
+            written = _count(con, f"COPY ({query.replace('{cap}', cap)}) TO '{parts / kind}.json' (FORMAT json)")
             if kind in eligible:
                 capped[kind] = eligible[kind] - written
-        counts = dict.fromkeys(queries, 0)
-        out.write('{"traceEvents":[')
-        sep = ""
-        for kind in queries:
-            with (parts / f"{kind}.json").open(encoding="utf-8") as fh:
-                for line in fh:  # "[", then one event per line (ending "," but the last), then "]"
-                    line = line.strip()
-                    if line not in ("[", "]", ""):
-                        out.write(sep + line.rstrip(","))
-                        sep = ","
-                        counts[kind] += 1
+            with (parts / f"{kind}.json").open("rb") as fh:
+                counts[kind], comma_due = _copy_as_elements(fh, out, comma_due)
         # the names after the events (the viewers read them anywhere)
         for event in _metadata_events(run, requests_pid) + collection:
-            out.write(sep + json.dumps(event, separators=(",", ":")))
-            sep = ","
+            out.write((b"," if comma_due else b"") + json.dumps(event, separators=(",", ":")).encode())
+            comma_due = True
         counts["collection"] = len(collection)
         # reported per kind of track content: a request's slices together, a flow's two ends together
         counts["request"] += counts.pop("request_phase")
@@ -275,8 +270,27 @@ def write_trace(run: AnalysisRun, path: Path, window: tuple[float, float] | None
                     "capped_events": capped, "folded_events": {"KVCache/allocate": folded},
                     "overlap_lanes": overlap_lanes, "dropped_records": sum(p.dropped for p in run.processes),
                     "reader_problems": len(run.problems)}
-        out.write('],"displayTimeUnit":"ms","metadata":' + json.dumps(metadata) + "}")
+        out.write(('],"displayTimeUnit":"ms","metadata":' + json.dumps(metadata) + "}").encode())
     return path
+
+
+_BLOCK_BYTES = 1 << 22
+
+
+def _copy_as_elements(events: IO[bytes], out: IO[bytes], comma_due: bool) -> tuple[int, bool]:
+    """Copy newline-delimited JSON (DuckDB's COPY: one event per line, a newline inside a string escaped)
+    into `out` as array elements, a block at a time: each newline becomes the comma before the next
+    element. `comma_due`: an element was written before. Returns the events copied and `comma_due` after.
+    Line by line in Python this was a third of the trace's time on a 1 M-record run."""
+    copied = 0
+    for block in iter(partial(events.read, _BLOCK_BYTES), b""):
+        copied += block.count(b"\n")
+        if comma_due:
+            out.write(b",")
+        ends_an_event = block.endswith(b"\n")
+        out.write((block[:-1] if ends_an_event else block).replace(b"\n", b","))
+        comma_due = ends_an_event  # else the next block goes on with the same event
+    return copied, comma_due
 
 
 def _count(con: duckdb.DuckDBPyConnection, query: str) -> int:
