@@ -14,6 +14,10 @@ record.process_ending("engine_shutdown")   # on the engine's shutdown path: flus
 Every call is a cheap no-op while collection is off or its domain is filtered out, and none ever
 raises. Timestamps are `now_ns()` (the monotonic clock every raw file is anchored to). Tests (and
 tools) can see what would be recorded with `capture()`.
+
+`span`, `event`, `counter` and `enabled` are the sink's own functions where it offers them
+(`direct_functions`: the runtime's, in C, which do in one call what the functions below do in three),
+so call them as `record.span(...)`: a name imported from here keeps the function of that moment.
 """
 
 from __future__ import annotations
@@ -42,23 +46,50 @@ class RecordSink(Protocol):
     def meta(self, key: str, value: object) -> None: ...
 
 
+class _Span(Protocol):
+    def __call__(self, domain: str, name: str, start_ns: int, end_ns: int,
+                 attrs: Mapping[str, Any] | None = None) -> None: ...
+
+
+class _Event(Protocol):
+    def __call__(self, domain: str, name: str, attrs: Mapping[str, Any] | None = None,
+                 ts_ns: int | None = None) -> None: ...
+
+
+class _Counter(Protocol):
+    def __call__(self, domain: str, name: str, values: Mapping[str, float], ts_ns: int | None = None) -> None: ...
+
+
+class _Enabled(Protocol):
+    def __call__(self, domain: str) -> bool: ...
+
+
+RecordFunctions = tuple[_Span, _Event, _Counter, _Enabled]
+
 _sink: RecordSink | None = None
 
 
 def set_sink(sink: RecordSink | None) -> RecordSink | None:
-    """Install the sink (the runtime does this on activation); returns the previous one."""
-    global _sink
+    """Install the sink (the runtime does this on activation); returns the previous one. A sink with
+    `direct_functions()` gives `span`, `event`, `counter` and `enabled` their own implementation (None
+    where it has none)."""
+    global _sink, span, event, counter, enabled
     previous, _sink = _sink, sink
+    direct: RecordFunctions | None = None
+    offer = getattr(sink, "direct_functions", None)
+    if offer is not None:
+        direct = offer()
+    span, event, counter, enabled = direct or _through_sink
     return previous
 
 
-def enabled(domain: str) -> bool:
+def _enabled_py(domain: str) -> bool:
     """True when collection is on and `domain` is kept: skip building attributes otherwise."""
     sink = _sink
     return sink is not None and sink.domain_enabled(domain)
 
 
-def span(domain: str, name: str, start_ns: int, end_ns: int, attrs: Mapping[str, Any] | None = None) -> None:
+def _span_py(domain: str, name: str, start_ns: int, end_ns: int, attrs: Mapping[str, Any] | None = None) -> None:
     sink = _sink
     if sink is None or not sink.domain_enabled(domain):
         return
@@ -68,7 +99,7 @@ def span(domain: str, name: str, start_ns: int, end_ns: int, attrs: Mapping[str,
         pass  # the host comes first
 
 
-def event(domain: str, name: str, attrs: Mapping[str, Any] | None = None, ts_ns: int | None = None) -> None:
+def _event_py(domain: str, name: str, attrs: Mapping[str, Any] | None = None, ts_ns: int | None = None) -> None:
     sink = _sink
     if sink is None or not sink.domain_enabled(domain):
         return
@@ -78,7 +109,7 @@ def event(domain: str, name: str, attrs: Mapping[str, Any] | None = None, ts_ns:
         pass
 
 
-def counter(domain: str, name: str, values: Mapping[str, float], ts_ns: int | None = None) -> None:
+def _counter_py(domain: str, name: str, values: Mapping[str, float], ts_ns: int | None = None) -> None:
     sink = _sink
     if sink is None or not sink.domain_enabled(domain):
         return
@@ -86,6 +117,15 @@ def counter(domain: str, name: str, values: Mapping[str, float], ts_ns: int | No
         sink.counter(domain, name, now_ns() if ts_ns is None else ts_ns, values)
     except Exception:
         pass
+
+
+_through_sink: RecordFunctions = (_span_py, _event_py, _counter_py, _enabled_py)
+span: _Span
+event: _Event
+counter: _Counter
+enabled: _Enabled
+"""`enabled(domain)`: True when collection is on and `domain` is kept: skip building attributes otherwise."""
+span, event, counter, enabled = _through_sink
 
 
 def meta(key: str, value: object) -> None:

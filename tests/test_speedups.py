@@ -18,7 +18,7 @@ import threading
 import traceback
 import types
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -927,3 +927,125 @@ def test_handler_call_leaks_nothing_and_its_cycles_are_collected() -> None:
     del failing
     gc.collect()
     assert ref() is None
+
+
+# -------------------------------------------------------------------------------------------- Emitter
+
+
+@contextlib.contextmanager
+def _runtime_sink(impl: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """A runtime with a recorder that is never started (no writer thread takes the records), installed as
+    the record sink: through the C Emitter (`impl` "c") or through the Python functions."""
+    from service_profiler import record
+    from service_profiler.runtime import core
+    from service_profiler.runtime.recorder import Recorder
+
+    if impl == "c" and not HAVE_SPEEDUPS:
+        pytest.skip(BUILD_HINT)
+    if impl == "python":
+        monkeypatch.setattr(core, "Emitter", None)
+    runtime = core.Runtime(None, {})
+    runtime.recorder = Recorder(tmp_path, max_buffered=1_000)
+    runtime.enabled = True
+    previous = record.set_sink(runtime)
+    try:
+        through_c = runtime._emitter is not None and getattr(record.span, "__self__", None) is runtime._emitter
+        assert through_c == (impl == "c")
+        yield runtime
+    finally:
+        record.set_sink(previous)
+
+
+def _recorded(runtime: Any) -> list[tuple[Any, ...]]:
+    """The buffer's records with each channel id replaced by its (kind, domain, name)."""
+    names = {chan: key for key, chan in runtime.recorder.channel_ids.items()}
+    return [(names[r[0]], *r[1:]) for r in runtime.recorder.buffer]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_the_recording_api_records_alike_in_c_and_in_python(impl: str, tmp_path: Any,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+    import types
+
+    from service_profiler import record
+
+    with _runtime_sink(impl, tmp_path, monkeypatch) as runtime:
+        attrs = {"a": [1, 2]}
+        before = time_ns = record.now_ns()
+        record.span("D", "s", 1, 2, attrs)
+        record.span("D", "s", 3, 4)
+        record.span(domain="D", name="k", start_ns=5, end_ns=6, attrs=None)
+        record.event("D", "e", {"x": 1}, 7)
+        record.event("D", "e", ts_ns=8)
+        record.event("D", "now")
+        values = {"v": 1.5}
+        record.counter("D", "c", values, 9)
+        values["v"] = 99.0  # recorded as it was
+        record.counter("D", "c", types.MappingProxyType({"w": 2}), ts_ns=10)
+        record.counter("D", "bad", 5)  # type: ignore[arg-type]  # not a mapping: nothing, and no exception
+        assert record.enabled("D")
+        runtime.domains = frozenset({"Keep"})
+        record.span("D", "s", 11, 12)
+        record.event("Keep", "e", None, 13)
+        assert not record.enabled("D") and record.enabled("Keep")
+        runtime.enabled = False
+        record.event("Keep", "e", None, 14)
+        record.counter("Keep", "c", {"v": 1})
+        assert not record.enabled("Keep")
+        with pytest.raises(TypeError):
+            record.span("D", "s", 1)  # type: ignore[call-arg]  # a wrong call is the caller's bug, as in Python
+        with pytest.raises(TypeError):
+            record.event("D", "e", unknown=1)  # type: ignore[call-arg]
+    tid = threading.get_ident()
+    found = _recorded(runtime)
+    now = found[5][1]
+    assert isinstance(now, int) and before <= now <= record.now_ns() and time_ns == before
+    assert found == [
+        (("span", "D", "s"), 1, 2, tid, attrs),
+        (("span", "D", "s"), 3, 4, tid, None),
+        (("span", "D", "k"), 5, 6, tid, None),
+        (("event", "D", "e"), 7, tid, {"x": 1}),
+        (("event", "D", "e"), 8, tid, None),
+        (("event", "D", "now"), now, tid, None),
+        (("counter", "D", "c"), 9, {"v": 1.5}),
+        (("counter", "D", "c"), 10, {"w": 2}),
+        (("event", "Keep", "e"), 13, tid, None),
+    ]
+    assert found[0][4] is attrs  # the handler's own attributes: the writer encodes them later
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_the_recording_api_counts_what_a_full_buffer_drops(impl: str, tmp_path: Any,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from service_profiler import record
+
+    with _runtime_sink(impl, tmp_path, monkeypatch) as runtime:
+        recorder = runtime.recorder
+        recorder.buffer.extend([("filler",)] * (recorder.max_buffered - 1))
+        record.span("D", "s", 1, 2)
+        record.event("D", "e", None, 3)
+        record.counter("D", "c", {"v": 1}, 4)
+    assert len(recorder.buffer) == recorder.max_buffered
+    assert next(recorder._dropped) == 2  # the event and the counter, counted; the next value is the count
+
+
+@needs_ext
+def test_the_c_recording_api_never_raises_on_a_domain_it_cannot_look_up_and_leaks_nothing(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from service_profiler import record
+
+    attrs, values, ts = {"a": 1}, {"v": 1.0}, 10**18
+    with _runtime_sink("c", tmp_path, monkeypatch) as runtime:
+        runtime.domains = frozenset({"D"})
+        record.span(["unhashable"], "s", 1, 2)  # type: ignore[arg-type]
+        assert not record.enabled(["unhashable"])  # type: ignore[arg-type]
+        before = sys.getrefcount(attrs), sys.getrefcount(values), sys.getrefcount(ts)
+        for _ in range(5_000):
+            record.span("D", "s", ts, ts, attrs)
+            record.event("D", "e", attrs, ts)
+            record.counter("D", "c", values, ts)
+            record.counter("D", "bad", 5)  # type: ignore[arg-type]
+            runtime.recorder.buffer.clear()
+    gc.collect()
+    assert (sys.getrefcount(attrs), sys.getrefcount(values), sys.getrefcount(ts)) == before

@@ -857,6 +857,367 @@ encode_rec_line(PyObject *module, PyObject *records)
     return line;
 }
 
+/* ------------------------------------------------------------------------------------------------ */
+/* Emitter(buffer, channel_ids, declare, count_dropped, now, max_buffered): the recording API's span /
+ * event / counter / enabled for the runtime's recorder, one C call each (record.set_sink installs them
+ * as record.span & co. while the runtime is the sink).
+ *
+ * The Python path (record.span -> Runtime.domain_enabled -> Runtime.span) is three Python calls per
+ * record, on the engine's thread. The same steps here: nothing while `enabled` is false or the domain is
+ * not in `domains` (a frozenset; None keeps all); the channel id of (kind, domain, name) from
+ * `channel_ids`, declared through `declare` the first time; the record appended to `buffer` while it
+ * holds fewer than `max_buffered`, else `count_dropped()`. The records are the tuples the writer
+ * thread encodes: span (chan, start_ns, end_ns, tid, attrs), event (chan, ts_ns, tid, attrs), counter
+ * (chan, ts_ns, dict(values)); tid is threading.get_ident(), a missing ts_ns is now(). Nothing here
+ * raises into the caller, except a TypeError for arguments that do not fit the signature (as a Python
+ * function would raise). */
+
+typedef struct {
+    PyObject_HEAD
+    int enabled;
+    PyObject *domains;
+    PyObject *buffer;
+    PyObject *channel_ids;
+    PyObject *declare;
+    PyObject *count_dropped;
+    PyObject *now;
+    Py_ssize_t max_buffered;
+} Emitter;
+
+static PyObject *str_span, *str_event, *str_counter; /* the recorder's record kinds, interned */
+
+/* Match positional and keyword arguments to `names` (borrowed references into `out`, NULL where not
+ * given); a TypeError for too many, unknown, repeated or missing (the first `required`) arguments. */
+static int
+match_arguments(const char *function, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
+                const char *const *names, Py_ssize_t required, Py_ssize_t total, PyObject **out)
+{
+    if (nargs > total) {
+        PyErr_Format(PyExc_TypeError, "%s() takes at most %zd arguments (%zd given)", function, total, nargs);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < total; i++) {
+        out[i] = i < nargs ? args[i] : NULL;
+    }
+    Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
+    for (Py_ssize_t k = 0; k < nkw; k++) {
+        PyObject *key = PyTuple_GET_ITEM(kwnames, k);
+        Py_ssize_t i = 0;
+        while (i < total && PyUnicode_CompareWithASCIIString(key, names[i]) != 0) {
+            i++;
+        }
+        if (i == total || out[i] != NULL) {
+            PyErr_Format(PyExc_TypeError, "%s() got %s argument %R", function,
+                         i == total ? "an unexpected keyword" : "multiple values for", key);
+            return -1;
+        }
+        out[i] = args[nargs + k];
+    }
+    for (Py_ssize_t i = 0; i < required; i++) {
+        if (out[i] == NULL) {
+            PyErr_Format(PyExc_TypeError, "%s() missing required argument '%s'", function, names[i]);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* 1 where a record of `domain` is kept now; 0 otherwise (also for a domain that cannot be looked up). */
+static int
+emitter_keeps(Emitter *self, PyObject *domain)
+{
+    if (!self->enabled) {
+        return 0;
+    }
+    if (self->domains == Py_None) {
+        return 1;
+    }
+    int found = PySet_Contains(self->domains, domain);
+    if (found < 0) {
+        PyErr_Clear();
+        return 0;
+    }
+    return found;
+}
+
+/* The channel id of (kind, domain, name) (new reference), declared on first use; NULL on an error. */
+static PyObject *
+emitter_channel(Emitter *self, PyObject *kind, PyObject *domain, PyObject *name)
+{
+    PyObject *key = PyTuple_Pack(3, kind, domain, name);
+    if (key == NULL) {
+        return NULL;
+    }
+    PyObject *chan = PyDict_GetItemWithError(self->channel_ids, key);
+    Py_DECREF(key);
+    if (chan != NULL) {
+        return Py_NewRef(chan);
+    }
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    PyObject *declare_args[3] = {kind, domain, name};
+    return PyObject_Vectorcall(self->declare, declare_args, 3, NULL);
+}
+
+/* Append `record` (a new reference, stolen; NULL after a failure) to the buffer, or count it dropped when
+ * the buffer is full. A failure costs this record only: its error is cleared. */
+static void
+emitter_append(Emitter *self, PyObject *record)
+{
+    if (record == NULL) {
+        PyErr_Clear();
+        return;
+    }
+    if (PyList_GET_SIZE(self->buffer) < self->max_buffered) {
+        if (PyList_Append(self->buffer, record) < 0) {
+            PyErr_Clear();
+        }
+    }
+    else {
+        PyObject *counted = PyObject_CallNoArgs(self->count_dropped);
+        if (counted == NULL) {
+            PyErr_Clear();
+        }
+        Py_XDECREF(counted);
+    }
+    Py_DECREF(record);
+}
+
+/* ts_ns as given, or now() (new reference; NULL on an error). */
+static PyObject *
+emitter_timestamp(Emitter *self, PyObject *ts_ns)
+{
+    if (ts_ns != NULL && ts_ns != Py_None) {
+        return Py_NewRef(ts_ns);
+    }
+    return PyObject_CallNoArgs(self->now);
+}
+
+static const char *const span_names[] = {"domain", "name", "start_ns", "end_ns", "attrs"};
+static const char *const event_names[] = {"domain", "name", "attrs", "ts_ns"};
+static const char *const counter_names[] = {"domain", "name", "values", "ts_ns"};
+
+static PyObject *
+Emitter_span(PyObject *op, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    Emitter *self = (Emitter *)op;
+    PyObject *a[5];
+    if (match_arguments("span", args, nargs, kwnames, span_names, 4, 5, a) < 0) {
+        return NULL;
+    }
+    if (emitter_keeps(self, a[0])) {
+        PyObject *chan = emitter_channel(self, str_span, a[0], a[1]);
+        PyObject *tid = chan != NULL ? PyLong_FromUnsignedLong(PyThread_get_thread_ident()) : NULL;
+        emitter_append(self, tid != NULL ? PyTuple_Pack(5, chan, a[2], a[3], tid, a[4] != NULL ? a[4] : Py_None)
+                                         : NULL);
+        Py_XDECREF(chan);
+        Py_XDECREF(tid);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Emitter_event(PyObject *op, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    Emitter *self = (Emitter *)op;
+    PyObject *a[4];
+    if (match_arguments("event", args, nargs, kwnames, event_names, 2, 4, a) < 0) {
+        return NULL;
+    }
+    if (emitter_keeps(self, a[0])) {
+        PyObject *chan = emitter_channel(self, str_event, a[0], a[1]);
+        PyObject *ts = chan != NULL ? emitter_timestamp(self, a[3]) : NULL;
+        PyObject *tid = ts != NULL ? PyLong_FromUnsignedLong(PyThread_get_thread_ident()) : NULL;
+        emitter_append(self, tid != NULL ? PyTuple_Pack(4, chan, ts, tid, a[2] != NULL ? a[2] : Py_None) : NULL);
+        Py_XDECREF(chan);
+        Py_XDECREF(ts);
+        Py_XDECREF(tid);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Emitter_counter(PyObject *op, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    Emitter *self = (Emitter *)op;
+    PyObject *a[4];
+    if (match_arguments("counter", args, nargs, kwnames, counter_names, 3, 4, a) < 0) {
+        return NULL;
+    }
+    if (emitter_keeps(self, a[0])) {
+        PyObject *chan = emitter_channel(self, str_counter, a[0], a[1]);
+        PyObject *ts = chan != NULL ? emitter_timestamp(self, a[3]) : NULL;
+        /* a copy, as the Python path's dict(values): the caller may change its mapping afterwards */
+        PyObject *values = ts == NULL ? NULL
+                           : PyDict_CheckExact(a[2]) ? PyDict_Copy(a[2])
+                                                     : PyObject_CallOneArg((PyObject *)&PyDict_Type, a[2]);
+        emitter_append(self, values != NULL ? PyTuple_Pack(3, chan, ts, values) : NULL);
+        Py_XDECREF(chan);
+        Py_XDECREF(ts);
+        Py_XDECREF(values);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Emitter_enabled(PyObject *op, PyObject *domain)
+{
+    return PyBool_FromLong(emitter_keeps((Emitter *)op, domain));
+}
+
+static PyObject *
+Emitter_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"buffer", "channel_ids", "declare", "count_dropped", "now", "max_buffered", NULL};
+    PyObject *buffer, *channel_ids, *declare, *count_dropped, *now;
+    Py_ssize_t max_buffered;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!O!OOOn:Emitter", kwlist, &PyList_Type, &buffer, &PyDict_Type,
+                                     &channel_ids, &declare, &count_dropped, &now, &max_buffered)) {
+        return NULL;
+    }
+    if (!PyList_CheckExact(buffer) || !PyDict_CheckExact(channel_ids)) {
+        PyErr_SetString(PyExc_TypeError, "Emitter: buffer must be a list and channel_ids a dict, not subclasses");
+        return NULL;
+    }
+    if (!PyCallable_Check(declare) || !PyCallable_Check(count_dropped) || !PyCallable_Check(now)) {
+        PyErr_SetString(PyExc_TypeError, "Emitter: declare, count_dropped and now must be callable");
+        return NULL;
+    }
+    Emitter *self = (Emitter *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->enabled = 0;
+    self->domains = Py_NewRef(Py_None);
+    self->buffer = Py_NewRef(buffer);
+    self->channel_ids = Py_NewRef(channel_ids);
+    self->declare = Py_NewRef(declare);
+    self->count_dropped = Py_NewRef(count_dropped);
+    self->now = Py_NewRef(now);
+    self->max_buffered = max_buffered;
+    return (PyObject *)self;
+}
+
+static int
+Emitter_traverse(PyObject *op, visitproc visit, void *arg)
+{
+    Emitter *self = (Emitter *)op;
+    Py_VISIT(self->domains);
+    Py_VISIT(self->buffer);
+    Py_VISIT(self->channel_ids);
+    Py_VISIT(self->declare);
+    Py_VISIT(self->count_dropped);
+    Py_VISIT(self->now);
+    return 0;
+}
+
+static int
+Emitter_clear(PyObject *op)
+{
+    Emitter *self = (Emitter *)op;
+    /* Off for good: the methods then never reach the fields cleared here. */
+    self->enabled = 0;
+    Py_CLEAR(self->buffer);
+    Py_CLEAR(self->channel_ids);
+    Py_CLEAR(self->declare);
+    Py_CLEAR(self->count_dropped);
+    Py_CLEAR(self->now);
+    Py_INCREF(Py_None);
+    Py_SETREF(self->domains, Py_None);
+    return 0;
+}
+
+static void
+Emitter_dealloc(PyObject *op)
+{
+    PyObject_GC_UnTrack(op);
+    Emitter_clear(op);
+    Py_CLEAR(((Emitter *)op)->domains);
+    Py_TYPE(op)->tp_free(op);
+}
+
+static PyObject *
+Emitter_get_enabled(PyObject *op, void *closure)
+{
+    (void)closure;
+    return PyBool_FromLong(((Emitter *)op)->enabled);
+}
+
+static int
+Emitter_set_enabled(PyObject *op, PyObject *value, void *closure)
+{
+    (void)closure;
+    Emitter *self = (Emitter *)op;
+    if (value == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "cannot delete the 'enabled' attribute of an Emitter");
+        return -1;
+    }
+    int truth = PyObject_IsTrue(value);
+    if (truth < 0) {
+        return -1;
+    }
+    if (truth && self->buffer == NULL) {
+        PyErr_SetString(PyExc_ValueError, "this Emitter was cleared");
+        return -1;
+    }
+    self->enabled = truth;
+    return 0;
+}
+
+static PyObject *
+Emitter_get_domains(PyObject *op, void *closure)
+{
+    (void)closure;
+    return Py_NewRef(((Emitter *)op)->domains);
+}
+
+static int
+Emitter_set_domains(PyObject *op, PyObject *value, void *closure)
+{
+    (void)closure;
+    if (value == NULL || (value != Py_None && !PyAnySet_Check(value))) {
+        PyErr_SetString(PyExc_TypeError, "Emitter.domains must be a frozenset or None");
+        return -1;
+    }
+    Py_INCREF(value);
+    Py_SETREF(((Emitter *)op)->domains, value);
+    return 0;
+}
+
+static PyGetSetDef Emitter_getset[] = {
+    {"enabled", Emitter_get_enabled, Emitter_set_enabled, "Records are kept (collection is on).", NULL},
+    {"domains", Emitter_get_domains, Emitter_set_domains, "The domains kept (a frozenset), or None: all.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMethodDef Emitter_methods[] = {
+    {"span", (PyCFunction)(void (*)(void))Emitter_span, METH_FASTCALL | METH_KEYWORDS,
+     "span(domain, name, start_ns, end_ns, attrs=None)"},
+    {"event", (PyCFunction)(void (*)(void))Emitter_event, METH_FASTCALL | METH_KEYWORDS,
+     "event(domain, name, attrs=None, ts_ns=None)"},
+    {"counter", (PyCFunction)(void (*)(void))Emitter_counter, METH_FASTCALL | METH_KEYWORDS,
+     "counter(domain, name, values, ts_ns=None)"},
+    {"enabled_for", Emitter_enabled, METH_O, "enabled_for(domain): records of `domain` are kept now."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject Emitter_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "service_profiler.runtime._speedups.Emitter",
+    .tp_basicsize = sizeof(Emitter),
+    .tp_dealloc = Emitter_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "Emitter(buffer, channel_ids, declare, count_dropped, now, max_buffered): the recording API "
+              "in C for the runtime's recorder.",
+    .tp_traverse = Emitter_traverse,
+    .tp_clear = Emitter_clear,
+    .tp_methods = Emitter_methods,
+    .tp_getset = Emitter_getset,
+    .tp_new = Emitter_new,
+    .tp_free = PyObject_GC_Del,
+};
+
 PyDoc_STRVAR(encode_rec_line_doc,
 "encode_rec_line(records: list) -> str | None\n\n"
 "The raw format's `rec` line of `records` ({\"t\":\"rec\",\"r\":[...]}, compact), byte for byte what the\n"
@@ -873,11 +1234,15 @@ static int
 speedups_exec(PyObject *module)
 {
     str_active = PyUnicode_InternFromString("active");
-    if (str_active == NULL || PyType_Ready(&ProbeSwitch_Type) < 0 || PyType_Ready(&OriginalCall_Type) < 0 ||
-        PyType_Ready(&HandlerCall_Type) < 0) {
+    str_span = PyUnicode_InternFromString("span");
+    str_event = PyUnicode_InternFromString("event");
+    str_counter = PyUnicode_InternFromString("counter");
+    if (str_active == NULL || str_span == NULL || str_event == NULL || str_counter == NULL ||
+        PyType_Ready(&ProbeSwitch_Type) < 0 || PyType_Ready(&OriginalCall_Type) < 0 ||
+        PyType_Ready(&HandlerCall_Type) < 0 || PyType_Ready(&Emitter_Type) < 0) {
         return -1;
     }
-    if (PyModule_AddType(module, &ProbeSwitch_Type) < 0) {
+    if (PyModule_AddType(module, &ProbeSwitch_Type) < 0 || PyModule_AddType(module, &Emitter_Type) < 0) {
         return -1;
     }
     return PyModule_AddType(module, &HandlerCall_Type);
@@ -889,7 +1254,7 @@ static PyModuleDef_Slot speedups_slots[] = {
 };
 
 PyDoc_STRVAR(speedups_doc, "C helpers for service_profiler: ProbeSwitch, a near-zero-cost probe switch; HandlerCall, a custom "
-             "handler's wrapper; and "
+             "handler's wrapper; Emitter, the recording API for the runtime's recorder; and "
              "encode_rec_line, the writer thread's encoder of record lines.");
 
 static struct PyModuleDef speedups_module = {

@@ -26,7 +26,7 @@ from . import envvars, patching, probes
 from .expressions import CompiledExpression, ExpressionError, compile_expression
 from .recorder import COUNTER, EVENT, SPAN, Recorder, install_sigterm_flush
 from .settings import ProfilerSettings, SettingsResult, load_settings, unsupported_options
-from .speedups import make_switch
+from .speedups import Emitter, make_switch
 from .symbols import SymbolSpec, installed_version, load_symbols, resolve_symbols_path, version_gate
 from .threads import start_daemon
 
@@ -94,8 +94,9 @@ class Runtime:
         self._fixed_settings = settings or ProfilerSettings()
         self.env = env
         self.settings = ProfilerSettings()
-        self.enabled = False
-        self.domains: frozenset[str] | None = None
+        self._emitter: Any = None  # the recording API in C (speedups.Emitter), once the recorder exists
+        self._enabled = False
+        self._domains: frozenset[str] | None = None
         self.recorder: Recorder | None = None
         self.hook = patching.PostImportHook(self._on_module_imported)
         self.states: dict[str, PatchState] = {}
@@ -114,6 +115,28 @@ class Runtime:
         self._error_counts_written: dict[tuple[str, str], int] = {}
         self._error_counts_at = 0.0
         self._samplers: Any = None
+
+    @property
+    def enabled(self) -> bool:
+        """Collection is on."""
+        return self._enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        self._enabled = value
+        if self._emitter is not None:
+            self._emitter.enabled = value
+
+    @property
+    def domains(self) -> frozenset[str] | None:
+        """The domains kept; None keeps all."""
+        return self._domains
+
+    @domains.setter
+    def domains(self, value: frozenset[str] | None) -> None:
+        self._domains = value
+        if self._emitter is not None:
+            self._emitter.domains = value
 
     # -- start-up ---------------------------------------------------------------------------------
 
@@ -533,7 +556,23 @@ class Runtime:
     # -- record.RecordSink ------------------------------------------------------------------------
 
     def domain_enabled(self, domain: str) -> bool:
-        return self.enabled and (self.domains is None or domain in self.domains)
+        return self._enabled and (self._domains is None or domain in self._domains)
+
+    def direct_functions(self) -> record.RecordFunctions | None:
+        """`record.span`, `event`, `counter` and `enabled` in one C call each, through the same recorder
+        buffer and channel table as `span` & co. below (`speedups.Emitter`); None without the extension
+        or before the recorder exists."""
+        emitter = self._emitter
+        if emitter is None:
+            recorder = self.recorder
+            if Emitter is None or recorder is None:
+                return None
+            emitter = Emitter(recorder.buffer, recorder.channel_ids, recorder.channel, recorder.count_dropped,
+                              record.now_ns, recorder.max_buffered)
+            emitter.domains, emitter.enabled = self._domains, self._enabled
+            self._emitter = emitter
+        functions: record.RecordFunctions = (emitter.span, emitter.event, emitter.counter, emitter.enabled_for)
+        return functions
 
     # span/event/counter: called by `record` on an engine thread for every record. The channel lookup and
     # the bounded append are written out in each (no helper calls): this is most of a record's cost.

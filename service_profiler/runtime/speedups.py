@@ -1,6 +1,7 @@
 """Optional C speedups: make an installed-but-inactive probe cost a C-level forward, not a Python call;
-run a custom handler's wrapper (``HandlerCall``, see `probes.make_handler_wrapper`); encode the writer
-thread's record lines (``encode_rec_line``, see `rawwriter.encode_records`).
+run a custom handler's wrapper (``HandlerCall``, see `probes.make_handler_wrapper`); record through the
+runtime's recorder in one call (``Emitter``, see `record.set_sink`); encode the writer thread's record
+lines (``encode_rec_line``, see `rawwriter.encode_records`).
 
 A probe wrapper has to stay installed while collection is off, because vLLM caches bound methods at
 start-up and would keep calling the wrapper anyway. The pure-Python wrapper
@@ -41,13 +42,13 @@ from collections.abc import Callable
 from typing import Any
 
 try:
-    from service_profiler.runtime._speedups import HandlerCall, ProbeSwitch, encode_rec_line
+    from service_profiler.runtime._speedups import Emitter, HandlerCall, ProbeSwitch, encode_rec_line
 except ImportError:  # no compiler at install time, or a source checkout that was never built
-    HandlerCall = ProbeSwitch = encode_rec_line = None
+    Emitter = HandlerCall = ProbeSwitch = encode_rec_line = None
 
 HAVE_SPEEDUPS: bool = ProbeSwitch is not None
 
-__all__ = ["HAVE_SPEEDUPS", "HandlerCall", "ProbeSwitch", "encode_rec_line", "make_switch"]
+__all__ = ["HAVE_SPEEDUPS", "Emitter", "HandlerCall", "ProbeSwitch", "encode_rec_line", "make_switch"]
 
 
 def _no_op_setter(active: bool) -> None:
