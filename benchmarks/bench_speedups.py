@@ -10,7 +10,10 @@
 2. ns per call of an active custom handler's wrapper (`probes.make_handler_wrapper`): C HandlerCall
    versus the Python wrapper, with a handler that only calls the original, against that handler called
    with the original itself (no wrapper, no `original_func` object).
-3. µs per record of encoding `rec` lines of 256 records (what the writer thread does): the C
+3. ns per call of the recording API while the runtime is the sink (`record.span`, `record.event`,
+   `record.enabled`): the C `Emitter`'s methods versus the Python functions through the runtime's
+   `domain_enabled` / `span` (records go into the runtime's recorder buffer, emptied every 1,000 calls).
+4. µs per record of encoding `rec` lines of 256 records (what the writer thread does): the C
    `encode_rec_line` versus the stdlib encoder, on the records of a raw run (`--raw`: a run directory;
    default: a small synthetic run), after checking that both write the same bytes.
 """
@@ -109,6 +112,43 @@ def bench_handler_wrapper() -> None:
         print(f"{name:30} {attr:8.1f} ns (+{attr - base:6.1f})")
 
 
+def bench_recording_api() -> None:
+    from service_profiler import record
+    from service_profiler.runtime import core
+    from service_profiler.runtime.recorder import Recorder
+
+    attrs = {"batch_id": 1}
+    calls = {
+        "span": lambda: record.span("EngineCore", "step", 1, 2, attrs),
+        "event": lambda: record.event("Request", "state", attrs, 5),
+        "enabled": lambda: record.enabled("Request"),
+    }
+    emitter = core.Emitter
+    print("\nthe recording API, the runtime as the sink: ns per call")
+    for name, through_c in (("C Emitter", True), ("Python functions", False)):
+        if through_c and emitter is None:
+            continue
+        core.Emitter = emitter if through_c else None
+        runtime = core.Runtime(None, {})
+        runtime.recorder = Recorder(Path(tempfile.mkdtemp(prefix="sp-bench-")), max_buffered=10_000_000)
+        runtime.enabled = True
+        previous = record.set_sink(runtime)
+        try:
+            figures = []
+            buffer = runtime.recorder.buffer
+            for call in calls.values():
+                def thousand(call: Callable[[], None] = call, buffer: list[Any] = buffer) -> None:
+                    for _ in range(1_000):
+                        call()
+                    buffer.clear()
+                best = min(timeit.repeat(thousand, number=100, repeat=REPEATS)) / 100 / 1_000 * 1e9
+                figures.append(f"{best:6.1f}")
+        finally:
+            record.set_sink(previous)
+            core.Emitter = emitter
+        print(f"{name:30} " + "   ".join(f"{call} {figure} ns" for call, figure in zip(calls, figures, strict=True)))
+
+
 def _records(raw: Path | None) -> list[tuple[Any, ...]]:
     if raw is None:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -168,6 +208,7 @@ def main() -> None:
         cells = [f"{v:6.1f} ns (+{v - b:5.1f})" for v, b in ((cached, bare[0]), (attr, bare[1]))]
         print(f"{name:30} {cells[0]:>24} {cells[1]:>24}")
     bench_handler_wrapper()
+    bench_recording_api()
     bench_encoder(args.raw)
 
 
