@@ -22,9 +22,11 @@ PREFIX = "[service-profiler]"
 
 
 def configured_every_n() -> int:
-    """`console_every_n_steps` of the running profiler's current settings (0 = off)."""
+    """`console_every_n_steps` of the running profiler's current settings (0 = off); read at every step,
+    so that a changed config file turns the console on or off."""
     settings = getattr(bootstrap.current_runtime(), "settings", None)
-    return int(getattr(settings, "console_every_n_steps", 0) or 0)
+    every_n: int = getattr(settings, "console_every_n_steps", 0) or 0  # validated as an int by settings
+    return every_n
 
 
 def write_stderr(line: str) -> None:

@@ -91,12 +91,14 @@ def queue_lengths(scheduler: Scheduler) -> tuple[int, int]:
     return scheduler.get_request_counts()
 
 
-def extract_schedule(scheduler: Scheduler, out: SchedulerOutput) -> dict[str, Any]:
-    """The attributes of one `batchFrameworkProcessing` span (without `batch_id` / `dp_rank`)."""
+def extract_schedule(scheduler: Scheduler, out: SchedulerOutput, batch_id: int, dp_rank: int) -> dict[str, Any]:
+    """The attributes of one `batchFrameworkProcessing` span."""
     running, waiting = queue_lengths(scheduler)
     total, used, usage = kv_cache_usage(scheduler.kv_cache_manager)
     preempted = out.preempted_req_ids
     return {
+        "batch_id": batch_id,
+        "dp_rank": dp_rank,
         "reqs": scheduled_requests(scheduler, out),
         "running": running,
         "waiting": waiting,

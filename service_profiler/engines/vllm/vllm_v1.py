@@ -161,16 +161,19 @@ def _after_schedule(state: VllmProbeState, scheduler: Scheduler, out: SchedulerO
                     start: int, end: int) -> None:
     state.last_batch = batch_id
     state.step_batch = batch_id
-    dp_rank = state.dp_rank(scheduler)
-    console = state.console.enabled()
+    # Every step, with the engine's caches cold after the model ran: the cached rank and the console's
+    # setting are read here rather than through two more calls each.
+    cached = state.dp_rank_of
+    dp_rank = cached[1] if cached is not None and cached[0] is scheduler else state.dp_rank(scheduler)
+    console = state.console.every_n() > 0
     state.remember(PendingBatch(out, batch_id, dp_rank, end, console))
-    want_batch = record.enabled("BatchSchedule")
-    want_kv = record.enabled("KVCache")
-    want_request = record.enabled("Request")
+    enabled = record.enabled
+    want_batch = enabled("BatchSchedule")
+    want_kv = enabled("KVCache")
+    want_request = enabled("Request")
     if not (want_batch or want_kv or want_request or console):
         return
-    attrs: dict[str, Any] = {"batch_id": batch_id, "dp_rank": dp_rank}
-    attrs.update(extract.extract_schedule(scheduler, out))
+    attrs = extract.extract_schedule(scheduler, out, batch_id, dp_rank)
     if want_batch:
         record.span("BatchSchedule", "batchFrameworkProcessing", start, end, attrs)
         record.counter("BatchSchedule", "queues", {"running": attrs["running"], "waiting": attrs["waiting"]},
