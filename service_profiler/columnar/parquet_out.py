@@ -30,7 +30,6 @@ from service_profiler.rawdata.rawfile import discover_files
 from .parquet_format import FORMAT_NAME, FORMAT_VERSION, MANIFEST, PARQUET_DIR, is_conversion, table_path
 from .raw import Process, RawRun, load_raw
 from .run import DEFAULT_MEMORY_LIMIT, connect
-from .workdir import describe as describe_removed
 from .workdir import make_work_dir
 
 _PROCESS_COLUMNS = (
@@ -69,9 +68,7 @@ def convert(run_dir: Path, *, memory_limit: str = DEFAULT_MEMORY_LIMIT, threads:
     t0 = time.perf_counter()
     target = _checked_target(run_dir)
     sources = _sources(run_dir)  # before reading: a file growing meanwhile reads as changed later
-    work, abandoned = make_work_dir("sprof-convert-", temp_root)
-    if abandoned and report is not None:
-        report(describe_removed(abandoned))
+    work = make_work_dir("sprof-convert-", temp_root, report)
     try:
         staging = Path(tempfile.mkdtemp(prefix=f".{PARQUET_DIR}-", dir=run_dir))
     except BaseException:

@@ -28,7 +28,6 @@ from .parquet_in import load_input
 from .raw import Process
 from .requests import build_requests
 from .workdir import WorkDir, make_work_dir
-from .workdir import describe as describe_removed
 
 DEFAULT_MEMORY_LIMIT = "1GB"
 DB_NAME = "analysis.duckdb"
@@ -97,9 +96,7 @@ def analyze_run(paths: Sequence[Path | str], *, memory_limit: str = DEFAULT_MEMO
                 shared: bool = False) -> AnalysisRun:
     """Read the raw files under `paths` (or their Parquet conversions) and build every analysis table
     (`shared`: in a database file that a process pool's workers can open)."""
-    owner, abandoned = make_work_dir("sprof-analysis-", temp_root)
-    if abandoned and progress:
-        progress(describe_removed(abandoned))
+    owner = make_work_dir("sprof-analysis-", temp_root, progress)
     try:
         con = connect(owner.path, memory_limit, threads, in_memory=not shared)
     except BaseException:

@@ -19,6 +19,7 @@ import os
 import shutil
 import stat
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,20 +50,23 @@ class Removed:
     size: int  # bytes
 
 
-def make_work_dir(prefix: str, root: Path | None) -> tuple[WorkDir, list[Removed]]:
+def make_work_dir(prefix: str, root: Path | None, report: Callable[[str], None] | None = None) -> WorkDir:
     """A new private directory under `root` (default: the system's temporary directory), locked for as
-    long as this process lives or until `WorkDir.remove`; and the abandoned ones removed beside it."""
+    long as this process lives or until `WorkDir.remove`. The abandoned ones beside it are removed first,
+    and `report` is told in one line (`describe`) when there were any."""
     base = Path(root) if root is not None else Path(tempfile.gettempdir())
     removed = remove_abandoned(base)
+    if removed and report is not None:
+        report(describe(removed))
     try:
         path = Path(tempfile.mkdtemp(prefix=prefix, dir=base))
     except OSError as exc:
         raise WorkDirError(f"cannot make a work directory in {base} ({exc.strerror or exc}); give --temp-dir an "
                            "existing directory you can write to, on a file system with room for the spill") from None
     try:
-        return WorkDir(path, _lock(path)), removed
+        return WorkDir(path, _lock(path))
     except OSError:  # a file system without flock: the directory works, it is only not swept if abandoned
-        return WorkDir(path, None), removed
+        return WorkDir(path, None)
 
 
 def _lock(path: Path) -> int:
