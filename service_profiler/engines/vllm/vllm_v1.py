@@ -161,11 +161,8 @@ def _after_schedule(state: VllmProbeState, scheduler: Scheduler, out: SchedulerO
                     start: int, end: int) -> None:
     state.last_batch = batch_id
     state.step_batch = batch_id
-    # Every step, with the engine's caches cold after the model ran: the cached rank and the console's
-    # setting are read here rather than through two more calls each.
-    cached = state.dp_rank_of
-    dp_rank = cached[1] if cached is not None and cached[0] is scheduler else state.dp_rank(scheduler)
-    console = state.console.every_n() > 0
+    dp_rank = state.dp_rank(scheduler)
+    console = state.console.enabled()
     state.remember(PendingBatch(out, batch_id, dp_rank, end, console))
     enabled = record.enabled
     want_batch = enabled("BatchSchedule")
