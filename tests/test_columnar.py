@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import numpy as np
 import pytest
 from synthetic import SyntheticConfig, SyntheticRun, generate_run
@@ -25,7 +26,7 @@ from synthetic import SyntheticConfig, SyntheticRun, generate_run
 from service_profiler.columnar.pipeline import export_all
 from service_profiler.columnar.plots_out import PLOTS
 from service_profiler.columnar.raw import memory_limit_bytes
-from service_profiler.columnar.run import analyze_run
+from service_profiler.columnar.run import SMALL_RUN_RECORDS, analyze_run, duckdb_threads
 from service_profiler.rawdata.rawfile import read_run
 
 
@@ -602,9 +603,25 @@ def test_many_process_files_under_a_small_memory_limit(tmp_path: Path) -> None:
     assert outputs["128MB"] == outputs["1GB"]  # 24 statements or 3: the same requests
 
 
+@pytest.mark.parametrize("max_bytes", [1, 7, 64, 10_000])
+def test_a_large_file_is_read_in_pieces_of_whole_lines(tmp_path: Path, max_bytes: int) -> None:
+    from service_profiler.columnar import raw
+
+    lines = [b'{"t":"rec","r":[[1,%d,"%s"]]}\n' % (i, b"x" * (i * 37 % 300)) for i in range(200)]
+    data = b"".join(lines) + b'{"t":"rec","r":[[1,2'  # a torn last line stays as it is
+    (tmp_path / "big.sprof.jsonl").write_bytes(data)
+    pieces = [Path(p).read_bytes() for p in raw._pieces(str(tmp_path / "big.sprof.jsonl"), max_bytes,
+                                                         tmp_path / "piece")]
+    assert b"".join(pieces) == data
+    assert all(piece.endswith(b"\n") for piece in pieces[:-1])
+    assert max(map(len, pieces)) <= 2 * max_bytes + max(map(len, lines))
+    assert len(pieces) >= len(data) // (2 * max_bytes + max(map(len, lines)))
+
+
 def test_tables_built_in_pieces_are_the_tables_built_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Large runs are read a few files per statement and their batch entries aggregated by ranges of
-    batches (bounded memory); the tables are the same as when built in one statement each."""
+    """Large runs are read a few files per statement (a large file a piece at a time) and their batch
+    entries aggregated by ranges of batches (bounded memory); the tables are the same as when built in one
+    statement each."""
     from service_profiler.columnar import batch, raw
 
     synth = generate_run(tmp_path / "run", SyntheticConfig(requests=120, output_tokens=12, max_num_seqs=16,
@@ -620,7 +637,18 @@ def test_tables_built_in_pieces_are_the_tables_built_at_once(tmp_path: Path, mon
 
     at_once = contents()
     statements: list[int] = []
-    monkeypatch.setattr(raw, "_statement_groups", lambda processes, budget: [[p] for p in processes])
+    # statements of 20 kB: a file per statement, each file read in pieces of whole lines
+    monkeypatch.setattr(raw, "_statement_bytes", lambda con: 20_000)
+    read = raw._statements
+
+    def counted_reads(files: list[tuple[int, str]], budget: int, scratch: Path) -> Any:
+        for group in read(files, budget, scratch):
+            assert len(group) == 1 and (group[0][1] in dict(files).values() or Path(group[0][1]).parent == scratch)
+            pieces.append(Path(group[0][1]).stat().st_size)
+            yield group
+
+    pieces: list[int] = []
+    monkeypatch.setattr(raw, "_statements", counted_reads)
     monkeypatch.setattr(batch, "_ENTRIES_PER_STATEMENT", 37)
     original = batch._batch_reqs
 
@@ -637,6 +665,8 @@ def test_tables_built_in_pieces_are_the_tables_built_at_once(tmp_path: Path, mon
     monkeypatch.setattr(batch, "_batch_reqs", counted)
     in_pieces = contents()
     assert len(statements) > 10 and all(at_once[t] for t in tables)
+    longest_line = max(len(line) for path in synth.files for line in path.read_bytes().splitlines(keepends=True))
+    assert len(pieces) > 2 * len(synth.files) and max(pieces) <= 2 * 20_000 + longest_line
     for table in tables:
         assert in_pieces[table] == at_once[table], table
 
@@ -658,6 +688,43 @@ def test_no_raw_files_is_exit_status_2(tmp_path: Path) -> None:
     done = _cli("analyze", "--input-path", str(tmp_path), "--output-path", str(tmp_path / "out"))
     assert done.returncode == 2
     assert "no raw files" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_duckdb_threads_are_shared_out_and_given_back(tmp_path: Path, busy: SyntheticRun,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A small run's tables are built on one DuckDB thread, exporters side by side share the threads out;
+    after each, the setting is what it was. `threads` given by the user holds for the tables."""
+    from service_profiler.columnar import pipeline
+    from service_profiler.columnar import run as run_module
+
+    seen: dict[str, list[int]] = {"tables": [], "outputs": []}
+    build_batches, run_one = run_module.build_batches, pipeline._run_one
+
+    def timed_build(con: duckdb.DuckDBPyConnection) -> None:
+        seen["tables"].append(duckdb_threads(con))
+        build_batches(con)
+
+    def timed_export(run: Any, fmt: str, options: dict[str, Any], out_dir: Path) -> Any:
+        seen["outputs"].append(duckdb_threads(run.con))
+        return run_one(run, fmt, options, out_dir)
+
+    monkeypatch.setattr(run_module, "build_batches", timed_build)
+    monkeypatch.setattr(pipeline, "_run_one", timed_export)
+    with duckdb.connect() as fresh:
+        default = duckdb_threads(fresh)
+    for threads, expected in ((None, 1), (3, 3)):
+        run = analyze_run([busy.run_dir], threads=threads)
+        try:
+            assert run.count("record") < SMALL_RUN_RECORDS
+            assert seen["tables"].pop() == expected
+            assert duckdb_threads(run.con) == (threads or default)
+            outcomes = export_all(run, ["csv", "db"], tmp_path / str(threads), jobs=2)
+            assert [o.error for o in outcomes] == [None, None]
+            assert seen["outputs"] == [max((threads or default) // 2, 1)] * 2
+            seen["outputs"].clear()
+            assert duckdb_threads(run.con) == (threads or default)
+        finally:
+            run.close()
 
 
 def test_outputs_that_do_not_fit_their_share_of_the_memory_limit_are_written_again_within_the_whole(

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import duckdb
 
 from .raw import memory_limit_bytes
-from .run import AnalysisRun
+from .run import AnalysisRun, duckdb_threads, set_threads
 
 OUTPUTS_SHARE_OF_LIMIT = 3 / 4
 """Threads write the outputs within this share of the memory limit the tables were built in. DuckDB's
@@ -125,6 +125,9 @@ def export_all(run: AnalysisRun, formats: list[str], out_dir: Path, jobs: int = 
         # (an exporter that hands its drawing to the figure process takes a place all the same: with one
         # more exporter at a time, a 10 M-record run's process tree went past 2 GB)
         _set_memory_limit(run, f"{max(int(memory_limit_bytes(run.con) * outputs_share) >> 20, 1)}MiB")
+        # DuckDB's threads shared out among the exporters: a query's extra threads cost more CPU than
+        # they save while another exporter keeps the other cores busy (benchmarks/README.md)
+        all_threads = set_threads(run.con, duckdb_threads(run.con) // jobs)
         with ThreadPoolExecutor(max_workers=jobs) as threads:
             futures = [threads.submit(_in_thread, run, fmt, options.get(fmt, {}), out_dir)
                        for fmt in sorted(formats, key=_LONGEST_FIRST.index)]
@@ -133,6 +136,7 @@ def export_all(run: AnalysisRun, formats: list[str], out_dir: Path, jobs: int = 
                 if progress and not outcomes[-1].out_of_memory:
                     progress(f"{outcomes[-1].fmt} {'failed' if outcomes[-1].error else 'done'}")
         _set_memory_limit(run, run.memory_limit)
+        set_threads(run.con, all_threads)
         for i, outcome in enumerate(outcomes):
             if outcome.out_of_memory:
                 outcomes[i] = _run_one(run, outcome.fmt, options.get(outcome.fmt, {}), out_dir)

@@ -4,7 +4,8 @@ Two passes per file, each doing what it is good at:
 - Python reads the few control lines (header, chan, meta, state, dropped, lost, flushed, close, warn)
   and only counts the `rec` lines (a prefix test per line, no parse);
 - DuckDB parses the `rec` lines (its JSON reader, in parallel, out of core) and unnests each line's
-  records into `rec(proc, chan, t1, f2, f3, f4)`.
+  records into the table `record`, a quarter of the memory limit's worth of files per
+  statement (a larger file in pieces of whole lines, copied out one at a time).
 The views `span`, `event`, `counter` then give every record its channel's kind/domain/name and an epoch
 timestamp (the process's clock anchor added), as docs/DESIGN.md's reader output describes. `pos` is a
 record's position in its line: records of one process with the same time are ordered by it (records of
@@ -19,6 +20,7 @@ is undeclared or whose timestamp is not an integer is dropped and counted per fi
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
@@ -45,6 +47,7 @@ _REC_PREFIXES = (b'{"t":"rec"', b'{"t": "rec"')
 # The longest `rec` line read. DuckDB's JSON reader holds a buffer of twice this per thread; the writer
 # flushes at least every second, so a line this long would be a second of several hundred thousand records.
 MAX_LINE_BYTES = 16 << 20
+_COPY_BLOCK = 8 << 20  # a large file is copied into its pieces this much at a time
 # the normalized records: epoch times, each with its channel's kind/domain/name
 RECORD_COLUMNS = ("proc INTEGER, kind VARCHAR, domain VARCHAR, name VARCHAR, ts_ns BIGINT, end_ns BIGINT, tid BIGINT, "
                   "attrs JSON, pos INTEGER, batch_id VARCHAR")
@@ -220,10 +223,11 @@ def load_raw(con: duckdb.DuckDBPyConnection, paths: Sequence[Path | str],
                 lines.append(((lines[-1][0] if lines else 0) + 1, None, problems[-1]))
     states.sort(key=lambda s: s[1])
     load_process_tables(con, processes, chans)
-    copies = Path(tempfile.mkdtemp(prefix="sprof-deduplicated-"))  # private (0700), gone once read
+    # private (0700), gone once read: copies of files without their repeated lines, pieces of large files
+    copies = Path(tempfile.mkdtemp(prefix="sprof-raw-copies-"))
     try:
         sources = {p.index: _without_lines(p, copies) if p.repeated_recs else p.path for p in processes}
-        _load_records(con, processes, sources)
+        _load_records(con, processes, sources, copies)
     finally:
         shutil.rmtree(copies, ignore_errors=True)
     count_bad_records(con, processes, problems)
@@ -267,21 +271,24 @@ def load_process_tables(con: duckdb.DuckDBPyConnection, processes: list[Process]
         insert_rows(con, "channel", list({c[:2]: c for c in chans}.values()))
 
 
-def _load_records(con: duckdb.DuckDBPyConnection, processes: list[Process], sources: dict[int, str]) -> None:
+def _load_records(con: duckdb.DuckDBPyConnection, processes: list[Process], sources: dict[int, str],
+                  scratch: Path) -> None:
     """One pass: each record with its channel's kind/domain/name, its epoch times, attrs, a span's batch_id.
     Records without a declared channel or an integer time stay out of the views (`count_bad_records`).
-    `sources`: the file read for each process (its own, or a copy without repeated lines)."""
+    `sources`: the file read for each process (its own, or a copy without repeated lines); `scratch`: a
+    private directory for the pieces of a file too large for one statement."""
     con.execute(f"CREATE OR REPLACE TABLE record ({RECORD_COLUMNS})")
-    for group in _statement_groups([p for p in processes if p.rec_lines], memory_limit_bytes(con) // 4):
+    files = [(p.index, sources[p.index]) for p in processes if p.rec_lines]
+    for group in _statements(files, _statement_bytes(con), scratch):
         con.execute("CREATE OR REPLACE TEMP TABLE source (proc INTEGER, path VARCHAR)")
-        insert_rows(con, "source", [(p.index, sources[p.index]) for p in group])
-        files = ", ".join("'" + sources[p.index].replace("'", "''") + "'" for p in group)
+        insert_rows(con, "source", group)
+        names = ", ".join("'" + path.replace("'", "''") + "'" for _, path in group)
         con.execute(f"""
             INSERT INTO record
             WITH line AS (
                 -- one parse per line: the records as lists of JSON values
                 SELECT p.proc, p.wall_offset, json_transform(l.json, '{{"r": [["JSON"]]}}').r AS r
-                FROM read_json_objects([{files}], format='newline_delimited', filename=true,
+                FROM read_json_objects([{names}], format='newline_delimited', filename=true,
                                        ignore_errors=true, maximum_object_size={MAX_LINE_BYTES}) AS l
                 JOIN source AS f ON f.path = l.filename JOIN process AS p ON p.proc = f.proc
                 WHERE starts_with(l.json, '{{"t":"rec"') OR starts_with(l.json, '{{"t": "rec"')),
@@ -297,14 +304,62 @@ def _load_records(con: duckdb.DuckDBPyConnection, processes: list[Process], sour
     create_record_views(con)
 
 
-def _statement_groups(processes: list[Process], budget: int) -> list[list[Process]]:
-    """The files to read in one statement each. DuckDB's JSON reader sets aside a buffer of twice the
-    longest line it accepts for a file it reads, whatever the file's size, and holds several at once
-    when a statement names many files: one statement over every file of a large run needs memory in
-    proportion to their number (60 files of a 30 M-record run did not fit in 1 GB). So a statement
-    names as many files as `budget` holds buffers for, at least one."""
+def _statement_bytes(con: duckdb.DuckDBPyConnection) -> int:
+    """Raw bytes one statement reads at most. DuckDB holds what one INSERT adds to an in-memory table
+    until the statement ends: a 1.5 GB file (one engine's 10 M-record run) read in one statement did not
+    fit in 1 GB, where statements of a quarter of the limit each did."""
+    return max(memory_limit_bytes(con) // 4, 1)
+
+
+def _statements(files: list[tuple[int, str]], budget: int, scratch: Path) -> Iterator[list[tuple[int, str]]]:
+    """The (process, file) pairs each statement reads: files of at most `budget` bytes together, and as
+    many files as `budget` holds DuckDB's JSON buffers for (it sets aside twice the longest line it
+    accepts for each file a statement names, whatever the file's size: 60 files of a 30 M-record run in
+    one statement did not fit in 1 GB). A file larger than `budget` is read a piece at a time (`_pieces`,
+    in `scratch`), one statement each."""
     per_statement = max(1, budget // (2 * MAX_LINE_BYTES))
-    return [processes[i:i + per_statement] for i in range(0, len(processes), per_statement)]
+    group: list[tuple[int, str]] = []
+    size = 0
+    for proc, path in files:
+        file_size = os.path.getsize(path)
+        if group and (len(group) == per_statement or size + file_size > budget):
+            yield group
+            group, size = [], 0
+        if file_size <= budget:
+            group.append((proc, path))
+            size += file_size
+            continue
+        for piece in _pieces(path, budget, scratch / f"piece-{proc}.sprof.jsonl"):
+            yield [(proc, piece)]
+    if group:
+        yield group
+
+
+def _pieces(path: str, max_bytes: int, piece: Path) -> Iterator[str]:
+    """`path` in consecutive pieces of whole lines of about `max_bytes` each (at most twice that, plus a
+    line), each written to `piece` when the one before has been read (disk: one piece at a time)."""
+    block_size = min(_COPY_BLOCK, max_bytes)
+    with open(path, "rb") as src:
+        carry = b""
+        while True:
+            with open(piece, "wb") as dst:  # in a private directory this process made: no link there
+                dst.write(carry)
+                written, carry = len(carry), b""
+                while written < max_bytes and (block := src.read(block_size)):
+                    dst.write(block)
+                    written += len(block)
+                # the piece ends with the line under way
+                while written >= max_bytes and (block := src.read(block_size)):
+                    end = block.find(b"\n") + 1
+                    if end:
+                        dst.write(block[:end])
+                        carry = block[end:]
+                        break
+                    dst.write(block)
+                    written += len(block)
+            if not written:
+                return
+            yield str(piece)
 
 
 _UNITS = {"bytes": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}

@@ -30,6 +30,10 @@ from .requests import build_requests
 from .workdir import WorkDir, make_work_dir
 
 DEFAULT_MEMORY_LIMIT = "1GB"
+SMALL_RUN_RECORDS = 100_000
+"""A run of fewer records has its tables built on one DuckDB thread, unless `threads` says otherwise:
+there a second thread saved no time (the figure process starts on the other core meanwhile) and cost
+CPU (benchmarks/README.md)."""
 DB_NAME = "analysis.duckdb"
 
 
@@ -91,6 +95,18 @@ def connect(work_dir: Path, memory_limit: str, threads: int | None, read_only: b
     return duckdb.connect(":memory:" if in_memory else str(work_dir / DB_NAME), read_only=read_only, config=config)
 
 
+def duckdb_threads(con: duckdb.DuckDBPyConnection) -> int:
+    row = con.execute("SELECT current_setting('threads')").fetchone()
+    return int(row[0]) if row else 1
+
+
+def set_threads(con: duckdb.DuckDBPyConnection, threads: int) -> int:
+    """DuckDB's threads from now on (at least one); the number it had."""
+    previous = duckdb_threads(con)
+    con.execute(f"SET threads = {max(int(threads), 1)}")
+    return previous
+
+
 def analyze_run(paths: Sequence[Path | str], *, memory_limit: str = DEFAULT_MEMORY_LIMIT, threads: int | None = None,
                 temp_root: Path | None = None, progress: Callable[[str], None] | None = None,
                 shared: bool = False) -> AnalysisRun:
@@ -108,6 +124,7 @@ def analyze_run(paths: Sequence[Path | str], *, memory_limit: str = DEFAULT_MEMO
         run.processes, run.states, run.problems = raw.processes, raw.states, raw.problems
         if progress:
             progress(f"read {len(raw.processes)} process file(s), {run.count('record'):,} records")
+        all_threads = set_threads(con, 1) if threads is None and run.count("record") < SMALL_RUN_RECORDS else None
         load_losses(con, raw.processes, raw.states)
         build_batches(con)
         build_requests(con)
@@ -117,6 +134,8 @@ def analyze_run(paths: Sequence[Path | str], *, memory_limit: str = DEFAULT_MEMO
         build_kvcache(con)
         build_lifecycle(con)
         build_iterations(con)
+        if all_threads is not None:
+            set_threads(con, all_threads)
         if shared:
             con.execute("CHECKPOINT")
     except BaseException:
