@@ -33,7 +33,7 @@ from service_profiler.outputs import OutputPathError, check_output_dir, describe
 from .figure_process import FigureProcess
 from .parquet_format import ParquetInputError
 from .pipeline import EXPORTERS, Outcome, export_all
-from .run import DEFAULT_MEMORY_LIMIT, analyze_run
+from .run import DEFAULT_MEMORY_LIMIT, SMALL_RUN_RECORDS, analyze_run
 from .trace_out import DEFAULT_MAX_EVENTS, DEFAULT_MAX_PER_SECOND
 from .workdir import WorkDirError
 
@@ -53,7 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"DuckDB's memory limit, e.g. 512MB, 2GB (default {DEFAULT_MEMORY_LIMIT}); "
                              "the rest is spilled to the work directory; outputs written side by side get three "
                              "quarters of it")
-    parser.add_argument("--threads", type=int, default=None, metavar="N", help="DuckDB threads (default: all cores)")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="DuckDB threads (default: all cores, shared out among the outputs written side by "
+                             f"side; one for the tables of a run of under {SMALL_RUN_RECORDS:,} records)")
     parser.add_argument("--temp-dir", type=Path, default=None, metavar="DIR",
                         help="where the work directory is made (default: the system's temporary directory)")
     parser.add_argument("--jobs", type=int, default=DEFAULT_JOBS, metavar="N",

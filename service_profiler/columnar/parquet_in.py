@@ -99,11 +99,12 @@ def _conversions_under(path: Path) -> list[Path]:
 
 
 def load_input(con: duckdb.DuckDBPyConnection, paths: Sequence[Path | str],
-               progress: Callable[[str], None] | None = None) -> RawRun:
-    """The run under `paths`, from its Parquet conversions where there are some, else from the raw files."""
+               progress: Callable[[str], None] | None = None, scratch_root: Path | None = None) -> RawRun:
+    """The run under `paths`, from its Parquet conversions where there are some, else from the raw files
+    (`scratch_root`: as for `load_raw`)."""
     conversions = find_conversions(paths)
     if conversions is None:
-        return load_raw(con, paths)
+        return load_raw(con, paths, scratch_root=scratch_root)
     if progress:  # said, since what is read depends on what lies under the input paths
         progress(f"reading {len(conversions)} Parquet conversion(s), not the raw files: "
                  + ", ".join(map(str, conversions[:3])) + (" ..." if len(conversions) > 3 else ""))

@@ -78,7 +78,7 @@ def convert(run_dir: Path, *, memory_limit: str = DEFAULT_MEMORY_LIMIT, threads:
         con = connect(work.path, memory_limit, threads, in_memory=True)
         try:
             kept_lines: dict[int, list[tuple[int, bytes | None, str | None]]] = {}
-            raw = load_raw(con, [run_dir], kept_lines)
+            raw = load_raw(con, [run_dir], kept_lines, scratch_root=work.path)
             if not raw.processes:
                 raise ConvertError(f"{run_dir}: no readable raw files (*.sprof.jsonl) to convert"
                                    + "".join(f"\n  {p}" for p in raw.problems))

@@ -202,10 +202,12 @@ def _file_lines(proc: Process, kept: list[tuple[int, bytes | None, str | None]] 
 
 
 def load_raw(con: duckdb.DuckDBPyConnection, paths: Sequence[Path | str],
-             kept_lines: dict[int, list[tuple[int, bytes | None, str | None]]] | None = None) -> RawRun:
+             kept_lines: dict[int, list[tuple[int, bytes | None, str | None]]] | None = None,
+             scratch_root: Path | None = None) -> RawRun:
     """Read the run under `paths` (run dirs, dirs of runs, files) into `con`: tables `process`,
-    `channel`, `rec`, and the views `span`, `event`, `counter` (epoch ns). `kept_lines`: each process's
-    control lines are kept there too, by process index (a conversion stores them)."""
+    `channel`, `record`, and the views `span`, `event`, `counter` (epoch ns). `kept_lines`: each process's
+    control lines are kept there too, by process index (a conversion stores them). `scratch_root`: where
+    the copies made for reading go (the work directory; default: the system's temporary directory)."""
     problems: list[str] = []
     files = discover_files(paths, problems)
     kept = _dedupe_copies(files, problems)
@@ -224,7 +226,7 @@ def load_raw(con: duckdb.DuckDBPyConnection, paths: Sequence[Path | str],
     states.sort(key=lambda s: s[1])
     load_process_tables(con, processes, chans)
     # private (0700), gone once read: copies of files without their repeated lines, pieces of large files
-    copies = Path(tempfile.mkdtemp(prefix="sprof-raw-copies-"))
+    copies = Path(tempfile.mkdtemp(prefix="sprof-raw-copies-", dir=scratch_root))
     try:
         sources = {p.index: _without_lines(p, copies) if p.repeated_recs else p.path for p in processes}
         _load_records(con, processes, sources, copies)

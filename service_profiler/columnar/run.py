@@ -120,7 +120,8 @@ def analyze_run(paths: Sequence[Path | str], *, memory_limit: str = DEFAULT_MEMO
         raise
     run = AnalysisRun(con, owner.path, memory_limit=memory_limit, threads=threads, shared=shared, owner=owner)
     try:
-        raw = load_input(con, paths, progress)  # the raw files, or their Parquet conversions (parquet_in.py)
+        # the raw files, or their Parquet conversions (parquet_in.py)
+        raw = load_input(con, paths, progress, scratch_root=owner.path)
         run.processes, run.states, run.problems = raw.processes, raw.states, raw.problems
         if progress:
             progress(f"read {len(raw.processes)} process file(s), {run.count('record'):,} records")
