@@ -344,6 +344,12 @@ def test_profiler_db_holds_the_csvs_rows_and_every_record(outputs: tuple[Path, P
     # every record, as the in-memory reader counts them
     records = sum(db.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("span", "event", "counter"))
     assert records == read_run([run_dir]).num_records
+    # the raw tables' ids number the records in time order (SQLite numbers them as they are inserted)
+    for table, ts in (("span", "start_ns"), ("event", "ts_ns"), ("counter", "ts_ns")):
+        rows = db.execute(f"SELECT id, {ts}, proc FROM {table} ORDER BY id").fetchall()
+        assert [row[0] for row in rows] == list(range(1, len(rows) + 1))
+        keys = [(row[1], row[2]) for row in rows]
+        assert keys == sorted(keys), table
 
 
 def test_profiler_db_through_duckdb_equals_through_python(tmp_path: Path, busy: SyntheticRun) -> None:

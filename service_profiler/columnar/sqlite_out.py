@@ -69,22 +69,24 @@ _SQLITE_TYPES = {"BIGINT": "INTEGER", "INTEGER": "INTEGER", "HUGEINT": "INTEGER"
                  "BOOLEAN": "INTEGER", "VARCHAR": "TEXT", "JSON": "TEXT"}
 _LIST = "'[' || array_to_string({}, ',') || ']'"  # a list of numbers as JSON text
 
-# table -> (its CREATE TABLE, the DuckDB query giving its columns in that order)
+# table -> (its CREATE TABLE, the DuckDB query giving its columns in that order). A raw table's `id` is
+# given as NULL: SQLite numbers the rows 1, 2, ... in the order they are inserted, which is the query's
+# ORDER BY (an INSERT keeps it). Numbering them in DuckDB (`row_number()`) sorted the rows once more.
 RAW_TABLES = {
     "span": ("CREATE TABLE span (id INTEGER PRIMARY KEY, proc INTEGER, domain TEXT, name TEXT, start_ns INTEGER, "
              "end_ns INTEGER, dur_ns INTEGER, tid INTEGER, batch_id INTEGER, attrs TEXT)",
-             "SELECT row_number() OVER (ORDER BY start_ns, proc, pos), proc, domain, name, start_ns, end_ns, "
+             "SELECT NULL, proc, domain, name, start_ns, end_ns, "
              "end_ns - start_ns, tid, TRY_CAST(batch_id AS BIGINT), "
              "CASE WHEN name = 'batchFrameworkProcessing' AND json_exists(attrs, '$.reqs') "
              "THEN CAST(json_merge_patch(attrs, '{\"reqs\": null}') AS VARCHAR) ELSE CAST(attrs AS VARCHAR) END "
              "FROM span ORDER BY start_ns, proc, pos"),
     "event": ("CREATE TABLE event (id INTEGER PRIMARY KEY, proc INTEGER, domain TEXT, name TEXT, ts_ns INTEGER, "
               "tid INTEGER, rid TEXT, batch_id INTEGER, attrs TEXT)",
-              "SELECT row_number() OVER (ORDER BY ts_ns, proc, pos), proc, domain, name, ts_ns, tid, attrs->>'rid', "
+              "SELECT NULL, proc, domain, name, ts_ns, tid, attrs->>'rid', "
               "TRY_CAST(attrs->>'batch_id' AS BIGINT), CAST(attrs AS VARCHAR) FROM event ORDER BY ts_ns, proc, pos"),
     "counter": ('CREATE TABLE counter (id INTEGER PRIMARY KEY, proc INTEGER, domain TEXT, name TEXT, ts_ns INTEGER, '
                 '"values" TEXT)',
-                "SELECT row_number() OVER (ORDER BY ts_ns, proc, pos), proc, domain, name, ts_ns, "
+                "SELECT NULL, proc, domain, name, ts_ns, "
                 "CAST(vals AS VARCHAR) FROM counter ORDER BY ts_ns, proc, pos"),
     "batch_req": ("CREATE TABLE batch_req (batch_row INTEGER, pos INTEGER, req_row INTEGER, rid TEXT, phase INTEGER, "
                   "scheduled_tokens INTEGER, computed_tokens_before INTEGER, prompt_tokens INTEGER, resumed INTEGER, "
