@@ -706,16 +706,16 @@ def test_duckdb_threads_are_shared_out_and_given_back(tmp_path: Path, busy: Synt
     seen: dict[str, list[int]] = {"tables": [], "outputs": []}
     build_batches, run_one = run_module.build_batches, pipeline._run_one
 
-    def timed_build(con: duckdb.DuckDBPyConnection) -> None:
+    def noting_build(con: duckdb.DuckDBPyConnection) -> None:
         seen["tables"].append(duckdb_threads(con))
         build_batches(con)
 
-    def timed_export(run: Any, fmt: str, options: dict[str, Any], out_dir: Path) -> Any:
+    def noting_export(run: Any, fmt: str, options: dict[str, Any], out_dir: Path) -> Any:
         seen["outputs"].append(duckdb_threads(run.con))
         return run_one(run, fmt, options, out_dir)
 
-    monkeypatch.setattr(run_module, "build_batches", timed_build)
-    monkeypatch.setattr(pipeline, "_run_one", timed_export)
+    monkeypatch.setattr(run_module, "build_batches", noting_build)
+    monkeypatch.setattr(pipeline, "_run_one", noting_export)
     with duckdb.connect() as fresh:
         default = duckdb_threads(fresh)
     for threads, expected in ((None, 1), (3, 3)):
