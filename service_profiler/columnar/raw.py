@@ -307,9 +307,9 @@ def _load_records(con: duckdb.DuckDBPyConnection, processes: list[Process], sour
 
 
 def _statement_bytes(con: duckdb.DuckDBPyConnection) -> int:
-    """Raw bytes one statement reads at most. DuckDB holds what one INSERT adds to an in-memory table
-    until the statement ends: a 1.5 GB file (one engine's 10 M-record run) read in one statement did not
-    fit in 1 GB, where statements of a quarter of the limit each did."""
+    """Raw bytes one statement reads at most: a 1.5 GB file (one engine's 10 M-record run) read in one
+    statement did not fit in 1 GB, where statements of a quarter of the limit each did. (Which operator
+    ran out was not isolated: a bare parse and unnest of the same file in one statement fit.)"""
     return max(memory_limit_bytes(con) // 4, 1)
 
 
