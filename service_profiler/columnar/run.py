@@ -123,9 +123,10 @@ def analyze_run(paths: Sequence[Path | str], *, memory_limit: str = DEFAULT_MEMO
         # the raw files, or their Parquet conversions (parquet_in.py)
         raw = load_input(con, paths, progress, scratch_root=owner.path)
         run.processes, run.states, run.problems = raw.processes, raw.states, raw.problems
+        records = run.count("record")
         if progress:
-            progress(f"read {len(raw.processes)} process file(s), {run.count('record'):,} records")
-        all_threads = set_threads(con, 1) if threads is None and run.count("record") < SMALL_RUN_RECORDS else None
+            progress(f"read {len(raw.processes)} process file(s), {records:,} records")
+        all_threads = set_threads(con, 1) if threads is None and records < SMALL_RUN_RECORDS else None
         load_losses(con, raw.processes, raw.states)
         build_batches(con)
         build_requests(con)
