@@ -15,6 +15,7 @@ import re
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -698,12 +699,14 @@ def test_no_raw_files_is_exit_status_2(tmp_path: Path) -> None:
 
 def test_duckdb_threads_are_shared_out_and_given_back(tmp_path: Path, busy: SyntheticRun,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """A small run's tables are built on one DuckDB thread, exporters side by side share the threads out;
-    after each, the setting is what it was. `threads` given by the user holds for the tables."""
+    """A small run's tables are built on one DuckDB thread, exporters side by side share the threads out,
+    and once none is left to start, those still running get the threads of those that ended; after each,
+    the setting is what it was. `threads` given by the user holds for the tables."""
     from service_profiler.columnar import pipeline
     from service_profiler.columnar import run as run_module
 
-    seen: dict[str, list[int]] = {"tables": [], "outputs": []}
+    seen: dict[str, list[int]] = {"tables": [], "outputs": [], "csv alone": []}
+    whole = [0]  # the threads of the run being exported
     build_batches, run_one = run_module.build_batches, pipeline._run_one
 
     def noting_build(con: duckdb.DuckDBPyConnection) -> None:
@@ -712,7 +715,13 @@ def test_duckdb_threads_are_shared_out_and_given_back(tmp_path: Path, busy: Synt
 
     def noting_export(run: Any, fmt: str, options: dict[str, Any], out_dir: Path) -> Any:
         seen["outputs"].append(duckdb_threads(run.con))
-        return run_one(run, fmt, options, out_dir)
+        outcome = run_one(run, fmt, options, out_dir)
+        if fmt == "csv":  # waits for profiler.db to end, and for its threads to come this way
+            deadline = time.monotonic() + 30
+            while duckdb_threads(run.con) != whole[0] and time.monotonic() < deadline:
+                time.sleep(0.01)
+            seen["csv alone"].append(duckdb_threads(run.con))
+        return outcome
 
     monkeypatch.setattr(run_module, "build_batches", noting_build)
     monkeypatch.setattr(pipeline, "_run_one", noting_export)
@@ -724,10 +733,13 @@ def test_duckdb_threads_are_shared_out_and_given_back(tmp_path: Path, busy: Synt
             assert run.count("record") < SMALL_RUN_RECORDS
             assert seen["tables"].pop() == expected
             assert duckdb_threads(run.con) == (threads or default)
+            whole[0] = threads or default
             outcomes = export_all(run, ["csv", "db"], tmp_path / str(threads), jobs=2)
             assert [o.error for o in outcomes] == [None, None]
             assert seen["outputs"] == [max((threads or default) // 2, 1)] * 2
+            assert seen["csv alone"] == [threads or default]
             seen["outputs"].clear()
+            seen["csv alone"].clear()
             assert duckdb_threads(run.con) == (threads or default)
         finally:
             run.close()

@@ -168,6 +168,19 @@ def build_batches(con: duckdb.DuckDBPyConnection) -> None:
     drop_tables(con, "batch_timing", "m_model", "m_step", "m_update", "upd_finished", "batch_kv", "batch_reqs")
 
 
+def create_numbered(con: duckdb.DuckDBPyConnection, table: str, rows: str, order_by: str, columns: str) -> None:
+    """CREATE TABLE `table` AS `row_no` (1, 2, ... in `order_by` order over the rows of the query `rows`), then
+    `columns` (expressions over `r`, those rows). As `batch_row` in build_batches, the numbers come from a
+    sort of the keys alone, joined back by row id: a window over the whole rows held every row's columns in
+    memory at once, and a 30 M-record run's KV cache table did not fit in the 1 GB limit that way."""
+    con.execute(f"CREATE OR REPLACE TEMP TABLE numbered_rows AS {rows}")
+    con.execute(f"""
+        CREATE OR REPLACE TABLE {table} AS
+        WITH o AS (SELECT rowid AS row_id, row_number() OVER (ORDER BY {order_by}) AS row_no FROM numbered_rows)
+        SELECT o.row_no, {columns} FROM numbered_rows r JOIN o ON o.row_id = r.rowid""")
+    drop_tables(con, "numbered_rows")
+
+
 def drop_tables(con: duckdb.DuckDBPyConnection, *tables: str) -> None:
     """A builder's intermediate tables, dropped once it is done: left in place they count against the memory
     limit until the end of the analysis, and on a large run push the tables still needed out to disk."""

@@ -59,16 +59,33 @@ class FigureProcess:
             max_workers=1, mp_context=multiprocessing.get_context("spawn"))
         self._pool.submit(_warm_up, os.getpid())
 
-    def call(self, fn: Callable[..., T], *args: object) -> T:
-        """fn(*args) in the figure process; here, if that process is gone. fn's exceptions propagate."""
+    def submit(self, fn: Callable[..., T], *args: object) -> Callable[[], T]:
+        """Start fn(*args) in the figure process; the function returned waits for its result (or runs it
+        here, if that process is gone). fn's exceptions propagate from that function."""
+        future = None
         if self._pool is not None:
             try:
-                return self._pool.submit(fn, *args).result()
+                future = self._pool.submit(fn, *args)
             except BrokenProcessPool as exc:
-                print(f"figures: the figure process ended ({exc}); drawing in this process instead",
-                      file=sys.stderr)
-                self._pool = None
-        return fn(*args)
+                self._lost(exc)
+
+        def result() -> T:
+            if future is not None:
+                try:
+                    return future.result()
+                except BrokenProcessPool as exc:
+                    self._lost(exc)
+            return fn(*args)
+        return result
+
+    def call(self, fn: Callable[..., T], *args: object) -> T:
+        """fn(*args) in the figure process; here, if that process is gone. fn's exceptions propagate."""
+        return self.submit(fn, *args)()
+
+    def _lost(self, exc: BrokenProcessPool) -> None:
+        if self._pool is not None:
+            print(f"figures: the figure process ended ({exc}); drawing in this process instead", file=sys.stderr)
+            self._pool = None
 
     def close(self) -> None:
         if self._pool is not None:
@@ -79,3 +96,12 @@ class FigureProcess:
 def call(figures: FigureProcess | None, fn: Callable[..., T], *args: object) -> T:
     """fn(*args) in `figures`' process, or in this one when there is none."""
     return figures.call(fn, *args) if figures is not None else fn(*args)
+
+
+def submit(figures: FigureProcess | None, fn: Callable[..., T], *args: object) -> Callable[[], T]:
+    """fn(*args) started in `figures`' process (the function returned waits for its result), or run now in
+    this one when there is none."""
+    if figures is not None:
+        return figures.submit(fn, *args)
+    done = fn(*args)
+    return lambda: done

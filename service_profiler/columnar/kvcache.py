@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import duckdb
 
+from .batch import create_numbered
+
 KVCACHE_COLUMNS = [
     "ts_ns", "proc", "dp_rank", "domain", "name", "rid", "total_blocks", "used_blocks", "free_blocks",
     "blocks_allocated", "blocks_freed", "usage",
 ]
 
-_KVCACHE = """
-    CREATE OR REPLACE TABLE kvcache AS
+_KVCACHE_ROWS = """
     WITH counted AS (SELECT DISTINCT proc FROM counter WHERE domain = 'KVCache' AND name = 'kvcache'),
     status AS (
         SELECT proc, ts_ns, pos, TRY_CAST(vals->>'total_blocks' AS BIGINT) AS total,
@@ -39,14 +40,16 @@ _KVCACHE = """
         UNION ALL  -- an event carries its process's latest status at or before it (a status comes first at one time)
         SELECT ev.proc, ev.ts_ns, ev.ord, ev.pos, ev.name, ev.rid, s.total, s.used, s.free, s.usage, ev.blocks
         FROM ev ASOF LEFT JOIN full_status s ON s.proc = ev.proc AND ev.ts_ns >= s.ts_ns)
-    SELECT row_number() OVER (ORDER BY i.ts_ns, i.ord, i.proc, i.pos) AS row_no, i.ts_ns, i.proc, p.dp_rank,
-           'KVCache' AS domain, i.name, i.rid, i.total AS total_blocks, i.used AS used_blocks, i.free AS free_blocks,
-           CASE WHEN i.name = 'allocate' THEN i.blocks ELSE 0 END AS blocks_allocated,
-           CASE WHEN i.name = 'free' THEN i.blocks ELSE 0 END AS blocks_freed, i.usage
-    FROM item i JOIN process p USING (proc)
+    SELECT i.*, p.dp_rank FROM item i JOIN process p USING (proc)
+"""
+
+_KVCACHE_COLUMNS_SQL = """
+    r.ts_ns, r.proc, r.dp_rank, 'KVCache' AS domain, r.name, r.rid, r.total AS total_blocks, r.used AS used_blocks,
+    r.free AS free_blocks, CASE WHEN r.name = 'allocate' THEN r.blocks ELSE 0 END AS blocks_allocated,
+    CASE WHEN r.name = 'free' THEN r.blocks ELSE 0 END AS blocks_freed, r.usage
 """
 
 
 def build_kvcache(con: duckdb.DuckDBPyConnection) -> None:
     """`kvcache` (batch.build_batches first: a process without the counter takes its status from them)."""
-    con.execute(_KVCACHE)
+    create_numbered(con, "kvcache", _KVCACHE_ROWS, "ts_ns, ord, proc, pos", _KVCACHE_COLUMNS_SQL)

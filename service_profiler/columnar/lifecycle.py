@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import duckdb
 
-from .batch import drop_tables
+from .batch import create_numbered, drop_tables
 
 EVENT_COLUMNS = ["ts_ns", "event_type", "rid", "proc", "batch_id", "detail"]
 STATE_COLUMNS = ["rid", "seq", "ts_ns", "from_state", "to_state", "batch_id", "proc", "time_in_from_state_ms",
@@ -76,8 +76,7 @@ def _transitions(con: duckdb.DuckDBPyConnection) -> str:
 def build_lifecycle(con: duckdb.DuckDBPyConnection) -> None:
     con.execute(_STATE_EVENTS)
     transitions = _transitions(con)
-    con.execute(f"""
-        CREATE OR REPLACE TABLE state_transition AS
+    create_numbered(con, "state_transition", f"""
         WITH req AS (SELECT rid, row_no AS n, engine_arrival_ns, proc FROM request),
         t AS (
             SELECT rid, engine_arrival_ns AS ts_ns, 'NEW' AS "from", 'WAITING' AS "to", NULL AS batch_id, proc,
@@ -89,14 +88,16 @@ def build_lifecycle(con: duckdb.DuckDBPyConnection) -> None:
                    first_value(t.proc) OVER first AS first_proc, first_value(t.k2) OVER first AS first_k2
             FROM t LEFT JOIN req ON req.rid = t.rid AND req.engine_arrival_ns IS NOT NULL
             WINDOW first AS (PARTITION BY t.rid ORDER BY t.k1, t.proc, t.k2))
-        SELECT row_number() OVER (ORDER BY rid_order, first_proc, first_k2, rid, ts_ns, k0, k1, k2) AS row_no,
+        SELECT rid_order, first_proc, first_k2, k0, k1, k2,
                rid, (row_number() OVER w - 1)::BIGINT AS seq, ts_ns, "from" AS from_state, "to" AS to_state,
                TRY_CAST(batch_id AS BIGINT) AS batch_id, proc,
                (ts_ns - lag(ts_ns) OVER w) / 1e6 AS time_in_from_state_ms,
                source
-        FROM ordered WINDOW w AS (PARTITION BY rid ORDER BY ts_ns, k0, k1, k2)""")
-    con.execute(f"""
-        CREATE OR REPLACE TABLE lifecycle_event AS
+        FROM ordered WINDOW w AS (PARTITION BY rid ORDER BY ts_ns, k0, k1, k2)""",
+                    "rid_order, first_proc, first_k2, rid, ts_ns, k0, k1, k2",
+                    "r.rid, r.seq, r.ts_ns, r.from_state, r.to_state, r.batch_id, r.proc, r.time_in_from_state_ms, "
+                    "r.source")
+    create_numbered(con, "lifecycle_event", f"""
         WITH a AS (
             SELECT e.proc, e.name, e.ts_ns, e.pos,
                    json_transform(e.attrs, '{{"rid": "VARCHAR", "api_rid": "VARCHAR", "prompt_tokens": "VARCHAR",
@@ -128,6 +129,5 @@ def build_lifecycle(con: duckdb.DuckDBPyConnection) -> None:
             SELECT first_token_ns, 'first_token', rid, NULL, NULL,
                    'ttft_ms=' || {_S.format('ttft_ms::VARCHAR')} || ';source=' || timing_source, 4, row_no * 2 + 1
             FROM request WHERE first_token_ns IS NOT NULL)
-        SELECT row_number() OVER (ORDER BY ts_ns, k1, k2) AS row_no, ts_ns, event_type, rid, proc, batch_id, detail
-        FROM rows""")
+        SELECT * FROM rows""", "ts_ns, k1, k2", "r.ts_ns, r.event_type, r.rid, r.proc, r.batch_id, r.detail")
     drop_tables(con, "state_event")

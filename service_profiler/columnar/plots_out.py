@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from service_profiler.outputs import output_dir
 
-from .figure_process import FigureProcess, call
+from .figure_process import FigureProcess, submit
 from .plots_draw import Histogram, Lines, Plot, Scatter, Series, draw_plots
 
 if TYPE_CHECKING:
@@ -126,11 +126,12 @@ class PlotsExporter:
 
     def export(self, run: AnalysisRun, out_dir: Path) -> list[Path]:
         plot_dir = output_dir(out_dir / "plots")
-        plots: list[tuple[Path, tuple[float, float], Plot]] = []
+        # each plot is drawn as soon as it is queried: the figure process draws while the next is queried
+        drawn: list[Callable[[], list[Path]]] = []
         for name, query, size in PLOTS:
             plot = query(run)
             if isinstance(plot, str):
                 print(f"plots: skipped {name}: {plot}", file=sys.stderr)
             else:
-                plots.append((plot_dir / name, size, plot))
-        return call(self.figures, draw_plots, plots)
+                drawn.append(submit(self.figures, draw_plots, [(plot_dir / name, size, plot)]))
+        return [path for result in drawn for path in result()]
