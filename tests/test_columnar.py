@@ -15,6 +15,7 @@ import re
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -706,7 +707,8 @@ def test_duckdb_threads_are_shared_out_and_given_back(tmp_path: Path, busy: Synt
     from service_profiler.columnar import run as run_module
 
     seen: dict[str, list[int]] = {"tables": [], "outputs": [], "csv alone": []}
-    whole = [0]  # the threads of the run being exported
+    whole = [0]  # the threads the last output should get: the run's, or (a small run) its share
+    db_done = threading.Event()
     build_batches, run_one = run_module.build_batches, pipeline._run_one
 
     def noting_build(con: duckdb.DuckDBPyConnection) -> None:
@@ -716,10 +718,14 @@ def test_duckdb_threads_are_shared_out_and_given_back(tmp_path: Path, busy: Synt
     def noting_export(run: Any, fmt: str, options: dict[str, Any], out_dir: Path) -> Any:
         seen["outputs"].append(duckdb_threads(run.con))
         outcome = run_one(run, fmt, options, out_dir)
-        if fmt == "csv":  # waits for profiler.db to end, and for its threads to come this way
-            deadline = time.monotonic() + 30
+        if fmt == "db":
+            db_done.set()
+        else:  # waits for profiler.db to end, and for its threads to come this way (or not)
+            assert db_done.wait(30)
+            deadline = time.monotonic() + (30 if whole[0] != seen["outputs"][0] else 0.3)
             while duckdb_threads(run.con) != whole[0] and time.monotonic() < deadline:
                 time.sleep(0.01)
+            time.sleep(0.2)
             seen["csv alone"].append(duckdb_threads(run.con))
         return outcome
 
@@ -727,17 +733,21 @@ def test_duckdb_threads_are_shared_out_and_given_back(tmp_path: Path, busy: Synt
     monkeypatch.setattr(pipeline, "_run_one", noting_export)
     with duckdb.connect() as fresh:
         default = duckdb_threads(fresh)
-    for threads, expected in ((None, 1), (3, 3)):
+    for threads, expected, small in ((None, 1, False), (3, 3, False), (3, 3, True)):
+        # not on a small run, where a query's extra threads cost more than they save
+        monkeypatch.setattr(pipeline, "SMALL_RUN_RECORDS", SMALL_RUN_RECORDS if small else 0)
         run = analyze_run([busy.run_dir], threads=threads)
         try:
             assert run.count("record") < SMALL_RUN_RECORDS
             assert seen["tables"].pop() == expected
             assert duckdb_threads(run.con) == (threads or default)
-            whole[0] = threads or default
-            outcomes = export_all(run, ["csv", "db"], tmp_path / str(threads), jobs=2)
+            share = max((threads or default) // 2, 1)
+            whole[0] = share if small else threads or default
+            db_done.clear()
+            outcomes = export_all(run, ["csv", "db"], tmp_path / f"{threads}-{small}", jobs=2)
             assert [o.error for o in outcomes] == [None, None]
-            assert seen["outputs"] == [max((threads or default) // 2, 1)] * 2
-            assert seen["csv alone"] == [threads or default]
+            assert sorted(seen["outputs"]) == [share] * 2
+            assert seen["csv alone"] == [whole[0]]
             seen["outputs"].clear()
             seen["csv alone"].clear()
             assert duckdb_threads(run.con) == (threads or default)
@@ -776,3 +786,58 @@ def test_outputs_that_do_not_fit_their_share_of_the_memory_limit_are_written_aga
             assert (tmp_path / out / name).read_bytes() == (tmp_path / "alone" / name).read_bytes()
         requests = sqlite3.connect(tmp_path / out / "profiler.db").execute("SELECT count(*) FROM request").fetchone()
         assert requests == (60,)
+
+
+def test_a_table_numbered_by_its_keys_is_the_table_numbered_by_a_window() -> None:
+    """`create_numbered` (the keys sorted alone, the rows joined back by row id) gives each row the number a
+    window over the whole rows gives it, with every column, and leaves no helper table behind."""
+    from service_profiler.columnar.batch import create_numbered
+
+    with duckdb.connect() as con:
+        con.execute("""CREATE TABLE src AS SELECT i % 97 AS a, (i * 7919) % 1000 AS b, 'row ' || i AS label,
+                       repeat('x', i % 50) AS payload FROM range(20000) t(i)""")
+        create_numbered(con, "numbered", "SELECT * FROM src", "a, b, label", "r.label, r.payload, r.a")
+        windowed = con.execute("""SELECT row_number() OVER (ORDER BY a, b, label) AS row_no, label, payload, a
+                                  FROM src ORDER BY row_no""").fetchall()
+        assert con.execute("SELECT * FROM numbered ORDER BY row_no").fetchall() == windowed
+        assert [c[0] for c in con.execute("SELECT * FROM numbered LIMIT 0").description] == [
+            "row_no", "label", "payload", "a"]
+        assert con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'numbered_rows'").fetchone() == (0,)
+
+
+def test_outputs_of_a_run_too_large_for_side_by_side_are_written_one_at_a_time(
+        tmp_path: Path, busy: SyntheticRun, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past SIDE_BY_SIDE_RECORDS_PER_GIB records per GiB of the limit, `jobs` > 1 writes the outputs one
+    after another, each with all of DuckDB's threads and the whole limit, and says so; the files are the
+    ones written side by side."""
+    from service_profiler.columnar import pipeline
+
+    spans: list[tuple[str, float, float, int, int]] = []
+    run_one = pipeline._run_one
+
+    def timed(run: Any, fmt: str, options: dict[str, Any], out_dir: Path) -> Any:
+        start = time.monotonic()
+        threads, limit = duckdb_threads(run.con), memory_limit_bytes(run.con)
+        outcome = run_one(run, fmt, options, out_dir)
+        spans.append((fmt, start, time.monotonic(), threads, limit))
+        return outcome
+
+    monkeypatch.setattr(pipeline, "_run_one", timed)
+    run = analyze_run([busy.run_dir], threads=2)
+    try:
+        whole = memory_limit_bytes(run.con)
+        export_all(run, ["csv", "db"], tmp_path / "side_by_side", jobs=2)
+        assert {threads for *_, threads, _ in spans} == {1}  # each its share: the threshold not reached
+        spans.clear()
+        monkeypatch.setattr(pipeline, "SIDE_BY_SIDE_RECORDS_PER_GIB", run.count("record") // 2)
+        said: list[str] = []
+        outcomes = export_all(run, ["csv", "db"], tmp_path / "one_by_one", jobs=2, progress=said.append)
+    finally:
+        run.close()
+    assert [o.error for o in outcomes] == [None, None]
+    assert said[0].startswith("outputs written one at a time")
+    (_, _, first_end, *_), (_, second_start, *_) = sorted(spans, key=lambda s: s[1])
+    assert first_end <= second_start
+    assert {(threads, limit) for *_, threads, limit in spans} == {(2, whole)}
+    for name in ("request.csv", "batch.csv", "kvcache.csv"):
+        assert (tmp_path / "one_by_one" / name).read_bytes() == (tmp_path / "side_by_side" / name).read_bytes()

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import duckdb
 
 from .raw import memory_limit_bytes
-from .run import AnalysisRun, duckdb_threads, set_threads
+from .run import SMALL_RUN_RECORDS, AnalysisRun, duckdb_threads, set_threads
 
 OUTPUTS_SHARE_OF_LIMIT = 3 / 4
 """Threads write the outputs within this share of the memory limit the tables were built in. DuckDB's
@@ -33,6 +33,12 @@ allocator keeps memory it freed for a while, outside the limit; with two outputs
 freeing large buffers, that grew to most of the limit again, and a 10 M-record run's process tree passed
 2 GB with the 1 GB limit (benchmarks/README.md). An output that does not fit the share is written again
 afterwards, alone, within the whole limit."""
+
+SIDE_BY_SIDE_RECORDS_PER_GIB = 15_000_000
+"""Above this many records per GiB of the memory limit, threads write the outputs one at a time. Side by
+side, each within its share of the limit, a 29 M-record run's trace, profiler.db and CSVs (1 GB limit)
+each ran out of memory part way and were written again alone: more time than writing them one by one,
+and the process tree's memory went past 2 GB meanwhile. A 10 M-record run's fit (benchmarks/README.md)."""
 
 
 class Exporter(Protocol):
@@ -116,6 +122,11 @@ def export_all(run: AnalysisRun, formats: list[str], out_dir: Path, jobs: int = 
     options = options or {}
     out_dir.mkdir(parents=True, exist_ok=True)
     outcomes: list[Outcome] = []
+    records = run.count("record")
+    if jobs > 1 and not run.shared and records > SIDE_BY_SIDE_RECORDS_PER_GIB * memory_limit_bytes(run.con) / (1 << 30):
+        jobs = 1
+        if progress:
+            progress("outputs written one at a time: side by side they would not fit in the memory limit")
     if jobs <= 1 or len(formats) < 2:
         for fmt in formats:
             outcomes.append(_run_one(run, fmt, options.get(fmt, {}), out_dir))
@@ -138,8 +149,10 @@ def export_all(run: AnalysisRun, formats: list[str], out_dir: Path, jobs: int = 
                 outcomes.append(future.result())
                 if progress and not outcomes[-1].out_of_memory:
                     progress(f"{outcomes[-1].fmt} {'failed' if outcomes[-1].error else 'done'}")
+                # none left to start: the threads of those that ended go to the others (not on a small run,
+                # where a query's extra thread costs more CPU than it saves, as for its tables)
                 left = len(futures) - len(outcomes)
-                if 0 < left < jobs:  # none left to start: the threads of those that ended go to the others
+                if 0 < left < jobs and records >= SMALL_RUN_RECORDS:
                     set_threads(run.con, all_threads // left)
         _set_memory_limit(run, run.memory_limit)
         set_threads(run.con, all_threads)
