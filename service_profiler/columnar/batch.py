@@ -172,7 +172,7 @@ def create_numbered(con: duckdb.DuckDBPyConnection, table: str, rows: str, order
     """CREATE TABLE `table` AS `row_no` (1, 2, ... in `order_by` order over the rows of the query `rows`), then
     `columns` (expressions over `r`, those rows). As `batch_row` in build_batches, the numbers come from a
     sort of the keys alone, joined back by row id: a window over the whole rows held every row's columns in
-    memory at once, and a 30 M-record run's KV cache table did not fit in the 1 GB limit that way."""
+    memory at once, and a 29 M-record run's KV cache table did not fit in the 1 GB limit that way."""
     con.execute(f"CREATE OR REPLACE TEMP TABLE numbered_rows AS {rows}")
     con.execute(f"""
         CREATE OR REPLACE TABLE {table} AS

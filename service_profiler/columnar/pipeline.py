@@ -38,7 +38,8 @@ SIDE_BY_SIDE_RECORDS_PER_GIB = 15_000_000
 """Above this many records per GiB of the memory limit, threads write the outputs one at a time. Side by
 side, each within its share of the limit, a 29 M-record run's trace, profiler.db and CSVs (1 GB limit)
 each ran out of memory part way and were written again alone: more time than writing them one by one,
-and the process tree's memory went past 2 GB meanwhile. A 10 M-record run's fit (benchmarks/README.md)."""
+and the process tree's memory went past 2 GB meanwhile. A 10 M-record run's outputs fit side by side
+(benchmarks/README.md)."""
 
 
 class Exporter(Protocol):
