@@ -239,6 +239,26 @@ def test_tables_that_do_not_fit_the_memory_limit_say_what_to_change(synth: Synth
     assert "larger --memory-limit" in err and "Traceback" not in err
 
 
+def test_an_output_that_does_not_fit_the_memory_limit_says_what_to_change(synth: SyntheticRun, tmp_path: Path) -> None:
+    """An output that ran out of memory (here: the trace, the limit lowered once the tables were built) is
+    told as such, with the setting to change, in one line and without DuckDB's advice or a traceback."""
+    from service_profiler.columnar.run import analyze_run
+
+    run = analyze_run([synth.run_dir])
+    try:
+        run.con.execute("SET memory_limit = '8MB'")
+        (tmp_path / "out").mkdir()
+        outcome = pipeline._run_one(run, "json", {}, tmp_path / "out")
+    finally:
+        run.close()
+    assert outcome.out_of_memory
+    message = command.failure_message(outcome, "8MB")
+    assert message.startswith("error: json did not fit in --memory-limit 8MB (Out of Memory Error: ")
+    assert message.endswith("; run again with a larger --memory-limit, or without json in --format (the other "
+                            "outputs were written)")
+    assert "\n" not in message and "Traceback" not in message
+
+
 def test_sigterm_ends_analyze_with_its_status_no_traceback_and_no_work_directory(tmp_path: Path) -> None:
     """SIGTERM while the tables are built (DuckDB queries): exit status 143, no traceback, the work
     directory removed."""

@@ -649,8 +649,8 @@ def test_tables_built_in_pieces_are_the_tables_built_at_once(tmp_path: Path, mon
     monkeypatch.setattr(raw, "_statement_bytes", lambda con: 20_000)
     read = raw._statements
 
-    def counted_reads(files: list[tuple[int, str]], budget: int, scratch: Path) -> Any:
-        for group in read(files, budget, scratch):
+    def counted_reads(files: list[tuple[int, str]], budget: int, scratch: Path, tag: str = "") -> Any:
+        for group in read(files, budget, scratch, tag):
             assert len(group) == 1 and (group[0][1] in dict(files).values() or Path(group[0][1]).parent == scratch)
             pieces.append(Path(group[0][1]).stat().st_size)
             yield group
@@ -677,6 +677,48 @@ def test_tables_built_in_pieces_are_the_tables_built_at_once(tmp_path: Path, mon
     assert len(pieces) > 2 * len(synth.files) and max(pieces) <= 2 * 20_000 + longest_line
     for table in tables:
         assert in_pieces[table] == at_once[table], table
+
+
+def test_a_statement_that_runs_out_of_memory_is_read_again_in_halves(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A statement's memory grows with the raw bytes it reads several times over. Where the files read in one
+    statement do not fit the limit, they are read again in statements of half the bytes (a file cut into
+    pieces of whole lines), as often as needed, and the tables are those read within a limit that fits."""
+    from service_profiler.columnar import raw
+
+    synth = generate_run(tmp_path / "run", SyntheticConfig(requests=1500, output_tokens=32, max_num_seqs=64, seed=9))
+    tables = ("record", "batch", "request")
+
+    def contents(memory_limit: str) -> dict[str, list[tuple[Any, ...]]]:
+        run = analyze_run([synth.run_dir], memory_limit=memory_limit)
+        try:
+            return {t: run.con.execute(f"SELECT * FROM {t} ORDER BY ALL").fetchall() for t in tables}
+        finally:
+            run.close()
+
+    fits = contents("1GB")
+    monkeypatch.setattr(raw, "_statement_bytes", lambda con: 1 << 40)  # every file in one statement at first
+    statements: list[tuple[int, bool]] = []
+    insert = raw._insert_statement
+
+    def noted(con: Any, group: list[tuple[int, str]]) -> None:
+        size = sum(Path(path).stat().st_size for _, path in group)
+        try:
+            insert(con, group)
+        except duckdb.OutOfMemoryException:
+            statements.append((size, False))
+            raise
+        statements.append((size, True))
+
+    monkeypatch.setattr(raw, "_insert_statement", noted)
+    halved = contents("100MB")
+    whole = sum(path.stat().st_size for path in synth.files)
+    assert statements[0] == (whole, False)  # all of it at once does not fit
+    longest_line = max(len(line) for path in synth.files for line in path.read_bytes().splitlines(keepends=True))
+    assert max(size for size, _ in statements[1:]) <= whole // 2 + longest_line  # a piece ends with its line
+    assert sum(size for size, fitted in statements if fitted) >= whole - 4096  # every rec line read once
+    for table in tables:
+        assert halved[table] == fits[table], table
 
 
 def test_output_links_are_not_followed(tmp_path: Path, busy: SyntheticRun) -> None:
@@ -756,33 +798,52 @@ def test_duckdb_threads_are_shared_out_and_given_back(tmp_path: Path, busy: Synt
 
 
 def test_outputs_that_do_not_fit_their_share_of_the_memory_limit_are_written_again_within_the_whole(
-        tmp_path: Path) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Side by side, the exporters get a share of the limit (room for what DuckDB's allocator keeps); one
-    that runs out of it is written again afterwards, alone, within the whole limit, with the same bytes. A
-    share below what the tables hold in memory cannot be set: the limit stays whole."""
+    that runs out of it is written again afterwards, alone, within the whole limit, with the same bytes, and
+    no output starts side by side after that: those not started are written alone too. A share below what
+    the tables hold in memory cannot be set: the limit stays whole."""
+    from service_profiler.columnar import pipeline
+
+    limits: dict[str, list[tuple[str, int]]] = {}
+    run_one = pipeline._run_one
+
+    def noting_the_limit(run: Any, fmt: str, options: dict[str, Any], out_dir: Path) -> Any:
+        limits.setdefault(out_dir.name, []).append((fmt, memory_limit_bytes(run.con)))
+        return run_one(run, fmt, options, out_dir)
+
+    monkeypatch.setattr(pipeline, "_run_one", noting_the_limit)
     synth = generate_run(tmp_path / "run", SyntheticConfig(requests=60, output_tokens=6, seed=7))
     run = analyze_run([synth.run_dir], memory_limit="600MB")
+    formats = ["csv", "db", "summary"]  # started in the order db, csv, summary
     try:
         whole = memory_limit_bytes(run.con)
-        alone = export_all(run, ["csv", "db"], tmp_path / "alone", jobs=1)
+        alone = export_all(run, formats, tmp_path / "alone", jobs=1)
         held = run.con.execute("SELECT sum(memory_usage_bytes) FROM duckdb_memory()").fetchone()[0]
         runs: dict[str, list[str]] = {"squeezed": [], "below": []}
         outcomes = {
             # the tables fit, the exporters' working memory does not
-            "squeezed": export_all(run, ["csv", "db"], tmp_path / "squeezed", jobs=2,
+            "squeezed": export_all(run, formats, tmp_path / "squeezed", jobs=2,
                                    progress=runs["squeezed"].append, outputs_share=(held + (4 << 20)) / whole),
-            "below": export_all(run, ["csv", "db"], tmp_path / "below", jobs=2, progress=runs["below"].append,
+            "below": export_all(run, formats, tmp_path / "below", jobs=2, progress=runs["below"].append,
                                 outputs_share=(held >> 2) / whole)}
         assert memory_limit_bytes(run.con) == whole  # given back for what follows
     finally:
         run.close()
-    assert [o.error for o in alone] == [None, None]
-    assert [o.error for o in outcomes["squeezed"]] == [o.error for o in outcomes["below"]] == [None, None]
-    assert sorted(runs["squeezed"]) == ["csv done (again, alone, within the whole memory limit)",
-                                        "db done (again, alone, within the whole memory limit)"]
-    assert sorted(runs["below"]) == ["csv done", "db done"]
+    assert [o.error for o in alone] == [None] * 3
+    assert [o.error for o in outcomes["squeezed"]] == [o.error for o in outcomes["below"]] == [None] * 3
+    squeezed = runs["squeezed"]
+    assert squeezed[0] in ("outputs written one at a time from here: db, csv ran out of memory side by side",
+                           "outputs written one at a time from here: csv, db ran out of memory side by side")
+    assert sorted(squeezed[1:3]) == ["csv done (again, alone, within the whole memory limit)",
+                                     "db done (again, alone, within the whole memory limit)"]
+    assert squeezed[3:] == ["summary done (alone, within the whole memory limit)"]
+    # summary was not started beside them: it ran once, within the whole limit, after both were written again
+    assert [fmt for fmt, _ in limits["squeezed"]][-1] == "summary"
+    assert [limit for fmt, limit in limits["squeezed"] if fmt == "summary"] == [whole]
+    assert sorted(runs["below"]) == ["csv done", "db done", "summary done"]
     for out in ("squeezed", "below"):
-        for name in ("request.csv", "batch.csv", "per_iteration_requests.csv"):
+        for name in ("request.csv", "batch.csv", "per_iteration_requests.csv", "request_summary.csv"):
             assert (tmp_path / out / name).read_bytes() == (tmp_path / "alone" / name).read_bytes()
         requests = sqlite3.connect(tmp_path / out / "profiler.db").execute("SELECT count(*) FROM request").fetchone()
         assert requests == (60,)

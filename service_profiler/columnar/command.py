@@ -171,8 +171,8 @@ def _analyze(args: argparse.Namespace, formats: list[str], out: Path, pool: bool
         return EXIT_NO_DATA
     except duckdb.OutOfMemoryException as exc:
         print(f"error: the analysis tables did not fit in --memory-limit {args.memory_limit} "
-              f"({str(exc).splitlines()[0]}); run again with a larger --memory-limit (reading needs about 128MB; "
-              "a run of tens of millions of records may need 2GB or more), or with --threads 1, which needs less",
+              f"({str(exc).splitlines()[0]}); run again with a larger --memory-limit, or with --threads 1, which "
+              "needs less",
               file=sys.stderr)
         return EXIT_NO_DATA
     try:
@@ -215,8 +215,18 @@ def _analyze(args: argparse.Namespace, formats: list[str], out: Path, pool: bool
             print(f"  ... {len(analysis.problems) - 20} more in {out / 'problems.txt'}", file=sys.stderr)
     failed = [o for o in outcomes if o.error]
     for outcome in failed:
-        print(f"error: {outcome.fmt} failed: {outcome.error}", file=sys.stderr)
+        print(failure_message(outcome, args.memory_limit), file=sys.stderr)
     return EXIT_EXPORT_FAILED if failed else EXIT_OK
+
+
+def failure_message(outcome: Outcome, memory_limit: str) -> str:
+    """What to tell of an output that failed: for one that ran out of memory, what to change."""
+    if outcome.out_of_memory and outcome.error:
+        why = outcome.error.splitlines()[0].removeprefix(f"{duckdb.OutOfMemoryException.__name__}: ")
+        return (f"error: {outcome.fmt} did not fit in --memory-limit {memory_limit} ({why}); "
+                f"run again with a larger --memory-limit, or without {outcome.fmt} in --format (the other outputs "
+                "were written)")
+    return f"error: {outcome.fmt} failed: {outcome.error}"
 
 
 def _front_door_outputs(paths: list[Path], out: Path) -> Outcome:

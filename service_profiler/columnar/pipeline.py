@@ -5,8 +5,8 @@ tables through `run.con` and writes its files into `out_dir`. Exporters run one 
 process; or (`jobs` > 1) `jobs` at a time in threads of this process (the plots' and the model's
 exporters hand their drawing to the figure process, `figure_process`, and wait for it); or (`jobs` > 1, a
 `shared` analysis) in a process pool whose workers open the analysis database read-only. Threads write
-within a share of the memory limit (`OUTPUTS_SHARE_OF_LIMIT`); one that runs out of it is run again at
-the end, alone, within the whole limit.
+within a share of the memory limit (`OUTPUTS_SHARE_OF_LIMIT`); once one runs out of it, no other starts
+side by side: it is run again, and those not started yet are run, one at a time within the whole limit.
 One exporter failing does not stop the others: it is reported and the pipeline's result says so.
 """
 
@@ -16,7 +16,7 @@ import importlib
 import multiprocessing
 import traceback
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -135,34 +135,7 @@ def export_all(run: AnalysisRun, formats: list[str], out_dir: Path, jobs: int = 
                 progress(f"{fmt} {'failed' if outcomes[-1].error else 'done'}")
         return outcomes
     if not run.shared:
-        # threads of this process: DuckDB's queries and SQLite's inserts run without the GIL, so an
-        # exporter spending its time in Python (profiler.db's rows, the plots) overlaps with the others
-        # (an exporter that hands its drawing to the figure process takes a place all the same: with one
-        # more exporter at a time, a 10 M-record run's process tree went past 2 GB)
-        _set_memory_limit(run, f"{max(int(memory_limit_bytes(run.con) * outputs_share) >> 20, 1)}MiB")
-        # DuckDB's threads shared out among the exporters: a query's extra threads cost more CPU than
-        # they save while another exporter keeps the other cores busy (benchmarks/README.md)
-        all_threads = set_threads(run.con, duckdb_threads(run.con) // jobs)
-        with ThreadPoolExecutor(max_workers=jobs) as threads:
-            futures = [threads.submit(_in_thread, run, fmt, options.get(fmt, {}), out_dir)
-                       for fmt in sorted(formats, key=_START_ORDER.index)]
-            for future in as_completed(futures):
-                outcomes.append(future.result())
-                if progress and not outcomes[-1].out_of_memory:
-                    progress(f"{outcomes[-1].fmt} {'failed' if outcomes[-1].error else 'done'}")
-                # none left to start: the threads of those that ended go to the others (not on a small run,
-                # where a query's extra thread costs more CPU than it saves, as for its tables)
-                left = len(futures) - len(outcomes)
-                if 0 < left < jobs and records >= SMALL_RUN_RECORDS:
-                    set_threads(run.con, all_threads // left)
-        _set_memory_limit(run, run.memory_limit)
-        set_threads(run.con, all_threads)
-        for i, outcome in enumerate(outcomes):
-            if outcome.out_of_memory:
-                outcomes[i] = _run_one(run, outcome.fmt, options.get(outcome.fmt, {}), out_dir)
-                if progress:
-                    progress(f"{outcome.fmt} {'failed' if outcomes[i].error else 'done'} (again, alone, "
-                             "within the whole memory limit)")
+        outcomes = _export_in_threads(run, formats, out_dir, jobs, records, progress, options, outputs_share)
         return sorted(outcomes, key=lambda o: formats.index(o.fmt))
     run.con.close()  # the workers open the database file read-only: DuckDB allows no writer beside them
     # spawned, not forked: a fork would copy DuckDB's threads' locks in whatever state they are
@@ -175,4 +148,58 @@ def export_all(run: AnalysisRun, formats: list[str], out_dir: Path, jobs: int = 
                 outcomes.append(Outcome(fmt, error=f"the exporter process died before it finished ({exc})"))
             if progress:
                 progress(f"{outcomes[-1].fmt} {'failed' if outcomes[-1].error else 'done'}")
+    return outcomes
+
+
+def _export_in_threads(run: AnalysisRun, formats: list[str], out_dir: Path, jobs: int, records: int,
+                       progress: Callable[[str], None] | None, options: dict[str, dict[str, Any]],
+                       outputs_share: float) -> list[Outcome]:
+    """`jobs` exporters at a time in threads of this process: DuckDB's queries and SQLite's inserts run
+    without the GIL, so an exporter spending its time in Python (profiler.db's rows, the plots) overlaps
+    with the others (an exporter that hands its drawing to the figure process takes a place all the same:
+    with one more exporter at a time, a 10 M-record run's process tree went past 2 GB).
+
+    Once one runs out of its share of the memory limit, no other starts beside the ones running: it and
+    those not started yet are written afterwards, one at a time, within the whole limit. The run has shown
+    that its outputs do not fit side by side, whatever its size and limit."""
+    outcomes: list[Outcome] = []
+    _set_memory_limit(run, f"{max(int(memory_limit_bytes(run.con) * outputs_share) >> 20, 1)}MiB")
+    # DuckDB's threads shared out among the exporters: a query's extra threads cost more CPU than they
+    # save while another exporter keeps the other cores busy (benchmarks/README.md)
+    all_threads = set_threads(run.con, duckdb_threads(run.con) // jobs)
+    to_start = sorted(formats, key=_START_ORDER.index)
+    not_started: list[str] = []  # left for after, once one ran out of memory
+    out_of_memory: list[str] = []  # ran out of their share side by side
+    running: set[Future[Outcome]] = set()
+    with ThreadPoolExecutor(max_workers=jobs) as threads:
+        while to_start or running:
+            while to_start and len(running) < jobs and not out_of_memory:
+                fmt = to_start.pop(0)
+                running.add(threads.submit(_in_thread, run, fmt, options.get(fmt, {}), out_dir))
+            ended, running = wait(running, return_when=FIRST_COMPLETED)
+            for future in ended:
+                outcome = future.result()
+                if outcome.out_of_memory:
+                    out_of_memory.append(outcome.fmt)
+                    continue
+                outcomes.append(outcome)
+                if progress:
+                    progress(f"{outcome.fmt} {'failed' if outcome.error else 'done'}")
+            if out_of_memory and to_start:
+                not_started, to_start = to_start, []
+            # none left to start: the threads of those that ended go to the others (not on a small run,
+            # where a query's extra thread costs more CPU than it saves, as for its tables)
+            if not to_start and 0 < len(running) < jobs and records >= SMALL_RUN_RECORDS:
+                set_threads(run.con, all_threads // len(running))
+    _set_memory_limit(run, run.memory_limit)
+    set_threads(run.con, all_threads)
+    if not_started and progress:
+        progress(f"outputs written one at a time from here: {', '.join(out_of_memory)} ran out of memory "
+                 "side by side")
+    for fmt in out_of_memory + not_started:
+        outcomes.append(_run_one(run, fmt, options.get(fmt, {}), out_dir))
+        if progress:
+            again = "again, " if fmt in out_of_memory else ""
+            progress(f"{fmt} {'failed' if outcomes[-1].error else 'done'} ({again}alone, within the whole "
+                     "memory limit)")
     return outcomes

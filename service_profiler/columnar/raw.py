@@ -281,29 +281,54 @@ def _load_records(con: duckdb.DuckDBPyConnection, processes: list[Process], sour
     private directory for the pieces of a file too large for one statement."""
     con.execute(f"CREATE OR REPLACE TABLE record ({RECORD_COLUMNS})")
     files = [(p.index, sources[p.index]) for p in processes if p.rec_lines]
-    for group in _statements(files, _statement_bytes(con), scratch):
-        con.execute("CREATE OR REPLACE TEMP TABLE source (proc INTEGER, path VARCHAR)")
-        insert_rows(con, "source", group)
-        names = ", ".join("'" + path.replace("'", "''") + "'" for _, path in group)
-        con.execute(f"""
-            INSERT INTO record
-            WITH line AS (
-                -- one parse per line: the records as lists of JSON values
-                SELECT p.proc, p.wall_offset, json_transform(l.json, '{{"r": [["JSON"]]}}').r AS r
-                FROM read_json_objects([{names}], format='newline_delimited', filename=true,
-                                       ignore_errors=true, maximum_object_size={MAX_LINE_BYTES}) AS l
-                JOIN source AS f ON f.path = l.filename JOIN process AS p ON p.proc = f.proc
-                WHERE starts_with(l.json, '{{"t":"rec"') OR starts_with(l.json, '{{"t": "rec"')),
-            item AS (SELECT proc, wall_offset, unnest(r) AS x, unnest(generate_series(1, len(r))) AS pos FROM line)
-            SELECT i.proc, c.kind, c.domain, c.name, TRY_CAST(x[2] AS BIGINT) + i.wall_offset AS ts_ns,
-                   CASE WHEN c.kind = 'span' THEN TRY_CAST(x[3] AS BIGINT) + i.wall_offset END AS end_ns,
-                   TRY_CAST(CASE c.kind WHEN 'span' THEN x[4] WHEN 'event' THEN x[3] END AS BIGINT) AS tid,
-                   CASE c.kind WHEN 'span' THEN x[5] WHEN 'event' THEN x[4] ELSE x[3] END AS attrs,
-                   i.pos::INTEGER AS pos, CASE WHEN c.kind = 'span' THEN x[5]->>'batch_id' END AS batch_id
-            FROM item i LEFT JOIN channel c ON c.proc = i.proc AND c.id = TRY_CAST(x[1] AS INTEGER)
-        """)
+    budget = _statement_bytes(con)
+    for group in _statements(files, budget, scratch):
+        _insert_records(con, group, budget, scratch)
     _drop_too_deep(con)
     create_record_views(con)
+
+
+def _insert_records(con: duckdb.DuckDBPyConnection, group: list[tuple[int, str]], budget: int, scratch: Path,
+                    depth: int = 0) -> None:
+    """The records of `group`'s files in one statement; where that statement runs out of memory (it failed
+    as a whole: nothing was inserted), the same files again in statements of half the bytes. A statement's
+    memory grows with its bytes several times over, by more than a fixed share of the limit allows for
+    under a few hundred MB (benchmarks/README.md)."""
+    try:
+        _insert_statement(con, group)
+    except duckdb.OutOfMemoryException:
+        smaller = min(budget, sum(os.path.getsize(path) for _, path in group)) // 2
+        if smaller < _SMALLEST_STATEMENT_BYTES:
+            raise
+        for part in _statements(group, smaller, scratch, f"-{depth + 1}"):
+            _insert_records(con, part, smaller, scratch, depth + 1)
+
+
+def _insert_statement(con: duckdb.DuckDBPyConnection, group: list[tuple[int, str]]) -> None:
+    con.execute("CREATE OR REPLACE TEMP TABLE source (proc INTEGER, path VARCHAR)")
+    insert_rows(con, "source", group)
+    names = ", ".join("'" + path.replace("'", "''") + "'" for _, path in group)
+    con.execute(f"""
+        INSERT INTO record
+        WITH line AS (
+            -- one parse per line: the records as lists of JSON values
+            SELECT p.proc, p.wall_offset, json_transform(l.json, '{{"r": [["JSON"]]}}').r AS r
+            FROM read_json_objects([{names}], format='newline_delimited', filename=true,
+                                   ignore_errors=true, maximum_object_size={MAX_LINE_BYTES}) AS l
+            JOIN source AS f ON f.path = l.filename JOIN process AS p ON p.proc = f.proc
+            WHERE starts_with(l.json, '{{"t":"rec"') OR starts_with(l.json, '{{"t": "rec"')),
+        item AS (SELECT proc, wall_offset, unnest(r) AS x, unnest(generate_series(1, len(r))) AS pos FROM line)
+        SELECT i.proc, c.kind, c.domain, c.name, TRY_CAST(x[2] AS BIGINT) + i.wall_offset AS ts_ns,
+               CASE WHEN c.kind = 'span' THEN TRY_CAST(x[3] AS BIGINT) + i.wall_offset END AS end_ns,
+               TRY_CAST(CASE c.kind WHEN 'span' THEN x[4] WHEN 'event' THEN x[3] END AS BIGINT) AS tid,
+               CASE c.kind WHEN 'span' THEN x[5] WHEN 'event' THEN x[4] ELSE x[3] END AS attrs,
+               i.pos::INTEGER AS pos, CASE WHEN c.kind = 'span' THEN x[5]->>'batch_id' END AS batch_id
+        FROM item i LEFT JOIN channel c ON c.proc = i.proc AND c.id = TRY_CAST(x[1] AS INTEGER)
+    """)
+
+
+_SMALLEST_STATEMENT_BYTES = 1 << 20
+"""A statement that runs out of memory with fewer raw bytes than this is not cut again: the error stands."""
 
 
 def _statement_bytes(con: duckdb.DuckDBPyConnection) -> int:
@@ -313,12 +338,13 @@ def _statement_bytes(con: duckdb.DuckDBPyConnection) -> int:
     return max(memory_limit_bytes(con) // 4, 1)
 
 
-def _statements(files: list[tuple[int, str]], budget: int, scratch: Path) -> Iterator[list[tuple[int, str]]]:
+def _statements(files: list[tuple[int, str]], budget: int, scratch: Path, tag: str = ""
+                ) -> Iterator[list[tuple[int, str]]]:
     """The (process, file) pairs each statement reads: files of at most `budget` bytes together, and as
     many files as `budget` holds DuckDB's JSON buffers for (it sets aside twice the longest line it
     accepts for each file a statement names, whatever the file's size: 60 files of a 30 M-record run in
     one statement did not fit in 1 GB). A file larger than `budget` is read a piece at a time (`_pieces`,
-    in `scratch`), one statement each."""
+    in `scratch`, its name ending in `tag`), one statement each."""
     per_statement = max(1, budget // (2 * MAX_LINE_BYTES))
     group: list[tuple[int, str]] = []
     size = 0
@@ -331,7 +357,7 @@ def _statements(files: list[tuple[int, str]], budget: int, scratch: Path) -> Ite
             group.append((proc, path))
             size += file_size
             continue
-        for piece in _pieces(path, budget, scratch / f"piece-{proc}.sprof.jsonl"):
+        for piece in _pieces(path, budget, scratch / f"piece-{proc}{tag}.sprof.jsonl"):
             yield [(proc, piece)]
     if group:
         yield group
