@@ -190,11 +190,11 @@ def test_a_killed_figure_process_costs_no_figure(tmp_path: Path, capsys: pytest.
 
     figures = FigureProcess()
     try:
-        pid = figures.call(os.getpid)
+        pid = figures.submit(os.getpid)()
         assert pid != os.getpid()
         os.kill(pid, signal.SIGKILL)
         plot = Lines([Series([0.0, 1.0], [1.0, 2.0], [1.0, 2.0], [1.0, 2.0])], "x", "y", "t")
-        written = figures.call(draw_plots, [(tmp_path / "p.png", (4.0, 3.0), plot)])
+        written = figures.submit(draw_plots, [(tmp_path / "p.png", (4.0, 3.0), plot)])()
     finally:
         figures.close()
     assert written == [tmp_path / "p.png"] and (tmp_path / "p.png").read_bytes().startswith(b"\x89PNG")
@@ -210,7 +210,7 @@ def test_the_figure_process_ends_with_a_killed_analyze(tmp_path: Path) -> None:
     code = ("import os, sys, time\n"
             "from service_profiler.columnar.figure_process import FigureProcess\n"
             "f = FigureProcess()\n"
-            "print(f.call(os.getpid), flush=True)\n"
+            "print(f.submit(os.getpid)(), flush=True)\n"
             "time.sleep(60)\n")
     parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:

@@ -78,10 +78,6 @@ class FigureProcess:
             return fn(*args)
         return result
 
-    def call(self, fn: Callable[..., T], *args: object) -> T:
-        """fn(*args) in the figure process; here, if that process is gone. fn's exceptions propagate."""
-        return self.submit(fn, *args)()
-
     def _lost(self, exc: BrokenProcessPool) -> None:
         if self._pool is not None:
             print(f"figures: the figure process ended ({exc}); drawing in this process instead", file=sys.stderr)
@@ -91,11 +87,6 @@ class FigureProcess:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
-
-
-def call(figures: FigureProcess | None, fn: Callable[..., T], *args: object) -> T:
-    """fn(*args) in `figures`' process, or in this one when there is none."""
-    return figures.call(fn, *args) if figures is not None else fn(*args)
 
 
 def submit(figures: FigureProcess | None, fn: Callable[..., T], *args: object) -> Callable[[], T]:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from service_profiler.outputs import output_dir
 
-from .figure_process import FigureProcess, call
+from .figure_process import FigureProcess, submit
 
 if TYPE_CHECKING:
     from .run import AnalysisRun
@@ -45,5 +45,5 @@ class ModelExporter:
             print("latency model skipped: no batch has a model execution time (modelExec spans)", file=sys.stderr)
             return []
         model_dir = output_dir(out_dir / "model")
-        call(self.figures, fit_and_write, b, s, t, model_dir)
+        submit(self.figures, fit_and_write, b, s, t, model_dir)()
         return sorted(p for p in model_dir.iterdir() if p.is_file())
