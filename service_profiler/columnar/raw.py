@@ -432,6 +432,7 @@ def _drop_too_deep(con: duckdb.DuckDBPyConnection) -> None:
 # the records the `span` view holds (a span without an integer start or end is kept out), as a condition on
 # `record` for the queries that read the table itself
 SPAN_RECORD = "kind = 'span' AND ts_ns IS NOT NULL AND end_ns IS NOT NULL"
+EVENT_RECORD = "kind = 'event' AND ts_ns IS NOT NULL"
 
 
 def create_record_views(con: duckdb.DuckDBPyConnection) -> None:
@@ -440,7 +441,7 @@ def create_record_views(con: duckdb.DuckDBPyConnection) -> None:
     con.execute("""CREATE OR REPLACE VIEW span AS SELECT proc, domain, name, ts_ns AS start_ns, end_ns, tid, attrs,
                    pos, batch_id FROM record WHERE """ + SPAN_RECORD)
     con.execute("CREATE OR REPLACE VIEW event AS SELECT proc, domain, name, ts_ns, tid, attrs, pos FROM record "
-                "WHERE kind = 'event' AND " + valid)
+                "WHERE " + EVENT_RECORD)
     con.execute("CREATE OR REPLACE VIEW counter AS SELECT proc, domain, name, ts_ns, attrs AS vals, pos FROM record "
                 "WHERE kind = 'counter' AND " + valid)
 

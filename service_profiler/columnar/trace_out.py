@@ -36,6 +36,7 @@ import duckdb
 from service_profiler.outputs import open_output, scratch_dir
 
 from . import trace_requests
+from .raw import EVENT_RECORD
 from .run import AnalysisRun
 from .trace_lanes import OVERLAP_LANE, build_lanes
 from .trace_sql import capped, create_drawn_spans, rank_in_second, second, us, window_filter
@@ -83,20 +84,21 @@ def _numeric(obj: str) -> str:
         END"""
 
 
-# the spans and instants shown (within the cap), as trace events; the counters' candidates are a table, with
-# `shown`
+# the spans and instants shown (within the cap), as trace events (chosen on their keys, their attributes
+# joined back by row id: trace_sql.create_drawn_spans); the counters' candidates are a table, with `shown`
 _SPANS = f"""
     SELECT 'X' AS ph, name, domain AS cat, {us('start_ns')} AS ts, round((end_ns - start_ns) / 1000.0, 3) AS dur,
            proc + 1 AS pid, tid, {_compact('attrs')} AS args
     FROM trace_span"""
 
 _INSTANTS = f"""
-    WITH c AS (SELECT *, {capped('proc, name', 'ts_ns')} AS shown FROM event
-               WHERE NOT ({FOLDED}) AND {window_filter('ts_ns')})
-    SELECT 'i' AS ph, c.name, c.domain AS cat, {us('c.ts_ns')} AS ts, 't' AS s, c.proc + 1 AS pid, t.tid,
-           {_compact('c.attrs')} AS args
-    FROM c JOIN trace_thread t ON t.proc = c.proc AND t.raw_tid IS NOT DISTINCT FROM c.tid
-    WHERE shown"""
+    WITH c AS (SELECT rowid AS record_row, proc, ts_ns, tid, {capped('proc, name', 'ts_ns')} AS shown
+               FROM record WHERE {EVENT_RECORD} AND NOT ({FOLDED}) AND {window_filter('ts_ns')}),
+    drawn AS (SELECT * FROM c WHERE shown)
+    SELECT 'i' AS ph, r.name, r.domain AS cat, {us('d.ts_ns')} AS ts, 't' AS s, d.proc + 1 AS pid, t.tid,
+           {_compact('r.attrs')} AS args
+    FROM drawn d JOIN trace_thread t ON t.proc = d.proc AND t.raw_tid IS NOT DISTINCT FROM d.tid
+    JOIN record r ON r.rowid = d.record_row"""
 
 _BATCH_COUNTER = """SELECT proc, '{cat}' AS domain, '{name}' AS name, start_ns AS ts_ns, 0 AS pos,
                            json_merge_patch('{{}}', json_object({values})) AS vals
