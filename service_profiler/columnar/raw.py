@@ -281,27 +281,34 @@ def _load_records(con: duckdb.DuckDBPyConnection, processes: list[Process], sour
     private directory for the pieces of a file too large for one statement."""
     con.execute(f"CREATE OR REPLACE TABLE record ({RECORD_COLUMNS})")
     files = [(p.index, sources[p.index]) for p in processes if p.rec_lines]
-    budget = _statement_bytes(con)
-    for group in _statements(files, budget, scratch):
+    budget = [_statement_bytes(con)]
+    for group in _statements(files, budget[0], scratch):
         _insert_records(con, group, budget, scratch)
     _drop_too_deep(con)
     create_record_views(con)
 
 
-def _insert_records(con: duckdb.DuckDBPyConnection, group: list[tuple[int, str]], budget: int, scratch: Path,
+def _insert_records(con: duckdb.DuckDBPyConnection, group: list[tuple[int, str]], budget: list[int], scratch: Path,
                     depth: int = 0) -> None:
     """The records of `group`'s files in one statement; where that statement runs out of memory (it failed
-    as a whole: nothing was inserted), the same files again in statements of half the bytes. A statement's
-    memory grows with its bytes several times over, by more than a fixed share of the limit allows for
-    under a few hundred MB (benchmarks/README.md)."""
+    as a whole: nothing was inserted), the same files again in statements of half the bytes, and the
+    statements after it no larger (`budget[0]`, lowered). A statement's memory grows with its bytes several
+    times over, by more than a fixed share of the limit allows for under a few hundred MB
+    (benchmarks/README.md)."""
+    size = sum(os.path.getsize(path) for _, path in group)
+    if depth == 0 and size > budget[0]:  # a statement before this one had to be smaller
+        for part in _statements(group, budget[0], scratch, "-1"):
+            _insert_records(con, part, budget, scratch, 1)
+        return
     try:
         _insert_statement(con, group)
     except duckdb.OutOfMemoryException:
-        smaller = min(budget, sum(os.path.getsize(path) for _, path in group)) // 2
+        smaller = min(budget[0], size) // 2
         if smaller < _SMALLEST_STATEMENT_BYTES:
             raise
+        budget[0] = smaller
         for part in _statements(group, smaller, scratch, f"-{depth + 1}"):
-            _insert_records(con, part, smaller, scratch, depth + 1)
+            _insert_records(con, part, budget, scratch, depth + 1)
 
 
 def _insert_statement(con: duckdb.DuckDBPyConnection, group: list[tuple[int, str]]) -> None:
