@@ -296,19 +296,18 @@ def _insert_records(con: duckdb.DuckDBPyConnection, group: list[tuple[int, str]]
     times over, by more than a fixed share of the limit allows for under a few hundred MB
     (benchmarks/README.md)."""
     size = sum(os.path.getsize(path) for _, path in group)
-    if depth == 0 and size > budget[0]:  # a statement before this one had to be smaller
-        for part in _statements(group, budget[0], scratch, "-1"):
-            _insert_records(con, part, budget, scratch, 1)
-        return
-    try:
-        _insert_statement(con, group)
-    except duckdb.OutOfMemoryException:
-        smaller = min(budget[0], size) // 2
-        if smaller < _SMALLEST_STATEMENT_BYTES:
-            raise
-        budget[0] = smaller
-        for part in _statements(group, smaller, scratch, f"-{depth + 1}"):
-            _insert_records(con, part, budget, scratch, depth + 1)
+    # a group cut from a larger one is tried as it is (a piece may end a line past the budget); one of the
+    # first cut is cut again first where a statement before it had to be smaller
+    if depth > 0 or size <= budget[0]:
+        try:
+            _insert_statement(con, group)
+            return
+        except duckdb.OutOfMemoryException:
+            if min(budget[0], size) // 2 < _SMALLEST_STATEMENT_BYTES:
+                raise
+            budget[0] = min(budget[0], size) // 2
+    for part in _statements(group, budget[0], scratch, f"-{depth + 1}"):
+        _insert_records(con, part, budget, scratch, depth + 1)
 
 
 def _insert_statement(con: duckdb.DuckDBPyConnection, group: list[tuple[int, str]]) -> None:
