@@ -69,6 +69,7 @@ def _damage(api_file: Path) -> None:
         '{"t":"mystery"}',
         'not json at all',
         '{"t":"rec","r":[[999,5,6,1,null],[1,"x",7,1,null]]}',
+        '{"t":"rec","r":[[1,5,6,1,null],[1,#,7,1,null]]}',  # corrupt, though it ends as a record line does
         '{"t":"rec","r":[[1,5,6',  # torn: the process was killed mid-line
     ])
 
@@ -109,6 +110,7 @@ def test_parquet_gives_the_same_outputs_as_the_raw_files(tmp_path: Path) -> None
     _ok(_analyze([synth.run_dir], tmp_path / "raw"))
     problems = (tmp_path / "raw" / "problems.txt").read_text(encoding="utf-8")
     assert "torn" in problems and "mystery" in problems and "malformed records" in problems, problems
+    assert f"{api}: 1 record line(s) not valid JSON" in problems, problems
     _ok(_convert(synth.run_dir))
     assert (synth.run_dir / PARQUET_DIR / "manifest.json").is_file()
     _ok(_analyze([synth.run_dir], tmp_path / "parquet"))

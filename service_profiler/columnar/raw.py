@@ -13,8 +13,9 @@ one time in two different lines are ordered arbitrarily: DuckDB's reader gives n
 
 Bad input costs only itself: a corrupt control line is listed in `problems`; a `rec` line DuckDB cannot
 parse is skipped (a line that does not end as a `rec` line ends, e.g. the torn last line of a killed
-process, is listed; a corrupt line that ends well is skipped unlisted); a record whose channel
-is undeclared or whose timestamp is not an integer is dropped and counted per file.
+process, is listed by its number; a corrupt line that ends well is counted per file, since DuckDB's reader
+names no line); a record whose channel is undeclared or whose timestamp is not an integer is dropped and
+counted per file.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from service_profiler.rawdata.rawfile import (
 from .literals import insert_rows
 
 _REC_PREFIXES = (b'{"t":"rec"', b'{"t": "rec"')
+_EMPTY_REC_ENDS = (b'"r":[]}', b'"r": []}')  # a `rec` line without records (the writer writes none)
 # The longest `rec` line read. DuckDB's JSON reader holds a buffer of twice this per thread; the writer
 # flushes at least every second, so a line this long would be a second of several hundred thousand records.
 MAX_LINE_BYTES = 16 << 20
@@ -186,10 +188,11 @@ def _file_lines(proc: Process, kept: list[tuple[int, bytes | None, str | None]] 
                     continue
                 seen.add(key)
             if is_rec:
-                proc.rec_lines += 1
                 problem = rec_line_problem(proc.path, lineno, line)
                 if problem:
                     yield emit((lineno, None, problem))
+                elif not line.rstrip().endswith(_EMPTY_REC_ENDS):
+                    proc.rec_lines += 1  # a line DuckDB is to read records from (`count_bad_records`)
             elif lineno == 1:
                 header = line
             elif line == header:  # the file again after itself
@@ -453,10 +456,18 @@ def create_record_views(con: duckdb.DuckDBPyConnection) -> None:
 
 
 def count_bad_records(con: duckdb.DuckDBPyConnection, processes: list[Process], problems: list[str]) -> None:
-    """Records without a declared channel or an integer time: one problem line per file with the count."""
-    bad = dict(con.execute("SELECT proc, count(*) FROM record WHERE kind IS NULL OR ts_ns IS NULL "
-                           "OR (kind = 'span' AND end_ns IS NULL) GROUP BY proc").fetchall())
+    """Per file, one problem line with the count of: `rec` lines DuckDB's reader skipped that the scan did
+    not list (not valid JSON, though they end as a `rec` line ends; their records are missing), and
+    records without a declared channel or an integer time."""
+    counts = {proc: (lines, bad) for proc, lines, bad in con.execute(
+        "SELECT proc, count(*) FILTER (WHERE pos = 1), count(*) FILTER (WHERE kind IS NULL OR ts_ns IS NULL "
+        "OR (kind = 'span' AND end_ns IS NULL)) FROM record GROUP BY proc").fetchall()}
     for proc in processes:
-        if bad.get(proc.index):
-            problems.append(f"{proc.path}: {bad[proc.index]} malformed records (undeclared channel, "
+        lines_read, bad = counts.get(proc.index, (0, 0))
+        # every line read has a record at position 1; the scan counted the lines it expects to be read
+        if proc.rec_lines > lines_read:
+            problems.append(f"{proc.path}: {proc.rec_lines - lines_read} record line(s) not valid JSON, their "
+                            f"records missing; `service-profiler inspect {proc.path}` lists them by line number")
+        if bad:
+            problems.append(f"{proc.path}: {bad} malformed records (undeclared channel, "
                             "non-integer time, or attributes nested too deep) skipped")
