@@ -354,6 +354,36 @@ def test_profiler_db_holds_the_csvs_rows_and_every_record(outputs: tuple[Path, P
         assert keys == sorted(keys), table
 
 
+def test_the_sqlite_extension_is_loaded_only_from_a_file_no_other_user_can_write(tmp_path: Path) -> None:
+    """DuckDB loads the SQLite extension without its signature check (run.connect): the file must be a
+    regular file, not a link, owned by this user or root and writable by its owner alone."""
+    from service_profiler.columnar.sqlite_out import _trusted_file
+
+    own = tmp_path / "ext.duckdb_extension"
+    own.write_bytes(b"\0" * 16)
+    own.chmod(0o644)
+    assert _trusted_file(own)
+    link = tmp_path / "link.duckdb_extension"
+    link.symlink_to(own)
+    assert not _trusted_file(link)
+    for mode in (0o664, 0o646):
+        own.chmod(mode)
+        assert not _trusted_file(own), oct(mode)
+    assert not _trusted_file(tmp_path / "missing")
+    assert not _trusted_file(tmp_path)  # a directory
+    # the installed extension passes, and a connection made for analysis loads no other extension by itself
+    run = analyze_run([generate_run(tmp_path / "run", SyntheticConfig(requests=4, output_tokens=2, seed=1)).run_dir])
+    try:
+        settings = dict(run.con.execute("SELECT name, value FROM duckdb_settings() WHERE name IN "
+                                        "('autoload_known_extensions', 'autoinstall_known_extensions')").fetchall())
+        assert settings == {"autoload_known_extensions": "false", "autoinstall_known_extensions": "false"}
+        from service_profiler.columnar.sqlite_out import _load_sqlite_extension
+
+        assert _load_sqlite_extension(run)
+    finally:
+        run.close()
+
+
 def test_profiler_db_through_duckdb_equals_through_python(tmp_path: Path, busy: SyntheticRun) -> None:
     """profiler.db written by DuckDB's SQLite extension (the installed default) holds exactly what Python's
     sqlite3 writes (the fallback where the extension does not load): same schema, rows, order and types."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import stat
 import threading
 from pathlib import Path
 
@@ -164,9 +165,10 @@ def _process_tables(run: AnalysisRun, db: sqlite3.Connection) -> None:
 
 def _load_sqlite_extension(run: AnalysisRun) -> bool:
     """Load DuckDB's SQLite extension from its PyPI package (`duckdb-extension-sqlite-scanner`, installed
-    with this tool; DuckDB would otherwise download it). False where that package is missing or was built
-    for another DuckDB version: profiler.db is then written through Python's sqlite3, a few times slower
-    (every row becomes Python objects on the way)."""
+    with this tool; DuckDB would otherwise download it). False where that package is missing, was built
+    for another DuckDB version, or its file could be written by another user (`_trusted_file`):
+    profiler.db is then written through Python's sqlite3, a few times slower (every row becomes Python
+    objects on the way)."""
     try:
         import duckdb_extension_sqlite_scanner as package
     except ImportError:
@@ -174,13 +176,24 @@ def _load_sqlite_extension(run: AnalysisRun) -> bool:
     row = run.con.execute("PRAGMA version").fetchone()
     version = str(row[0]) if row else ""
     found = Path(package.__file__).parent / "extensions" / version / "sqlite_scanner.duckdb_extension"
-    if not found.is_file():
+    if not _trusted_file(found):
         return False
     try:
         run.con.execute("LOAD '" + str(found).replace("'", "''") + "'")
     except Exception:  # a damaged or unsigned file: the slower path still writes the same tables
         return False
     return True
+
+
+def _trusted_file(path: Path) -> bool:
+    """A regular file (not a link) that only its owner, this user or root, can write: DuckDB loads the
+    extension without checking its signature (run.connect), so it must be as safe to load as this
+    package's own modules."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_uid in (0, os.getuid()) and not st.st_mode & 0o022
 
 
 def _fill_through_duckdb(run: AnalysisRun, path: Path, tables: list[tuple[str, str]]) -> None:
