@@ -55,16 +55,18 @@ class Lines:
 
 @dataclass(frozen=True)
 class Histogram:
-    centers: list[float]
-    counts: list[int]
+    start: float  # the first bin's lower edge
     width: float
+    counts: list[int]  # per bin, from `start` on
     color: str
     marks: list[tuple[int, float]]  # (percentile, value)
     xlabel: str
     title: str
 
     def draw(self, ax: Axes) -> None:
-        ax.bar(self.centers, self.counts, width=self.width, color=self.color)
+        # one filled outline, the bars' look: `ax.bar` makes a patch per bin, a sixth of the figure's time
+        edges = [self.start + k * self.width for k in range(len(self.counts) + 1)]
+        ax.stairs(self.counts, edges, fill=True, color=self.color)
         for (q, v), style in zip(self.marks, ("--", "-.", ":"), strict=False):
             ax.axvline(v, color="black", linestyle=style, linewidth=1.0, label=f"p{q} {v:.4g} ms")
         ax.set_xlabel(self.xlabel)

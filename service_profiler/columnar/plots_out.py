@@ -67,9 +67,9 @@ def _hist(table: str, column: str, color: str, xlabel: str, title: str, quantile
             return f"no {column} values"
         n, lo, hi, marks = stats
         width = (hi - lo) / HIST_BINS or 1.0
-        counts = run.con.execute(f"SELECT least(floor(({column} - {lo}) / {width}), {HIST_BINS - 1}) AS k, count(*) "
-                                 f"FROM {table} WHERE isfinite({column}) GROUP BY k ORDER BY k").fetchall()
-        return Histogram([lo + (k + 0.5) * width for k, _ in counts], [c for _, c in counts], width, color,
+        counted = dict(run.con.execute(f"SELECT least(floor(({column} - {lo}) / {width}), {HIST_BINS - 1}) AS k, "
+                                       f"count(*) FROM {table} WHERE isfinite({column}) GROUP BY k").fetchall())
+        return Histogram(lo, width, [counted.get(k, 0) for k in range(HIST_BINS)], color,
                          list(zip(quantiles, marks, strict=False)), xlabel, f"{title} (n={n})")
     return query
 
