@@ -173,6 +173,61 @@ def test_figures_drawn_in_their_process_are_the_ones_drawn_here(synth: Synthetic
         assert (out / name).read_bytes() == (ref / name).read_bytes(), name
 
 
+def test_figures_start_once_the_batch_and_request_tables_exist(synth: SyntheticRun, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a small run the plots and the model start while the other tables are built (the figure process,
+    the last to end there, would otherwise wait for them); their outcomes come with the others'. Where
+    building the other tables fails, the run is closed only once they have ended."""
+    from service_profiler.columnar import run as run_module
+    from service_profiler.columnar.figure_process import FigureProcess
+
+    figures = FigureProcess()
+    try:
+        early = pipeline.EarlyOutputs(["csv", "plots", "model"], tmp_path / "out", figures)
+        tables_then: set[str] = set()
+
+        def batches_built(analysis: run_module.AnalysisRun) -> object:
+            tables_then.update(n for (n,) in analysis.con.execute("SELECT table_name FROM duckdb_tables()").fetchall())
+            return early.start(analysis)
+
+        analysis = run_module.analyze_run([synth.run_dir], batches_built=batches_built)
+        try:
+            assert {"batch", "request"} <= tables_then and not {"kvcache", "iteration"} & tables_then
+            assert sorted(early.futures) == ["model", "plots"]
+            outcomes = pipeline.export_all(analysis, ["csv", "plots", "model"], tmp_path / "out", jobs=2,
+                                           started=early.futures)
+        finally:
+            early.wait()
+            analysis.close()
+        assert [(o.fmt, o.error) for o in outcomes] == [("csv", None), ("plots", None), ("model", None)]
+        assert (tmp_path / "out" / "plots" / "ttft_distribution.png").is_file()
+        assert (tmp_path / "out" / "model" / "latency_model.json").is_file()
+
+        # the KV cache table fails: the outputs started end before the run's database is closed
+        def fail(con: object) -> None:
+            raise RuntimeError("kv cache table failed")
+
+        monkeypatch.setattr(run_module, "build_kvcache", fail)
+        early = pipeline.EarlyOutputs(["plots", "model"], tmp_path / "failed", figures)
+        ended_before_close: list[bool] = []
+
+        def started_then_waited(analysis: run_module.AnalysisRun) -> object:
+            waiter = early.start(analysis)
+
+            def wait_then_check() -> None:
+                waiter()
+                ended_before_close.append(all(f.done() for f in early.futures.values()))
+                analysis.con.execute("SELECT 1")  # still open
+            return wait_then_check
+
+        with pytest.raises(RuntimeError, match="kv cache table failed"):
+            run_module.analyze_run([synth.run_dir], batches_built=started_then_waited)
+        assert ended_before_close == [True] and sorted(early.futures) == ["model", "plots"]
+        assert all(f.result().error is None for f in early.futures.values())
+    finally:
+        figures.close()
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as fh:

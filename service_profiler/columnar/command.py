@@ -32,7 +32,7 @@ from service_profiler.outputs import OutputPathError, check_output_dir, describe
 
 from .figure_process import FigureProcess
 from .parquet_format import ParquetInputError
-from .pipeline import EXPORTERS, Outcome, export_all
+from .pipeline import EXPORTERS, EarlyOutputs, Outcome, export_all
 from .run import DEFAULT_MEMORY_LIMIT, SMALL_RUN_RECORDS, analyze_run
 from .trace_out import DEFAULT_MAX_EVENTS, DEFAULT_MAX_PER_SECOND
 from .workdir import WorkDirError
@@ -163,9 +163,16 @@ def _run(args: argparse.Namespace) -> int:
 
 def _analyze(args: argparse.Namespace, formats: list[str], out: Path, pool: bool, figures: FigureProcess | None,
              progress: _Progress) -> int:
+    options: dict[str, dict[str, Any]] = {
+        "json": {"window": args.window, "max_per_second": args.trace_max_per_second,
+                 "max_events": args.trace_max_events, "quiet": args.quiet},
+        "plots": {"figures": figures}, "model": {"figures": figures}}
+    # the figures are drawn while the last tables are built, where the figure process would wait for them
+    early = EarlyOutputs(formats, out, figures) if figures is not None else None
     try:
         analysis = analyze_run(args.input_path, memory_limit=args.memory_limit, threads=args.threads,
-                               temp_root=args.temp_dir, progress=progress, shared=pool)
+                               temp_root=args.temp_dir, progress=progress, shared=pool,
+                               batches_built=early.start if early else None)
     except (ParquetInputError, WorkDirError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_NO_DATA
@@ -186,12 +193,11 @@ def _analyze(args: argparse.Namespace, formats: list[str], out: Path, pool: bool
         if not args.quiet:
             from .summary import format_summary
             summary = format_summary(analysis)
-        options: dict[str, dict[str, Any]] = {
-            "json": {"window": args.window, "max_per_second": args.trace_max_per_second,
-                     "max_events": args.trace_max_events, "quiet": args.quiet},
-            "plots": {"figures": figures}, "model": {"figures": figures}}
-        outcomes = export_all(analysis, formats, out, jobs=args.jobs, progress=progress, options=options)
+        outcomes = export_all(analysis, formats, out, jobs=args.jobs, progress=progress, options=options,
+                              started=early.futures if early else None)
     finally:
+        if early is not None:
+            early.wait()
         analysis.close()
     if args.scheduler_logs and "csv" in args.format:
         outcomes.append(_front_door_outputs(args.input_path, out))

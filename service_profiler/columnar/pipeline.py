@@ -7,6 +7,7 @@ exporters hand their drawing to the figure process, `figure_process`, and wait f
 `shared` analysis) in a process pool whose workers open the analysis database read-only. Threads write
 within a share of the memory limit (`OUTPUTS_SHARE_OF_LIMIT`); once one runs out of it, no other starts
 side by side: it is run again, and those not started yet are run, one at a time within the whole limit.
+On a small run the figures' exporters start before the last tables are built (`EarlyOutputs`).
 One exporter failing does not stop the others: it is reported and the pipeline's result says so.
 """
 
@@ -24,6 +25,7 @@ from typing import Any, Protocol
 
 import duckdb
 
+from .figure_process import FigureProcess
 from .raw import memory_limit_bytes
 from .run import SMALL_RUN_RECORDS, AnalysisRun, duckdb_threads, set_threads
 
@@ -64,6 +66,38 @@ def exporter(fmt: str, options: dict[str, Any]) -> Exporter:
     module, cls = EXPORTERS[fmt]
     found: Exporter = getattr(importlib.import_module(module), cls)(**options)
     return found
+
+
+EARLY_FORMATS = ("plots", "model")
+"""Outputs that read only the batch and request tables and hand their drawing to the figure process. On a
+small run that process is the last to end, and it idled while the other tables were built: there they
+start as soon as the batch and request tables exist (`EarlyOutputs`), each in a thread of its own that
+mostly waits for the figure process, so they take no place among the `jobs` written side by side."""
+
+
+class EarlyOutputs:
+    """The `EARLY_FORMATS` among `formats`, drawn by `figures`, started by `start` (given to `analyze_run` as
+    `batches_built`) on a run of under `SMALL_RUN_RECORDS` records; `export_all(started=futures)` collects
+    them. (Without a figure process both would draw with matplotlib in threads of this process at once.)"""
+
+    def __init__(self, formats: list[str], out_dir: Path, figures: FigureProcess) -> None:
+        self.formats = [fmt for fmt in formats if fmt in EARLY_FORMATS]
+        self.out_dir, self.figures = out_dir, figures
+        self.futures: dict[str, Future[Outcome]] = {}
+        self._threads: ThreadPoolExecutor | None = None
+
+    def start(self, run: AnalysisRun) -> Callable[[], None]:
+        if self.formats and run.count("record") < SMALL_RUN_RECORDS:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self._threads = ThreadPoolExecutor(max_workers=len(self.formats), thread_name_prefix="sprof-early")
+            self.futures = {fmt: self._threads.submit(_in_thread, run, fmt, {"figures": self.figures}, self.out_dir)
+                            for fmt in self.formats}
+        return self.wait
+
+    def wait(self) -> None:
+        """Wait for the outputs started to end (before the run is closed)."""
+        if self._threads is not None:
+            self._threads.shutdown(wait=True)
 
 
 # The order exporters start in when they run side by side. The plots first: their drawing, in the figure
@@ -117,26 +151,40 @@ def _set_memory_limit(run: AnalysisRun, limit: str) -> None:
 def export_all(run: AnalysisRun, formats: list[str], out_dir: Path, jobs: int = 1,
                progress: Callable[[str], None] | None = None,
                options: dict[str, dict[str, Any]] | None = None,
-               outputs_share: float = OUTPUTS_SHARE_OF_LIMIT) -> list[Outcome]:
+               outputs_share: float = OUTPUTS_SHARE_OF_LIMIT,
+               started: dict[str, Future[Outcome]] | None = None) -> list[Outcome]:
     """Run the exporters of `formats`; `options`: per format, its exporter's keyword arguments;
-    `outputs_share`: of the memory limit, for exporters running side by side in threads."""
+    `outputs_share`: of the memory limit, for exporters running side by side in threads; `started`: the
+    formats already under way (`EarlyOutputs`), whose outcomes are collected with the others."""
     options = options or {}
+    started = started or {}
     out_dir.mkdir(parents=True, exist_ok=True)
-    outcomes: list[Outcome] = []
     records = run.count("record")
     if jobs > 1 and not run.shared and records > SIDE_BY_SIDE_RECORDS_PER_GIB * memory_limit_bytes(run.con) / (1 << 30):
         jobs = 1
         if progress:
             progress("outputs written one at a time: side by side they would not fit in the memory limit")
+    if jobs > 1 and len(formats) > 1 and not run.shared:
+        outcomes = _export_in_threads(run, formats, out_dir, jobs, records, progress, options, outputs_share, started)
+        return sorted(outcomes, key=lambda o: formats.index(o.fmt))
+    outcomes = _export_apart(run, [fmt for fmt in formats if fmt not in started], out_dir, jobs, progress, options)
+    for fmt, future in started.items():
+        outcomes.append(future.result())
+        if progress:
+            progress(f"{fmt} {'failed' if outcomes[-1].error else 'done'}")
+    return sorted(outcomes, key=lambda o: formats.index(o.fmt))
+
+
+def _export_apart(run: AnalysisRun, formats: list[str], out_dir: Path, jobs: int,
+                  progress: Callable[[str], None] | None, options: dict[str, dict[str, Any]]) -> list[Outcome]:
+    """One after another in this process, or (`jobs` > 1, a `shared` analysis) in a process pool."""
+    outcomes: list[Outcome] = []
     if jobs <= 1 or len(formats) < 2:
         for fmt in formats:
             outcomes.append(_run_one(run, fmt, options.get(fmt, {}), out_dir))
             if progress:
                 progress(f"{fmt} {'failed' if outcomes[-1].error else 'done'}")
         return outcomes
-    if not run.shared:
-        outcomes = _export_in_threads(run, formats, out_dir, jobs, records, progress, options, outputs_share)
-        return sorted(outcomes, key=lambda o: formats.index(o.fmt))
     run.con.close()  # the workers open the database file read-only: DuckDB allows no writer beside them
     # spawned, not forked: a fork would copy DuckDB's threads' locks in whatever state they are
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -153,7 +201,7 @@ def export_all(run: AnalysisRun, formats: list[str], out_dir: Path, jobs: int = 
 
 def _export_in_threads(run: AnalysisRun, formats: list[str], out_dir: Path, jobs: int, records: int,
                        progress: Callable[[str], None] | None, options: dict[str, dict[str, Any]],
-                       outputs_share: float) -> list[Outcome]:
+                       outputs_share: float, started: dict[str, Future[Outcome]]) -> list[Outcome]:
     """`jobs` exporters at a time in threads of this process: DuckDB's queries and SQLite's inserts run
     without the GIL, so an exporter spending its time in Python (profiler.db's rows, the plots) overlaps
     with the others (an exporter that hands its drawing to the figure process takes a place all the same:
@@ -167,13 +215,14 @@ def _export_in_threads(run: AnalysisRun, formats: list[str], out_dir: Path, jobs
     # DuckDB's threads shared out among the exporters: a query's extra threads cost more CPU than they
     # save while another exporter keeps the other cores busy (benchmarks/README.md)
     all_threads = set_threads(run.con, duckdb_threads(run.con) // jobs)
-    to_start = sorted(formats, key=_START_ORDER.index)
+    to_start = sorted((fmt for fmt in formats if fmt not in started), key=_START_ORDER.index)
     not_started: list[str] = []  # left for after, once one ran out of memory
     out_of_memory: list[str] = []  # ran out of their share side by side
-    running: set[Future[Outcome]] = set()
+    early = set(started.values())  # under way already, taking no place among the `jobs`
+    running: set[Future[Outcome]] = set(early)
     with ThreadPoolExecutor(max_workers=jobs) as threads:
         while to_start or running:
-            while to_start and len(running) < jobs and not out_of_memory:
+            while to_start and len(running - early) < jobs and not out_of_memory:
                 fmt = to_start.pop(0)
                 running.add(threads.submit(_in_thread, run, fmt, options.get(fmt, {}), out_dir))
             ended, running = wait(running, return_when=FIRST_COMPLETED)

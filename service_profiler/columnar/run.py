@@ -113,9 +113,15 @@ def set_threads(con: duckdb.DuckDBPyConnection, threads: int) -> int:
     return previous
 
 
+BatchesBuilt = Callable[[AnalysisRun], Callable[[], object]]
+"""Called once the batch and request tables exist, before the others are built. It may start work that
+reads them (each on a cursor of its own); it returns what waits for that work to end, which is called
+before the run is closed should building the other tables fail."""
+
+
 def analyze_run(paths: Sequence[Path | str], *, memory_limit: str = DEFAULT_MEMORY_LIMIT, threads: int | None = None,
                 temp_root: Path | None = None, progress: Callable[[str], None] | None = None,
-                shared: bool = False) -> AnalysisRun:
+                shared: bool = False, batches_built: BatchesBuilt | None = None) -> AnalysisRun:
     """Read the raw files under `paths` (or their Parquet conversions) and build every analysis table
     (`shared`: in a database file that a process pool's workers can open)."""
     owner = make_work_dir("sprof-analysis-", temp_root, progress)
@@ -125,6 +131,7 @@ def analyze_run(paths: Sequence[Path | str], *, memory_limit: str = DEFAULT_MEMO
         owner.remove()
         raise
     run = AnalysisRun(con, owner.path, memory_limit=memory_limit, threads=threads, shared=shared, owner=owner)
+    started: Callable[[], object] | None = None
     try:
         # the raw files, or their Parquet conversions (parquet_in.py)
         raw = load_input(con, paths, progress, scratch_root=owner.path)
@@ -139,6 +146,8 @@ def analyze_run(paths: Sequence[Path | str], *, memory_limit: str = DEFAULT_MEMO
         run.problems += malformed_entry_problems(con, raw.processes)
         if progress:
             progress(f"tables: {run.count('request'):,} requests, {run.count('batch'):,} batches")
+        if batches_built is not None:
+            started = batches_built(run)
         build_kvcache(con)
         build_lifecycle(con)
         build_iterations(con)
@@ -147,6 +156,8 @@ def analyze_run(paths: Sequence[Path | str], *, memory_limit: str = DEFAULT_MEMO
         if shared:
             con.execute("CHECKPOINT")
     except BaseException:
+        if started is not None:
+            started()
         run.close()
         raise
     return run
