@@ -557,6 +557,28 @@ def test_bad_lines_cost_only_themselves(tmp_path: Path) -> None:
         run.close()
 
 
+def test_an_escaped_lone_surrogate_costs_no_record(tmp_path: Path) -> None:
+    """The writer escapes a lone surrogate in a text as `\\udc80`: valid JSON, which DuckDB's reader rejects
+    with the whole line of records. Such a line is read with the surrogate replaced by U+FFFD, as inspect
+    reads it."""
+    synth = generate_run(tmp_path / "run", SyntheticConfig(requests=20, output_tokens=8, seed=3))
+    engine = sorted(synth.run_dir.glob("*4200*"))[0]
+    lines = engine.read_bytes().splitlines(keepends=True)
+    at = next(i for i, line in enumerate(lines) if line.startswith(b'{"t":"rec"') and b'"rid":"' in line)
+    lines[at] = lines[at].replace(b'"rid":"', b'"rid":"\\udc80', 1)
+    engine.write_bytes(b"".join(lines))
+    inspected = read_run([synth.run_dir])
+    run = analyze_run([synth.run_dir])
+    try:
+        assert run.problems == inspected.problems == []
+        read = run.con.execute("SELECT count(*) FROM record WHERE kind IS NOT NULL AND ts_ns IS NOT NULL").fetchone()
+        assert read == (inspected.num_records,) == (synth.num_records,)
+        mended = run.con.execute("SELECT count(*) FROM record WHERE starts_with(attrs->>'rid', '\ufffd')").fetchone()
+        assert mended == (1,)
+    finally:
+        run.close()
+
+
 def test_both_readers_read_control_lines_alike(tmp_path: Path) -> None:
     """analyze's reader (DuckDB) and inspect's (rawfile.py) share one reading of the control lines: the same
     problem for each bad one, the same meta, warnings, patch report, dropped count and collection states."""

@@ -14,8 +14,9 @@ one time in two different lines are ordered arbitrarily: DuckDB's reader gives n
 Bad input costs only itself: a corrupt control line is listed in `problems`; a `rec` line DuckDB cannot
 parse is skipped (a line that does not end as a `rec` line ends, e.g. the torn last line of a killed
 process, is listed by its number; a corrupt line that ends well is counted per file, since DuckDB's reader
-names no line); a record whose channel is undeclared or whose timestamp is not an integer is dropped and
-counted per file.
+names no line; one with an escaped lone surrogate, which the writer makes of such a text and DuckDB's
+reader rejects, is read with U+FFFD in its place, as inspect reads it); a record whose channel is
+undeclared or whose timestamp is not an integer is dropped and counted per file.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import duckdb
 
 from service_profiler.rawdata.control import ControlReader, channel, channel_problem
 from service_profiler.rawdata.losses import ProcessLoss
+from service_profiler.rawdata.rawcheck import lone_surrogates_replaced
 from service_profiler.rawdata.rawfile import (
     _COUNTED_LINES,
     _dedupe_copies,
@@ -82,6 +84,9 @@ class Process:
     patch: dict[str, Any] | None = None
     header: dict[str, Any] = field(default_factory=dict, repr=False)  # the file's header line
     repeated_recs: list[int] = field(default_factory=list, repr=False)  # `rec` lines repeating an earlier one
+    # `rec` lines with an escaped lone surrogate (DuckDB's reader rejects the whole line), by number: the
+    # line with each replaced by U+FFFD, as `service-profiler inspect` reads it
+    mended_recs: dict[int, bytes] = field(default_factory=dict, repr=False)
 
     @property
     def dp_rank(self) -> int:
@@ -191,8 +196,11 @@ def _file_lines(proc: Process, kept: list[tuple[int, bytes | None, str | None]] 
                 problem = rec_line_problem(proc.path, lineno, line)
                 if problem:
                     yield emit((lineno, None, problem))
-                elif not line.rstrip().endswith(_EMPTY_REC_ENDS):
+                    continue
+                if not line.rstrip().endswith(_EMPTY_REC_ENDS):
                     proc.rec_lines += 1  # a line DuckDB is to read records from (`count_bad_records`)
+                if (mended := lone_surrogates_replaced(line)) != line:
+                    proc.mended_recs[lineno] = mended
             elif lineno == 1:
                 header = line
             elif line == header:  # the file again after itself
@@ -231,7 +239,8 @@ def load_raw(con: duckdb.DuckDBPyConnection, paths: Sequence[Path | str],
     # private (0700), gone once read: copies of files without their repeated lines, pieces of large files
     copies = Path(tempfile.mkdtemp(prefix="sprof-raw-copies-", dir=scratch_root))
     try:
-        sources = {p.index: _without_lines(p, copies) if p.repeated_recs else p.path for p in processes}
+        sources = {p.index: _mended_copy(p, copies) if p.repeated_recs or p.mended_recs else p.path
+                   for p in processes}
         _load_records(con, processes, sources, copies)
     finally:
         shutil.rmtree(copies, ignore_errors=True)
@@ -239,14 +248,15 @@ def load_raw(con: duckdb.DuckDBPyConnection, paths: Sequence[Path | str],
     return RawRun(processes, states, problems, scan_problems_from)
 
 
-def _without_lines(proc: Process, directory: Path) -> str:
-    """A copy of the process's file without its repeated `rec` lines, for DuckDB to read instead."""
+def _mended_copy(proc: Process, directory: Path) -> str:
+    """A copy of the process's file without its repeated `rec` lines and with its mended ones, for DuckDB
+    to read instead."""
     copy = directory / f"{proc.index}.sprof.jsonl"
     skip = set(proc.repeated_recs)
     with open(proc.path, "rb") as src, open(copy, "xb") as dst:
         for lineno, line in enumerate(src, 1):
             if lineno not in skip:
-                dst.write(line)
+                dst.write(proc.mended_recs.get(lineno, line))
     return str(copy)
 
 

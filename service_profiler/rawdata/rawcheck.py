@@ -19,7 +19,8 @@ _LONE_SURROGATE = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][
 
 def lone_surrogates_replaced(line: bytes) -> bytes:
     """The line with each lone surrogate escape replaced by U+FFFD."""
-    return _LONE_SURROGATE.sub(rb"\\ufffd", line) if b"\\u" in line else line
+    # one byte first: memchr, where a two-byte search runs at a tenth of its speed (most lines have no escape)
+    return _LONE_SURROGATE.sub(rb"\\ufffd", line) if b"\\" in line and b"\\u" in line else line
 
 
 _fast_loads: Callable[[bytes], Any] | None
