@@ -557,6 +557,36 @@ def test_bad_lines_cost_only_themselves(tmp_path: Path) -> None:
         run.close()
 
 
+def test_numbers_json_has_not_are_spelled_out_and_every_json_output_stays_strict(tmp_path: Path) -> None:
+    """The writer writes a NaN or infinite float as JavaScript does (NaN, Infinity); such an attribute is
+    read as the text "NaN" / "Infinity" / "-Infinity", so the trace and profiler.db's JSON stay loadable by
+    a strict parser, and a number read from it is the same float again."""
+    synth = generate_run(tmp_path / "run", SyntheticConfig(requests=20, output_tokens=8, seed=3))
+    engine = sorted(synth.run_dir.glob("*4200*"))[0]
+    data = engine.read_bytes()
+    assert b'"batch_id":' in data
+    engine.write_bytes(data.replace(b'"batch_id":', b'"ratio":NaN,"peak":[1,Infinity,-Infinity],"batch_id":'))
+
+    def strict(constant: str) -> None:
+        raise ValueError(f"{constant} in JSON output")
+
+    out = tmp_path / "out"
+    run = analyze_run([synth.run_dir])
+    try:
+        outcomes = export_all(run, ["json", "db"], out)
+        assert [o.error for o in outcomes] == [None, None]
+        spelled = run.con.execute("SELECT DISTINCT attrs->>'ratio', TRY_CAST(attrs->>'ratio' AS DOUBLE), "
+                                  "attrs->'peak' FROM span WHERE attrs->>'ratio' IS NOT NULL").fetchall()
+        assert len(spelled) == 1 and spelled[0][0] == "NaN" and math.isnan(spelled[0][1])
+        assert json.loads(spelled[0][2]) == [1, "Infinity", "-Infinity"]
+    finally:
+        run.close()
+    json.loads((out / "chrome_tracing.json").read_text(encoding="utf-8"), parse_constant=strict)
+    db = sqlite3.connect(out / "profiler.db")
+    texts = [t for (t,) in db.execute("SELECT attrs FROM span WHERE attrs LIKE '%ratio%'")]
+    assert texts and all(json.loads(t, parse_constant=strict)["ratio"] == "NaN" for t in texts)
+
+
 def test_an_escaped_lone_surrogate_costs_no_record(tmp_path: Path) -> None:
     """The writer escapes a lone surrogate in a text as `\\udc80`: valid JSON, which DuckDB's reader rejects
     with the whole line of records. Such a line is read with the surrogate replaced by U+FFFD, as inspect

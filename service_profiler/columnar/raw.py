@@ -22,6 +22,7 @@ undeclared or whose timestamp is not an integer is dropped and counted per file.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -298,6 +299,7 @@ def _load_records(con: duckdb.DuckDBPyConnection, processes: list[Process], sour
     for group in _statements(files, budget[0], scratch):
         _insert_records(con, group, budget, scratch)
     _drop_too_deep(con)
+    _spell_out_non_finite(con)
     create_record_views(con)
 
 
@@ -446,6 +448,39 @@ def _drop_too_deep(con: duckdb.DuckDBPyConnection) -> None:
         con.execute("CREATE OR REPLACE TEMP TABLE too_deep (id BIGINT)")
         insert_rows(con, "too_deep", [(rowid,) for rowid in deep])
         con.execute("UPDATE record SET kind = NULL WHERE rowid IN (SELECT id FROM too_deep)")
+
+
+def _spell_out_non_finite(con: duckdb.DuckDBPyConnection) -> None:
+    """Attributes holding NaN or ±Infinity (the writer writes a float that is not finite as JavaScript
+    does; DuckDB's reader takes it) have them as the texts "NaN", "Infinity", "-Infinity": JSON has no such
+    number, and one of them in the trace left the whole file unreadable by a strict JSON parser, e.g. a
+    browser's. A number read from such a text is the same float again (`TRY_CAST(... AS DOUBLE)`)."""
+    found = con.execute("SELECT rowid, attrs::VARCHAR FROM record WHERE contains(attrs::VARCHAR, 'NaN') "
+                        "OR contains(attrs::VARCHAR, 'Infinity')")
+    spelled = []
+    while rows := found.fetchmany(1024):
+        for rowid, text in rows:
+            try:
+                value = json.loads(text)
+            except (ValueError, RecursionError):
+                continue
+            text_now = json.dumps(_non_finite_spelled(value), separators=(",", ":"), ensure_ascii=False)
+            if text_now != text:
+                spelled.append((rowid, text_now))
+    if spelled:
+        con.execute("CREATE OR REPLACE TEMP TABLE spelled (id BIGINT, attrs VARCHAR)")
+        insert_rows(con, "spelled", spelled)
+        con.execute("UPDATE record SET attrs = s.attrs::JSON FROM spelled s WHERE record.rowid = s.id")
+
+
+def _non_finite_spelled(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, list):
+        return [_non_finite_spelled(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _non_finite_spelled(v) for k, v in value.items()}
+    return value
 
 
 # the records the `span` view holds (a span without an integer start or end is kept out), as a condition on
