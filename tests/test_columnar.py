@@ -530,6 +530,12 @@ def test_bad_lines_cost_only_themselves(tmp_path: Path) -> None:
     # a record on an undeclared channel and one with a text timestamp inside a good line, a corrupt control
     # line, and a torn last line
     lines[rec[0]] = lines[rec[0]].replace('{"t":"rec","r":[', '{"t":"rec","r":[[999,1,2,{}],[4,"x",1,{}],', 1)
+    # times at the ends of int64 (their epoch times would overflow), beyond 2^62, and a span ending before
+    # it starts: malformed records, counted with the two above
+    span = next(r for r in json.loads(lines[rec[0]])["r"] if len(r) == 5 and isinstance(r[1], int))
+    odd = [[span[0], 2**63 - 10, 2**63 - 5, 1, None], [span[0], -(2**63) + 10, 5, 1, None],
+           [span[0], 2**62, 2**62 + 5, 1, None], [span[0], 500, 400, 1, None]]
+    lines.insert(rec[0] + 1, json.dumps({"t": "rec", "r": odd}) + "\n")
     lines.insert(rec[0], '{"t":"meta","key": oops}\n')
     lines.insert(rec[0], '{"t":"bogus"}\n')
     # control lines that parse but say nothing usable: each is named, none is dropped silently
@@ -546,7 +552,7 @@ def test_bad_lines_cost_only_themselves(tmp_path: Path) -> None:
     run = analyze_run([synth.run_dir])
     try:
         problems = "\n".join(run.problems)
-        assert "2 malformed records" in problems
+        assert "6 malformed records" in problems
         assert "not valid JSON" in problems and "torn or corrupt record line" in problems
         assert f"{engine}: 2 record line(s) not valid JSON, their records missing" in problems
         assert "unknown line type 'bogus'" in problems

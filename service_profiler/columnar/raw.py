@@ -35,7 +35,7 @@ import duckdb
 
 from service_profiler.rawdata.control import ControlReader, channel, channel_problem
 from service_profiler.rawdata.losses import ProcessLoss
-from service_profiler.rawdata.rawcheck import lone_surrogates_replaced
+from service_profiler.rawdata.rawcheck import MAX_TS, lone_surrogates_replaced
 from service_profiler.rawdata.rawfile import (
     _COUNTED_LINES,
     _dedupe_copies,
@@ -338,13 +338,20 @@ def _insert_statement(con: duckdb.DuckDBPyConnection, group: list[tuple[int, str
                                    ignore_errors=true, maximum_object_size={MAX_LINE_BYTES}) AS l
             JOIN source AS f ON f.path = l.filename JOIN process AS p ON p.proc = f.proc
             WHERE starts_with(l.json, '{{"t":"rec"') OR starts_with(l.json, '{{"t": "rec"')),
-        item AS (SELECT proc, wall_offset, unnest(r) AS x, unnest(generate_series(1, len(r))) AS pos FROM line)
-        SELECT i.proc, c.kind, c.domain, c.name, TRY_CAST(x[2] AS BIGINT) + i.wall_offset AS ts_ns,
-               CASE WHEN c.kind = 'span' THEN TRY_CAST(x[3] AS BIGINT) + i.wall_offset END AS end_ns,
+        item AS (SELECT proc, wall_offset, unnest(r) AS x, unnest(generate_series(1, len(r))) AS pos FROM line),
+        -- a time outside [0, 2^62), as recorded or as an epoch time, or a span ending before it starts
+        -- makes the record malformed, as in inspect's reader (rawentries.valid_record): any two times
+        -- then differ by less than 2^62, which no sum or difference of them overflows
+        timed AS (SELECT *, CASE WHEN start BETWEEN 0 AND {MAX_TS - 1}
+                                 AND start + wall_offset BETWEEN 0 AND {MAX_TS - 1} THEN start + wall_offset END AS ts
+                  FROM (SELECT *, TRY_CAST(x[2] AS BIGINT) AS start, TRY_CAST(x[3] AS BIGINT) AS ending FROM item))
+        SELECT i.proc, c.kind, c.domain, c.name, i.ts AS ts_ns,
+               CASE WHEN c.kind = 'span' AND i.ending BETWEEN i.start AND {MAX_TS - 1}
+                     AND i.ending + i.wall_offset < {MAX_TS} THEN i.ending + i.wall_offset END AS end_ns,
                TRY_CAST(CASE c.kind WHEN 'span' THEN x[4] WHEN 'event' THEN x[3] END AS BIGINT) AS tid,
                CASE c.kind WHEN 'span' THEN x[5] WHEN 'event' THEN x[4] ELSE x[3] END AS attrs,
                i.pos::INTEGER AS pos, CASE WHEN c.kind = 'span' THEN x[5]->>'batch_id' END AS batch_id
-        FROM item i LEFT JOIN channel c ON c.proc = i.proc AND c.id = TRY_CAST(x[1] AS INTEGER)
+        FROM timed i LEFT JOIN channel c ON c.proc = i.proc AND c.id = TRY_CAST(x[1] AS INTEGER)
     """)
 
 
@@ -503,7 +510,7 @@ def create_record_views(con: duckdb.DuckDBPyConnection) -> None:
 def count_bad_records(con: duckdb.DuckDBPyConnection, processes: list[Process], problems: list[str]) -> None:
     """Per file, one problem line with the count of: `rec` lines DuckDB's reader skipped that the scan did
     not list (not valid JSON, though they end as a `rec` line ends; their records are missing), and
-    records without a declared channel or an integer time."""
+    malformed records (`_insert_statement`)."""
     counts = {proc: (lines, bad) for proc, lines, bad in con.execute(
         "SELECT proc, count(*) FILTER (WHERE pos = 1), count(*) FILTER (WHERE kind IS NULL OR ts_ns IS NULL "
         "OR (kind = 'span' AND end_ns IS NULL)) FROM record GROUP BY proc").fetchall()}
@@ -514,5 +521,6 @@ def count_bad_records(con: duckdb.DuckDBPyConnection, processes: list[Process], 
             problems.append(f"{proc.path}: {proc.rec_lines - lines_read} record line(s) not valid JSON, their "
                             f"records missing; `service-profiler inspect {proc.path}` lists them by line number")
         if bad:
-            problems.append(f"{proc.path}: {bad} malformed records (undeclared channel, "
-                            "non-integer time, or attributes nested too deep) skipped")
+            problems.append(f"{proc.path}: {bad} malformed records (undeclared channel, a time that is not an "
+                            "integer in [0, 2^62), a span ending before it starts, or attributes nested too deep) "
+                            "skipped")
