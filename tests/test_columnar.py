@@ -12,6 +12,7 @@ import csv
 import json
 import math
 import re
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -591,6 +592,47 @@ def test_numbers_json_has_not_are_spelled_out_and_every_json_output_stays_strict
     db = sqlite3.connect(out / "profiler.db")
     texts = [t for (t,) in db.execute("SELECT attrs FROM span WHERE attrs LIKE '%ratio%'")]
     assert texts and all(json.loads(t, parse_constant=strict)["ratio"] == "NaN" for t in texts)
+
+
+def _extreme(value: Any, number: int) -> Any:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return number
+    if isinstance(value, float):
+        return math.copysign(1e308, number)
+    if isinstance(value, list):
+        return [_extreme(v, number) for v in value]
+    if isinstance(value, dict):
+        return {k: _extreme(v, number) for k, v in value.items()}
+    return value
+
+
+@pytest.mark.parametrize("number", [2**63 - 1, -(2**63), 2**62 + 1])
+def test_numbers_at_the_ends_of_int64_in_any_attribute_cost_no_output(tmp_path: Path, number: int) -> None:
+    """Every number in the attributes of the first record of each kind in a real run set to `number` (every
+    float to ±1e308): every output is still written. Sums, differences and casts of such values stopped
+    the request table's query with an overflow before."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(REAL_RUN, run_dir)
+    for path in run_dir.glob("*.sprof.jsonl"):
+        seen: set[int] = set()
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        for i, line in enumerate(lines):
+            if line.startswith('{"t":"rec"'):
+                obj = json.loads(line)
+                for record in obj["r"]:
+                    if record[0] not in seen:
+                        seen.add(record[0])
+                        record[-1] = _extreme(record[-1], number)
+                lines[i] = json.dumps(obj) + "\n"
+        path.write_text("".join(lines), encoding="utf-8")
+    run = analyze_run([run_dir])
+    try:
+        outcomes = export_all(run, ["csv", "summary", "db", "json", "plots", "model"], tmp_path / "out")
+    finally:
+        run.close()
+    assert [(o.fmt, o.error) for o in outcomes] == [(f, None) for f in ("csv", "summary", "db", "json", "plots", "model")]
 
 
 def test_an_escaped_lone_surrogate_costs_no_record(tmp_path: Path) -> None:

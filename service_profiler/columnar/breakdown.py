@@ -18,9 +18,15 @@ from __future__ import annotations
 import duckdb
 
 from service_profiler.columns import BREAKDOWN_COLUMNS, PART_COLUMNS
+from service_profiler.rawdata.rawcheck import MAX_TS
 
 _INT = "json_type(attrs, '$.{k}') IN ('BIGINT', 'UBIGINT')"
-_OFFSET = f"CASE WHEN {_INT} THEN ts_ns + TRY_CAST(attrs->>'{{k}}' AS BIGINT) END AS {{k}}"
+# A milestone is an epoch time in [0, 2^62), as the records' times are (raw.py): no difference of two
+# overflows. An offset outside it is not a time.
+_EPOCH = f"BETWEEN 0 AND {MAX_TS - 1}"
+_OFFSET = (f"CASE WHEN {_INT} AND TRY_CAST(attrs->>'{{k}}' AS BIGINT) BETWEEN -{MAX_TS} AND {MAX_TS} "
+           f"AND ts_ns + TRY_CAST(attrs->>'{{k}}' AS BIGINT) {_EPOCH} THEN ts_ns + TRY_CAST(attrs->>'{{k}}' AS BIGINT) "
+           "END AS {k}")
 
 # the first HTTP exchange (in time) that handed each engine request id to the engine
 _EXCHANGE = f"""
@@ -37,14 +43,15 @@ _EXCHANGE = f"""
 """
 
 # the first `httpReq` of each rid: the hand-off to the engine, whether it streams, vLLM's arrival_time
-_HANDOFF = """
+_HANDOFF = f"""
     CREATE OR REPLACE TEMP TABLE http_handoff AS
     SELECT attrs->>'rid' AS rid, ts_ns AS handoff,
            CASE WHEN json_type(attrs, '$.stream') = 'BOOLEAN' THEN CAST(attrs->>'stream' AS BOOLEAN) END AS stream,
            CASE WHEN json_type(attrs, '$.arrival_time') IN ('DOUBLE', 'BIGINT', 'UBIGINT')
-                     AND CAST(attrs->>'arrival_time' AS DOUBLE) > 0
-                THEN CAST(round(CAST(attrs->>'arrival_time' AS DOUBLE) * 1e9) AS BIGINT) END AS vllm_arrival
-    FROM event WHERE domain = 'Request' AND name = 'httpReq' AND attrs IS NOT NULL AND attrs <> '{}'
+                     AND TRY_CAST(round(TRY_CAST(attrs->>'arrival_time' AS DOUBLE) * 1e9) AS BIGINT) BETWEEN 1 AND
+                         {MAX_TS - 1}
+                THEN TRY_CAST(round(TRY_CAST(attrs->>'arrival_time' AS DOUBLE) * 1e9) AS BIGINT) END AS vllm_arrival
+    FROM event WHERE domain = 'Request' AND name = 'httpReq' AND attrs IS NOT NULL AND attrs <> '{{}}'
     QUALIFY row_number() OVER (PARTITION BY attrs->>'rid' ORDER BY ts_ns, proc, pos) = 1
 """
 

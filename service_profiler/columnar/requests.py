@@ -77,8 +77,10 @@ _PER_RID = f"""
         SELECT rid, max(held) AS peak FROM (
             SELECT rid, name, sum(CASE name WHEN 'allocate' THEN b ELSE -b END)
                        OVER (PARTITION BY rid ORDER BY ts_ns, name DESC ROWS UNBOUNDED PRECEDING) AS held
+            -- a count of blocks that is not an integer in [0, 2^31) is no count: left out, as one that is
+            -- not a number (no sum of them overflows)
             FROM (SELECT rid, name, ts_ns, TRY_CAST(blocks AS BIGINT) AS b FROM req_event
-                  WHERE name IN ('allocate', 'free') AND TRY_CAST(blocks AS BIGINT) IS NOT NULL))
+                  WHERE name IN ('allocate', 'free') AND TRY_CAST(blocks AS BIGINT) BETWEEN 0 AND 2147483647))
         WHERE name = 'allocate' GROUP BY rid HAVING max(held) > 0),
     ent AS (  -- eng_*: the steps that produced a token (for requests without API data); NULL without one
         SELECT e.rid, min(e.batch_row) AS first_row, arg_min_null(e.prompt, e.batch_row) AS prompt,
@@ -141,7 +143,7 @@ _REQUEST = f"""
            CASE WHEN out_tokens > 1 THEN (completion - first_tok) / 1e6 / (out_tokens - 1) END AS tpot_ms,
            (completion - arrival) / 1e6 AS e2e_ms, input_tokens, out_tokens AS output_tokens,
            greatest(st_preempted, b_preempted) AS preemptions,
-           CASE WHEN hit = round(hit) THEN hit::BIGINT END AS prefix_hit_tokens, peak AS kv_blocks,
+           CASE WHEN hit = round(hit) THEN TRY_CAST(hit AS BIGINT) END AS prefix_hit_tokens, peak AS kv_blocks,
            reason AS finish_reason,
            CASE WHEN coalesce(nullif(query, 0), nullif(input_tokens, 0)) IS NOT NULL
                 THEN hit / coalesce(nullif(query, 0), nullif(input_tokens, 0)) END AS cache_hit_rate,
