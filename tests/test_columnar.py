@@ -629,10 +629,11 @@ def test_numbers_at_the_ends_of_int64_in_any_attribute_cost_no_output(tmp_path: 
         path.write_text("".join(lines), encoding="utf-8")
     run = analyze_run([run_dir])
     try:
-        outcomes = export_all(run, ["csv", "summary", "db", "json", "plots", "model"], tmp_path / "out")
+        formats = ["csv", "summary", "db", "json", "plots", "model"]
+        outcomes = export_all(run, formats, tmp_path / "out")
     finally:
         run.close()
-    assert [(o.fmt, o.error) for o in outcomes] == [(f, None) for f in ("csv", "summary", "db", "json", "plots", "model")]
+    assert [(o.fmt, o.error) for o in outcomes] == [(f, None) for f in formats]
 
 
 def test_an_escaped_lone_surrogate_costs_no_record(tmp_path: Path) -> None:
