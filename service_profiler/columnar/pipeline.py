@@ -90,7 +90,8 @@ class EarlyOutputs:
         if self.formats and run.count("record") < SMALL_RUN_RECORDS:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self._threads = ThreadPoolExecutor(max_workers=len(self.formats), thread_name_prefix="sprof-early")
-            self.futures = {fmt: self._threads.submit(_in_thread, run, fmt, {"figures": self.figures}, self.out_dir)
+            self.futures = {fmt: self._threads.submit(_in_thread, _own_connection(run), fmt, {"figures": self.figures},
+                                                      self.out_dir)
                             for fmt in self.formats}
         return self.wait
 
@@ -131,8 +132,14 @@ def _in_worker(run: AnalysisRun, fmt: str, options: dict[str, Any], out_dir: Pat
         own.con.close()
 
 
-def _in_thread(run: AnalysisRun, fmt: str, options: dict[str, Any], out_dir: Path) -> Outcome:
-    own = replace(run, con=run.con.cursor())  # a connection of its own to the same database
+def _own_connection(run: AnalysisRun) -> AnalysisRun:
+    """The run with a connection of its own to the same database, for a thread: made by the thread that
+    holds `run.con`, since a DuckDB connection is not to be used by two threads at once."""
+    return replace(run, con=run.con.cursor())
+
+
+def _in_thread(own: AnalysisRun, fmt: str, options: dict[str, Any], out_dir: Path) -> Outcome:
+    """`fmt` written through `own` (`_own_connection`), which is closed after."""
     try:
         return _run_one(own, fmt, options, out_dir)
     finally:
@@ -224,7 +231,7 @@ def _export_in_threads(run: AnalysisRun, formats: list[str], out_dir: Path, jobs
         while to_start or running:
             while to_start and len(running - early) < jobs and not out_of_memory:
                 fmt = to_start.pop(0)
-                running.add(threads.submit(_in_thread, run, fmt, options.get(fmt, {}), out_dir))
+                running.add(threads.submit(_in_thread, _own_connection(run), fmt, options.get(fmt, {}), out_dir))
             ended, running = wait(running, return_when=FIRST_COMPLETED)
             for future in ended:
                 outcome = future.result()
