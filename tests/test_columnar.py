@@ -658,6 +658,41 @@ def test_an_escaped_lone_surrogate_costs_no_record(tmp_path: Path) -> None:
         run.close()
 
 
+def test_a_channel_is_the_files_wherever_its_line_is_and_its_first_declaration_stands(tmp_path: Path) -> None:
+    """Both readers: a record line ahead of its channel's line is read; a channel line that gives a declared
+    id another meaning is listed and skipped (the writer declares each id once: it is corrupt), so it
+    changes no record's name; a channel line with a name that is not a text is invalid."""
+    synth = generate_run(tmp_path / "run", SyntheticConfig(requests=10, output_tokens=4, seed=5))
+    engine = sorted(synth.run_dir.glob("*4200*"))[0]
+    whole = read_run([synth.run_dir])
+    lines = engine.read_text(encoding="utf-8").splitlines(keepends=True)
+    chans = [i for i, line in enumerate(lines) if line.startswith('{"t":"chan"')]
+    first_rec = next(i for i, line in enumerate(lines) if line.startswith('{"t":"rec"'))
+    step = next(i for i in chans if '"name":"step"' in lines[i])
+    again = json.loads(lines[step]) | {"name": "renamed"}
+    invalid = json.loads(lines[step]) | {"id": 99, "name": ["x"]}
+    moved = lines.pop(step)
+    lines.insert(first_rec, moved)  # after the first record line, which holds step spans
+    lines.append(json.dumps(again) + "\n")
+    lines.append(json.dumps(invalid) + "\n")
+    engine.write_text("".join(lines), encoding="utf-8")
+    n = len(lines)
+    inspected = read_run([synth.run_dir])
+    analysis = analyze_run([synth.run_dir])
+    try:
+        told = [f"{engine}:{n - 1}: channel {again['id']} declared again, as span EngineCore/renamed; skipped, "
+                "the first declaration is kept", f"{engine}:{n}: channel line without a valid id"]
+        for problems in (inspected.problems, analysis.problems):
+            assert len(problems) == 2 and all(p.startswith(t) for p, t in zip(problems, told, strict=True)), problems
+        steps = sorted(s.start_ns for s in whole.spans if s.name == "step")
+        assert steps and sorted(s.start_ns for s in inspected.spans if s.name == "step") == steps
+        assert [t for (t,) in analysis.con.execute("SELECT start_ns FROM span WHERE name = 'step' "
+                                                   "ORDER BY start_ns").fetchall()] == steps
+        assert analysis.count("span WHERE name = 'renamed'") == 0
+    finally:
+        analysis.close()
+
+
 def test_both_readers_read_control_lines_alike(tmp_path: Path) -> None:
     """analyze's reader (DuckDB) and inspect's (rawfile.py) share one reading of the control lines: the same
     problem for each bad one, the same meta, warnings, patch report, dropped count and collection states."""

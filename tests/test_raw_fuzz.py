@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -127,7 +128,8 @@ def test_problems_name_the_line(synth: SyntheticRun, tmp_path: Path) -> None:
 
 def _mutate(rng: random.Random, line: str) -> str:
     """One random change to a JSON line: a value replaced by an odd one, bytes cut, flipped or repeated."""
-    odd = ["null", "true", "-1", "1.5", "1e400", "18446744073709551616", '"\\ud800"', "[]", "{}", "[[[]]]",
+    odd = ["null", "true", "-1", "1.5", "1e400", "18446744073709551616", "9223372036854775807",
+           "-9223372036854775808", "4611686018427387904", "NaN", "-Infinity", '"\\ud800"', "[]", "{}", "[[[]]]",
            '"x"', '{"t":"rec"}', "[1,[2,[3]]]", MID_DEEP]
     how = rng.randrange(6)
     if how == 0 and len(line) > 2:  # cut (a torn line, or a line that ends early)
@@ -153,7 +155,7 @@ def _mutate(rng: random.Random, line: str) -> str:
     return "".join(rng.choice('{}[]",:0123456789tnrfaelsu \\') for _ in range(rng.randint(0, 80)))
 
 
-@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("seed", range(40))
 def test_fuzzed_lines_never_raise_and_keep_everything_valid(synth: SyntheticRun, tmp_path: Path, seed: int,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
     rng = random.Random(seed)
@@ -170,9 +172,17 @@ def test_fuzzed_lines_never_raise_and_keep_everything_valid(synth: SyntheticRun,
     whole = read_run([synth.run_dir])
     data = read_run([run])
     assert data.problems
+    # A fuzzed channel line that is still valid JSON but says another name for an id declared in the file
+    # is told ("declared again"); which of the two is the right one no reader can know (the first is kept),
+    # so that channel's records are left out of the comparison.
+    conflicts = {(proc.index, int(m.group(2))) for proc in data.processes for problem in data.problems
+                 if (m := re.match(r"(.*):\d+: channel (\d+) declared again", problem)) and m.group(1) == proc.path}
+    unsure = {(proc.index, chan["domain"], chan["name"]) for proc in whole.processes for chan in proc.channels
+              if (proc.index, chan["id"]) in conflicts}
+
     # every valid record is still there (fuzzed lines may add records of their own)
     def keys(records: list[Any]) -> set[tuple[Any, ...]]:
-        return {tuple(r[:4]) for r in records}
+        return {tuple(r[:4]) for r in records if tuple(r[:3]) not in unsure}
 
     assert keys(whole.spans) <= keys(data.spans) and keys(whole.events) <= keys(data.events)
     assert keys(whole.counters) <= keys(data.counters)

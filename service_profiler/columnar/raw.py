@@ -33,7 +33,7 @@ from typing import Any
 
 import duckdb
 
-from service_profiler.rawdata.control import ControlReader, channel, channel_problem
+from service_profiler.rawdata.control import ControlReader, channel, channel_problem, redeclared_problem
 from service_profiler.rawdata.losses import ProcessLoss
 from service_profiler.rawdata.rawcheck import MAX_TS, lone_surrogates_replaced
 from service_profiler.rawdata.rawfile import (
@@ -121,6 +121,7 @@ def scan_lines(proc: Process, lines: Iterable[tuple[int, bytes | None, str | Non
     (parquet_in.py) from the lines a conversion kept."""
     control = ControlReader(proc.index, proc.wall_offset_ns, proc.loss, proc.meta, states, problems)
     path = Path(proc.path)
+    declared_here: dict[int, tuple[int, str, str, str]] = {}
     for lineno, line, rec_problem in lines:
         if line is None:
             if rec_problem:
@@ -143,8 +144,11 @@ def scan_lines(proc: Process, lines: Iterable[tuple[int, bytes | None, str | Non
             declared = channel(obj)
             if declared is None:
                 problems.append(channel_problem(proc.path, lineno))
-            else:
+            elif declared[0] not in declared_here:
+                declared_here[declared[0]] = declared
                 chans.append((proc.index, *declared))
+            elif declared_here[declared[0]] != declared:
+                problems.append(redeclared_problem(proc.path, lineno, declared))
         else:
             control.line(obj["t"], obj, path, lineno)
     proc.dropped += control.dropped
@@ -283,8 +287,7 @@ def load_process_tables(con: duckdb.DuckDBPyConnection, processes: list[Process]
     con.execute("CREATE OR REPLACE TABLE channel (proc INTEGER, id INTEGER, kind VARCHAR, domain VARCHAR, "
                 "name VARCHAR)")
     if chans:
-        # a channel declared twice in one file: the last declaration wins, as in the reader
-        insert_rows(con, "channel", list({c[:2]: c for c in chans}.values()))
+        insert_rows(con, "channel", chans)  # each id once per file (`scan_lines`)
 
 
 def _load_records(con: duckdb.DuckDBPyConnection, processes: list[Process], sources: dict[int, str],

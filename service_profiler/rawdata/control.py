@@ -27,16 +27,28 @@ _MAX_CHANNEL_ID = 2**31
 
 
 def channel(obj: dict[str, Any]) -> tuple[int, str, str, str] | None:
-    """(id, kind, domain, name) of a valid `chan` line; None when its id or kind is not valid."""
+    """(id, kind, domain, name) of a valid `chan` line; None when its id, kind, domain or name is not
+    valid (a domain or name that is not a text: the line is corrupt)."""
     chan_id, kind = obj.get("id"), obj.get("kind")
-    if chan_id.__class__ is not int or not 0 <= chan_id < _MAX_CHANNEL_ID or kind not in RECORD_KINDS:
+    domain, name = obj.get("domain", ""), obj.get("name", "")
+    if (chan_id.__class__ is not int or not 0 <= chan_id < _MAX_CHANNEL_ID or kind not in RECORD_KINDS
+            or domain.__class__ is not str or name.__class__ is not str):
         return None
-    return chan_id, kind, str(obj.get("domain", "")), str(obj.get("name", ""))
+    return chan_id, kind, domain, name
+
+
+def redeclared_problem(path: Path | str, lineno: int, declared: tuple[int, str, str, str]) -> str:
+    """A `chan` line giving an id declared before another meaning: the writer declares each id once, so
+    it is corrupt, and it must not change what the records of that channel are (the first declaration
+    is kept)."""
+    chan_id, kind, domain, name = declared
+    return (f"{path}:{lineno}: channel {chan_id} declared again, as {kind} {domain}/{name}; skipped, the first "
+            "declaration is kept")
 
 
 def channel_problem(path: Path | str, lineno: int) -> str:
-    return (f"{path}:{lineno}: channel line without a valid id (an integer) and kind (span, event or counter); "
-            "skipped, its records counted as malformed")
+    return (f"{path}:{lineno}: channel line without a valid id (an integer), kind (span, event or counter), "
+            "domain and name (texts); skipped, its records counted as malformed")
 
 
 class ControlReader:

@@ -34,7 +34,7 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from service_profiler.rawdata.control import ControlReader, channel, channel_problem
+from service_profiler.rawdata.control import ControlReader, channel, channel_problem, redeclared_problem
 from service_profiler.rawdata.losses import ProcessLoss
 from service_profiler.rawdata.rawcheck import (
     FORMAT_VERSION,
@@ -70,6 +70,7 @@ _RID_DOMAINS = frozenset({"Request", "KVCache"})
 # lines whose repetition would count something twice (records, losses, switches): a repeat is skipped
 _COUNTED_LINES = frozenset({"rec", "dropped", "lost", "state", "flushed", "close"})
 _LINE_END_BYTES = 4096
+_CHAN_PREFIXES = (b'{"t":"chan"', b'{"t": "chan"')
 
 
 def line_identity(line: bytes | str) -> int:
@@ -236,6 +237,7 @@ class _FileReader:
         run = self.run
         problems = run.problems
         loads = parse_line
+        self._declare_channels(path)
         with path.open("rb") as fh:
             lines = iter(fh)
             next(lines, None)  # header, already parsed
@@ -273,7 +275,8 @@ class _FileReader:
                     else:
                         problems.append(f"{path}:{lineno}: rec line without a list 'r'; skipped")
                 elif kind == "chan":
-                    self._channel(obj, path, lineno)
+                    if not line.startswith(_CHAN_PREFIXES):  # else declared before the records were read
+                        self._channel(obj, path, lineno)
                 else:
                     self.control.line(kind, obj, path, lineno)
         control = self.control
@@ -294,6 +297,19 @@ class _FileReader:
             problems.append(f"{path}: {self.dropped[0]} malformed per-request entries (`reqs` of batch or tokens "
                             "records; see docs/DESIGN.md for their shape); dropped")
 
+    def _declare_channels(self, path: Path) -> None:
+        """The file's channels, before its records: a channel is the file's, wherever its line is (as
+        analyze reads it), so a record line copied ahead of its channels' lines costs nothing."""
+        with path.open("rb") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if lineno > 1 and line.startswith(_CHAN_PREFIXES):
+                    try:
+                        obj = parse_line(line)
+                    except (ValueError, RecursionError):
+                        continue  # listed as corrupt when the file is read
+                    if isinstance(obj, dict) and obj.get("t") == "chan":
+                        self._channel(obj, path, lineno)
+
     def _channel(self, obj: dict[str, Any], path: Path, lineno: int) -> None:
         declared = channel(obj)
         if declared is None:
@@ -301,6 +317,10 @@ class _FileReader:
             return
         chan_id, kind, domain, name = declared
         code = _KIND_CODES[kind]
+        if chan_id in self.chans:
+            if self.chans[chan_id][:3] != (code, domain, name):
+                self.run.problems.append(redeclared_problem(path, lineno, declared))
+            return
         domain, name = sys.intern(domain), sys.intern(name)
         ids = _ENTRY_FIELDS.get((domain, name), NO_IDS)
         if not ids and code == EVENT and domain in _RID_DOMAINS:
