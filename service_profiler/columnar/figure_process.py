@@ -1,22 +1,24 @@
-"""A process of its own that draws the figures (the plots, the latency model's) beside this one.
+"""Processes of their own that draw the figures (the plots, the latency model's) beside this one.
 
 matplotlib is Python holding the GIL: its import and a dozen figures take about a second on any run,
 small or large. In a thread of this process they held back the Python parts of the other exporters
-(profiler.db's and the trace's); in a process of their own they run beside them where a core is free (on
-a 2-core machine both cores are busy either way and wall time is the same: benchmarks/README.md). It is
-started when `analyze` starts, so its imports happen while DuckDB builds the tables.
+(profiler.db's and the trace's); in processes of their own they run beside them where a core is free.
+The workers are forked by multiprocessing's fork server, a fresh interpreter started when `analyze`
+starts, which imports matplotlib once while DuckDB builds the tables: two workers draw two figures at a
+time for one import. Never forked from this process: a fork would copy DuckDB's threads' locks in
+whatever state they are.
 
-The exporters hand it plain data (lists, arrays) and a module-level function; nothing of DuckDB's
-crosses. Spawned, not forked: a fork would copy DuckDB's threads' locks in whatever state they are.
-If the process is gone (killed, out of memory), the work is done in this process instead.
+The exporters hand them plain data (lists, arrays) and a module-level function; nothing of DuckDB's
+crosses. If the workers are gone (killed, out of memory), the work is done in this process instead.
 """
 
 from __future__ import annotations
 
-import atexit
 import importlib
 import multiprocessing
+import multiprocessing.forkserver
 import os
+import select
 import sys
 import threading
 import time
@@ -27,37 +29,68 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
-# what the figures need, imported by the process as soon as it starts
-_WARM_UP_MODULES = ("matplotlib.figure", "matplotlib.backends.backend_agg", "numpy",
-                    "service_profiler.model.latency", "service_profiler.columnar.plots_draw")
+# what the figures need, imported by the fork server once (`figure_server` first)
+_WARM_UP_MODULES = ("service_profiler.columnar.figure_server", "matplotlib.figure", "matplotlib.backends.backend_agg",
+                    "numpy", "service_profiler.model.latency", "service_profiler.columnar.plots_draw")
 
 
-def _warm_up(parent: int) -> None:
-    # a process killed outright leaves its pool's worker waiting for work that never comes: it goes too
-    threading.Thread(target=_exit_with, args=(parent,), name="sprof-parent-watch", daemon=True).start()
-    # A spawned worker ends through sys.exit: the interpreter's teardown then frees every module and
-    # object matplotlib made, while analyze waits for it (a tenth of a second after a dozen figures).
-    # By the time atexit runs, multiprocessing has sent the last result and flushed the standard
-    # streams, so nothing is left to do: end there.
-    atexit.register(os._exit, 0)
-    for module in _WARM_UP_MODULES:
+def _start_worker(analyze_pid: int) -> None:
+    # A worker of an analyze killed outright would wait for work that never comes (it holds its queues'
+    # both ends), and so would the fork server (its workers hold its pipe open): the worker goes too.
+    threading.Thread(target=_exit_with, args=(analyze_pid,), name="sprof-analyze-watch", daemon=True).start()
+    for module in _WARM_UP_MODULES:  # imported already where the fork server could import them
         try:
             importlib.import_module(module)
         except Exception:  # the figure's own import fails again and is reported there
             continue
 
 
-def _exit_with(parent: int) -> None:
-    while os.getppid() == parent:
-        time.sleep(0.5)
+def _exit_with(pid: int) -> None:
+    """End this process once process `pid` has ended."""
+    try:
+        # a descriptor of that very process (not of another given its pid later), readable once it ended
+        with os.fdopen(os.pidfd_open(pid), "rb", buffering=0) as ended:
+            select.select([ended], [], [])
+    except (AttributeError, OSError):  # no pidfd here (another OS, an old kernel), or it ended already
+        while _exists(pid):
+            time.sleep(0.5)
     os._exit(0)
 
 
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+FIGURE_WORKERS = 2
+"""Figures drawn at a time. The workers are forked by a fork server that imported matplotlib once, so a
+second costs no second import; on a small run the figures are the last thing to end, and two at a time
+they end sooner (benchmarks/README.md)."""
+
+
+def _start(pool: ProcessPoolExecutor) -> None:
+    try:
+        pool.submit(os.getpid)
+    except Exception:  # a pool that could not start a worker is broken: `submit` then draws here
+        return
+
+
 class FigureProcess:
-    def __init__(self) -> None:
+    def __init__(self, workers: int = FIGURE_WORKERS) -> None:
+        # forked by multiprocessing's fork server (a fresh interpreter holding no DuckDB), never from this
+        # process: a fork would copy DuckDB's threads' locks in whatever state they are
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(list(_WARM_UP_MODULES))
         self._pool: ProcessPoolExecutor | None = ProcessPoolExecutor(
-            max_workers=1, mp_context=multiprocessing.get_context("spawn"))
-        self._pool.submit(_warm_up, os.getpid())
+            max_workers=workers, mp_context=context, initializer=_start_worker, initargs=(os.getpid(),))
+        # The fork server and a first worker started now, from a thread: starting a worker waits for the
+        # fork server's imports, which go on beside the tables being built.
+        threading.Thread(target=_start, args=(self._pool,), name="sprof-figures-start", daemon=True).start()
 
     def submit(self, fn: Callable[..., T], *args: object) -> Callable[[], T]:
         """Start fn(*args) in the figure process; the function returned waits for its result (or runs it
@@ -87,6 +120,21 @@ class FigureProcess:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+            _stop_fork_server()
+
+
+def _stop_fork_server() -> None:
+    """The fork server ended and waited for, as its workers are by it: it would otherwise stay until this
+    process ends, unwaited, and its workers' CPU time would count as nobody's (`time`, `getrusage`). Its
+    stop is the one multiprocessing's own tests use; where a Python lacks it, the server ends with this
+    process as before."""
+    server = getattr(multiprocessing.forkserver, "_forkserver", None)
+    stop = getattr(server, "_stop", None)
+    if callable(stop):
+        try:
+            stop()
+        except OSError:  # gone already
+            pass
 
 
 def submit(figures: FigureProcess | None, fn: Callable[..., T], *args: object) -> Callable[[], T]:
