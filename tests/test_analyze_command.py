@@ -236,14 +236,16 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_a_killed_figure_process_costs_no_figure(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("workers", [1, 2])  # spawned; forked by a fork server
+def test_a_killed_figure_process_costs_no_figure(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                 workers: int) -> None:
     import os
     import signal
 
     from service_profiler.columnar.figure_process import FigureProcess
     from service_profiler.columnar.plots_draw import Lines, Series, draw_plots
 
-    figures = FigureProcess()
+    figures = FigureProcess(workers)
     try:
         pid = figures.submit(os.getpid)()
         assert pid != os.getpid()
@@ -256,33 +258,39 @@ def test_a_killed_figure_process_costs_no_figure(tmp_path: Path, capsys: pytest.
     assert "the figure process ended" in capsys.readouterr().err
 
 
-def test_the_figure_process_ends_with_a_killed_analyze(tmp_path: Path) -> None:
-    """analyze killed outright (SIGKILL: no clean-up runs) leaves no figure process behind."""
+@pytest.mark.parametrize("workers", [1, 2])  # spawned; forked by a fork server
+def test_the_figure_process_ends_with_a_killed_analyze(tmp_path: Path, workers: int) -> None:
+    """analyze killed outright (SIGKILL: no clean-up runs) leaves no figure process behind, nor a fork
+    server."""
     import os
     import signal
     import time
 
     code = ("import os, sys, time\n"
             "from service_profiler.columnar.figure_process import FigureProcess\n"
-            "f = FigureProcess()\n"
-            "print(f.submit(os.getpid)(), flush=True)\n"
+            f"f = FigureProcess({workers})\n"
+            "print(f.submit(os.getpid)(), os.getppid(), flush=True)\n"
             "time.sleep(60)\n")
     parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert parent.stdout is not None
-        child = int(parent.stdout.readline())
-        assert _alive(child)
+        child = int(parent.stdout.readline().split()[0])
+        with open(f"/proc/{child}/stat") as fh:
+            server = int(fh.read().split(")")[-1].split()[1])  # the worker's parent: analyze, or its fork server
+        assert _alive(child) and _alive(server)
     finally:
         parent.kill()
         parent.wait(timeout=30)
+    left = [pid for pid in (child, server) if pid != parent.pid]
     deadline = time.monotonic() + 10
-    while _alive(child) and time.monotonic() < deadline:
+    while any(map(_alive, left)) and time.monotonic() < deadline:
         time.sleep(0.1)
     try:
-        assert not _alive(child)
+        assert not any(map(_alive, left))
     finally:
-        if _alive(child):
-            os.kill(child, signal.SIGKILL)
+        for pid in left:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_tables_that_do_not_fit_the_memory_limit_say_what_to_change(synth: SyntheticRun, tmp_path: Path,

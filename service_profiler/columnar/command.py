@@ -29,6 +29,7 @@ from typing import Any, TextIO
 import duckdb
 
 from service_profiler.outputs import OutputPathError, check_output_dir, describe_os_error, write_output_text
+from service_profiler.rawdata.rawfile import discover_files
 
 from .figure_process import FigureProcess
 from .parquet_format import ParquetInputError
@@ -153,12 +154,30 @@ def _run(args: argparse.Namespace) -> int:
     pool = args.processes and args.jobs > 1 and len(formats) > 1
     figures = None
     if args.jobs > 1 and not pool and {"plots", "model"} & set(formats):
-        figures = FigureProcess()  # started now: it imports matplotlib while the tables are built
+        # started now: it imports matplotlib while the tables are built
+        figures = FigureProcess(workers=2 if _raw_bytes(args.input_path) < SMALL_RUN_RAW_BYTES else 1)
     try:
         return _analyze(args, formats, out, pool, figures, progress)
     finally:
         if figures is not None:
             figures.close()
+
+
+SMALL_RUN_RAW_BYTES = 32 << 20
+"""Raw files smaller than this together make a small run (about 100,000 records, `SMALL_RUN_RECORDS`):
+there the figures, drawn two at a time, are the last thing to end; a larger run draws them one at a
+time, in less memory (`FigureProcess`)."""
+
+
+def _raw_bytes(paths: Sequence[Path]) -> int:
+    """The size of the raw files under `paths` (a stat each), as `analyze` finds them."""
+    total = 0
+    for path in discover_files(paths, []):
+        try:
+            total += path.stat().st_size
+        except OSError:
+            continue
+    return total
 
 
 def _analyze(args: argparse.Namespace, formats: list[str], out: Path, pool: bool, figures: FigureProcess | None,

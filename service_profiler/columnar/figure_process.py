@@ -36,9 +36,9 @@ _WARM_UP_MODULES = ("service_profiler.columnar.figure_server", "matplotlib.figur
 
 def _start_worker(analyze_pid: int) -> None:
     # A worker of an analyze killed outright would wait for work that never comes (it holds its queues'
-    # both ends), and so would the fork server (its workers hold its pipe open): the worker goes too.
+    # both ends), and so would a fork server (its workers hold its pipe open): the worker goes too.
     threading.Thread(target=_exit_with, args=(analyze_pid,), name="sprof-analyze-watch", daemon=True).start()
-    for module in _WARM_UP_MODULES:  # imported already where the fork server could import them
+    for module in _WARM_UP_MODULES:  # a fork server's worker has them already
         try:
             importlib.import_module(module)
         except Exception:  # the figure's own import fails again and is reported there
@@ -67,12 +67,6 @@ def _exists(pid: int) -> bool:
     return True
 
 
-FIGURE_WORKERS = 2
-"""Figures drawn at a time. The workers are forked by a fork server that imported matplotlib once, so a
-second costs no second import; on a small run the figures are the last thing to end, and two at a time
-they end sooner (benchmarks/README.md)."""
-
-
 def _start(pool: ProcessPoolExecutor) -> None:
     try:
         pool.submit(os.getpid)
@@ -81,15 +75,21 @@ def _start(pool: ProcessPoolExecutor) -> None:
 
 
 class FigureProcess:
-    def __init__(self, workers: int = FIGURE_WORKERS) -> None:
-        # forked by multiprocessing's fork server (a fresh interpreter holding no DuckDB), never from this
-        # process: a fork would copy DuckDB's threads' locks in whatever state they are
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(list(_WARM_UP_MODULES))
+    """`workers` figures drawn at a time. Two are forked by a fork server that imports matplotlib once
+    (the server and each worker hold its ~100 MB, mostly shared): on a small run the figures are the last
+    thing to end, and two at a time they end sooner (benchmarks/README.md). One is spawned, a fresh
+    interpreter importing matplotlib itself: the least memory, for a large run, where the figures are a
+    small part of the time."""
+
+    def __init__(self, workers: int = 1) -> None:
+        # never forked from this process: a fork would copy DuckDB's threads' locks in whatever state they are
+        context = multiprocessing.get_context("forkserver" if workers > 1 else "spawn")
+        if workers > 1:
+            context.set_forkserver_preload(list(_WARM_UP_MODULES))
         self._pool: ProcessPoolExecutor | None = ProcessPoolExecutor(
             max_workers=workers, mp_context=context, initializer=_start_worker, initargs=(os.getpid(),))
-        # The fork server and a first worker started now, from a thread: starting a worker waits for the
-        # fork server's imports, which go on beside the tables being built.
+        # A first worker started now, from a thread: starting one under the fork server waits for its
+        # imports, which go on beside the tables being built.
         threading.Thread(target=_start, args=(self._pool,), name="sprof-figures-start", daemon=True).start()
 
     def submit(self, fn: Callable[..., T], *args: object) -> Callable[[], T]:
