@@ -61,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where the work directory is made (default: the system's temporary directory)")
     parser.add_argument("--jobs", type=int, default=DEFAULT_JOBS, metavar="N",
                         help=f"outputs written N at a time, by threads of this process, the plots and the model "
-                             f"drawn by a process of their own (default {DEFAULT_JOBS}; 1: one after another, all "
+                             f"drawn by processes of their own (default {DEFAULT_JOBS}; 1: one after another, all "
                              "in this process)")
     parser.add_argument("--processes", action="store_true",
                         help="with --jobs N > 1: by a pool of N processes instead, which open the analysis "
