@@ -3,10 +3,10 @@
 matplotlib is Python holding the GIL: its import and a dozen figures take about a second on any run,
 small or large. In a thread of this process they held back the Python parts of the other exporters
 (profiler.db's and the trace's); in processes of their own they run beside them where a core is free.
-The workers are forked by multiprocessing's fork server, a fresh interpreter started when `analyze`
-starts, which imports matplotlib once while DuckDB builds the tables: two workers draw two figures at a
-time for one import. Never forked from this process: a fork would copy DuckDB's threads' locks in
-whatever state they are.
+They are started when `analyze` starts, so that matplotlib is imported while DuckDB builds the tables: on
+a small run two workers forked by multiprocessing's fork server, which imports it once for both; on a
+larger one a single spawned worker (`FigureProcess`). Never forked from this process: a fork would copy
+DuckDB's threads' locks in whatever state they are.
 
 The exporters hand them plain data (lists, arrays) and a module-level function; nothing of DuckDB's
 crosses. If the workers are gone (killed, out of memory), the work is done in this process instead.

@@ -474,9 +474,9 @@ def _spell_out_non_finite(con: duckdb.DuckDBPyConnection) -> None:
                 value = json.loads(text)
             except (ValueError, RecursionError):
                 continue
-            text_now = json.dumps(_non_finite_spelled(value), separators=(",", ":"), ensure_ascii=False)
-            if text_now != text:
-                spelled.append((rowid, text_now))
+            spelled_out = _non_finite_spelled(value)
+            if spelled_out != value:  # only where a number was spelled out: other texts stay as written
+                spelled.append((rowid, json.dumps(spelled_out, separators=(",", ":"), ensure_ascii=False)))
     if spelled:
         con.execute("CREATE OR REPLACE TEMP TABLE spelled (id BIGINT, attrs VARCHAR)")
         insert_rows(con, "spelled", spelled)
