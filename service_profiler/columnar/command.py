@@ -155,7 +155,7 @@ def _run(args: argparse.Namespace) -> int:
     figures = None
     if args.jobs > 1 and not pool and {"plots", "model"} & set(formats):
         # started now: it imports matplotlib while the tables are built
-        figures = FigureProcess(workers=2 if _raw_bytes(args.input_path) < SMALL_RUN_RAW_BYTES else 1)
+        figures = FigureProcess(workers=2 if 0 < _raw_bytes(args.input_path) < SMALL_RUN_RAW_BYTES else 1)
     try:
         return _analyze(args, formats, out, pool, figures, progress)
     finally:
@@ -165,8 +165,8 @@ def _run(args: argparse.Namespace) -> int:
 
 SMALL_RUN_RAW_BYTES = 32 << 20
 """Raw files smaller than this together make a small run (about 100,000 records, `SMALL_RUN_RECORDS`):
-there the figures, drawn two at a time, are the last thing to end; a larger run draws them one at a
-time, in less memory (`FigureProcess`)."""
+there the figures, drawn two at a time, are the last thing to end; a larger run, or one read from its
+Parquet conversions alone, draws them one at a time, in less memory (`FigureProcess`)."""
 
 
 def _raw_bytes(paths: Sequence[Path]) -> int:
