@@ -162,6 +162,41 @@ def test_report_skips_bad_lines_and_rejects_files_without_any(tmp_path: Path) ->
     assert proc.returncode == 2 and "no per_iteration.csv" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_report_takes_odd_values_as_missing_and_writes_through_no_link(tmp_path: Path) -> None:
+    """Values of the wrong type, NaN, infinities and numbers past a float cost only themselves (read as
+    missing): every chart is drawn, no traceback; a link planted at an output's name is replaced."""
+    good = {"batch_id": 0, "schedule_duration_ms": 0.2, "model_run_duration_ms": 5.0, "total_step_duration_ms": 5.5,
+            "num_prefill_reqs": 1, "num_decode_reqs": 0, "total_scheduled_tokens": 8, "prefill_chunk_sizes": [8],
+            "decode_chunk_sizes": [1, 1]}
+    odd = [{"prefill_chunk_sizes": 5}, {"decode_chunk_sizes": 2.5}, {"prefill_chunk_sizes": [None, "x", True, 1e999]},
+           {"batch_id": float("inf")}, {"schedule_duration_ms": float("nan")}, {"model_run_duration_ms": 2**1100},
+           {"num_prefill_reqs": "1e999"}, {"total_scheduled_tokens": [1]}, {"batch_id": -2**63}]
+    lines = [json.dumps({**good, "batch_id": i, **change}) for i, change in enumerate(odd)] + [json.dumps(good)]
+    path = tmp_path / "s.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "r"
+    out.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    os.symlink(victim, out / "summary.txt")
+    proc = subprocess.run([*CLI, "scheduler-report", str(path), "-o", str(out)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"batches: {len(lines)}" in proc.stdout and "prefill chunk size: avg 8.000 tokens" in proc.stdout
+    assert victim.read_text() == "keep me" and not (out / "summary.txt").is_symlink()
+    assert len(list(out.glob("*.png"))) == 6
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "per_request.csv").write_text("ttft,tpot,preemption_count\n1e999,nan,x\n2000000,1000,0\n")
+    (logs / "per_iteration.csv").write_text("iteration_id,batch_size,kv_cache_used,kv_cache_total\n"
+                                            "0,1,5,0\ninf,2,1e400,10\n2,3,4,10\n")
+    proc = subprocess.run([*CLI, "scheduler-report", str(logs), "-o", str(tmp_path / "r2")], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr and "Warning" not in proc.stderr, proc.stderr
+    assert "requests: 2, iterations: 3" in proc.stdout and len(list((tmp_path / "r2").glob("*.png"))) == 3
+    assert "average KV cache utilization: 40.000 %" in proc.stdout  # 4 of 10; no total, no ratio
+
+
 def test_writers_never_follow_a_symlink(tmp_path: Path) -> None:
     victim = tmp_path / "victim.txt"
     victim.write_text("keep me")

@@ -25,6 +25,9 @@ from typing import Any
 
 import numpy as np
 
+from service_profiler.figures import save_figure
+from service_profiler.outputs import output_dir, write_output_text
+
 EXIT_BAD_INPUT = 2
 
 
@@ -51,19 +54,32 @@ def read_jsonl(path: Path, problems: list[str]) -> list[dict[str, Any]]:
     return rows
 
 
+def _number(value: Any) -> float:
+    """A finite number, or NaN for anything else (null, text that is no number, NaN, an infinity, a
+    number too large for a float)."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return math.nan
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except OverflowError:
+            return math.nan
+        return number if math.isfinite(number) else math.nan
+    return math.nan
+
+
 def column(rows: Sequence[dict[str, Any]], name: str) -> np.ndarray:
-    """Numbers of one field; missing, null or non-numeric values are NaN."""
-    out = np.full(len(rows), np.nan)
-    for i, row in enumerate(rows):
-        value = row.get(name)
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            out[i] = value
-        elif isinstance(value, str):
-            try:
-                out[i] = float(value)
-            except ValueError:
-                pass
-    return out
+    """Numbers of one field; missing, null, non-numeric or non-finite values are NaN."""
+    return np.array([_number(row.get(name)) for row in rows], dtype=float)
+
+
+def _chunks(rows: Sequence[dict[str, Any]], name: str) -> list[float]:
+    """The finite numbers of a list field over every row (a field that is not a list holds none)."""
+    found = (_number(c) for row in rows if isinstance(row.get(name), list) for c in row[name])
+    return [c for c in found if not math.isnan(c)]
 
 
 def _stat(values: np.ndarray, fn: Callable[[np.ndarray], Any]) -> float:
@@ -77,8 +93,7 @@ def _fmt(value: float, unit: str = "") -> str:
 
 def profiling_summary(rows: Sequence[dict[str, Any]]) -> list[str]:
     sched, model = column(rows, "schedule_duration_ms"), column(rows, "model_run_duration_ms")
-    prefill_chunks = [c for r in rows for c in (r.get("prefill_chunk_sizes") or ()) if isinstance(c, int | float)]
-    decode_chunks = [c for r in rows for c in (r.get("decode_chunk_sizes") or ()) if isinstance(c, int | float)]
+    prefill_chunks, decode_chunks = _chunks(rows, "prefill_chunk_sizes"), _chunks(rows, "decode_chunk_sizes")
     return [
         f"batches: {len(rows)}",
         f"schedule time: avg {_fmt(_stat(sched, np.mean), ' ms')}, max {_fmt(_stat(sched, np.max), ' ms')}, "
@@ -106,8 +121,7 @@ def _figure(title: str, xlabel: str, ylabel: str) -> tuple[Any, Any]:
 
 def _save(fig: Any, path: Path, written: list[Path]) -> None:
     fig.tight_layout()
-    fig.savefig(path)
-    written.append(path)
+    written.append(save_figure(fig, path, margins_in=None))  # a new file moved onto its name: no link followed
 
 
 def _hist(values: np.ndarray, title: str, xlabel: str, path: Path, written: list[Path]) -> None:
@@ -148,14 +162,26 @@ def read_csv_rows(path: Path, problems: list[str]) -> list[dict[str, Any]]:
     if not path.is_file():
         problems.append(f"{path}: missing")
         return []
+    rows: list[dict[str, Any]] = []
     with open(path, encoding="utf-8", errors="replace", newline="") as handle:
-        return list(csv.DictReader(handle))
+        reader = csv.DictReader(handle)
+        try:
+            rows.extend(reader)
+        except csv.Error as exc:  # e.g. a field past the csv module's size limit: the rows before it stand
+            problems.append(f"{path}:{reader.line_num}: {exc}; the rest of the file skipped")
+    return rows
+
+
+def _kv_utilization(iterations: Sequence[dict[str, Any]]) -> np.ndarray:
+    """Used over total KV cache blocks per iteration; NaN where the total is not a positive number."""
+    used, total = column(iterations, "kv_cache_used"), column(iterations, "kv_cache_total")
+    return np.divide(used, total, out=np.full(len(iterations), np.nan), where=total > 0)
 
 
 def logging_summary(requests: Sequence[dict[str, Any]], iterations: Sequence[dict[str, Any]]) -> list[str]:
     ttft, tpot = column(requests, "ttft") / 1e9, column(requests, "tpot") / 1e9
     preempted = column(requests, "preemption_count")
-    util = column(iterations, "kv_cache_used") / column(iterations, "kv_cache_total")
+    util = _kv_utilization(iterations)
     lines = [f"requests: {len(requests)}, iterations: {len(iterations)}"]
     for q in (50, 90, 99):
         lines.append(f"P{q} TTFT: {_fmt(_stat(ttft, functools.partial(np.percentile, q=q)), ' s')}")
@@ -175,7 +201,7 @@ def logging_charts(requests: Sequence[dict[str, Any]], iterations: Sequence[dict
     ax.plot(iteration, column(iterations, "batch_size"), linewidth=0.8)
     _save(fig, out / "batch_size_over_time.png", written)
     fig, ax = _figure("KV Cache Utilization Over Time", "Iteration", "KV Cache Utilization (%)")
-    ax.plot(iteration, column(iterations, "kv_cache_used") / column(iterations, "kv_cache_total") * 100, linewidth=0.8)
+    ax.plot(iteration, _kv_utilization(iterations) * 100, linewidth=0.8)
     _save(fig, out / "kv_cache_utilization.png", written)
     return written
 
@@ -206,9 +232,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"error: {path} does not exist", file=sys.stderr)
         return EXIT_BAD_INPUT
-    out = args.output or path.with_name(path.name.replace(".", "_") + "_report")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.txt").write_text("\n".join(summary) + "\n", encoding="utf-8")
+    out = output_dir(args.output or path.with_name(path.name.replace(".", "_") + "_report"))
+    write_output_text(out / "summary.txt", "\n".join(summary) + "\n")
     print("\n".join(summary))
     written = draw(out)
     print(f"wrote summary.txt and {len(written)} chart(s) to {out}")
