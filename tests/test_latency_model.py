@@ -265,6 +265,13 @@ def test_cli_errors_name_the_file_and_column(tmp_path: Path) -> None:
     r = _cli("fit", "--input", str(bad), "--output-dir", str(tmp_path / "o"))
     assert r.returncode == 2 and f"{bad}:2: column model_run_ms: 'fast'" in r.stderr
 
+    bad.write_bytes(bytes(range(256)) * 4)  # not text
+    r = _cli("fit", "--input", str(bad), "--output-dir", str(tmp_path / "o"))
+    assert r.returncode == 2 and f"{bad}:1: not UTF-8 text" in r.stderr and "Traceback" not in r.stderr
+    bad.write_text("batch_size,total_scheduled_tokens,model_run_ms\n1,2," + "9" * 200_000 + "\n")
+    r = _cli("fit", "--input", str(bad), "--output-dir", str(tmp_path / "o"))
+    assert r.returncode == 2 and f"{bad}:2: field larger than field limit" in r.stderr and "Traceback" not in r.stderr
+
     few = tmp_path / "few.csv"
     _write_batch_csv(few, *noisy(5))
     r = _cli("fit", "--input", str(few), "--output-dir", str(tmp_path / "o"))

@@ -80,19 +80,28 @@ def read_fit_columns(path: Path) -> dict[str, np.ndarray]:
         raise InputError(f"{path}: cannot open ({exc.strerror})") from None
     with handle:
         reader = csv.DictReader(handle)
-        header = list(reader.fieldnames or [])
-        # analyze's batch.csv names the batch size by msserviceprofiler's column (total_batch_size) only
-        source = {c: c if c in header or c not in _ALIASES else _ALIASES[c] for c in FIT_COLUMNS}
-        missing = [c for c in FIT_COLUMNS if source[c] not in header]
-        if missing:
-            raise InputError(
-                f"{path}: missing column(s) {', '.join(missing)}; expected a batch table with "
-                f"{', '.join(FIT_COLUMNS)} (written by `service-profiler analyze`)"
-            )
-        cols: dict[str, list[float]] = {c: [] for c in FIT_COLUMNS}
-        for row in reader:
-            for c in FIT_COLUMNS:
-                cols[c].append(_parse_cell(row.get(source[c]), path, reader.line_num, source[c]))
+        try:
+            return _fit_columns(path, reader)
+        except (UnicodeDecodeError, csv.Error) as exc:  # not text, or a field past the csv module's limit
+            reason = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else str(exc)
+            raise InputError(f"{path}:{reader.line_num + 1}: {reason}; pass the batch.csv written by "
+                             "`service-profiler analyze`") from None
+
+
+def _fit_columns(path: Path, reader: csv.DictReader[str]) -> dict[str, np.ndarray]:
+    header = list(reader.fieldnames or [])
+    # analyze's batch.csv names the batch size by msserviceprofiler's column (total_batch_size) only
+    source = {c: c if c in header or c not in _ALIASES else _ALIASES[c] for c in FIT_COLUMNS}
+    missing = [c for c in FIT_COLUMNS if source[c] not in header]
+    if missing:
+        raise InputError(
+            f"{path}: missing column(s) {', '.join(missing)}; expected a batch table with "
+            f"{', '.join(FIT_COLUMNS)} (written by `service-profiler analyze`)"
+        )
+    cols: dict[str, list[float]] = {c: [] for c in FIT_COLUMNS}
+    for row in reader:
+        for c in FIT_COLUMNS:
+            cols[c].append(_parse_cell(row.get(source[c]), path, reader.line_num, source[c]))
     return {c: np.asarray(v, dtype=float) for c, v in cols.items()}
 
 
