@@ -572,7 +572,9 @@ def test_numbers_json_has_not_are_spelled_out_and_every_json_output_stays_strict
     engine = sorted(synth.run_dir.glob("*4200*"))[0]
     data = engine.read_bytes()
     assert b'"batch_id":' in data
-    engine.write_bytes(data.replace(b'"batch_id":', b'"ratio":NaN,"peak":[1,Infinity,-Infinity],"batch_id":'))
+    header, rest = data.split(b"\n", 1)
+    engine.write_bytes(header + b'\n{"t":"meta","key":"odd","value":[NaN,-Infinity]}\n'
+                       + rest.replace(b'"batch_id":', b'"ratio":NaN,"peak":[1,Infinity,-Infinity],"batch_id":'))
 
     def strict(constant: str) -> None:
         raise ValueError(f"{constant} in JSON output")
@@ -592,6 +594,12 @@ def test_numbers_json_has_not_are_spelled_out_and_every_json_output_stays_strict
     db = sqlite3.connect(out / "profiler.db")
     texts = [t for (t,) in db.execute("SELECT attrs FROM span WHERE attrs LIKE '%ratio%'")]
     assert texts and all(json.loads(t, parse_constant=strict)["ratio"] == "NaN" for t in texts)
+    # a control line's value too, in profiler.db and in what inspect prints
+    meta = [v for (v,) in db.execute("SELECT value FROM process_meta WHERE key = 'odd'")]
+    assert [json.loads(v, parse_constant=strict) for v in meta] == [["NaN", "-Infinity"]]
+    from service_profiler.rawdata.inspect_run import describe_run
+
+    json.dumps(describe_run(read_run([synth.run_dir])), allow_nan=False, default=str)
 
 
 def _extreme(value: Any, number: int) -> Any:

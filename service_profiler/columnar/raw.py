@@ -22,7 +22,6 @@ undeclared or whose timestamp is not an integer is dropped and counted per file.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -35,7 +34,7 @@ import duckdb
 
 from service_profiler.rawdata.control import ControlReader, channel, channel_problem, redeclared_problem
 from service_profiler.rawdata.losses import ProcessLoss
-from service_profiler.rawdata.rawcheck import MAX_TS, lone_surrogates_replaced
+from service_profiler.rawdata.rawcheck import MAX_TS, lone_surrogates_replaced, non_finite_spelled
 from service_profiler.rawdata.rawfile import (
     _COUNTED_LINES,
     _dedupe_copies,
@@ -474,23 +473,13 @@ def _spell_out_non_finite(con: duckdb.DuckDBPyConnection) -> None:
                 value = json.loads(text)
             except (ValueError, RecursionError):
                 continue
-            spelled_out = _non_finite_spelled(value)
+            spelled_out = non_finite_spelled(value)
             if spelled_out != value:  # only where a number was spelled out: other texts stay as written
                 spelled.append((rowid, json.dumps(spelled_out, separators=(",", ":"), ensure_ascii=False)))
     if spelled:
         con.execute("CREATE OR REPLACE TEMP TABLE spelled (id BIGINT, attrs VARCHAR)")
         insert_rows(con, "spelled", spelled)
         con.execute("UPDATE record SET attrs = s.attrs::JSON FROM spelled s WHERE record.rowid = s.id")
-
-
-def _non_finite_spelled(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
-    if isinstance(value, list):
-        return [_non_finite_spelled(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _non_finite_spelled(v) for k, v in value.items()}
-    return value
 
 
 # the records the `span` view holds (a span without an integer start or end is kept out), as a condition on

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .losses import LOSS_LINES, LossReader, ProcessLoss
-from .rawcheck import MAX_TS, patch_items, valid_ts
+from .rawcheck import MAX_TS, non_finite_spelled, patch_items, valid_ts
 
 RECORD_KINDS = ("span", "event", "counter")
 _PATCH_FIELDS = ("applied", "pending", "skipped", "failed")
@@ -69,7 +69,7 @@ class ControlReader:
         where = f"{path}:{lineno}"
         if kind == "meta":
             if isinstance(obj.get("key"), str):
-                self.meta[obj["key"]] = obj.get("value")
+                self.meta[obj["key"]] = non_finite_spelled(obj.get("value"))
             else:
                 self.problems.append(f"{where}: meta line without a text key; skipped")
         elif kind == "patch":

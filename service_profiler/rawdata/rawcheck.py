@@ -5,6 +5,7 @@ reported; nothing here raises on bad data."""
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +22,19 @@ def lone_surrogates_replaced(line: bytes) -> bytes:
     """The line with each lone surrogate escape replaced by U+FFFD."""
     # one byte first: memchr, where a two-byte search runs at a tenth of its speed (most lines have no escape)
     return _LONE_SURROGATE.sub(rb"\\ufffd", line) if b"\\" in line and b"\\u" in line else line
+
+
+def non_finite_spelled(value: Any) -> Any:
+    """`value` with each NaN or infinite float as the text "NaN", "Infinity" or "-Infinity": the writer
+    writes them as JavaScript does, and JSON has no such number (a strict parser, a browser's, rejects a
+    file holding one). A number read from such a text is the same float again."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, list):
+        return [non_finite_spelled(v) for v in value]
+    if isinstance(value, dict):
+        return {k: non_finite_spelled(v) for k, v in value.items()}
+    return value
 
 
 _fast_loads: Callable[[bytes], Any] | None

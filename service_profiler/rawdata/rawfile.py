@@ -43,6 +43,7 @@ from service_profiler.rawdata.rawcheck import (
     header_problems,
     int_or_none,
     lone_surrogates_replaced,
+    non_finite_spelled,
     parse_line,
     process_identity,
     same_host_offsets,
@@ -179,7 +180,8 @@ def _read_header(path: Path) -> dict[str, Any] | None:
     except (ValueError, RecursionError):
         return None
     if isinstance(obj, dict) and obj.get("t") == "header":
-        return obj
+        spelled: dict[str, Any] = non_finite_spelled(obj)
+        return spelled
     return None
 
 
