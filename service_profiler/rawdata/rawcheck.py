@@ -27,13 +27,21 @@ def lone_surrogates_replaced(line: bytes) -> bytes:
 def non_finite_spelled(value: Any) -> Any:
     """`value` with each NaN or infinite float as the text "NaN", "Infinity" or "-Infinity": the writer
     writes them as JavaScript does, and JSON has no such number (a strict parser, a browser's, rejects a
-    file holding one). A number read from such a text is the same float again."""
+    file holding one). A number read from such a text is the same float again. A value nested deeper
+    than this walk can go (hundreds of levels: no writer's) is returned as it is."""
+    try:
+        return _spelled(value)
+    except RecursionError:
+        return value
+
+
+def _spelled(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
     if isinstance(value, list):
-        return [non_finite_spelled(v) for v in value]
+        return [_spelled(v) for v in value]
     if isinstance(value, dict):
-        return {k: non_finite_spelled(v) for k, v in value.items()}
+        return {k: _spelled(v) for k, v in value.items()}
     return value
 
 
