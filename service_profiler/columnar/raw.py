@@ -104,11 +104,12 @@ class RawRun:
     scan_problems_from: int = 0  # problems before this index are about finding the files, not reading them
 
 
-def rec_line_problem(path: str, lineno: int, line: bytes) -> str | None:
-    """What is wrong with a `rec` line DuckDB's reader will skip, None when it reads."""
+def rec_line_problem(path: str, lineno: int, line: bytes, stripped: bytes) -> str | None:
+    """What is wrong with a `rec` line DuckDB's reader will skip, None when it reads (`stripped`: the line
+    without its trailing whitespace)."""
     if len(line) > MAX_LINE_BYTES:
         return f"{path}:{lineno}: record line longer than {MAX_LINE_BYTES} bytes; skipped"
-    if not line.rstrip().endswith(b"]}"):  # DuckDB's reader skips it (ignore_errors)
+    if not stripped.endswith(b"]}"):  # DuckDB's reader skips it (ignore_errors)
         return f"{path}:{lineno}: torn or corrupt record line; skipped"
     return None
 
@@ -197,11 +198,12 @@ def _file_lines(proc: Process, kept: list[tuple[int, bytes | None, str | None]] 
                     continue
                 seen.add(key)
             if is_rec:
-                problem = rec_line_problem(proc.path, lineno, line)
+                stripped = line.rstrip()  # one copy of the line for both checks
+                problem = rec_line_problem(proc.path, lineno, line, stripped)
                 if problem:
                     yield emit((lineno, None, problem))
                     continue
-                if not line.rstrip().endswith(_EMPTY_REC_ENDS):
+                if not stripped.endswith(_EMPTY_REC_ENDS):
                     proc.rec_lines += 1  # a line DuckDB is to read records from (`count_bad_records`)
                 if (mended := lone_surrogates_replaced(line)) != line:
                     proc.mended_recs[lineno] = mended
