@@ -15,14 +15,16 @@ the tiny model from ~3 ms to ~15 ms, which hides the profiler's per-step cost. S
 worst case for a profiler, whose cost per step and per request is fixed.
 
 Every sample is charged to the profiler or to the engine as `benchmarks/pyspy_share.py` says (the
-innermost profiler frame is the leaf, or calls something other than the wrapped original), and split by
+innermost profiler frame is the leaf, or calls something other than the wrapped original; a probe that is
+the leaf on its call of the original is the engine's: the original's locals being freed), and split by
 thread: the engine's thread (the main thread: scheduler, model, output processing, and the probes and
 handlers that run on it), the profiler's writer thread (encoding and writing records; it holds the GIL
 the engine needs while it encodes), and any other thread. The figures are shares of all busy samples
 of the process, so the three add up to the total; a share is a ratio within one run, far less sensitive
 to the machine's load than a throughput comparison between runs. Then, per thread, the profiler frames
 that took the most samples. Beside it, the writer thread's CPU time over the process's (from /proc):
-it does not count the time the writer waits, runnable, for a core, which py-spy counts as busy.
+it does not count the time the writer waits, runnable, for a core, which py-spy counts as busy. The
+total under the earlier rule (a probe's frame that is the leaf is always the profiler's) is printed too.
 
 py-spy cannot charge the garbage collector to the profiler: a collection runs inside whichever allocation
 trips it, mostly the engine's. Yet records kept alive in the buffer make the engine's young collections
@@ -61,7 +63,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
 
-from pyspy_share import Sample, hot_profiler_frames, share_by
+from pyspy_share import Sample, hot_profiler_frames, original_call_lines, share_by
 from tiny_model import make_model
 from vllm_service import PROMPTS
 
@@ -212,17 +214,27 @@ def _spread(values: list[float]) -> str:
     return f"median {statistics.median(values):5.2f} %  range {min(values):5.2f} .. {max(values):5.2f} %"
 
 
-def report(raws: list[tuple[Path, str]], top: int) -> dict[str, list[float]]:
-    totals: dict[str, list[float]] = {ENGINE: [], WRITER: [], OTHER: [], "total": []}
+def package_dir(source: str | None) -> Path:
+    """The service_profiler package a version runs: the installed one, or the one under `source`."""
+    if source is None:
+        import service_profiler
+        return Path(service_profiler.__file__).parent
+    return Path(source) / "service_profiler"
+
+
+def report(raws: list[tuple[Path, str]], top: int, original_calls: frozenset[str]) -> dict[str, list[float]]:
+    totals: dict[str, list[float]] = {ENGINE: [], WRITER: [], OTHER: [], "total": [], "total, earlier rule": []}
     engine_own: list[float] = []
     writer_cpu: list[float] = []
     collector: list[float] = []
     throughput: list[float] = []
     for raw, engine_tid in raws:
-        share = share_by(raw, thread_role(engine_tid))  # type: ignore[arg-type]
+        share = share_by(raw, thread_role(engine_tid), original_calls)  # type: ignore[arg-type]
         for group in (ENGINE, WRITER, OTHER):
             totals[group].append(share.percent_of_all(group))
         totals["total"].append(sum(share.profiler.values()) * 100 / max(1, share.all_samples))
+        earlier = share_by(raw, thread_role(engine_tid))  # type: ignore[arg-type]
+        totals["total, earlier rule"].append(sum(earlier.profiler.values()) * 100 / max(1, earlier.all_samples))
         engine_own.append(share.percent(ENGINE))
         cpu = json.loads((raw.parent / raw.name.replace("py-spy-", "cpu-").replace(".txt", ".json")).read_text())
         writer_cpu.append(100 * cpu.get("sprof-writer", 0.0) / max(1e-9, sum(cpu.values())))
@@ -247,7 +259,8 @@ def report(raws: list[tuple[Path, str]], top: int) -> dict[str, list[float]]:
         return totals
     merged: dict[str, dict[str, int]] = {}
     for raw, engine_tid in raws:
-        for group, frames in hot_profiler_frames(raw, thread_role(engine_tid), top * 3).items():  # type: ignore[arg-type]
+        for group, frames in hot_profiler_frames(raw, thread_role(engine_tid), top * 3,  # type: ignore[arg-type]
+                                                 original_calls).items():
             for frame, count in frames:
                 merged.setdefault(group, {})[frame] = merged.setdefault(group, {}).get(frame, 0) + count
     for group, frames in merged.items():
@@ -297,9 +310,10 @@ def main() -> None:
                 workdir.mkdir()
                 raws[name] += measure(args, workdir, source, enable)
         results = {}
-        for name, _, _ in versions:
+        for name, source, _ in versions:
             print(f"\n===== {name}: {args.runs} engine run(s) x {args.repeats} windows of {args.seconds} s")
-            results[name] = report(raws[name], args.top if len(versions) == 1 else 0)
+            calls = original_call_lines(package_dir(source))
+            results[name] = report(raws[name], args.top if len(versions) == 1 else 0, calls)
     if len(versions) > 1:
         print("\nmedian share (range) per version:")
         for name, totals in results.items():

@@ -13,6 +13,11 @@ of the wall time. A thread whose samples far exceed its CPU time was counted whi
 after `os.write` or `time.sleep` returned, the engine thread holding it meanwhile. `bench_engine_share.py`
 charges such samples of the writer thread (its leaf is the line of `os.write`) to the profiler, though the
 engine runs then.
+
+`--teardown` samples another child instead: one thread calling a function that builds a local list of
+200,000 one-element lists and returns. The samples whose leaf is the caller, on the line of the call, are
+the callee's locals being freed after its frame was unlinked: py-spy charges that to the caller
+(`pyspy_share.py` gives such samples under a probe to the engine).
 """
 
 from __future__ import annotations
@@ -63,16 +68,32 @@ cpu["main"] = 0.0
 print(json.dumps({"cpu": cpu, "wall": time.monotonic() - wall}), flush=True)
 """
 
+TEARDOWN_CHILD = r"""
+import json, os, sys, time
+
+def build():
+    items = [[i] for i in range(200_000)]  # teardown-build
+    return len(items)
+
+print(os.getpid(), flush=True)
+start, wall, end = time.thread_time(), time.monotonic(), time.monotonic() + float(sys.argv[2])
+while time.monotonic() < end:
+    build()  # teardown-call
+print(json.dumps({"cpu": {"main": time.thread_time() - start}, "wall": time.monotonic() - wall}), flush=True)
+"""
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--py-spy", required=True)
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--rate", type=int, default=200)
+    parser.add_argument("--teardown", action="store_true",
+                        help="where py-spy puts the freeing of a returning function's locals")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        (work / "child.py").write_text(CHILD)
+        (work / "child.py").write_text(TEARDOWN_CHILD if args.teardown else CHILD)
         child = subprocess.Popen([sys.executable, str(work / "child.py"), str(work / "out.bin"),
                                   str(args.seconds + 4)], stdout=subprocess.PIPE, text=True)
         try:
@@ -92,12 +113,14 @@ def main() -> None:
             stack, _, count = line.rpartition(" ")
             frames = stack.split(";")
             thread = frames[0].split(": ")[-1] if ": " in frames[0] else frames[0]
+            if args.teardown:  # one thread, which py-spy may leave unnamed
+                thread = "MainThread"
             by_line[(thread, frames[-1])] += int(count)
     possible = args.seconds * args.rate
     print(f"py-spy {args.seconds:.0f} s at {args.rate} Hz: {possible:.0f} samples possible per thread")
     print(f"{'thread':10s} {'CPU / wall':>10s} {'samples':>8s}  where")
     cpu = {"MainThread": report["cpu"]["main"], **report["cpu"]}
-    for thread in ("engine", "writer", "MainThread"):
+    for thread in ("MainThread",) if args.teardown else ("engine", "writer", "MainThread"):
         lines = {leaf: n for (t, leaf), n in by_line.items() if t == thread}
         where = ", ".join(f"{leaf.split(' (')[1].rstrip(')')}: {n}" for leaf, n in
                           sorted(lines.items(), key=lambda item: -item[1]))

@@ -8,6 +8,16 @@ which are dropped here.
 A sample is the profiler's when its innermost profiler frame (a file under `service_profiler/`) is the
 leaf, or calls something other than the wrapped original: time below a probe's call of the original is
 the engine's own work.
+
+One exception: a probe's frame that is the leaf on the line where it calls the original. CPython (3.11.1
+on) unlinks a returning function's frame before it frees the function's locals, so py-spy charges that
+freeing to the caller, on the line of the call (`pyspy_idle_check.py --teardown`: a loop calling a
+function that returns after building a 200,000-element list shows its caller as the leaf in a fifth of
+the samples). Below a probe, those locals are the engine's: its scheduler output, its model outputs. With
+`original_calls` (the lines that call the original, `original_call_lines`) such samples are the
+engine's. The call's own set-up (packing the arguments) goes with them: in a `--native` run of
+`bench_engine_share.py`, most such samples were inside the C wrapper's call of the original, below any
+line of the handler. Without `original_calls` (None) they are the profiler's, as the rule stood before.
 """
 
 from __future__ import annotations
@@ -30,6 +40,21 @@ _CALLS_ORIGINAL = ("OriginalCall.__call__", ".timer", ".timer_with_attributes", 
                    ".with_async_handler", "_handler")
 _WAITING = ("Event.wait (threading.py", "Condition.wait (threading.py", "wait (threading.py")
 _THREAD = re.compile(r"thread \((?:0x)?([0-9a-fA-F]+)\)")
+# A probe's call of the original: `original_func(this, ...)` in a handler, `fn(*args, **kwargs)` in a timer.
+_ORIGINAL_CALL = re.compile(r"(?<![\w.])(?:original_func|fn)\(")
+_FRAME_LINE = re.compile(r"\((?:[^()]*/)?(service_profiler/[^():]+):(\d+)\)")
+
+
+def original_call_lines(package_dir: Path) -> frozenset[str]:
+    """`service_profiler/<file>:<line>` of every line of the package at `package_dir` (the directory named
+    service_profiler) that calls a probe's original."""
+    lines: set[str] = set()
+    for path in package_dir.rglob("*.py"):
+        relative = "service_profiler/" + path.relative_to(package_dir).as_posix()
+        for number, text in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if _ORIGINAL_CALL.search(text.split("#", 1)[0]):
+                lines.add(f"{relative}:{number}")
+    return frozenset(lines)
 
 
 @dataclass
@@ -41,14 +66,18 @@ class Sample:
     frames: list[str]
     count: int
 
-    @property
-    def in_profiler(self) -> bool:
+    def in_profiler(self, original_calls: frozenset[str] | None = None) -> bool:
         inner = [i for i, frame in enumerate(self.frames) if _PROFILER_FRAME.search(frame)]
         if not inner:
             return False
         i = inner[-1]
-        calls_engine = i + 1 < len(self.frames) and self.frames[i].split(" (")[0].endswith(_CALLS_ORIGINAL)
-        return not calls_engine
+        calls_engine = self.frames[i].split(" (")[0].endswith(_CALLS_ORIGINAL)
+        if i + 1 < len(self.frames):
+            return not calls_engine
+        if calls_engine and original_calls is not None:  # freeing the original's locals (module docstring)
+            line = _FRAME_LINE.search(self.frames[i])
+            return not (line and f"{line.group(1)}:{line.group(2)}" in original_calls)
+        return True
 
     def innermost_profiler_frame(self) -> str | None:
         mine = [frame for frame in self.frames if _PROFILER_FRAME.search(frame)]
@@ -88,29 +117,30 @@ class Share:
         return 100 * self.profiler[group] / self.all_samples if self.all_samples else 0.0
 
 
-def share_by(raw_path: Path, group_of: Callable[[Sample], str]) -> Share:
+def share_by(raw_path: Path, group_of: Callable[[Sample], str],
+             original_calls: frozenset[str] | None = None) -> Share:
     share = Share()
     for sample in busy_samples(raw_path):
         group = group_of(sample)
         share.total[group] += sample.count
-        if sample.in_profiler:
+        if sample.in_profiler(original_calls):
             share.profiler[group] += sample.count
     return share
 
 
-def profiler_share(raw_path: Path) -> dict[str, tuple[int, float]]:
+def profiler_share(raw_path: Path, original_calls: frozenset[str] | None = None) -> dict[str, tuple[int, float]]:
     """Per process: (busy samples, % of them spent in profiler code)."""
-    share = share_by(raw_path, lambda sample: sample.process)
+    share = share_by(raw_path, lambda sample: sample.process, original_calls)
     return {name: (count, share.percent(name)) for name, count in share.total.items()}
 
 
-def hot_profiler_frames(raw_path: Path, group_of: Callable[[Sample], str], top: int = 15
-                        ) -> dict[str, list[tuple[str, int]]]:
+def hot_profiler_frames(raw_path: Path, group_of: Callable[[Sample], str], top: int = 15,
+                        original_calls: frozenset[str] | None = None) -> dict[str, list[tuple[str, int]]]:
     """Per group, the profiler's samples by their innermost profiler frame, most first: where its
     time goes."""
     by_group: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
     for sample in busy_samples(raw_path):
-        if sample.in_profiler:
+        if sample.in_profiler(original_calls):
             frame = sample.innermost_profiler_frame() or "?"
             # The leaf says which library call the profiler frame is waiting on (json, str, ...).
             leaf = sample.frames[-1] if sample.frames[-1] != frame else ""
