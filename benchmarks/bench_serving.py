@@ -36,7 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
 
 from proctree import descendants
-from pyspy_share import profiler_share
+from pyspy_share import original_call_lines, profiler_share
 from tiny_model import make_model
 from vllm_service import PROMPTS, Completion, run_workload, running_server
 
@@ -101,7 +101,8 @@ def py_spy_round(server: object, args: argparse.Namespace, out: Path) -> dict[st
     subprocess.run([args.py_spy, "record", "--subprocesses", "--nonblocking", "-p", str(pid), "-d", "10",
                     "-r", "250", "-f", "raw", "-o", str(out)], check=True, capture_output=True)
     client.join()
-    return profiler_share(out)
+    import service_profiler
+    return profiler_share(out, original_call_lines(Path(service_profiler.__file__).parent))
 
 
 def measure(model: Path, workdir: Path, profiled: bool, args: argparse.Namespace
