@@ -210,7 +210,33 @@ def test_console_is_rate_limited_and_silent_when_off() -> None:
     # 11 steps from the first (at 0.019 s) to 0.29 s
     assert len(lines) == 1 and "batch 10 | 40.6 steps/s" in lines[0]
     off = console.ConsoleWindow(every_n=lambda: 0, write=lines.append)
-    assert not off.enabled() and off.on_schedule(1, 0, entry, 1, 0, 1, 10, 0.1, 1000) is None
+    assert not off.recheck() and off.on_schedule(1, 0, entry, 1, 0, 1, 10, 0.1, 1000) is None
+
+
+def test_a_changed_console_setting_takes_effect_within_the_recheck_interval() -> None:
+    # The schedule handler reads the setting every RECHECK_STEPS steps, not at every step.
+    lines: list[str] = []
+    setting = [0]
+    window = console.ConsoleWindow(every_n=lambda: setting[0], write=lines.append, min_interval_s=0.0)
+    h.reset_state()
+    vllm_v1.STATE.console = window
+    scheduler = h.make_scheduler()
+    h.add(scheduler, h.make_request("a", h.prompt_of(20), max_tokens=10 * console.RECHECK_STEPS))
+    with record.capture(domains=frozenset()):
+        h.step(scheduler)
+        setting[0] = 1  # the config file changed
+        for _ in range(console.RECHECK_STEPS - 1):
+            h.step(scheduler)
+        assert lines == []  # not yet read again
+        h.step(scheduler)
+        assert len(lines) == 1
+        setting[0] = 0
+        for _ in range(console.RECHECK_STEPS):
+            h.step(scheduler)
+        silent_from = len(lines)
+        for _ in range(console.RECHECK_STEPS):
+            h.step(scheduler)
+        assert len(lines) == silent_from  # off again
 
 
 # ---------------------------------------------------------------------------------- shipped symbols

@@ -6,7 +6,10 @@
 (one line in reality). Figures are averages over the window since the previous line, so nothing is
 lost when lines are spaced out; queues and KV are the latest values. At most one line per
 `min_interval_s` (0.2 s): with N=1 and a fast engine a line per step would cost the terminal more
-than the engine. When the console is off the per-step cost is one settings lookup.
+than the engine. When the console is off the per-step cost is a countdown: the setting is read again
+every `RECHECK_STEPS` steps (the schedule handler runs with the interpreter's caches cold, where reading
+it through the runtime at every step cost as much as a tenth of the handler), so a changed config file
+turns the console on or off within that many steps.
 """
 
 from __future__ import annotations
@@ -19,11 +22,11 @@ from typing import Any
 from service_profiler.runtime import bootstrap
 
 PREFIX = "[service-profiler]"
+RECHECK_STEPS = 64
 
 
 def configured_every_n() -> int:
-    """`console_every_n_steps` of the running profiler's current settings (0 = off); read at every step,
-    so that a changed config file turns the console on or off."""
+    """`console_every_n_steps` of the running profiler's current settings (0 = off)."""
     settings = getattr(bootstrap.current_runtime(), "settings", None)
     every_n: int = getattr(settings, "console_every_n_steps", 0) or 0  # validated as an int by settings
     return every_n
@@ -35,7 +38,10 @@ def write_stderr(line: str) -> None:
 
 
 class ConsoleWindow:
-    """Aggregates steps between two console lines; `on_schedule` prints when a line is due."""
+    """Aggregates steps between two console lines; `on_schedule` prints when a line is due.
+
+    The schedule handler counts `steps_to_recheck` down and calls `recheck` at 0; `on` is what it says
+    in between."""
 
     def __init__(
         self,
@@ -49,6 +55,8 @@ class ConsoleWindow:
         self.clock = clock
         self.min_interval_s = min_interval_s
         self._window_start: float | None = None  # the first step's time; then the previous line's
+        self.on = False
+        self.steps_to_recheck = 0
         self._reset()
 
     def _reset(self) -> None:
@@ -61,8 +69,11 @@ class ConsoleWindow:
         self.model_ns = 0
         self.model_runs = 0
 
-    def enabled(self) -> bool:
-        return self.every_n() > 0
+    def recheck(self) -> bool:
+        """Read the setting now; whether the console is on."""
+        self.steps_to_recheck = RECHECK_STEPS
+        self.on = self.every_n() > 0
+        return self.on
 
     def on_model(self, duration_ns: int) -> None:
         self.model_ns += duration_ns

@@ -44,62 +44,78 @@ ScheduledReq = tuple[str, int, int, int, int, int]
 Transition = tuple[str, str, str]
 """(rid, from state, to state)."""
 
+Allocation = tuple[str, int]
+"""(rid, blocks assigned in this step)."""
 
-def scheduled_requests(scheduler: Scheduler, out: SchedulerOutput) -> list[ScheduledReq]:
-    """One entry per request scheduled in `out`, new requests first, then cached ones in vLLM's order.
 
-    "Computed before" is the value the scheduler put into the output (taken before
+def extract_schedule(scheduler: Scheduler, out: SchedulerOutput, batch_id: int, dp_rank: int
+                     ) -> tuple[dict[str, Any], list[Allocation], list[Transition]]:
+    """What one `schedule()` call did, read from its output in one pass over the scheduled requests:
+    the attributes of its `batchFrameworkProcessing` span, its block allocations and its state changes.
+
+    Written as one function with the loops inlined: it runs once per step between the model's runs, with
+    the interpreter's caches cold, where every further function called and every further pass over the
+    requests costs far more than its instructions (a handler's cost per step in the engine is several
+    times what the same code costs called in a loop).
+
+    `reqs`, one entry per scheduled request (`ScheduledReq`), new requests first, then cached ones in
+    vLLM's order. "Computed before" is the value the scheduler put into the output (taken before
     `_update_after_schedule` advanced it). A request is in decode when it has output tokens and this step
     starts at its last sampled token; prefill covers first prefills, chunks, and the recompute after a
     preemption. Under async scheduling `num_output_tokens` includes the in-flight placeholders, and so
     does `num_computed_tokens`, so the same rule holds.
+
+    Allocations: (rid, blocks assigned in this step) for requests that got blocks. A new request reports
+    all its blocks (prefix-cache hits included: they are now referenced by it); a running one the blocks
+    appended this step; a resumed one its whole new block table. This is what `allocate_slots` handed
+    out, read once per step instead of wrapping a per-request call.
+
+    Transitions: preemptions first (they happen while the running queue is scheduled, before waiting
+    requests are admitted), then admissions and resumptions. Requests that waited on remote KV or on a
+    grammar count as WAITING. Running requests that just continue are not state changes.
+
+    Queue lengths are vLLM's own metrics' (`get_request_counts`). KV blocks: the pool's block 0 is the null
+    block, never handed out, so it counts neither as total nor as used; `kv_usage` equals vLLM's own
+    `BlockPool.get_usage()` (the `kv_cache_usage_perc` metric). All O(1) apart from the scheduled requests.
     """
     requests = scheduler.requests
     num_scheduled = out.num_scheduled_tokens
     reqs: list[ScheduledReq] = []
-    append = reqs.append
+    allocations: list[Allocation] = []
+    preempted = out.preempted_req_ids
+    transitions: list[Transition] = [(rid, RUNNING, PREEMPTED) for rid in sorted(preempted)] if preempted else []
     for new in out.scheduled_new_reqs:
         rid = new.req_id
         request = requests[rid]
         # The v2 model runner sends resumed requests as new ones; only they have been preempted.
-        append((rid, PREFILL, num_scheduled[rid], new.num_computed_tokens, request.num_prompt_tokens,
-                1 if request.num_preemptions > 0 else 0))
+        resumed = 1 if request.num_preemptions > 0 else 0
+        reqs.append((rid, PREFILL, num_scheduled[rid], new.num_computed_tokens, request.num_prompt_tokens, resumed))
+        blocks = new.block_ids
+        count = sum(map(len, blocks)) if blocks is not None else 0
+        if count:
+            allocations.append((rid, count))
+        transitions.append((rid, PREEMPTED if resumed else WAITING, RUNNING))
     cached = out.scheduled_cached_reqs
     resumed_ids = cached.resumed_req_ids
-    for rid, computed, outputs in zip(cached.req_ids, cached.num_computed_tokens, cached.num_output_tokens,
-                                      strict=False):
+    for rid, computed, outputs, block_ids in zip(cached.req_ids, cached.num_computed_tokens,
+                                                 cached.num_output_tokens, cached.new_block_ids, strict=False):
         prompt = requests[rid].num_prompt_tokens
-        append((rid, DECODE if outputs and computed >= prompt + outputs - 1 else PREFILL, num_scheduled[rid],
-                computed, prompt, 1 if resumed_ids and rid in resumed_ids else 0))
-    return reqs
-
-
-def kv_cache_usage(kv_cache_manager: KVCacheManager) -> tuple[int, int, float]:
-    """(total blocks, used blocks, usage 0-1) of the block pool, O(1).
-
-    The pool's block 0 is the null block, never handed out, so it counts neither as total nor as used;
-    `usage` equals vLLM's own `BlockPool.get_usage()` (the `kv_cache_usage_perc` metric).
-    """
-    pool = kv_cache_manager.block_pool
+        reqs.append((rid, DECODE if outputs and computed >= prompt + outputs - 1 else PREFILL, num_scheduled[rid],
+                     computed, prompt, 1 if resumed_ids and rid in resumed_ids else 0))
+        if block_ids is not None:
+            count = sum(map(len, block_ids))
+            if count:
+                allocations.append((rid, count))
+    if resumed_ids:
+        transitions.extend((rid, PREEMPTED, RUNNING) for rid in sorted(resumed_ids))
+    running, waiting = scheduler.get_request_counts()
+    pool = scheduler.kv_cache_manager.block_pool
     total = pool.num_gpu_blocks - 1
     used = total - pool.get_num_free_blocks()
-    return total, used, (used / total if total > 0 else 0.0)
-
-
-def queue_lengths(scheduler: Scheduler) -> tuple[int, int]:
-    """(running, waiting) as vLLM's own metrics count them, O(1)."""
-    return scheduler.get_request_counts()
-
-
-def extract_schedule(scheduler: Scheduler, out: SchedulerOutput, batch_id: int, dp_rank: int) -> dict[str, Any]:
-    """The attributes of one `batchFrameworkProcessing` span."""
-    running, waiting = queue_lengths(scheduler)
-    total, used, usage = kv_cache_usage(scheduler.kv_cache_manager)
-    preempted = out.preempted_req_ids
-    return {
+    attrs = {
         "batch_id": batch_id,
         "dp_rank": dp_rank,
-        "reqs": scheduled_requests(scheduler, out),
+        "reqs": reqs,
         "running": running,
         "waiting": waiting,
         # Sets in vLLM; sorted so that a record does not depend on the hash seed.
@@ -108,42 +124,14 @@ def extract_schedule(scheduler: Scheduler, out: SchedulerOutput, batch_id: int, 
         "total_tokens": out.total_num_scheduled_tokens,
         "kv_total_blocks": total,
         "kv_used_blocks": used,
-        "kv_usage": usage,
+        "kv_usage": used / total if total > 0 else 0.0,
     }
-
-
-def schedule_transitions(reqs: list[ScheduledReq], out: SchedulerOutput) -> list[Transition]:
-    """State changes made by one `schedule()` call, given its `scheduled_requests`: preemptions first
-    (they happen while the running queue is scheduled, before waiting requests are admitted), then
-    admissions and resumptions. Requests that waited on remote KV or on a grammar count as WAITING.
-    O(new + preempted + resumed): running requests that just continue are not looked at.
-    """
-    transitions: list[Transition] = [(rid, RUNNING, PREEMPTED) for rid in sorted(out.preempted_req_ids or ())]
-    # `scheduled_requests` lists the new requests first; a new one that was preempted (v2 runner) resumes.
-    for rid, _phase, _tokens, _before, _prompt, resumed in reqs[:len(out.scheduled_new_reqs)]:
-        transitions.append((rid, PREEMPTED if resumed else WAITING, RUNNING))
-    transitions.extend((rid, PREEMPTED, RUNNING) for rid in sorted(out.scheduled_cached_reqs.resumed_req_ids))
-    return transitions
+    return attrs, allocations, transitions
 
 
 def block_count(blocks: Iterable[Any] | None) -> int:
     """Blocks in a per-KV-cache-group tuple of lists (`block_ids`, `KVCacheBlocks.blocks`); None is 0."""
     return sum(map(len, blocks)) if blocks is not None else 0
-
-
-def allocations(out: SchedulerOutput) -> list[tuple[str, int]]:
-    """(rid, blocks assigned in this step) for requests that got blocks, from the scheduler output.
-
-    A new request reports all its blocks (prefix-cache hits included: they are now referenced by it);
-    a running one the blocks appended this step; a resumed one its whole new block table. This is
-    what `allocate_slots` handed out, read once per step instead of wrapping a per-request call.
-    """
-    result = [(new.req_id, block_count(new.block_ids)) for new in out.scheduled_new_reqs]
-    cached = out.scheduled_cached_reqs
-    for rid, block_ids in zip(cached.req_ids, cached.new_block_ids, strict=False):
-        if block_ids is not None:
-            result.append((rid, block_count(block_ids)))
-    return [entry for entry in result if entry[1] > 0]
 
 
 def request_block_count(kv_cache_manager: KVCacheManager, request_id: str) -> int:

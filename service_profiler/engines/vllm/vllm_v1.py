@@ -96,12 +96,6 @@ class VllmProbeState:
     def kv_batch(self) -> int | None:
         return self.current_batch if self.current_batch is not None else self.last_batch
 
-    def remember(self, batch: PendingBatch) -> None:
-        pending = self.pending
-        pending[id(batch.output)] = batch
-        if len(pending) > _MAX_PENDING_BATCHES:
-            del pending[next(iter(pending))]
-
     def track_api_request(self, rid: str) -> None:
         tokens = self.api_tokens
         tokens[rid] = 0
@@ -159,18 +153,26 @@ def schedule_handler(original_func: Original, this: Scheduler, *args: Any, **kwa
 
 def _after_schedule(state: VllmProbeState, scheduler: Scheduler, out: SchedulerOutput, batch_id: int,
                     start: int, end: int) -> None:
-    state.last_batch = batch_id
-    state.step_batch = batch_id
-    dp_rank = state.dp_rank(scheduler)
-    console = state.console.enabled()
-    state.remember(PendingBatch(out, batch_id, dp_rank, end, console))
+    # Runs once per step with the interpreter's caches cold (the model ran in between): calls to small
+    # helpers are written out here, as in `extract.extract_schedule`, since each costs far more than its
+    # instructions.
+    state.last_batch = state.step_batch = batch_id
+    cached_rank = state.dp_rank_of
+    dp_rank = cached_rank[1] if cached_rank is not None and cached_rank[0] is scheduler else state.dp_rank(scheduler)
+    window = state.console
+    window.steps_to_recheck -= 1
+    console = window.on if window.steps_to_recheck > 0 else window.recheck()
+    pending = state.pending
+    pending[id(out)] = PendingBatch(out, batch_id, dp_rank, end, console)
+    if len(pending) > _MAX_PENDING_BATCHES:
+        del pending[next(iter(pending))]
     enabled = record.enabled
     want_batch = enabled("BatchSchedule")
     want_kv = enabled("KVCache")
     want_request = enabled("Request")
     if not (want_batch or want_kv or want_request or console):
         return
-    attrs = extract.extract_schedule(scheduler, out, batch_id, dp_rank)
+    attrs, allocations, transitions = extract.extract_schedule(scheduler, out, batch_id, dp_rank)
     if want_batch:
         record.span("BatchSchedule", "batchFrameworkProcessing", start, end, attrs)
         record.counter("BatchSchedule", "queues", {"running": attrs["running"], "waiting": attrs["waiting"]},
@@ -179,19 +181,18 @@ def _after_schedule(state: VllmProbeState, scheduler: Scheduler, out: SchedulerO
         record.counter("KVCache", "kvcache", {"total_blocks": attrs["kv_total_blocks"],
                                               "used_blocks": attrs["kv_used_blocks"],
                                               "usage": attrs["kv_usage"]}, end)
-        for rid, blocks in extract.allocations(out):
+        for rid, blocks in allocations:
             record.event("KVCache", "allocate", {"rid": rid, "blocks": blocks, "batch_id": batch_id}, end)
     if want_request:
-        for rid, before, after in extract.schedule_transitions(attrs["reqs"], out):
+        for rid, before, after in transitions:
             record.event("Request", "state", {"rid": rid, "from": before, "to": after, "batch_id": batch_id},
                          end)
         if vllm_waiting.ENABLED:  # opt-in: walks the waiting queue
             rids, reasons = vllm_waiting.waiting_snapshot(scheduler, out)
             record.event("Request", "waiting", {"batch_id": batch_id, "rids": rids, "reasons": reasons}, end)
     if console:
-        state.console.on_schedule(batch_id, dp_rank, attrs["reqs"], attrs["running"], attrs["waiting"],
-                                  attrs["kv_used_blocks"], attrs["kv_total_blocks"], attrs["kv_usage"],
-                                  end - start)
+        window.on_schedule(batch_id, dp_rank, attrs["reqs"], attrs["running"], attrs["waiting"],
+                           attrs["kv_used_blocks"], attrs["kv_total_blocks"], attrs["kv_usage"], end - start)
 
 
 def update_from_output_handler(original_func: Original, this: Scheduler, *args: Any, **kwargs: Any) -> Any:
