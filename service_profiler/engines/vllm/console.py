@@ -7,9 +7,9 @@
 lost when lines are spaced out; queues and KV are the latest values. At most one line per
 `min_interval_s` (0.2 s): with N=1 and a fast engine a line per step would cost the terminal more
 than the engine. When the console is off the per-step cost is a countdown: the setting is read again
-every `RECHECK_STEPS` steps (the schedule handler runs with the interpreter's caches cold, where reading
-it through the runtime at every step cost as much as a tenth of the handler), so a changed config file
-turns the console on or off within that many steps.
+every `RECHECK_STEPS` steps (the schedule handler runs with the interpreter's caches cold; read through
+the runtime at every step, the setting took about a tenth of the handler's samples in py-spy), so a
+changed config file turns the console on or off within that many steps.
 """
 
 from __future__ import annotations
