@@ -9,11 +9,11 @@ ISO datetimes; `proc` is shown as `process` (host:pid).
 from __future__ import annotations
 
 import csv
+import io
 import os
-import shutil
 from pathlib import Path
 
-from service_profiler.outputs import open_output, scratch_dir
+from service_profiler.outputs import scratch_dir
 
 from .breakdown import BREAKDOWN_COLUMNS
 from .completeness import COMPLETE_COLUMNS
@@ -106,15 +106,20 @@ def copy_csv(run: AnalysisRun, columns: dict[str, str], source: str, path: Path,
                             f"(FORMAT csv, HEADER, QUOTE '\"', NULLSTR '')")
             os.replace(scratch / path.name, path)
             return path
-        # FORCE_QUOTE quotes the header's name too: the header is written here, the rows after it
-        body = scratch / "rows"
+        # FORCE_QUOTE quotes the header's names too: the header is written as csv.writer writes it, as the
+        # file's PREFIX (writing the rows to a file of their own and copying them after the header wrote
+        # and read them twice). With a PREFIX, DuckDB puts the newline between rows and requires a SUFFIX:
+        # the last row's newline, which leaves a file without rows with one newline too many.
+        header = io.StringIO()
+        csv.writer(header, lineterminator="\n").writerow(columns)
         quoted = ", ".join(f'"{name}"' for name in force_quote)
-        run.con.execute(f"COPY (SELECT {select} {source}) TO '{_quoted(body)}' "
-                        f"(FORMAT csv, HEADER false, QUOTE '\"', NULLSTR '', FORCE_QUOTE ({quoted}))")
-        with open_output(path, "w", newline="", encoding="utf-8") as out, body.open("rb") as rows:
-            csv.writer(out, lineterminator="\n").writerow(columns)
-            out.flush()
-            shutil.copyfileobj(rows, out.buffer)  # type: ignore[attr-defined]  # a text file's binary layer
+        rows = run.con.execute(f"COPY (SELECT {select} {source}) TO '{_quoted(scratch / path.name)}' "
+                               f"(FORMAT csv, HEADER false, QUOTE '\"', NULLSTR '', FORCE_QUOTE ({quoted}), "
+                               f"PREFIX '{header.getvalue().replace(chr(39), chr(39) * 2)}', SUFFIX '\n')"
+                               ).fetchone()
+        if not (rows and rows[0]):
+            os.truncate(scratch / path.name, len(header.getvalue().encode()))
+        os.replace(scratch / path.name, path)
     return path
 
 
