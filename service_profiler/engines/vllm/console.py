@@ -38,10 +38,7 @@ def write_stderr(line: str) -> None:
 
 
 class ConsoleWindow:
-    """Aggregates steps between two console lines; `on_schedule` prints when a line is due.
-
-    The schedule handler counts `steps_to_recheck` down and calls `recheck` at 0; `on` is what it says
-    in between."""
+    """Aggregates steps between two console lines; `on_schedule` prints when a line is due."""
 
     def __init__(
         self,
@@ -55,8 +52,8 @@ class ConsoleWindow:
         self.clock = clock
         self.min_interval_s = min_interval_s
         self._window_start: float | None = None  # the first step's time; then the previous line's
-        self.on = False
-        self.steps_to_recheck = 0
+        self._on = False
+        self._steps_to_recheck = 0
         self._reset()
 
     def _reset(self) -> None:
@@ -69,11 +66,18 @@ class ConsoleWindow:
         self.model_ns = 0
         self.model_runs = 0
 
+    def enabled(self) -> bool:
+        """Whether the console is on, the setting read again every `RECHECK_STEPS` calls (once per step)."""
+        self._steps_to_recheck -= 1
+        if self._steps_to_recheck <= 0:
+            self.recheck()
+        return self._on
+
     def recheck(self) -> bool:
         """Read the setting now; whether the console is on."""
-        self.steps_to_recheck = RECHECK_STEPS
-        self.on = self.every_n() > 0
-        return self.on
+        self._steps_to_recheck = RECHECK_STEPS
+        self._on = self.every_n() > 0
+        return self._on
 
     def on_model(self, duration_ns: int) -> None:
         self.model_ns += duration_ns

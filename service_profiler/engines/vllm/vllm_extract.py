@@ -53,10 +53,10 @@ def extract_schedule(scheduler: Scheduler, out: SchedulerOutput, batch_id: int, 
     """What one `schedule()` call did, read from its output in one pass over the scheduled requests:
     the attributes of its `batchFrameworkProcessing` span, its block allocations and its state changes.
 
-    Written as one function with the loops inlined: it runs once per step between the model's runs, with
-    the interpreter's caches cold, where every further function called and every further pass over the
-    requests costs far more than its instructions (a handler's cost per step in the engine is several
-    times what the same code costs called in a loop).
+    One pass rather than one per table: it runs once per step between the model's runs, with the
+    interpreter's caches cold, where a further pass over the requests costs several times its
+    instructions (a handler's cost per step in the engine is several times what the same code costs
+    called in a loop).
 
     `reqs`, one entry per scheduled request (`ScheduledReq`), new requests first, then cached ones in
     vLLM's order. "Computed before" is the value the scheduler put into the output (taken before
@@ -90,8 +90,7 @@ def extract_schedule(scheduler: Scheduler, out: SchedulerOutput, batch_id: int, 
         # The v2 model runner sends resumed requests as new ones; only they have been preempted.
         resumed = 1 if request.num_preemptions > 0 else 0
         reqs.append((rid, PREFILL, num_scheduled[rid], new.num_computed_tokens, request.num_prompt_tokens, resumed))
-        blocks = new.block_ids
-        count = sum(map(len, blocks)) if blocks is not None else 0
+        count = block_count(new.block_ids)
         if count:
             allocations.append((rid, count))
         transitions.append((rid, PREEMPTED if resumed else WAITING, RUNNING))
@@ -102,8 +101,8 @@ def extract_schedule(scheduler: Scheduler, out: SchedulerOutput, batch_id: int, 
         prompt = requests[rid].num_prompt_tokens
         reqs.append((rid, DECODE if outputs and computed >= prompt + outputs - 1 else PREFILL, num_scheduled[rid],
                      computed, prompt, 1 if resumed_ids and rid in resumed_ids else 0))
-        if block_ids is not None:
-            count = sum(map(len, block_ids))
+        if block_ids is not None:  # most decode steps: no new block
+            count = block_count(block_ids)
             if count:
                 allocations.append((rid, count))
     if resumed_ids:

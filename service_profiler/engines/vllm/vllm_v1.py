@@ -153,15 +153,10 @@ def schedule_handler(original_func: Original, this: Scheduler, *args: Any, **kwa
 
 def _after_schedule(state: VllmProbeState, scheduler: Scheduler, out: SchedulerOutput, batch_id: int,
                     start: int, end: int) -> None:
-    # Runs once per step with the interpreter's caches cold (the model ran in between): calls to small
-    # helpers are written out here, as in `extract.extract_schedule`, since each costs far more than its
-    # instructions.
     state.last_batch = state.step_batch = batch_id
-    cached_rank = state.dp_rank_of
-    dp_rank = cached_rank[1] if cached_rank is not None and cached_rank[0] is scheduler else state.dp_rank(scheduler)
+    dp_rank = state.dp_rank(scheduler)
     window = state.console
-    window.steps_to_recheck -= 1
-    console = window.on if window.steps_to_recheck > 0 else window.recheck()
+    console = window.enabled()
     pending = state.pending
     pending[id(out)] = PendingBatch(out, batch_id, dp_rank, end, console)
     if len(pending) > _MAX_PENDING_BATCHES:
